@@ -1,0 +1,140 @@
+"""Flower's added cost per round: a real ``w3s-simulate`` run vs the same work in one process.
+
+Both sides run the same ``train_local`` / ``evaluate_local`` on the same hospitals, rounds and
+seeds; the in-process side averages with the same ``weighted_average``. Reports the per-round
+times, Flower's overhead per round, its fixed start-up cost, and each client's peak RSS.
+
+    python -m benchmarks.bench_federated_round --rounds 3 [hydra overrides...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import MetricRecord, RecordDict
+
+from common.arrays import array_specs, to_array_record, to_state_dict, weighted_average
+from common.augment import train_cache_size
+from common.config import compose_config
+from common.data import hospital_names, split_tensors
+from common.model import create_mct_model
+from common.training import evaluate_local, resolve_device, train_local
+from tests.integration.flower_processes import BIN, flower_env, stop_processes
+
+
+def in_process(overrides: list[str], rounds: int) -> list[float]:
+    """Seconds per round of the same federated work without Flower."""
+    cfg = compose_config([*overrides, f"federation.rounds={rounds}"])
+    names = hospital_names(cfg.data)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    global_arrays = to_array_record(model.state_dict())
+    epochs = cfg.train.local_epochs
+    times = []
+    for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
+        replies = []
+        for index, name in enumerate(names):
+            model.load_state_dict(to_state_dict(global_arrays))
+            data = split_tensors(cfg.data, name, "train", train_cache_size(cfg.model.img_size))
+            result = train_local(
+                model,
+                data,
+                cfg.train,
+                start_epoch=(server_round - 1) * epochs,
+                total_epochs=rounds * epochs,
+                device=device,
+                seed=cfg.seed * 100_003 + server_round * 1_009 + index,
+            )
+            replies.append(
+                RecordDict(
+                    {
+                        "arrays": to_array_record(model.state_dict()),
+                        "metrics": MetricRecord({"num-examples": result.num_examples}),
+                    }
+                )
+            )
+        global_arrays = weighted_average(replies, array_specs(global_arrays))
+        for name in names:
+            model.load_state_dict(to_state_dict(global_arrays))
+            val = split_tensors(cfg.data, name, "val", cfg.model.img_size)
+            evaluate_local(model, val, cfg.localization, device=device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def through_flower(overrides: list[str], rounds: int) -> tuple[float, list[dict]]:
+    """Wall time of a real ``w3s-simulate`` run and its per-round metrics rows."""
+    with tempfile.TemporaryDirectory(prefix="w3s-bench-") as tmp:
+        home = Path(tmp) / "flwr_home"
+        home.mkdir()
+        run_dir = Path(tmp) / "run"
+        command = [
+            str(BIN / "w3s-simulate"),
+            *overrides,
+            f"federation.rounds={rounds}",
+            f"output_dir={run_dir}",
+        ]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(
+                command, env=flower_env(home), capture_output=True, text=True, check=False
+            )
+        finally:
+            stop_processes(str(home))
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return wall, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args, overrides = parser.parse_known_args()
+    plain = in_process(overrides, args.rounds)
+    wall, rows = through_flower(overrides, args.rounds)
+    flower = [r["seconds"] for r in rows]
+    # Round 1 carries the clients' one-off imports and data loading; steady rounds follow.
+    steady_plain = statistics.median(plain[1:] or plain)
+    steady_flower = statistics.median(flower[1:] or flower)
+    overhead = steady_flower - steady_plain
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"config: {' '.join(overrides) or '(default)'}, rounds {args.rounds}")
+    print("| | round 1 s | steady round s (median of rounds 2..) |")
+    print("|---|---|---|")
+    print(f"| in-process loop | {plain[0]:.1f} | {steady_plain:.1f} |")
+    print(f"| Flower simulation | {flower[0]:.1f} | {steady_flower:.1f} |")
+    print(
+        f"Flower overhead per steady round: {overhead:.1f} s = "
+        f"{100 * overhead / steady_flower:.0f}% of the round"
+    )
+    print(f"fixed start-up and shut-down (wall - rounds): {wall - sum(flower):.1f} s")
+    peaks = {h: m.get("peak-rss-mb") for h, m in rows[-1]["hospitals"].items()}
+    print(
+        "peak RSS per client process (MB): "
+        + ", ".join(f"{h} {v:.0f}" for h, v in peaks.items() if v is not None)
+    )
+
+
+if __name__ == "__main__":
+    main()

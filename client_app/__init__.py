@@ -1,0 +1,1 @@
+"""ClientApp: one hospital's local training and validation; only weights and metrics leave."""

@@ -1,0 +1,120 @@
+"""The hospital side: train and evaluate the global MCT model on this hospital's own images."""
+
+from __future__ import annotations
+
+import logging
+import resource
+from functools import cache
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
+
+from common.arrays import WEIGHT_KEY, to_array_record, to_state_dict
+from common.augment import train_cache_size
+from common.config import compose_config, parse_overrides
+from common.data import DataVerificationError, hospital_names, split_tensors
+from common.logs import setup_logging
+from common.model import MCTFormerV2, create_mct_model
+from common.training import evaluate_local, resolve_device, train_local
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+class HospitalDataError(RuntimeError):
+    """Raised instead of the full data report, which names files and stays in this site's log."""
+
+
+@cache
+def _config(overrides: str) -> DictConfig:
+    return compose_config(parse_overrides(overrides))
+
+
+def _hospital(context: Context, cfg: DictConfig) -> tuple[int, str]:
+    """Which configured hospital this node is: ``hospital`` in node config, else partition-id."""
+    names = hospital_names(cfg.data)
+    node_config = context.node_config
+    if "hospital" in node_config:
+        name = str(node_config["hospital"])
+        if name not in names:
+            raise ValueError(f"node config names hospital '{name}', not one of {names}")
+        return names.index(name), name
+    partition = int(node_config["partition-id"])
+    num_partitions = int(node_config.get("num-partitions", len(names)))
+    if num_partitions != len(names):
+        raise ValueError(
+            f"{num_partitions} simulated nodes for {len(names)} configured hospitals {names}; "
+            f'start the run with --federation-config "num-supernodes={len(names)}"'
+        )
+    return partition, names[partition]
+
+
+def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFormerV2]:
+    setup_logging()
+    cfg = _config(str(context.run_config["overrides"]))
+    index, name = _hospital(context, cfg)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    model.load_state_dict(to_state_dict(msg.content["arrays"]))
+    return cfg, index, name, model
+
+
+def _tensors(cfg: DictConfig, name: str, split: str, size: int):
+    try:
+        return split_tensors(cfg.data, name, split, size)
+    except DataVerificationError as error:
+        log.error("%s", error)
+        raise HospitalDataError(
+            f"hospital '{name}': {len(error.problems)} data problem(s); "
+            "run w3s-verify at this site for the list"
+        ) from None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run the configured local epochs from the global weights; reply weights and train loss."""
+    cfg, index, name, model = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    data = _tensors(cfg, name, "train", train_cache_size(cfg.model.img_size))
+    local_epochs = cfg.train.local_epochs
+    result = train_local(
+        model,
+        data,
+        cfg.train,
+        start_epoch=(server_round - 1) * local_epochs,
+        total_epochs=cfg.federation.rounds * local_epochs,
+        device=resolve_device(cfg.device),
+        seed=cfg.seed * 100_003 + server_round * 1_009 + index,
+    )
+    log.info(
+        "hospital %s round %d: loss %.4f on %d images in %.1fs",
+        name,
+        server_round,
+        result.loss,
+        result.num_examples,
+        result.seconds,
+    )
+    metrics = MetricRecord(
+        {
+            "train-loss": result.loss,
+            "train-seconds": result.seconds,
+            "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            WEIGHT_KEY: result.num_examples,
+            "hospital-index": index,
+        }
+    )
+    content = RecordDict({"arrays": to_array_record(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model on this hospital's validation split."""
+    cfg, index, name, model = _setup(msg, context)
+    data = _tensors(cfg, name, "val", cfg.model.img_size)
+    with torch.inference_mode():
+        metrics = evaluate_local(model, data, cfg.localization, device=resolve_device(cfg.device))
+    log.info("hospital %s evaluate: %s", name, metrics)
+    reply = MetricRecord({**metrics, WEIGHT_KEY: len(data.labels), "hospital-index": index})
+    return Message(content=RecordDict({"metrics": reply}), reply_to=msg)

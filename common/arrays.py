@@ -1,0 +1,109 @@
+"""What crosses the network: state dict <-> Flower ArrayRecord, update checks, weighted averaging.
+
+Flower's own aggregation only checks that replies share keys: a (1,) tensor broadcasts silently
+into a (C, D) average, NaNs spread, and a zero total weight divides by zero (style.md section 2).
+Every reply is therefore checked here against the global model before it is averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape and dtype every reply must reproduce exactly for one tensor of the global model."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def to_array_record(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Pack a torch state dict for sending (tensors are detached and moved to CPU)."""
+    return ArrayRecord(
+        {k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state_dict.items()}
+    )
+
+
+def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Unpack an ArrayRecord into torch tensors, preserving key order."""
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+
+
+def array_specs(record: ArrayRecord) -> dict[str, ArraySpec]:
+    """The reference against which replies are checked."""
+    return {k: ArraySpec(tuple(a.shape), str(a.dtype)) for k, a in record.items()}
+
+
+def _check_weight(metrics: MetricRecord) -> str | None:
+    if WEIGHT_KEY not in metrics:
+        return f"metrics lack '{WEIGHT_KEY}'"
+    weight = metrics[WEIGHT_KEY]
+    if not isinstance(weight, int | float):
+        return f"'{WEIGHT_KEY}' is not a number: {weight!r}"
+    if not math.isfinite(weight) or weight <= 0:
+        return f"'{WEIGHT_KEY}' must be finite and positive, got {weight!r}"
+    return None
+
+
+def _check_arrays(arrays: ArrayRecord, reference: Mapping[str, ArraySpec]) -> str | None:
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing or extra:
+        return f"keys differ from the global model (missing {missing[:3]}, extra {extra[:3]})"
+    for key, spec in reference.items():
+        array = arrays[key]
+        if tuple(array.shape) != spec.shape:
+            return f"'{key}' has shape {tuple(array.shape)}, expected {spec.shape}"
+        if str(array.dtype) != spec.dtype:
+            return f"'{key}' has dtype {array.dtype}, expected {spec.dtype}"
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"'{key}' holds NaN or Inf"
+    return None
+
+
+def check_metrics_reply(content: RecordDict) -> str | None:
+    """Return why an evaluate reply must not be used, or None when it is sound."""
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    return _check_weight(next(iter(content.metric_records.values())))
+
+
+def check_update(content: RecordDict, reference: Mapping[str, ArraySpec]) -> str | None:
+    """Return why a train reply must not be averaged, or None when it is sound."""
+    if len(content.array_records) != 1:
+        return f"expected one ArrayRecord, got {len(content.array_records)}"
+    arrays = next(iter(content.array_records.values()))
+    return check_metrics_reply(content) or _check_arrays(arrays, reference)
+
+
+def weighted_average(
+    contents: Sequence[RecordDict], reference: Mapping[str, ArraySpec]
+) -> ArrayRecord:
+    """Average checked replies weighted by num-examples, accumulating in float64.
+
+    The result keeps the global model's dtypes (Flower's in-place ``+=`` would promote or
+    truncate them), so the next round's check compares like with like.
+    """
+    weights = [float(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
+    total = sum(weights)
+    averaged: dict[str, Array] = {}
+    for key, spec in reference.items():
+        acc = np.zeros(spec.shape, dtype=np.float64)
+        for content, weight in zip(contents, weights, strict=True):
+            arrays = next(iter(content.array_records.values()))
+            acc += arrays[key].numpy().astype(np.float64) * (weight / total)
+        dtype = np.dtype(spec.dtype)
+        if not np.issubdtype(dtype, np.floating):
+            acc = np.rint(acc)
+        averaged[key] = Array(np.asarray(acc, dtype=dtype))
+    return ArrayRecord(averaged)

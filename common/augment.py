@@ -1,0 +1,58 @@
+"""Training and evaluation transforms on cached uint8 tensors (method.md section 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Cached training images are stored this much larger than the model input, mirroring the
+# reference "resize 256, crop 224" so that random crops keep full resolution.
+TRAIN_RESIZE_RATIO = 256 / 224
+
+
+def train_cache_size(img_size: int) -> int:
+    """Side of the cached training tensors for a model input of ``img_size``."""
+    return round(img_size * TRAIN_RESIZE_RATIO)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, ImageNet-normalised (the DeiT statistics)."""
+    mean = images.new_tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = images.new_tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    return (images.float() / 255.0 - mean) / std
+
+
+def build_train_transform(
+    augment: Mapping[str, Any], img_size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-image random crop, flips, RandAugment and erasing on a uint8 (3, H, W) tensor.
+
+    Vertical flips are on by default (unlike ImageNet recipes): a cell on a slide has no up.
+    """
+    steps: list[Any] = [
+        v2.RandomResizedCrop(img_size, scale=tuple(augment["crop_scale"]), antialias=True)
+    ]
+    if augment["hflip"]:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment["vflip"]:
+        steps.append(v2.RandomVerticalFlip())
+    if augment["randaugment_ops"] > 0:
+        steps.append(
+            v2.RandAugment(
+                num_ops=augment["randaugment_ops"], magnitude=augment["randaugment_magnitude"]
+            )
+        )
+    pixel = v2.Compose(steps)
+    erase = v2.RandomErasing(p=augment["erasing_p"], value=0) if augment["erasing_p"] > 0 else None
+
+    def transform(image: torch.Tensor) -> torch.Tensor:
+        out = normalise(pixel(image)[None])[0]
+        return erase(out) if erase is not None else out
+
+    return transform

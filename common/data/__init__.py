@@ -1,0 +1,35 @@
+"""Hospital data: readers per on-disk format, synthetic hospitals, splits, tensors, verification.
+
+Everything a hospital holds stays on its machine; only the code in here touches file paths.
+"""
+
+from common.data.readers import FORMATS, hospital_names, load_hospital, verify_data
+from common.data.splits import split_indices
+from common.data.synthetic import generate_hospital
+from common.data.tensors import SplitTensors, hospital_split, split_tensors
+from common.data.types import (
+    BACKGROUND,
+    CYTOPLASM,
+    NUCLEUS,
+    DataProblem,
+    DataVerificationError,
+    HospitalData,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "CYTOPLASM",
+    "FORMATS",
+    "NUCLEUS",
+    "DataProblem",
+    "DataVerificationError",
+    "HospitalData",
+    "SplitTensors",
+    "generate_hospital",
+    "hospital_names",
+    "hospital_split",
+    "load_hospital",
+    "split_indices",
+    "split_tensors",
+    "verify_data",
+]

@@ -1,0 +1,675 @@
+"""Hospital readers: one function per on-disk format, all checked the same strict way.
+
+A hospital is one entry of ``cfg.data.hospitals``: a ``format`` plus that format's keys. File-based
+formats only *list* their samples (image path, label, mask path) and report what the listing
+shows to be wrong; one shared decoder then opens every file, so truncated or unreadable files,
+mask sizes and empty hospitals are checked identically for every format. Every problem is
+collected, never just the first, so a site's operator can fix the data in one pass.
+
+Adding a format is one function registered in :data:`FORMATS`.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image, ImageFile
+
+from common.data.synthetic import generate_hospital, synthetic_labels
+from common.data.types import (
+    BACKGROUND,
+    CYTOPLASM,
+    NUCLEUS,
+    DataProblem,
+    DataVerificationError,
+    HospitalData,
+    ProblemKind,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# Grey-level thresholds of ground-truth masks: <64 background, 64..191 cytoplasm, >=192 nucleus.
+# Thresholds rather than exact values tolerate JPEG noise and stray values in real masks.
+CYTOPLASM_MIN_GREY, NUCLEUS_MIN_GREY = 64, 192
+
+ZXAOYOU_CLASSES = {
+    "1": "neutrophil",
+    "2": "lymphocyte",
+    "3": "monocyte",
+    "4": "eosinophil",
+    "5": "basophil",
+}
+MATEK19_CLASSES = {
+    "BAS": "basophil",
+    "EBO": "erythroblast",
+    "EOS": "eosinophil",
+    "KSC": "smudge_cell",
+    "LYA": "atypical_lymphocyte",
+    "LYT": "lymphocyte",
+    "MMZ": "metamyelocyte",
+    "MOB": "monoblast",
+    "MON": "monocyte",
+    "MYB": "myelocyte",
+    "MYO": "myeloblast",
+    "NGB": "band_neutrophil",
+    "NGS": "neutrophil",
+    "PMB": "promyelocyte_bilobed",
+    "PMO": "promyelocyte",
+}
+NAMED_CLASS_MAPS = {"matek19": MATEK19_CLASSES}
+ROOT_KEYS = ("root", "mask_root")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a reader gets: one hospital's normalised config and the class vocabulary."""
+
+    hospital: str
+    spec: Mapping[str, Any]
+    classes: tuple[str, ...]
+    keep_arrays: bool
+
+    def problem(self, kind: ProblemKind, path: Path | str, detail: str) -> DataProblem:
+        """Build a problem about this hospital."""
+        return DataProblem(self.hospital, str(path), kind, detail)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One listed sample of a file-based format, before any file is opened."""
+
+    image: Path
+    label: int
+    mask: Path | None
+
+
+@dataclass
+class Listing:
+    """A file-based format's samples and the problems its listing revealed."""
+
+    root: Path
+    has_masks: bool
+    entries: list[Entry] = field(default_factory=list)
+    problems: list[DataProblem] = field(default_factory=list)
+
+
+@dataclass
+class ReadResult:
+    """A hospital's usable samples plus every problem found while reading it.
+
+    ``images`` and ``masks`` stay empty unless the reader was asked to keep arrays (verification
+    decodes every file but keeps none, so it can check large datasets in little memory).
+    """
+
+    hospital: str
+    classes: tuple[str, ...]
+    has_masks: bool
+    labels: list[int] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    problems: list[DataProblem] = field(default_factory=list)
+
+    def to_data(self) -> HospitalData:
+        """Freeze the kept arrays into a read-only HospitalData, safe to share via the cache."""
+        labels = np.asarray(self.labels, dtype=np.int64)
+        for array in [labels, *self.images, *self.masks]:
+            array.flags.writeable = False
+        return HospitalData(
+            name=self.hospital,
+            classes=self.classes,
+            images=self.images,
+            labels=labels,
+            masks=self.masks if self.has_masks else None,
+            sample_ids=self.sample_ids,
+        )
+
+
+@dataclass(frozen=True)
+class Format:
+    """A registered hospital format: its reader and the config keys it accepts."""
+
+    read: Callable[[Source], ReadResult]
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+
+# ---- public entry points ----
+
+
+def hospital_names(data_cfg: Any) -> list[str]:
+    """Return the hospital keys of ``data_cfg.hospitals`` in config order.
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node.
+
+    Returns
+    -------
+    list[str]
+        Hospital names; the simulated node's ``partition-id`` indexes this list.
+    """
+    return [str(name) for name in (data_cfg.get("hospitals") or {})]
+
+
+def verify_data(data_cfg: Any, hospitals: Sequence[str] | None = None) -> list[DataProblem]:
+    """Open every file of the given hospitals and return every problem found.
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node.
+    hospitals
+        Hospital names to check; all configured hospitals when ``None``.
+
+    Returns
+    -------
+    list[DataProblem]
+        Empty when the data is clean. File paths in it must not leave the site.
+    """
+    return [
+        problem
+        for result in read_hospitals(data_cfg, hospitals, keep_arrays=False)
+        for problem in result.problems
+    ]
+
+
+def load_hospital(data_cfg: Any, name: str) -> HospitalData:
+    """Read and verify one hospital's data, once per process.
+
+    The cache is keyed on the hospital's config (roots made absolute) and the vocabulary, so two
+    configs naming the same data share one copy. The returned arrays are read-only because they
+    are shared; copy before modifying.
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node.
+    name
+        Hospital key in ``data_cfg.hospitals``.
+
+    Returns
+    -------
+    HospitalData
+        All images of the hospital at native size.
+
+    Raises
+    ------
+    DataVerificationError
+        With every problem found, when any file or config entry is wrong.
+    """
+    return _load_cached(hospital_key(data_cfg, name))
+
+
+def hospital_key(data_cfg: Any, name: str) -> str:
+    """Return a canonical JSON text of everything that determines a hospital's data.
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node.
+    name
+        Hospital key in ``data_cfg.hospitals``.
+
+    Returns
+    -------
+    str
+        Hashable cache key; equal for configs that read the same data.
+    """
+    hospitals = data_cfg.get("hospitals") or {}
+    spec = _plain(hospitals[name]) if name in hospitals else None
+    if isinstance(spec, dict):
+        spec = {
+            key: _absolute(value) if key in ROOT_KEYS and value is not None else value
+            for key, value in spec.items()
+        }
+    classes = _plain(data_cfg.get("classes"))
+    return json.dumps({"name": name, "spec": spec, "classes": classes}, sort_keys=True, default=str)
+
+
+def read_hospitals(
+    data_cfg: Any, hospitals: Sequence[str] | None = None, keep_arrays: bool = False
+) -> list[ReadResult]:
+    """Read each hospital with every problem collected; the engine behind verify and load.
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node.
+    hospitals
+        Hospital names; all configured hospitals when ``None``.
+    keep_arrays
+        Keep the decoded images and masks (loading) or drop them after checking (verifying).
+
+    Returns
+    -------
+    list[ReadResult]
+        One result per hospital, in the given order.
+    """
+    names = hospital_names(data_cfg) if hospitals is None else list(hospitals)
+    if not names:
+        empty = DataProblem("", "", "bad_config", "data.hospitals names no hospital")
+        return [ReadResult("", (), has_masks=False, problems=[empty])]
+    return [_read(hospital_key(data_cfg, name), keep_arrays) for name in names]
+
+
+# ---- dispatch ----
+
+
+@functools.cache
+def _load_cached(key: str) -> HospitalData:
+    """Load the hospital described by ``key``; failures raise and are not cached."""
+    result = _read(key, keep_arrays=True)
+    if result.problems:
+        raise DataVerificationError(result.problems)
+    log.info("hospital %s: loaded %d images", result.hospital, len(result.labels))
+    return result.to_data()
+
+
+def _read(key: str, keep_arrays: bool) -> ReadResult:
+    """Validate a hospital's config, run its format's reader and check it is not empty."""
+    described = json.loads(key)
+    name, spec = described["name"], described["spec"]
+    classes = tuple(described["classes"] or ())
+    result = ReadResult(name, classes, has_masks=False)
+    result.problems = _config_problems(name, spec, classes)
+    if result.problems:
+        return result
+    source = Source(name, spec, classes, keep_arrays)
+    result = FORMATS[spec["format"]].read(source)
+    blocking = {"missing_root", "bad_config"}
+    if not result.labels and not any(p.kind in blocking for p in result.problems):
+        where = spec.get("root", "")
+        result.problems.append(source.problem("empty_hospital", where, "no usable image found"))
+    result.problems.sort(key=lambda problem: (problem.path, problem.kind))  # file order
+    return result
+
+
+def _config_problems(name: str, spec: Any, classes: tuple[str, ...]) -> list[DataProblem]:
+    """Check the parts of a hospital's config that every format shares, before touching data."""
+    return [DataProblem(name, "", "bad_config", detail) for detail in _config_errors(spec, classes)]
+
+
+def _config_errors(spec: Any, classes: tuple[str, ...]) -> list[str]:
+    """Describe what is wrong with a hospital's config entry and the vocabulary, if anything."""
+    if spec is None:
+        return ["no hospital of this name in data.hospitals"]
+    if (
+        not classes
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) < len(classes)
+    ):
+        return [f"data.classes must be a non-empty list of distinct names, got {list(classes)}"]
+    if not isinstance(spec, dict) or spec.get("format") not in FORMATS:
+        format_name = spec.get("format") if isinstance(spec, dict) else spec
+        return [f"unknown format {format_name!r}; expected one of {sorted(FORMATS)}"]
+    reader = FORMATS[spec["format"]]
+    errors = [f"missing key {key!r}" for key in reader.required if spec.get(key) is None]
+    unknown = sorted(set(spec) - {"format", *reader.required, *reader.optional})
+    errors += [f"unknown key {key!r} for format {spec['format']!r}" for key in unknown]
+    class_map = spec.get("class_map")
+    if isinstance(class_map, str) and class_map.casefold() not in NAMED_CLASS_MAPS:
+        errors.append(f"unknown class_map {class_map!r}; built-in: {sorted(NAMED_CLASS_MAPS)}")
+    elif class_map is not None and not isinstance(class_map, str | dict):
+        errors.append(f"class_map must be a mapping or a built-in name, got {class_map!r}")
+    return errors
+
+
+def _plain(node: Any) -> Any:
+    """Turn an OmegaConf node (or plain value) into resolved builtin containers."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _absolute(path: str) -> str:
+    """Resolve a configured path against the current working directory, normalising ``..``."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+# ---- class names ----
+
+
+def _class_map(source: Source, default: Mapping[str, str]) -> dict[str, str]:
+    """Return the format's default class map updated by the hospital's ``class_map`` key.
+
+    ``class_map`` is either the name of a built-in map (``matek19``) or a mapping whose entries
+    override the default's. Keys are compared case-insensitively.
+    """
+    override = source.spec.get("class_map") or {}
+    if isinstance(override, str):
+        override = NAMED_CLASS_MAPS[override.casefold()]
+    merged = {**default, **override}
+    return {str(key).casefold(): str(value) for key, value in merged.items()}
+
+
+def _class_index(raw: str, class_map: Mapping[str, str], classes: Sequence[str]) -> int | None:
+    """Map a raw class (folder name, label id) through the map into the vocabulary, or ``None``.
+
+    Names missing from the map are looked up in the vocabulary directly, case-insensitively, so
+    folders already named after the vocabulary need no map.
+    """
+    name = class_map.get(raw.casefold(), raw).casefold()
+    vocabulary = [c.casefold() for c in classes]
+    return vocabulary.index(name) if name in vocabulary else None
+
+
+def _unknown_class_detail(raw: str, class_map: Mapping[str, str], classes: Sequence[str]) -> str:
+    """Explain why a raw class could not be placed in the vocabulary."""
+    mapped = class_map.get(raw.casefold(), raw)
+    via = f" (mapped to {mapped!r})" if mapped != raw else ""
+    return f"class {raw!r}{via} is not in the vocabulary {list(classes)}"
+
+
+# ---- file formats: listing ----
+
+
+def _list_zxaoyou(source: Source) -> Listing:
+    """List zxaoyou/segmentation_WBC: ``<subset>/NNN.bmp`` + ``NNN.png``, labels in a CSV."""
+    root = Path(source.spec["root"])
+    subset = str(source.spec["subset"])
+    listing = Listing(root, has_masks=True)
+    folder, label_file = root / subset, root / f"Class Labels of {subset}.csv"
+    if not (_require_dir(source, root, listing) and _require_dir(source, folder, listing)):
+        return listing
+    if not label_file.is_file():
+        listing.problems.append(source.problem("missing_label", label_file, "label file not found"))
+        return listing
+    images: dict[int, Path] = {}
+    for path in _image_files(folder, (".bmp",), recursive=False):
+        if path.stem.isdigit():
+            images[int(path.stem)] = path
+        else:
+            detail = "file name is not a numeric image id, so it has no label row"
+            listing.problems.append(source.problem("missing_label", path, detail))
+    labels = _read_label_file(source, label_file, folder, images, listing)
+    for image_id in sorted(images.keys() | labels.keys()):
+        path = images.get(image_id, folder / f"{image_id:03d}.bmp")
+        if image_id not in labels:
+            detail = f"no row for image id {image_id} in {label_file.name}"
+            listing.problems.append(source.problem("missing_label", path, detail))
+        elif image_id not in images:
+            detail = f"listed in labels but file missing ({label_file.name})"
+            listing.problems.append(source.problem("unreadable_image", path, detail))
+        elif labels[image_id] is not None:
+            mask = path.with_suffix(".png")
+            _add_entry(source, listing, path, labels[image_id], mask if mask.is_file() else None)
+    return listing
+
+
+def _read_label_file(
+    source: Source, label_file: Path, folder: Path, images: Mapping[int, Path], listing: Listing
+) -> dict[int, int | None]:
+    """Parse a zxaoyou label CSV into image id -> vocabulary index (``None``: bad label row).
+
+    The header row ("image ID,class label" or "image ID,class") is recognised by its
+    non-numeric first cell. Bad rows become problems naming the image file and the CSV row.
+    """
+    class_map = _class_map(source, ZXAOYOU_CLASSES)
+    labels: dict[int, int | None] = {}
+    with label_file.open(newline="", encoding="utf-8-sig") as handle:
+        for row_number, row in enumerate(csv.reader(handle), start=1):
+            cells = [cell.strip() for cell in row]
+            if not any(cells) or (row_number == 1 and not cells[0].isdigit()):
+                continue
+            where = f"{label_file.name} row {row_number}"
+            if len(cells) < 2 or not cells[0].isdigit():
+                detail = f"{where}: expected 'image id,class', got {row}"
+                listing.problems.append(source.problem("missing_label", label_file, detail))
+                continue
+            image_id, raw = int(cells[0]), cells[1]
+            index = _class_index(raw, class_map, source.classes)
+            path = images.get(image_id, folder / f"{image_id:03d}.bmp")
+            if index is None:
+                detail = f"{where}: {_unknown_class_detail(raw, class_map, source.classes)}"
+                listing.problems.append(source.problem("unknown_class", path, detail))
+            elif labels.setdefault(image_id, index) != index:
+                detail = f"{where}: another row gives image id {image_id} a different class"
+                listing.problems.append(source.problem("missing_label", path, detail))
+                index = None
+            if index is None:
+                labels[image_id] = None
+    return labels
+
+
+def _list_raabin(source: Source) -> Listing:
+    """List Raabin-WBC ground truth: ``GrTh/Original/<Class>/x.jpg`` + ``GrTh/Ground Truth/...``."""
+    root = Path(source.spec["root"])
+    ground_truth = root / "GrTh"
+    return _list_class_tree(
+        source, root, ground_truth / "Original", ground_truth / "Ground Truth", IMAGE_EXTENSIONS
+    )
+
+
+def _list_class_folders(source: Source) -> Listing:
+    """List a ``<root>/<class folder>/...image`` tree (Matek19, INT_20), masks optional."""
+    root = Path(source.spec["root"])
+    mask_root = source.spec.get("mask_root")
+    extensions = source.spec.get("extensions") or IMAGE_EXTENSIONS
+    return _list_class_tree(
+        source, root, root, Path(mask_root) if mask_root else None, tuple(extensions)
+    )
+
+
+def _list_class_tree(
+    source: Source,
+    root: Path,
+    image_root: Path,
+    mask_root: Path | None,
+    extensions: tuple[str, ...],
+) -> Listing:
+    """List ``image_root/<class folder>/...`` images, with masks at the same place in ``mask_root``.
+
+    A class folder whose name does not map into the vocabulary is one problem for the whole
+    folder, and image files lying directly in ``image_root`` have no label.
+    """
+    listing = Listing(root, has_masks=mask_root is not None)
+    if not _require_dir(source, root, listing):
+        return listing
+    inner = [folder for folder in (image_root, mask_root) if folder not in (None, root)]
+    if not all([_require_dir(source, folder, listing) for folder in inner]):  # report each one
+        return listing
+    class_map = _class_map(source, {})
+    for path in _image_files(image_root, extensions, recursive=False):
+        detail = "image outside any class folder has no label"
+        listing.problems.append(source.problem("missing_label", path, detail))
+    for folder in sorted(p for p in image_root.iterdir() if p.is_dir() and _visible(p)):
+        files = _image_files(folder, extensions, recursive=True)
+        index = _class_index(folder.name, class_map, source.classes)
+        if index is None and files:
+            detail = _unknown_class_detail(folder.name, class_map, source.classes)
+            listing.problems.append(source.problem("unknown_class", folder, detail))
+            continue
+        masks: dict[Path, dict[str, Path]] = {}
+        for path in files:
+            mask = None
+            if mask_root is not None:
+                mask_dir = mask_root / path.parent.relative_to(image_root)
+                if mask_dir not in masks:
+                    masks[mask_dir] = _files_by_stem(mask_dir)
+                mask = masks[mask_dir].get(path.stem)
+            _add_entry(source, listing, path, index, mask)
+    return listing
+
+
+def _add_entry(
+    source: Source, listing: Listing, image: Path, label: int, mask: Path | None
+) -> None:
+    """Append a sample, or a missing_mask problem when the format has masks but not this one."""
+    if listing.has_masks and mask is None:
+        detail = "no ground-truth mask for this image"
+        listing.problems.append(source.problem("missing_mask", image, detail))
+        return
+    listing.entries.append(Entry(image, label, mask))
+
+
+def _require_dir(source: Source, path: Path, listing: Listing) -> bool:
+    """Report a missing folder as missing_root; return whether it exists."""
+    if path.is_dir():
+        return True
+    listing.problems.append(source.problem("missing_root", path, "folder not found"))
+    return False
+
+
+def _visible(path: Path) -> bool:
+    """Skip hidden files and folders (``.DS_Store``, AppleDouble ``._x.jpg``)."""
+    return not path.name.startswith(".")
+
+
+def _image_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
+    """Image files in ``folder`` with one of ``extensions`` (case-insensitive), sorted."""
+    wanted = {ext.casefold() if ext.startswith(".") else f".{ext.casefold()}" for ext in extensions}
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in candidates if p.suffix.casefold() in wanted and _visible(p) and p.is_file()
+    )
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    """Index the image files of a mask folder by stem (mask extensions may differ from images)."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in _image_files(folder, IMAGE_EXTENSIONS, recursive=False)}
+
+
+# ---- file formats: decoding ----
+
+
+class _BadFile(Exception):
+    """A file that could not be decoded; ``truncated`` tells the two failure kinds apart."""
+
+    def __init__(self, detail: str, truncated: bool) -> None:
+        super().__init__(detail)
+        self.truncated = truncated
+
+
+def _read_files(lister: Callable[[Source], Listing]) -> Callable[[Source], ReadResult]:
+    """Turn a lister into a reader: list the samples, then decode and check every file."""
+
+    def read(source: Source) -> ReadResult:
+        listing = lister(source)
+        result = ReadResult(source.hospital, source.classes, listing.has_masks)
+        result.problems = listing.problems
+        with _strict_decoding():
+            for entry in listing.entries:
+                _decode_entry(source, listing, entry, result)
+        return result
+
+    return read
+
+
+def _decode_entry(source: Source, listing: Listing, entry: Entry, result: ReadResult) -> None:
+    """Decode one sample's image and mask, check they agree, and add it to ``result`` if usable."""
+    try:
+        image = _decode(entry.image, "RGB")
+    except _BadFile as error:
+        kind: ProblemKind = "truncated_image" if error.truncated else "unreadable_image"
+        result.problems.append(source.problem(kind, entry.image, str(error)))
+        return
+    mask = None
+    if entry.mask is not None:
+        try:
+            mask = _grey_to_classes(_decode(entry.mask, "L"))
+        except _BadFile as error:
+            result.problems.append(source.problem("unreadable_mask", entry.mask, str(error)))
+            return
+        if mask.shape != image.shape[:2]:
+            detail = f"mask is {_size(mask)} but its image {entry.image.name} is {_size(image)}"
+            result.problems.append(source.problem("mask_size_mismatch", entry.mask, detail))
+            return
+    result.labels.append(entry.label)
+    result.sample_ids.append(entry.image.relative_to(listing.root).as_posix())
+    if source.keep_arrays:
+        result.images.append(image)
+        if mask is not None:
+            result.masks.append(mask)
+
+
+@contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """Make PIL raise on truncated files instead of silently padding them with grey."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _decode(path: Path, mode: str) -> np.ndarray:
+    """Fully decode an image file into a uint8 array in ``mode`` (RGBA drops alpha, as Matek's).
+
+    Raises
+    ------
+    _BadFile
+        For empty, unidentifiable, truncated or otherwise corrupt files.
+    """
+    if path.stat().st_size == 0:
+        raise _BadFile("empty file (0 bytes)", truncated=False)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert(mode), dtype=np.uint8)
+    # PIL signals corrupt data with many exception types (OSError, SyntaxError, ValueError,
+    # struct.error, ...); any of them makes the file unusable, and the report must go on.
+    except Exception as error:
+        detail = f"cannot decode: {type(error).__name__}: {error}"
+        raise _BadFile(detail, truncated="truncat" in str(error).casefold()) from error
+
+
+def _grey_to_classes(grey: np.ndarray) -> np.ndarray:
+    """Threshold a grey mask into BACKGROUND / CYTOPLASM / NUCLEUS codes."""
+    codes = np.full(grey.shape, BACKGROUND, np.uint8)
+    codes[grey >= CYTOPLASM_MIN_GREY] = CYTOPLASM
+    codes[grey >= NUCLEUS_MIN_GREY] = NUCLEUS
+    return codes
+
+
+def _size(array: np.ndarray) -> str:
+    """``W x H`` of an image or mask, as image viewers print it."""
+    return f"{array.shape[1]}x{array.shape[0]}"
+
+
+# ---- the synthetic format ----
+
+
+def _read_synthetic(source: Source) -> ReadResult:
+    """Generate a synthetic hospital in memory; bad parameters become bad_config problems."""
+    spec = source.spec
+    result = ReadResult(source.hospital, source.classes, has_masks=True)
+    try:
+        domain, count = str(spec["domain"]), int(spec["num_images"])
+        size, seed = int(spec["image_size"]), int(spec["seed"])
+        if source.keep_arrays:
+            result.images, labels, result.masks = generate_hospital(
+                domain, count, size, seed, source.classes
+            )
+        else:
+            labels = synthetic_labels(domain, count, size, seed, source.classes)
+    except (TypeError, ValueError) as error:
+        result.problems.append(source.problem("bad_config", "", str(error)))
+        return result
+    result.labels = labels.tolist()
+    result.sample_ids = [f"synthetic/{i}" for i in range(count)]
+    return result
+
+
+FORMATS: dict[str, Format] = {
+    "zxaoyou": Format(_read_files(_list_zxaoyou), ("root", "subset"), ("class_map",)),
+    "raabin": Format(_read_files(_list_raabin), ("root",), ("class_map",)),
+    "class_folders": Format(
+        _read_files(_list_class_folders), ("root",), ("class_map", "extensions", "mask_root")
+    ),
+    "synthetic": Format(_read_synthetic, ("domain", "num_images", "image_size", "seed")),
+}

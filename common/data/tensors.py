@@ -1,0 +1,123 @@
+"""A hospital's split as fixed-size tensors, the form training and evaluation consume."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as tvf
+
+from common.data.readers import hospital_key, load_hospital
+from common.data.splits import SPLITS, split_indices
+from common.data.types import HospitalData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitTensors:
+    """One split of one hospital, resized to a square side ``S``.
+
+    Attributes
+    ----------
+    images
+        ``(N, 3, S, S)`` uint8 RGB, antialiased bilinear resize (aspect ratio not kept; crops are
+        near-square single cells).
+    labels
+        ``(N,)`` int64 indices into the vocabulary.
+    masks
+        ``(N, S, S)`` uint8 codes {0, 1, 2}, nearest-neighbour resize so no code is invented at
+        edges; ``None`` when the hospital has no masks.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+_TENSOR_CACHE: dict[tuple[str, int, tuple[float, ...], str, int], SplitTensors] = {}
+
+
+def hospital_split(data_cfg: Any, name: str, split: str) -> HospitalData:
+    """Return one split of a hospital's verified, cached data.
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node; ``split.seed`` and ``split.fractions`` fix the split.
+    name
+        Hospital key in ``data_cfg.hospitals``.
+    split
+        ``"train"``, ``"val"`` or ``"test"``.
+
+    Returns
+    -------
+    HospitalData
+        The split's images, sharing the cached hospital's read-only arrays.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    data = load_hospital(data_cfg, name)
+    indices = split_indices(data.labels, int(data_cfg.split.seed), list(data_cfg.split.fractions))
+    return data.subset(indices[split])
+
+
+def split_tensors(data_cfg: Any, name: str, split: str, size: int) -> SplitTensors:
+    """Return a hospital's split as resized tensors, built once per process.
+
+    The result is shared by every caller asking for the same hospital config, split settings and
+    size, so treat its tensors as read-only (``.float()`` and friends copy).
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node.
+    name
+        Hospital key in ``data_cfg.hospitals``.
+    split
+        ``"train"``, ``"val"`` or ``"test"``.
+    size
+        Side of the square output images in pixels.
+
+    Returns
+    -------
+    SplitTensors
+        Images, labels and (when the hospital has them) masks.
+
+    Raises
+    ------
+    DataVerificationError
+        When the hospital's data fails verification.
+    """
+    fractions = tuple(float(f) for f in data_cfg.split.fractions)
+    key = (hospital_key(data_cfg, name), int(data_cfg.split.seed), fractions, split, int(size))
+    if key not in _TENSOR_CACHE:
+        tensors = _to_tensors(hospital_split(data_cfg, name, split), int(size))
+        log.info("hospital %s: %s split, %d images at %d px", name, split, len(tensors), size)
+        _TENSOR_CACHE[key] = tensors
+    return _TENSOR_CACHE[key]
+
+
+def _to_tensors(data: HospitalData, size: int) -> SplitTensors:
+    """Resize every image (and mask) to ``size`` x ``size``, batching images of equal shape."""
+    count = len(data)
+    images = torch.empty((count, 3, size, size), dtype=torch.uint8)
+    masks = None if data.masks is None else torch.empty((count, size, size), dtype=torch.uint8)
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, image in enumerate(data.images):
+        by_shape[image.shape].append(index)
+    for indices in by_shape.values():
+        batch = torch.from_numpy(np.stack([data.images[i] for i in indices])).permute(0, 3, 1, 2)
+        images[indices] = tvf.resize(batch, [size, size], antialias=True)
+        if masks is not None and data.masks is not None:
+            codes = torch.from_numpy(np.stack([data.masks[i] for i in indices]))[:, None]
+            nearest = tvf.InterpolationMode.NEAREST_EXACT
+            masks[indices] = tvf.resize(codes, [size, size], interpolation=nearest)[:, 0]
+    return SplitTensors(images, torch.from_numpy(data.labels.copy()), masks)

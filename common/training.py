@@ -1,0 +1,159 @@
+"""Local training and validation at one hospital, shared by the ClientApp and the benchmarks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.augment import build_train_transform, normalise
+from common.data import SplitTensors
+from common.localization import fused_maps, normalise_maps
+from common.metrics import average_precision, binary_miou_sweep
+from common.model import MCTFormerV2, mct_loss
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def learning_rate(cfg: Mapping[str, Any], epoch: float, total_epochs: int) -> float:
+    """Linear warmup then cosine decay, evaluated at a fractional global epoch.
+
+    Stepping per iteration instead of per epoch (the reference) keeps short federated runs,
+    where a hospital may see only a few epochs in total, from spending whole rounds in warmup.
+    """
+    base = cfg["lr"] * (cfg["batch_size"] / 512 if cfg["scale_lr_by_batch"] else 1.0)
+    warmup = cfg["warmup_epochs"]
+    if epoch < warmup:
+        return cfg["warmup_lr"] + (base - cfg["warmup_lr"]) * epoch / warmup
+    span = max(total_epochs - warmup, 1e-8)
+    progress = min((epoch - warmup) / span, 1.0)
+    return cfg["min_lr"] + 0.5 * (base - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Single-cell labels -> the multi-hot float targets of the soft-margin losses."""
+    return F.one_hot(labels, num_classes).float()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a hospital reports after its local epochs."""
+
+    loss: float
+    num_examples: int
+    seconds: float
+
+
+def train_local(
+    model: MCTFormerV2,
+    data: SplitTensors,
+    cfg: Mapping[str, Any],
+    *,
+    start_epoch: int,
+    total_epochs: int,
+    device: torch.device,
+    seed: int,
+) -> TrainResult:
+    """Run ``cfg['local_epochs']`` epochs of AdamW on one hospital's training tensors.
+
+    ``start_epoch`` is this hospital's position in the whole federated schedule, so the
+    learning rate continues across rounds although the optimizer is rebuilt each round.
+    """
+    n = len(data.labels)
+    if n == 0:
+        raise ValueError("the training split is empty")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    transform = build_train_transform(cfg["augment"], model.img_size)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=cfg["eps"]
+    )
+    use_amp = bool(cfg["amp"]) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    batch_size = min(cfg["batch_size"], n)
+    steps_per_epoch = max(n // batch_size, 1)
+    model.to(device).train()
+    started = time.perf_counter()
+    losses = []
+    for epoch in range(cfg["local_epochs"]):
+        order = torch.randperm(n, generator=generator)
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            lr = learning_rate(cfg, start_epoch + epoch + step / steps_per_epoch, total_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = torch.stack([transform(data.images[i]) for i in index.tolist()]).to(device)
+            targets = one_hot(data.labels[index], model.num_classes).to(device)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = mct_loss(model(images), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at lr {lr:.2e}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+    return TrainResult(
+        loss=float(np.mean(losses)),
+        num_examples=n,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@torch.no_grad()
+def evaluate_local(
+    model: MCTFormerV2,
+    data: SplitTensors,
+    localization: Mapping[str, Any],
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Validation loss, accuracy and mAP; where masks exist, cell-vs-background mIoU of the maps.
+
+    The maps use each image's own label (as the post-training job does), and the foreground
+    threshold is the best of ``localization['thresholds']`` on this split; both are reported.
+    """
+    model.to(device).eval()
+    n = len(data.labels)
+    losses, scores, foreground = [], [], []
+    for start in range(0, n, batch_size):
+        images = normalise(data.images[start : start + batch_size]).to(device)
+        labels = data.labels[start : start + batch_size].to(device)
+        targets = one_hot(labels, model.num_classes)
+        output = model(images, return_attention=data.masks is not None)
+        losses.append(mct_loss(output, targets).item() * len(labels))
+        scores.append(torch.sigmoid(output.class_logits).cpu())
+        if data.masks is not None:
+            maps = normalise_maps(
+                fused_maps(output, localization["last_k_layers"]), images.shape[-2:], targets
+            )
+            foreground.append(maps.amax(dim=1).cpu())
+    score_array = torch.cat(scores).numpy()
+    label_array = data.labels.numpy()
+    metrics = {
+        "val-loss": float(np.sum(losses) / n),
+        "val-accuracy": float((score_array.argmax(1) == label_array).mean()),
+        "val-map": average_precision(score_array, label_array),
+    }
+    if data.masks is not None:
+        thresholds = list(localization["thresholds"])
+        sweep = binary_miou_sweep(torch.cat(foreground), data.masks > 0, thresholds)
+        best = int(np.argmax(sweep))
+        metrics["val-loc-miou"] = float(sweep[best])
+        metrics["val-loc-threshold"] = float(thresholds[best])
+    return metrics

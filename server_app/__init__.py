@@ -1,0 +1,1 @@
+"""ServerApp: guarded weighted FedAvg, per-round checkpoints and metrics."""

@@ -1,0 +1,97 @@
+"""The federation's server: weighted FedAvg of the MCT transformer over every hospital."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from common.arrays import to_array_record
+from common.checkpoint import save_atomic
+from common.config import compose_config, parse_overrides
+from common.data import hospital_names
+from common.logs import setup_logging
+from common.model import create_mct_model
+from server_app.recorder import RoundRecorder, model_payload
+from server_app.strategy import GuardedFedAvg
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def run_directory(cfg: DictConfig, run_id: int) -> Path:
+    """``output_dir`` when set, else a fresh ``<output_root>/<time>_run<id>``; must be absolute.
+
+    The ServerApp's working directory is wherever the SuperLink first started, so a relative
+    path would land somewhere surprising; it is refused instead.
+    """
+    if cfg.output_dir:
+        path = Path(cfg.output_dir)
+    else:
+        path = Path(cfg.output_root) / f"{time.strftime('%Y%m%d-%H%M%S')}_run{run_id}"
+    if not path.is_absolute():
+        raise ValueError(f"output directory must be an absolute path, got '{path}'")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_for_hospitals(grid: Grid, expected: int, timeout_s: float) -> None:
+    """Fail fast when the federation has a different number of nodes than configured hospitals.
+
+    Flower's sampling otherwise waits forever for missing nodes, and a bare ``flwr run .``
+    starts 2 simulated SuperNodes whatever the config says.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected == expected:
+            return
+        if connected > expected or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{expected} hospitals are configured but {connected} SuperNodes are connected; "
+                f'in simulation start the run with --federation-config "num-supernodes={expected}" '
+                "(w3s-simulate does this for you)"
+            )
+        time.sleep(1.0)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Compose the config from the run's overrides, run the rounds, save the final model."""
+    setup_logging()
+    cfg = compose_config(parse_overrides(str(context.run_config["overrides"])))
+    run_dir = run_directory(cfg, context.run_id)
+    log.info("run directory: %s", run_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+
+    hospitals = hospital_names(cfg.data)
+    min_replies = cfg.federation.min_replies or len(hospitals)
+    wait_for_hospitals(grid, len(hospitals), cfg.federation.wait_for_nodes_s)
+    torch.manual_seed(cfg.seed)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    strategy = GuardedFedAvg(num_hospitals=len(hospitals), min_replies=min_replies)
+    log.info(
+        "%d hospitals %s, %d rounds, model %s, at least %d good replies per round",
+        len(hospitals),
+        hospitals,
+        cfg.federation.rounds,
+        cfg.model.name,
+        min_replies,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(model.state_dict()),
+        num_rounds=cfg.federation.rounds,
+        timeout=cfg.federation.round_timeout_s,
+        evaluate_fn=RoundRecorder(run_dir, cfg, strategy, hospitals),
+    )
+    final = save_atomic(
+        model_payload(result.arrays, cfg, cfg.federation.rounds), run_dir / "final_model.pt"
+    )
+    log.info("run directory: %s", run_dir)
+    log.info("final model: %s", final)

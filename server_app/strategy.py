@@ -1,0 +1,151 @@
+"""FedAvg that checks every reply before averaging and refuses to close a round short of replies."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.arrays import (
+    WEIGHT_KEY,
+    ArraySpec,
+    array_specs,
+    check_metrics_reply,
+    check_update,
+    weighted_average,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TooFewRepliesError(RuntimeError):
+    """A round ended with fewer good replies than the configured minimum."""
+
+
+@dataclass
+class RoundReport:
+    """What the last round's replies said, for the per-round log line and metrics row."""
+
+    good: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    per_hospital: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def _metrics_of(msg: Message) -> MetricRecord:
+    return next(iter(msg.content.metric_records.values()))
+
+
+def weighted_metrics(replies: list[Message]) -> dict[str, float]:
+    """Per-key weighted mean over the replies that carry the key.
+
+    Hospitals without masks report no localization score; Flower's default aggregation would
+    reject the round for inconsistent keys, this averages each score over those that have it.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for msg in replies:
+        metrics = _metrics_of(msg)
+        weight = float(metrics[WEIGHT_KEY])
+        for key, value in metrics.items():
+            if key in (WEIGHT_KEY, "hospital-index") or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(float(value)):
+                continue
+            sums[key] = sums.get(key, 0.0) + weight * float(value)
+            weights[key] = weights.get(key, 0.0) + weight
+    return {key: sums[key] / weights[key] for key in sums}
+
+
+class GuardedFedAvg(FedAvg):
+    """Weighted FedAvg over every hospital, with reply checks and a minimum-replies rule."""
+
+    def __init__(self, *, num_hospitals: int, min_replies: int) -> None:
+        if not 1 <= min_replies <= num_hospitals:
+            raise ValueError(f"min_replies must be in 1..{num_hospitals}, got {min_replies}")
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=num_hospitals,
+            min_evaluate_nodes=num_hospitals,
+            min_available_nodes=num_hospitals,
+            weighted_by_key=WEIGHT_KEY,
+        )
+        self.min_replies = min_replies
+        self.report = RoundReport()
+        self._reference: dict[str, ArraySpec] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global model's shapes and dtypes: every reply must match them."""
+        self._reference = array_specs(arrays)
+        self.report = RoundReport()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _sort_replies(self, replies: Iterable[Message], check_arrays: bool) -> list[Message]:
+        good = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.report.failed[node] = msg.error.reason
+                log.warning("node %d failed: %s", node, msg.error.reason)
+                continue
+            reason = (
+                check_update(msg.content, self._reference)
+                if check_arrays
+                else check_metrics_reply(msg.content)
+            )
+            if reason is not None:
+                self.report.rejected[node] = reason
+                log.warning("node %d: reply rejected before averaging: %s", node, reason)
+                continue
+            good.append(msg)
+        return good
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the sound replies, or stop the run when fewer than the minimum remain."""
+        good = self._sort_replies(replies, check_arrays=True)
+        self.report.good = len(good)
+        if len(good) < self.min_replies:
+            raise TooFewRepliesError(
+                f"round {server_round}: {len(good)} good replies, at least {self.min_replies} "
+                f"required (failed nodes: {sorted(self.report.failed)}, rejected nodes: "
+                f"{sorted(self.report.rejected)}); the last good checkpoint is kept"
+            )
+        arrays = weighted_average([m.content for m in good], self._reference)
+        self.report.train = weighted_metrics(good)
+        self._record_hospitals(good)
+        return arrays, MetricRecord(self.report.train)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of each validation score over the hospitals that report it."""
+        good = self._sort_replies(replies, check_arrays=False)
+        self.report.evaluate = weighted_metrics(good)
+        self._record_hospitals(good)
+        return MetricRecord(self.report.evaluate) if self.report.evaluate else None
+
+    def _record_hospitals(self, replies: list[Message]) -> None:
+        for msg in replies:
+            metrics = _metrics_of(msg)
+            if "hospital-index" not in metrics:
+                continue
+            row = self.report.per_hospital.setdefault(int(metrics["hospital-index"]), {})
+            row.update(
+                {
+                    k: float(v)
+                    for k, v in metrics.items()
+                    if k not in (WEIGHT_KEY, "hospital-index") and isinstance(v, int | float)
+                }
+            )

@@ -1,0 +1,60 @@
+"""Start real Flower commands with a private FLWR_HOME and stop every process they left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for one test: its own FLWR_HOME, this venv's packages, no per-run installs."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_DEDUP_LOGS"] = "0"
+    return env
+
+
+def pids_mentioning(marker: str) -> list[int]:
+    """Processes whose command line or environment names ``marker`` (ours, by construction)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline or marker.encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_processes(marker: str, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, every process started under ``marker`` (the test's FLWR_HOME)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = pids_mentioning(marker)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while pids_mentioning(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def run(
+    command: list[str], env: dict[str, str], timeout_s: float, cwd: Path
+) -> subprocess.CompletedProcess:
+    """Run a Flower command to completion, capturing its output for the assertions."""
+    return subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False
+    )

@@ -1,0 +1,88 @@
+"""Real ``flwr run`` simulations of the tiny default: 3 hospitals, 2 rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from tests.integration.flower_processes import BIN, flower_env, run, stop_processes
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# Small enough for 2 CPU cores, large enough for the loss to fall within 2 rounds.
+TINY = [
+    "federation.rounds=2",
+    "train.local_epochs=2",
+    "train.batch_size=16",
+    "train.warmup_epochs=0.5",
+    "train.lr=1e-3",
+    "data.hospitals.hospital_a.num_images=60",
+    "data.hospitals.hospital_b.num_images=60",
+    "data.hospitals.hospital_c.num_images=60",
+]
+
+
+@pytest.fixture
+def flwr_home(tmp_path):
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    yield home
+    stop_processes(str(home))
+
+
+def test_simulated_federation_trains_checkpoints_and_records(flwr_home, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(
+        [str(BIN / "w3s-simulate"), *TINY, f"output_dir={run_dir}"],
+        env=flower_env(flwr_home),
+        timeout_s=900,
+        cwd=tmp_path,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["replies"] == 3 and not r["failed_nodes"] and not r["rejected"] for r in rows)
+    assert set(rows[0]["hospitals"]) == {"hospital_a", "hospital_b", "hospital_c"}
+    assert rows[1]["train"]["train-loss"] < rows[0]["train"]["train-loss"]
+    for key in ("val-map", "val-accuracy", "val-loc-miou", "val-loc-threshold"):
+        assert key in rows[1]["evaluate"]
+
+    final = load_checkpoint(run_dir / "final_model.pt")
+    latest = load_checkpoint(run_dir / "checkpoints" / "round_002.pt")
+    assert final["round"] == 2 and latest["round"] == 2
+    assert final["classes"] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+    for key, tensor in final["state_dict"].items():
+        assert torch.equal(tensor, latest["state_dict"][key])
+        assert torch.isfinite(tensor).all()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "round_001.pt",
+        "round_002.pt",
+    ]
+    assert f"run directory: {run_dir}" in log
+    assert log.rstrip().splitlines()[-1].endswith(f"final model: {run_dir / 'final_model.pt'}")
+
+
+def test_bare_flwr_run_with_too_few_nodes_fails_clearly(flwr_home, tmp_path):
+    result = run(
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO),
+            "--stream",
+            "--run-config",
+            f"overrides='output_dir={tmp_path / 'run'} federation.wait_for_nodes_s=5'",
+        ],
+        env=flower_env(flwr_home),
+        timeout_s=300,
+        cwd=tmp_path,
+    )
+    log = result.stdout + result.stderr
+    assert "num-supernodes=3" in log, log[-4000:]
+    assert not (tmp_path / "run" / "final_model.pt").exists()

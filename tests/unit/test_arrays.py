@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from common.arrays import (
+    array_specs,
+    check_update,
+    to_array_record,
+    to_state_dict,
+    weighted_average,
+)
+
+
+def _reply(arrays: dict[str, np.ndarray], weight) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": weight, "train-loss": 1.0}),
+        }
+    )
+
+
+@pytest.fixture
+def reference() -> dict:
+    sd = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "steps": torch.zeros((), dtype=torch.int64)}
+    return array_specs(to_array_record(sd))
+
+
+def _good() -> dict[str, np.ndarray]:
+    return {
+        "w": np.ones((2, 3), np.float32),
+        "b": np.ones(3, np.float32),
+        "steps": np.array(4, np.int64),
+    }
+
+
+def test_round_trip_is_bit_exact():
+    sd = {"a": torch.randn(4, 5), "n": torch.arange(3)}
+    back = to_state_dict(to_array_record(sd))
+    assert list(back) == ["a", "n"]
+    assert torch.equal(back["a"], sd["a"]) and back["n"].dtype == torch.int64
+
+
+def test_sound_reply_passes(reference):
+    assert check_update(_reply(_good(), 10), reference) is None
+
+
+@pytest.mark.parametrize(
+    ("mutate", "weight", "needle"),
+    [
+        (lambda a: a.update(w=np.full((2, 3), np.nan, np.float32)), 10, "NaN or Inf"),
+        (lambda a: a.update(b=np.array([np.inf, 0, 0], np.float32)), 10, "NaN or Inf"),
+        (lambda a: a.update(b=np.ones(1, np.float32)), 10, "shape (1,)"),
+        (lambda a: a.update(w=np.ones((3, 2), np.float32)), 10, "shape (3, 2)"),
+        (lambda a: a.update(w=np.ones((2, 3), np.float64)), 10, "dtype float64"),
+        (lambda a: a.pop("b"), 10, "missing ['b']"),
+        (lambda a: a.update(extra=np.ones(1, np.float32)), 10, "extra ['extra']"),
+        (lambda a: None, 0, "positive"),
+        (lambda a: None, -3, "positive"),
+        (lambda a: None, float("nan"), "positive"),
+        (lambda a: None, [1, 2], "not a number"),
+    ],
+)
+def test_bad_reply_is_named(reference, mutate, weight, needle):
+    arrays = _good()
+    mutate(arrays)
+    reason = check_update(_reply(arrays, weight), reference)
+    assert reason is not None and needle in reason
+
+
+def test_missing_weight_and_extra_records(reference):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in _good().items()}),
+            "metrics": MetricRecord({"train-loss": 1.0}),
+        }
+    )
+    assert "num-examples" in check_update(content, reference)
+    content["more"] = ArrayRecord({k: Array(v) for k, v in _good().items()})
+    assert "one ArrayRecord" in check_update(content, reference)
+
+
+def test_weighted_average_matches_hand_computation(reference):
+    a, b = _good(), _good()
+    b["w"] = np.full((2, 3), 4.0, np.float32)
+    b["steps"] = np.array(8, np.int64)
+    avg = to_state_dict(weighted_average([_reply(a, 1), _reply(b, 3)], reference))
+    assert torch.allclose(avg["w"], torch.full((2, 3), (1 * 1 + 3 * 4) / 4))
+    assert avg["w"].dtype == torch.float32
+    assert avg["steps"].dtype == torch.int64 and int(avg["steps"]) == 7

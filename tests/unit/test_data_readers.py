@@ -1,0 +1,250 @@
+"""Readers (zxaoyou on the real data, raabin and class_folders on small trees), splits, tensors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from common.config import compose_config
+from common.data import (
+    BACKGROUND,
+    CYTOPLASM,
+    NUCLEUS,
+    DataVerificationError,
+    hospital_names,
+    hospital_split,
+    load_hospital,
+    split_indices,
+    split_tensors,
+    verify_data,
+)
+from common.data.readers import MATEK19_CLASSES
+
+REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
+FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+
+
+@pytest.fixture(scope="module")
+def real_cfg():
+    if not REAL_ROOT.is_dir():
+        pytest.skip(f"real zxaoyou data not found at {REAL_ROOT}")
+    return compose_config(["data=wbc_zxaoyou", f"data.root={REAL_ROOT}"]).data
+
+
+def data_cfg(hospitals: dict, classes: list[str] = FIVE, seed: int = 0):
+    return OmegaConf.create(
+        {
+            "classes": classes,
+            "split": {"seed": seed, "fractions": [0.6, 0.2, 0.2]},
+            "hospitals": hospitals,
+        }
+    )
+
+
+def grey_mask(height: int, width: int) -> np.ndarray:
+    """A 0/128/255 mask: a centred cell with a nucleus, as the datasets store them."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    dist = np.hypot(yy - height / 2, xx - width / 2)
+    mask = np.zeros((height, width), np.uint8)
+    mask[dist < min(height, width) * 0.4] = 128
+    mask[dist < min(height, width) * 0.2] = 255
+    return mask
+
+
+def write_image(path: Path, height: int, width: int, mode: str = "RGB", seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = len(mode)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), np.uint8)
+    Image.fromarray(pixels, mode).save(path)
+
+
+# ---- zxaoyou, on the real data ----
+
+REAL_COUNTS = {
+    "dataset1": (151, {"neutrophil": 88, "lymphocyte": 27, "monocyte": 24, "eosinophil": 11,
+                       "basophil": 1}),
+    "dataset2": (52, {"neutrophil": 17, "lymphocyte": 19, "monocyte": 8, "eosinophil": 6,
+                      "basophil": 2}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["dataset1", "dataset2"])
+def test_zxaoyou_real_counts_and_masks(real_cfg, name):
+    data = load_hospital(real_cfg, name)
+    count, classes = REAL_COUNTS[name]
+    assert len(data) == len(data.labels) == len(data.masks) == len(data.sample_ids) == count
+    assert data.labels.dtype == np.int64
+    assert Counter(data.classes[i] for i in data.labels) == classes
+    with_both = 0
+    for image, mask in zip(data.images, data.masks, strict=True):
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+        assert set(np.unique(mask)) <= {BACKGROUND, CYTOPLASM, NUCLEUS}
+        with_both += bool((mask == CYTOPLASM).any() and (mask == NUCLEUS).any())
+    assert with_both >= 0.9 * count
+    subset = "Dataset 1" if name == "dataset1" else "Dataset 2"
+    assert all(sid.startswith(f"{subset}/") and sid.endswith(".bmp") for sid in data.sample_ids)
+
+
+def test_real_data_verifies_clean_and_load_is_cached(real_cfg):
+    assert hospital_names(real_cfg) == ["dataset1", "dataset2"]
+    assert verify_data(real_cfg) == []
+    first = load_hospital(real_cfg, "dataset2")
+    assert load_hospital(real_cfg, "dataset2") is first
+    assert not first.images[0].flags.writeable, "cached arrays are shared, so read-only"
+
+
+def test_relative_root_resolves_against_cwd(real_cfg, monkeypatch):
+    monkeypatch.chdir(REAL_ROOT.parent)
+    cfg = compose_config(["data=wbc_zxaoyou", f"data.root={REAL_ROOT.name}"]).data
+    assert len(load_hospital(cfg, "dataset2")) == 52
+
+
+def test_zxaoyou_class_map_override(real_cfg):
+    cfg = OmegaConf.create(OmegaConf.to_container(real_cfg))  # composed configs are struct
+    cfg.hospitals.dataset2.class_map = {5: "eosinophil"}  # basophils relabelled; ids are ints
+    data = load_hospital(cfg, "dataset2")
+    assert Counter(data.classes[i] for i in data.labels)["eosinophil"] == 6 + 2
+
+
+# ---- raabin and class_folders, on trees written here ----
+
+
+def test_raabin_reader(tmp_path):
+    for cls, count in [("Neutrophil", 3), ("basophil", 2)]:
+        for i in range(count):
+            image = tmp_path / "GrTh/Original" / cls / f"{i}.jpg"
+            write_image(image, 60, 64, seed=i)
+            mask = tmp_path / "GrTh/Ground Truth" / cls / f"{i}.jpg"
+            mask.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grey_mask(60, 64)).save(mask, quality=75)
+    cfg = data_cfg({"raabin": {"format": "raabin", "root": str(tmp_path)}})
+    assert verify_data(cfg) == []
+    data = load_hospital(cfg, "raabin")
+    assert Counter(data.classes[i] for i in data.labels) == {"neutrophil": 3, "basophil": 2}
+    expected = grey_mask(60, 64) // 100  # 0, 128, 255 -> 0, 1, 2
+    for image, mask in zip(data.images, data.masks, strict=True):
+        assert image.shape == (60, 64, 3) and mask.shape == (60, 64)
+        assert set(np.unique(mask)) <= {0, 1, 2}
+        assert (mask == expected).mean() > 0.97, "grey thresholds tolerate JPEG noise"
+    assert data.sample_ids[0] == "GrTh/Original/Neutrophil/0.jpg"
+
+
+def test_class_folders_matek_rgba_tiff(tmp_path):
+    root = tmp_path / "AML-Cytomorphology"
+    for cls in ["BAS", "NGS", "MYO"]:
+        for i in range(2):
+            write_image(root / cls / f"{cls}_{i:04d}.tiff", 40, 40, mode="RGBA", seed=i)
+    (root / "annotations.dat").write_text("not an image\n")
+    classes = list(dict.fromkeys(MATEK19_CLASSES.values()))
+    spec = {"format": "class_folders", "root": str(root), "class_map": "matek19"}
+    cfg = data_cfg({"matek": spec}, classes=classes)
+    data = load_hospital(cfg, "matek")
+    assert data.masks is None
+    assert all(image.shape == (40, 40, 3) for image in data.images), "RGBA read as RGB"
+    names = Counter(data.classes[i] for i in data.labels)
+    assert names == {"basophil": 2, "neutrophil": 2, "myeloblast": 2}
+
+
+def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for cls in ["Neutrophil", "mono"]:
+        for i in range(2):
+            write_image(images / cls / "patient1" / f"{i}.JPG", 30, 36, seed=i)
+            (masks / cls / "patient1").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grey_mask(30, 36)).save(masks / cls / "patient1" / f"{i}.png")
+    spec = {
+        "format": "class_folders",
+        "root": str(images),
+        "mask_root": str(masks),
+        "class_map": {"mono": "monocyte"},
+        "extensions": [".jpg"],
+    }
+    data = load_hospital(data_cfg({"int20": spec}), "int20")
+    assert Counter(data.classes[i] for i in data.labels) == {"neutrophil": 2, "monocyte": 2}
+    assert data.masks is not None and all(m.shape == (30, 36) for m in data.masks)
+
+
+# ---- splits ----
+
+
+def test_split_indices_stratified_disjoint_covering_deterministic():
+    labels = np.repeat(np.arange(5), [100, 30, 20, 5, 3])
+    splits = split_indices(labels, seed=7, fractions=[0.6, 0.2, 0.2])
+    assert list(splits) == ["train", "val", "test"]
+    joined = np.concatenate(list(splits.values()))
+    assert len(joined) == len(labels) and set(joined) == set(range(len(labels)))
+    for cls, count in enumerate([100, 30, 20, 5, 3]):
+        per_split = [int((labels[idx] == cls).sum()) for idx in splits.values()]
+        assert min(per_split) >= 1, "every class with >= 3 images is in every split"
+        assert abs(per_split[0] - 0.6 * count) <= 1.5
+    assert all(idx.dtype == np.int64 for idx in splits.values())
+    again = split_indices(labels, seed=7, fractions=[0.6, 0.2, 0.2])
+    assert all(np.array_equal(again[k], splits[k]) for k in splits)
+    other = split_indices(labels, seed=8, fractions=[0.6, 0.2, 0.2])
+    assert not np.array_equal(other["train"], splits["train"])
+
+
+def test_split_indices_default_fractions_and_rare_classes():
+    labels = np.array([0] * 50 + [1, 2, 2])
+    splits = split_indices(labels, seed=0)
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [32, 11, 10]
+    assert 50 in splits["train"], "a single image goes to train"
+    with pytest.raises(ValueError, match="three split fractions"):
+        split_indices(labels, seed=0, fractions=[0.5, 0.5])
+
+
+def test_hospital_split_matches_split_indices(real_cfg):
+    data = load_hospital(real_cfg, "dataset1")
+    expected = split_indices(data.labels, real_cfg.split.seed, real_cfg.split.fractions)
+    for split in ("train", "val", "test"):
+        part = hospital_split(real_cfg, "dataset1", split)
+        assert part.sample_ids == [data.sample_ids[i] for i in expected[split]]
+        assert np.array_equal(part.labels, data.labels[expected[split]])
+    with pytest.raises(ValueError, match="unknown split"):
+        hospital_split(real_cfg, "dataset1", "holdout")
+
+
+# ---- tensors ----
+
+
+def test_split_tensors_shapes_values_and_cache():
+    cfg = data_cfg(
+        {"h": {"format": "synthetic", "domain": "b", "num_images": 30, "image_size": 48, "seed": 5}}
+    )
+    train = split_tensors(cfg, "h", "train", 32)
+    assert train.images.shape == (len(train), 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64 and train.labels.shape == (len(train),)
+    assert train.masks is not None and train.masks.shape == (len(train), 32, 32)
+    assert train.masks.dtype == torch.uint8
+    assert set(train.masks.unique().tolist()) == {0, 1, 2}
+    assert split_tensors(cfg, "h", "train", 32) is train
+    sizes = [len(split_tensors(cfg, "h", split, 32)) for split in ("train", "val", "test")]
+    assert sum(sizes) == 30
+
+
+def test_split_tensors_mixed_sizes_real(real_cfg):
+    # Dataset 1 mixes 120x120, 112x116, ... crops: all come out square.
+    test = split_tensors(real_cfg, "dataset1", "test", 64)
+    assert test.images.shape[1:] == (3, 64, 64) and test.masks.shape[1:] == (64, 64)
+    assert set(test.masks.unique().tolist()) <= {0, 1, 2}
+
+
+def test_split_tensors_without_masks(tmp_path):
+    for cls in FIVE:
+        for i in range(3):
+            write_image(tmp_path / cls / f"{i}.png", 20, 24, seed=i)
+    cfg = data_cfg({"h": {"format": "class_folders", "root": str(tmp_path)}})
+    val = split_tensors(cfg, "h", "val", 16)
+    assert val.masks is None and val.images.shape == (5, 3, 16, 16)
+
+
+def test_load_unknown_hospital_raises_with_report():
+    with pytest.raises(DataVerificationError, match="no hospital of this name"):
+        load_hospital(data_cfg({}), "nowhere")

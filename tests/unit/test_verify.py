@@ -1,0 +1,180 @@
+"""Verification: every broken file is reported in one pass, by name and kind; the CLI exit codes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image, ImageFile
+
+from common.config import compose_config
+from common.data import DataVerificationError, load_hospital, verify_data
+from common.data.verify import main
+
+REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
+FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+
+
+@pytest.fixture
+def broken_tree(tmp_path):
+    """Copy nine real Dataset 1 samples and break seven of them, each in its own way."""
+    if not REAL_ROOT.is_dir():
+        pytest.skip(f"real zxaoyou data not found at {REAL_ROOT}")
+    source, target = REAL_ROOT / "Dataset 1", tmp_path / "Dataset 1"
+    target.mkdir()
+    ids = sorted(int(p.stem) for p in source.glob("*.bmp"))[:9]
+    for i in ids:
+        for suffix in (".bmp", ".png"):
+            shutil.copy(source / f"{i:03d}{suffix}", target / f"{i:03d}{suffix}")
+    names = [f"{i:03d}" for i in ids]
+    truncated, empty, unlabelled, class9, small_mask, no_mask, bad_mask = names[:7]
+    data = (target / f"{truncated}.bmp").read_bytes()
+    (target / f"{truncated}.bmp").write_bytes(data[: len(data) // 2])
+    (target / f"{empty}.bmp").write_bytes(b"")
+    Image.open(target / f"{small_mask}.png").resize((50, 50)).save(target / f"{small_mask}.png")
+    (target / f"{no_mask}.png").unlink()
+    (target / f"{bad_mask}.png").write_bytes(b"not a png at all")
+    rows = [f"{i},{9 if f'{i:03d}' == class9 else 1}" for i in ids if f"{i:03d}" != unlabelled]
+    rows.append("999,2")  # a label row whose image is missing
+    labels = "image ID,class label\r\n" + "\r\n".join(rows) + "\r\n"
+    (tmp_path / "Class Labels of Dataset 1.csv").write_text(labels)
+    expected = {
+        (f"{truncated}.bmp", "truncated_image"),
+        (f"{empty}.bmp", "unreadable_image"),
+        (f"{unlabelled}.bmp", "missing_label"),
+        (f"{class9}.bmp", "unknown_class"),
+        (f"{small_mask}.png", "mask_size_mismatch"),
+        (f"{no_mask}.bmp", "missing_mask"),
+        (f"{bad_mask}.png", "unreadable_mask"),
+        ("999.bmp", "unreadable_image"),
+    }
+    return tmp_path, expected
+
+
+def zxaoyou_cfg(root: Path):
+    return compose_config(["data=wbc_zxaoyou", f"data.root={root}"]).data
+
+
+def test_verify_reports_every_problem_in_one_call(broken_tree):
+    root, expected = broken_tree
+    problems = verify_data(zxaoyou_cfg(root), ["dataset1"])
+    assert {(Path(p.path).name, p.kind) for p in problems} == expected
+    assert all(p.hospital == "dataset1" and Path(p.path).is_absolute() for p in problems)
+    class9 = next(p for p in problems if p.kind == "unknown_class")
+    assert "'9'" in class9.detail and "row" in class9.detail
+    missing = next(p for p in problems if Path(p.path).name == "999.bmp")
+    assert "listed in labels but file missing" in missing.detail
+
+
+def test_truncation_is_reported_even_if_pil_was_told_to_pad(broken_tree, monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries do
+    root, expected = broken_tree
+    problems = verify_data(zxaoyou_cfg(root), ["dataset1"])
+    assert {(Path(p.path).name, p.kind) for p in problems} == expected
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "the caller's setting is restored"
+
+
+def test_load_hospital_raises_with_the_full_report(broken_tree):
+    root, expected = broken_tree
+    with pytest.raises(DataVerificationError) as caught:
+        load_hospital(zxaoyou_cfg(root), "dataset1")
+    error = caught.value
+    assert {(Path(p.path).name, p.kind) for p in error.problems} == expected
+    for name, kind in expected:
+        assert name in str(error) and kind in str(error)
+    assert str(root) not in error.redacted() and "truncated_image" in error.redacted()
+
+
+def test_main_returns_1_and_prints_every_problem(broken_tree, capsys):
+    root, expected = broken_tree
+    assert main(["data=wbc_zxaoyou", f"data.root={root}"]) == 1
+    out = capsys.readouterr().out
+    for name, kind in expected:
+        assert any(name in line and kind in line for line in out.splitlines()), (name, kind)
+    assert "Dataset 2" in out and "missing_root" in out, "the absent second subset is reported"
+
+
+def test_main_on_clean_real_data_returns_0(capsys):
+    if not REAL_ROOT.is_dir():
+        pytest.skip(f"real zxaoyou data not found at {REAL_ROOT}")
+    assert main(["data=wbc_zxaoyou", f"data.root={REAL_ROOT}"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset1: 151 usable images, masks: yes, ok" in out
+    assert "neutrophil 17, lymphocyte 19, monocyte 8, eosinophil 6, basophil 2" in out
+
+
+def test_main_on_default_synthetic_returns_0(capsys):
+    assert main([]) == 0
+    assert "hospital_c: 160 usable images" in capsys.readouterr().out
+
+
+def test_main_without_argv_exits_with_the_code(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["w3s-verify", "data=wbc_zxaoyou", f"data.root={tmp_path}"])
+    with pytest.raises(SystemExit) as caught:
+        main()
+    assert caught.value.code == 1
+
+
+def test_main_bad_override_returns_2(capsys):
+    assert main(["data=no_such_dataset"]) == 2
+    assert "invalid configuration" in capsys.readouterr().err
+
+
+def class_folders_cfg(root: Path, **extra):
+    spec = {"format": "class_folders", "root": str(root), **extra}
+    return OmegaConf.create({"classes": FIVE, "hospitals": {"h": spec}})
+
+
+def test_class_folders_empty_hospital_and_wrong_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    [problem] = verify_data(class_folders_cfg(empty))
+    assert (problem.kind, problem.path) == ("empty_hospital", str(empty))
+
+    tree = tmp_path / "tree"
+    for folder in ("Neutrophil", "Neutrophils", "promyelocyte"):
+        (tree / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / folder / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / "loose.png")
+    problems = verify_data(class_folders_cfg(tree))
+    found = {(Path(p.path).name, p.kind) for p in problems}
+    assert found == {
+        ("Neutrophils", "unknown_class"),
+        ("promyelocyte", "unknown_class"),
+        ("loose.png", "missing_label"),
+    }
+    assert all("neutrophil" in p.detail for p in problems if p.kind == "unknown_class")
+
+
+def test_config_problems_are_collected_not_raised(tmp_path):
+    cfg = OmegaConf.create(
+        {
+            "classes": FIVE,
+            "hospitals": {
+                "gone": {"format": "class_folders", "root": str(tmp_path / "nope")},
+                "typo": {"format": "class_folders", "root": str(tmp_path), "mask_rot": "x"},
+                "odd": {"format": "dicom", "root": str(tmp_path)},
+                "named": {"format": "class_folders", "root": str(tmp_path), "class_map": "matek"},
+                "synth": {"format": "synthetic", "domain": "q", "num_images": 4,
+                          "image_size": 32, "seed": 0},
+            },
+        }
+    )  # fmt: skip
+    by_hospital = {p.hospital: p for p in verify_data(cfg)}
+    assert by_hospital["gone"].kind == "missing_root"
+    assert by_hospital["gone"].path == str(tmp_path / "nope")
+    assert "mask_rot" in by_hospital["typo"].detail
+    assert "dicom" in by_hospital["odd"].detail
+    assert "matek" in by_hospital["named"].detail
+    assert "domain" in by_hospital["synth"].detail
+    assert {p.kind for p in by_hospital.values()} - {"missing_root"} == {"bad_config"}
+
+
+@pytest.mark.parametrize("dataset", ["raabin", "matek19"])
+def test_dataset_configs_compose_and_report_missing_root(dataset, tmp_path):
+    cfg = compose_config([f"data={dataset}", f"data.root={tmp_path / 'absent'}"]).data
+    problems = verify_data(cfg)
+    assert [(p.kind, p.path) for p in problems] == [("missing_root", str(tmp_path / "absent"))]
