@@ -66,8 +66,7 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
     except DataVerificationError as error:
         log.error("%s", error)
         raise HospitalDataError(
-            f"hospital '{name}': {len(error.problems)} data problem(s); "
-            "run w3s-verify at this site for the list"
+            f"{error.redacted()}; run w3s-verify at this site for the list"
         ) from None
 
 

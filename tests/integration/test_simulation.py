@@ -66,7 +66,8 @@ def test_simulated_federation_trains_checkpoints_and_records(flwr_home, tmp_path
         "round_002.pt",
     ]
     assert f"run directory: {run_dir}" in log
-    assert log.rstrip().splitlines()[-1].endswith(f"final model: {run_dir / 'final_model.pt'}")
+    server_lines = [line for line in log.splitlines() if "server_app" in line]
+    assert server_lines[-1].endswith(f"final model: {run_dir / 'final_model.pt'}")
 
 
 def test_bare_flwr_run_with_too_few_nodes_fails_clearly(flwr_home, tmp_path):
