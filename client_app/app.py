@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shlex
 from functools import cache
 
 import torch
@@ -33,7 +34,11 @@ def _config(overrides: str) -> DictConfig:
 
 
 def _hospital(context: Context, cfg: DictConfig) -> tuple[int, str]:
-    """Which configured hospital this node is: ``hospital`` in node config, else partition-id."""
+    """Which configured hospital this node is: ``hospital`` in node config, else partition-id.
+
+    A deployed SuperNode names itself (``--node-config 'hospital="dataset1" ...'``); a
+    simulated one only knows its partition-id, which indexes the configured hospital list.
+    """
     names = hospital_names(cfg.data)
     node_config = context.node_config
     if "hospital" in node_config:
@@ -52,9 +57,18 @@ def _hospital(context: Context, cfg: DictConfig) -> tuple[int, str]:
 
 
 def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFormerV2]:
+    """Compose this node's config: the run's overrides, plus its own data root when deployed.
+
+    The run config comes from the server side and is the same for every hospital; only a
+    SuperNode's ``data-root`` node config says where this hospital's images are on its disk.
+    """
     setup_logging()
-    cfg = _config(str(context.run_config["overrides"]))
+    overrides = str(context.run_config["overrides"])
+    cfg = _config(overrides)
     index, name = _hospital(context, cfg)
+    if "data-root" in context.node_config:
+        root = str(context.node_config["data-root"])
+        cfg = _config(f"{overrides} {shlex.quote(f'data.hospitals.{name}.root={root}')}")
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
     model.load_state_dict(to_state_dict(msg.content["arrays"]))
     return cfg, index, name, model
