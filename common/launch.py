@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     # Installing the app's dependencies per run (Flower's default) would re-download torch.
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # flwr starts flower-superlink by name: find this environment's even when not activated.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp:
         run_config = Path(tmp) / "run_config.toml"
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")

@@ -1,33 +1,371 @@
-"""Class localization maps from the MCT model: class-attention x patch-CAM (method.md section 1)."""
+"""Class localization maps from the MCT model: class-attention x patch-CAM (method.md section 1).
+
+The reference generates, per image and present class: the class-to-patch attention summed over
+the last K layers, times ReLU(patch-CAM); one matrix product with the patch-to-patch attention
+summed over all layers; bilinear upsampling to image size; the sum over scales x {image, hflip};
+masking by the image's labels; min-max per class. Where the FL-W3S text and the code disagree
+(min-max of the factors before the product, mean instead of sum over layers), both are options
+of :class:`MapSettings`; the defaults are the code's.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.model import MCTOutput
+from common.augment import normalise
+from common.imaging import resize_images
+from common.model import MCTFormerV2, MCTOutput
+from common.progress import Progress
+
+log = logging.getLogger(__name__)
+
+MapSource = Literal["fused", "class_attention", "patch_cam"]
+LayerReduce = Literal["sum", "mean"]
 
 
-def fused_maps(output: MCTOutput, last_k_layers: int) -> torch.Tensor:
-    """Class-to-patch attention summed over the last K layers times ReLU(patch-CAM), (B, C, h, w).
+def _reduce_layers(layers: Sequence[torch.Tensor], reduce: LayerReduce) -> torch.Tensor:
+    stacked = torch.stack(list(layers))
+    if reduce == "sum":
+        return stacked.sum(0)
+    if reduce == "mean":
+        return stacked.mean(0)
+    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
 
-    A sum, not a mean, as in the reference code: the min-max that follows removes the scale.
+
+def _minmax_per_map(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max every (image, class) map over its last two dims into [0, 1]."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    high = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - low) / (high - low + 1e-8)
+
+
+def fused_maps(
+    output: MCTOutput,
+    last_k_layers: int,
+    *,
+    source: MapSource = "fused",
+    reduce: LayerReduce = "sum",
+    minmax_factors: bool = False,
+) -> torch.Tensor:
+    """Class-to-patch attention over the last K layers times ReLU(patch-CAM), (B, C, h, w).
+
+    Parameters
+    ----------
+    output
+        Model output of ``forward(..., return_attention=True)``.
+    last_k_layers
+        K; the reference generates with 3.
+    source
+        ``"fused"`` (the product), ``"class_attention"`` or ``"patch_cam"`` alone, as the
+        reference's ``--attention-type`` allows; single factors show which one localizes.
+    reduce
+        ``"sum"`` over layers (reference code; the later min-max removes the scale) or
+        ``"mean"`` (MCTformer+).
+    minmax_factors
+        Min-max each factor per image and class before the product, as the FL-W3S text
+        describes; the reference code multiplies the raw factors.
+
+    Returns
+    -------
+    torch.Tensor
+        Raw maps on the patch grid, not yet upsampled, masked or normalised.
     """
     if output.attentions is None:
         raise ValueError("fused_maps needs the model output of forward(..., return_attention=True)")
+    if not 1 <= last_k_layers <= len(output.attentions):
+        raise ValueError(f"last_k_layers={last_k_layers} outside 1..{len(output.attentions)}")
     b, c, h, w = output.patch_cam.shape
-    attention = torch.stack(output.attentions[-last_k_layers:]).sum(0)
-    class_to_patch = attention[:, :c, c:].reshape(b, c, h, w)
-    return class_to_patch * F.relu(output.patch_cam)
+    attention = _reduce_layers(output.attentions[-last_k_layers:], reduce)
+    class_attention = attention[:, :c, c:].reshape(b, c, h, w)
+    patch_cam = F.relu(output.patch_cam)
+    if source == "class_attention":
+        return class_attention
+    if source == "patch_cam":
+        return patch_cam
+    if source != "fused":
+        raise ValueError(f"source must be fused, class_attention or patch_cam, got {source!r}")
+    if minmax_factors:
+        class_attention, patch_cam = _minmax_per_map(class_attention), _minmax_per_map(patch_cam)
+    return class_attention * patch_cam
+
+
+def patch_affinity(
+    attentions: Sequence[torch.Tensor], num_classes: int, reduce: LayerReduce = "sum"
+) -> torch.Tensor:
+    """Patch-to-patch attention over all layers, P (B, N, N): raw softmax rows, not symmetrised.
+
+    Parameters
+    ----------
+    attentions
+        Per-layer head-mean attention (B, T, T), class tokens first.
+    num_classes
+        C, the number of class tokens to drop.
+    reduce
+        ``"sum"`` (reference) or ``"mean"`` over the layers.
+
+    Returns
+    -------
+    torch.Tensor
+        P[b, p, q]: how much patch p attends to patch q.
+    """
+    return _reduce_layers([a[:, num_classes:, num_classes:] for a in attentions], reduce)
+
+
+def refine_maps(maps: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
+    """Propagate maps along the patch affinity: refined[c, p] = sum_q P[p, q] maps[c, q].
+
+    One matrix product, exactly the reference's ``--patch-attn-refine`` and the FL-W3S formula.
+
+    Parameters
+    ----------
+    maps
+        (B, C, h, w) on the patch grid.
+    affinity
+        (B, N, N) with N = h*w, from :func:`patch_affinity`.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, C, h, w) refined maps.
+    """
+    b, c, h, w = maps.shape
+    if affinity.shape != (b, h * w, h * w):
+        raise ValueError(f"affinity {tuple(affinity.shape)} does not fit maps {tuple(maps.shape)}")
+    return (maps.flatten(2) @ affinity.transpose(1, 2)).reshape(b, c, h, w)
+
+
+def upsample_masked(maps: torch.Tensor, size: Sequence[int], present: torch.Tensor) -> torch.Tensor:
+    """Bilinearly upsample (B, C, h, w) maps to ``size`` and zero the classes not present."""
+    maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return maps * present[:, :, None, None].to(maps.dtype)
+
+
+def minmax_present(maps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Min-max each present class into [0, 1] as (x - min) / (max - min + 1e-8); absent stay 0."""
+    return _minmax_per_map(maps) * present[:, :, None, None].to(maps.dtype)
 
 
 def normalise_maps(
     maps: torch.Tensor, size: tuple[int, int], present: torch.Tensor
 ) -> torch.Tensor:
     """Upsample to image size, zero absent classes, min-max each present class into [0, 1]."""
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    maps = maps * present[:, :, None, None].to(maps.dtype)
-    low = maps.amin(dim=(2, 3), keepdim=True)
-    high = maps.amax(dim=(2, 3), keepdim=True)
-    maps = (maps - low) / (high - low + 1e-8)
-    return maps * present[:, :, None, None].to(maps.dtype)
+    return minmax_present(upsample_masked(maps, size, present), present)
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How maps are generated; the defaults reproduce the reference code (method.md section 1).
+
+    Attributes
+    ----------
+    last_k_layers, source, reduce, minmax_factors
+        See :func:`fused_maps`; ``reduce`` also applies to the refinement's layer sum.
+    refine
+        Apply :func:`refine_maps` with the all-layer patch affinity.
+    scales
+        Input scales relative to ``input_size``; each runs on the image and its flip (if
+        ``hflip``), and the upsampled maps are summed.
+    hflip
+        Add the horizontally flipped pass of every scale (flipped back before the sum).
+    input_size
+        Side the images are resized to before the scales apply; ``None`` is the model's
+        training size. The reference runs at full resolution; a model trained on resized crops
+        sees cells at the scale it learnt only at its training size.
+    """
+
+    last_k_layers: int = 3
+    source: MapSource = "fused"
+    reduce: LayerReduce = "sum"
+    minmax_factors: bool = False
+    refine: bool = True
+    scales: tuple[float, ...] = (1.0,)
+    hflip: bool = True
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"localization.scales must be positive and non-empty: {self.scales}")
+        if self.last_k_layers < 1:
+            raise ValueError(f"localization.last_k_layers must be >= 1, got {self.last_k_layers}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> MapSettings:
+        """Build from the ``localization`` config node."""
+        values = dict(cfg)
+        values["scales"] = tuple(float(s) for s in values.get("scales", cls.scales))
+        return cls(**values)
+
+    def side(self, model: MCTFormerV2, scale: float) -> int:
+        """Input side for ``scale``, rounded to a multiple of the patch size (at least one)."""
+        base = self.input_size or model.img_size
+        return max(round(base * scale / model.patch_size), 1) * model.patch_size
+
+
+@dataclass
+class MapBatch:
+    """Maps of one batch of images.
+
+    Attributes
+    ----------
+    maps
+        One (C, H, W) float32 tensor per image at its own size, in [0, 1], zero for classes
+        the image does not have.
+    affinity
+        (B, N, N) patch affinity P of the first scale's unflipped pass; the transformer's own
+        affinity for the ``attn_rw`` pseudo-masks.
+    grid
+        (h, w) patch grid that ``affinity`` lives on.
+    """
+
+    maps: list[torch.Tensor]
+    affinity: torch.Tensor
+    grid: tuple[int, int]
+
+
+@torch.no_grad()
+def batch_maps(
+    model: MCTFormerV2,
+    images: torch.Tensor,
+    present: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    settings: MapSettings,
+) -> MapBatch:
+    """Generate the maps of a batch, vectorised over images, scales and flips.
+
+    Parameters
+    ----------
+    model
+        The trained model, in eval mode, on the device of ``images``.
+    images
+        (B, 3, S, S) ImageNet-normalised float images at ``settings.side(model, 1.0)``.
+    present
+        (B, C) 0/1 image labels; the maps of other classes are zeroed (reference step 2).
+    sizes
+        Native (H, W) of each image, the size its maps are returned at.
+    settings
+        Generation options.
+
+    Returns
+    -------
+    MapBatch
+        Per-image maps and the first pass's patch affinity.
+    """
+    passes: list[torch.Tensor] = []
+    affinities: list[torch.Tensor] = []
+    for scale in settings.scales:
+        side = settings.side(model, scale)
+        scaled = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+        batch = torch.cat([scaled, scaled.flip(-1)]) if settings.hflip else scaled
+        output = model(batch, return_attention=True)
+        maps = fused_maps(
+            output,
+            settings.last_k_layers,
+            source=settings.source,
+            reduce=settings.reduce,
+            minmax_factors=settings.minmax_factors,
+        )
+        affinity = patch_affinity(output.attentions or [], model.num_classes, settings.reduce)
+        if settings.refine:
+            maps = refine_maps(maps, affinity)
+        if settings.hflip:
+            plain, flipped = maps.chunk(2)
+            passes += [plain, flipped.flip(-1)]
+        else:
+            passes.append(maps)
+        affinities.append(affinity[: len(images)])
+    present = present.to(images.device)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, size in enumerate(sizes):
+        by_size[tuple(size)].append(index)
+    for size, indices in by_size.items():
+        keep = present[indices]
+        summed = sum(upsample_masked(p[indices], size, keep) for p in passes)
+        for index, maps in zip(indices, minmax_present(summed, keep), strict=True):
+            out[index] = maps.float().cpu()
+    grid = (passes[0].shape[-2], passes[0].shape[-1])
+    return MapBatch(out, affinities[0].float().cpu(), grid)
+
+
+def generate_maps(
+    model: MCTFormerV2,
+    images: Sequence[np.ndarray],
+    labels: Sequence[int] | np.ndarray,
+    settings: MapSettings,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int]]:
+    """Maps of every image of a split, in batches, with a progress log.
+
+    Parameters
+    ----------
+    model
+        The trained model.
+    images
+        Native HxWx3 uint8 images of any sizes.
+    labels
+        One class index per image (the weak label every image has).
+    settings
+        Generation options.
+    device
+        Where the model runs.
+    batch_size
+        Images per forward pass (times two with flips, times the number of scales).
+
+    Returns
+    -------
+    tuple
+        Per-image (C, H, W) maps, per-image (N, N) patch affinities, and the patch grid.
+    """
+    model.to(device).eval()
+    side = settings.side(model, 1.0)
+    all_maps: list[torch.Tensor] = []
+    affinities: list[torch.Tensor] = []
+    grid = (0, 0)
+    progress = Progress("maps", len(images), log)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = normalise(resize_images(chunk, side)).to(device)
+        classes = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
+        present = F.one_hot(classes, model.num_classes).float()
+        sizes = [(image.shape[0], image.shape[1]) for image in chunk]
+        result = batch_maps(model, batch, present, sizes, settings)
+        all_maps += result.maps
+        affinities += list(result.affinity)
+        grid = result.grid
+        progress.update(len(chunk))
+    return all_maps, affinities, grid
+
+
+def save_maps(path: Path, maps: torch.Tensor) -> None:
+    """Write one image's maps as a compressed ``.npz`` (no pickles, loadable anywhere).
+
+    Only present (non-zero) classes are stored, like the reference's ``{class: map}`` dict:
+    ``classes`` (K,) int64 class indices and ``maps`` (K, H, W) float32.
+    """
+    keep = torch.nonzero(maps.flatten(1).amax(1) > 0).flatten()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        classes=keep.numpy().astype(np.int64),
+        maps=maps[keep].numpy().astype(np.float32),
+        shape=np.asarray(maps.shape, dtype=np.int64),
+    )
+
+
+def load_maps(path: Path) -> torch.Tensor:
+    """Read a file of :func:`save_maps` back into the full (C, H, W) float32 tensor."""
+    with np.load(path, allow_pickle=False) as data:
+        full = np.zeros(tuple(data["shape"]), dtype=np.float32)
+        full[data["classes"]] = data["maps"]
+    return torch.from_numpy(full)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,3 +49,179 @@ def binary_miou_sweep(
         bg_iou = tn / (n_total - tp).clamp(min=1)
         out.append(float((fg_iou + bg_iou) / 2))
     return np.asarray(out)
+
+
+AbsentPolicy = Literal["skip", "zero"]
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(
+    prediction: np.ndarray | torch.Tensor,
+    truth: np.ndarray | torch.Tensor,
+    num_labels: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> np.ndarray:
+    """Count (truth, prediction) label pairs of one image or a whole stack of them.
+
+    Pixels whose truth is ``ignore_index`` (or any label outside ``[0, num_labels)``) are left
+    out, as torchvision's reference ``ConfusionMatrix`` does, so uncertain regions never count.
+
+    Parameters
+    ----------
+    prediction, truth
+        Integer label maps of the same shape.
+    num_labels
+        Size K of the label space (background included).
+    ignore_index
+        Truth value to skip.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(K, K)`` int64 counts, rows = truth, columns = prediction; add them over images for the
+        dataset-level matrix of method.md section 5.
+    """
+    pred = np.asarray(prediction).astype(np.int64).ravel()
+    true = np.asarray(truth).astype(np.int64).ravel()
+    if pred.shape != true.shape:
+        raise ValueError(f"prediction has {pred.size} pixels but truth has {true.size}")
+    keep = (true != ignore_index) & (true >= 0) & (true < num_labels)
+    if ((pred[keep] < 0) | (pred[keep] >= num_labels)).any():
+        raise ValueError(f"prediction holds labels outside [0, {num_labels})")
+    counts = np.bincount(true[keep] * num_labels + pred[keep], minlength=num_labels**2)
+    return counts.reshape(num_labels, num_labels)
+
+
+def class_iou(matrix: np.ndarray, absent: AbsentPolicy = "skip") -> np.ndarray:
+    """Per-label IoU = TP / (truth + predicted - TP) of a dataset-level confusion matrix.
+
+    The two references disagree on a label that is neither in the truth nor predicted (union 0):
+    the segmentation metric (``nanmean``) skips it (``"skip"`` -> NaN here), the seed evaluation
+    scores it 0 (``"zero"``). A label predicted but absent from the truth is 0 under both.
+
+    Parameters
+    ----------
+    matrix
+        ``(K, K)`` counts from :func:`confusion_matrix`.
+    absent
+        ``"skip"`` or ``"zero"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(K,)`` float64 IoU per label; NaN marks a skipped label.
+    """
+    if absent not in ("skip", "zero"):
+        raise ValueError(f"absent must be 'skip' or 'zero', got {absent!r}")
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(matrix)
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / union
+    return np.where(union > 0, iou, np.nan if absent == "skip" else 0.0)
+
+
+def mean_iou(matrix: np.ndarray, absent: AbsentPolicy = "skip") -> float:
+    """Mean of :func:`class_iou` over labels, background included (NaN when nothing counts)."""
+    iou = class_iou(matrix, absent)
+    return float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan")
+
+
+def binary_confusion(matrix: np.ndarray) -> np.ndarray:
+    """Collapse a class-aware (background + C) matrix into cell vs background (2 x 2).
+
+    A cell predicted as the wrong type is still a cell here: this is the class-blind view
+    (option B of method.md section 5).
+    """
+    matrix = np.asarray(matrix)
+    return np.array(
+        [
+            [matrix[0, 0], matrix[0, 1:].sum()],
+            [matrix[1:, 0].sum(), matrix[1:, 1:].sum()],
+        ],
+        dtype=np.int64,
+    )
+
+
+def class_aware_truth(mask: np.ndarray, label: int) -> np.ndarray:
+    """Ground-truth codes {0 bg, 1 cytoplasm, 2 nucleus} of a single-cell image -> {0, label+1}.
+
+    The whole cell (cytoplasm and nucleus) takes the image's class, the label space in which
+    pseudo-masks and the segmenter predict.
+    """
+    return np.where(np.asarray(mask) > 0, label + 1, 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    """mIoU of one set of predictions in both label spaces of method.md section 5.
+
+    Attributes
+    ----------
+    class_aware_miou
+        Mean IoU over background + C classes (option A): a wrong cell type counts as wrong.
+    binary_miou
+        Mean of the background and cell IoU (option B).
+    class_iou
+        Per-label IoU of the class-aware matrix (NaN: skipped absent label).
+    absent
+        The absent-class policy used for the class-aware mean.
+    """
+
+    class_aware_miou: float
+    binary_miou: float
+    class_iou: tuple[float, ...]
+    absent: AbsentPolicy
+
+    @classmethod
+    def from_confusion(cls, matrix: np.ndarray, absent: AbsentPolicy) -> SegmentationScores:
+        """Score a class-aware confusion matrix."""
+        return cls(
+            class_aware_miou=mean_iou(matrix, absent),
+            binary_miou=mean_iou(binary_confusion(matrix), absent),
+            class_iou=tuple(float(v) for v in class_iou(matrix, absent)),
+            absent=absent,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (NaN becomes None, which JSON can hold)."""
+        return {
+            "class_aware_miou": _finite_or_none(self.class_aware_miou),
+            "binary_miou": _finite_or_none(self.binary_miou),
+            "class_iou": [_finite_or_none(v) for v in self.class_iou],
+            "absent": self.absent,
+        }
+
+
+def score_label_maps(
+    predictions: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    num_labels: int,
+    absent: AbsentPolicy = "skip",
+) -> SegmentationScores:
+    """Score predicted label maps against truth over a whole split (one summed matrix).
+
+    Parameters
+    ----------
+    predictions, truths
+        Per-image label maps in {0 bg, k = class k-1 + 1}; truth may hold the ignore label 255.
+    num_labels
+        Background + C.
+    absent
+        Absent-class policy of the class-aware mean.
+
+    Returns
+    -------
+    SegmentationScores
+        Class-aware and binary mIoU.
+    """
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions for {len(truths)} truths")
+    matrix = np.zeros((num_labels, num_labels), dtype=np.int64)
+    for pred, true in zip(predictions, truths, strict=True):
+        matrix += confusion_matrix(pred, true, num_labels)
+    return SegmentationScores.from_confusion(matrix, absent)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,10 +14,23 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for one test: its own FLWR_HOME, this venv's packages, no per-run installs."""
+    """Environment for one test: its own FLWR_HOME and local SuperLink ports, this venv.
+
+    ``flwr run`` reuses any local SuperLink answering on its fixed default port, whatever
+    FLWR_HOME says, so each test also gets its own ports.
+    """
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_DEDUP_LOGS"] = "0"

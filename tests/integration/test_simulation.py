@@ -17,10 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Small enough for 2 CPU cores, large enough for the loss to fall within 2 rounds.
 TINY = [
     "federation.rounds=2",
-    "train.local_epochs=2",
-    "train.batch_size=16",
     "train.warmup_epochs=0.5",
-    "train.lr=1e-3",
     "data.hospitals.hospital_a.num_images=60",
     "data.hospitals.hospital_b.num_images=60",
     "data.hospitals.hospital_c.num_images=60",

@@ -1,0 +1,55 @@
+"""Pseudo-masks from localization maps: one interface, three methods, chosen by name.
+
+``create_masker(cfg.pseudo)`` builds the configured method; every method is a
+:class:`PseudoMasker` (see ``base``), so the post-training job treats them alike.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from common.pseudo.attn_rw import AttentionWalkMasker
+from common.pseudo.base import (
+    MCT_BACKGROUND,
+    Background,
+    MapRecord,
+    PseudoMasker,
+    argmax_labels,
+    stack_background,
+    threshold_labels,
+)
+from common.pseudo.psa import PSAMasker
+from common.pseudo.threshold import ThresholdMasker
+
+METHODS: dict[str, type[PseudoMasker]] = {
+    method.name: method for method in (ThresholdMasker, AttentionWalkMasker, PSAMasker)
+}
+
+
+def create_masker(cfg: Mapping[str, Any]) -> PseudoMasker:
+    """Build the method named by ``cfg['method']`` from its config node.
+
+    Raises
+    ------
+    ValueError
+        For a method name that is not registered.
+    """
+    name = cfg["method"]
+    if name not in METHODS:
+        raise ValueError(f"pseudo.method={name!r} is unknown; expected one of {sorted(METHODS)}")
+    return METHODS[name].from_config(cfg)
+
+
+__all__ = [
+    "MCT_BACKGROUND",
+    "METHODS",
+    "AttentionWalkMasker",
+    "Background",
+    "MapRecord",
+    "PSAMasker",
+    "PseudoMasker",
+    "ThresholdMasker",
+    "argmax_labels",
+    "create_masker",
+    "stack_background",
+    "threshold_labels",
+]

@@ -1,0 +1,131 @@
+"""The one interface every pseudo-mask method implements, and the background rule they share.
+
+A method turns an image's localization maps into pseudo-masks in two steps that are the same for
+all of them: :meth:`PseudoMasker.propagate` spreads per-label scores over the image (identity for
+``threshold``, a random walk for ``attn_rw`` and ``psa``), then the label of each pixel is the
+argmax over [background; classes]. Propagation is linear, so a constant background can be added
+after it (walks keep constants) and tuned on validation without walking again.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+# MCT feeds its random walk a constant background of 0.39, "optimal for seeds" (method.md 3).
+MCT_BACKGROUND = 0.39
+
+
+@dataclass
+class MapRecord:
+    """What a pseudo-mask method may use for one image; all of it stays at the hospital.
+
+    Attributes
+    ----------
+    image
+        HxWx3 uint8 RGB at native size.
+    label
+        The image's class index (its weak label).
+    maps
+        (C, H, W) float localization maps in [0, 1], zero for classes the image does not have.
+    affinity
+        (N, N) transformer patch affinity P of :func:`common.localization.patch_affinity`.
+    grid
+        (h, w) patch grid of ``affinity``.
+    """
+
+    image: np.ndarray
+    label: int
+    maps: torch.Tensor
+    affinity: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Background:
+    """The background score stacked in front of the class scores before the argmax.
+
+    Attributes
+    ----------
+    kind
+        ``"constant"``: one value everywhere (MCT 0.39; ``threshold`` and the seed evaluation);
+        ``"power"``: (1 - max_c maps)^alpha, propagated with the classes (PSA, alpha 16).
+    value
+        The constant; ``None`` means "choose on the validation split".
+    alpha
+        Exponent of the ``"power"`` kind.
+    """
+
+    kind: Literal["constant", "power"] = "constant"
+    value: float | None = None
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "power"):
+            raise ValueError(f"background.kind must be 'constant' or 'power', got {self.kind!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> Background:
+        """Build from a ``background`` config node (missing: a constant tuned on validation)."""
+        return cls(**dict(cfg or {}))
+
+
+class PseudoMasker(ABC):
+    """A pseudo-mask method; register implementations in ``common.pseudo.METHODS``."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> PseudoMasker:
+        """Build the method from its ``pseudo`` config node."""
+
+    def fit(self, records: Sequence[MapRecord], *, device: torch.device, seed: int) -> None:
+        """Learn from the training split's maps; methods without a network learn nothing."""
+        return None
+
+    @abstractmethod
+    def propagate(
+        self, records: Sequence[MapRecord], scores: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Spread each image's (K, H, W) label scores over the image, linearly.
+
+        Parameters
+        ----------
+        records
+            The images the scores belong to.
+        scores
+            One (K, H, W) tensor per record, at the record's image size.
+
+        Returns
+        -------
+        list[torch.Tensor]
+            The propagated scores, same shapes.
+        """
+
+
+def stack_background(maps: torch.Tensor, background: Background) -> torch.Tensor:
+    """[background; maps] (C + 1, H, W) for a fixed-value or power background."""
+    if background.kind == "power":
+        bg = (1 - maps.amax(0)).clamp(min=0) ** background.alpha
+    elif background.value is None:
+        raise ValueError("a constant background needs a value; choose it on validation first")
+    else:
+        bg = torch.full(maps.shape[1:], float(background.value), dtype=maps.dtype)
+    return torch.cat([bg[None], maps])
+
+
+def argmax_labels(scores: torch.Tensor) -> np.ndarray:
+    """(C + 1, H, W) [background; classes] -> uint8 label map, 0 background, k = class k - 1."""
+    return scores.argmax(0).to(torch.uint8).numpy()
+
+
+def threshold_labels(foreground: torch.Tensor, value: float) -> np.ndarray:
+    """Label map of (C, H, W) class scores against a constant background ``value``."""
+    bg = torch.full((1, *foreground.shape[1:]), float(value), dtype=foreground.dtype)
+    return argmax_labels(torch.cat([bg, foreground]))

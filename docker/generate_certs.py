@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Make the federation's TLS certificates, SuperNode keys and SuperExec secrets.
+
+Only what is missing is made, so running it again is safe; delete a file to renew it.
+
+  server                 the federation CA, the SuperLink certificate, the ServerApp SuperExec
+                         secret                                           -> OUT/server/
+  hospital NAME          a SuperNode's authentication key pair, TLS for its Runtime API (the
+                         link to its ClientApp SuperExec), that SuperExec's secret
+                                                                          -> OUT/hospitals/NAME/
+  federation --hospital NAME ...   both, for one machine, and a copy of ca.crt for each hospital
+
+Needs only ``cryptography``, which every Flower install brings. The SuperLink certificate always
+names ``superlink`` (the compose service), ``localhost`` and ``127.0.0.1``; add with --san every
+name or address the hospitals dial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_SANS = ("localhost", "127.0.0.1")
+SUPERLINK_SANS = ("superlink", *DEFAULT_SANS)
+# The ClientApp SuperExec dials its SuperNode by this name on the hospital's own network.
+RUNTIME_SANS = ("supernode", *DEFAULT_SANS)
+CA_DAYS = 3650
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _write(path: Path, data: bytes, private: bool) -> None:
+    """Write atomically; secrets are created 0600 so no other user ever sees them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA that may only sign end-entity certificates."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, sans: Sequence[str], days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A TLS server certificate valid for every name in ``sans`` (the first is its CN)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sans[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in sans]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def cert_names(path: Path) -> set[str]:
+    """The DNS names and IP addresses a certificate file is valid for."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(n) for n in sans.get_values_for_type(x509.DNSName)} | {
+        str(n) for n in sans.get_values_for_type(x509.IPAddress)
+    }
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def _secret(path: Path) -> None:
+    """A SuperExec shared secret: read by Flower as raw bytes, so no trailing newline."""
+    if not path.exists():
+        _write(path, secrets.token_hex(32).encode(), private=True)
+
+
+def server(out: Path, extra_sans: Sequence[str], days: int) -> None:
+    """CA, SuperLink certificate and ServerApp SuperExec secret in ``out``.
+
+    The CA is kept once made: hospitals trust its ca.crt. The SuperLink certificate is
+    re-issued (same CA) when it does not cover a requested name.
+    """
+    ca_key_file, ca_file = out / "ca.key", out / "ca.crt"
+    if ca_file.exists() != ca_key_file.exists():
+        raise SystemExit(f"{out}: ca.crt and ca.key must both exist or both be absent")
+    if not ca_file.exists():
+        ca_key, ca_cert = make_ca("FL-W3S federation CA")
+        _write(ca_key_file, _pem_key(ca_key), private=True)
+        _write(ca_file, _pem_cert(ca_cert), private=False)
+    ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+
+    sans = _unique([*SUPERLINK_SANS, *extra_sans])
+    cert_file = out / "superlink.crt"
+    if not cert_file.exists() or not set(sans) <= cert_names(cert_file):
+        key, cert = make_server_cert(ca_key, ca_cert, sans, days)
+        _write(out / "superlink.key", _pem_key(key), private=True)
+        _write(cert_file, _pem_cert(cert), private=False)
+    _secret(out / "superexec.secret")
+
+
+def hospital(out: Path, name: str, days: int) -> None:
+    """A SuperNode's auth key pair, its Runtime API TLS and its SuperExec secret in ``out``.
+
+    The auth key is an OpenSSH EC P-384 key: ``flwr supernode register`` reads the .pub,
+    ``flower-supernode --auth-supernode-private-key`` the private half. The Runtime API
+    certificate is signed by a throwaway CA whose key is never written: the link stays on
+    the hospital's machine, and renewing it means deleting runtime-ca.crt and running again.
+    """
+    if not (out / "supernode.key").exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        _write(out / "supernode.key", private, private=True)
+        _write(out / "supernode.pub", public + f" {name}\n".encode(), private=False)
+    if not (out / "runtime-ca.crt").exists():
+        ca_key, ca_cert = make_ca(f"FL-W3S {name} runtime CA")
+        key, cert = make_server_cert(ca_key, ca_cert, RUNTIME_SANS, days)
+        _write(out / "runtime.key", _pem_key(key), private=True)
+        _write(out / "runtime.crt", _pem_cert(cert), private=False)
+        _write(out / "runtime-ca.crt", _pem_cert(ca_cert), private=False)
+    _secret(out / "superexec.secret")
+
+
+def chown_tree(path: Path, owner: str) -> None:
+    """Hand every file to ``UID:GID``: the Flower images run as user app (49999)."""
+    uid, gid = (int(part) for part in owner.split(":"))
+    for item in [path, *path.rglob("*")]:
+        os.chown(item, uid, gid)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["server", "hospital", "federation"])
+    parser.add_argument("name", nargs="?", help="the hospital's name (command 'hospital')")
+    parser.add_argument("--out", type=Path, default=Path("certs"), help="default: ./certs")
+    parser.add_argument("--san", action="append", default=[], help="extra SuperLink name/IP")
+    parser.add_argument("--hospital", action="append", default=[], help="(command 'federation')")
+    parser.add_argument("--days", type=int, default=825, help="validity of server certificates")
+    parser.add_argument("--owner", help="UID:GID to own everything written (needs root)")
+    args = parser.parse_args(argv)
+
+    if args.command == "hospital":
+        if not args.name:
+            parser.error("hospital needs the hospital's name")
+        hospital(args.out / "hospitals" / args.name, args.name, args.days)
+    else:
+        server(args.out / "server", args.san, args.days)
+    if args.command == "federation":
+        if not args.hospital:
+            parser.error("federation needs at least one --hospital NAME")
+        for name in args.hospital:
+            hospital(args.out / "hospitals" / name, name, args.days)
+            shutil.copyfile(args.out / "server" / "ca.crt", args.out / "hospitals" / name / "ca.crt")
+    if args.owner:
+        chown_tree(args.out, args.owner)
+
+
+if __name__ == "__main__":
+    main()

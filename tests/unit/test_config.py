@@ -1,0 +1,59 @@
+"""Real Hydra composition of every config group, as the apps and the launcher do it."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from common.config import CONF_DIR, compose_config, parse_overrides
+from common.data import hospital_names
+from common.launch import absolute_path_overrides, flwr_command
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "train", "federation", "strategy"])
+def test_every_option_of_every_group_composes(group):
+    for option in _options(group):
+        cfg = compose_config([f"{group}={option}"])
+        assert cfg[group] is not None
+
+
+def test_default_is_three_synthetic_hospitals_on_the_tiny_model():
+    cfg = compose_config([])
+    assert hospital_names(cfg.data) == ["hospital_a", "hospital_b", "hospital_c"]
+    assert cfg.model.name == "mct_tiny_patch8_96"
+    assert cfg.output_dir is None and Path(cfg.output_root).is_absolute()
+
+
+def test_paper_experiment_is_deit_small_224_batch_64_45_rounds():
+    cfg = compose_config(["experiment=paper"])
+    assert cfg.model.name == "mct_deit_small_patch16_224" and cfg.model.img_size == 224
+    assert cfg.train.batch_size == 64 and cfg.federation.rounds == 45
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["model=no_such_model"])
+
+
+def test_run_config_overrides_round_trip_through_shell_quoting():
+    text = "data=wbc_zxaoyou 'data.root=/a path/with spaces' federation.rounds=2"
+    assert parse_overrides(text) == [
+        "data=wbc_zxaoyou",
+        "data.root=/a path/with spaces",
+        "federation.rounds=2",
+    ]
+
+
+def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
+    cfg = compose_config(["data=wbc_zxaoyou", "data.root=rel/data", "output_root=runs"])
+    pinned = absolute_path_overrides(cfg, tmp_path)
+    assert f"data.root={tmp_path / 'rel/data'}" in pinned
+    assert f"data.hospitals.dataset1.root={tmp_path / 'rel/data'}" in pinned
+    assert f"output_root={tmp_path / 'runs'}" in pinned
+    command = flwr_command([], cfg, tmp_path / "rc.toml")
+    assert command[1:3] == ["run", str(CONF_DIR.parent)]
+    assert "num-supernodes=2" in command[command.index("--federation-config") + 1]

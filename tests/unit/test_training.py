@@ -1,0 +1,106 @@
+"""Local training and validation on the synthetic hospitals with the tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from common.augment import build_train_transform, train_cache_size
+from common.config import compose_config
+from common.data import split_tensors
+from common.model import create_mct_model
+from common.training import evaluate_local, learning_rate, train_local
+
+SMALL = [f"data.hospitals.hospital_{h}.num_images=40" for h in "abc"]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = compose_config(["train.warmup_epochs=2"]).train
+    assert learning_rate(cfg, 0, 10) == pytest.approx(cfg.warmup_lr)
+    assert learning_rate(cfg, 1, 10) == pytest.approx((cfg.warmup_lr + cfg.lr) / 2)
+    assert learning_rate(cfg, 2, 10) == pytest.approx(cfg.lr)
+    assert learning_rate(cfg, 6, 10) == pytest.approx((cfg.lr + cfg.min_lr) / 2)
+    assert learning_rate(cfg, 10, 10) == pytest.approx(cfg.min_lr)
+    rates = [learning_rate(cfg, e / 4, 10) for e in range(41)]
+    assert all(b >= a for a, b in zip(rates[:8], rates[1:9], strict=True))
+    assert all(b <= a for a, b in zip(rates[8:-1], rates[9:], strict=True))
+
+
+def test_linear_batch_scaling_matches_the_reference_rule():
+    cfg = compose_config(["train.scale_lr_by_batch=true", "train.batch_size=64"]).train
+    assert learning_rate(cfg, cfg.warmup_epochs, 100) == pytest.approx(cfg.lr * 64 / 512)
+
+
+def test_train_transform_gives_normalised_model_sized_crops():
+    cfg = compose_config([])
+    transform = build_train_transform(cfg.train.augment, 96)
+    image = torch.randint(
+        0, 256, (3, train_cache_size(96), train_cache_size(96)), dtype=torch.uint8
+    )
+    out = transform(image)
+    assert out.shape == (3, 96, 96) and out.dtype == torch.float32
+    assert out.min() < 0 < out.max()
+
+
+def test_local_training_lowers_the_loss_and_validation_reports_every_score():
+    cfg = compose_config([*SMALL, "train.lr=1e-3", "train.warmup_epochs=0"])
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    train = split_tensors(cfg.data, "hospital_a", "train", train_cache_size(cfg.model.img_size))
+    device = torch.device("cpu")
+    kwargs = {"total_epochs": 8, "device": device, "seed": 0}
+    epochs = compose_config([*SMALL, "train.local_epochs=4", "train.lr=1e-3"]).train
+    first = train_local(model, train, epochs, start_epoch=0, **kwargs)
+    second = train_local(model, train, epochs, start_epoch=4, **kwargs)
+    assert first.num_examples == len(train.labels)
+    assert second.loss < first.loss
+
+    val = split_tensors(cfg.data, "hospital_a", "val", cfg.model.img_size)
+    metrics = evaluate_local(model, val, cfg.localization, device=device)
+    assert set(metrics) == {
+        "val-loss",
+        "val-accuracy",
+        "val-map",
+        "val-loc-miou",
+        "val-loc-threshold",
+    }
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert 0.0 <= metrics["val-loc-miou"] <= 1.0
+    assert metrics["val-loc-threshold"] in list(cfg.localization.thresholds)
+
+
+def test_empty_training_split_is_refused():
+    cfg = compose_config(SMALL)
+    model = create_mct_model(cfg.model, num_classes=5)
+    empty = split_tensors(cfg.data, "hospital_a", "train", 8)
+    empty = type(empty)(empty.images[:0], empty.labels[:0], None)
+    with pytest.raises(ValueError, match="empty"):
+        train_local(
+            model,
+            empty,
+            cfg.train,
+            start_epoch=0,
+            total_epochs=1,
+            device=torch.device("cpu"),
+            seed=0,
+        )
+
+
+def test_paper_preset_takes_one_full_batch_step_at_224():
+    images = [f"data.hospitals.hospital_{h}.num_images=110" for h in "abc"]
+    cfg = compose_config(["experiment=paper", *images])
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = split_tensors(cfg.data, "hospital_a", "train", train_cache_size(cfg.model.img_size))
+    assert len(train.labels) >= cfg.train.batch_size == 64
+    result = train_local(
+        model,
+        train,
+        cfg.train,
+        start_epoch=0,
+        total_epochs=cfg.federation.rounds,
+        device=torch.device("cpu"),
+        seed=0,
+    )
+    assert math.isfinite(result.loss)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "cls_token" in changed and "head.weight" in changed
