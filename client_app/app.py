@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import shlex
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -26,6 +28,33 @@ app = ClientApp()
 
 class HospitalDataError(RuntimeError):
     """Raised instead of the full data report, which names files and stays in this site's log."""
+
+
+class SiteFailure(RuntimeError):
+    """What the server learns of a failure here: the stage and the kind of error, nothing else.
+
+    Flower sends ``str(type(ex)) + str(ex)`` of any exception to the server, and exception
+    texts name files, sample ids and paths; the full traceback stays in this site's log.
+    """
+
+
+def site_private(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
+    """Log a handler's exception in full here and re-raise it without its text."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except HospitalDataError:
+            raise
+        except Exception as error:
+            log.exception("%s failed at this site", handler.__name__)
+            raise SiteFailure(
+                f"{handler.__name__} failed with {type(error).__name__}; "
+                "details are in this hospital's log"
+            ) from None
+
+    return guarded
 
 
 @cache
@@ -85,6 +114,7 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
 
 
 @app.train()
+@site_private
 def train(msg: Message, context: Context) -> Message:
     """Run the configured local epochs from the global weights; reply weights and train loss."""
     cfg, index, name, model = _setup(msg, context)
@@ -122,6 +152,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@site_private
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this hospital's validation split."""
     cfg, index, name, model = _setup(msg, context)

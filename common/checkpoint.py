@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def save_atomic(payload: Mapping[str, Any], path: Path) -> Path:
@@ -33,3 +36,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest ``round_*.pt`` in ``directory`` that loads, skipping unreadable ones.
+
+    A file cut short by a crash or a full disk (atomic writes make this rare, copies and
+    restores do not) is logged and passed over for the one before it.
+    """
+    for path in sorted(directory.glob("round_*.pt"), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as error:  # torch raises several types for a damaged file
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, error)
+    return None

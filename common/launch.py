@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +64,52 @@ def flwr_command(overrides: Sequence[str], cfg: DictConfig, run_config_file: Pat
     ]
 
 
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def run_status(flwr: str, run_id: str, env: dict[str, str], wait_s: float = 30.0) -> str:
+    """How the SuperLink says a run ended, e.g. ``finished:completed`` or ``finished:failed``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        listing = subprocess.run(
+            [flwr, "list", "--run-id", run_id, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            status = str(json.loads(listing.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError):
+            status = f"unknown ({listing.stdout.strip() or listing.stderr.strip()})"
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Stream a ``flwr run --stream`` command, then exit non-zero unless the run completed.
+
+    ``flwr run`` itself exits 0 when the ServerApp fails (a run with too few good replies,
+    say), so the run's final status is asked of the SuperLink. Returns (exit code, output).
+    """
+    lines = []
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+    started = next((m.group(1) for m in map(RUN_STARTED.search, lines) if m), None)
+    if process.returncode != 0 or started is None:
+        return process.returncode or 1, "".join(lines)
+    status = run_status(command[0], started, env)
+    lines.append(f"w3s: run {started} {status}\n")
+    print(lines[-1], end="", flush=True)
+    return (0 if status == "finished:completed" else 1), "".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a federated simulation with Hydra overrides, e.g. ``w3s-simulate data=wbc_zxaoyou``."""
     overrides = list(sys.argv[1:] if argv is None else argv)
@@ -79,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")
         command = flwr_command(overrides, cfg, run_config)
         print("w3s-simulate:", shlex.join(command), flush=True)
-        return subprocess.call(command, env=env)
+        return run_and_check(command, env)[0]
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from common.arrays import to_array_record
-from common.checkpoint import save_atomic
+from common.checkpoint import latest_checkpoint, save_atomic
 from common.config import compose_config, parse_overrides
 from common.data import hospital_names
 from common.logs import setup_logging
@@ -60,6 +60,30 @@ def wait_for_hospitals(grid: Grid, expected: int, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
+def starting_point(cfg: DictConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
+    """Rounds already done and the global model to start from: fresh, or the latest checkpoint.
+
+    With ``resume=true`` the run continues in ``output_dir`` from its newest readable
+    checkpoint; clients are told the true round numbers, so the learning-rate schedule and
+    the shuffling seeds continue as if the run had never stopped.
+    """
+    if cfg.resume:
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"resume=true but no readable checkpoint in {run_dir}")
+        path, payload = found
+        if payload["model"]["name"] != cfg.model.name:
+            raise ValueError(
+                f"{path} holds a {payload['model']['name']} model, the config asks for "
+                f"{cfg.model.name}"
+            )
+        log.info("resuming from %s (round %d)", path, payload["round"])
+        return int(payload["round"]), to_array_record(payload["state_dict"])
+    torch.manual_seed(cfg.seed)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    return 0, to_array_record(model.state_dict())
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the config from the run's overrides, run the rounds, save the final model."""
@@ -72,26 +96,31 @@ def main(grid: Grid, context: Context) -> None:
     hospitals = hospital_names(cfg.data)
     min_replies = cfg.federation.min_replies or len(hospitals)
     wait_for_hospitals(grid, len(hospitals), cfg.federation.wait_for_nodes_s)
-    torch.manual_seed(cfg.seed)
-    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
-    strategy = GuardedFedAvg(num_hospitals=len(hospitals), min_replies=min_replies)
+    done, initial = starting_point(cfg, run_dir)
+    strategy = GuardedFedAvg(
+        num_hospitals=len(hospitals), min_replies=min_replies, round_offset=done
+    )
+    recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
+    recorder.forget_rounds_after(done)
     log.info(
-        "%d hospitals %s, %d rounds, model %s, at least %d good replies per round",
+        "%d hospitals %s, rounds %d..%d, model %s, at least %d good replies per round",
         len(hospitals),
         hospitals,
+        done + 1,
         cfg.federation.rounds,
         cfg.model.name,
         min_replies,
     )
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_array_record(model.state_dict()),
-        num_rounds=cfg.federation.rounds,
+        initial_arrays=initial,
+        num_rounds=cfg.federation.rounds - done,
         timeout=cfg.federation.round_timeout_s,
-        evaluate_fn=RoundRecorder(run_dir, cfg, strategy, hospitals),
+        evaluate_fn=recorder,
     )
+    final_arrays = result.arrays if len(result.arrays) else initial
     final = save_atomic(
-        model_payload(result.arrays, cfg, cfg.federation.rounds), run_dir / "final_model.pt"
+        model_payload(final_arrays, cfg, cfg.federation.rounds), run_dir / "final_model.pt"
     )
     log.info("run directory: %s", run_dir)
     log.info("final model: %s", final)

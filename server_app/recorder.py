@@ -46,6 +46,7 @@ class RoundRecorder:
         self, run_dir: Path, cfg: DictConfig, strategy: GuardedFedAvg, hospitals: Sequence[str]
     ) -> None:
         self.run_dir = run_dir
+        self.offset = strategy.round_offset
         self.cfg = cfg
         self.strategy = strategy
         self.hospitals = list(hospitals)
@@ -53,8 +54,12 @@ class RoundRecorder:
         self.checkpoint_dir = run_dir / "checkpoints"
         self._round_started = time.perf_counter()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Checkpoint the global model of ``server_round`` and append its metrics row."""
+    def __call__(self, strategy_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Checkpoint the global model after ``strategy_round`` and append its metrics row."""
+        if strategy_round == 0 and self.offset > 0:
+            self._round_started = time.perf_counter()
+            return None  # resuming: the checkpoint of this model is the one we started from
+        server_round = strategy_round + self.offset
         path = self.checkpoint_dir / f"round_{server_round:03d}.pt"
         save_atomic(model_payload(arrays, self.cfg, server_round), path)
         self._prune()
@@ -64,6 +69,17 @@ class RoundRecorder:
         self._round_started = time.perf_counter()
         return None
 
+    def forget_rounds_after(self, server_round: int) -> None:
+        """Drop metrics rows of rounds a resumed run will redo (written after their checkpoint)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["round"] <= server_round
+        ]
+        self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
     def _write_row(self, server_round: int, seconds: float) -> None:
         report = self.strategy.report
         row = {
@@ -71,6 +87,8 @@ class RoundRecorder:
             "seconds": round(seconds, 3),
             "replies": report.good,
             "failed_nodes": sorted(report.failed),
+            # What the server received from failing hospitals, as it received it.
+            "failures": {str(k): v for k, v in report.failed.items()},
             "rejected": {str(k): v for k, v in report.rejected.items()},
             "train": report.train,
             "evaluate": report.evaluate,

@@ -67,7 +67,7 @@ def weighted_metrics(replies: list[Message]) -> dict[str, float]:
 class GuardedFedAvg(FedAvg):
     """Weighted FedAvg over every hospital, with reply checks and a minimum-replies rule."""
 
-    def __init__(self, *, num_hospitals: int, min_replies: int) -> None:
+    def __init__(self, *, num_hospitals: int, min_replies: int, round_offset: int = 0) -> None:
         if not 1 <= min_replies <= num_hospitals:
             raise ValueError(f"min_replies must be in 1..{num_hospitals}, got {min_replies}")
         super().__init__(
@@ -79,6 +79,9 @@ class GuardedFedAvg(FedAvg):
             weighted_by_key=WEIGHT_KEY,
         )
         self.min_replies = min_replies
+        # Rounds already done by the run this one resumes: clients see the true round number,
+        # which places them in the learning-rate schedule and seeds their shuffling.
+        self.round_offset = round_offset
         self.report = RoundReport()
         self._reference: dict[str, ArraySpec] = {}
 
@@ -88,7 +91,13 @@ class GuardedFedAvg(FedAvg):
         """Remember the global model's shapes and dtypes: every reply must match them."""
         self._reference = array_specs(arrays)
         self.report = RoundReport()
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Tell clients the true round number when resuming."""
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def _sort_replies(self, replies: Iterable[Message], check_arrays: bool) -> list[Message]:
         good = []
@@ -118,9 +127,10 @@ class GuardedFedAvg(FedAvg):
         self.report.good = len(good)
         if len(good) < self.min_replies:
             raise TooFewRepliesError(
-                f"round {server_round}: {len(good)} good replies, at least {self.min_replies} "
-                f"required (failed nodes: {sorted(self.report.failed)}, rejected nodes: "
-                f"{sorted(self.report.rejected)}); the last good checkpoint is kept"
+                f"round {server_round + self.round_offset}: {len(good)} good replies, "
+                f"at least {self.min_replies} required (failed nodes: "
+                f"{sorted(self.report.failed)}, rejected nodes: {sorted(self.report.rejected)}); "
+                "the last good checkpoint is kept"
             )
         arrays = weighted_average([m.content for m in good], self._reference)
         self.report.train = weighted_metrics(good)

@@ -1,0 +1,54 @@
+"""The real ClientApp, made to fail on demand and to record its replies, for fault tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client_app.app import evaluate as real_evaluate
+from client_app.app import site_private
+from client_app.app import train as real_train
+from common.arrays import to_state_dict
+
+app = ClientApp()
+
+
+@site_private
+def _fail(msg: Message, context: Context) -> Message:
+    # A realistic leak: the text names a patient file on the hospital's disk.
+    raise OSError("cannot read /srv/hospital/patient_JohnDoe_1234.bmp")
+
+
+def _should_fail(msg: Message, context: Context) -> bool:
+    failing = {int(p) for p in str(context.run_config["fail-partitions"]).split(",") if p}
+    server_round = int(msg.content["config"]["server-round"])
+    partition = int(context.node_config["partition-id"])
+    return partition in failing and server_round >= int(context.run_config["fail-round"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fail when configured; otherwise run the real handler and save its reply."""
+    if _should_fail(msg, context):
+        return _fail(msg, context)
+    reply = real_train(msg, context)
+    dump_dir = Path(str(context.run_config["dump-dir"]))
+    server_round = int(msg.content["config"]["server-round"])
+    partition = int(context.node_config["partition-id"])
+    torch.save(
+        {
+            "state_dict": to_state_dict(reply.content["arrays"]),
+            "num-examples": reply.content["metrics"]["num-examples"],
+        },
+        dump_dir / f"round{server_round}_partition{partition}.pt",
+    )
+    return reply
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The real evaluate handler."""
+    return real_evaluate(msg, context)

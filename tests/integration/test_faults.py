@@ -1,0 +1,165 @@
+"""Fault injection in real ``flwr run`` simulations: crashing hospitals, total failure, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.launch import run_and_check
+from tests.integration.flower_processes import BIN, flower_env, run, stop_processes
+from tests.integration.test_simulation import TINY
+
+pytestmark = pytest.mark.integration
+
+FAULT_APP = Path(__file__).resolve().parents[1] / "fault_app"
+
+
+@pytest.fixture
+def flwr_home(tmp_path):
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    yield home
+    stop_processes(str(home))
+
+
+def _run_fault_app(
+    home: Path, tmp_path: Path, overrides: list[str], fail_partitions: str, fail_round: int
+) -> subprocess.CompletedProcess:
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    run_config = tmp_path / "run_config.toml"
+    run_config.write_text(
+        f"overrides = {json.dumps(' '.join(overrides))}\n"
+        f"fail-partitions = {json.dumps(fail_partitions)}\n"
+        f"fail-round = {fail_round}\n"
+        f"dump-dir = {json.dumps(str(dumps))}\n"
+    )
+    command = [
+        str(BIN / "flwr"),
+        "run",
+        str(FAULT_APP),
+        "--stream",
+        "--run-config",
+        str(run_config),
+        "--federation-config",
+        "num-supernodes=3 client-resources-num-cpus=1",
+    ]
+    code, output = run_and_check(command, flower_env(home))
+    return subprocess.CompletedProcess(command, code, output, "")
+
+
+def _average_of_dumps(dumps: list[Path]) -> dict[str, torch.Tensor]:
+    replies = [torch.load(p, weights_only=True) for p in dumps]
+    total = sum(r["num-examples"] for r in replies)
+    keys = replies[0]["state_dict"]
+    return {
+        k: sum(r["state_dict"][k].double() * r["num-examples"] / total for r in replies)
+        for k in keys
+    }
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_crashing_hospital_is_dropped_and_survivors_are_averaged(flwr_home, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "federation.min_replies=2", f"output_dir={run_dir}"]
+    result = _run_fault_app(flwr_home, tmp_path, overrides, fail_partitions="1", fail_round=2)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    rows = _rows(run_dir)
+    assert [r["replies"] for r in rows] == [3, 2]
+    assert len(rows[1]["failed_nodes"]) == 1
+    reason = rows[1]["failures"][str(rows[1]["failed_nodes"][0])]
+    assert "OSError" in reason
+    assert "JohnDoe" not in reason and "/srv" not in reason and ".bmp" not in reason
+
+    survivors = sorted((tmp_path / "dumps").glob("round2_partition*.pt"))
+    assert [p.name for p in survivors] == ["round2_partition0.pt", "round2_partition2.pt"]
+    expected = _average_of_dumps(survivors)
+    got = load_checkpoint(run_dir / "checkpoints" / "round_002.pt")["state_dict"]
+    for key, tensor in got.items():
+        torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
+
+
+def test_all_hospitals_failing_stops_the_run_and_keeps_the_last_checkpoint(flwr_home, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, f"output_dir={run_dir}"]
+    result = _run_fault_app(flwr_home, tmp_path, overrides, fail_partitions="0,1,2", fail_round=2)
+    log = result.stdout
+    assert result.returncode != 0, log[-4000:]
+    assert "0 good replies, at least 3 required" in log
+    assert "finished:failed" in log.splitlines()[-1]
+
+    last = load_checkpoint(run_dir / "checkpoints" / "round_001.pt")
+    expected = _average_of_dumps(sorted((tmp_path / "dumps").glob("round1_partition*.pt")))
+    for key, tensor in last["state_dict"].items():
+        torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
+    assert not (run_dir / "checkpoints" / "round_002.pt").exists()
+    assert not (run_dir / "final_model.pt").exists()
+
+
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    rounds = [*TINY, "federation.rounds=3"]
+    simulate = str(BIN / "w3s-simulate")
+
+    whole_home = tmp_path / "home_whole"
+    whole_home.mkdir()
+    try:
+        whole = run(
+            [simulate, *rounds, f"output_dir={tmp_path / 'whole'}"],
+            env=flower_env(whole_home),
+            timeout_s=600,
+            cwd=tmp_path,
+        )
+    finally:
+        stop_processes(str(whole_home))
+    assert whole.returncode == 0, (whole.stdout + whole.stderr)[-4000:]
+
+    resumed_dir = tmp_path / "resumed"
+    killed_home = tmp_path / "home_killed"
+    killed_home.mkdir()
+    process = subprocess.Popen(
+        [simulate, *rounds, f"output_dir={resumed_dir}"],
+        env=flower_env(killed_home),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (resumed_dir / "checkpoints" / "round_001.pt").exists():
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.2)
+    finally:
+        stop_processes(str(killed_home))
+        process.wait(timeout=30)
+    assert not (resumed_dir / "final_model.pt").exists()
+
+    again_home = tmp_path / "home_again"
+    again_home.mkdir()
+    try:
+        again = run(
+            [simulate, *rounds, f"output_dir={resumed_dir}", "resume=true"],
+            env=flower_env(again_home),
+            timeout_s=600,
+            cwd=tmp_path,
+        )
+    finally:
+        stop_processes(str(again_home))
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert "resuming from" in log, "\n".join(x for x in log.splitlines() if "server_app" in x)
+
+    assert [r["round"] for r in _rows(resumed_dir)] == [1, 2, 3]
+    a = load_checkpoint(tmp_path / "whole" / "final_model.pt")["state_dict"]
+    b = load_checkpoint(resumed_dir / "final_model.pt")["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
