@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -22,11 +23,25 @@ def _fail(msg: Message, context: Context) -> Message:
     raise OSError("cannot read /srv/hospital/patient_JohnDoe_1234.bmp")
 
 
+def _partitions(context: Context, key: str) -> set[int]:
+    return {int(p) for p in str(context.run_config[key]).split(",") if p}
+
+
 def _should_fail(msg: Message, context: Context) -> bool:
-    failing = {int(p) for p in str(context.run_config["fail-partitions"]).split(",") if p}
     server_round = int(msg.content["config"]["server-round"])
     partition = int(context.node_config["partition-id"])
-    return partition in failing and server_round >= int(context.run_config["fail-round"])
+    return partition in _partitions(context, "fail-partitions") and server_round >= int(
+        context.run_config["fail-round"]
+    )
+
+
+def _straggle(msg: Message, context: Context) -> None:
+    server_round = int(msg.content["config"]["server-round"])
+    partition = int(context.node_config["partition-id"])
+    if partition in _partitions(context, "slow-partitions") and server_round == int(
+        context.run_config["slow-round"]
+    ):
+        time.sleep(float(context.run_config["slow-seconds"]))
 
 
 @app.train()
@@ -34,6 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     """Fail when configured; otherwise run the real handler and save its reply."""
     if _should_fail(msg, context):
         return _fail(msg, context)
+    _straggle(msg, context)
     reply = real_train(msg, context)
     dump_dir = Path(str(context.run_config["dump-dir"]))
     server_round = int(msg.content["config"]["server-round"])

@@ -29,17 +29,15 @@ def flwr_home(tmp_path):
 
 
 def _run_fault_app(
-    home: Path, tmp_path: Path, overrides: list[str], fail_partitions: str, fail_round: int
+    home: Path, tmp_path: Path, overrides: list[str], **faults: str | int | float
 ) -> subprocess.CompletedProcess:
+    """Run the fault app; ``faults`` are its run-config keys with _ for -, e.g. fail_round=2."""
     dumps = tmp_path / "dumps"
     dumps.mkdir()
+    settings = {"overrides": " ".join(overrides), "dump-dir": str(dumps)}
+    settings.update({key.replace("_", "-"): value for key, value in faults.items()})
     run_config = tmp_path / "run_config.toml"
-    run_config.write_text(
-        f"overrides = {json.dumps(' '.join(overrides))}\n"
-        f"fail-partitions = {json.dumps(fail_partitions)}\n"
-        f"fail-round = {fail_round}\n"
-        f"dump-dir = {json.dumps(str(dumps))}\n"
-    )
+    run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
     command = [
         str(BIN / "flwr"),
         "run",
@@ -104,6 +102,36 @@ def test_all_hospitals_failing_stops_the_run_and_keeps_the_last_checkpoint(flwr_
         torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
     assert not (run_dir / "checkpoints" / "round_002.pt").exists()
     assert not (run_dir / "final_model.pt").exists()
+
+
+def test_a_straggler_is_dropped_and_its_late_reply_never_counts(flwr_home, tmp_path):
+    # Round 1 includes Ray's start-up, so the straggler comes in round 2 of 3, when the
+    # round timeout can be short; it still finishes (and saves its reply) during round 3.
+    run_dir = tmp_path / "run"
+    overrides = [
+        *TINY,
+        "federation.rounds=3",
+        "federation.min_replies=2",
+        "federation.round_timeout_s=45",
+        f"output_dir={run_dir}",
+    ]
+    result = _run_fault_app(
+        flwr_home, tmp_path, overrides, slow_partitions="1", slow_round=2, slow_seconds=80.0
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert [r["replies"] for r in _rows(run_dir)] == [3, 2, 3]
+
+    dumps = tmp_path / "dumps"
+    assert (dumps / "round2_partition1.pt").exists()  # the straggler did finish, too late
+    expectations = {
+        2: [dumps / "round2_partition0.pt", dumps / "round2_partition2.pt"],
+        3: sorted(dumps.glob("round3_partition*.pt")),
+    }
+    for server_round, replies in expectations.items():
+        expected = _average_of_dumps(replies)
+        path = run_dir / "checkpoints" / f"round_{server_round:03d}.pt"
+        for key, tensor in load_checkpoint(path)["state_dict"].items():
+            torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
 
 
 def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
