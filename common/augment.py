@@ -42,6 +42,11 @@ def build_train_transform(
         steps.append(v2.RandomHorizontalFlip())
     if augment["vflip"]:
         steps.append(v2.RandomVerticalFlip())
+    if any(augment["color_jitter"]):
+        brightness, contrast, saturation, hue = augment["color_jitter"]
+        steps.append(v2.ColorJitter(brightness, contrast, saturation, hue))
+    if augment["grayscale_p"] > 0:
+        steps.append(v2.RandomGrayscale(p=augment["grayscale_p"]))
     if augment["randaugment_ops"] > 0:
         steps.append(
             v2.RandAugment(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common.augment import build_train_transform, normalise
+from common.batches import BatchBuilder
 from common.data import SplitTensors
 from common.localization import fused_maps, normalise_maps
 from common.metrics import average_precision, binary_miou_sweep
@@ -79,6 +80,7 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     transform = build_train_transform(cfg["augment"], model.img_size)
+    batches = BatchBuilder(data, model.num_classes, transform, cfg["levers"], generator)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=cfg["eps"]
     )
@@ -96,8 +98,8 @@ def train_local(
             lr = learning_rate(cfg, start_epoch + epoch + step / steps_per_epoch, total_epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = torch.stack([transform(data.images[i]) for i in index.tolist()]).to(device)
-            targets = one_hot(data.labels[index], model.num_classes).to(device)
+            images, targets = batches.batch(index)
+            images, targets = images.to(device), targets.to(device)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = mct_loss(model(images), targets)
             if not torch.isfinite(loss):
