@@ -34,6 +34,14 @@ def model_payload(arrays: ArrayRecord, cfg: DictConfig, server_round: int) -> di
 LOGGED_METRICS = ("train-loss", "val-loss", "val-accuracy", "val-map", "val-loc-miou")
 
 
+def current_rss_mb() -> float:
+    """This process's resident memory now (not the peak), to watch for growth over rounds."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _fmt(metrics: dict[str, float]) -> str:
     shown = [f"{k} {v:.4f}" for k, v in metrics.items() if k in LOGGED_METRICS]
     return " ".join(shown) or "-"
@@ -93,6 +101,7 @@ class RoundRecorder:
             "train": report.train,
             "evaluate": report.evaluate,
             "hospitals": {self.hospitals[i]: m for i, m in sorted(report.per_hospital.items())},
+            "server-rss-mb": current_rss_mb(),
         }
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
