@@ -35,7 +35,7 @@ LOGGED_METRICS = ("train-loss", "val-loss", "val-accuracy", "val-map", "val-loc-
 
 
 def current_rss_mb() -> float:
-    """This process's resident memory now (not the peak), to watch for growth over rounds."""
+    """Resident memory of the server process now (not the peak), to watch growth over rounds."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
