@@ -89,13 +89,14 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
     """Compose this node's config: the run's overrides, plus its own data root when deployed.
 
     The run config comes from the server side and is the same for every hospital; only a
-    SuperNode's ``data-root`` node config says where this hospital's images are on its disk.
+    SuperNode's ``data-root`` node config says where this hospital's images are on its disk
+    (ignored for formats without files, such as the synthetic hospitals).
     """
     setup_logging()
     overrides = str(context.run_config["overrides"])
     cfg = _config(overrides)
     index, name = _hospital(context, cfg)
-    if "data-root" in context.node_config:
+    if "data-root" in context.node_config and "root" in cfg.data.hospitals[name]:
         root = str(context.node_config["data-root"])
         cfg = _config(f"{overrides} {shlex.quote(f'data.hospitals.{name}.root={root}')}")
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))

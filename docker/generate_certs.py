@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Make the federation's TLS certificates, SuperNode keys and SuperExec secrets.
 
-Only what is missing is made, so running it again is safe; delete a file to renew it.
+Only what is missing is made (and a SuperLink certificate that lacks a requested name or comes
+from an older CA), so running it again is safe; delete a file to renew it.
 
   server                 the federation CA, the SuperLink certificate, the ServerApp SuperExec
                          secret                                           -> OUT/server/
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -39,7 +41,7 @@ CA_DAYS = 3650
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
@@ -129,13 +131,19 @@ def make_server_cert(
     return key, cert
 
 
-def cert_names(path: Path) -> set[str]:
-    """The DNS names and IP addresses a certificate file is valid for."""
+def cert_is_current(path: Path, ca_cert: x509.Certificate, names: Iterable[str]) -> bool:
+    """Whether ``path`` exists, was signed by ``ca_cert`` and is valid for every name."""
+    if not path.exists():
+        return False
     cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return {str(n) for n in sans.get_values_for_type(x509.DNSName)} | {
-        str(n) for n in sans.get_values_for_type(x509.IPAddress)
-    }
+    valid_for = {str(n) for n in sans.get_values_for_type(x509.DNSName)}
+    valid_for |= {str(n) for n in sans.get_values_for_type(x509.IPAddress)}
+    return set(names) <= valid_for
 
 
 def _unique(names: Iterable[str]) -> list[str]:
@@ -152,7 +160,7 @@ def server(out: Path, extra_sans: Sequence[str], days: int) -> None:
     """CA, SuperLink certificate and ServerApp SuperExec secret in ``out``.
 
     The CA is kept once made: hospitals trust its ca.crt. The SuperLink certificate is
-    re-issued (same CA) when it does not cover a requested name.
+    re-issued when it lacks a requested name or was signed by another (an older) CA.
     """
     ca_key_file, ca_file = out / "ca.key", out / "ca.crt"
     if ca_file.exists() != ca_key_file.exists():
@@ -166,7 +174,7 @@ def server(out: Path, extra_sans: Sequence[str], days: int) -> None:
 
     sans = _unique([*SUPERLINK_SANS, *extra_sans])
     cert_file = out / "superlink.crt"
-    if not cert_file.exists() or not set(sans) <= cert_names(cert_file):
+    if not cert_is_current(cert_file, ca_cert, sans):
         key, cert = make_server_cert(ca_key, ca_cert, sans, days)
         _write(out / "superlink.key", _pem_key(key), private=True)
         _write(cert_file, _pem_cert(cert), private=False)
@@ -231,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.hospital:
             parser.error("federation needs at least one --hospital NAME")
         for name in args.hospital:
-            hospital(args.out / "hospitals" / name, name, args.days)
-            shutil.copyfile(args.out / "server" / "ca.crt", args.out / "hospitals" / name / "ca.crt")
+            folder = args.out / "hospitals" / name
+            hospital(folder, name, args.days)
+            shutil.copyfile(args.out / "server" / "ca.crt", folder / "ca.crt")
     if args.owner:
         chown_tree(args.out, args.owner)
 

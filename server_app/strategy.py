@@ -70,12 +70,14 @@ class GuardedFedAvg(FedAvg):
     def __init__(self, *, num_hospitals: int, min_replies: int, round_offset: int = 0) -> None:
         if not 1 <= min_replies <= num_hospitals:
             raise ValueError(f"min_replies must be in 1..{num_hospitals}, got {min_replies}")
+        # Every connected hospital is sampled (fraction 1.0); a round starts once min_replies
+        # of them are connected, so one hospital down does not stall the federation forever.
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,
-            min_train_nodes=num_hospitals,
-            min_evaluate_nodes=num_hospitals,
-            min_available_nodes=num_hospitals,
+            min_train_nodes=min_replies,
+            min_evaluate_nodes=min_replies,
+            min_available_nodes=min_replies,
             weighted_by_key=WEIGHT_KEY,
         )
         self.min_replies = min_replies
@@ -84,6 +86,7 @@ class GuardedFedAvg(FedAvg):
         self.round_offset = round_offset
         self.report = RoundReport()
         self._reference: dict[str, ArraySpec] = {}
+        self._sent: list[Message] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -91,18 +94,38 @@ class GuardedFedAvg(FedAvg):
         """Remember the global model's shapes and dtypes: every reply must match them."""
         self._reference = array_specs(arrays)
         self.report = RoundReport()
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        return self._remember(
+            super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Tell clients the true round number when resuming."""
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        return self._remember(
+            super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        )
+
+    def _remember(self, messages: Iterable[Message]) -> list[Message]:
+        """Keep the outgoing messages: the grid gives them ids when it sends them.
+
+        A reply that Flower makes up for an unreachable node carries the SuperLink as its
+        source, so failures are attributed through the message they answer instead.
+        """
+        self._sent = list(messages)
+        return self._sent
+
+    def _node_of(self, reply: Message) -> int:
+        answered = reply.metadata.reply_to_message_id
+        for sent in self._sent:
+            if sent.metadata.message_id == answered:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _sort_replies(self, replies: Iterable[Message], check_arrays: bool) -> list[Message]:
         good = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._node_of(msg)
             if msg.has_error():
                 self.report.failed[node] = msg.error.reason
                 log.warning("node %d failed: %s", node, msg.error.reason)

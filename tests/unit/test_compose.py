@@ -1,0 +1,322 @@
+"""The docker/ deployment files: services, images, flags, mounts, TLS and SuperNode auth on.
+
+No docker engine is needed: the compose files are read as YAML, ``${VAR:-default}`` is filled in
+the way compose does, and every certificate path a service is given is checked against what
+docker/generate_certs.py makes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+ONE_MACHINE = DOCKER / "compose.yml"
+SERVER = DOCKER / "server" / "compose.yml"
+HOSPITAL = DOCKER / "hospital" / "compose.yml"
+GPU = DOCKER / "gpu.override.yml"
+HOSPITAL_GPU = DOCKER / "hospital" / "gpu.override.yml"
+PRODUCTION = [ONE_MACHINE, SERVER, HOSPITAL, GPU, HOSPITAL_GPU, DOCKER / "Dockerfile"]
+# What a hospital machine's .env would say, for the files that require it.
+ENV = {
+    "SUPERLINK_ADDRESS": "fl.example.org",
+    "HOSPITAL": "dataset1",
+    "HOSPITAL_DATA": "/srv/wbc",
+    "SUPERLINK": "fl.example.org:8000",
+}
+REMOVED_FLAGS = (
+    "--fleet-api-address",
+    "--control-api-address",
+    "--serverappio-api-address",
+    "--clientappio-api-address",
+    "--appio-api-address",
+    "--plugin-type",
+    "--auth-list-public-keys",
+    "--auth-supernode-public-key",
+)
+# Flags that name a certificate, key or secret file.
+CERT_FLAGS = (
+    "--ssl-ca-certfile",
+    "--ssl-certfile",
+    "--ssl-keyfile",
+    "--root-certificates",
+    "--auth-supernode-private-key",
+    "--superexec-auth-secret-file",
+)
+HOSPITAL_SERVICES = [f"{kind}-{n}" for n in (1, 2, 3) for kind in ("supernode", "clientapp")]
+
+
+def interpolate(value, env=ENV):
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``, over a parsed file."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def fill(match: re.Match) -> str:
+        name, op, default = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if op == "?":
+            raise KeyError(f"{name} is required: {default}")
+        return default or ""
+
+    return re.sub(r"\$\{(\w+)(?::([-?])([^}]*))?\}", fill, value)
+
+
+def load(path: Path) -> dict:
+    return interpolate(yaml.safe_load(path.read_text()))
+
+
+def args(service: dict) -> list[str]:
+    """The process's arguments: entrypoint flags (an image's own entrypoint dropped) + command."""
+    entrypoint = service.get("entrypoint", [])
+    return [*entrypoint[1:], *service.get("command", [])]
+
+
+def flag(service: dict, name: str) -> str:
+    values = [a.split("=", 1)[1] for a in args(service) if a.startswith(f"{name}=")]
+    assert len(values) == 1, f"{name} given {len(values)} times: {args(service)}"
+    return values[0]
+
+
+def mounts(service: dict) -> list[dict]:
+    """Volumes in long form: {type, source, target, read_only}."""
+    result = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            result.append(volume)
+            continue
+        source, target, *mode = volume.split(":")
+        kind = "bind" if source.startswith((".", "/")) else "volume"
+        read_only = mode == ["ro"]
+        result.append({"type": kind, "source": source, "target": target, "read_only": read_only})
+    return result
+
+
+def host_path(compose_file: Path, service: dict, container_path: str) -> Path:
+    """Where a file a service is given lives on the host, through the mount that holds it."""
+    path = PurePosixPath(container_path)
+    for mount in mounts(service):
+        target = PurePosixPath(mount["target"])
+        if mount["type"] == "bind" and (path == target or target in path.parents):
+            return (compose_file.parent / mount["source"] / path.relative_to(target)).resolve()
+    raise AssertionError(f"{container_path} is not inside any bind mount of {service}")
+
+
+@pytest.fixture(scope="module")
+def generate_certs():
+    spec = importlib.util.spec_from_file_location("generate_certs", DOCKER / "generate_certs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("path", PRODUCTION, ids=lambda p: str(p.relative_to(DOCKER)))
+def test_no_production_file_turns_tls_off(path):
+    assert "--insecure" not in path.read_text()
+
+
+@pytest.mark.parametrize("path", PRODUCTION, ids=lambda p: str(p.relative_to(DOCKER)))
+def test_no_flag_that_flower_1_42_removed_or_deprecated(path):
+    text = path.read_text()
+    assert [f for f in REMOVED_FLAGS if f in text] == []
+
+
+def test_one_machine_has_the_federation_services():
+    services = load(ONE_MACHINE)["services"]
+    assert sorted(services) == sorted(["setup", "superlink", "serverapp", *HOSPITAL_SERVICES])
+    assert services["setup"]["profiles"] == ["setup"]
+
+
+@pytest.mark.parametrize("path", [ONE_MACHINE, SERVER, HOSPITAL], ids=["one", "server", "hosp"])
+def test_images_are_flower_1_42_or_the_app_image(path):
+    for name, service in load(path)["services"].items():
+        image = service["image"]
+        if name.startswith(("superlink", "supernode")):
+            assert re.fullmatch(rf"flwr/{name.split('-')[0]}:1\.42\.\d+", image), image
+        else:
+            assert re.fullmatch(r"fl-w3s:1\.42\.\d+-cpu", image), image
+            assert service["build"]["dockerfile"] == "docker/Dockerfile"
+            assert (path.parent / service["build"]["context"] / "docker/Dockerfile").is_file()
+
+
+def test_dockerfile_builds_on_flower_superexec_1_42_and_runs_as_app():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^ARG FLWR_VERSION=1\.42\.\d+$", text, re.M)
+    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}", text, re.M)
+    assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
+    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in text
+    users = re.findall(r"^USER (\w+)$", text, re.M)
+    assert users[-1] == "app"
+    assert re.search(r"^ENTRYPOINT \[\"flower-superexec\"\]$", text, re.M)
+
+
+@pytest.mark.parametrize("path", [ONE_MACHINE, SERVER], ids=["one", "server"])
+def test_superlink_serves_tls_with_supernode_auth_and_keeps_its_state(path):
+    compose = load(path)
+    link = compose["services"]["superlink"]
+    assert "--enable-supernode-auth" in args(link)
+    for name in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert flag(link, name).startswith("/app/certs/")
+    assert flag(link, "--host") == "0.0.0.0"
+    assert flag(link, "--isolation") == "process"
+    database = PurePosixPath(flag(link, "--database"))
+    state = [m for m in mounts(link) if m["type"] == "volume"]
+    assert [m["target"] for m in state] == [str(database.parent)]
+    assert state[0]["source"] in compose["volumes"]
+    assert flag(link, "--port") == "8000"
+    assert [p.split(":")[-1] for p in link["ports"]] == ["8000"]
+
+
+@pytest.mark.parametrize("path", [ONE_MACHINE, SERVER], ids=["one", "server"])
+def test_serverapp_reaches_the_superlink_over_tls_and_writes_to_a_named_volume(path):
+    compose = load(path)
+    serverapp = compose["services"]["serverapp"]
+    assert flag(serverapp, "--runtime-api-address") == "superlink:8000"
+    assert flag(serverapp, "--root-certificates") == "/app/certs/ca.crt"
+    assert flag(serverapp, "--superexec-auth-secret-file")
+    # The ServerApp arrives with each run: it sees the CA certificate, never a private key.
+    targets = {m["target"]: m for m in mounts(serverapp)}
+    assert sorted(targets) == ["/app/certs/ca.crt", "/app/certs/superexec.secret", "/app/outputs"]
+    assert targets["/app/outputs"]["type"] == "volume"
+    assert targets["/app/outputs"]["source"] in compose["volumes"]
+
+
+def supernodes(path: Path) -> dict[str, dict]:
+    return {n: s for n, s in load(path)["services"].items() if n.startswith("supernode")}
+
+
+@pytest.mark.parametrize("path", [ONE_MACHINE, HOSPITAL], ids=["one", "hosp"])
+def test_each_supernode_authenticates_names_its_hospital_and_serves_its_clientapp_over_tls(path):
+    names = []
+    for supernode in supernodes(path).values():
+        assert flag(supernode, "--root-certificates") == "/app/certs/ca.crt"
+        assert flag(supernode, "--auth-supernode-private-key") == "/app/certs/supernode.key"
+        node_config = flag(supernode, "--node-config")
+        match = re.fullmatch(r'hospital="(\w+)" data-root="/data"', node_config)
+        assert match, node_config
+        names.append(match.group(1))
+        assert flag(supernode, "--isolation") == "process"
+        for name in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"):
+            assert flag(supernode, name).startswith("/app/certs/")
+        assert all(m["read_only"] for m in mounts(supernode))
+    assert len(set(names)) == len(names) >= 1
+    superlink = {flag(s, "--superlink") for s in supernodes(path).values()}
+    assert superlink == ({"superlink:8000"} if path == ONE_MACHINE else {ENV["SUPERLINK"]})
+
+
+def clientapps(path: Path) -> dict[str, dict]:
+    return {n: s for n, s in load(path)["services"].items() if n.startswith("clientapp")}
+
+
+def dns_names(compose: dict, network: str) -> dict[str, set[str]]:
+    """Which service answers to which name on ``network``: its own name and its aliases."""
+    names = {}
+    for name, service in compose["services"].items():
+        networks = service.get("networks", [])
+        if network in networks:
+            settings = networks[network] if isinstance(networks, dict) else None
+            names[name] = {name, *((settings or {}).get("aliases", []))}
+    return names
+
+
+@pytest.mark.parametrize("path", [ONE_MACHINE, HOSPITAL], ids=["one", "hosp"])
+def test_clientapps_read_data_read_only_and_talk_to_their_supernode_only(path):
+    compose = load(path)
+    for name, clientapp in clientapps(path).items():
+        assert flag(clientapp, "--runtime-api-address") == "supernode:9094"
+        assert flag(clientapp, "--root-certificates") == "/app/certs/runtime-ca.crt"
+        # It runs code that arrives with each run: the images read-only, no SuperNode key.
+        targets = {m["target"]: m for m in mounts(clientapp)}
+        assert sorted(targets) == [
+            "/app/certs/runtime-ca.crt",
+            "/app/certs/superexec.secret",
+            "/data",
+        ]
+        assert all(m["read_only"] for m in targets.values())
+        (network,) = clientapp["networks"]
+        assert compose["networks"][network] == {"internal": True}
+        answering = [
+            n for n, aliases in dns_names(compose, network).items() if "supernode" in aliases
+        ]
+        assert answering == [name.replace("clientapp", "supernode")]
+
+
+def test_hospital_file_is_parameterised_by_name_data_and_superlink_address():
+    raw = HOSPITAL.read_text()
+    for variable in ("HOSPITAL", "HOSPITAL_DATA", "SUPERLINK"):
+        assert f"${{{variable}:?" in raw
+    other = {"HOSPITAL": "raabin", "HOSPITAL_DATA": "/mnt/r", "SUPERLINK": "10.0.0.5:8000"}
+    compose = interpolate(yaml.safe_load(raw), other)
+    supernode, clientapp = compose["services"]["supernode"], compose["services"]["clientapp"]
+    assert flag(supernode, "--superlink") == "10.0.0.5:8000"
+    assert flag(supernode, "--node-config").startswith('hospital="raabin"')
+    assert [m["source"] for m in mounts(clientapp) if m["target"] == "/data"] == ["/mnt/r"]
+
+
+def test_split_files_run_the_same_flags_as_the_one_machine_file():
+    one = load(ONE_MACHINE)["services"]
+    server, hospital = load(SERVER)["services"], load(HOSPITAL)["services"]
+
+    def names(service):
+        return sorted(a.split("=")[0] for a in args(service))
+
+    assert names(server["superlink"]) == names(one["superlink"])
+    assert names(server["serverapp"]) == names(one["serverapp"])
+    assert names(hospital["supernode"]) == names(one["supernode-1"])
+    assert names(hospital["clientapp"]) == names(one["clientapp-1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "base"), [(GPU, ONE_MACHINE), (HOSPITAL_GPU, HOSPITAL)], ids=["one", "hosp"]
+)
+def test_gpu_override_reserves_a_gpu_for_every_clientapp_and_nothing_else(override, base):
+    services = load(override)["services"]
+    assert sorted(services) == sorted(clientapps(base))
+    for service in services.values():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert service["build"]["args"]["TORCH_VARIANT"].startswith("cu")
+        assert service["image"].endswith(service["build"]["args"]["TORCH_VARIANT"])
+
+
+def generator_args(setup: dict) -> list[str]:
+    """The generate_certs.py arguments of a setup service, run directly or through sh -c."""
+    if setup["entrypoint"][:2] == ["/bin/sh", "-c"]:
+        argv = shlex.split(setup["command"][0].split("&&")[0])
+    else:
+        argv = [*setup["entrypoint"], *setup["command"]]
+    return argv[argv.index("/opt/generate_certs.py") + 1 :]
+
+
+@pytest.mark.parametrize("path", [ONE_MACHINE, SERVER, HOSPITAL], ids=["one", "server", "hosp"])
+def test_every_certificate_path_is_a_file_that_setup_makes(path, generate_certs, tmp_path):
+    """Run the generator as the file's setup service does, then follow every service's mounts."""
+    compose = load(path)
+    setup = compose["services"]["setup"]
+    (certs,) = [m for m in mounts(setup) if m["target"] == "/certs"]
+    argv = [a for a in generator_args(setup) if not a.startswith(("--owner", "--out"))]
+    generate_certs([*argv, f"--out={tmp_path}"])
+    # The SuperNode's ca.crt comes from the federation operator on a hospital machine.
+    if path == HOSPITAL:
+        generate_certs(["server", f"--out={tmp_path}"])
+        hospital = tmp_path / "hospitals" / ENV["HOSPITAL"]
+        (hospital / "ca.crt").write_bytes((tmp_path / "server" / "ca.crt").read_bytes())
+    checked = 0
+    for name, service in compose["services"].items():
+        for arg in args(service):
+            key, _, value = arg.partition("=")
+            if key in CERT_FLAGS:
+                on_host = host_path(path, service, value)
+                relative = on_host.relative_to((path.parent / certs["source"]).resolve())
+                assert (tmp_path / relative).is_file(), (name, arg)
+                checked += 1
+    assert checked >= 4

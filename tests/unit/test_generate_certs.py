@@ -1,0 +1,115 @@
+"""docker/generate_certs.py: certificates that verify, keys that Flower accepts, safe re-runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "generate_certs.py"
+
+
+@pytest.fixture(scope="module")
+def generate():
+    spec = importlib.util.spec_from_file_location("generate_certs", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def names(certificate: x509.Certificate) -> set[str]:
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(sans.get_values_for_type(x509.DNSName)) | {
+        str(ip) for ip in sans.get_values_for_type(x509.IPAddress)
+    }
+
+
+def snapshot(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def federation(generate, tmp_path) -> Path:
+    generate(["federation", f"--out={tmp_path}", "--hospital=a", "--hospital=b", "--san=fl.org"])
+    return tmp_path
+
+
+def test_superlink_certificate_is_signed_by_the_ca_for_every_name_nodes_dial(federation):
+    ca, superlink = cert(federation / "server/ca.crt"), cert(federation / "server/superlink.crt")
+    superlink.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert names(superlink) == {"superlink", "localhost", "127.0.0.1", "fl.org"}
+    ip = superlink.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ip.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+
+
+def test_each_hospital_gets_the_federation_ca_and_its_own_runtime_tls(federation):
+    ca = (federation / "server/ca.crt").read_bytes()
+    runtime_cas = set()
+    for hospital in ("a", "b"):
+        folder = federation / "hospitals" / hospital
+        assert (folder / "ca.crt").read_bytes() == ca
+        runtime_ca = cert(folder / "runtime-ca.crt")
+        cert(folder / "runtime.crt").verify_directly_issued_by(runtime_ca)
+        assert "supernode" in names(cert(folder / "runtime.crt"))
+        runtime_cas.add(runtime_ca.fingerprint(runtime_ca.signature_hash_algorithm))
+        assert not (folder / "runtime-ca.key").exists()
+    assert len(runtime_cas) == 2
+
+
+def test_flower_accepts_the_supernode_key_pair(federation):
+    folder = federation / "hospitals" / "a"
+    public = try_load_public_key(folder / "supernode.pub")
+    private = load_ssh_private_key((folder / "supernode.key").read_bytes(), None)
+    assert public_key_to_bytes(private.public_key()) == public
+    assert (folder / "supernode.pub").read_text().rstrip().endswith(" a")
+
+
+def test_private_files_are_readable_by_their_owner_only(federation):
+    private = {"ca.key", "superlink.key", "supernode.key", "runtime.key", "superexec.secret"}
+    found = [p for p in federation.rglob("*") if p.name in private]
+    assert len(found) == 3 + 2 * 3
+    for path in found:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_superexec_secret_is_exact_bytes_without_a_newline(federation):
+    secret = (federation / "server/superexec.secret").read_bytes()
+    assert len(secret) == 64 and int(secret, 16) >= 0
+
+
+def test_running_again_changes_nothing(generate, federation):
+    before = snapshot(federation)
+    generate(["federation", f"--out={federation}", "--hospital=a", "--hospital=b", "--san=fl.org"])
+    assert snapshot(federation) == before
+
+
+def test_a_new_name_or_a_new_ca_reissues_the_superlink_certificate_only(generate, federation):
+    key = (federation / "hospitals/a/supernode.key").read_bytes()
+    generate(["server", f"--out={federation}", "--san=fl.org", "--san=10.0.0.7"])
+    assert "10.0.0.7" in names(cert(federation / "server/superlink.crt"))
+
+    (federation / "server/ca.crt").unlink()
+    (federation / "server/ca.key").unlink()
+    generate(["server", f"--out={federation}", "--san=fl.org"])
+    cert(federation / "server/superlink.crt").verify_directly_issued_by(
+        cert(federation / "server/ca.crt")
+    )
+    assert (federation / "hospitals/a/supernode.key").read_bytes() == key
+
+
+def test_a_ca_without_its_key_is_refused(generate, federation):
+    (federation / "server/ca.key").unlink()
+    with pytest.raises(SystemExit, match="both exist or both be absent"):
+        generate(["server", f"--out={federation}"])
