@@ -102,7 +102,14 @@ def through_flower(overrides: list[str], rounds: int) -> tuple[float, list[dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads of the in-process loop (Flower runs 2 one-thread clients on 2 cores)",
+    )
     args, overrides = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
     plain = in_process(overrides, args.rounds)
     wall, rows = through_flower(overrides, args.rounds)
     flower = [r["seconds"] for r in rows]
@@ -119,7 +126,10 @@ def main() -> None:
         platform.processor(),
     )
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"config: {' '.join(overrides) or '(default)'}, rounds {args.rounds}")
+    print(
+        f"config: {' '.join(overrides) or '(default)'}, rounds {args.rounds}, "
+        f"in-process threads {args.threads}"
+    )
     print("| | round 1 s | steady round s (median of rounds 2..) |")
     print("|---|---|---|")
     print(f"| in-process loop | {plain[0]:.1f} | {steady_plain:.1f} |")
