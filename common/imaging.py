@@ -9,6 +9,11 @@ import torch
 from torchvision.transforms.v2 import functional as tvf
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous writable view or copy: torch warns on the read-only cached data arrays."""
+    return np.require(array, requirements=["C", "W"])
+
+
 def resize_images(images: Sequence[np.ndarray], side: int) -> torch.Tensor:
     """HxWx3 uint8 images of any sizes -> (B, 3, side, side) uint8, antialiased bilinear.
 
@@ -17,7 +22,7 @@ def resize_images(images: Sequence[np.ndarray], side: int) -> torch.Tensor:
     return torch.stack(
         [
             tvf.resize(
-                torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+                torch.from_numpy(_writable(image)).permute(2, 0, 1),
                 [side, side],
                 antialias=True,
             )
@@ -32,7 +37,7 @@ def resize_labels(labels: Sequence[np.ndarray], side: int) -> torch.Tensor:
     return torch.stack(
         [
             tvf.resize(
-                torch.from_numpy(np.ascontiguousarray(label))[None],
+                torch.from_numpy(_writable(label))[None],
                 [side, side],
                 interpolation=nearest,
             )[0]

@@ -33,12 +33,13 @@ LayerReduce = Literal["sum", "mean"]
 
 
 def _reduce_layers(layers: Sequence[torch.Tensor], reduce: LayerReduce) -> torch.Tensor:
-    stacked = torch.stack(list(layers))
-    if reduce == "sum":
-        return stacked.sum(0)
-    if reduce == "mean":
-        return stacked.mean(0)
-    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    """Sum or mean of per-layer tensors, added in place (no (L, B, T, T) stack in memory)."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    total = layers[0].clone()
+    for layer in layers[1:]:
+        total += layer
+    return total / len(layers) if reduce == "mean" else total
 
 
 def _minmax_per_map(maps: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ def patch_affinity(
     torch.Tensor
         P[b, p, q]: how much patch p attends to patch q.
     """
-    return _reduce_layers([a[:, num_classes:, num_classes:] for a in attentions], reduce)
+    return _reduce_layers(attentions, reduce)[:, num_classes:, num_classes:]
 
 
 def refine_maps(maps: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
@@ -259,11 +260,13 @@ def batch_maps(
     MapBatch
         Per-image maps and the first pass's patch affinity.
     """
-    passes: list[torch.Tensor] = []
+    per_scale: list[torch.Tensor] = []
     affinities: list[torch.Tensor] = []
     for scale in settings.scales:
         side = settings.side(model, scale)
-        scaled = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+        scaled = images
+        if tuple(images.shape[-2:]) != (side, side):
+            scaled = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
         batch = torch.cat([scaled, scaled.flip(-1)]) if settings.hflip else scaled
         output = model(batch, return_attention=True)
         maps = fused_maps(
@@ -278,22 +281,41 @@ def batch_maps(
             maps = refine_maps(maps, affinity)
         if settings.hflip:
             plain, flipped = maps.chunk(2)
-            passes += [plain, flipped.flip(-1)]
-        else:
-            passes.append(maps)
+            maps = plain + flipped.flip(-1)
+        per_scale.append(maps)
         affinities.append(affinity[: len(images)])
-    present = present.to(images.device)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
-    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, size in enumerate(sizes):
-        by_size[tuple(size)].append(index)
-    for size, indices in by_size.items():
-        keep = present[indices]
-        summed = sum(upsample_masked(p[indices], size, keep) for p in passes)
-        for index, maps in zip(indices, minmax_present(summed, keep), strict=True):
-            out[index] = maps.float().cpu()
-    grid = (passes[0].shape[-2], passes[0].shape[-1])
-    return MapBatch(out, affinities[0].float().cpu(), grid)
+    grid = (per_scale[0].shape[-2], per_scale[0].shape[-1])
+    return MapBatch(_to_image_size(per_scale, present, sizes), affinities[0].float().cpu(), grid)
+
+
+def _to_image_size(
+    per_scale: Sequence[torch.Tensor], present: torch.Tensor, sizes: Sequence[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """Upsample, sum over scales and min-max only the present (image, class) maps.
+
+    Equal to the reference's upsample-mask-sum-min-max of every pass: bilinear upsampling is
+    linear, so a scale's two flip passes are summed on their grid first, and absent classes
+    are zero either way. Skipping them saves most of the work on single-label images.
+    """
+    num_classes = per_scale[0].shape[1]
+    out = [torch.zeros((num_classes, *size)) for size in sizes]
+    pairs_by_size: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for image, cls in torch.nonzero(present).tolist():
+        pairs_by_size[tuple(sizes[image])].append((image, cls))
+    for size, pairs in pairs_by_size.items():
+        rows = torch.tensor([image for image, _ in pairs], device=per_scale[0].device)
+        cols = torch.tensor([cls for _, cls in pairs], device=per_scale[0].device)
+        summed = sum(
+            F.interpolate(
+                maps[rows, cols][:, None], size=size, mode="bilinear", align_corners=False
+            )
+            for maps in per_scale
+        )
+        for (image, cls), values in zip(
+            pairs, _minmax_per_map(summed[:, 0]).float().cpu(), strict=True
+        ):
+            out[image][cls] = values
+    return out
 
 
 def generate_maps(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -225,3 +225,59 @@ def score_label_maps(
 
 def _finite_or_none(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
+
+
+SelectBy = Literal["class_aware", "binary"]
+Candidate = TypeVar("Candidate")
+
+
+def select_on_validation(
+    candidates: Sequence[Candidate],
+    predict: Callable[[Candidate], Sequence[np.ndarray]],
+    truths: Sequence[np.ndarray],
+    num_labels: int,
+    *,
+    absent: AbsentPolicy = "skip",
+    select_by: SelectBy = "class_aware",
+) -> tuple[Candidate, SegmentationScores]:
+    """The candidate whose predictions score best on a (validation) split; ties keep the first.
+
+    Only ever pass validation truths here: the reference tunes its seed threshold on the very
+    masks it reports (method.md section 5), which flatters the number.
+
+    Parameters
+    ----------
+    candidates
+        Values to try (thresholds, radii, channel names, ...).
+    predict
+        Candidate -> one label map per image of the split.
+    truths
+        Class-aware ground truth of the same images.
+    num_labels
+        Background + C.
+    absent
+        Absent-class policy.
+    select_by
+        ``"class_aware"`` or ``"binary"`` mIoU.
+
+    Returns
+    -------
+    tuple
+        The best candidate and its scores.
+    """
+    if not candidates:
+        raise ValueError("nothing to select from: the candidate list is empty")
+    scored = [
+        (candidate, score_label_maps(predict(candidate), truths, num_labels, absent))
+        for candidate in candidates
+    ]
+    values = [_selected(scores, select_by) for _, scores in scored]
+    return scored[int(np.nanargmax(values))] if not np.isnan(values).all() else scored[0]
+
+
+def _selected(scores: SegmentationScores, select_by: SelectBy) -> float:
+    if select_by == "class_aware":
+        return scores.class_aware_miou
+    if select_by == "binary":
+        return scores.binary_miou
+    raise ValueError(f"select_by must be 'class_aware' or 'binary', got {select_by!r}")

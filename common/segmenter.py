@@ -234,7 +234,43 @@ def train_segmenter(
             epoch_losses.append(loss.item())
             progress.update(loss=loss.item())
         losses.append(float(np.mean(epoch_losses)) if epoch_losses else math.nan)
+    recalibrate_batchnorm(model, inputs, batch_size, device)
     return losses
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
+) -> None:
+    """Re-estimate BatchNorm running statistics with the final weights ("precise BN").
+
+    MobileNetV3 keeps them with momentum 0.01, a ~70-step memory. Trained from scratch for a
+    few hundred steps, the weights move faster than that, and the stale statistics made the
+    eval-mode model predict background everywhere while train mode segmented well. One
+    unaugmented pass over the training images with a cumulative average fixes them.
+
+    Parameters
+    ----------
+    model
+        The trained segmenter; left in eval mode.
+    images
+        (N, 3, S, S) uint8 training images at the input size.
+    batch_size
+        Images per pass (>= 2; the last incomplete batch is dropped like in training).
+    device
+        Where the model is.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average over all batches of this pass
+    model.train()
+    for first in range(0, len(images) - batch_size + 1, batch_size):
+        model(normalise(images[first : first + batch_size]).to(device))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.eval()
 
 
 @torch.no_grad()

@@ -1,0 +1,133 @@
+"""Files the jobs write at the hospital: PNG label maps, colour overlays, a stage figure.
+
+Label maps are single-channel PNGs holding the label itself (0 background, k = class k - 1 + 1,
+255 uncertain), so any image library reads them back exactly; overlays are for people.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Background is never painted; class k uses PALETTE[(k - 1) % len(PALETTE)].
+PALETTE = np.array(
+    [
+        (230, 25, 75),  # neutrophil: red
+        (60, 180, 75),  # lymphocyte: green
+        (0, 130, 200),  # monocyte: blue
+        (245, 130, 48),  # eosinophil: orange
+        (145, 30, 180),  # basophil: purple
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (0, 128, 128),
+        (170, 110, 40),
+    ],
+    dtype=np.float64,
+)
+UNCERTAIN_COLOUR = np.array((128, 128, 128), dtype=np.float64)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sample_stem(sample_id: str) -> str:
+    """A file-name-safe stem for a sample id: ``Dataset 1/001.bmp`` -> ``Dataset_1__001``.
+
+    Folder separators become ``__`` so that ids from different folders stay distinct.
+    """
+    without_suffix = str(Path(sample_id).with_suffix("")) if Path(sample_id).suffix else sample_id
+    parts = [_UNSAFE.sub("_", part) for part in Path(without_suffix).parts]
+    return "__".join(part for part in parts if part) or "sample"
+
+
+def save_label_png(path: Path, labels: np.ndarray) -> None:
+    """Write an HxW label map as an 8-bit greyscale PNG holding the labels themselves."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").save(path)
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Read a label map written by :func:`save_label_png`."""
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=np.uint8)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Fully decode an image file into HxWx3 uint8 RGB; PIL raises on corrupt or truncated data."""
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _boundary(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another label (a one-pixel outline)."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Tint each labelled pixel with its class colour and outline the regions.
+
+    Parameters
+    ----------
+    image
+        HxWx3 uint8 RGB.
+    labels
+        HxW label map of the same size (0 background, 255 uncertain, shown grey).
+    alpha
+        Opacity of the tint.
+
+    Returns
+    -------
+    numpy.ndarray
+        HxWx3 uint8 RGB.
+    """
+    out = image.astype(np.float64)
+    labels = np.asarray(labels)
+    colours = PALETTE[(labels.astype(np.int64) - 1) % len(PALETTE)]
+    colours[labels == 255] = UNCERTAIN_COLOUR
+    painted = labels > 0
+    out[painted] = (1 - alpha) * out[painted] + alpha * colours[painted]
+    edge = _boundary(labels) & painted
+    out[edge] = colours[edge]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def save_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
+    """Write :func:`overlay` of an image and its label map as a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay(image, labels)).save(path)
+
+
+def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0, 1] map over an image in a blue-to-red ramp, for looking at raw maps."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0, 1)[..., None]
+    ramp = v * np.array((255.0, 40.0, 0.0)) + (1 - v) * np.array((0.0, 40.0, 255.0))
+    out = (1 - alpha) * image.astype(np.float64) + alpha * ramp
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def save_grid(
+    path: Path, rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], tile: int = 128
+) -> None:
+    """Write a grid of RGB tiles (each resized to ``tile`` px) under a row of column titles."""
+    if not rows or not rows[0]:
+        raise ValueError("a grid needs at least one tile")
+    gap, header = 2, 16
+    columns = max(len(row) for row in rows)
+    height = header + len(rows) * (tile + gap) - gap
+    canvas = Image.new("RGB", (columns * (tile + gap) - gap, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(titles):
+        draw.text((c * (tile + gap) + 3, 2), title, fill=(0, 0, 0), font=ImageFont.load_default())
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            resized = Image.fromarray(picture).resize((tile, tile), Image.Resampling.NEAREST)
+            canvas.paste(resized, (c * (tile + gap), header + r * (tile + gap)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

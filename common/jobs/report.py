@@ -1,0 +1,85 @@
+"""The job's report: ``metrics.json``, the ``metrics.md`` table and a figure of every stage.
+
+Nothing in them names a file or a sample, so the metrics may leave the hospital.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.data.splits import SPLITS
+from common.jobs.artifacts import heatmap, overlay, save_grid
+from common.jobs.stages import Split, Stage
+from common.metrics import SegmentationScores
+
+FIGURE_ROWS = 4
+
+
+def save_figure(
+    path: Path,
+    split: Split,
+    seeds: Sequence[np.ndarray],
+    pseudo: Sequence[np.ndarray],
+    predicted: Sequence[np.ndarray],
+) -> None:
+    """One row per image (the first test images): each stage's output side by side."""
+    titles = ["image", "ground truth", "maps", "seeds", "pseudo-mask", "segmenter"]
+    if split.truth is None:
+        titles.remove("ground truth")
+    rows = []
+    for i in range(min(FIGURE_ROWS, len(split.records))):
+        image = split.data.images[i]
+        row = [image]
+        if split.truth is not None:
+            row.append(overlay(image, split.truth[i]))
+        row += [
+            heatmap(image, split.records[i].maps.amax(0).numpy()),
+            overlay(image, seeds[i]),
+            overlay(image, pseudo[i]),
+            overlay(image, predicted[i]),
+        ]
+        rows.append(row)
+    save_grid(path, rows, titles)
+
+
+def _percent(scores: SegmentationScores | None, key: str) -> str:
+    value = None if scores is None else getattr(scores, key)
+    return "-" if value is None or np.isnan(value) else f"{100 * value:.1f}"
+
+
+def markdown_table(stages: Sequence[Stage]) -> str:
+    """The metrics table: one row per stage, test-split mIoU in percent."""
+    lines = [
+        "| stage | setting (tuned on val) | class-aware mIoU (test) | binary mIoU (test) "
+        "| class-aware mIoU (val) | binary mIoU (val) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in stages:
+        choice = ", ".join(f"{k} {v}" for k, v in stage.choice.items())
+        test, val = stage.scores.get("test"), stage.scores.get("val")
+        lines.append(
+            f"| {stage.name} | {choice} | {_percent(test, 'class_aware_miou')} "
+            f"| {_percent(test, 'binary_miou')} | {_percent(val, 'class_aware_miou')} "
+            f"| {_percent(val, 'binary_miou')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path, summary: dict[str, Any], stages: Sequence[Stage]) -> dict[str, Any]:
+    """``metrics.json`` (everything) and ``metrics.md`` (the table); no paths, no sample ids."""
+    metrics = {**summary, "stages": [stage.to_dict() for stage in stages]}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    header = (
+        f"# {summary['hospital']}: post-training metrics\n\n"
+        f"Model round {summary['round']}; splits train/val/test = "
+        f"{'/'.join(str(summary['images'][s]) for s in SPLITS)} images; class-aware mIoU over "
+        f"background + {len(summary['classes'])} classes, absent classes: {summary['absent']}; "
+        f"choices by {summary['select_by']} mIoU on val.\n\n"
+    )
+    (out / "metrics.md").write_text(header + markdown_table(stages) + "\n", encoding="utf-8")
+    return metrics

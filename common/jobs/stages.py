@@ -1,0 +1,353 @@
+"""The stages of the post-training job, each scored by the same evaluation.
+
+Maps -> seeds, pseudo-masks, segmenter, and the two training-free baselines. Parameters are only
+ever chosen on the validation split; scores are reported on validation and test.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.baselines import disk_mask, label_cells, otsu_mask
+from common.checkpoint import save_atomic
+from common.data import HospitalData, hospital_split
+from common.data.splits import SPLITS
+from common.jobs.artifacts import sample_stem, save_label_png, save_overlay
+from common.localization import MapSettings, generate_maps, save_maps
+from common.metrics import (
+    SegmentationScores,
+    class_aware_truth,
+    score_label_maps,
+    select_on_validation,
+)
+from common.model import MCTFormerV2
+from common.pseudo import (
+    MCT_BACKGROUND,
+    Background,
+    MapRecord,
+    PseudoMasker,
+    ThresholdMasker,
+    argmax_labels,
+    create_masker,
+    stack_background,
+    threshold_labels,
+)
+from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
+
+log = logging.getLogger(__name__)
+
+EVALUATED = ("val", "test")
+
+
+@dataclass
+class Split:
+    """One split of the hospital and its maps.
+
+    Attributes
+    ----------
+    data
+        Images, labels and (when the hospital has them) ground-truth masks.
+    stems
+        File-name stems of the images' outputs.
+    truth
+        Class-aware ground truth (0 background, label + 1 for the cell), or ``None``.
+    records
+        The images' maps, what pseudo-mask methods consume.
+    """
+
+    data: HospitalData
+    stems: list[str]
+    truth: list[np.ndarray] | None
+    records: list[MapRecord]
+
+
+@dataclass
+class Stage:
+    """One row of the metrics table: a stage's choice, scores and time."""
+
+    name: str
+    choice: dict[str, Any]
+    scores: dict[str, SegmentationScores]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "name": self.name,
+            "choice": self.choice,
+            **{split: scores.to_dict() for split, scores in self.scores.items()},
+            "seconds": round(self.seconds, 2),
+        }
+
+
+class Evaluation:
+    """Scores label maps of the evaluated splits and picks parameters on validation.
+
+    Parameters
+    ----------
+    splits
+        All splits of the hospital.
+    num_labels
+        Background + C.
+    cfg
+        The ``evaluation`` config node.
+    """
+
+    def __init__(
+        self, splits: Mapping[str, Split], num_labels: int, cfg: Mapping[str, Any]
+    ) -> None:
+        self.splits = splits
+        self.num_labels = num_labels
+        self.absent = cfg["absent"]
+        self.select_by = cfg["select_by"]
+        self.cfg = cfg
+
+    @property
+    def has_truth(self) -> bool:
+        """Whether the hospital has ground-truth masks (else nothing is scored)."""
+        return self.splits["val"].truth is not None
+
+    def score(self, labels: Mapping[str, Sequence[np.ndarray]]) -> dict[str, SegmentationScores]:
+        """Class-aware and binary mIoU of label maps on every evaluated split."""
+        if not self.has_truth:
+            return {}
+        return {
+            split: score_label_maps(
+                labels[split], self.splits[split].truth or [], self.num_labels, self.absent
+            )
+            for split in EVALUATED
+        }
+
+    def select(
+        self, candidates: Sequence[Any], predict_val: Callable[[Any], Sequence[np.ndarray]]
+    ) -> Any:
+        """The candidate with the best validation mIoU (see ``select_on_validation``)."""
+        return select_on_validation(
+            candidates,
+            predict_val,
+            self.splits["val"].truth or [],
+            self.num_labels,
+            absent=self.absent,
+            select_by=self.select_by,
+        )[0]
+
+
+def make_maps(
+    model: MCTFormerV2, cfg: DictConfig, hospital: str, out: Path, device: torch.device
+) -> dict[str, Split]:
+    """Maps of every split, saved as ``maps/<split>/<stem>.npz``."""
+    settings = MapSettings.from_config(OmegaConf.to_container(cfg.localization))
+    splits = {}
+    for split in SPLITS:
+        data = hospital_split(cfg.data, hospital, split)
+        log.info("%s split: %d images", split, len(data))
+        maps, affinities, grid = generate_maps(
+            model, data.images, data.labels, settings, device=device, batch_size=cfg.batch_size
+        )
+        stems = [sample_stem(sample_id) for sample_id in data.sample_ids]
+        for stem, image_maps in zip(stems, maps, strict=True):
+            save_maps(out / "maps" / split / f"{stem}.npz", image_maps)
+        truth = None
+        if data.masks is not None:
+            truth = [
+                class_aware_truth(mask, int(label))
+                for mask, label in zip(data.masks, data.labels, strict=True)
+            ]
+        records = [
+            MapRecord(image, int(label), image_maps, affinity, grid)
+            for image, label, image_maps, affinity in zip(
+                data.images, data.labels, maps, affinities, strict=True
+            )
+        ]
+        splits[split] = Split(data, stems, truth, records)
+    return splits
+
+
+def _propagate(
+    masker: PseudoMasker, records: Sequence[MapRecord], scores: Sequence[torch.Tensor], chunk: int
+) -> list[torch.Tensor]:
+    """``masker.propagate`` in chunks, so memory stays bounded on large splits."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(records), chunk):
+        out += masker.propagate(records[start : start + chunk], scores[start : start + chunk])
+    return out
+
+
+def label_splits(
+    masker: PseudoMasker,
+    background: Background,
+    splits: Mapping[str, Split],
+    evaluation: Evaluation,
+    chunk: int,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
+    """Label maps of every split from the maps, with the background chosen on validation.
+
+    Returns
+    -------
+    tuple
+        Label maps per split, and the background that was used.
+    """
+    if background.kind == "power":
+        labels = {}
+        for name, split in splits.items():
+            scores = [stack_background(r.maps, background) for r in split.records]
+            walked = _propagate(masker, split.records, scores, chunk)
+            labels[name] = [argmax_labels(s) for s in walked]
+        return labels, {"background": f"(1 - max)^{background.alpha:g}"}
+    foreground = {
+        name: _propagate(masker, split.records, [r.maps for r in split.records], chunk)
+        for name, split in splits.items()
+    }
+    value = background.value
+    if value is None and evaluation.has_truth:
+        value = evaluation.select(
+            list(evaluation.cfg["thresholds"]),
+            lambda t: [threshold_labels(f, t) for f in foreground["val"]],
+        )
+    elif value is None:
+        log.warning("no ground-truth masks to tune the background on; using %s", MCT_BACKGROUND)
+        value = MCT_BACKGROUND
+    labels = {
+        name: [threshold_labels(f, float(value)) for f in scores]
+        for name, scores in foreground.items()
+    }
+    return labels, {"background": float(value)}
+
+
+def save_label_maps(
+    out: Path,
+    folder: str,
+    splits: Mapping[str, Split],
+    labels: Mapping[str, Sequence[np.ndarray]],
+    overlays: bool,
+) -> None:
+    """``<folder>/<split>/<stem>.png`` label maps and ``<folder>/overlays/<split>/`` pictures."""
+    for name, maps in labels.items():
+        split = splits[name]
+        for stem, image, label_map in zip(split.stems, split.data.images, maps, strict=True):
+            save_label_png(out / folder / name / f"{stem}.png", label_map)
+            if overlays:
+                save_overlay(out / folder / "overlays" / name / f"{stem}.png", image, label_map)
+
+
+def seeds_stage(
+    splits: Mapping[str, Split], evaluation: Evaluation, chunk: int
+) -> tuple[Stage, dict[str, list[np.ndarray]]]:
+    """The maps themselves against a background constant chosen on validation."""
+    started = time.perf_counter()
+    evaluated = {name: splits[name] for name in EVALUATED}
+    labels, choice = label_splits(ThresholdMasker(), Background(), evaluated, evaluation, chunk)
+    stage = Stage("maps (seeds)", choice, evaluation.score(labels), time.perf_counter() - started)
+    return stage, labels
+
+
+def pseudo_stage(
+    cfg: DictConfig,
+    splits: Mapping[str, Split],
+    evaluation: Evaluation,
+    out: Path,
+    device: torch.device,
+) -> tuple[Stage, dict[str, list[np.ndarray]]]:
+    """Fit the configured pseudo-mask method on train, label every split, save the PNGs."""
+    started = time.perf_counter()
+    pseudo_cfg = OmegaConf.to_container(cfg.pseudo, resolve=True)
+    masker = create_masker(pseudo_cfg)
+    masker.fit(splits["train"].records, device=device, seed=int(cfg.seed))
+    background = Background.from_config(pseudo_cfg.get("background"))
+    labels, choice = label_splits(masker, background, splits, evaluation, int(cfg.batch_size))
+    save_label_maps(out, "pseudo_masks", splits, labels, bool(cfg.overlays))
+    name = f"pseudo-masks ({masker.name})"
+    return Stage(name, choice, evaluation.score(labels), time.perf_counter() - started), labels
+
+
+def segmenter_stage(
+    cfg: DictConfig,
+    splits: Mapping[str, Split],
+    train_labels: Sequence[np.ndarray],
+    evaluation: Evaluation,
+    out: Path,
+    device: torch.device,
+    classes: Sequence[str],
+) -> tuple[Stage, dict[str, list[np.ndarray]]]:
+    """Train the segmenter on the training split's pseudo-masks; predict val and test."""
+    started = time.perf_counter()
+    seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    model = create_segmenter(seg_cfg, len(classes) + 1)
+    train = splits["train"].data
+    losses = train_segmenter(
+        model,
+        train.images,
+        train_labels,
+        seg_cfg,
+        device=device,
+        seed=int(cfg.seed),
+        ground_truth=train.masks,
+    )
+    save_atomic(segmenter_payload(model, seg_cfg, classes), out / "segmenter.pt")
+    labels = {
+        name: predict(
+            model,
+            splits[name].data.images,
+            int(seg_cfg["input_size"]),
+            device=device,
+            batch_size=int(cfg.batch_size),
+        )
+        for name in EVALUATED
+    }
+    save_label_maps(
+        out, "predictions", {n: splits[n] for n in EVALUATED}, labels, bool(cfg.overlays)
+    )
+    choice = {"epochs": seg_cfg["epochs"], "train loss": round(losses[-1], 3) if losses else None}
+    stage = Stage(
+        f"segmenter ({seg_cfg['arch']})",
+        choice,
+        evaluation.score(labels),
+        time.perf_counter() - started,
+    )
+    return stage, labels
+
+
+def disk_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
+    """Centred disk, radius chosen on validation."""
+    started = time.perf_counter()
+
+    def disks(name: str, radius: float) -> list[np.ndarray]:
+        data = splits[name].data
+        masks = [disk_mask(image.shape[0], image.shape[1], radius) for image in data.images]
+        return label_cells(masks, data.labels)
+
+    radius = evaluation.select(list(evaluation.cfg["disk_radii"]), lambda r: disks("val", r))
+    labels = {name: disks(name, radius) for name in EVALUATED}
+    return Stage(
+        "baseline: centred disk",
+        {"radius": radius},
+        evaluation.score(labels),
+        time.perf_counter() - started,
+    )
+
+
+def otsu_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
+    """Otsu on a stain channel + blob nearest the centre, channel chosen on validation."""
+    started = time.perf_counter()
+
+    def otsu(name: str, channel: str) -> list[np.ndarray]:
+        data = splits[name].data
+        return label_cells([otsu_mask(image, channel) for image in data.images], data.labels)
+
+    channel = evaluation.select(list(evaluation.cfg["otsu_channels"]), lambda c: otsu("val", c))
+    labels = {name: otsu(name, channel) for name in EVALUATED}
+    return Stage(
+        "baseline: Otsu",
+        {"channel": channel},
+        evaluation.score(labels),
+        time.perf_counter() - started,
+    )

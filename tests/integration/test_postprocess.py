@@ -1,0 +1,224 @@
+"""End-to-end runs of ``w3s-postprocess`` and ``w3s-predict`` as a user starts them.
+
+Each test trains its own tiny MCT checkpoint for a few steps (no Flower run), then runs the job
+as a subprocess from an empty working directory, which must stay empty.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from common.augment import train_cache_size
+from common.checkpoint import save_atomic
+from common.config import compose_config
+from common.data import split_tensors
+from common.jobs.artifacts import read_label_png
+from common.localization import load_maps
+from common.model import create_mct_model
+from common.segmenter import load_segmenter
+from common.training import train_local
+from tests.conftest import WBC_DEV
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 32
+SYNTHETIC = [
+    "data.hospitals.hospital_a.num_images=30",
+    "data.hospitals.hospital_a.image_size=48",
+]
+REAL = ["data=wbc_zxaoyou", f"data.root={WBC_DEV}"]
+# A job small enough for 2 CPU cores: maps at 32 px, one epoch of the smallest segmenter.
+TINY_JOB = [
+    "segmenter=lraspp",
+    "segmenter.epochs=1",
+    f"segmenter.input_size={SIZE}",
+    "batch_size=8",
+    "evaluation.thresholds=[0.2,0.4,0.6]",
+    "evaluation.disk_radii=[0.5,0.7]",
+]
+STAGES = [
+    "maps (seeds)",
+    "pseudo-masks (attn_rw)",
+    "segmenter (lraspp_mobilenet_v3_large)",
+    "baseline: centred disk",
+    "baseline: Otsu",
+]
+
+
+def make_checkpoint(path: Path, data_overrides: list[str], hospital: str) -> Path:
+    """Train a 32 px tiny MCT for a few steps on one hospital; save it like final_model.pt."""
+    cfg = compose_config([*data_overrides, f"model.img_size={SIZE}"])
+    torch.manual_seed(0)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    train_cfg = {**OmegaConf.to_container(cfg.train), "local_epochs": 2, "batch_size": 8}
+    data = split_tensors(cfg.data, hospital, "train", train_cache_size(SIZE))
+    train_local(
+        model, data, train_cfg, start_epoch=0, total_epochs=2, device=torch.device("cpu"), seed=0
+    )
+    payload = {
+        "state_dict": model.state_dict(),
+        "round": 1,
+        "model": OmegaConf.to_container(cfg.model),
+        "classes": list(cfg.data.classes),
+        "config": OmegaConf.to_yaml(cfg),
+    }
+    return save_atomic(payload, path)
+
+
+def run_job(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env={"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent)},
+    )
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    checkpoint = make_checkpoint(root / "run" / "final_model.pt", SYNTHETIC, "hospital_a")
+    out = root / "out"
+    cwd = root / "cwd"
+    result = run_job(
+        "common.jobs.postprocess",
+        [
+            f"checkpoint={checkpoint}",
+            "hospital=hospital_a",
+            f"output_dir={out}",
+            *SYNTHETIC,
+            *TINY_JOB,
+        ],
+        cwd,
+    )
+    return result, out, cwd, root
+
+
+def check_outputs(out: Path, total: int, log: str) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    images = metrics["images"]
+    assert sum(images.values()) == total and min(images.values()) > 0
+    for split, count in images.items():
+        maps = sorted((out / "maps" / split).glob("*.npz"))
+        assert len(maps) == count, split
+        loaded = load_maps(maps[0])
+        assert loaded.shape[0] == 5 and loaded.min() >= 0 and loaded.max() <= 1
+        masks = sorted((out / "pseudo_masks" / split).glob("*.png"))
+        assert len(masks) == count
+        assert set(np.unique(read_label_png(masks[0]))) <= set(range(6))
+        assert len(list((out / "pseudo_masks" / "overlays" / split).glob("*.png"))) == count
+    for split in ("val", "test"):
+        assert len(list((out / "predictions" / split).glob("*.png"))) == images[split]
+    assert (out / "figure.png").is_file() and (out / "config.yaml").is_file()
+    model, seg_cfg, classes = load_segmenter(out / "segmenter.pt")
+    assert seg_cfg["input_size"] == SIZE and len(classes) == 5
+
+    assert [stage["name"] for stage in metrics["stages"]] == STAGES
+    for stage in metrics["stages"]:
+        for split in ("val", "test"):
+            assert 0 <= stage[split]["binary_miou"] <= 1
+            assert 0 <= stage[split]["class_aware_miou"] <= 1
+    seeds = metrics["stages"][0]
+    assert seeds["choice"]["background"] in (0.2, 0.4, 0.6)
+    table = (out / "metrics.md").read_text()
+    assert table.count("\n| ") == 1 + len(STAGES)
+    assert "metrics of" in log
+    return metrics
+
+
+def test_postprocess_on_synthetic_data(synthetic_run):
+    result, out, cwd, root = synthetic_run
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    metrics = check_outputs(out, 30, log)
+    assert metrics["hospital"] == "hospital_a" and metrics["round"] == 1
+    # metrics may leave the site: no paths, no sample ids
+    text = (out / "metrics.json").read_text()
+    assert str(root) not in text and "synthetic/" not in text
+    assert list(cwd.iterdir()) == []  # Hydra wrote nothing into the working directory
+
+
+def test_predict_segments_new_images_and_names_corrupt_files(synthetic_run, tmp_path):
+    _, out, _, _ = synthetic_run
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(inputs / "a.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(inputs / "b.jpg")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(inputs / "broken.png")
+    data = (inputs / "broken.png").read_bytes()
+    (inputs / "broken.png").write_bytes(data[: len(data) // 2])
+    (inputs / "empty.bmp").write_bytes(b"")
+    result = run_job(
+        "common.jobs.predict",
+        [f"segmenter={out / 'segmenter.pt'}", f"input={inputs}", f"output={tmp_path / 'out'}"],
+        tmp_path / "cwd",
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log[-4000:]
+    assert "broken.png" in log and "empty.bmp" in log
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert written == ["a.png", "b.png"]
+    assert read_label_png(tmp_path / "out" / "a.png").shape == (40, 50)
+    assert (tmp_path / "out" / "overlays" / "b.png").is_file()
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
+    missing = tmp_path / "nowhere" / "final_model.pt"
+    result = run_job(
+        "common.jobs.postprocess", [f"checkpoint={missing}", "hospital=hospital_a"], tmp_path / "a"
+    )
+    assert result.returncode == 2
+    assert f"checkpoint={missing}: file not found" in result.stdout + result.stderr
+
+    result = run_job(
+        "common.jobs.postprocess", [f"checkpoint={missing}", "hospital=hospital_z"], tmp_path / "b"
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "hospital=hospital_z is not in data.hospitals" in log and "hospital_a" in log
+
+    result = run_job(
+        "common.jobs.predict",
+        [f"segmenter={missing}", f"input={tmp_path}", f"output={tmp_path / 'o'}"],
+        tmp_path / "c",
+    )
+    assert result.returncode == 2
+    assert f"segmenter={missing}: file not found" in result.stdout + result.stderr
+
+
+def test_postprocess_on_real_dev_data(wbc_root, tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoint = make_checkpoint(run_dir / "final_model.pt", REAL, "dataset2")
+    result = run_job(
+        "common.jobs.postprocess",
+        [
+            f"checkpoint={checkpoint}",
+            "hospital=dataset2",
+            *REAL,
+            *TINY_JOB,
+            "evaluation.otsu_channels=[inverted_green]",
+        ],
+        tmp_path / "cwd",
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    out = run_dir / "postprocess" / "dataset2"  # the default output dir
+    metrics = check_outputs(out, 52, log)
+    disk = metrics["stages"][3]
+    assert disk["test"]["binary_miou"] > 0.6  # a centred disk covers most single-cell crops
+    masks = sorted((out / "pseudo_masks" / "test").glob("*.png"))
+    assert read_label_png(masks[0]).shape == (300, 300)  # native size of Dataset 2

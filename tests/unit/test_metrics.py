@@ -1,0 +1,109 @@
+import math
+
+import numpy as np
+import pytest
+
+from common.metrics import (
+    SegmentationScores,
+    binary_confusion,
+    class_aware_truth,
+    class_iou,
+    confusion_matrix,
+    mean_iou,
+    score_label_maps,
+    select_on_validation,
+)
+
+
+def test_confusion_counts_rows_truth_columns_prediction_and_ignores_255():
+    truth = np.array([[0, 1, 255], [2, 2, 0]])
+    pred = np.array([[0, 2, 1], [2, 0, 0]])
+    matrix = confusion_matrix(pred, truth, num_labels=3)
+    expected = np.array(
+        [
+            [2, 0, 0],  # truth 0: both predicted 0
+            [0, 0, 1],  # truth 1: predicted 2
+            [1, 0, 1],  # truth 2: predicted 0 and 2; the 255 pixel is not counted
+        ]
+    )
+    np.testing.assert_array_equal(matrix, expected)
+    assert matrix.sum() == 5
+
+
+def test_confusion_rejects_mismatched_shapes_and_out_of_range_predictions():
+    with pytest.raises(ValueError, match="pixels"):
+        confusion_matrix(np.zeros(3), np.zeros(4), 2)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(np.array([3]), np.array([0]), 2)
+
+
+def test_iou_hand_case():
+    # bg: TP 2, row 2, col 3 -> 2 / 3; class 1: TP 0 -> 0; class 2: TP 1, row 2, col 2 -> 1 / 3
+    matrix = np.array([[2, 0, 0], [0, 0, 1], [1, 0, 1]])
+    np.testing.assert_allclose(class_iou(matrix), [2 / 3, 0.0, 1 / 3])
+    assert mean_iou(matrix) == pytest.approx((2 / 3 + 0 + 1 / 3) / 3)
+
+
+def test_absent_class_skipped_or_zero():
+    # label 2 never in truth nor prediction
+    matrix = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+    skip = class_iou(matrix, "skip")
+    assert math.isnan(skip[2])
+    assert mean_iou(matrix, "skip") == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert mean_iou(matrix, "zero") == pytest.approx((3 / 4 + 2 / 3 + 0) / 3)
+    with pytest.raises(ValueError, match="absent"):
+        class_iou(matrix, "nan")
+
+
+def test_predicted_but_absent_class_counts_zero_under_both_policies():
+    matrix = np.array([[3, 0, 1], [0, 2, 0], [0, 0, 0]])  # label 2 predicted once, never true
+    for policy in ("skip", "zero"):
+        assert class_iou(matrix, policy)[2] == 0.0
+
+
+def test_binary_collapse_forgives_the_wrong_cell_type():
+    # one cell of class 1 predicted entirely as class 2: class-aware wrong, binary right
+    truth = np.array([0, 0, 1, 1])
+    pred = np.array([0, 0, 2, 2])
+    matrix = confusion_matrix(pred, truth, 3)
+    np.testing.assert_array_equal(binary_confusion(matrix), [[2, 0], [0, 2]])
+    scores = SegmentationScores.from_confusion(matrix, "skip")
+    assert scores.binary_miou == 1.0
+    assert scores.class_aware_miou == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_scores_are_dataset_level_not_mean_of_images():
+    # image 1: big cell found; image 2: small cell missed entirely
+    truths = [np.array([0, 1, 1, 1, 1, 1, 1, 1]), np.array([0, 0, 0, 1])]
+    preds = [np.array([0, 1, 1, 1, 1, 1, 1, 1]), np.array([0, 0, 0, 0])]
+    scores = score_label_maps(preds, truths, num_labels=2)
+    # summed: bg TP 4, truth-bg 4, pred-bg 5 -> 4/5; cell TP 7, truth 8, pred 7 -> 7/8
+    assert scores.class_aware_miou == pytest.approx((4 / 5 + 7 / 8) / 2)
+    assert scores.to_dict()["class_iou"] == pytest.approx([4 / 5, 7 / 8])
+
+
+def test_to_dict_turns_nan_into_none():
+    scores = SegmentationScores.from_confusion(np.array([[2, 0], [0, 0]]), "skip")
+    assert scores.to_dict()["class_iou"] == [1.0, None]
+
+
+def test_class_aware_truth_gives_the_whole_cell_the_image_class():
+    mask = np.array([[0, 1], [2, 0]], dtype=np.uint8)  # cytoplasm and nucleus
+    np.testing.assert_array_equal(class_aware_truth(mask, 3), [[0, 4], [4, 0]])
+
+
+def test_select_on_validation_picks_the_best_and_keeps_the_first_of_ties():
+    truths = [np.array([0, 0, 1, 1])]
+    predictions = {
+        "a": [np.array([0, 1, 1, 1])],
+        "b": [np.array([0, 0, 1, 1])],
+        "c": [np.array([0, 0, 1, 1])],
+    }
+    best, scores = select_on_validation(
+        ["a", "b", "c"], lambda k: predictions[k], truths, num_labels=2
+    )
+    assert best == "b" and scores.class_aware_miou == 1.0
+    with pytest.raises(ValueError, match="empty"):
+        select_on_validation([], lambda k: [], truths, 2)
+    with pytest.raises(ValueError, match="select_by"):
+        select_on_validation(["a"], lambda k: predictions[k], truths, 2, select_by="f1")

@@ -1,0 +1,235 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.pseudo import (
+    METHODS,
+    AttentionWalkMasker,
+    Background,
+    MapRecord,
+    PSAMasker,
+    ThresholdMasker,
+    argmax_labels,
+    create_masker,
+    stack_background,
+    threshold_labels,
+)
+from common.pseudo.attn_rw import symmetric_affinity
+from common.pseudo.psa import (
+    AffinityNet,
+    affinity_loss,
+    confident_labels,
+    dense_affinity,
+    pair_labels,
+    pair_offsets,
+    radius_pairs,
+)
+from common.pseudo.walk import transition_matrix, walk_on_grid
+
+# Three nodes in a chain: 0 - 1 - 2.
+CHAIN = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]])
+
+
+def test_transition_matrix_beta_column_normalisation_and_squaring():
+    # W = CHAIN^2 = [[1, .25, 0], [.25, 1, .25], [0, .25, 1]], column sums 1.25 / 1.5 / 1.25
+    one_step = transition_matrix(CHAIN, beta=2, logt=0)
+    expected = torch.tensor([[0.8, 1 / 6, 0.0], [0.2, 2 / 3, 0.2], [0.0, 1 / 6, 0.8]])
+    torch.testing.assert_close(one_step, expected)
+    # logt = 1 -> t = 2 steps: T @ T, worked out by hand
+    two_steps = transition_matrix(CHAIN, beta=2, logt=1)
+    expected_two = torch.tensor(
+        [
+            [101 / 150, 11 / 45, 1 / 30],
+            [22 / 75, 23 / 45, 22 / 75],
+            [1 / 30, 11 / 45, 101 / 150],
+        ]
+    )
+    torch.testing.assert_close(two_steps, expected_two)
+    torch.testing.assert_close(two_steps.sum(0), torch.ones(3))
+
+
+def test_walk_keeps_a_constant_background_and_spreads_classes():
+    transition = transition_matrix(CHAIN, beta=2, logt=1)
+    scores = torch.tensor([[0.3, 0.3, 0.3], [1.0, 0.0, 0.0]])[:, None, :]  # (K, 1, 3) grid
+    walked = walk_on_grid(scores, transition, (1, 3), (1, 3))
+    torch.testing.assert_close(walked[0, 0], torch.full((3,), 0.3))
+    torch.testing.assert_close(walked[1, 0], torch.tensor([101 / 150, 11 / 45, 1 / 30]))
+
+
+def test_transition_matrix_rejects_negative_logt():
+    with pytest.raises(ValueError, match="logt"):
+        transition_matrix(CHAIN, beta=1, logt=-1)
+
+
+def test_pair_offsets_radius_5_are_psas_34():
+    offsets = pair_offsets(5)
+    assert len(offsets) == 34 == len(set(offsets))
+    assert offsets[:4] == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    assert all(dy * dy + dx * dx < 25 for dy, dx in offsets)
+    assert (4, 3) not in offsets and (4, 2) in offsets and (3, -3) in offsets
+    # one direction only: no offset together with its opposite
+    assert not any((-dy, -dx) in offsets for dy, dx in offsets)
+
+
+def test_radius_pairs_radius_2_are_the_eight_neighbourhood_edges():
+    sources, targets = radius_pairs(3, 3, 2)
+    pairs = {tuple(sorted(p)) for p in zip(sources.tolist(), targets.tolist(), strict=True)}
+    assert len(pairs) == len(sources) == 20  # 12 orthogonal + 8 diagonal edges
+    assert (0, 4) in pairs and (2, 4) in pairs and (0, 2) not in pairs
+
+
+def test_pair_labels_bg_fg_neg_and_ignore():
+    # 2 x 3 grid, flat indices 0..5; labels: [[0, 0, 1], [255, 2, 1]]
+    labels = torch.tensor([[[0, 0, 1], [255, 2, 1]]], dtype=torch.uint8)
+    sources, targets = radius_pairs(2, 3, 2)
+    bg, fg, neg = pair_labels(labels, sources, targets)
+
+    def picked(mask):
+        triples = zip(sources.tolist(), targets.tolist(), mask[0].tolist(), strict=True)
+        return {(s, t) for s, t, m in triples if m}
+
+    assert picked(bg) == {(0, 1)}
+    assert picked(fg) == {(2, 5)}
+    assert picked(neg) == {(1, 2), (4, 5), (2, 4), (1, 4), (0, 4), (1, 5)}
+    touching_255 = {(1, 3), (0, 3), (3, 4)}
+    assert not touching_255 & (picked(bg) | picked(fg) | picked(neg))
+
+
+def test_confident_labels_low_and_high_background_exponents():
+    # one class, v = [1, .5, 0]: background (1 - v)^1 = [0, .5, 1], (1 - v)^4 = [0, .0625, 1]
+    # low: [cell, tie -> background, background]; high: [cell, cell, background]
+    maps = torch.tensor([[[1.0, 0.5, 0.0]]])
+    labels = confident_labels(maps, (1, 3), alpha_low=1, alpha_high=4)
+    assert labels.tolist() == [[1, 255, 0]]
+
+
+def test_affinity_loss_quarter_quarter_half():
+    affinity = torch.tensor([[0.5, 0.9, 0.1, 0.7]])
+    bg = torch.tensor([[True, False, False, False]])
+    fg = torch.tensor([[False, True, False, False]])
+    neg = torch.tensor([[False, False, True, False]])
+    loss = affinity_loss(affinity, bg, fg, neg)
+    expected = (
+        -math.log(0.5 + 1e-5) / (1 + 1e-5) / 4
+        - math.log(0.9 + 1e-5) / (1 + 1e-5) / 4
+        - math.log(1 + 1e-5 - 0.1) / (1 + 1e-5) / 2
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    empty = torch.zeros_like(bg)
+    assert affinity_loss(affinity, empty, empty, neg).item() == pytest.approx(
+        -math.log(1 + 1e-5 - 0.1) / (1 + 1e-5) / 2, rel=1e-5
+    )
+
+
+def test_dense_affinity_is_symmetric_with_unit_diagonal():
+    dense = dense_affinity(torch.tensor([0.5, 0.25]), torch.tensor([0, 1]), torch.tensor([1, 2]), 3)
+    torch.testing.assert_close(
+        dense, torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.25], [0.0, 0.25, 1.0]])
+    )
+
+
+def test_affinity_net_is_a_stride_8_pyramid():
+    net = AffinityNet("resnet18").eval()
+    with torch.no_grad():
+        features = net(torch.randn(2, 3, 32, 40))
+    assert features.shape == (2, 448, 4, 5)
+    assert (features >= -1).all()  # ELU output
+    with pytest.raises(ValueError, match="backbone"):
+        AffinityNet("vgg16")
+
+
+def record(rng: np.random.Generator, label: int, size: int = 32, num_classes: int = 3) -> MapRecord:
+    image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    maps = torch.zeros(num_classes, size, size)
+    maps[label, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
+    return MapRecord(image, label, maps, torch.rand(16, 16), (4, 4))
+
+
+def test_stack_background_and_label_maps():
+    maps = torch.tensor([[[0.2, 0.9]], [[0.0, 0.0]]])
+    stacked = stack_background(maps, Background("constant", 0.5))
+    assert argmax_labels(stacked).tolist() == [[0, 1]]
+    assert threshold_labels(maps, 0.1).tolist() == [[1, 1]]
+    power = stack_background(maps, Background("power", alpha=2))
+    torch.testing.assert_close(power[0], torch.tensor([[0.64, 0.01]]))
+    with pytest.raises(ValueError, match="choose it on validation"):
+        stack_background(maps, Background())
+    with pytest.raises(ValueError, match="kind"):
+        Background("learned")
+
+
+def test_threshold_is_identity_and_attn_rw_keeps_constants():
+    rng = np.random.default_rng(0)
+    records = [record(rng, 0), record(rng, 2)]
+    scores = [torch.cat([torch.full((1, 32, 32), 0.4), r.maps]) for r in records]
+    assert ThresholdMasker().propagate(records, scores) == scores
+    walked = AttentionWalkMasker(beta=8, logt=2).propagate(records, scores)
+    for w, r in zip(walked, records, strict=True):
+        assert w.shape == (4, 32, 32)
+        torch.testing.assert_close(w[0], torch.full((32, 32), 0.4))
+        assert w[1 + r.label].sum() > 0
+    assert AttentionWalkMasker().propagate([], []) == []
+
+
+def test_symmetric_affinity_is_symmetric_and_scaled():
+    p = torch.tensor([[[0.9, 0.1], [0.3, 0.7]]])
+    sym = symmetric_affinity(p)
+    torch.testing.assert_close(sym, torch.tensor([[[1.0, 0.2 / 0.9], [0.2 / 0.9, 0.7 / 0.9]]]))
+
+
+def tiny_psa_config() -> dict:
+    return {
+        "method": "psa",
+        "input_size": 32,
+        "radius": 5,
+        "alpha_low": 4,
+        "alpha_high": 32,
+        "beta": 8,
+        "logt": 3,
+        "background": {"kind": "power", "alpha": 16},
+        "network": {"backbone": "resnet18", "weights_file": None},
+        "train": {
+            "epochs": 1,
+            "batch_size": 2,
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "color_jitter": [0.3, 0.3, 0.3, 0.1],
+        },
+    }
+
+
+def test_psa_fits_and_walks_on_tiny_images():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    records = [record(rng, i % 3) for i in range(4)]
+    masker = create_masker(tiny_psa_config())
+    assert isinstance(masker, PSAMasker)
+    before = [p.clone() for p in masker.network.parameters()]
+    masker.fit(records, device=torch.device("cpu"), seed=0)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, masker.network.parameters(), strict=True)
+    )
+    scores = [stack_background(r.maps, Background("power", alpha=16)) for r in records]
+    walked = masker.propagate(records, scores)
+    transitions = masker.transitions(records)
+    assert transitions.shape == (4, 16, 16)
+    torch.testing.assert_close(transitions.sum(1), torch.ones(4, 16))
+    for w in walked:
+        assert w.shape == (4, 32, 32) and torch.isfinite(w).all()
+
+
+def test_psa_rejects_an_input_size_off_the_stride():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        PSAMasker({**tiny_psa_config(), "input_size": 30})
+
+
+def test_registry_and_unknown_method():
+    assert set(METHODS) == {"threshold", "attn_rw", "psa"}
+    assert isinstance(
+        create_masker({"method": "attn_rw", "beta": 4, "logt": 1}), AttentionWalkMasker
+    )
+    with pytest.raises(ValueError, match="crf"):
+        create_masker({"method": "crf"})
