@@ -271,15 +271,13 @@ def test_three_hospitals_train_two_rounds_over_tls(federation, tmp_path):
         assert torch.isfinite(tensor).all()
 
 
-def test_supernode_without_the_ca_certificate_cannot_join(link):
-    # A registered key, so that only the missing CA certificate can keep it out.
-    generate_certs("hospital", "no_ca", "--out", str(link.certs))
-    node_id = link.register("no_ca")
-    certs = link.hospital_dir("no_ca")
-    result = run(
+def _try_to_join(link, certs: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Start one SuperNode that gives up after one failed attempt to join."""
+    return run(
         [
             str(BIN / "flower-supernode"),
             f"--superlink=127.0.0.1:{link.port}",
+            *extra,
             f"--auth-supernode-private-key={certs / 'supernode.key'}",
             '--node-config=hospital="dataset1"',
             "--isolation=process",
@@ -290,6 +288,13 @@ def test_supernode_without_the_ca_certificate_cannot_join(link):
         120,
         link.root,
     )
+
+
+def test_supernode_without_the_ca_certificate_cannot_join(link):
+    # A registered key, so that only the missing CA certificate can keep it out.
+    generate_certs("hospital", "no_ca", "--out", str(link.certs))
+    node_id = link.register("no_ca")
+    result = _try_to_join(link, link.hospital_dir("no_ca"))
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
     assert "CERTIFICATE_VERIFY_FAILED" in log, log[-3000:]
@@ -298,21 +303,10 @@ def test_supernode_without_the_ca_certificate_cannot_join(link):
 
 def test_supernode_with_an_unregistered_key_is_refused(link):
     generate_certs("hospital", "unregistered", "--out", str(link.certs))
-    certs = link.hospital_dir("unregistered")
-    result = run(
-        [
-            str(BIN / "flower-supernode"),
-            f"--superlink=127.0.0.1:{link.port}",
-            f"--root-certificates={link.certs / 'server' / 'ca.crt'}",
-            f"--auth-supernode-private-key={certs / 'supernode.key'}",
-            '--node-config=hospital="dataset1"',
-            "--isolation=process",
-            f"--port={free_port()}",
-            "--max-retries=1",
-        ],
-        link.env,
-        120,
-        link.root,
+    result = _try_to_join(
+        link,
+        link.hospital_dir("unregistered"),
+        f"--root-certificates={link.certs / 'server' / 'ca.crt'}",
     )
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]

@@ -20,14 +20,6 @@ pytestmark = pytest.mark.integration
 FAULT_APP = Path(__file__).resolve().parents[1] / "fault_app"
 
 
-@pytest.fixture
-def flwr_home(tmp_path):
-    home = tmp_path / "flwr_home"
-    home.mkdir()
-    yield home
-    stop_processes(str(home))
-
-
 def _run_fault_app(
     home: Path, tmp_path: Path, overrides: list[str], **faults: str | int | float
 ) -> subprocess.CompletedProcess:

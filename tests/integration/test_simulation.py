@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from tests.integration.flower_processes import BIN, flower_env, run, stop_processes
+from tests.integration.flower_processes import BIN, flower_env, run
 
 pytestmark = pytest.mark.integration
 
@@ -22,14 +22,6 @@ TINY = [
     "data.hospitals.hospital_b.num_images=60",
     "data.hospitals.hospital_c.num_images=60",
 ]
-
-
-@pytest.fixture
-def flwr_home(tmp_path):
-    home = tmp_path / "flwr_home"
-    home.mkdir()
-    yield home
-    stop_processes(str(home))
 
 
 def test_simulated_federation_trains_checkpoints_and_records(flwr_home, tmp_path):
