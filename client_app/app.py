@@ -7,7 +7,6 @@ import logging
 import resource
 import shlex
 from collections.abc import Callable
-from functools import cache
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -57,7 +56,7 @@ def site_private(handler: Callable[[Message, Context], Message]) -> Callable[...
     return guarded
 
 
-@cache
+@functools.cache
 def _config(overrides: str) -> DictConfig:
     return compose_config(parse_overrides(overrides))
 

@@ -24,6 +24,11 @@ import torch.nn.functional as F
 from common.data import SplitTensors
 
 
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Single-cell labels -> the multi-hot float targets of the soft-margin losses."""
+    return F.one_hot(labels, num_classes).float()
+
+
 def border_crops(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
     """One random corner crop per image, ``fraction`` of its side, resized back to full size."""
     n, _, height, width = images.shape
@@ -59,7 +64,7 @@ class BatchBuilder:
         self.generator = generator
 
     def _targets(self, index: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(self.data.labels[index], self.num_classes).float()
+        return one_hot(self.data.labels[index], self.num_classes)
 
     def _mosaic(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         picks = torch.randint(0, len(self.data.labels), (4,), generator=self.generator)

@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.augment import build_train_transform, normalise
-from common.batches import BatchBuilder
+from common.batches import BatchBuilder, one_hot
 from common.data import SplitTensors
 from common.localization import fused_maps, normalise_maps
 from common.metrics import average_precision, binary_miou_sweep
@@ -43,11 +42,6 @@ def learning_rate(cfg: Mapping[str, Any], epoch: float, total_epochs: int) -> fl
     span = max(total_epochs - warmup, 1e-8)
     progress = min((epoch - warmup) / span, 1.0)
     return cfg["min_lr"] + 0.5 * (base - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
-
-
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Single-cell labels -> the multi-hot float targets of the soft-margin losses."""
-    return F.one_hot(labels, num_classes).float()
 
 
 @dataclass(frozen=True)

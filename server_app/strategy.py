@@ -43,6 +43,15 @@ def _metrics_of(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
 
+def _scores(metrics: MetricRecord) -> dict[str, float]:
+    """A reply's numeric scores, without the bookkeeping keys (weight, hospital index)."""
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if key not in (WEIGHT_KEY, "hospital-index") and isinstance(value, int | float)
+    }
+
+
 def weighted_metrics(replies: list[Message]) -> dict[str, float]:
     """Per-key weighted mean over the replies that carry the key.
 
@@ -54,12 +63,10 @@ def weighted_metrics(replies: list[Message]) -> dict[str, float]:
     for msg in replies:
         metrics = _metrics_of(msg)
         weight = float(metrics[WEIGHT_KEY])
-        for key, value in metrics.items():
-            if key in (WEIGHT_KEY, "hospital-index") or not isinstance(value, int | float):
+        for key, value in _scores(metrics).items():
+            if not math.isfinite(value):
                 continue
-            if not math.isfinite(float(value)):
-                continue
-            sums[key] = sums.get(key, 0.0) + weight * float(value)
+            sums[key] = sums.get(key, 0.0) + weight * value
             weights[key] = weights.get(key, 0.0) + weight
     return {key: sums[key] / weights[key] for key in sums}
 
@@ -175,10 +182,4 @@ class GuardedFedAvg(FedAvg):
             if "hospital-index" not in metrics:
                 continue
             row = self.report.per_hospital.setdefault(int(metrics["hospital-index"]), {})
-            row.update(
-                {
-                    k: float(v)
-                    for k, v in metrics.items()
-                    if k not in (WEIGHT_KEY, "hospital-index") and isinstance(v, int | float)
-                }
-            )
+            row.update(_scores(metrics))

@@ -316,38 +316,45 @@ def segmenter_stage(
     return stage, labels
 
 
-def disk_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
-    """Centred disk, radius chosen on validation."""
+def _tuned_baseline(
+    title: str,
+    setting: str,
+    options: list[Any],
+    mask_of: Callable[[np.ndarray, Any], np.ndarray],
+    splits: Mapping[str, Split],
+    evaluation: Evaluation,
+) -> Stage:
+    """A training-free baseline: one mask per image, its one setting chosen on validation."""
     started = time.perf_counter()
 
-    def disks(name: str, radius: float) -> list[np.ndarray]:
+    def labelled(name: str, option: Any) -> list[np.ndarray]:
         data = splits[name].data
-        masks = [disk_mask(image.shape[0], image.shape[1], radius) for image in data.images]
-        return label_cells(masks, data.labels)
+        return label_cells([mask_of(image, option) for image in data.images], data.labels)
 
-    radius = evaluation.select(list(evaluation.cfg["disk_radii"]), lambda r: disks("val", r))
-    labels = {name: disks(name, radius) for name in EVALUATED}
-    return Stage(
+    chosen = evaluation.select(options, lambda option: labelled("val", option))
+    labels = {name: labelled(name, chosen) for name in EVALUATED}
+    return Stage(title, {setting: chosen}, evaluation.score(labels), time.perf_counter() - started)
+
+
+def disk_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
+    """Centred disk, radius chosen on validation."""
+    return _tuned_baseline(
         "baseline: centred disk",
-        {"radius": radius},
-        evaluation.score(labels),
-        time.perf_counter() - started,
+        "radius",
+        list(evaluation.cfg["disk_radii"]),
+        lambda image, radius: disk_mask(image.shape[0], image.shape[1], radius),
+        splits,
+        evaluation,
     )
 
 
 def otsu_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
     """Otsu on a stain channel + blob nearest the centre, channel chosen on validation."""
-    started = time.perf_counter()
-
-    def otsu(name: str, channel: str) -> list[np.ndarray]:
-        data = splits[name].data
-        return label_cells([otsu_mask(image, channel) for image in data.images], data.labels)
-
-    channel = evaluation.select(list(evaluation.cfg["otsu_channels"]), lambda c: otsu("val", c))
-    labels = {name: otsu(name, channel) for name in EVALUATED}
-    return Stage(
+    return _tuned_baseline(
         "baseline: Otsu",
-        {"channel": channel},
-        evaluation.score(labels),
-        time.perf_counter() - started,
+        "channel",
+        list(evaluation.cfg["otsu_channels"]),
+        otsu_mask,
+        splits,
+        evaluation,
     )
