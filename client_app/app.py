@@ -13,7 +13,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from common.arrays import WEIGHT_KEY, to_array_record, to_state_dict
+from client_app.privacy import privacy_mod
+from common.arrays import WEIGHT_KEY, cast_floating, to_array_record, to_state_dict
 from common.augment import train_cache_size
 from common.config import compose_config, parse_overrides
 from common.data import DataVerificationError, hospital_names, split_tensors
@@ -22,7 +23,8 @@ from common.model import MCTFormerV2, create_mct_model
 from common.training import evaluate_local, resolve_device, train_local
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+# privacy_mod clips updates only in runs with privacy=client_clip (client_app/privacy.py).
+app = ClientApp(mods=[privacy_mod])
 
 
 class HospitalDataError(RuntimeError):
@@ -104,6 +106,18 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
 
 
 def _tensors(cfg: DictConfig, name: str, split: str, size: int):
+    """A split of this hospital, read and verified when this process first needs it.
+
+    Data-fault policy (README, Reliability): a file that is unreadable, truncated or, where a
+    label file lists it, missing fails this hospital for the message with a HospitalDataError
+    that only counts problems per kind; the full list, with paths, stays in this site's log.
+    A bad file is never skipped silently; a file deleted from a class folder is no longer
+    listed, and the hospital trains on the rest (its count is logged and sent as the reply's
+    weight). Reads are cached per process: a deployed SuperNode starts a ClientApp process per
+    message and so re-verifies every round, a simulated one keeps its copy. The server leaves
+    the failing hospital out of the round, which closes if federation.min_replies others
+    answered.
+    """
     try:
         return split_tensors(cfg.data, name, split, size)
     except DataVerificationError as error:
@@ -129,6 +143,7 @@ def train(msg: Message, context: Context) -> Message:
         total_epochs=cfg.federation.rounds * local_epochs,
         device=resolve_device(cfg.device),
         seed=cfg.seed * 100_003 + server_round * 1_009 + index,
+        proximal_mu=float(cfg.regime.proximal_mu),
     )
     log.info(
         "hospital %s round %d: loss %.4f on %d images in %.1fs",
@@ -147,7 +162,8 @@ def train(msg: Message, context: Context) -> Message:
             "hospital-index": index,
         }
     )
-    content = RecordDict({"arrays": to_array_record(model.state_dict()), "metrics": metrics})
+    arrays = cast_floating(to_array_record(model.state_dict()), cfg.federation.transport_dtype)
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

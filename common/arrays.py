@@ -33,6 +33,50 @@ def to_array_record(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
     )
 
 
+def cast_floating(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The record with every floating array cast to ``dtype`` (e.g. ``float16`` for transport).
+
+    Integer arrays (counters such as BatchNorm's) keep their dtype: halving them saves little
+    and could overflow.
+    """
+    target = np.dtype(dtype)
+    return ArrayRecord(
+        {
+            k: Array(a.numpy().astype(target, copy=False))
+            if np.issubdtype(a.dtype, np.floating)
+            else a
+            for k, a in record.items()
+        }
+    )
+
+
+def upcast_reply(content: RecordDict, reference: Mapping[str, ArraySpec]) -> None:
+    """Cast a reply's half-precision arrays back to the global model's dtypes, in place.
+
+    Run before :func:`check_update`, so that the checks and the averaging see full precision;
+    only float16 arrays whose reference is floating are touched, anything else is left for
+    the checks to judge.
+    """
+    for name, arrays in list(content.array_records.items()):
+        restored = {}
+        for key, array in arrays.items():
+            spec = reference.get(key)
+            wanted = np.dtype(spec.dtype) if spec else None
+            if (
+                wanted is not None
+                and np.dtype(array.dtype) == np.float16
+                and np.issubdtype(wanted, np.floating)
+            ):
+                array = Array(array.numpy().astype(wanted))
+            restored[key] = array
+        content[name] = ArrayRecord(restored)
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of every array a message carries, as serialised on the wire (metrics excluded)."""
+    return sum(len(a.data) for arrays in content.array_records.values() for a in arrays.values())
+
+
 def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Unpack an ArrayRecord into torch tensors, preserving key order."""
     return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}

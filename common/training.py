@@ -62,11 +62,15 @@ def train_local(
     total_epochs: int,
     device: torch.device,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Run ``cfg['local_epochs']`` epochs of AdamW on one hospital's training tensors.
 
     ``start_epoch`` is this hospital's position in the whole federated schedule, so the
     learning rate continues across rounds although the optimizer is rebuilt each round.
+    ``proximal_mu`` > 0 adds FedProx's ``mu/2 ||w - w_start||^2`` to the loss, ``w_start`` being
+    the weights this call starts from (the round's global model), which limits how far a
+    hospital's update drifts from the others'; 0 runs exactly the plain FedAvg step.
     """
     n = len(data.labels)
     if n == 0:
@@ -83,6 +87,7 @@ def train_local(
     batch_size = min(cfg["batch_size"], n)
     steps_per_epoch = max(n // batch_size, 1)
     model.to(device).train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     started = time.perf_counter()
     losses = []
     for epoch in range(cfg["local_epochs"]):
@@ -96,6 +101,11 @@ def train_local(
             images, targets = images.to(device), targets.to(device)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = mct_loss(model(images), targets)
+            if anchor:
+                drift = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * drift
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at lr {lr:.2e}")
             optimizer.zero_grad(set_to_none=True)

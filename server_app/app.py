@@ -17,6 +17,7 @@ from common.config import compose_config, parse_overrides
 from common.data import hospital_names
 from common.logs import setup_logging
 from common.model import create_mct_model
+from server_app.privacy import with_privacy
 from server_app.recorder import RoundRecorder, model_payload
 from server_app.strategy import GuardedFedAvg
 
@@ -98,7 +99,10 @@ def main(grid: Grid, context: Context) -> None:
     wait_for_hospitals(grid, len(hospitals), cfg.federation.wait_for_nodes_s)
     done, initial = starting_point(cfg, run_dir)
     strategy = GuardedFedAvg(
-        num_hospitals=len(hospitals), min_replies=min_replies, round_offset=done
+        num_hospitals=len(hospitals),
+        min_replies=min_replies,
+        round_offset=done,
+        transport_dtype=str(cfg.federation.transport_dtype),
     )
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
     recorder.forget_rounds_after(done)
@@ -111,7 +115,8 @@ def main(grid: Grid, context: Context) -> None:
         cfg.model.name,
         min_replies,
     )
-    result = strategy.start(
+    federation = with_privacy(strategy, cfg.privacy, len(hospitals), run_dir)
+    result = federation.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=cfg.federation.rounds - done,

@@ -101,6 +101,11 @@ class RoundRecorder:
             "train": report.train,
             "evaluate": report.evaluate,
             "hospitals": {self.hospitals[i]: m for i, m in sorted(report.per_hospital.items())},
+            # Array bytes on the wire this round, all nodes together (per hospital in hospitals).
+            "bytes": {
+                "sent": sum(report.bytes_sent.values()),
+                "received": sum(report.bytes_received.values()),
+            },
             "server-rss-mb": current_rss_mb(),
         }
         with self.metrics_path.open("a", encoding="utf-8") as handle:

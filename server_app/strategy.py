@@ -17,6 +17,8 @@ from common.arrays import (
     array_specs,
     check_metrics_reply,
     check_update,
+    record_bytes,
+    upcast_reply,
     weighted_average,
 )
 
@@ -37,6 +39,10 @@ class RoundReport:
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
     per_hospital: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Array bytes of the messages sent to / received from each node this round (train and
+    # evaluate), measured on the messages themselves; metric records are not counted.
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    bytes_received: dict[int, int] = field(default_factory=dict)
 
 
 def _metrics_of(msg: Message) -> MetricRecord:
@@ -74,7 +80,14 @@ def weighted_metrics(replies: list[Message]) -> dict[str, float]:
 class GuardedFedAvg(FedAvg):
     """Weighted FedAvg over every hospital, with reply checks and a minimum-replies rule."""
 
-    def __init__(self, *, num_hospitals: int, min_replies: int, round_offset: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        num_hospitals: int,
+        min_replies: int,
+        round_offset: int = 0,
+        transport_dtype: str = "float32",
+    ) -> None:
         if not 1 <= min_replies <= num_hospitals:
             raise ValueError(f"min_replies must be in 1..{num_hospitals}, got {min_replies}")
         # Every connected hospital is sampled (fraction 1.0); a round starts once min_replies
@@ -91,6 +104,8 @@ class GuardedFedAvg(FedAvg):
         # Rounds already done by the run this one resumes: clients see the true round number,
         # which places them in the learning-rate schedule and seeds their shuffling.
         self.round_offset = round_offset
+        # float16: hospitals reply in half precision (federation.transport_dtype), upcast here.
+        self.transport_dtype = transport_dtype
         self.report = RoundReport()
         self._reference: dict[str, ArraySpec] = {}
         self._sent: list[Message] = []
@@ -120,6 +135,10 @@ class GuardedFedAvg(FedAvg):
         source, so failures are attributed through the message they answer instead.
         """
         self._sent = list(messages)
+        for msg in self._sent:
+            node = msg.metadata.dst_node_id
+            sent = self.report.bytes_sent
+            sent[node] = sent.get(node, 0) + record_bytes(msg.content)
         return self._sent
 
     def _node_of(self, reply: Message) -> int:
@@ -137,6 +156,10 @@ class GuardedFedAvg(FedAvg):
                 self.report.failed[node] = msg.error.reason
                 log.warning("node %d failed: %s", node, msg.error.reason)
                 continue
+            received = self.report.bytes_received
+            received[node] = received.get(node, 0) + record_bytes(msg.content)
+            if check_arrays and self.transport_dtype != "float32":
+                upcast_reply(msg.content, self._reference)
             reason = (
                 check_update(msg.content, self._reference)
                 if check_arrays
@@ -183,3 +206,6 @@ class GuardedFedAvg(FedAvg):
                 continue
             row = self.report.per_hospital.setdefault(int(metrics["hospital-index"]), {})
             row.update(_scores(metrics))
+            node = self._node_of(msg)
+            row["bytes-sent"] = self.report.bytes_sent.get(node, 0)
+            row["bytes-received"] = self.report.bytes_received.get(node, 0)

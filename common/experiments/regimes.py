@@ -1,0 +1,107 @@
+"""The regimes that run in one process (no Flower): local-only, centralized, personalization.
+
+They reuse ``train_local`` round by round with the federated run's schedule and seeds, so the
+only difference to FedAvg is which data a model sees and whether weights are averaged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.arrays import to_array_record
+from common.augment import train_cache_size
+from common.checkpoint import save_atomic
+from common.data import SplitTensors, split_tensors
+from common.model import MCTFormerV2, create_mct_model
+from common.training import resolve_device, train_local
+from server_app.recorder import model_payload
+
+log = logging.getLogger(__name__)
+
+
+def initial_model(cfg: DictConfig) -> MCTFormerV2:
+    """The model every regime starts from: the same seeded initialisation as the ServerApp."""
+    torch.manual_seed(cfg.seed)
+    return create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+
+
+def training_tensors(cfg: DictConfig, hospitals: Sequence[str]) -> SplitTensors:
+    """Training splits of ``hospitals``, pooled when there are several (centralized)."""
+    size = train_cache_size(cfg.model.img_size)
+    parts = [split_tensors(cfg.data, name, "train", size) for name in hospitals]
+    if len(parts) == 1:
+        return parts[0]
+    masks = [p.masks for p in parts]
+    return SplitTensors(
+        images=torch.cat([p.images for p in parts]),
+        labels=torch.cat([p.labels for p in parts]),
+        masks=None if any(m is None for m in masks) else torch.cat(masks),
+    )
+
+
+def train_rounds(cfg: DictConfig, data: SplitTensors, index: int, tag: str) -> MCTFormerV2:
+    """Train from the initial model for ``federation.rounds`` x ``train.local_epochs`` epochs.
+
+    One ``train_local`` call per round, with the ClientApp's learning-rate position and seed,
+    so that a hospital training alone follows exactly the schedule it follows in FedAvg.
+    """
+    model = initial_model(cfg)
+    local_epochs = int(cfg.train.local_epochs)
+    rounds = int(cfg.federation.rounds)
+    device = resolve_device(cfg.device)
+    for server_round in range(1, rounds + 1):
+        result = train_local(
+            model,
+            data,
+            cfg.train,
+            start_epoch=(server_round - 1) * local_epochs,
+            total_epochs=rounds * local_epochs,
+            device=device,
+            seed=cfg.seed * 100_003 + server_round * 1_009 + index,
+        )
+        log.info(
+            "%s round %d/%d: loss %.4f on %d images in %.1fs",
+            tag,
+            server_round,
+            rounds,
+            result.loss,
+            result.num_examples,
+            result.seconds,
+        )
+    return model
+
+
+def fine_tune(cfg: DictConfig, model: MCTFormerV2, data: SplitTensors, index: int) -> None:
+    """Personalization: ``regime.finetune_epochs`` more epochs at one hospital, in place.
+
+    No warmup and a learning rate of ``regime.finetune_lr_scale`` x ``train.lr`` decaying by
+    the usual cosine: the global model is a trained starting point, not a fresh one.
+    """
+    epochs = int(cfg.regime.finetune_epochs)
+    train_cfg = {
+        **OmegaConf.to_container(cfg.train, resolve=True),
+        "local_epochs": epochs,
+        "warmup_epochs": 0,
+        "lr": float(cfg.train.lr) * float(cfg.regime.finetune_lr_scale),
+    }
+    result = train_local(
+        model,
+        data,
+        train_cfg,
+        start_epoch=0,
+        total_epochs=epochs,
+        device=resolve_device(cfg.device),
+        seed=cfg.seed * 100_003 + 999_983 + index,
+    )
+    log.info("fine-tune %d epochs at hospital %d: loss %.4f", epochs, index, result.loss)
+
+
+def save_model(model: MCTFormerV2, cfg: DictConfig, path: Path) -> Path:
+    """Write the model like the ServerApp's ``final_model.pt``, so the same jobs read it."""
+    payload = model_payload(to_array_record(model.state_dict()), cfg, int(cfg.federation.rounds))
+    return save_atomic(payload, path)

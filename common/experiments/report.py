@@ -1,0 +1,472 @@
+"""``w3s-report``: regenerate EXPERIMENTS.md (tables and PNG plots) from ``w3s-experiment`` runs.
+
+    w3s-report runs/synthetic runs/wbc --output EXPERIMENTS.md --figures docs/experiments
+
+One section per runs dir (one dataset): the evaluation matrix (rows = regimes, columns = each
+hospital's test split, mean +- SD over seeds) for the segmenter and the pseudo-masks, the
+verdicts (federated vs local-only per hospital, distance to the supervised ceiling), the
+convergence curves, the communication table and a grid of overlays. Every number is read from
+the runs' files; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from common.data import hospital_split
+from common.experiments.run import RESULTS, row_folder
+from common.experiments.supervised import true_labels
+from common.jobs.artifacts import overlay, sample_stem, save_grid
+from common.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+# Row order of the tables: the paper's comparison first, the ceiling last.
+REGIME_ORDER = ("local_only", "centralized", "fedavg", "fedprox", "personalized", "supervised")
+FEDERATED = ("fedavg", "fedprox")
+BASELINES = ("baseline: centred disk", "baseline: Otsu")
+METRICS = ("class_aware", "binary")
+GRID_IMAGES = 2
+MB = 1e6
+
+
+def mean_sd(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean, sample SD (ddof 1; 0 for a single value) and count of the finite values."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, 0
+    sd = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return float(np.mean(finite)), sd, len(finite)
+
+
+def fmt_percent(values: Sequence[float | None]) -> str:
+    """``61.2 ± 3.4`` (percent, over seeds); ``-`` when nothing was scored."""
+    mean, sd, n = mean_sd(values)
+    return "-" if n == 0 else f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+@dataclass
+class Dataset:
+    """All runs under one runs dir: one dataset, several regimes, several seeds each."""
+
+    runs_dir: Path
+    data: DictConfig
+    hospitals: list[str]
+    commands: list[str]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    pipelines: int = 1
+
+    @property
+    def name(self) -> str:
+        """The data config's name, e.g. ``synthetic``."""
+        return str(self.data.name)
+
+    def rows(self) -> list[str]:
+        """Matrix rows in the report's order (by regime, then by name)."""
+        found = {(r["regime"], row["row"]) for r in self.results for row in r["rows"]}
+        rank = {name: i for i, name in enumerate(REGIME_ORDER)}
+        ordered = sorted(found, key=lambda k: (rank.get(k[0], len(rank)), k[1]))
+        return [row for _, row in ordered]
+
+    def regime_of(self, row: str) -> str:
+        """Which regime a row belongs to."""
+        return next(r["regime"] for r in self.results for x in r["rows"] if x["row"] == row)
+
+    def regime_of_label(self, label: str) -> str:
+        """Which regime a label's runs used (``fedavg_fp16`` -> ``fedavg``)."""
+        return next(r["regime"] for r in self.results if r["label"] == label)
+
+    def values(self, row: str, column: str, stage: str, metric: str) -> list[float | None]:
+        """One cell's score over seeds."""
+        return [
+            x["cells"].get(column, {}).get(stage, {}).get(metric)
+            for r in self.results
+            for x in r["rows"]
+            if x["row"] == row and stage in x["cells"].get(column, {})
+        ]
+
+    def baseline_values(self, column: str, stage: str, metric: str) -> list[float | None]:
+        """A training-free baseline's score over seeds (the same in every row of a seed)."""
+        out = []
+        for result in self.results:
+            scored = [x for x in result["rows"] if stage in x["cells"].get(column, {})]
+            if scored:
+                out.append(scored[0]["cells"][column][stage][metric])
+        return out
+
+    def seeds(self, label: str) -> list[dict[str, Any]]:
+        """Results of one label, by seed."""
+        return sorted((r for r in self.results if r["label"] == label), key=lambda r: r["seed"])
+
+
+def load_dataset(runs_dir: Path) -> Dataset:
+    """Read every ``<label>/experiment.yaml`` and ``<label>/seed_*/results.json``."""
+    configs = sorted(runs_dir.glob("*/experiment.yaml"))
+    if not configs:
+        raise FileNotFoundError(f"no w3s-experiment runs (*/experiment.yaml) in {runs_dir}")
+    data, hospitals, commands, results = None, [], [], []
+    for path in configs:
+        text = path.read_text(encoding="utf-8")
+        commands.append(text.splitlines()[0].lstrip("# "))
+        cfg = OmegaConf.create(text)
+        if data is None:
+            data = cfg.data
+        elif cfg.data.name != data.name:
+            raise ValueError(f"{runs_dir} mixes data={data.name} and data={cfg.data.name}")
+        for file in sorted(path.parent.glob(f"seed_*/{RESULTS}")):
+            result = json.loads(file.read_text(encoding="utf-8"))
+            result["dir"] = str(file.parent)
+            hospitals = result["hospitals"]
+            results.append(result)
+    assert data is not None
+    return Dataset(runs_dir, data, hospitals, commands, results, post_training_variants(runs_dir))
+
+
+def post_training_variants(runs_dir: Path) -> int:
+    """How many different post-training configs the runs used (1 unless defaults changed).
+
+    The job runs with its defaults, which may be improved between two ``w3s-experiment`` calls;
+    rows scored with different pipelines are not comparable, and the report says so.
+    """
+    variants = set()
+    for path in runs_dir.glob("*/seed_*/eval/*/*/config.yaml"):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        for key in ("checkpoint", "hospital", "output_dir", "seed"):
+            cfg.pop(key, None)
+        variants.add(json.dumps(cfg, sort_keys=True))
+    return max(len(variants), 1)
+
+
+def matrix_table(ds: Dataset, stage: str, with_baselines: bool) -> str:
+    """Markdown matrix: one row per regime row, ``class-aware / binary`` mIoU per test split."""
+    head = "| trained as \\ test split | " + " | ".join(ds.hospitals) + " | seeds |"
+    lines = [head, "|---" * (len(ds.hospitals) + 2) + "|"]
+    for row in ds.rows():
+        cells = [
+            " / ".join(fmt_percent(ds.values(row, h, stage, m)) for m in METRICS)
+            for h in ds.hospitals
+        ]
+        if all(c == "- / -" for c in cells):
+            continue
+        seeds = max(len(ds.values(row, h, stage, "binary")) for h in ds.hospitals)
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} |")
+    if with_baselines:
+        for stage_name in BASELINES:
+            cells = [
+                " / ".join(fmt_percent(ds.baseline_values(h, stage_name, m)) for m in METRICS)
+                for h in ds.hospitals
+            ]
+            lines.append(f"| {stage_name} (no training) | " + " | ".join(cells) + " | |")
+    return "\n".join(lines)
+
+
+def _mean(ds: Dataset, row: str, column: str, metric: str, stage: str = "segmenter") -> float:
+    return mean_sd(ds.values(row, column, stage, metric))[0]
+
+
+def trained_at(row: str) -> str:
+    """``local_only (hospital_a)`` -> ``hospital_a``."""
+    return row.split("(")[-1].rstrip(")")
+
+
+def summary(ds: Dataset, fed: str, local: Sequence[str]) -> str:
+    """How often a federated row beat local-only, in-domain and across domains, per metric.
+
+    A win counts as clear when the means differ by more than the larger of the two SDs.
+    """
+    parts = []
+    for metric in METRICS:
+        tallies = {True: [0, 0, 0], False: [0, 0, 0]}  # in-domain?: [wins, clear wins, pairs]
+        for column in ds.hospitals:
+            fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, "segmenter", metric))
+            for row in local:
+                mean, sd, _ = mean_sd(ds.values(row, column, "segmenter", metric))
+                if math.isnan(fed_mean) or math.isnan(mean):
+                    continue
+                tally = tallies[trained_at(row) == column]
+                tally[0] += fed_mean > mean
+                tally[1] += fed_mean - mean > max(fed_sd, sd)
+                tally[2] += 1
+        here, elsewhere = tallies[True], tallies[False]
+        parts.append(
+            f"{metric.replace('_', '-')} mIoU: beat the local-only model trained at the test "
+            f"hospital on {here[0]} of {here[2]} test splits ({here[1]} by more than one SD), "
+            f"and local-only models trained at another hospital in {elsewhere[0]} of "
+            f"{elsewhere[2]} comparisons ({elsewhere[1]} by more than one SD)"
+        )
+    return f"- **{fed}, in short:** " + "; ".join(parts) + "."
+
+
+def verdicts(ds: Dataset) -> list[str]:
+    """Plain sentences: did federated beat local-only per test split; the supervised gap."""
+    rows = ds.rows()
+    federated = [r for r in rows if ds.regime_of(r) in FEDERATED]
+    local = {r: trained_at(r) for r in rows if ds.regime_of(r) == "local_only"}
+    lines = [summary(ds, fed, list(local)) for fed in federated] if local else []
+    for column in ds.hospitals:
+        for fed in federated:
+            for metric in METRICS:
+                fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, "segmenter", metric))
+                if not local or math.isnan(fed_mean):
+                    continue
+                parts = []
+                for row, home in local.items():
+                    mean, sd, _ = mean_sd(ds.values(row, column, "segmenter", metric))
+                    if math.isnan(mean):
+                        continue
+                    where = "here" if home == column else f"at {home}"
+                    verdict = "beat" if fed_mean > mean else "did NOT beat"
+                    noise = " (within one SD)" if abs(fed_mean - mean) < max(fed_sd, sd) else ""
+                    parts.append(f"{verdict} local-only trained {where} ({100 * mean:.1f}){noise}")
+                lines.append(
+                    f"- **{column} test, {metric.replace('_', '-')} mIoU:** {fed} "
+                    f"({100 * fed_mean:.1f}) " + "; ".join(parts) + "."
+                )
+    ceiling = {trained_at(r): r for r in rows if ds.regime_of(r) == "supervised"}
+    for column in ds.hospitals:
+        if column not in ceiling:
+            continue
+        for fed in federated:
+            gaps = []
+            for metric in METRICS:
+                top = _mean(ds, ceiling[column], column, metric)
+                weak = _mean(ds, fed, column, metric)
+                gaps.append(
+                    f"{metric.replace('_', '-')} {100 * weak:.1f} vs {100 * top:.1f} "
+                    f"({100 * (top - weak):+.1f} points to the ceiling)"
+                )
+            lines.append(
+                f"- **Ceiling, {column} test:** weakly supervised {fed} segmenter vs a segmenter "
+                f"trained on {column}'s true masks: " + "; ".join(gaps) + "."
+            )
+    return lines
+
+
+def plot_matrix(ds: Dataset, path: Path) -> None:
+    """Heatmaps of the segmenter's mean test mIoU, class-aware and binary, annotated ± SD."""
+    rows = [
+        r for r in ds.rows() if any(ds.values(r, h, "segmenter", "binary") for h in ds.hospitals)
+    ]
+    # The object-oriented API (no pyplot): no GUI backend, no global figure state.
+    fig = Figure(figsize=(4 + 2.2 * len(ds.hospitals), 1.2 + 0.45 * len(rows)))
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, METRICS, strict=True):
+        stats = [
+            [mean_sd(ds.values(r, h, "segmenter", metric)) for h in ds.hospitals] for r in rows
+        ]
+        means = np.array([[100 * s[0] for s in line] for line in stats])
+        ax.imshow(means, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for i, line in enumerate(stats):
+            for j, (mean, sd, _) in enumerate(line):
+                text = "-" if math.isnan(mean) else f"{100 * mean:.1f}±{100 * sd:.1f}"
+                ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+        ax.set_xticks(range(len(ds.hospitals)), ds.hospitals, fontsize=8)
+        ax.set_yticks(range(len(rows)), rows if metric == METRICS[0] else [""] * len(rows))
+        ax.set_title(f"segmenter, {metric.replace('_', '-')} mIoU (test, %)", fontsize=9)
+        ax.set_xlabel("test split of")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def round_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-round rows of a federated seed's ``metrics.jsonl`` (empty for other regimes)."""
+    if not result.get("metrics_jsonl"):
+        return []
+    path = Path(result["dir"]) / result["metrics_jsonl"]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def federated_labels(ds: Dataset) -> list[str]:
+    """Labels whose runs went through Flower (they have metrics.jsonl)."""
+    return sorted({r["label"] for r in ds.results if r.get("metrics_jsonl")})
+
+
+def plot_convergence(ds: Dataset, path: Path) -> bool:
+    """Validation localization mIoU per round and hospital (Fig. 4), mean ± SD over seeds."""
+    labels = [label for label in federated_labels(ds) if ds.regime_of_label(label) in FEDERATED]
+    if not labels:
+        return False
+    fig = Figure(figsize=(3.6 * len(ds.hospitals), 3.2))
+    axes = fig.subplots(1, len(ds.hospitals), squeeze=False)
+    for ax, hospital in zip(axes[0], ds.hospitals, strict=True):
+        for label in labels:
+            curves = [
+                [row["hospitals"].get(hospital, {}).get("val-loc-miou", math.nan) for row in rows]
+                for rows in map(round_rows, ds.seeds(label))
+            ]
+            length = min(len(c) for c in curves)
+            values = np.array([c[:length] for c in curves], dtype=float)
+            mean = 100 * values.mean(axis=0)
+            sd = 100 * (values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(length))
+            x = np.arange(1, length + 1)
+            ax.plot(x, mean, marker="o", markersize=3, label=label)
+            ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
+        ax.set_title(f"{hospital} (validation)", fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("localization mIoU (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def communication_table(ds: Dataset) -> str:
+    """Bytes per hospital and round (mean over rounds and seeds) and the final mIoU effect."""
+    lines = [
+        "| run | hospital | sent per round (MB) | received per round (MB) "
+        "| total over the run (MB) | rounds "
+        "| segmenter mIoU at this hospital (class-aware / binary) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in federated_labels(ds):
+        row_name = next(x["row"] for r in ds.seeds(label) for x in r["rows"])
+        for hospital in ds.hospitals:
+            sent, received, totals, rounds = [], [], [], []
+            for rows in map(round_rows, ds.seeds(label)):
+                per_round = [r["hospitals"].get(hospital, {}) for r in rows]
+                sent += [h.get("bytes-sent", math.nan) for h in per_round]
+                received += [h.get("bytes-received", math.nan) for h in per_round]
+                totals.append(
+                    sum(h.get("bytes-sent", 0) + h.get("bytes-received", 0) for h in per_round)
+                )
+                rounds.append(len(rows))
+            score = " / ".join(
+                fmt_percent(ds.values(row_name, hospital, "segmenter", m)) for m in METRICS
+            )
+            lines.append(
+                f"| {label} | {hospital} | {np.nanmean(sent) / MB:.3f} "
+                f"| {np.nanmean(received) / MB:.3f} | {np.mean(totals) / MB:.2f} "
+                f"| {max(rounds)} | {score} |"
+            )
+    return "\n".join(lines)
+
+
+def short_title(row: str) -> str:
+    """Column title that fits a tile: ``local_only (hospital_a)`` -> ``local hospital_a``."""
+    short = row.replace("local_only", "local").replace("supervised", "superv.")
+    return short.replace("(", "").replace(")", "")[:20]
+
+
+def plot_overlays(ds: Dataset, path: Path) -> None:
+    """Per hospital, its first test images: image, ground truth, each row's prediction."""
+    first_seed = min(r["seed"] for r in ds.results)
+    seed_dirs = {
+        x["row"]: Path(r["dir"]) for r in ds.results if r["seed"] == first_seed for x in r["rows"]
+    }
+    rows_order = [r for r in ds.rows() if r in seed_dirs]
+    grid = []
+    for hospital in ds.hospitals:
+        test = hospital_split(ds.data, hospital, "test")
+        truths = true_labels(test)
+        for i in range(min(GRID_IMAGES, len(test))):
+            image, stem = test.images[i], sample_stem(test.sample_ids[i])
+            tiles = [image, overlay(image, truths[i])]
+            for row in rows_order:
+                png = (
+                    seed_dirs[row] / "eval" / row_folder(row) / hospital / "predictions" / "test"
+                ) / f"{stem}.png"
+                predicted = np.asarray(Image.open(png)) if png.exists() else None
+                tiles.append(image * 0 if predicted is None else overlay(image, predicted))
+            grid.append(tiles)
+    save_grid(path, grid, ["image", "truth", *map(short_title, rows_order)], tile=112)
+
+
+def dataset_section(ds: Dataset, figures: Path, output: Path) -> str:
+    """The markdown section of one dataset, with its figures written under ``figures``."""
+    figures.mkdir(parents=True, exist_ok=True)
+    rel = Path(os.path.relpath(figures, output.parent))
+    matrix_png, curves_png, grid_png = (
+        figures / f"{ds.name}_{kind}.png" for kind in ("matrix", "convergence", "overlays")
+    )
+    plot_matrix(ds, matrix_png)
+    has_curves = plot_convergence(ds, curves_png)
+    plot_overlays(ds, grid_png)
+    seeds = sorted({r["seed"] for r in ds.results})
+    parts = [
+        f"## Dataset `{ds.name}` ({len(ds.hospitals)} hospitals: {', '.join(ds.hospitals)})",
+        f"Seeds {seeds}; runs in `{ds.runs_dir}`. Commands:",
+        *(
+            [
+                f"**Warning:** the rows were scored with {ds.pipelines} different post-training "
+                "configs (its defaults changed between runs): rerun the regimes to compare them."
+            ]
+            if ds.pipelines > 1
+            else []
+        ),
+        "```bash\n" + "\n".join(ds.commands) + "\n```",
+        "### Verdicts (segmenter, test splits, mean over seeds, %)",
+        "\n".join(verdicts(ds)) or "No federated and local-only rows to compare.",
+        "### Matrix: segmenter (class-aware / binary mIoU on each test split, %, mean ± SD)",
+        matrix_table(ds, "segmenter", with_baselines=True),
+        f"![segmenter matrix]({rel / matrix_png.name})",
+        "### Matrix: pseudo-masks (class-aware / binary mIoU, %, mean ± SD)",
+        matrix_table(ds, "pseudo-masks", with_baselines=False),
+    ]
+    if has_curves:
+        parts += [
+            "### Convergence: validation localization mIoU per round (server's metrics.jsonl)",
+            f"![convergence]({rel / curves_png.name})",
+        ]
+    parts += [
+        "### Communication (array bytes per message, train and evaluate, per hospital)",
+        communication_table(ds),
+        f"### Overlays (seed {seeds[0]}; {GRID_IMAGES} test images per hospital, top to bottom "
+        f"{', '.join(ds.hospitals)}; each prediction is that row's segmenter at that hospital)",
+        f"![overlays]({rel / grid_png.name})",
+    ]
+    return "\n\n".join(parts)
+
+
+def write_report(runs_dirs: Sequence[Path], output: Path, figures: Path, notes: Path | None) -> str:
+    """Regenerate ``output`` from the runs; return its text."""
+    sections = [dataset_section(load_dataset(d), figures, output) for d in runs_dirs]
+    head = [
+        "# Experiments: local-only vs centralized vs FedAvg vs FedProx vs personalized",
+        "Generated by `w3s-report "
+        + " ".join(str(d) for d in runs_dirs)
+        + f" --output {output.name} --figures {os.path.relpath(figures, output.parent)}"
+        + (f" --notes {os.path.relpath(notes, output.parent)}" if notes else "")
+        + "`; every number below is read from the runs. Rows: how the MCT model was trained "
+        "(`local_only (X)`: at hospital X alone; `supervised (X)`: the ceiling, a segmenter "
+        "trained on X's true masks). Columns: the test split of each hospital, where the "
+        "post-training job (maps -> pseudo-masks -> segmenter, `w3s-postprocess` defaults) ran "
+        "with that model. Cells: class-aware / binary mIoU in %, mean ± sample SD over seeds.",
+    ]
+    if notes is not None:
+        head.append(notes.read_text(encoding="utf-8").strip())
+    text = "\n\n".join([*head, *sections]) + "\n"
+    output.write_text(text, encoding="utf-8")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``w3s-report``."""
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dirs", nargs="+", type=Path, help="runs_dir of w3s-experiment")
+    parser.add_argument("--output", type=Path, default=Path("EXPERIMENTS.md"))
+    parser.add_argument("--figures", type=Path, default=Path("docs/experiments"))
+    parser.add_argument("--notes", type=Path, default=None, help="markdown put after the intro")
+    args = parser.parse_args(argv)
+    notes = args.notes.resolve() if args.notes else None
+    write_report(args.runs_dirs, args.output.resolve(), args.figures.resolve(), notes)
+    log.info("wrote %s and figures in %s", args.output, args.figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The supervised ceiling: the post-training segmenter trained on the TRUE training masks.
+
+This is the one place that trains on ground truth, on purpose: it measures how far the weakly
+supervised pipeline is from what expert masks would give. ``train_segmenter`` refuses ground
+truth when told what the ground truth is (its leak guard protects the weak pipeline), so this
+path calls it without ``ground_truth=``; nothing here feeds any other regime.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from common.checkpoint import save_atomic
+from common.data import HospitalData, hospital_split
+from common.jobs.artifacts import sample_stem, save_label_png
+from common.metrics import class_aware_truth, score_label_maps
+from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
+from common.training import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def true_labels(data: HospitalData) -> list[np.ndarray]:
+    """Class-aware ground truth of a split (0 background, label + 1 for the cell)."""
+    if data.masks is None:
+        raise ValueError(f"hospital {data.name} has no ground-truth masks: no supervised ceiling")
+    return [class_aware_truth(m, int(c)) for m, c in zip(data.masks, data.labels, strict=True)]
+
+
+def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> nn.Module:
+    """Train the configured segmenter on ``hospital``'s training split with its true masks.
+
+    Parameters
+    ----------
+    cfg
+        A composed post-training config (``conf/postprocess.yaml``): the segmenter, its
+        training settings and the data are the weak pipeline's own, so only the labels differ.
+    hospital
+        Whose training split to use.
+    out
+        ``segmenter.pt`` is written here.
+
+    Returns
+    -------
+    torch.nn.Module
+        The trained segmenter.
+    """
+    train = hospital_split(cfg.data, hospital, "train")
+    seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    classes = list(cfg.data.classes)
+    model = create_segmenter(seg_cfg, len(classes) + 1)
+    losses = train_segmenter(
+        model,
+        train.images,
+        true_labels(train),
+        seg_cfg,
+        device=resolve_device(str(cfg.device)),
+        seed=int(cfg.seed),
+    )
+    log.info("supervised ceiling at %s: final training loss %.4f", hospital, losses[-1])
+    save_atomic(segmenter_payload(model, seg_cfg, classes), out / "segmenter.pt")
+    return model
+
+
+def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path) -> dict:
+    """Test-split mIoU of a segmenter at ``hospital``; label maps saved for the overlay grid.
+
+    Returns
+    -------
+    dict
+        ``{"segmenter": {"class_aware": x, "binary": y}}``, the cell format of the matrix.
+    """
+    test = hospital_split(cfg.data, hospital, "test")
+    predicted = predict(
+        model,
+        test.images,
+        int(cfg.segmenter.input_size),
+        device=resolve_device(str(cfg.device)),
+        batch_size=int(cfg.batch_size),
+    )
+    for sample_id, labels in zip(test.sample_ids, predicted, strict=True):
+        save_label_png(out / "predictions" / "test" / f"{sample_stem(sample_id)}.png", labels)
+    scores = score_label_maps(
+        predicted, true_labels(test), len(cfg.data.classes) + 1, cfg.evaluation.absent
+    )
+    return {"segmenter": {"class_aware": scores.class_aware_miou, "binary": scores.binary_miou}}
