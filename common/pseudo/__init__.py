@@ -1,4 +1,4 @@
-"""Pseudo-masks from localization maps: one interface, three methods, chosen by name.
+"""Pseudo-masks from localization maps: one interface, four methods, chosen by name.
 
 ``create_masker(cfg.pseudo)`` builds the configured method; every method is a
 :class:`PseudoMasker` (see ``base``), so the post-training job treats them alike.
@@ -18,10 +18,12 @@ from common.pseudo.base import (
     threshold_labels,
 )
 from common.pseudo.psa import PSAMasker
+from common.pseudo.stain_grow import StainGrowMasker
 from common.pseudo.threshold import ThresholdMasker
 
 METHODS: dict[str, type[PseudoMasker]] = {
-    method.name: method for method in (ThresholdMasker, AttentionWalkMasker, PSAMasker)
+    method.name: method
+    for method in (ThresholdMasker, AttentionWalkMasker, PSAMasker, StainGrowMasker)
 }
 
 
@@ -47,6 +49,7 @@ __all__ = [
     "MapRecord",
     "PSAMasker",
     "PseudoMasker",
+    "StainGrowMasker",
     "ThresholdMasker",
     "argmax_labels",
     "create_masker",

@@ -222,3 +222,52 @@ def test_postprocess_on_real_dev_data(wbc_root, tmp_path):
     assert disk["test"]["binary_miou"] > 0.6  # a centred disk covers most single-cell crops
     masks = sorted((out / "pseudo_masks" / "test").glob("*.png"))
     assert read_label_png(masks[0]).shape == (300, 300)  # native size of Dataset 2
+
+
+def test_stage_grid_shows_every_stage_of_a_split(synthetic_run):
+    _, out, _, root = synthetic_run
+    checkpoint = root / "run" / "final_model.pt"
+    args = [f"checkpoint={checkpoint}", "hospital=hospital_a", f"output_dir={out}", *SYNTHETIC]
+    result = run_job("common.jobs.stage_grid", [*args, "grid.num_images=3"], root / "cwd_grid")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    with Image.open(out / "stages_test.png") as grid:
+        # 8 columns (image, truth, 4 maps, pseudo-mask, segmenter) x 3 rows of 128 px tiles
+        assert grid.size == (8 * 130 - 2, 16 + 3 * 130 - 2)
+    assert "missing" not in result.stdout + result.stderr  # read back the job's label maps
+
+
+def test_ablation_writes_one_row_per_variant(synthetic_run, tmp_path):
+    _, _, _, root = synthetic_run
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(
+        'variants:\n  "threshold": [pseudo=threshold]\n  "stain grow": [pseudo=stain_grow]\n'
+    )
+    out = tmp_path / "ablation"
+    result = run_job(
+        "common.jobs.ablation",
+        [
+            f"variants={variants}",
+            f"checkpoint={root / 'run' / 'final_model.pt'}",
+            "hospital=hospital_a",
+            f"output_dir={out}",
+            *SYNTHETIC,
+            *TINY_JOB,
+        ],
+        tmp_path / "cwd",
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [row["title"] for row in rows] == ["threshold", "stain grow"]
+    assert all(0 <= row["accuracy"]["test"] <= 1 for row in rows)
+    table = (out / "ablation.md").read_text()
+    assert table.count("**") == 2 and "baseline: centred disk" in table
+    assert (out / "stain_grow" / "metrics.json").is_file()
+    assert (
+        "stain_grow"
+        in json.loads((out / "stain_grow" / "metrics.json").read_text())["stages"][1]["name"]
+    )
+
+    result = run_job(
+        "common.jobs.ablation", ["variants=nope", "hospital=hospital_a"], tmp_path / "c"
+    )
+    assert result.returncode == 2 and "levers" in result.stdout + result.stderr

@@ -10,6 +10,7 @@ from common.pseudo import (
     Background,
     MapRecord,
     PSAMasker,
+    StainGrowMasker,
     ThresholdMasker,
     argmax_labels,
     create_masker,
@@ -227,9 +228,52 @@ def test_psa_rejects_an_input_size_off_the_stride():
 
 
 def test_registry_and_unknown_method():
-    assert set(METHODS) == {"threshold", "attn_rw", "psa"}
+    assert set(METHODS) == {"threshold", "attn_rw", "psa", "stain_grow"}
     assert isinstance(
         create_masker({"method": "attn_rw", "beta": 4, "logt": 1}), AttentionWalkMasker
     )
     with pytest.raises(ValueError, match="crf"):
         create_masker({"method": "crf"})
+
+
+def _smear(size: int = 64, shift: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pale background, a white cell (dark nucleus in a lilac ring) and a red cell."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    image = np.full((size, size, 3), (240, 225, 180), dtype=np.uint8)
+    nucleus = (ys - 32) ** 2 + (xs - 44 - shift) ** 2 <= 9**2
+    red_cell = (ys - 32) ** 2 + (xs - 12 - shift) ** 2 <= 9**2
+    image[(ys - 32) ** 2 + (xs - 44 - shift) ** 2 <= 14**2] = (200, 170, 210)
+    image[nucleus] = (70, 30, 110)
+    image[red_cell] = (210, 90, 100)
+    return image, nucleus, red_cell
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_stain_grow_finds_the_nucleus_the_maps_point_at():
+    image, nucleus, red_cell = _smear()
+    maps = torch.zeros(3, 64, 64)
+    maps[1] = torch.as_tensor(nucleus.astype(np.float32))
+    masker = create_masker({"method": "stain_grow", "background_seeds": "maps", "pick": "maps"})
+    record = MapRecord(image, 1, maps, torch.zeros(1, 1), (1, 1))
+    found = masker.nucleus(record).numpy()
+    assert _iou(found, nucleus) > 0.7 and not (found & red_cell).any()
+    (scores,) = masker.propagate([record], [maps])
+    assert scores[0].abs().max() == 0 and scores[2].abs().max() == 0  # absent classes stay 0
+    assert scores[1][32, 44] == 1  # on the nucleus
+    assert 0 < scores[1][32, 56] < 1 and scores[1][32, 62] < scores[1][32, 56]  # falls off
+
+
+def test_stain_grow_centre_prior_picks_the_central_blob_without_maps():
+    image, nucleus, red_cell = _smear(shift=-12)  # white cell at the centre
+    masker = StainGrowMasker(background_seeds="border", pick="centre")
+    record = MapRecord(image, 0, torch.zeros(3, 64, 64), torch.zeros(1, 1), (1, 1))
+    found = masker.nucleus(record).numpy()
+    assert (found & nucleus).sum() > 0.8 * nucleus.sum() and not (found & red_cell).any()
+
+
+def test_stain_grow_rejects_unknown_options():
+    with pytest.raises(ValueError, match="pick"):
+        StainGrowMasker(pick="largest")

@@ -1,0 +1,176 @@
+"""``w3s-ablate``: post-training variants at one hospital, one table row per variant.
+
+    w3s-ablate variants=levers checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1
+
+``variants`` names ``conf/ablation/<name>.yaml`` (or a YAML file path): a mapping of row title
+to a list of Hydra overrides of ``conf/postprocess.yaml`` (a training lever is a variant with
+its own ``checkpoint=``). Every other argument is an override applied to all variants. Each
+variant runs the whole post-training job into ``<output_dir>/<slug>/``; the table in
+``<output_dir>/ablation.md`` gives, per variant, the MCT's classification accuracy and the
+binary and class-aware mIoU of maps, pseudo-masks and segmenter. The winner is the variant with
+the best validation segmenter score; test numbers are reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from common.config import CONF_DIR, compose_config
+from common.data import DataVerificationError, split_tensors
+from common.jobs import JobError
+from common.jobs.postprocess import load_model, run_postprocess
+from common.logs import setup_logging
+from common.training import evaluate_local, resolve_device
+
+log = logging.getLogger(__name__)
+
+# Rows of metrics.json that the table reports, by the start of their stage name.
+STAGES = (("maps", "maps"), ("pseudo", "pseudo-masks"), ("segmenter", "segmenter"))
+
+
+def load_variants(name: str) -> dict[str, list[str]]:
+    """``conf/ablation/<name>.yaml`` or a YAML path -> {row title: overrides}."""
+    path = (
+        Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "ablation" / f"{name}.yaml"
+    )
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
+        raise JobError(f"no ablation variants file {path}; known names: {known}")
+    variants = OmegaConf.to_container(OmegaConf.load(path).get("variants"))
+    if not isinstance(variants, dict) or not variants:
+        raise JobError(f"{path} must hold a non-empty mapping 'variants: {{title: [overrides]}}'")
+    return {str(title): [str(o) for o in overrides or []] for title, overrides in variants.items()}
+
+
+def slug(title: str) -> str:
+    """A folder name for a row title."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", title).strip("_").lower() or "variant"
+
+
+def classification_accuracy(cfg: Any) -> dict[str, float]:
+    """Top-1 accuracy of the checkpoint's classifier on the hospital's val and test splits."""
+    checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
+    model, _ = load_model(cfg, checkpoint)
+    device = resolve_device(str(cfg.device))
+    scores = {}
+    for split in ("val", "test"):
+        data = split_tensors(cfg.data, str(cfg.hospital), split, model.img_size)
+        with torch.inference_mode():
+            metrics = evaluate_local(
+                model, data, {"last_k_layers": 1, "thresholds": [0.5]}, device=device
+            )
+        scores[split] = metrics["val-accuracy"]
+    return scores
+
+
+def _stage_scores(metrics: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """{stage key: {split: {binary, class_aware}}} from a metrics.json."""
+    out = {}
+    for key, prefix in STAGES:
+        for stage in metrics["stages"]:
+            if stage["name"].startswith(prefix):
+                out[key] = {
+                    split: {k: stage[split][f"{k}_miou"] for k in ("binary", "class_aware")}
+                    for split in ("val", "test")
+                    if split in stage
+                }
+    for stage in metrics["stages"]:
+        if stage["name"].startswith("baseline"):
+            out[stage["name"].removeprefix("baseline: ")] = {
+                split: {k: stage[split][f"{k}_miou"] for k in ("binary", "class_aware")}
+                for split in ("val", "test")
+            }
+    return out
+
+
+def _cell(scores: Mapping[str, Any], stage: str, split: str) -> str:
+    values = scores.get(stage, {}).get(split)
+    if not values:
+        return "–"
+    return f"{100 * values['binary']:.1f} / {100 * values['class_aware']:.1f}"
+
+
+def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one row per variant, the validation winner in bold."""
+    best = max(rows, key=lambda r: r["scores"]["segmenter"]["val"]["binary"])["title"]
+    lines = [
+        "| variant | accuracy val / test | maps val | pseudo val | segmenter val "
+        "| maps test | pseudo test | segmenter test |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        title = f"**{row['title']}**" if row["title"] == best else row["title"]
+        accuracy = f"{row['accuracy']['val']:.2f} / {row['accuracy']['test']:.2f}"
+        cells = [_cell(row["scores"], s, sp) for sp in ("val", "test") for s, _ in STAGES]
+        lines.append(f"| {title} | {accuracy} | " + " | ".join(cells) + " |")
+    baselines = [k for k in rows[0]["scores"] if k not in dict(STAGES)]
+    for name in baselines:
+        cells = [_cell(rows[0]["scores"], name, sp) for sp in ("val", "test")]
+        lines.append(f"| baseline: {name} | – | – | – | {cells[0]} | – | – | {cells[1]} |")
+    lines.append("")
+    lines.append(
+        "Cells: binary / class-aware mIoU %. Bold: best validation segmenter binary mIoU "
+        "(the choice); test numbers are reported only."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(variants: Mapping[str, Sequence[str]], overrides: Sequence[str]) -> Path:
+    """Run every variant and write ``ablation.md`` and ``ablation.json``; return the folder."""
+    base = compose_config(overrides, "postprocess")
+    if OmegaConf.is_missing(base, "checkpoint"):
+        raise JobError("checkpoint=... is required: the final_model.pt of a training run")
+    if base.output_dir:
+        out = Path(str(base.output_dir))
+    else:
+        out = Path(str(base.checkpoint)).resolve().parent / "ablation" / str(base.hospital)
+    rows = []
+    for index, (title, changes) in enumerate(variants.items(), start=1):
+        folder = out.resolve() / slug(title)
+        cfg = compose_config([*overrides, *changes, f"output_dir={folder}"], "postprocess")
+        log.info("variant %d/%d %r: %s", index, len(variants), title, " ".join(changes))
+        metrics = run_postprocess(cfg)
+        scores = _stage_scores(metrics)
+        rows.append(
+            {
+                "title": title,
+                "overrides": list(changes),
+                "accuracy": classification_accuracy(cfg),
+                "scores": scores,
+            }
+        )
+        # Written after every variant, so a failure later loses nothing already measured.
+        (out / "ablation.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        (out / "ablation.md").write_text(ablation_table(rows), encoding="utf-8")
+    log.info("ablation of %s:\n%s", base.hospital, ablation_table(rows))
+    log.info("table: %s", out / "ablation.md")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``w3s-ablate``: ``variants=<name>`` plus postprocess overrides."""
+    setup_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    names = [a.split("=", 1)[1] for a in args if a.startswith("variants=")]
+    overrides = [a for a in args if not a.startswith("variants=")]
+    try:
+        if len(names) != 1:
+            raise JobError("give exactly one variants=<name of conf/ablation/*.yaml or a file>")
+        run_ablation(load_variants(names[0]), overrides)
+    except (JobError, DataVerificationError) as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""``w3s-stages``: one picture that shows at which stage localization fails.
+
+    w3s-stages checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1 grid.split=test
+
+One row per image of a split; columns: image, ground truth, class attention, patch-CAM, fused,
+refined, pseudo-mask, segmenter output. The four map columns are generated here from the
+checkpoint (the image's own class); the last two are read from the ``w3s-postprocess`` outputs
+of the same checkpoint and hospital (run it first; missing outputs are shown blank and logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.config import CONF_DIR
+from common.data import DataVerificationError, hospital_split
+from common.jobs import JobError
+from common.jobs.artifacts import heatmap, overlay, read_label_png, sample_stem, save_grid
+from common.jobs.postprocess import check_hospital, load_model, resolve_output_dir
+from common.localization import MapSettings, generate_maps
+from common.metrics import class_aware_truth
+from common.training import resolve_device
+
+log = logging.getLogger(__name__)
+
+# Map columns: title -> how MapSettings differs from the configured one.
+MAP_COLUMNS: dict[str, dict[str, object]] = {
+    "class attention": {"source": "class_attention", "refine": False},
+    "patch-CAM": {"source": "patch_cam", "refine": False},
+    "fused": {"source": "fused", "refine": False},
+    "refined": {"source": "fused", "refine": True},
+}
+# (column title, folder of the w3s-postprocess outputs)
+LABEL_COLUMNS = (("pseudo-mask", "pseudo_masks"), ("segmenter", "predictions"))
+
+
+def _label_column(folder: Path, stems: list[str], image: list[np.ndarray]) -> list[np.ndarray]:
+    """Overlays of saved label maps; a blank tile (and one warning) where they are missing."""
+    tiles = []
+    missing = 0
+    for stem, picture in zip(stems, image, strict=True):
+        path = folder / f"{stem}.png"
+        if path.is_file():
+            tiles.append(overlay(picture, read_label_png(path)))
+        else:
+            missing += 1
+            tiles.append(np.full_like(picture, 255))
+    if missing:
+        log.warning(
+            "%d of %d label maps missing in %s (run w3s-postprocess)", missing, len(stems), folder
+        )
+    return tiles
+
+
+def write_stage_grid(cfg: DictConfig) -> Path:
+    """Write the grid PNG and return its path."""
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise JobError("checkpoint=... is required: the final_model.pt of a training run")
+    checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
+    hospital = check_hospital(cfg)
+    split = str(cfg.grid.split)
+    model, _ = load_model(cfg, checkpoint)
+    out = resolve_output_dir(cfg, checkpoint)
+    data = hospital_split(cfg.data, hospital, split)
+    count = min(int(cfg.grid.num_images), len(data))
+    images, labels = list(data.images[:count]), np.asarray(data.labels[:count])
+    stems = [sample_stem(sample_id) for sample_id in data.sample_ids[:count]]
+    settings = MapSettings.from_config(OmegaConf.to_container(cfg.localization))
+    device = resolve_device(str(cfg.device))
+    columns: dict[str, list[np.ndarray]] = {"image": images}
+    if data.masks is not None:
+        columns["ground truth"] = [
+            overlay(image, class_aware_truth(mask, int(label)))
+            for image, mask, label in zip(images, data.masks[:count], labels, strict=True)
+        ]
+    for title, change in MAP_COLUMNS.items():
+        maps, _, _ = generate_maps(
+            model, images, labels, replace(settings, **change), device=device
+        )
+        columns[title] = [
+            heatmap(image, image_maps.amax(0).numpy())
+            for image, image_maps in zip(images, maps, strict=True)
+        ]
+    for title, folder in LABEL_COLUMNS:
+        columns[title] = _label_column(out / folder / split, stems, images)
+    rows = [[column[i] for column in columns.values()] for i in range(count)]
+    path = Path(str(cfg.grid.output)) if cfg.grid.output else out / f"stages_{split}.png"
+    save_grid(path, rows, list(columns))
+    log.info("stage grid of %d %s images: %s", count, split, path)
+    return path
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="postprocess", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Console script ``w3s-stages``; input problems exit with status 2 and one message."""
+    try:
+        with torch.inference_mode():
+            write_stage_grid(cfg)
+    except (JobError, DataVerificationError) as error:
+        log.error("%s", error)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

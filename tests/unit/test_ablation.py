@@ -1,0 +1,63 @@
+"""The ablation runner's table and variant files (the runs themselves: tests/integration)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.jobs import JobError
+from common.jobs.ablation import _stage_scores, ablation_table, load_variants, slug
+
+
+def _stage(name: str, val: float, test: float) -> dict:
+    return {
+        "name": name,
+        "val": {"binary_miou": val, "class_aware_miou": val / 2},
+        "test": {"binary_miou": test, "class_aware_miou": test / 2},
+    }
+
+
+def _metrics(seg_val: float, seg_test: float) -> dict:
+    return {
+        "stages": [
+            _stage("maps (seeds)", 0.5, 0.4),
+            _stage("pseudo-masks (attn_rw)", 0.6, 0.5),
+            _stage("segmenter (deeplabv3_mobilenet_v3_large)", seg_val, seg_test),
+            _stage("baseline: centred disk", 0.8, 0.7),
+        ]
+    }
+
+
+def test_the_winner_is_chosen_on_validation_not_test() -> None:
+    rows = [
+        {
+            "title": "good on test",
+            "accuracy": {"val": 0.5, "test": 0.5},
+            "scores": _stage_scores(_metrics(0.60, 0.99)),
+        },
+        {
+            "title": "good on val",
+            "accuracy": {"val": 0.5, "test": 0.5},
+            "scores": _stage_scores(_metrics(0.70, 0.10)),
+        },
+    ]
+    table = ablation_table(rows)
+    assert "| **good on val** |" in table
+    assert "| good on test |" in table
+    # segmenter test cell of the second row: binary / class-aware in percent
+    assert "10.0 / 5.0" in table.splitlines()[3]
+    assert "baseline: centred disk" in table
+
+
+def test_every_shipped_variant_file_parses() -> None:
+    variants = load_variants("levers")
+    assert variants["default"] == []
+    assert all(isinstance(o, list) for o in variants.values())
+
+
+def test_unknown_variants_name_lists_the_known_ones() -> None:
+    with pytest.raises(JobError, match="levers"):
+        load_variants("no_such_file")
+
+
+def test_slug_is_a_safe_folder_name() -> None:
+    assert slug("min-max factors, mean (FL-W3S)") == "min_max_factors_mean_fl_w3s"
