@@ -46,7 +46,7 @@ TINY_JOB = [
 ]
 STAGES = [
     "maps (seeds)",
-    "pseudo-masks (attn_rw)",
+    "pseudo-masks (stain_grow)",
     "segmenter (lraspp_mobilenet_v3_large)",
     "baseline: centred disk",
     "baseline: Otsu",

@@ -50,7 +50,7 @@ def test_the_winner_is_chosen_on_validation_not_test() -> None:
 
 def test_every_shipped_variant_file_parses() -> None:
     variants = load_variants("levers")
-    assert variants["default"] == []
+    assert variants["maps + attention walk (reference)"] == ["pseudo=attn_rw"]
     assert all(isinstance(o, list) for o in variants.values())
 
 
