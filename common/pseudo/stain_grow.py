@@ -34,7 +34,7 @@ Pick = Literal["maps", "centre"]
 
 def _smoothed(image: np.ndarray, kernel: int = 5) -> torch.Tensor:
     """(H, W, 3) float RGB in [0, 1], box-filtered so stain texture does not split regions."""
-    x = torch.as_tensor(image, dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    x = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255
     return F.avg_pool2d(x, kernel, 1, kernel // 2, count_include_pad=False)[0].permute(1, 2, 0)
 
 
