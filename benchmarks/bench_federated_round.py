@@ -27,7 +27,7 @@ from common.augment import train_cache_size
 from common.config import compose_config
 from common.data import hospital_names, split_tensors
 from common.model import create_mct_model
-from common.training import evaluate_local, resolve_device, train_local
+from common.training import evaluate_local, resolve_device, train_round
 from tests.integration.flower_processes import BIN, flower_env, stop_processes
 
 
@@ -39,7 +39,6 @@ def in_process(overrides: list[str], rounds: int) -> list[float]:
     torch.manual_seed(cfg.seed)
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
     global_arrays = to_array_record(model.state_dict())
-    epochs = cfg.train.local_epochs
     times = []
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
@@ -47,14 +46,8 @@ def in_process(overrides: list[str], rounds: int) -> list[float]:
         for index, name in enumerate(names):
             model.load_state_dict(to_state_dict(global_arrays))
             data = split_tensors(cfg.data, name, "train", train_cache_size(cfg.model.img_size))
-            result = train_local(
-                model,
-                data,
-                cfg.train,
-                start_epoch=(server_round - 1) * epochs,
-                total_epochs=rounds * epochs,
-                device=device,
-                seed=cfg.seed * 100_003 + server_round * 1_009 + index,
+            result = train_round(
+                model, data, cfg, server_round=server_round, hospital_index=index, device=device
             )
             replies.append(
                 RecordDict(

@@ -20,7 +20,7 @@ from common.config import compose_config, parse_overrides
 from common.data import DataVerificationError, hospital_names, split_tensors
 from common.logs import setup_logging
 from common.model import MCTFormerV2, create_mct_model
-from common.training import evaluate_local, resolve_device, train_local
+from common.training import evaluate_local, resolve_device, train_round
 
 log = logging.getLogger(__name__)
 # privacy_mod clips updates only in runs with privacy=client_clip (client_app/privacy.py).
@@ -134,16 +134,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg, index, name, model = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     data = _tensors(cfg, name, "train", train_cache_size(cfg.model.img_size))
-    local_epochs = cfg.train.local_epochs
-    result = train_local(
+    result = train_round(
         model,
         data,
-        cfg.train,
-        start_epoch=(server_round - 1) * local_epochs,
-        total_epochs=cfg.federation.rounds * local_epochs,
+        cfg,
+        server_round=server_round,
+        hospital_index=index,
         device=resolve_device(cfg.device),
-        seed=cfg.seed * 100_003 + server_round * 1_009 + index,
-        proximal_mu=float(cfg.regime.proximal_mu),
     )
     log.info(
         "hospital %s round %d: loss %.4f on %d images in %.1fs",

@@ -120,6 +120,34 @@ def train_local(
     )
 
 
+def train_round(
+    model: MCTFormerV2,
+    data: SplitTensors,
+    cfg: Any,
+    *,
+    server_round: int,
+    hospital_index: int,
+    device: torch.device,
+) -> TrainResult:
+    """One hospital's local epochs of federated round ``server_round`` (counted from 1).
+
+    The ClientApp, the in-process regimes and the benchmark all train through this, so a
+    hospital training alone or in one process has exactly the learning-rate position,
+    shuffling seed and proximal term it has in a Flower run.
+    """
+    local_epochs = int(cfg.train.local_epochs)
+    return train_local(
+        model,
+        data,
+        cfg.train,
+        start_epoch=(server_round - 1) * local_epochs,
+        total_epochs=int(cfg.federation.rounds) * local_epochs,
+        device=device,
+        seed=cfg.seed * 100_003 + server_round * 1_009 + hospital_index,
+        proximal_mu=float(cfg.regime.proximal_mu),
+    )
+
+
 @torch.no_grad()
 def evaluate_local(
     model: MCTFormerV2,

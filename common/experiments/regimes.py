@@ -18,7 +18,7 @@ from common.augment import train_cache_size
 from common.checkpoint import save_atomic
 from common.data import SplitTensors, split_tensors
 from common.model import MCTFormerV2, create_mct_model
-from common.training import resolve_device, train_local
+from common.training import resolve_device, train_local, train_round
 from server_app.recorder import model_payload
 
 log = logging.getLogger(__name__)
@@ -51,18 +51,11 @@ def train_rounds(cfg: DictConfig, data: SplitTensors, index: int, tag: str) -> M
     so that a hospital training alone follows exactly the schedule it follows in FedAvg.
     """
     model = initial_model(cfg)
-    local_epochs = int(cfg.train.local_epochs)
     rounds = int(cfg.federation.rounds)
     device = resolve_device(cfg.device)
     for server_round in range(1, rounds + 1):
-        result = train_local(
-            model,
-            data,
-            cfg.train,
-            start_epoch=(server_round - 1) * local_epochs,
-            total_epochs=rounds * local_epochs,
-            device=device,
-            seed=cfg.seed * 100_003 + server_round * 1_009 + index,
+        result = train_round(
+            model, data, cfg, server_round=server_round, hospital_index=index, device=device
         )
         log.info(
             "%s round %d/%d: loss %.4f on %d images in %.1fs",

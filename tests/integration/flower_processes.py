@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -72,3 +73,21 @@ def run(
     return subprocess.run(
         command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False
     )
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The per-round rows the server wrote to ``<run_dir>/metrics.jsonl``."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def simulate(flwr_home: Path, cwd: Path, overrides: list[str], run_dir: Path) -> str:
+    """Run ``w3s-simulate`` into ``run_dir``, assert that it succeeded, return its output."""
+    result = run(
+        [str(BIN / "w3s-simulate"), *overrides, f"output_dir={run_dir}"],
+        env=flower_env(flwr_home),
+        timeout_s=900,
+        cwd=cwd,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    return log

@@ -24,7 +24,14 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from tests.conftest import WBC_DEV
-from tests.integration.flower_processes import BIN, flower_env, free_port, run, stop_processes
+from tests.integration.flower_processes import (
+    BIN,
+    flower_env,
+    free_port,
+    metrics_rows,
+    run,
+    stop_processes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -245,10 +252,6 @@ def run_status(link: Loopback, output: Path) -> str:
     run_id = re.search(r"Successfully started run (\d+)", output.read_text()).group(1)
     result = link.flwr("list", CONNECTION, "--run-id", run_id, "--format", "json")
     return json.loads(result.stdout)["runs"][0]["status"]
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_three_hospitals_train_two_rounds_over_tls(federation, tmp_path):

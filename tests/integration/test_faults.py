@@ -12,7 +12,7 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.launch import run_and_check
-from tests.integration.flower_processes import BIN, flower_env, run, stop_processes
+from tests.integration.flower_processes import BIN, flower_env, metrics_rows, run, stop_processes
 from tests.integration.test_simulation import TINY
 
 pytestmark = pytest.mark.integration
@@ -54,17 +54,13 @@ def _average_of_dumps(dumps: list[Path]) -> dict[str, torch.Tensor]:
     }
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_crashing_hospital_is_dropped_and_survivors_are_averaged(flwr_home, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "federation.min_replies=2", f"output_dir={run_dir}"]
     result = _run_fault_app(flwr_home, tmp_path, overrides, fail_partitions="1", fail_round=2)
     assert result.returncode == 0, result.stdout[-4000:]
 
-    rows = _rows(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["replies"] for r in rows] == [3, 2]
     assert len(rows[1]["failed_nodes"]) == 1
     reason = rows[1]["failures"][str(rows[1]["failed_nodes"][0])]
@@ -111,7 +107,7 @@ def test_a_straggler_is_dropped_and_its_late_reply_never_counts(flwr_home, tmp_p
         flwr_home, tmp_path, overrides, slow_partitions="1", slow_round=2, slow_seconds=80.0
     )
     assert result.returncode == 0, result.stdout[-4000:]
-    assert [r["replies"] for r in _rows(run_dir)] == [3, 2, 3]
+    assert [r["replies"] for r in metrics_rows(run_dir)] == [3, 2, 3]
 
     dumps = tmp_path / "dumps"
     assert (dumps / "round2_partition1.pt").exists()  # the straggler did finish, too late
@@ -178,7 +174,7 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     assert again.returncode == 0, log[-4000:]
     assert "resuming from" in log, "\n".join(x for x in log.splitlines() if "server_app" in x)
 
-    assert [r["round"] for r in _rows(resumed_dir)] == [1, 2, 3]
+    assert [r["round"] for r in metrics_rows(resumed_dir)] == [1, 2, 3]
     a = load_checkpoint(tmp_path / "whole" / "final_model.pt")["state_dict"]
     b = load_checkpoint(resumed_dir / "final_model.pt")["state_dict"]
     for key in a:

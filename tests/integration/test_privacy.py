@@ -8,7 +8,7 @@ import math
 import pytest
 
 from common.checkpoint import load_checkpoint
-from tests.integration.flower_processes import BIN, flower_env, run
+from tests.integration.flower_processes import metrics_rows, simulate
 from tests.integration.test_simulation import TINY
 
 pytestmark = pytest.mark.integration
@@ -19,15 +19,8 @@ CLIP = 0.01
 def _simulate(flwr_home, tmp_path, *overrides: str) -> dict:
     """Run 2 rounds with ``overrides``; return the privacy record and the last global update."""
     run_dir = tmp_path / "run"
-    result = run(
-        [str(BIN / "w3s-simulate"), *TINY, *overrides, f"output_dir={run_dir}"],
-        env=flower_env(flwr_home),
-        timeout_s=900,
-        cwd=tmp_path,
-    )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    log = simulate(flwr_home, tmp_path, [*TINY, *overrides], run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["replies"] for r in rows] == [3, 3]
     before = load_checkpoint(run_dir / "checkpoints" / "round_001.pt")["state_dict"]
     after = load_checkpoint(run_dir / "final_model.pt")["state_dict"]

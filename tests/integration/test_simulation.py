@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from tests.integration.flower_processes import BIN, flower_env, run
+from tests.integration.flower_processes import BIN, flower_env, metrics_rows, run, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +25,9 @@ TINY = [
 
 def test_simulated_federation_trains_checkpoints_and_records(flwr_home, tmp_path):
     run_dir = tmp_path / "run"
-    result = run(
-        [str(BIN / "w3s-simulate"), *TINY, f"output_dir={run_dir}"],
-        env=flower_env(flwr_home),
-        timeout_s=900,
-        cwd=tmp_path,
-    )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
+    log = simulate(flwr_home, tmp_path, TINY, run_dir)
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["replies"] == 3 and not r["failed_nodes"] and not r["rejected"] for r in rows)
     assert set(rows[0]["hospitals"]) == {"hospital_a", "hospital_b", "hospital_c"}
