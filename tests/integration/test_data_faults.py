@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from common.checkpoint import load_checkpoint
-from tests.integration.test_faults import _average_of_dumps, _rows, _run_fault_app
+from tests.integration.flower_processes import metrics_rows
+from tests.integration.test_faults import _average_of_dumps, _run_fault_app
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,7 @@ def test_a_file_truncated_mid_run_fails_that_hospital_and_the_round_closes(flwr_
     assert result.returncode == 0, result.stdout[-4000:]
     assert victim.stat().st_size == 64  # the fault did happen
 
-    rows = _rows(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["replies"] for r in rows] == [3, 2]
     assert rows[0]["failed_nodes"] == []
     (node,) = rows[1]["failed_nodes"]
