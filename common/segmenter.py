@@ -156,6 +156,16 @@ def _optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimize
     raise ValueError(f"segmenter.optimizer must be 'adamw' or 'sgd', got {cfg['optimizer']!r}")
 
 
+def training_epochs(cfg: Mapping[str, Any], steps_per_epoch: int) -> int:
+    """``epochs``, raised until the run makes at least ``min_steps`` optimizer steps.
+
+    A hospital with 31 training images makes 3 steps per epoch at batch 8: a fixed epoch count
+    leaves a from-scratch segmenter untrained at small hospitals and wastes time at large ones.
+    """
+    floor = math.ceil(int(cfg.get("min_steps", 0)) / max(1, steps_per_epoch))
+    return max(int(cfg["epochs"]), floor)
+
+
 def train_segmenter(
     model: nn.Module,
     images: Sequence[np.ndarray],
@@ -177,7 +187,8 @@ def train_segmenter(
     masks
         Their pseudo-masks (HxW uint8, 0 background, k class, 255 ignore).
     cfg
-        The ``segmenter`` config node (``input_size``, ``epochs``, ``batch_size``, optimizer).
+        The ``segmenter`` config node (``input_size``, ``epochs``, ``min_steps``,
+        ``batch_size``, optimizer).
     device
         Where to train.
     seed
@@ -210,12 +221,13 @@ def train_segmenter(
     generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(model, cfg)
     steps_per_epoch = len(images) // batch_size  # drop_last: no batch of one reaches BatchNorm
-    total = int(cfg["epochs"]) * steps_per_epoch
+    epochs = training_epochs(cfg, steps_per_epoch)
+    total = epochs * steps_per_epoch
     progress = Progress("segmenter training steps", total, log)
     model.to(device).train()
     losses: list[float] = []
     step = 0
-    for _ in range(int(cfg["epochs"])):
+    for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         epoch_losses = []
         for first in range(0, steps_per_epoch * batch_size, batch_size):

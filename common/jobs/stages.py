@@ -306,7 +306,7 @@ def segmenter_stage(
     save_label_maps(
         out, "predictions", {n: splits[n] for n in EVALUATED}, labels, bool(cfg.overlays)
     )
-    choice = {"epochs": seg_cfg["epochs"], "train loss": round(losses[-1], 3) if losses else None}
+    choice = {"epochs": len(losses), "train loss": round(losses[-1], 3) if losses else None}
     stage = Stage(
         f"segmenter ({seg_cfg['arch']})",
         choice,

@@ -9,9 +9,16 @@ the background colour is known. This method:
    ``background_seeds: border``, on the image border: the centred-cell prior);
 2. marks pixels whose colour is far from every background cluster (Otsu on that distance);
 3. keeps the blob holding most of the image's map mass (or, with ``pick: centre``, the blob
-   nearest the centre: the prior again), lobes merged;
-4. scores every pixel by its distance to that nucleus relative to the nucleus radius, so the
-   shared background constant, tuned on validation, sets how far the cell reaches beyond it.
+   nearest the centre: the prior again; ``maps_else_centre`` uses the centre only where the
+   image's maps are all zero, which a weak classifier leaves on a third of Dataset 2), lobes
+   merged;
+4. with ``grow: region``, grows the nucleus into the cell through the connected pixels whose
+   colour is still clearly off the background (``cell_fraction`` of the nucleus threshold): the
+   cytoplasm is paler than the nucleus but not background-coloured; an opening of
+   ``opening`` x the image side cuts thin bridges to touching red cells;
+5. scores every pixel by its distance to that nucleus (``grow: radius``) or cell (``region``)
+   relative to its radius, so the shared background constant, tuned on validation, sets how far
+   the mask reaches beyond it.
 
 The two prior options are off by default and reported separately in the ablation table.
 """
@@ -25,11 +32,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.baselines import blob_nearest_centre, connected_components, otsu_threshold
+from common.baselines import (
+    blob_nearest_centre,
+    connected_components,
+    fill_holes,
+    otsu_threshold,
+)
 from common.pseudo.base import MapRecord, PseudoMasker
 
 BackgroundSeeds = Literal["maps", "border"]
-Pick = Literal["maps", "centre"]
+Pick = Literal["maps", "centre", "maps_else_centre"]
+Grow = Literal["radius", "region"]
 
 
 def _smoothed(image: np.ndarray, kernel: int = 5) -> torch.Tensor:
@@ -52,11 +65,19 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) ->
     return centres
 
 
+def _opened(mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Morphological opening with a square ``kernel`` (odd): removes bridges thinner than it."""
+    eroded = -F.max_pool2d(-mask[None, None].float(), kernel, 1, kernel // 2) > 0.5
+    return (F.max_pool2d(eroded.float(), kernel, 1, kernel // 2) > 0.5)[0, 0]
+
+
 def _distance_to(mask: torch.Tensor) -> torch.Tensor:
     """Euclidean distance of every pixel to the nearest pixel of ``mask`` (0 inside)."""
     height, width = mask.shape
     eroded = -F.max_pool2d(-mask[None, None].float(), 3, 1, 1)[0, 0] > 0.5
     edge = torch.nonzero(mask & ~eroded).float()
+    if not len(edge):  # the mask fills the image: every pixel is inside
+        return torch.zeros(height, width)
     grid = torch.stack(
         torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), -1
     ).reshape(-1, 2)
@@ -76,25 +97,44 @@ class StainGrowMasker(PseudoMasker):
         seed_quantile: float = 0.4,
         clusters: int = 3,
         reach: float = 2.0,
+        grow: Grow = "radius",
+        cell_fraction: float = 0.3,
+        opening: float = 0.05,
     ) -> None:
         if background_seeds not in ("maps", "border"):
             raise ValueError(
                 f"background_seeds must be 'maps' or 'border', got {background_seeds!r}"
             )
-        if pick not in ("maps", "centre"):
-            raise ValueError(f"pick must be 'maps' or 'centre', got {pick!r}")
+        if pick not in ("maps", "centre", "maps_else_centre"):
+            raise ValueError(f"pick must be 'maps', 'centre' or 'maps_else_centre', got {pick!r}")
+        if grow not in ("radius", "region"):
+            raise ValueError(f"grow must be 'radius' or 'region', got {grow!r}")
         if not 0 < seed_quantile < 1 or clusters < 1 or reach <= 0:
             raise ValueError("seed_quantile must be in (0, 1), clusters >= 1 and reach > 0")
+        if not 0 < cell_fraction < 1 or not 0 <= opening < 0.5:
+            raise ValueError("cell_fraction must be in (0, 1) and opening in [0, 0.5)")
         self.background_seeds = background_seeds
         self.pick = pick
         self.seed_quantile = seed_quantile
         self.clusters = clusters
         self.reach = reach
+        self.grow = grow
+        self.cell_fraction = cell_fraction
+        self.opening = opening
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> StainGrowMasker:
         """Options of ``conf/pseudo/stain_grow.yaml``."""
-        keys = ("background_seeds", "pick", "seed_quantile", "clusters", "reach")
+        keys = (
+            "background_seeds",
+            "pick",
+            "seed_quantile",
+            "clusters",
+            "reach",
+            "grow",
+            "cell_fraction",
+            "opening",
+        )
         return cls(**{key: cfg[key] for key in keys if key in cfg})
 
     def _background_pixels(self, record: MapRecord, colour: torch.Tensor) -> torch.Tensor:
@@ -110,18 +150,42 @@ class StainGrowMasker(PseudoMasker):
         pixels = colour[seeds]
         return pixels[:: max(1, len(pixels) // 3000)]
 
-    def nucleus(self, record: MapRecord) -> torch.Tensor:
-        """(H, W) bool: the stained blob this image's maps point at (may be empty)."""
+    def _background_distance(self, record: MapRecord) -> torch.Tensor:
+        """(H, W) colour distance of every pixel to the nearest background colour cluster."""
         colour = _smoothed(record.image)
         centres = kmeans(self._background_pixels(record, colour), self.clusters)
         height, width = colour.shape[:2]
-        distance = torch.cdist(colour.reshape(-1, 3), centres).amin(1).reshape(height, width)
+        return torch.cdist(colour.reshape(-1, 3), centres).amin(1).reshape(height, width)
+
+    def nucleus(self, record: MapRecord) -> torch.Tensor:
+        """(H, W) bool: the stained blob this image's maps point at (may be empty)."""
+        return self._nucleus(record, self._background_distance(record))
+
+    def cell(self, record: MapRecord) -> torch.Tensor:
+        """(H, W) bool: the nucleus grown through off-background pixels, holes filled."""
+        distance = self._background_distance(record)
+        nucleus = self._nucleus(record, distance)
+        if not nucleus.any():
+            return nucleus
+        candidates = distance >= self.cell_fraction * otsu_threshold(distance.numpy())
+        height, width = distance.shape
+        kernel = round(self.opening * min(height, width)) | 1
+        if kernel > 1:
+            candidates = _opened(candidates, kernel)
+        labels = connected_components(candidates | nucleus)
+        touched = torch.unique(labels[nucleus])
+        return torch.as_tensor(fill_holes(torch.isin(labels, touched[touched > 0]).numpy()))
+
+    def _nucleus(self, record: MapRecord, distance: torch.Tensor) -> torch.Tensor:
+        """The Otsu-stained blob chosen by the maps (or the centre), lobes merged for the choice."""
+        height, width = distance.shape
         stained = distance >= otsu_threshold(distance.numpy())
         reach = max(3, round(min(height, width) / 30)) | 1
         merged = F.max_pool2d(stained[None, None].float(), reach, 1, reach // 2)[0, 0] > 0.5
         if not merged.any():
             return stained
-        if self.pick == "centre":
+        no_maps = float(record.maps.max()) <= 0
+        if self.pick == "centre" or (self.pick == "maps_else_centre" and no_maps):
             chosen = torch.as_tensor(blob_nearest_centre(merged.numpy()))
         else:
             labels = connected_components(merged)
@@ -134,15 +198,18 @@ class StainGrowMasker(PseudoMasker):
     def propagate(
         self, records: Sequence[MapRecord], scores: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Per present class: 1 on the nucleus, falling linearly to 0 at ``reach`` radii."""
+        """The labelled class: 1 on the nucleus (or cell), falling linearly to 0 at ``reach`` radii.
+
+        The weak label, not the maps, says which class is present: the maps of a weak classifier
+        are all zero on some images, and the cell is still there.
+        """
         out = []
         for record, image_scores in zip(records, scores, strict=True):
-            nucleus = self.nucleus(record)
+            core = self.cell(record) if self.grow == "region" else self.nucleus(record)
             grown = torch.zeros_like(image_scores)
-            if nucleus.any():
-                radius = float(np.sqrt(float(nucleus.sum()) / np.pi))
-                closeness = (1 - _distance_to(nucleus) / (self.reach * radius)).clamp(min=0)
-                present = image_scores.flatten(1).amax(1) > 0
-                grown[present] = closeness.to(grown.dtype)
+            if core.any():
+                radius = float(np.sqrt(float(core.sum()) / np.pi))
+                closeness = (1 - _distance_to(core) / (self.reach * radius)).clamp(min=0)
+                grown[record.label] = closeness.to(grown.dtype)
             out.append(grown)
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.config import compose_config
 from common.jobs import JobError
 from common.jobs.ablation import _stage_scores, ablation_table, load_variants, slug
 
@@ -52,6 +53,10 @@ def test_every_shipped_variant_file_parses() -> None:
     variants = load_variants("levers")
     assert variants["maps + attention walk (reference)"] == ["pseudo=attn_rw"]
     assert all(isinstance(o, list) for o in variants.values())
+    for title, overrides in variants.items():  # every override names a real key or choice
+        own = [o for o in overrides if not o.startswith("checkpoint=")]
+        cfg = compose_config([*own, "checkpoint=x.pt", "hospital=h"], "postprocess")
+        assert cfg.pseudo.method, title
 
 
 def test_unknown_variants_name_lists_the_known_ones() -> None:

@@ -27,6 +27,7 @@ from common.pseudo.psa import (
     pair_offsets,
     radius_pairs,
 )
+from common.pseudo.stain_grow import _distance_to
 from common.pseudo.walk import transition_matrix, walk_on_grid
 
 # Three nodes in a chain: 0 - 1 - 2.
@@ -274,6 +275,49 @@ def test_stain_grow_centre_prior_picks_the_central_blob_without_maps():
     assert (found & nucleus).sum() > 0.8 * nucleus.sum() and not (found & red_cell).any()
 
 
+def test_stain_grow_falls_back_to_the_centre_only_where_the_maps_are_empty():
+    ys, xs = np.mgrid[0:64, 0:64]
+    image = np.full((64, 64, 3), (240, 225, 180), dtype=np.uint8)
+    central = (ys - 32) ** 2 + (xs - 32) ** 2 <= 7**2
+    aside = (ys - 32) ** 2 + (xs - 52) ** 2 <= 5**2
+    image[central | aside] = (70, 30, 110)
+    masker = StainGrowMasker(background_seeds="border", pick="maps_else_centre")
+    pointing_aside = torch.zeros(3, 64, 64)
+    pointing_aside[0] = torch.as_tensor(aside.astype(np.float32))
+    follows = masker.nucleus(MapRecord(image, 0, pointing_aside, torch.zeros(1), (1, 1))).numpy()
+    assert _iou(follows, aside) > 0.7
+    empty = MapRecord(image, 0, torch.zeros(3, 64, 64), torch.zeros(1), (1, 1))
+    assert _iou(masker.nucleus(empty).numpy(), central) > 0.7
+
+
+def test_stain_grow_region_reaches_the_cytoplasm_but_not_a_bridged_red_cell():
+    image, nucleus, red_cell = _smear()
+    ys, xs = np.mgrid[0:64, 0:64]
+    cell = (ys - 32) ** 2 + (xs - 44) ** 2 <= 14**2
+    image[30:34, 20:31] = (210, 90, 100)  # a 4-pixel bridge from the red cell to the white one
+    maps = torch.zeros(3, 64, 64)
+    maps[1] = torch.as_tensor(nucleus.astype(np.float32))
+    record = MapRecord(image, 1, maps, torch.zeros(1, 1), (1, 1))
+    masker = StainGrowMasker(background_seeds="border", grow="region", opening=0.08)
+    found = masker.cell(record).numpy()
+    assert _iou(found, cell) > 0.8 and not (found & red_cell).any()
+    unopened = StainGrowMasker(background_seeds="border", grow="region", opening=0)
+    assert (unopened.cell(record).numpy() & red_cell).any()  # the opening is what cut the bridge
+    (scores,) = masker.propagate([record], [maps])
+    assert scores[1][32, 32] == 1  # the cytoplasm counts as cell at any background constant
+
+
+def test_distance_to_a_mask_filling_the_image_is_zero():
+    assert _distance_to(torch.ones(5, 7, dtype=torch.bool)).abs().max() == 0
+    line = torch.zeros(1, 5, dtype=torch.bool)
+    line[0, 0] = True
+    torch.testing.assert_close(_distance_to(line), torch.arange(5.0)[None])
+
+
 def test_stain_grow_rejects_unknown_options():
     with pytest.raises(ValueError, match="pick"):
         StainGrowMasker(pick="largest")
+    with pytest.raises(ValueError, match="grow"):
+        StainGrowMasker(grow="flood")
+    with pytest.raises(ValueError, match="cell_fraction"):
+        StainGrowMasker(cell_fraction=1.5)

@@ -16,6 +16,7 @@ from common.segmenter import (
     recalibrate_batchnorm,
     segmenter_payload,
     train_segmenter,
+    training_epochs,
 )
 
 TINY = {
@@ -97,6 +98,17 @@ def test_training_on_pseudo_masks_learns_and_predicts_any_size(tmp_path):
     again = predict(loaded, odd, 32, device=torch.device("cpu"))
     for a, b in zip(labels, again, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_min_steps_raises_the_epochs_of_a_small_hospital():
+    assert training_epochs({"epochs": 2, "min_steps": 10}, steps_per_epoch=3) == 4
+    assert training_epochs({"epochs": 5, "min_steps": 10}, steps_per_epoch=3) == 5
+    assert training_epochs({"epochs": 2}, steps_per_epoch=3) == 2  # older segmenter configs
+    images, masks = cells(4, np.random.default_rng(1))
+    model = create_segmenter(TINY, 3)
+    cfg = {**TINY, "epochs": 1, "min_steps": 6}  # 4 images at batch 2: 2 steps per epoch
+    losses = train_segmenter(model, images, masks, cfg, device=torch.device("cpu"), seed=0)
+    assert len(losses) == 3
 
 
 def test_batch_norm_needs_batches_of_two():
