@@ -25,8 +25,8 @@ import torch
 from omegaconf import OmegaConf
 
 from common.config import CONF_DIR, compose_config
-from common.data import DataVerificationError, split_tensors
-from common.jobs import JobError
+from common.data import split_tensors
+from common.jobs import JobError, exit_on_input_error
 from common.jobs.postprocess import load_model, run_postprocess
 from common.logs import setup_logging
 from common.training import evaluate_local, resolve_device
@@ -157,18 +157,18 @@ def run_ablation(variants: Mapping[str, Sequence[str]], overrides: Sequence[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console script ``w3s-ablate``: ``variants=<name>`` plus postprocess overrides."""
+    """Console script ``w3s-ablate``: ``variants=<name>`` plus postprocess overrides.
+
+    Input problems exit with status 2 and one message.
+    """
     setup_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     names = [a.split("=", 1)[1] for a in args if a.startswith("variants=")]
     overrides = [a for a in args if not a.startswith("variants=")]
-    try:
+    with exit_on_input_error(log):
         if len(names) != 1:
             raise JobError("give exactly one variants=<name of conf/ablation/*.yaml or a file>")
         run_ablation(load_variants(names[0]), overrides)
-    except (JobError, DataVerificationError) as error:
-        log.error("%s", error)
-        return 2
     return 0
 
 

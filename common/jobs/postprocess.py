@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_checkpoint
 from common.config import CONF_DIR
-from common.data import DataVerificationError, hospital_names
-from common.jobs import JobError
+from common.data import hospital_names
+from common.jobs import JobError, exit_on_input_error
 from common.jobs.report import markdown_table, save_figure, write_report
 from common.jobs.stages import (
     Evaluation,
@@ -149,11 +149,8 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path=str(CONF_DIR), config_name="postprocess", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console script ``w3s-postprocess``; input problems exit with status 2 and one message."""
-    try:
+    with exit_on_input_error(log):
         run_postprocess(cfg)
-    except (JobError, DataVerificationError) as error:
-        log.error("%s", error)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

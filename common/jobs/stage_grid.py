@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.config import CONF_DIR
-from common.data import DataVerificationError, hospital_split
-from common.jobs import JobError
+from common.data import hospital_split
+from common.jobs import JobError, exit_on_input_error
 from common.jobs.artifacts import heatmap, overlay, read_label_png, sample_stem, save_grid
 from common.jobs.postprocess import check_hospital, load_model, resolve_output_dir
 from common.localization import MapSettings, generate_maps
@@ -100,12 +100,8 @@ def write_stage_grid(cfg: DictConfig) -> Path:
 @hydra.main(config_path=str(CONF_DIR), config_name="postprocess", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console script ``w3s-stages``; input problems exit with status 2 and one message."""
-    try:
-        with torch.inference_mode():
-            write_stage_grid(cfg)
-    except (JobError, DataVerificationError) as error:
-        log.error("%s", error)
-        raise SystemExit(2) from None
+    with exit_on_input_error(log), torch.inference_mode():
+        write_stage_grid(cfg)
 
 
 if __name__ == "__main__":
