@@ -288,6 +288,8 @@ def test_stain_grow_falls_back_to_the_centre_only_where_the_maps_are_empty():
     assert _iou(follows, aside) > 0.7
     empty = MapRecord(image, 0, torch.zeros(3, 64, 64), torch.zeros(1), (1, 1))
     assert _iou(masker.nucleus(empty).numpy(), central) > 0.7
+    (scores,) = masker.propagate([empty], [empty.maps])  # the weak label says which class grows
+    assert scores[0][32, 32] == 1 and scores[1:].abs().max() == 0
 
 
 def test_stain_grow_region_reaches_the_cytoplasm_but_not_a_bridged_red_cell():
