@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,41 @@ def save_label_maps(
                 save_overlay(out / folder / "overlays" / name / f"{stem}.png", image, label_map)
 
 
+def tuned_options(
+    pseudo_cfg: Mapping[str, Any],
+    evaluation: Evaluation,
+    label_val: Callable[[Mapping[str, Any]], Sequence[np.ndarray]],
+) -> dict[str, Any]:
+    """The pseudo-mask options, with those listed under ``tune`` chosen on validation.
+
+    ``tune`` maps an option of the method to the values to try (every combination, each with
+    its own background constant); the option's own value is used where the hospital has no
+    ground-truth masks to choose with. Colour thresholds differ between imaging domains (the
+    pale cytoplasm of Dataset 2 needs a lower one than Dataset 1), so one fixed value cannot
+    serve every hospital.
+
+    Raises
+    ------
+    ValueError
+        For a ``tune`` key that is not an option of the method, or an empty value list.
+    """
+    tune = dict(pseudo_cfg.get("tune") or {})
+    options = {key: value for key, value in pseudo_cfg.items() if key != "tune"}
+    for key, values in tune.items():
+        if key not in options or key in ("method", "background"):
+            raise ValueError(
+                f"pseudo.tune.{key}: not an option of pseudo.method={options['method']!r}"
+            )
+        if not values:
+            raise ValueError(f"pseudo.tune.{key}: the list of values to try is empty")
+    if not tune or not evaluation.has_truth:
+        return options
+    grid = [dict(zip(tune, values, strict=True)) for values in product(*tune.values())]
+    best = evaluation.select(grid, lambda values: label_val({**options, **values}))
+    log.info("pseudo-mask options chosen on validation: %s", best)
+    return {**options, **best}
+
+
 def seeds_stage(
     splits: Mapping[str, Split], evaluation: Evaluation, chunk: int
 ) -> tuple[Stage, dict[str, list[np.ndarray]]]:
@@ -260,10 +296,22 @@ def pseudo_stage(
     """Fit the configured pseudo-mask method on train, label every split, save the PNGs."""
     started = time.perf_counter()
     pseudo_cfg = OmegaConf.to_container(cfg.pseudo, resolve=True)
-    masker = create_masker(pseudo_cfg)
-    masker.fit(splits["train"].records, device=device, seed=int(cfg.seed))
     background = Background.from_config(pseudo_cfg.get("background"))
-    labels, choice = label_splits(masker, background, splits, evaluation, int(cfg.batch_size))
+    chunk = int(cfg.batch_size)
+
+    def fitted(options: Mapping[str, Any]) -> PseudoMasker:
+        masker = create_masker(options)
+        masker.fit(splits["train"].records, device=device, seed=int(cfg.seed))
+        return masker
+
+    def label_val(options: Mapping[str, Any]) -> list[np.ndarray]:
+        val = {"val": splits["val"]}
+        return label_splits(fitted(options), background, val, evaluation, chunk)[0]["val"]
+
+    options = tuned_options(pseudo_cfg, evaluation, label_val)
+    masker = fitted(options)
+    labels, choice = label_splits(masker, background, splits, evaluation, chunk)
+    choice.update({key: options[key] for key in pseudo_cfg.get("tune") or {}})
     save_label_maps(out, "pseudo_masks", splits, labels, bool(cfg.overlays))
     name = f"pseudo-masks ({masker.name})"
     return Stage(name, choice, evaluation.score(labels), time.perf_counter() - started), labels

@@ -6,7 +6,8 @@ are the most strongly stained structure of a smear, so colour finds their exact 
 the background colour is known. This method:
 
 1. models the background colour with k-means on pixels the maps call background (or, with
-   ``background_seeds: border``, on the image border: the centred-cell prior);
+   ``background_seeds: border``, on the image border: the centred-cell prior), in RGB or, with
+   ``colour_space: lab``, in CIE Lab;
 2. marks pixels whose colour is far from every background cluster (Otsu on that distance);
 3. keeps the blob holding most of the image's map mass (or, with ``pick: centre``, the blob
    nearest the centre: the prior again; ``maps_else_centre`` uses the centre only where the
@@ -45,12 +46,31 @@ from common.pseudo.base import MapRecord, PseudoMasker
 BackgroundSeeds = Literal["maps", "border"]
 Pick = Literal["maps", "centre", "maps_else_centre"]
 Grow = Literal["radius", "region"]
+ColourSpace = Literal["rgb", "lab"]
 
 
 def _smoothed(image: np.ndarray, kernel: int = 5) -> torch.Tensor:
     """(H, W, 3) float RGB in [0, 1], box-filtered so stain texture does not split regions."""
     x = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255
     return F.avg_pool2d(x, kernel, 1, kernel // 2, count_include_pad=False)[0].permute(1, 2, 0)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., 3) sRGB in [0, 1] -> CIE Lab (D65) divided by 100, so L is in [0, 1].
+
+    Lab separates lightness from chroma: the pale cytoplasm of Dataset 2 is nearly as light as
+    its background but of another hue, which a Euclidean RGB distance underrates.
+    """
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    to_xyz = torch.tensor(
+        [[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]
+    )
+    xyz = linear @ to_xyz.T / torch.tensor([0.95047, 1.0, 1.08883])
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=0) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    lightness = 116 * f[..., 1] - 16
+    a = 500 * (f[..., 0] - f[..., 1])
+    b = 200 * (f[..., 1] - f[..., 2])
+    return torch.stack([lightness, a, b], -1) / 100
 
 
 def kmeans(points: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) -> torch.Tensor:
@@ -110,6 +130,7 @@ class StainGrowMasker(PseudoMasker):
         grow: Grow = "radius",
         cell_fraction: float = 0.3,
         opening: float = 0.05,
+        colour_space: ColourSpace = "rgb",
     ) -> None:
         if background_seeds not in ("maps", "border"):
             raise ValueError(
@@ -119,6 +140,8 @@ class StainGrowMasker(PseudoMasker):
             raise ValueError(f"pick must be 'maps', 'centre' or 'maps_else_centre', got {pick!r}")
         if grow not in ("radius", "region"):
             raise ValueError(f"grow must be 'radius' or 'region', got {grow!r}")
+        if colour_space not in ("rgb", "lab"):
+            raise ValueError(f"colour_space must be 'rgb' or 'lab', got {colour_space!r}")
         if not 0 < seed_quantile < 1 or clusters < 1 or reach <= 0:
             raise ValueError("seed_quantile must be in (0, 1), clusters >= 1 and reach > 0")
         if not 0 < cell_fraction < 1 or not 0 <= opening < 0.5:
@@ -131,6 +154,7 @@ class StainGrowMasker(PseudoMasker):
         self.grow = grow
         self.cell_fraction = cell_fraction
         self.opening = opening
+        self.colour_space = colour_space
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> StainGrowMasker:
@@ -144,6 +168,7 @@ class StainGrowMasker(PseudoMasker):
             "grow",
             "cell_fraction",
             "opening",
+            "colour_space",
         )
         return cls(**{key: cfg[key] for key in keys if key in cfg})
 
@@ -163,6 +188,8 @@ class StainGrowMasker(PseudoMasker):
     def _background_distance(self, record: MapRecord) -> torch.Tensor:
         """(H, W) colour distance of every pixel to the nearest background colour cluster."""
         colour = _smoothed(record.image)
+        if self.colour_space == "lab":
+            colour = rgb_to_lab(colour)
         centres = kmeans(self._background_pixels(record, colour), self.clusters)
         height, width = colour.shape[:2]
         return torch.cdist(colour.reshape(-1, 3), centres).amin(1).reshape(height, width)
