@@ -22,31 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 
-from common.augment import normalise
 from common.data import hospital_split
-from common.imaging import resize_images
 from common.jobs.artifacts import read_label_png, sample_stem
 from common.metrics import class_aware_truth, score_label_maps
-from common.segmenter import create_segmenter, train_segmenter
+from common.segmenter import create_segmenter, native_logits, train_segmenter
 
 EVALUATED = ("val", "test")
-
-
-@torch.no_grad()
-def softmax_at_native_size(
-    model: torch.nn.Module, images: Sequence[np.ndarray], side: int
-) -> list[torch.Tensor]:
-    """(K, H, W) class probabilities of every image, upsampled to its own size."""
-    model.eval()
-    out = []
-    for image in images:
-        logits = model(normalise(resize_images([image], side)))["out"]
-        out.append(F.interpolate(logits, size=image.shape[:2], mode="bilinear")[0].softmax(0))
-    return out
 
 
 def binary_miou(probabilities: Sequence[torch.Tensor], truth: Sequence[np.ndarray]) -> float:
@@ -74,6 +58,7 @@ def seed_spread(
         for split, d in evaluated.items()
     }
     outputs = len(cfg.data.classes) + 1
+    side = int(seg_cfg["input_size"])
     scores: dict[str, list[float]] = {split: [] for split in EVALUATED}
     summed: dict[str, list[torch.Tensor]] = {}
     for seed in seeds:
@@ -81,7 +66,8 @@ def seed_spread(
         model = create_segmenter(seg_cfg, outputs)
         train_segmenter(model, train.images, masks, seg_cfg, device=torch.device("cpu"), seed=seed)
         for split, data in evaluated.items():
-            probabilities = softmax_at_native_size(model, data.images, int(seg_cfg["input_size"]))
+            logits = native_logits(model, data.images, side, device=torch.device("cpu"))
+            probabilities = [logit.softmax(0) for logit in logits]
             scores[split].append(binary_miou(probabilities, truths[split]))
             previous = summed.get(split)
             summed[split] = (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,15 +286,17 @@ def recalibrate_batchnorm(
 
 
 @torch.no_grad()
-def predict(
+def native_logits(
     model: nn.Module,
     images: Sequence[np.ndarray],
     input_size: int,
     *,
     device: torch.device,
     batch_size: int = 16,
-) -> list[np.ndarray]:
-    """Segment images of any sizes: resize to ``input_size``, upsample logits back, argmax.
+) -> Iterator[torch.Tensor]:
+    """Class logits of every image at its own size: resize to ``input_size``, upsample back.
+
+    Yields one (K, H, W) tensor per image, in order, so a large folder never holds them all.
 
     Parameters
     ----------
@@ -308,14 +310,8 @@ def predict(
         Where to run.
     batch_size
         Images per forward pass.
-
-    Returns
-    -------
-    list[numpy.ndarray]
-        One HxW uint8 label map per image (0 background, k = class k - 1).
     """
     model.to(device).eval()
-    out: list[np.ndarray] = []
     progress = Progress("segmenter predictions", len(images), log)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -323,16 +319,33 @@ def predict(
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, image in enumerate(chunk):
             by_size[(image.shape[0], image.shape[1])].append(index)
-        labels: list[np.ndarray] = [np.empty(0)] * len(chunk)
+        native: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
         for size, indices in by_size.items():
             upsampled = F.interpolate(
                 logits[indices], size=size, mode="bilinear", align_corners=False
             )
-            for index, label in zip(indices, upsampled.argmax(1), strict=True):
-                labels[index] = label.to(torch.uint8).cpu().numpy()
-        out += labels
+            for index, scores in zip(indices, upsampled, strict=True):
+                native[index] = scores.cpu()
+        yield from native
         progress.update(len(chunk))
-    return out
+
+
+def predict(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    input_size: int,
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+) -> list[np.ndarray]:
+    """One HxW uint8 label map per image (0 background, k = class k - 1).
+
+    The argmax of :func:`native_logits`, which documents the arguments.
+    """
+    return [
+        scores.argmax(0).to(torch.uint8).numpy()
+        for scores in native_logits(model, images, input_size, device=device, batch_size=batch_size)
+    ]
 
 
 def segmenter_payload(

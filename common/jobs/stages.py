@@ -299,10 +299,14 @@ def pseudo_stage(
     background = Background.from_config(pseudo_cfg.get("background"))
     chunk = int(cfg.batch_size)
 
+    maskers: dict[str, PseudoMasker] = {}  # fitted once per option set (PSA trains a network)
+
     def fitted(options: Mapping[str, Any]) -> PseudoMasker:
-        masker = create_masker(options)
-        masker.fit(splits["train"].records, device=device, seed=int(cfg.seed))
-        return masker
+        key = repr(sorted(options.items()))
+        if key not in maskers:
+            maskers[key] = create_masker(options)
+            maskers[key].fit(splits["train"].records, device=device, seed=int(cfg.seed))
+        return maskers[key]
 
     def label_val(options: Mapping[str, Any]) -> list[np.ndarray]:
         val = {"val": splits["val"]}

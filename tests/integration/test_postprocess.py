@@ -132,6 +132,8 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
             assert 0 <= stage[split]["class_aware_miou"] <= 1
     seeds = metrics["stages"][0]
     assert seeds["choice"]["background"] in (0.2, 0.4, 0.6)
+    pseudo = metrics["stages"][1]  # the shipped pseudo.tune list, chosen on validation
+    assert pseudo["choice"]["cell_fraction"] in (0.15, 0.2, 0.25, 0.3)
     table = (out / "metrics.md").read_text()
     assert table.count("\n| ") == 1 + len(STAGES)
     assert "metrics of" in log
