@@ -28,7 +28,7 @@ from common.config import compose_config
 from common.data import hospital_names, split_tensors
 from common.model import create_mct_model
 from common.training import evaluate_local, resolve_device, train_round
-from tests.integration.flower_processes import BIN, flower_env, stop_processes
+from support.flower_processes import BIN, flower_env, stop_processes
 
 
 def in_process(overrides: list[str], rounds: int) -> list[float]:

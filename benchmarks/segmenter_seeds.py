@@ -26,9 +26,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from common.data import hospital_split
-from common.jobs.artifacts import read_label_png, sample_stem
 from common.metrics import class_aware_truth, score_label_maps
 from common.segmenter import create_segmenter, native_logits, train_segmenter
+from post_training.artifacts import read_label_png, sample_stem
 
 EVALUATED = ("val", "test")
 

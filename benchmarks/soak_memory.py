@@ -28,8 +28,8 @@ from pathlib import Path
 
 from common.config import compose_config
 from common.data import hospital_names
-from common.launch import APP_DIR
-from tests.integration.flower_processes import (
+from server_app.launch import APP_DIR
+from support.flower_processes import (
     BIN,
     flower_env,
     free_port,

@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,12 +18,22 @@ def parse_overrides(text: str) -> list[str]:
     return shlex.split(text)
 
 
-def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, without touching argv or cwd."""
-    if not CONF_DIR.is_dir():
-        raise FileNotFoundError(f"Hydra config directory not found: {CONF_DIR}")
+def compose_config(
+    overrides: Sequence[str] = (), config_name: str = "config", conf_dir: Path | None = CONF_DIR
+) -> DictConfig:
+    """Compose ``<conf_dir>/<config_name>.yaml`` with Hydra overrides, without touching argv or cwd.
+
+    ``conf_dir=None`` composes a node of Hydra's config store alone, for a command whose keys
+    would clash with the config groups of ``conf/``.
+    """
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    if conf_dir is None:
+        context = initialize(config_path=None, version_base="1.3")
+    elif conf_dir.is_dir():
+        context = initialize_config_dir(config_dir=str(conf_dir), version_base="1.3")
+    else:
+        raise FileNotFoundError(f"Hydra config directory not found: {conf_dir}")
+    with context:
         cfg = compose(config_name=config_name, overrides=list(overrides))
     OmegaConf.resolve(cfg)
     return cfg

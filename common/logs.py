@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-PROJECT_LOGGERS = ("common", "server_app", "client_app")
+PROJECT_LOGGERS = ("common", "server_app", "client_app", "post_training", "experiments")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -144,7 +144,7 @@ def train_round(
         total_epochs=int(cfg.federation.rounds) * local_epochs,
         device=device,
         seed=cfg.seed * 100_003 + server_round * 1_009 + hospital_index,
-        proximal_mu=float(cfg.regime.proximal_mu),
+        proximal_mu=float(cfg.train.get("proximal_mu", 0.0)),
     )
 
 

@@ -9,20 +9,24 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig, OmegaConf
+from flwr.superlink.grid import InMemoryGrid
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from common.arrays import to_array_record
-from common.checkpoint import latest_checkpoint, save_atomic
+from common.arrays import to_array_record, to_state_dict
+from common.checkpoint import check_model_name, latest_checkpoint, save_model
 from common.config import compose_config, parse_overrides
 from common.data import hospital_names
 from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.privacy import with_privacy
-from server_app.recorder import RoundRecorder, model_payload
+from server_app.recorder import RoundRecorder
 from server_app.strategy import GuardedFedAvg
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+
+# A simulation's SuperNodes are registered before the ServerApp starts; a short wait suffices.
+SIMULATION_WAIT_S = 10.0
 
 
 def run_directory(cfg: DictConfig, run_id: int) -> Path:
@@ -41,24 +45,54 @@ def run_directory(cfg: DictConfig, run_id: int) -> Path:
     return path
 
 
-def wait_for_hospitals(grid: Grid, expected: int, timeout_s: float) -> None:
-    """Fail fast when the federation has a different number of nodes than configured hospitals.
+def connected_nodes(grid: Grid, expected: int, timeout_s: float) -> int:
+    """How many SuperNodes are connected once ``expected`` are, or when ``timeout_s`` runs out.
 
-    Flower's sampling otherwise waits forever for missing nodes, and a bare ``flwr run .``
-    starts 2 simulated SuperNodes whatever the config says.
+    Flower's sampling otherwise waits forever for missing nodes. Deployed hospitals may come
+    up one by one, so the wait is long there; a simulation's nodes all exist from the start.
     """
     deadline = time.monotonic() + timeout_s
     while True:
         connected = len(list(grid.get_node_ids()))
-        if connected == expected:
-            return
-        if connected > expected or time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{expected} hospitals are configured but {connected} SuperNodes are connected; "
-                f'in simulation start the run with --federation-config "num-supernodes={expected}" '
-                "(w3s-simulate does this for you)"
-            )
-        time.sleep(1.0)
+        if connected >= expected or time.monotonic() > deadline:
+            return connected
+        time.sleep(0.5)
+
+
+def federated_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
+    """The hospitals of this run: one per SuperNode, checked against the configured ones.
+
+    A bare ``flwr run .`` simulates 2 SuperNodes whatever the config says; on purely
+    synthetic data the run then takes the first hospitals, one per node (they are generated,
+    so any number of them is a valid federation). Real data must match the nodes exactly:
+    in simulation that is known within seconds, in deployment after ``wait_for_nodes_s``.
+    """
+    configured = hospital_names(cfg.data)
+    simulated = isinstance(grid, InMemoryGrid)
+    wait_s = (
+        min(SIMULATION_WAIT_S, cfg.federation.wait_for_nodes_s)
+        if simulated
+        else (cfg.federation.wait_for_nodes_s)
+    )
+    connected = connected_nodes(grid, len(configured), wait_s)
+    if connected == len(configured):
+        return configured
+    synthetic = all(h.format == "synthetic" for h in cfg.data.hospitals.values())
+    if simulated and synthetic and 0 < connected < len(configured):
+        log.warning(
+            "%d SuperNodes for %d synthetic hospitals: training on %s (w3s-simulate or "
+            '--federation-config "num-supernodes=%d" runs all of them)',
+            connected,
+            len(configured),
+            configured[:connected],
+            len(configured),
+        )
+        return configured[:connected]
+    raise RuntimeError(
+        f"{len(configured)} hospitals are configured but {connected} SuperNodes are connected; "
+        f'in simulation start the run with --federation-config "num-supernodes={len(configured)}" '
+        "(w3s-simulate does this for you)"
+    )
 
 
 def starting_point(cfg: DictConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
@@ -73,11 +107,7 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
         if found is None:
             raise FileNotFoundError(f"resume=true but no readable checkpoint in {run_dir}")
         path, payload = found
-        if payload["model"]["name"] != cfg.model.name:
-            raise ValueError(
-                f"{path} holds a {payload['model']['name']} model, the config asks for "
-                f"{cfg.model.name}"
-            )
+        check_model_name(payload, path, str(cfg.model.name))
         log.info("resuming from %s (round %d)", path, payload["round"])
         return int(payload["round"]), to_array_record(payload["state_dict"])
     torch.manual_seed(cfg.seed)
@@ -92,11 +122,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg = compose_config(parse_overrides(str(context.run_config["overrides"])))
     run_dir = run_directory(cfg, context.run_id)
     log.info("run directory: %s", run_dir)
+    hospitals = federated_hospitals(cfg, grid)
+    with open_dict(cfg):
+        for dropped in set(hospital_names(cfg.data)) - set(hospitals):
+            del cfg.data.hospitals[dropped]
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
 
-    hospitals = hospital_names(cfg.data)
     min_replies = cfg.federation.min_replies or len(hospitals)
-    wait_for_hospitals(grid, len(hospitals), cfg.federation.wait_for_nodes_s)
     done, initial = starting_point(cfg, run_dir)
     strategy = GuardedFedAvg(
         num_hospitals=len(hospitals),
@@ -124,8 +156,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=recorder,
     )
     final_arrays = result.arrays if len(result.arrays) else initial
-    final = save_atomic(
-        model_payload(final_arrays, cfg, cfg.federation.rounds), run_dir / "final_model.pt"
+    final = save_model(
+        to_state_dict(final_arrays), cfg, cfg.federation.rounds, run_dir / "final_model.pt"
     )
     log.info("run directory: %s", run_dir)
     log.info("final model: %s", final)

@@ -9,26 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from common.arrays import to_state_dict
-from common.checkpoint import save_atomic
+from common.checkpoint import save_model
 from server_app.strategy import GuardedFedAvg
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_KEPT = 2
-
-
-def model_payload(arrays: ArrayRecord, cfg: DictConfig, server_round: int) -> dict:
-    """Everything needed to rebuild the model later, without pickled objects."""
-    return {
-        "state_dict": to_state_dict(arrays),
-        "round": server_round,
-        "model": OmegaConf.to_container(cfg.model),
-        "classes": list(cfg.data.classes),
-        "config": OmegaConf.to_yaml(cfg),
-    }
 
 
 LOGGED_METRICS = ("train-loss", "val-loss", "val-accuracy", "val-map", "val-loc-miou")
@@ -69,7 +58,7 @@ class RoundRecorder:
             return None  # resuming: the checkpoint of this model is the one we started from
         server_round = strategy_round + self.offset
         path = self.checkpoint_dir / f"round_{server_round:03d}.pt"
-        save_atomic(model_payload(arrays, self.cfg, server_round), path)
+        save_model(to_state_dict(arrays), self.cfg, server_round, path)
         self._prune()
         seconds = time.perf_counter() - self._round_started
         if server_round > 0:

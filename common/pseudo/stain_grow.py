@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.baselines import (
+from common.imaging import (
     blob_nearest_centre,
     connected_components,
     fill_holes,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.integration.flower_processes import stop_processes
+from support.flower_processes import stop_processes
 
 
 @pytest.fixture

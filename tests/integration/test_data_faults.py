@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from common.checkpoint import load_checkpoint
-from tests.integration.flower_processes import metrics_rows
+from support.flower_processes import metrics_rows
 from tests.integration.test_faults import _average_of_dumps, _run_fault_app
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from tests.conftest import WBC_DEV
-from tests.integration.flower_processes import (
+from support.flower_processes import (
     BIN,
     flower_env,
     free_port,
@@ -32,6 +31,7 @@ from tests.integration.flower_processes import (
     run,
     stop_processes,
 )
+from tests.conftest import WBC_DEV
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import os
 import pytest
 from PIL import Image
 
-from tests.integration.flower_processes import BIN, flower_env, run
+from support.flower_processes import BIN, flower_env, run
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.launch import run_and_check
-from tests.integration.flower_processes import BIN, flower_env, metrics_rows, run, stop_processes
+from server_app.launch import run_and_check
+from support.flower_processes import BIN, flower_env, metrics_rows, run, stop_processes
 from tests.integration.test_simulation import TINY
 
 pytestmark = pytest.mark.integration

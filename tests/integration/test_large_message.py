@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from common.launch import run_and_check
-from tests.integration.flower_processes import BIN, flower_env, free_port
+from server_app.launch import run_and_check
+from support.flower_processes import BIN, flower_env, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

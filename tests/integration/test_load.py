@@ -8,7 +8,7 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.config import compose_config
 from common.data import hospital_names
-from tests.integration.flower_processes import metrics_rows, simulate
+from support.flower_processes import metrics_rows, simulate
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,11 @@ from common.augment import train_cache_size
 from common.checkpoint import save_atomic
 from common.config import compose_config
 from common.data import split_tensors
-from common.jobs.artifacts import read_label_png
 from common.localization import load_maps
 from common.model import create_mct_model
 from common.segmenter import load_segmenter
 from common.training import train_local
+from post_training.artifacts import read_label_png
 from tests.conftest import WBC_DEV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def synthetic_run(tmp_path_factory):
     out = root / "out"
     cwd = root / "cwd"
     result = run_job(
-        "common.jobs.postprocess",
+        "post_training.postprocess",
         [
             f"checkpoint={checkpoint}",
             "hospital=hospital_a",
@@ -164,7 +164,7 @@ def test_predict_segments_new_images_and_names_corrupt_files(synthetic_run, tmp_
     (inputs / "broken.png").write_bytes(data[: len(data) // 2])
     (inputs / "empty.bmp").write_bytes(b"")
     result = run_job(
-        "common.jobs.predict",
+        "post_training.predict",
         [f"segmenter={out / 'segmenter.pt'}", f"input={inputs}", f"output={tmp_path / 'out'}"],
         tmp_path / "cwd",
     )
@@ -181,20 +181,24 @@ def test_predict_segments_new_images_and_names_corrupt_files(synthetic_run, tmp_
 def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
     missing = tmp_path / "nowhere" / "final_model.pt"
     result = run_job(
-        "common.jobs.postprocess", [f"checkpoint={missing}", "hospital=hospital_a"], tmp_path / "a"
+        "post_training.postprocess",
+        [f"checkpoint={missing}", "hospital=hospital_a"],
+        tmp_path / "a",
     )
     assert result.returncode == 2
     assert f"checkpoint={missing}: file not found" in result.stdout + result.stderr
 
     result = run_job(
-        "common.jobs.postprocess", [f"checkpoint={missing}", "hospital=hospital_z"], tmp_path / "b"
+        "post_training.postprocess",
+        [f"checkpoint={missing}", "hospital=hospital_z"],
+        tmp_path / "b",
     )
     log = result.stdout + result.stderr
     assert result.returncode == 2
     assert "hospital=hospital_z is not in data.hospitals" in log and "hospital_a" in log
 
     result = run_job(
-        "common.jobs.predict",
+        "post_training.predict",
         [f"segmenter={missing}", f"input={tmp_path}", f"output={tmp_path / 'o'}"],
         tmp_path / "c",
     )
@@ -206,7 +210,7 @@ def test_postprocess_on_real_dev_data(wbc_root, tmp_path):
     run_dir = tmp_path / "run"
     checkpoint = make_checkpoint(run_dir / "final_model.pt", REAL, "dataset2")
     result = run_job(
-        "common.jobs.postprocess",
+        "post_training.postprocess",
         [
             f"checkpoint={checkpoint}",
             "hospital=dataset2",
@@ -230,7 +234,7 @@ def test_stage_grid_shows_every_stage_of_a_split(synthetic_run):
     _, out, _, root = synthetic_run
     checkpoint = root / "run" / "final_model.pt"
     args = [f"checkpoint={checkpoint}", "hospital=hospital_a", f"output_dir={out}", *SYNTHETIC]
-    result = run_job("common.jobs.stage_grid", [*args, "grid.num_images=3"], root / "cwd_grid")
+    result = run_job("experiments.stage_grid", [*args, "grid.num_images=3"], root / "cwd_grid")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     with Image.open(out / "stages_test.png") as grid:
         # 8 columns (image, truth, 4 maps, pseudo-mask, segmenter) x 3 rows of 128 px tiles
@@ -246,7 +250,7 @@ def test_ablation_writes_one_row_per_variant(synthetic_run, tmp_path):
     )
     out = tmp_path / "ablation"
     result = run_job(
-        "common.jobs.ablation",
+        "experiments.ablation",
         [
             f"variants={variants}",
             f"checkpoint={root / 'run' / 'final_model.pt'}",
@@ -270,6 +274,6 @@ def test_ablation_writes_one_row_per_variant(synthetic_run, tmp_path):
     )
 
     result = run_job(
-        "common.jobs.ablation", ["variants=nope", "hospital=hospital_a"], tmp_path / "c"
+        "experiments.ablation", ["variants=nope", "hospital=hospital_a"], tmp_path / "c"
     )
     assert result.returncode == 2 and "levers" in result.stdout + result.stderr

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from common.checkpoint import load_checkpoint
-from tests.integration.flower_processes import metrics_rows, simulate
+from support.flower_processes import metrics_rows, simulate
 from tests.integration.test_simulation import TINY
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from tests.integration.flower_processes import BIN, flower_env, metrics_rows, run, simulate
+from support.flower_processes import BIN, flower_env, metrics_rows, run, simulate
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from common.config import compose_config
-from common.jobs import JobError
-from common.jobs.ablation import _stage_scores, ablation_table, load_variants, slug
+from common.errors import JobError
+from experiments.ablation import _stage_scores, ablation_table, load_variants, slug
 
 
 def _stage(name: str, val: float, test: float) -> dict:

@@ -3,16 +3,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from common.baselines import (
-    blob_nearest_centre,
-    connected_components,
-    disk_mask,
-    fill_holes,
-    label_cells,
-    otsu_mask,
-    otsu_threshold,
-    stain_channel,
-)
+from common.imaging import blob_nearest_centre, connected_components, fill_holes, otsu_threshold
+from post_training.baselines import disk_mask, label_cells, otsu_mask, stain_channel
 
 
 def bfs_components(mask: np.ndarray) -> int:

@@ -14,10 +14,10 @@ from common.arrays import array_specs, cast_floating, record_bytes, to_array_rec
 from common.augment import train_cache_size
 from common.config import compose_config
 from common.data import split_tensors
-from common.experiments.report import Dataset, fmt_percent, matrix_table, mean_sd, verdicts
-from common.experiments.run import SeedRun, cell_scores, override_key, row_folder
 from common.model import create_mct_model
 from common.training import train_local
+from experiments.report import Dataset, fmt_percent, matrix_table, mean_sd, verdicts
+from experiments.run import SeedRun, cell_scores, override_key, row_folder
 from server_app.strategy import GuardedFedAvg
 
 SMALL = ["data.hospitals.hospital_a.num_images=30", "model.img_size=32"]
@@ -179,12 +179,13 @@ def test_personalized_reuses_fedavg_only_when_trained_with_the_same_config(tmp_p
     fedavg = tmp_path / "fedavg" / "seed_0" / "train" / "global"
     fedavg.mkdir(parents=True)
     (fedavg / "final_model.pt").write_bytes(b"")
-    trained = compose_config(["regime=fedavg", f"output_dir={fedavg}"])
+    trained = compose_config([f"output_dir={fedavg}"])
     (fedavg / "config.yaml").write_text(OmegaConf.to_yaml(trained))
 
     def seed_run(*overrides: str) -> SeedRun:
-        cfg = compose_config(["regime=personalized", *overrides])
-        return SeedRun(cfg, "personalized", [], [], 0, tmp_path / "personalized" / "seed_0")
+        cfg = compose_config(list(overrides))
+        regime = compose_config(["regime=personalized"], "w3s_experiment").regime
+        return SeedRun(cfg, regime, "personalized", [], [], 0, tmp_path / "personalized" / "seed_0")
 
     assert seed_run().fedavg_of_same_seed() == fedavg / "final_model.pt"
     assert seed_run("federation.rounds=3").fedavg_of_same_seed() is None

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from common.jobs.stages import Evaluation, Split, tuned_options
 from common.pseudo import (
     METHODS,
     AttentionWalkMasker,
@@ -30,6 +29,7 @@ from common.pseudo.psa import (
 )
 from common.pseudo.stain_grow import _distance_to, rgb_to_lab
 from common.pseudo.walk import transition_matrix, walk_on_grid
+from post_training.stages import Evaluation, Split, tuned_options
 
 # Three nodes in a chain: 0 - 1 - 2.
 CHAIN = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]])

@@ -12,7 +12,7 @@ from PIL import Image, ImageFile
 
 from common.config import compose_config
 from common.data import DataVerificationError, load_hospital, verify_data
-from common.data.verify import main
+from post_training.verify import main
 
 REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
 FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
@@ -111,16 +111,16 @@ def test_main_on_default_synthetic_returns_0(capsys):
     assert "hospital_c: 160 usable images" in capsys.readouterr().out
 
 
-def test_main_without_argv_exits_with_the_code(monkeypatch, tmp_path):
+def test_main_without_argv_reads_sys_argv(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.argv", ["w3s-verify", "data=wbc_zxaoyou", f"data.root={tmp_path}"])
-    with pytest.raises(SystemExit) as caught:
-        main()
-    assert caught.value.code == 1
+    assert main() == 1
 
 
 def test_main_bad_override_returns_2(capsys):
     assert main(["data=no_such_dataset"]) == 2
-    assert "invalid configuration" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("w3s-verify: ") and "no_such_dataset" in err
+    assert len(err.splitlines()) == 1
 
 
 def class_folders_cfg(root: Path, **extra):

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.arrays import to_array_record
 from common.augment import train_cache_size
-from common.checkpoint import save_atomic
 from common.data import SplitTensors, split_tensors
 from common.model import MCTFormerV2, create_mct_model
 from common.training import resolve_device, train_local, train_round
-from server_app.recorder import model_payload
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +65,20 @@ def train_rounds(cfg: DictConfig, data: SplitTensors, index: int, tag: str) -> M
     return model
 
 
-def fine_tune(cfg: DictConfig, model: MCTFormerV2, data: SplitTensors, index: int) -> None:
+def fine_tune(
+    cfg: DictConfig, regime: DictConfig, model: MCTFormerV2, data: SplitTensors, index: int
+) -> None:
     """Personalization: ``regime.finetune_epochs`` more epochs at one hospital, in place.
 
     No warmup and a learning rate of ``regime.finetune_lr_scale`` x ``train.lr`` decaying by
     the usual cosine: the global model is a trained starting point, not a fresh one.
     """
-    epochs = int(cfg.regime.finetune_epochs)
+    epochs = int(regime.finetune_epochs)
     train_cfg = {
         **OmegaConf.to_container(cfg.train, resolve=True),
         "local_epochs": epochs,
         "warmup_epochs": 0,
-        "lr": float(cfg.train.lr) * float(cfg.regime.finetune_lr_scale),
+        "lr": float(cfg.train.lr) * float(regime.finetune_lr_scale),
     }
     result = train_local(
         model,
@@ -92,9 +90,3 @@ def fine_tune(cfg: DictConfig, model: MCTFormerV2, data: SplitTensors, index: in
         seed=cfg.seed * 100_003 + 999_983 + index,
     )
     log.info("fine-tune %d epochs at hospital %d: loss %.4f", epochs, index, result.loss)
-
-
-def save_model(model: MCTFormerV2, cfg: DictConfig, path: Path) -> Path:
-    """Write the model like the ServerApp's ``final_model.pt``, so the same jobs read it."""
-    payload = model_payload(to_array_record(model.state_dict()), cfg, int(cfg.federation.rounds))
-    return save_atomic(payload, path)

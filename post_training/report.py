@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from common.data.splits import SPLITS
-from common.jobs.artifacts import heatmap, overlay, save_grid
-from common.jobs.stages import Split, Stage
 from common.metrics import SegmentationScores
+from post_training.artifacts import heatmap, overlay, save_grid
+from post_training.stages import Split, Stage
 
 FIGURE_ROWS = 4
 

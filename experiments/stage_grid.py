@@ -1,7 +1,5 @@
 """``w3s-stages``: one picture that shows at which stage localization fails.
 
-    w3s-stages checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1 grid.split=test
-
 One row per image of a split; columns: image, ground truth, class attention, patch-CAM, fused,
 refined, pseudo-mask, segmenter output. The four map columns are generated here from the
 checkpoint (the image's own class); the last two are read from the ``w3s-postprocess`` outputs
@@ -14,19 +12,19 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.config import CONF_DIR
+from common.checkpoint import load_model
+from common.cli import Command
 from common.data import hospital_split
-from common.jobs import JobError, exit_on_input_error
-from common.jobs.artifacts import heatmap, overlay, read_label_png, sample_stem, save_grid
-from common.jobs.postprocess import check_hospital, load_model, resolve_output_dir
+from common.errors import JobError
 from common.localization import MapSettings, generate_maps
 from common.metrics import class_aware_truth
 from common.training import resolve_device
+from post_training.artifacts import heatmap, overlay, read_label_png, sample_stem, save_grid
+from post_training.postprocess import check_hospital, check_postprocess_config, resolve_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,7 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     hospital = check_hospital(cfg)
     split = str(cfg.grid.split)
-    model, _ = load_model(cfg, checkpoint)
+    model, _ = load_model(checkpoint, list(cfg.data.classes))
     out = resolve_output_dir(cfg, checkpoint)
     data = hospital_split(cfg.data, hospital, split)
     count = min(int(cfg.grid.num_images), len(data))
@@ -97,12 +95,35 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="postprocess", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Console script ``w3s-stages``; input problems exit with status 2 and one message."""
-    with exit_on_input_error(log), torch.inference_mode():
-        write_stage_grid(cfg)
+def _write_stage_grid(cfg: DictConfig, _: list[str]) -> Path:
+    with torch.inference_mode():
+        return write_stage_grid(cfg)
+
+
+COMMAND = Command(
+    name="w3s-stages",
+    summary=__doc__,
+    config="postprocess",
+    job=_write_stage_grid,
+    keys={
+        "checkpoint": "the trained model: <run dir>/final_model.pt (required)",
+        "data": "the data config the model was trained with",
+        "hospital": "a key of data.hospitals (required)",
+        "grid.split": "which split's images: test (default), val or train",
+        "grid.num_images": "rows of the grid",
+        "grid.output": "the PNG to write (default: <output_dir>/stages_<split>.png)",
+    },
+    examples=[
+        "w3s-stages checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1",
+    ],
+    check=check_postprocess_config,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``w3s-stages``."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -17,10 +17,10 @@ from torch import nn
 
 from common.checkpoint import save_atomic
 from common.data import HospitalData, hospital_split
-from common.jobs.artifacts import sample_stem, save_label_png
 from common.metrics import class_aware_truth, score_label_maps
 from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
 from common.training import resolve_device
+from post_training.artifacts import sample_stem, save_label_png
 
 log = logging.getLogger(__name__)
 

@@ -1,43 +1,18 @@
 """``w3s-verify``: check every hospital's data before training and list every problem at once.
 
-Run it on the hospital's own machine: the report names files, and stays there.
-
-    w3s-verify                                   # the embedded synthetic hospitals
-    w3s-verify data=wbc_zxaoyou data.root=/path  # real data
+Run it on the hospital's own machine: the report names files, and stays there. Exit status 0:
+clean data; 1: problems found (all listed); 2: an invalid command line.
 """
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from collections.abc import Sequence
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from common.config import compose_config
+from common.cli import Command
 from common.data.readers import ReadResult, read_hospitals
 from common.data.types import format_problems
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Verify all configured hospitals and print a summary and every problem.
-
-    Parameters
-    ----------
-    argv
-        Hydra overrides; ``None`` reads ``sys.argv[1:]`` and exits with the code instead of
-        returning it, as a console script must.
-
-    Returns
-    -------
-    int
-        0 when the data is clean, 1 when any problem was found, 2 when the config is invalid.
-    """
-    code = _run(sys.argv[1:] if argv is None else list(argv))
-    if argv is None:
-        raise SystemExit(code)
-    return code
 
 
 def summarize(result: ReadResult) -> list[str]:
@@ -65,13 +40,8 @@ def summarize(result: ReadResult) -> list[str]:
     return lines
 
 
-def _run(overrides: list[str]) -> int:
-    """Compose the config, read every hospital without keeping arrays, and print the report."""
-    try:
-        cfg = compose_config(overrides)
-    except (HydraException, OmegaConfBaseException) as error:
-        print(f"w3s-verify: invalid configuration: {error}", file=sys.stderr)
-        return 2
+def verify_hospitals(cfg: DictConfig, _: list[str] | None = None) -> int:
+    """Read every hospital without keeping arrays and print the report; 1 if any problem."""
     results = read_hospitals(cfg.data, keep_arrays=False)
     print(f"data: {cfg.data.get('name', '?')}, {len(results)} hospital(s)")
     for result in results:
@@ -83,6 +53,24 @@ def _run(overrides: list[str]) -> int:
     print(f"\n{len(problems)} problem(s):")
     print(format_problems(problems))
     return 1
+
+
+COMMAND = Command(
+    name="w3s-verify",
+    summary=__doc__,
+    config="config",
+    job=verify_hospitals,
+    keys={
+        "data": "synthetic (default), wbc_zxaoyou, raabin, matek19, or your own conf/data/*.yaml",
+        "data.root": "where the real data set lies",
+    },
+    examples=["w3s-verify", "w3s-verify data=wbc_zxaoyou data.root=/path/to/segmentation_WBC"],
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``w3s-verify``: 0 clean data, 1 problems found, 2 invalid command line."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

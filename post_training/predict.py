@@ -1,14 +1,12 @@
 """``w3s-predict``: segment new images with a segmenter trained by ``w3s-postprocess``.
 
-    w3s-predict segmenter=<out>/segmenter.pt input=<folder> output=<folder>
-
 Every visible file directly in ``input`` is tried; one that cannot be decoded is named in the
 log and skipped, the others are segmented (any size) into ``output/<stem>.png`` label maps
 (0 background, k = class k) and ``output/overlays/<stem>.png``. The exit status is 1 when a
 file was skipped, 2 when nothing could run (missing segmenter or folder).
 
 The key ``segmenter`` names a file here, while ``w3s-postprocess`` uses a config group of that
-name, so this job's config lives in Hydra's config store instead of ``conf/``.
+name, so this command's config lives in Hydra's config store instead of ``conf/``.
 """
 
 from __future__ import annotations
@@ -17,15 +15,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from common.jobs import JobError
-from common.jobs.artifacts import read_image, save_label_png, save_overlay
+from common.cli import Command
+from common.errors import JobError
 from common.segmenter import load_segmenter, predict
 from common.training import resolve_device
+from post_training.artifacts import read_image, save_label_png, save_overlay
 
 log = logging.getLogger(__name__)
 USAGE = "w3s-predict segmenter=<out>/segmenter.pt input=<folder> output=<folder>"
@@ -33,24 +31,12 @@ USAGE = "w3s-predict segmenter=<out>/segmenter.pt input=<folder> output=<folder>
 ConfigStore.instance().store(
     name="w3s_predict",
     node={
-        "defaults": [{"override hydra/job_logging": "stdout"}, "_self_"],
         "segmenter": "???",
         "input": "???",
         "output": "???",
         "device": "auto",
         "batch_size": 16,
         "overlays": True,
-        # No .hydra/ folder and no log file in the working directory; logs go to stdout.
-        "hydra": {
-            "job": {"chdir": False},
-            "output_subdir": None,
-            "run": {"dir": "."},
-            "job_logging": {
-                "formatters": {
-                    "simple": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-                }
-            },
-        },
     },
 )
 
@@ -128,17 +114,28 @@ def run_predict(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(config_path=None, config_name="w3s_predict", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+COMMAND = Command(
+    name="w3s-predict",
+    summary=__doc__,
+    config="w3s_predict",
+    job=lambda cfg, _: run_predict(cfg),
+    keys={
+        "segmenter": "segmenter.pt written by w3s-postprocess (required)",
+        "input": "folder of images to segment (required)",
+        "output": "folder for the label maps and overlays (required)",
+        "device": "auto (CUDA when present), cpu or cuda",
+        "batch_size": "images per forward pass",
+        "overlays": "also write colour overlays (true/false)",
+    },
+    examples=["w3s-predict segmenter=<out>/segmenter.pt input=new_images output=masks"],
+    own_store=True,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
     """Console script ``w3s-predict``."""
-    try:
-        status = run_predict(cfg)
-    except JobError as error:
-        log.error("%s", error)
-        raise SystemExit(2) from None
-    if status:
-        raise SystemExit(status)
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

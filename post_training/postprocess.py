@@ -1,7 +1,5 @@
 """``w3s-postprocess``: localization maps -> pseudo-masks -> segmenter at one hospital, scored.
 
-    w3s-postprocess checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1
-
 Every choice (background constants, disk radius, Otsu channel) is made on the hospital's
 validation split; every reported number is on its test split. The baselines go through the
 same evaluation code as the weakly supervised stages. Outputs stay under ``output_dir``.
@@ -14,26 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.checkpoint import load_checkpoint
-from common.config import CONF_DIR
+from common.checkpoint import load_model
+from common.cli import Command
 from common.data import hospital_names
-from common.jobs import JobError, exit_on_input_error
-from common.jobs.report import markdown_table, save_figure, write_report
-from common.jobs.stages import (
+from common.errors import JobError
+from common.pseudo import create_masker
+from common.training import resolve_device
+from post_training.report import markdown_table, save_figure, write_report
+from post_training.stages import (
     Evaluation,
     disk_stage,
     make_maps,
+    option_grid,
     otsu_stage,
     pseudo_stage,
     seeds_stage,
     segmenter_stage,
 )
-from common.model import MCTFormerV2, create_mct_model
-from common.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +48,6 @@ def resolve_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
     if run_dir.name == "checkpoints":
         run_dir = run_dir.parent
     return run_dir / "postprocess" / str(cfg.hospital)
-
-
-def load_model(cfg: DictConfig, checkpoint: Path) -> tuple[MCTFormerV2, dict[str, Any]]:
-    """Rebuild the trained MCT model from its checkpoint, checking it fits the data config."""
-    try:
-        payload = load_checkpoint(checkpoint)
-    except FileNotFoundError as error:
-        raise JobError(f"checkpoint={checkpoint}: file not found") from error
-    if not {"state_dict", "model", "classes"} <= payload.keys():
-        raise JobError(f"checkpoint={checkpoint} is not an MCT model file (final_model.pt)")
-    classes = list(payload["classes"])
-    if classes != list(cfg.data.classes):
-        raise JobError(
-            f"the checkpoint was trained on classes {classes} but data={cfg.data.name} has "
-            f"{list(cfg.data.classes)}; pick the data config the model was trained with"
-        )
-    model_cfg = {**payload["model"], "pretrained_file": None}  # the weights come from the file
-    model = create_mct_model(model_cfg, num_classes=len(classes))
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload
 
 
 def check_hospital(cfg: DictConfig) -> str:
@@ -98,7 +76,7 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     hospital = check_hospital(cfg)
-    model, payload = load_model(cfg, checkpoint)
+    model, payload = load_model(checkpoint, list(cfg.data.classes))
     out = resolve_output_dir(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
@@ -146,12 +124,45 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="postprocess", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Console script ``w3s-postprocess``; input problems exit with status 2 and one message."""
-    with exit_on_input_error(log):
-        run_postprocess(cfg)
+def check_postprocess_config(cfg: DictConfig) -> None:
+    """Refuse what would fail mid-run: a missing checkpoint or hospital, a bad method option."""
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise JobError("checkpoint=... is required: the final_model.pt of a training run")
+    check_hospital(cfg)
+    pseudo = OmegaConf.to_container(cfg.pseudo, resolve=True)
+    try:
+        options, grid = option_grid(pseudo)
+        for values in grid or [{}]:
+            create_masker({**options, **values})
+    except (ValueError, TypeError) as error:
+        raise JobError(f"pseudo={pseudo.get('method', '?')}: {error}") from None
+
+
+COMMAND = Command(
+    name="w3s-postprocess",
+    summary=__doc__,
+    config="postprocess",
+    job=lambda cfg, _: run_postprocess(cfg),
+    keys={
+        "checkpoint": "the trained model: <run dir>/final_model.pt (required)",
+        "data": "the data config the model was trained with (default: synthetic)",
+        "hospital": "this site's key of data.hospitals (required)",
+        "pseudo": "pseudo-mask method: stain_grow (default), attn_rw, threshold, psa, psa_cpu",
+        "segmenter": "segmenter preset: mobilenet (default), lraspp, resnet50",
+        "output_dir": "where outputs go (default: <run dir>/postprocess/<hospital>)",
+    },
+    examples=[
+        "w3s-postprocess checkpoint=<run>/final_model.pt hospital=hospital_a",
+        "w3s-postprocess checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1",
+    ],
+    check=check_postprocess_config,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``w3s-postprocess``."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

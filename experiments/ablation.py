@@ -1,7 +1,5 @@
 """``w3s-ablate``: post-training variants at one hospital, one table row per variant.
 
-    w3s-ablate variants=levers checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1
-
 ``variants`` names ``conf/ablation/<name>.yaml`` (or a YAML file path): a mapping of row title
 to a list of Hydra overrides of ``conf/postprocess.yaml`` (a training lever is a variant with
 its own ``checkpoint=``). Every other argument is an override applied to all variants. Each
@@ -16,20 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from common.checkpoint import load_model
+from common.cli import Command
 from common.config import CONF_DIR, compose_config
 from common.data import split_tensors
-from common.jobs import JobError, exit_on_input_error
-from common.jobs.postprocess import load_model, run_postprocess
-from common.logs import setup_logging
+from common.errors import JobError
 from common.training import evaluate_local, resolve_device
+from post_training.postprocess import check_postprocess_config, run_postprocess
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ def slug(title: str) -> str:
 def classification_accuracy(cfg: Any) -> dict[str, float]:
     """Top-1 accuracy of the checkpoint's classifier on the hospital's val and test splits."""
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
-    model, _ = load_model(cfg, checkpoint)
+    model, _ = load_model(checkpoint, list(cfg.data.classes))
     device = resolve_device(str(cfg.device))
     scores = {}
     for split in ("val", "test"):
@@ -156,20 +154,34 @@ def run_ablation(variants: Mapping[str, Sequence[str]], overrides: Sequence[str]
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console script ``w3s-ablate``: ``variants=<name>`` plus postprocess overrides.
+def _run(cfg: DictConfig, overrides: list[str]) -> Path:
+    shared = [o for o in overrides if not o.startswith("variants=")]
+    return run_ablation(load_variants(str(cfg.variants)), shared)
 
-    Input problems exit with status 2 and one message.
-    """
-    setup_logging()
-    args = list(sys.argv[1:] if argv is None else argv)
-    names = [a.split("=", 1)[1] for a in args if a.startswith("variants=")]
-    overrides = [a for a in args if not a.startswith("variants=")]
-    with exit_on_input_error(log):
-        if len(names) != 1:
-            raise JobError("give exactly one variants=<name of conf/ablation/*.yaml or a file>")
-        run_ablation(load_variants(names[0]), overrides)
-    return 0
+
+COMMAND = Command(
+    name="w3s-ablate",
+    summary=__doc__,
+    config="w3s_ablate",
+    job=_run,
+    keys={
+        "variants": "conf/ablation/<name>.yaml or a YAML file of variants (required)",
+        "checkpoint": "the trained model: <run dir>/final_model.pt (required)",
+        "data": "the data config the model was trained with",
+        "hospital": "a key of data.hospitals (required)",
+        "output_dir": "where rows go (default: <run dir>/ablation/<hospital>)",
+    },
+    examples=[
+        "w3s-ablate variants=levers checkpoint=<run>/final_model.pt data=wbc_zxaoyou "
+        "hospital=dataset1",
+    ],
+    check=check_postprocess_config,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``w3s-ablate``."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

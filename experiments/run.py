@@ -1,7 +1,5 @@
 """``w3s-experiment``: train one regime per seed, then score it with the post-training job.
 
-    w3s-experiment regime=fedavg data=wbc_zxaoyou seeds=[0,1,2] runs_dir=runs/wbc
-
 Writes ``<runs_dir>/<label>/experiment.yaml`` (the composed config and the command) and, per
 seed, ``seed_<s>/train/`` (models; ``metrics.jsonl`` of federated runs), ``seed_<s>/eval/``
 (the post-training job's outputs per row and hospital) and ``seed_<s>/results.json`` (the
@@ -15,28 +13,27 @@ import json
 import logging
 import shlex
 import shutil
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common import launch
+from common.checkpoint import load_model, save_model
+from common.cli import Command
 from common.config import compose_config
 from common.data import hospital_names
-from common.experiments.regimes import fine_tune, save_model, train_rounds, training_tensors
-from common.experiments.supervised import score_segmenter, train_supervised_ceiling
-from common.jobs.postprocess import load_model, run_postprocess
-from common.logs import setup_logging
+from experiments.regimes import fine_tune, train_rounds, training_tensors
+from experiments.supervised import score_segmenter, train_supervised_ceiling
+from post_training.postprocess import run_postprocess
+from server_app import launch
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "w3s_experiment"
 # Keys of conf/w3s_experiment.yaml that the training config (conf/config.yaml) does not know.
-EXPERIMENT_KEYS = ("seeds", "runs_dir", "label", "postprocess")
+EXPERIMENT_KEYS = ("seeds", "runs_dir", "label", "postprocess", "regime")
 # Training overrides that the post-training job needs as well (which data, which device).
 SHARED_WITH_POSTPROCESS = ("data", "device")
 RESULTS = "results.json"
@@ -49,9 +46,10 @@ def override_key(override: str) -> str:
 
 @dataclass(frozen=True)
 class SeedRun:
-    """One seed of one regime: its configs and where its outputs go."""
+    """One seed of one regime: its training config, regime, and where its outputs go."""
 
     cfg: DictConfig
+    regime: DictConfig
     label: str
     training_overrides: list[str]
     postprocess_overrides: list[str]
@@ -80,7 +78,7 @@ class SeedRun:
     def federated(self, folder: str) -> Path:
         """A real ``flwr run`` of the configured regime (via ``w3s-simulate``)."""
         run_dir = self.out / "train" / folder
-        if str(self.cfg.regime.kind) == "personalized":
+        if str(self.regime.kind) == "personalized":
             reused = self.fedavg_of_same_seed()
             if reused is not None:
                 log.info("personalized: starting from FedAvg's final model %s", reused)
@@ -107,9 +105,9 @@ class SeedRun:
 
 
 def comparable(cfg: DictConfig) -> dict[str, Any]:
-    """A training config without the keys that differ between FedAvg and personalization."""
+    """A training config without the key that differs between FedAvg and personalization."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("regime", "output_dir"):
+    for key in ("output_dir",):
         plain.pop(key, None)
     return plain
 
@@ -139,17 +137,27 @@ def cell_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
     """Train the regime; return, per matrix row, the model each hospital column is scored with."""
     cfg, hospitals, train_dir = run.cfg, run.hospitals, run.out / "train"
-    kind = str(cfg.regime.kind)
+    kind = str(run.regime.kind)
     if kind == "local":
         rows = {}
         for index, name in enumerate(hospitals):
             model = train_rounds(cfg, training_tensors(cfg, [name]), index, f"local_only {name}")
-            path = save_model(model, cfg, train_dir / name / "final_model.pt")
-            rows[f"{cfg.regime.name} ({name})"] = dict.fromkeys(hospitals, path)
+            path = save_model(
+                model.state_dict(),
+                cfg,
+                int(cfg.federation.rounds),
+                train_dir / name / "final_model.pt",
+            )
+            rows[f"{run.regime.name} ({name})"] = dict.fromkeys(hospitals, path)
         return rows
     if kind == "centralized":
         model = train_rounds(cfg, training_tensors(cfg, hospitals), 0, "centralized")
-        path = save_model(model, cfg, train_dir / "pooled" / "final_model.pt")
+        path = save_model(
+            model.state_dict(),
+            cfg,
+            int(cfg.federation.rounds),
+            train_dir / "pooled" / "final_model.pt",
+        )
         return {run.label: dict.fromkeys(hospitals, path)}
     if kind == "federated":
         return {run.label: dict.fromkeys(hospitals, run.federated("global"))}
@@ -157,9 +165,14 @@ def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
         global_model = run.federated("global")
         own = {}
         for index, name in enumerate(hospitals):
-            model, _ = load_model(cfg, global_model)
-            fine_tune(cfg, model, training_tensors(cfg, [name]), index)
-            own[name] = save_model(model, cfg, train_dir / name / "final_model.pt")
+            model, _ = load_model(global_model, list(cfg.data.classes))
+            fine_tune(cfg, run.regime, model, training_tensors(cfg, [name]), index)
+            own[name] = save_model(
+                model.state_dict(),
+                cfg,
+                int(cfg.federation.rounds),
+                train_dir / name / "final_model.pt",
+            )
         return {run.label: own}
     raise ValueError(f"regime.kind={kind!r} is not one of local, centralized, federated, ...")
 
@@ -168,7 +181,7 @@ def supervised_rows(run: SeedRun) -> list[dict[str, Any]]:
     """The ceiling: a segmenter on true masks per hospital, scored on every hospital's test."""
     rows = []
     for name in run.hospitals:
-        row = f"{run.cfg.regime.name} ({name})"
+        row = f"{run.regime.name} ({name})"
         pp_cfg = compose_config(
             [*run.postprocess_overrides, f"seed={run.seed}"], config_name="postprocess"
         )
@@ -188,7 +201,7 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
     if run.out.exists():
         shutil.rmtree(run.out)  # a rerun replaces a seed whole, never mixes two runs' files
     started = time.perf_counter()
-    if str(run.cfg.regime.kind) == "supervised":
+    if str(run.regime.kind) == "supervised":
         rows = supervised_rows(run)
     else:
         rows = []
@@ -199,7 +212,7 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
     metrics = run.out / "train" / "global" / "metrics.jsonl"
     results = {
         "label": run.label,
-        "regime": str(run.cfg.regime.name),
+        "regime": str(run.regime.name),
         "seed": run.seed,
         "hospitals": run.hospitals,
         "rows": rows,
@@ -210,15 +223,14 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console script ``w3s-experiment``: one regime, every seed, end to end."""
-    setup_logging()
-    overrides = list(sys.argv[1:] if argv is None else argv)
+def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
+    """One regime, every seed, end to end."""
     command = f"w3s-experiment {shlex.join(overrides)}"
+    overrides = [*overrides, *launch.absolute_path_overrides(cfg, Path.cwd())]
     cfg = compose_config(overrides, config_name=CONFIG_NAME)
-    overrides += launch.absolute_path_overrides(cfg, Path.cwd())
-    cfg = compose_config(overrides, config_name=CONFIG_NAME)
-    training = [o for o in overrides if override_key(o) not in EXPERIMENT_KEYS]
+    training = [o for o in overrides if override_key(o).split(".")[0] not in EXPERIMENT_KEYS]
+    if not any(override_key(o) == "train.proximal_mu" for o in training):
+        training.append(f"train.proximal_mu={cfg.regime.proximal_mu}")
     shared = [o for o in training if override_key(o).split(".")[0] in SHARED_WITH_POSTPROCESS]
     postprocess = [*shared, *(str(o) for o in cfg.postprocess)]
     out = Path(str(cfg.runs_dir)).expanduser().resolve() / str(cfg.label)
@@ -227,10 +239,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in cfg.seeds:
         seed_cfg = compose_config([*training, f"seed={seed}"])
         label = str(cfg.label)
-        run = SeedRun(seed_cfg, label, training, postprocess, int(seed), out / f"seed_{seed}")
+        run = SeedRun(
+            seed_cfg, cfg.regime, label, training, postprocess, int(seed), out / f"seed_{seed}"
+        )
         results = run_seed(run)
         log.info("%s seed %d done in %.0fs: %s", cfg.label, seed, results["seconds"], run.out)
     return 0
+
+
+COMMAND = Command(
+    name="w3s-experiment",
+    summary=__doc__,
+    config=CONFIG_NAME,
+    job=run_experiment,
+    keys={
+        "regime": "local_only, centralized, fedavg, fedprox, personalized, supervised (required)",
+        "data": "synthetic (default), wbc_zxaoyou, raabin, matek19, ...",
+        "seeds": "one full run per seed, e.g. [0,1,2]",
+        "runs_dir": "parent folder of every regime's runs",
+        "label": "folder name of this regime's runs (default: the regime's name)",
+        "postprocess": "overrides of the post-training job, e.g. [segmenter.epochs=3]",
+    },
+    examples=["w3s-experiment regime=fedavg data=wbc_zxaoyou seeds=[0,1,2] runs_dir=runs/wbc"],
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``w3s-experiment``."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

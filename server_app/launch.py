@@ -1,4 +1,8 @@
-"""``w3s-simulate``: compose a Hydra config, then start the matching ``flwr run`` simulation.
+"""``w3s-simulate``: federated training in simulation, one SuperNode per configured hospital.
+
+Composes the config, verifies every hospital's data, then starts the matching ``flwr run``
+(a local SuperLink, one simulated SuperNode per hospital) and streams its log. The run
+directory gets ``final_model.pt``, a checkpoint and a ``metrics.jsonl`` row per round.
 
 The Flower apps cannot own argv, so the overrides travel in the run config (key ``overrides``)
 and both apps compose the same config from them. Paths are made absolute here, where the
@@ -7,24 +11,52 @@ user's working directory is known; the apps run from wherever the SuperLink star
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from common.cli import Command
 from common.config import CONF_DIR, compose_config
 from common.data import hospital_names
+from common.data.readers import read_hospitals
+from common.errors import JobError
 
 APP_DIR = CONF_DIR.parent
+# What a Flower app needs at run time: the two apps, the library they share, the configs.
+APP_PACKAGES = ("common", "server_app", "client_app", "conf")
+# A regular (non-editable) install ships the project's pyproject.toml here, for flower_app_dir.
+INSTALLED_PYPROJECT = Path(__file__).resolve().parent / "pyproject.toml"
+
+
+def flower_app_dir(staging: Path) -> Path:
+    """The directory ``flwr run`` packages: the source checkout, else a staged copy.
+
+    ``flwr run <dir>`` bundles every Python, TOML and YAML file of ``<dir>`` next to its
+    ``pyproject.toml``. In a checkout that is the repository; an installed copy lives in
+    site-packages among other packages, so its app files are copied into ``staging`` first.
+    """
+    if (APP_DIR / "pyproject.toml").is_file():
+        return APP_DIR
+    if not INSTALLED_PYPROJECT.is_file():
+        raise JobError(f"neither {APP_DIR / 'pyproject.toml'} nor {INSTALLED_PYPROJECT} exists")
+    staging.mkdir(parents=True)
+    shutil.copy(INSTALLED_PYPROJECT, staging / "pyproject.toml")
+    for name in APP_PACKAGES:
+        shutil.copytree(
+            APP_DIR / name, staging / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return staging
 
 
 def absolute_path_overrides(cfg: DictConfig, cwd: Path) -> list[str]:
@@ -44,7 +76,7 @@ def absolute_path_overrides(cfg: DictConfig, cwd: Path) -> list[str]:
     ]
 
 
-def flwr_command(overrides: Sequence[str], cfg: DictConfig, run_config_file: Path) -> list[str]:
+def flwr_command(app_dir: Path, cfg: DictConfig, run_config_file: Path) -> list[str]:
     """The ``flwr run`` call: one simulated SuperNode per configured hospital."""
     flwr = Path(sys.executable).with_name("flwr")
     federation = (
@@ -55,7 +87,7 @@ def flwr_command(overrides: Sequence[str], cfg: DictConfig, run_config_file: Pat
     return [
         str(flwr) if flwr.exists() else (shutil.which("flwr") or "flwr"),
         "run",
-        str(APP_DIR),
+        str(app_dir),
         "--stream",
         "--run-config",
         str(run_config_file),
@@ -110,24 +142,88 @@ def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     return (0 if status == "finished:completed" else 1), "".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a federated simulation with Hydra overrides, e.g. ``w3s-simulate data=wbc_zxaoyou``."""
-    overrides = list(sys.argv[1:] if argv is None else argv)
+def superlink_pids() -> set[int]:
+    """Processes running ``flower-superlink`` now (Linux ``/proc``; empty elsewhere)."""
+    found = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"flower-superlink" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop_started_superlink(before: set[int]) -> None:
+    """Stop the background SuperLink this run started; one that was running before stays.
+
+    ``flwr run`` leaves its local SuperLink running for later runs; a user who ran one
+    simulation should not find a server process left behind.
+    """
+    for pid in superlink_pids() - before:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def verify_data(cfg: DictConfig) -> None:
+    """Refuse to start Flower on data that the ClientApps would fail to read."""
+    problems = [p for r in read_hospitals(cfg.data, keep_arrays=False) for p in r.problems]
+    if problems:
+        raise JobError(
+            f"data={cfg.data.name}: {len(problems)} problem(s), first: {problems[0]} "
+            "(w3s-verify lists them all)"
+        )
+
+
+def simulate(cfg: DictConfig, overrides: list[str]) -> int:
+    """Run the federated simulation; the exit status is 0 only when the run completed."""
+    overrides = [*overrides, *absolute_path_overrides(cfg, Path.cwd())]
     cfg = compose_config(overrides)
-    overrides += absolute_path_overrides(cfg, Path.cwd())
-    cfg = compose_config(overrides)
+    verify_data(cfg)
     joined = " ".join(shlex.quote(o) for o in overrides)
     env = dict(os.environ)
     # Installing the app's dependencies per run (Flower's default) would re-download torch.
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     # flwr starts flower-superlink by name: find this environment's even when not activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    running = superlink_pids()
     with tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp:
         run_config = Path(tmp) / "run_config.toml"
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")
-        command = flwr_command(overrides, cfg, run_config)
+        app_dir = flower_app_dir(Path(tmp) / "app")
+        command = flwr_command(app_dir, cfg, run_config)
         print("w3s-simulate:", shlex.join(command), flush=True)
-        return run_and_check(command, env)[0]
+        try:
+            return run_and_check(command, env)[0]
+        finally:
+            stop_started_superlink(running)
+
+
+COMMAND = Command(
+    name="w3s-simulate",
+    summary=__doc__,
+    config="config",
+    job=simulate,
+    keys={
+        "data": "synthetic (default), wbc_zxaoyou, raabin, matek19, or your own conf/data/*.yaml",
+        "model": "tiny (default, CPU) or deit_small (the paper's scale)",
+        "federation.rounds": "rounds of FedAvg",
+        "train.local_epochs": "local epochs per round at each hospital",
+        "privacy": "none (default), client_clip or server_clip",
+        "output_dir": "the run directory (default: <output_root>/<time>_run<id>)",
+        "resume": "continue output_dir from its newest checkpoint (true/false)",
+    },
+    examples=[
+        "w3s-simulate",
+        "w3s-simulate data=wbc_zxaoyou federation.rounds=30 train.local_epochs=2",
+        "w3s-simulate experiment=paper device=cuda",
+    ],
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``w3s-simulate``."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.baselines import disk_mask, label_cells, otsu_mask
 from common.checkpoint import save_atomic
 from common.data import HospitalData, hospital_split
 from common.data.splits import SPLITS
-from common.jobs.artifacts import sample_stem, save_label_png, save_overlay
 from common.localization import MapSettings, generate_maps, save_maps
 from common.metrics import (
     SegmentationScores,
@@ -43,6 +41,8 @@ from common.pseudo import (
     threshold_labels,
 )
 from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
+from post_training.artifacts import sample_stem, save_label_png, save_overlay
+from post_training.baselines import disk_mask, label_cells, otsu_mask
 
 log = logging.getLogger(__name__)
 
@@ -240,18 +240,8 @@ def save_label_maps(
                 save_overlay(out / folder / "overlays" / name / f"{stem}.png", image, label_map)
 
 
-def tuned_options(
-    pseudo_cfg: Mapping[str, Any],
-    evaluation: Evaluation,
-    label_val: Callable[[Mapping[str, Any]], Sequence[np.ndarray]],
-) -> dict[str, Any]:
-    """The pseudo-mask options, with those listed under ``tune`` chosen on validation.
-
-    ``tune`` maps an option of the method to the values to try (every combination, each with
-    its own background constant); the option's own value is used where the hospital has no
-    ground-truth masks to choose with. Colour thresholds differ between imaging domains (the
-    pale cytoplasm of Dataset 2 needs a lower one than Dataset 1), so one fixed value cannot
-    serve every hospital.
+def option_grid(pseudo_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The method's own options and every combination of the values listed under ``tune``.
 
     Raises
     ------
@@ -267,9 +257,26 @@ def tuned_options(
             )
         if not values:
             raise ValueError(f"pseudo.tune.{key}: the list of values to try is empty")
-    if not tune or not evaluation.has_truth:
-        return options
     grid = [dict(zip(tune, values, strict=True)) for values in product(*tune.values())]
+    return options, grid
+
+
+def tuned_options(
+    pseudo_cfg: Mapping[str, Any],
+    evaluation: Evaluation,
+    label_val: Callable[[Mapping[str, Any]], Sequence[np.ndarray]],
+) -> dict[str, Any]:
+    """The pseudo-mask options, with those listed under ``tune`` chosen on validation.
+
+    ``tune`` maps an option of the method to the values to try (every combination, each with
+    its own background constant); the option's own value is used where the hospital has no
+    ground-truth masks to choose with. Colour thresholds differ between imaging domains (the
+    pale cytoplasm of Dataset 2 needs a lower one than Dataset 1), so one fixed value cannot
+    serve every hospital.
+    """
+    options, grid = option_grid(pseudo_cfg)
+    if not pseudo_cfg.get("tune") or not evaluation.has_truth:
+        return options
     best = evaluation.select(grid, lambda values: label_val({**options, **values}))
     log.info("pseudo-mask options chosen on validation: %s", best)
     return {**options, **best}

@@ -1,0 +1,119 @@
+"""One command-line style for every console script: ``w3s-<name> key=value ...``.
+
+Each command composes ``conf/<config>.yaml`` with the Hydra overrides it is given (Hydra's
+compose API, so no command owns the working directory or writes ``.hydra/`` folders), checks
+the values it can check before any work starts, and runs its job. What a user can fix, a
+mistyped key, an unknown config option, a bad value, a missing file, is one line on stderr
+and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from common.config import CONF_DIR, compose_config
+from common.data import DataVerificationError
+from common.errors import JobError
+from common.logs import setup_logging
+
+HELP_FLAGS = frozenset({"-h", "--help"})
+INPUT_ERROR = 2
+
+# A job gets the composed config and the overrides as given; an int it returns is the exit
+# status, anything else (a metrics dict, None) means success.
+Job = Callable[[DictConfig, list[str]], object]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A console script: its name, what it does, the keys a user sets most, and its job.
+
+    Attributes
+    ----------
+    name
+        The console script, e.g. ``w3s-postprocess``.
+    summary
+        What the command does and what it writes, for ``--help``.
+    config
+        The primary config in ``conf/`` that the overrides apply to.
+    job
+        Called with the composed config and the overrides as given.
+    keys
+        The main keys and what they mean, for ``--help``.
+    examples
+        Command lines shown by ``--help``.
+    own_store
+        The config is a node of Hydra's config store, composed without ``conf/`` (its keys
+        would clash with the config groups there).
+    check
+        Raises :class:`common.errors.JobError` for values the config cannot express as types
+        (a method option, a path that must exist), before the job starts.
+    """
+
+    name: str
+    summary: str
+    config: str
+    job: Job
+    keys: Mapping[str, str] = field(default_factory=dict)
+    examples: Sequence[str] = ()
+    check: Callable[[DictConfig], None] | None = None
+    own_store: bool = False
+
+    def help_text(self) -> str:
+        """The text ``--help`` prints."""
+        lines = [f"usage: {self.name} [key=value ...]", "", self.summary.strip(), ""]
+        if self.keys:
+            lines.append("main keys:")
+            width = max(map(len, self.keys))
+            lines += [f"  {key.ljust(width)}  {text}" for key, text in self.keys.items()]
+            lines.append("")
+        if self.examples:
+            lines.append("examples:")
+            lines += [f"  {example}" for example in self.examples]
+            lines.append("")
+        source = "the keys above" if self.own_store else f"every key of conf/{self.config}.yaml"
+        lines.append(f"Overrides: {source} (Hydra syntax: key=value, group=option).")
+        return "\n".join(lines)
+
+    def compose(self, overrides: Sequence[str]) -> DictConfig:
+        """The composed, checked config; a :class:`JobError` names what is wrong."""
+        try:
+            conf_dir = None if self.own_store else CONF_DIR
+            cfg = compose_config(overrides, config_name=self.config, conf_dir=conf_dir)
+        except (HydraException, OmegaConfBaseException) as error:
+            raise JobError(one_line(error)) from None
+        if self.check is not None:
+            self.check(cfg)
+        return cfg
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """Run the command; returns the exit status (console scripts pass it to ``sys.exit``)."""
+        args = list(sys.argv[1:] if argv is None else argv)
+        if HELP_FLAGS & set(args):
+            print(self.help_text())
+            return 0
+        setup_logging()
+        try:
+            options = [a for a in args if a.startswith("-")]
+            if options:
+                raise JobError(
+                    f"unknown option {options[0]!r}: arguments are key=value overrides "
+                    f"(see {self.name} --help)"
+                )
+            cfg = self.compose(args)
+            status = self.job(cfg, args)
+            return status if isinstance(status, int) else 0
+        except (JobError, DataVerificationError) as error:
+            print(f"{self.name}: {error}", file=sys.stderr)
+            return INPUT_ERROR
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages folded into one line."""
+    return " ".join(str(error).split())
