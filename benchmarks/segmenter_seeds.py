@@ -5,7 +5,7 @@ pseudo-masks. This script retrains the segmenter on them with several seeds unde
 ``segmenter.*`` overrides and prints the validation and test binary mIoU of every seed, their
 mean and SD, and the score of the seeds' averaged softmax (an ensemble). On Dataset 2 (31
 training images) one seed moved the test score by up to 12 points, so a one-seed ablation row
-cannot tell settings apart (README, "Localization quality").
+cannot tell settings apart (docs/localization.md).
 
 Run from the repository root::
 

@@ -108,7 +108,7 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
 def _tensors(cfg: DictConfig, name: str, split: str, size: int):
     """A split of this hospital, read and verified when this process first needs it.
 
-    Data-fault policy (README, Reliability): a file that is unreadable, truncated or, where a
+    Data-fault policy (docs/reliability.md): a file that is unreadable, truncated or, where a
     label file lists it, missing fails this hospital for the message with a HospitalDataError
     that only counts problems per kind; the full list, with paths, stays in this site's log.
     A bad file is never skipped silently; a file deleted from a class folder is no longer

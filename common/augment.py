@@ -1,4 +1,4 @@
-"""Training and evaluation transforms on cached uint8 tensors (method.md section 2)."""
+"""Training and evaluation transforms on cached uint8 tensors (docs/method.md section 2)."""
 
 from __future__ import annotations
 

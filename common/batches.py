@@ -1,4 +1,4 @@
-"""Training batches, with the context-suppression levers of issue 7 behind config switches.
+"""Training batches, with context-suppression levers behind config switches.
 
 A single-cell crop's background correlates with each domain's class mix, so a classifier can
 score well from context alone, and its maps then light the background. Two levers make context

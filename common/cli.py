@@ -67,7 +67,8 @@ class Command:
 
     def help_text(self) -> str:
         """The text ``--help`` prints."""
-        lines = [f"usage: {self.name} [key=value ...]", "", self.summary.strip(), ""]
+        summary = self.summary.strip().replace("``", "")
+        lines = [f"usage: {self.name} [key=value ...]", "", summary, ""]
         if self.keys:
             lines.append("main keys:")
             width = max(map(len, self.keys))
@@ -115,5 +116,5 @@ class Command:
 
 
 def one_line(error: BaseException) -> str:
-    """Hydra's and OmegaConf's multi-line messages folded into one line."""
-    return " ".join(str(error).split())
+    """Hydra's and OmegaConf's multi-line messages folded into one line, without the search path."""
+    return " ".join(str(error).split("Config search path")[0].split())

@@ -1,4 +1,4 @@
-"""Class localization maps from the MCT model: class-attention x patch-CAM (method.md section 1).
+"""Class localization maps of the MCT model: class attention x patch-CAM (docs/method.md §1).
 
 The reference generates, per image and present class: the class-to-patch attention summed over
 the last K layers, times ReLU(patch-CAM); one matrix product with the patch-to-patch attention
@@ -164,7 +164,7 @@ def normalise_maps(
 
 @dataclass(frozen=True)
 class MapSettings:
-    """How maps are generated; the defaults reproduce the reference code (method.md section 1).
+    """How maps are generated; the defaults reproduce the reference code (docs/method.md section 1).
 
     Attributes
     ----------

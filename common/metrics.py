@@ -1,4 +1,4 @@
-"""Dataset-level scores: classification mAP and localization mIoU (method.md section 5)."""
+"""Dataset-level scores: classification mAP and localization mIoU (docs/method.md section 5)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def confusion_matrix(
     -------
     numpy.ndarray
         ``(K, K)`` int64 counts, rows = truth, columns = prediction; add them over images for the
-        dataset-level matrix of method.md section 5.
+        dataset-level matrix of docs/method.md section 5.
     """
     pred = np.asarray(prediction).astype(np.int64).ravel()
     true = np.asarray(truth).astype(np.int64).ravel()
@@ -131,7 +131,7 @@ def binary_confusion(matrix: np.ndarray) -> np.ndarray:
     """Collapse a class-aware (background + C) matrix into cell vs background (2 x 2).
 
     A cell predicted as the wrong type is still a cell here: this is the class-blind view
-    (option B of method.md section 5).
+    (option B of docs/method.md section 5).
     """
     matrix = np.asarray(matrix)
     return np.array(
@@ -154,7 +154,7 @@ def class_aware_truth(mask: np.ndarray, label: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SegmentationScores:
-    """mIoU of one set of predictions in both label spaces of method.md section 5.
+    """mIoU of one set of predictions in both label spaces of docs/method.md section 5.
 
     Attributes
     ----------
@@ -243,7 +243,7 @@ def select_on_validation(
     """The candidate whose predictions score best on a (validation) split; ties keep the first.
 
     Only ever pass validation truths here: the reference tunes its seed threshold on the very
-    masks it reports (method.md section 5), which flatters the number.
+    masks it reports (docs/method.md section 5), which flatters the number.
 
     Parameters
     ----------

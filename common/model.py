@@ -1,7 +1,7 @@
 """MCTformer-V2 (multi-class-token ViT with a patch-CAM head) on timm building blocks.
 
 The layout and key names follow timm's ``VisionTransformer`` so an ImageNet DeiT state dict
-maps onto the backbone 1:1 (method.md section 1). Presets are registered with timm's model
+maps onto the backbone 1:1 (docs/method.md section 1). Presets are registered with timm's model
 registry on import, so ``timm.create_model("mct_tiny_patch8_96", num_classes=5)`` works.
 """
 
@@ -151,7 +151,7 @@ def _resize_patch_pos(
 
 
 class MCTFormerV2(nn.Module):
-    """MCTformer-V2: one class token per class plus a conv patch-CAM head (method.md section 1).
+    """MCTformer-V2: one class token per class plus a conv patch-CAM head (docs/method.md §1).
 
     Parameters
     ----------
@@ -398,6 +398,11 @@ def load_deit_weights(model: MCTFormerV2, path: str | Path) -> None:
     )
 
 
+def mct_presets() -> list[str]:
+    """Names of the registered MCT presets (``model.name`` values)."""
+    return timm.list_models("mct_*")
+
+
 def create_mct_model(model_cfg: Mapping[str, Any], num_classes: int) -> MCTFormerV2:
     """Build the configured preset and optionally load a local DeiT checkpoint.
 
@@ -448,6 +453,6 @@ def mct_tiny_patch8_96(pretrained: bool = False, **kwargs: Any) -> MCTFormerV2:
 
 @register_model
 def mct_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> MCTFormerV2:
-    """Build the paper's DeiT-S backbone (method.md section 1)."""
+    """Build the paper's DeiT-S backbone (docs/method.md section 1)."""
     preset = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)
     return _create_preset(pretrained, preset, kwargs)

@@ -1,4 +1,4 @@
-"""The DeepLab segmenter trained on pseudo-masks, and its predict loop (method.md section 4).
+"""The DeepLab segmenter trained on pseudo-masks, and its predict loop (docs/method.md section 4).
 
 torchvision builders are called with ``weights=None, weights_backbone=None``: their default
 backbone weights would be downloaded, which sites and tests cannot do. A local backbone file
@@ -141,8 +141,8 @@ def _augment(
 def _optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """AdamW (from-scratch CPU preset) or SGD with momentum (the reference's poly SGD).
 
-    The reference passes weight decay positionally into SGD's momentum slot (method.md 4); here
-    both mean what they say.
+    The reference passes weight decay positionally into SGD's momentum slot (docs/method.md
+    §4); here both mean what they say.
     """
     if cfg["optimizer"] == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])

@@ -28,11 +28,12 @@ from common.data import split_tensors
 from common.errors import JobError
 from common.training import evaluate_local, resolve_device
 from post_training.postprocess import check_postprocess_config, run_postprocess
+from post_training.stages import BASELINES, MAPS, PSEUDO_MASKS, SEGMENTER
 
 log = logging.getLogger(__name__)
 
-# Rows of metrics.json that the table reports, by the start of their stage name.
-STAGES = (("maps", "maps"), ("pseudo", "pseudo-masks"), ("segmenter", "segmenter"))
+# Stages of metrics.json that get a column per split; the baselines get a row each.
+STAGES = (MAPS, PSEUDO_MASKS, SEGMENTER)
 
 
 def load_variants(name: str) -> dict[str, list[str]]:
@@ -70,24 +71,19 @@ def classification_accuracy(cfg: Any) -> dict[str, float]:
     return scores
 
 
-def _stage_scores(metrics: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """{stage key: {split: {binary, class_aware}}} from a metrics.json."""
-    out = {}
-    for key, prefix in STAGES:
-        for stage in metrics["stages"]:
-            if stage["name"].startswith(prefix):
-                out[key] = {
-                    split: {k: stage[split][f"{k}_miou"] for k in ("binary", "class_aware")}
-                    for split in ("val", "test")
-                    if split in stage
-                }
-    for stage in metrics["stages"]:
-        if stage["name"].startswith("baseline"):
-            out[stage["name"].removeprefix("baseline: ")] = {
+def _stage_scores(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{stage key: {"title": title, split: {binary, class_aware}}} from a metrics.json."""
+    return {
+        stage["key"]: {
+            "title": stage["title"],
+            **{
                 split: {k: stage[split][f"{k}_miou"] for k in ("binary", "class_aware")}
                 for split in ("val", "test")
-            }
-    return out
+                if split in stage
+            },
+        }
+        for stage in metrics["stages"]
+    }
 
 
 def _cell(scores: Mapping[str, Any], stage: str, split: str) -> str:
@@ -99,7 +95,7 @@ def _cell(scores: Mapping[str, Any], stage: str, split: str) -> str:
 
 def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one row per variant, the validation winner in bold."""
-    best = max(rows, key=lambda r: r["scores"]["segmenter"]["val"]["binary"])["title"]
+    best = max(rows, key=lambda r: r["scores"][SEGMENTER]["val"]["binary"])["title"]
     lines = [
         "| variant | accuracy val / test | maps val | pseudo val | segmenter val "
         "| maps test | pseudo test | segmenter test |",
@@ -108,12 +104,14 @@ def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for row in rows:
         title = f"**{row['title']}**" if row["title"] == best else row["title"]
         accuracy = f"{row['accuracy']['val']:.2f} / {row['accuracy']['test']:.2f}"
-        cells = [_cell(row["scores"], s, sp) for sp in ("val", "test") for s, _ in STAGES]
+        cells = [_cell(row["scores"], s, sp) for sp in ("val", "test") for s in STAGES]
         lines.append(f"| {title} | {accuracy} | " + " | ".join(cells) + " |")
-    baselines = [k for k in rows[0]["scores"] if k not in dict(STAGES)]
-    for name in baselines:
-        cells = [_cell(rows[0]["scores"], name, sp) for sp in ("val", "test")]
-        lines.append(f"| baseline: {name} | – | – | – | {cells[0]} | – | – | {cells[1]} |")
+    for key in BASELINES:
+        if key not in rows[0]["scores"]:
+            continue
+        title = rows[0]["scores"][key]["title"]
+        cells = [_cell(rows[0]["scores"], key, sp) for sp in ("val", "test")]
+        lines.append(f"| {title} | – | – | – | {cells[0]} | – | – | {cells[1]} |")
     lines.append("")
     lines.append(
         "Cells: binary / class-aware mIoU %. Bold: best validation segmenter binary mIoU "

@@ -26,16 +26,18 @@ from PIL import Image
 from common.cli import Command
 from common.data import hospital_split
 from common.errors import JobError
-from experiments.run import RESULTS, row_folder
+from experiments.run import RESULTS
 from experiments.supervised import true_labels
 from post_training.artifacts import overlay, sample_stem, save_grid
+from post_training.stages import DISK, OTSU, PSEUDO_MASKS, SEGMENTER
 
 log = logging.getLogger(__name__)
 
 # Row order of the tables: the paper's comparison first, the ceiling last.
 REGIME_ORDER = ("local_only", "centralized", "fedavg", "fedprox", "personalized", "supervised")
 FEDERATED = ("fedavg", "fedprox")
-BASELINES = ("baseline: centred disk", "baseline: Otsu")
+# Display titles of the training-free baselines, by stage key.
+BASELINE_TITLES = {DISK: "centred disk", OTSU: "Otsu"}
 METRICS = ("class_aware", "binary")
 GRID_IMAGES = 2
 MB = 1e6
@@ -162,16 +164,16 @@ def matrix_table(ds: Dataset, stage: str, with_baselines: bool) -> str:
         seeds = max(len(ds.values(row, h, stage, "binary")) for h in ds.hospitals)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} |")
     if with_baselines:
-        for stage_name in BASELINES:
+        for key, title in BASELINE_TITLES.items():
             cells = [
-                " / ".join(fmt_percent(ds.baseline_values(h, stage_name, m)) for m in METRICS)
+                " / ".join(fmt_percent(ds.baseline_values(h, key, m)) for m in METRICS)
                 for h in ds.hospitals
             ]
-            lines.append(f"| {stage_name} (no training) | " + " | ".join(cells) + " | |")
+            lines.append(f"| baseline: {title} (no training) | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
 
 
-def _mean(ds: Dataset, row: str, column: str, metric: str, stage: str = "segmenter") -> float:
+def _mean(ds: Dataset, row: str, column: str, metric: str, stage: str = SEGMENTER) -> float:
     return mean_sd(ds.values(row, column, stage, metric))[0]
 
 
@@ -189,9 +191,9 @@ def summary(ds: Dataset, fed: str, local: Sequence[str]) -> str:
     for metric in METRICS:
         tallies = {True: [0, 0, 0], False: [0, 0, 0]}  # in-domain?: [wins, clear wins, pairs]
         for column in ds.hospitals:
-            fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, "segmenter", metric))
+            fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, SEGMENTER, metric))
             for row in local:
-                mean, sd, _ = mean_sd(ds.values(row, column, "segmenter", metric))
+                mean, sd, _ = mean_sd(ds.values(row, column, SEGMENTER, metric))
                 if math.isnan(fed_mean) or math.isnan(mean):
                     continue
                 tally = tallies[trained_at(row) == column]
@@ -217,12 +219,12 @@ def verdicts(ds: Dataset) -> list[str]:
     for column in ds.hospitals:
         for fed in federated:
             for metric in METRICS:
-                fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, "segmenter", metric))
+                fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, SEGMENTER, metric))
                 if not local or math.isnan(fed_mean):
                     continue
                 parts = []
                 for row, home in local.items():
-                    mean, sd, _ = mean_sd(ds.values(row, column, "segmenter", metric))
+                    mean, sd, _ = mean_sd(ds.values(row, column, SEGMENTER, metric))
                     if math.isnan(mean):
                         continue
                     where = "here" if home == column else f"at {home}"
@@ -255,16 +257,12 @@ def verdicts(ds: Dataset) -> list[str]:
 
 def plot_matrix(ds: Dataset, path: Path) -> None:
     """Heatmaps of the segmenter's mean test mIoU, class-aware and binary, annotated ± SD."""
-    rows = [
-        r for r in ds.rows() if any(ds.values(r, h, "segmenter", "binary") for h in ds.hospitals)
-    ]
+    rows = [r for r in ds.rows() if any(ds.values(r, h, SEGMENTER, "binary") for h in ds.hospitals)]
     # The object-oriented API (no pyplot): no GUI backend, no global figure state.
     fig = Figure(figsize=(4 + 2.2 * len(ds.hospitals), 1.2 + 0.45 * len(rows)))
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, METRICS, strict=True):
-        stats = [
-            [mean_sd(ds.values(r, h, "segmenter", metric)) for h in ds.hospitals] for r in rows
-        ]
+        stats = [[mean_sd(ds.values(r, h, SEGMENTER, metric)) for h in ds.hospitals] for r in rows]
         means = np.array([[100 * s[0] for s in line] for line in stats])
         ax.imshow(means, cmap="viridis", vmin=0, vmax=100, aspect="auto")
         for i, line in enumerate(stats):
@@ -343,7 +341,7 @@ def communication_table(ds: Dataset) -> str:
                 )
                 rounds.append(len(rows))
             score = " / ".join(
-                fmt_percent(ds.values(row_name, hospital, "segmenter", m)) for m in METRICS
+                fmt_percent(ds.values(row_name, hospital, SEGMENTER, m)) for m in METRICS
             )
             lines.append(
                 f"| {label} | {hospital} | {np.nanmean(sent) / MB:.3f} "
@@ -363,7 +361,10 @@ def plot_overlays(ds: Dataset, path: Path) -> None:
     """Per hospital, its first test images: image, ground truth, each row's prediction."""
     first_seed = min(r["seed"] for r in ds.results)
     seed_dirs = {
-        x["row"]: Path(r["dir"]) for r in ds.results if r["seed"] == first_seed for x in r["rows"]
+        x["row"]: Path(r["dir"]) / "eval" / x["folder"]
+        for r in ds.results
+        if r["seed"] == first_seed
+        for x in r["rows"]
     }
     rows_order = [r for r in ds.rows() if r in seed_dirs]
     grid = []
@@ -374,9 +375,7 @@ def plot_overlays(ds: Dataset, path: Path) -> None:
             image, stem = test.images[i], sample_stem(test.sample_ids[i])
             tiles = [image, overlay(image, truths[i])]
             for row in rows_order:
-                png = (
-                    seed_dirs[row] / "eval" / row_folder(row) / hospital / "predictions" / "test"
-                ) / f"{stem}.png"
+                png = seed_dirs[row] / hospital / "predictions" / "test" / f"{stem}.png"
                 predicted = np.asarray(Image.open(png)) if png.exists() else None
                 tiles.append(image * 0 if predicted is None else overlay(image, predicted))
             grid.append(tiles)
@@ -409,10 +408,10 @@ def dataset_section(ds: Dataset, figures: Path, output: Path) -> str:
         "### Verdicts (segmenter, test splits, mean over seeds, %)",
         "\n".join(verdicts(ds)) or "No federated and local-only rows to compare.",
         "### Matrix: segmenter (class-aware / binary mIoU on each test split, %, mean ± SD)",
-        matrix_table(ds, "segmenter", with_baselines=True),
+        matrix_table(ds, SEGMENTER, with_baselines=True),
         f"![segmenter matrix]({rel / matrix_png.name})",
         "### Matrix: pseudo-masks (class-aware / binary mIoU, %, mean ± SD)",
-        matrix_table(ds, "pseudo-masks", with_baselines=False),
+        matrix_table(ds, PSEUDO_MASKS, with_baselines=False),
     ]
     if has_curves:
         parts += [

@@ -118,16 +118,15 @@ def row_folder(row: str) -> str:
 
 
 def cell_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """Test-split class-aware and binary mIoU of every stage of a post-training report.
+    """Test-split class-aware and binary mIoU of every stage of a post-training report, by key.
 
-    Stage names lose their parenthesised method (``segmenter (lraspp...)`` -> ``segmenter``) so
-    that rows stay comparable when the job's default methods change.
+    Keys, not titles, so that rows stay comparable when the job's default methods change.
     """
     cells = {}
     for stage in metrics["stages"]:
         test = stage.get("test")
         if test:
-            cells[stage["name"].split(" (")[0]] = {
+            cells[stage["key"]] = {
                 "class_aware": test["class_aware_miou"],
                 "binary": test["binary_miou"],
             }
@@ -192,7 +191,7 @@ def supervised_rows(run: SeedRun) -> list[dict[str, Any]]:
             )
             for column in run.hospitals
         }
-        rows.append({"row": row, "trained_at": name, "cells": cells})
+        rows.append({"row": row, "folder": row_folder(row), "trained_at": name, "cells": cells})
     return rows
 
 
@@ -208,7 +207,7 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
         for row, models in models_of(run).items():
             cells = {column: run.evaluate(path, row, column) for column, path in models.items()}
             log.info("row %s scored at %d hospitals", row, len(cells))
-            rows.append({"row": row, "cells": cells})
+            rows.append({"row": row, "folder": row_folder(row), "cells": cells})
     metrics = run.out / "train" / "global" / "metrics.jsonl"
     results = {
         "label": run.label,

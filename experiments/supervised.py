@@ -21,6 +21,7 @@ from common.metrics import class_aware_truth, score_label_maps
 from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
 from common.training import resolve_device
 from post_training.artifacts import sample_stem, save_label_png
+from post_training.stages import SEGMENTER
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +89,4 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
     scores = score_label_maps(
         predicted, true_labels(test), len(cfg.data.classes) + 1, cfg.evaluation.absent
     )
-    return {"segmenter": {"class_aware": scores.class_aware_miou, "binary": scores.binary_miou}}
+    return {SEGMENTER: {"class_aware": scores.class_aware_miou, "binary": scores.binary_miou}}

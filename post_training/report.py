@@ -63,7 +63,7 @@ def markdown_table(stages: Sequence[Stage]) -> str:
         choice = ", ".join(f"{k} {v}" for k, v in stage.choice.items())
         test, val = stage.scores.get("test"), stage.scores.get("val")
         lines.append(
-            f"| {stage.name} | {choice} | {_percent(test, 'class_aware_miou')} "
+            f"| {stage.title} | {choice} | {_percent(test, 'class_aware_miou')} "
             f"| {_percent(test, 'binary_miou')} | {_percent(val, 'class_aware_miou')} "
             f"| {_percent(val, 'binary_miou')} |"
         )

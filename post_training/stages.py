@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 EVALUATED = ("val", "test")
 
+# Stage keys: what metrics.json, the ablation table and the experiment matrix look stages up
+# by. Titles (with the method's name) are for people and may change freely.
+MAPS, PSEUDO_MASKS, SEGMENTER, DISK, OTSU = "maps", "pseudo_masks", "segmenter", "disk", "otsu"
+BASELINES = (DISK, OTSU)
+
 
 @dataclass
 class Split:
@@ -73,9 +78,10 @@ class Split:
 
 @dataclass
 class Stage:
-    """One row of the metrics table: a stage's choice, scores and time."""
+    """One row of the metrics table: a stage's key and title, choice, scores and time."""
 
-    name: str
+    key: str
+    title: str
     choice: dict[str, Any]
     scores: dict[str, SegmentationScores]
     seconds: float
@@ -83,7 +89,8 @@ class Stage:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
-            "name": self.name,
+            "key": self.key,
+            "title": self.title,
             "choice": self.choice,
             **{split: scores.to_dict() for split, scores in self.scores.items()},
             "seconds": round(self.seconds, 2),
@@ -289,7 +296,8 @@ def seeds_stage(
     started = time.perf_counter()
     evaluated = {name: splits[name] for name in EVALUATED}
     labels, choice = label_splits(ThresholdMasker(), Background(), evaluated, evaluation, chunk)
-    stage = Stage("maps (seeds)", choice, evaluation.score(labels), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    stage = Stage(MAPS, "maps (seeds)", choice, evaluation.score(labels), seconds)
     return stage, labels
 
 
@@ -324,8 +332,9 @@ def pseudo_stage(
     labels, choice = label_splits(masker, background, splits, evaluation, chunk)
     choice.update({key: options[key] for key in pseudo_cfg.get("tune") or {}})
     save_label_maps(out, "pseudo_masks", splits, labels, bool(cfg.overlays))
-    name = f"pseudo-masks ({masker.name})"
-    return Stage(name, choice, evaluation.score(labels), time.perf_counter() - started), labels
+    title = f"pseudo-masks ({masker.name})"
+    seconds = time.perf_counter() - started
+    return Stage(PSEUDO_MASKS, title, choice, evaluation.score(labels), seconds), labels
 
 
 def segmenter_stage(
@@ -367,6 +376,7 @@ def segmenter_stage(
     )
     choice = {"epochs": len(losses), "train loss": round(losses[-1], 3) if losses else None}
     stage = Stage(
+        SEGMENTER,
         f"segmenter ({seg_cfg['arch']})",
         choice,
         evaluation.score(labels),
@@ -376,6 +386,7 @@ def segmenter_stage(
 
 
 def _tuned_baseline(
+    key: str,
     title: str,
     setting: str,
     options: list[Any],
@@ -392,12 +403,14 @@ def _tuned_baseline(
 
     chosen = evaluation.select(options, lambda option: labelled("val", option))
     labels = {name: labelled(name, chosen) for name in EVALUATED}
-    return Stage(title, {setting: chosen}, evaluation.score(labels), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Stage(key, title, {setting: chosen}, evaluation.score(labels), seconds)
 
 
 def disk_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
     """Centred disk, radius chosen on validation."""
     return _tuned_baseline(
+        DISK,
         "baseline: centred disk",
         "radius",
         list(evaluation.cfg["disk_radii"]),
@@ -410,6 +423,7 @@ def disk_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
 def otsu_stage(splits: Mapping[str, Split], evaluation: Evaluation) -> Stage:
     """Otsu on a stain channel + blob nearest the centre, channel chosen on validation."""
     return _tuned_baseline(
+        OTSU,
         "baseline: Otsu",
         "channel",
         list(evaluation.cfg["otsu_channels"]),

@@ -31,8 +31,11 @@ from common.config import CONF_DIR, compose_config
 from common.data import hospital_names
 from common.data.readers import read_hospitals
 from common.errors import JobError
+from common.model import mct_presets
+from server_app.privacy import privacy_settings
 
 APP_DIR = CONF_DIR.parent
+TRANSPORT_DTYPES = ("float32", "float16")
 # What a Flower app needs at run time: the two apps, the library they share, the configs.
 APP_PACKAGES = ("common", "server_app", "client_app", "conf")
 # A regular (non-editable) install ships the project's pyproject.toml here, for flower_app_dir.
@@ -175,6 +178,29 @@ def verify_data(cfg: DictConfig) -> None:
         )
 
 
+def check_training_config(cfg: DictConfig) -> None:
+    """Refuse values that would otherwise fail inside the ServerApp, after Flower started."""
+    hospitals = len(hospital_names(cfg.data))
+    if str(cfg.model.name) not in mct_presets():
+        raise JobError(f"model.name={cfg.model.name}: expected one of {', '.join(mct_presets())}")
+    pretrained = cfg.model.get("pretrained_file")
+    if pretrained and not Path(str(pretrained)).is_file():
+        raise JobError(f"model.pretrained_file={pretrained}: file not found")
+    if int(cfg.federation.rounds) < 1 or int(cfg.train.local_epochs) < 1:
+        raise JobError("federation.rounds and train.local_epochs must be at least 1")
+    if cfg.federation.min_replies is not None and not 1 <= cfg.federation.min_replies <= hospitals:
+        raise JobError(f"federation.min_replies must be in 1..{hospitals} (data={cfg.data.name})")
+    if str(cfg.federation.transport_dtype) not in TRANSPORT_DTYPES:
+        raise JobError(
+            f"federation.transport_dtype={cfg.federation.transport_dtype}: "
+            f"expected one of {', '.join(TRANSPORT_DTYPES)}"
+        )
+    try:
+        privacy_settings(cfg.privacy, hospitals)
+    except ValueError as error:
+        raise JobError(f"privacy={cfg.privacy.name}: {error}") from None
+
+
 def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     """Run the federated simulation; the exit status is 0 only when the run completed."""
     overrides = [*overrides, *absolute_path_overrides(cfg, Path.cwd())]
@@ -204,6 +230,7 @@ COMMAND = Command(
     summary=__doc__,
     config="config",
     job=simulate,
+    check=check_training_config,
     keys={
         "data": "synthetic (default), wbc_zxaoyou, raabin, matek19, or your own conf/data/*.yaml",
         "model": "tiny (default, CPU) or deit_small (the paper's scale)",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WBC_DEV = REPO_ROOT.parent / "shared" / "data" / "segmentation_WBC-dev"
+# The real data sets lie in the shared folder beside the checkout; the data configs find them
+# through W3S_DATA_HOME, also in the Flower processes that the tests start.
+DATA_HOME = REPO_ROOT.parent / "shared" / "data"
+os.environ.setdefault("W3S_DATA_HOME", str(DATA_HOME))
+WBC_DEV = Path(os.environ["W3S_DATA_HOME"]) / "segmentation_WBC-dev"
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""``attn_rw``: the PSA random walk on the transformer's own patch affinity (method.md 3, [I]).
+"""``attn_rw``: the PSA random walk on the transformer's own patch affinity (docs/method.md §3).
 
 No extra network: W = ((P + P^T) / 2)^beta on the patch grid, where P is the all-layer patch
 attention the refinement already uses. Cheap enough for the CPU preset.
@@ -33,7 +33,7 @@ class AttentionWalkMasker(PseudoMasker):
     beta
         Affinity exponent.
     logt
-        t = 2^logt walk steps; a few steps suffice on a patch grid (method.md: 2-8 steps).
+        t = 2^logt walk steps; a few steps suffice on a patch grid (docs/method.md: 2-8 steps).
     """
 
     name = "attn_rw"

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-# MCT feeds its random walk a constant background of 0.39, "optimal for seeds" (method.md 3).
+# MCT feeds its random walk a constant background of 0.39, "optimal for seeds" (docs/method.md §3).
 MCT_BACKGROUND = 0.39
 
 

@@ -1,6 +1,6 @@
-"""``psa``: AffinityNet trained on confident map labels, then a random walk (method.md section 3).
+"""``psa``: AffinityNet trained on confident map labels, then a random walk (docs/method.md §3).
 
-Differences from PSA, all forced by what is available here (reasons in docs/postprocess.md):
+Differences from PSA, all forced by what is available here (reasons in docs/method.md §3):
 
 - backbone: a torchvision ResNet (``weights=None`` unless a local file is given) read as a
   stride-8 feature pyramid (layer2/3/4 -> 1x1 conv to 64/128/256 + ELU, upsampled to stride 8,

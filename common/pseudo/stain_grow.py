@@ -1,7 +1,7 @@
 """``stain_grow``: the stained nucleus the maps point at, grown into the cell by a tuned margin.
 
 The tiny from-scratch MCT lights nucleus lobes (or, with the patch-CAM, the background), never
-the whole cell, and a walk on its patch affinity does not reach the cytoplasm (issue 7). Nuclei
+the whole cell, and a walk on its patch affinity does not reach the cytoplasm. Nuclei
 are the most strongly stained structure of a smear, so colour finds their exact outline once
 the background colour is known. This method:
 
@@ -22,8 +22,8 @@ the background colour is known. This method:
    the mask reaches beyond it.
 
 The class's own defaults use no prior; the shipped config (``conf/pseudo/stain_grow.yaml``)
-turns the prior options on, and the README's ablation reports them next to the variants
-without them.
+turns the prior options on, and the ablation in docs/localization.md reports them next to
+the variants without them.
 """
 
 from __future__ import annotations

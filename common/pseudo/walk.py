@@ -1,4 +1,4 @@
-"""The random walk shared by PSA and the transformer-affinity walk (method.md section 3).
+"""The random walk shared by PSA and the transformer-affinity walk (docs/method.md section 3).
 
 Scores of [background; classes] at grid resolution are propagated with a transition matrix
 built from a non-negative affinity: W = A^beta, T = W / colsum(W), raised to t = 2^logt by

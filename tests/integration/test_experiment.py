@@ -49,7 +49,7 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
 
     fed = json.loads((runs / "fedavg_fp16" / "seed_0" / "results.json").read_text())
     assert fed["hospitals"] == ["hospital_a", "hospital_b"]
-    assert set(fed["rows"][0]["cells"]["hospital_b"]) >= {"segmenter", "pseudo-masks"}
+    assert set(fed["rows"][0]["cells"]["hospital_b"]) >= {"segmenter", "pseudo_masks"}
     rows = [
         json.loads(line)
         for line in (runs / "fedavg_fp16" / "seed_0" / fed["metrics_jsonl"])

@@ -44,13 +44,13 @@ TINY_JOB = [
     "evaluation.thresholds=[0.2,0.4,0.6]",
     "evaluation.disk_radii=[0.5,0.7]",
 ]
-STAGES = [
-    "maps (seeds)",
-    "pseudo-masks (stain_grow)",
-    "segmenter (lraspp_mobilenet_v3_large)",
-    "baseline: centred disk",
-    "baseline: Otsu",
-]
+STAGES = {
+    "maps": "maps (seeds)",
+    "pseudo_masks": "pseudo-masks (stain_grow)",
+    "segmenter": "segmenter (lraspp_mobilenet_v3_large)",
+    "disk": "baseline: centred disk",
+    "otsu": "baseline: Otsu",
+}
 
 
 def make_checkpoint(path: Path, data_overrides: list[str], hospital: str) -> Path:
@@ -125,7 +125,8 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
     model, seg_cfg, classes = load_segmenter(out / "segmenter.pt")
     assert seg_cfg["input_size"] == SIZE and len(classes) == 5
 
-    assert [stage["name"] for stage in metrics["stages"]] == STAGES
+    assert {stage["key"]: stage["title"] for stage in metrics["stages"]} == STAGES
+    assert [stage["key"] for stage in metrics["stages"]] == list(STAGES)
     for stage in metrics["stages"]:
         for split in ("val", "test"):
             assert 0 <= stage[split]["binary_miou"] <= 1
@@ -270,7 +271,7 @@ def test_ablation_writes_one_row_per_variant(synthetic_run, tmp_path):
     assert (out / "stain_grow" / "metrics.json").is_file()
     assert (
         "stain_grow"
-        in json.loads((out / "stain_grow" / "metrics.json").read_text())["stages"][1]["name"]
+        in json.loads((out / "stain_grow" / "metrics.json").read_text())["stages"][1]["title"]
     )
 
     result = run_job(

@@ -9,9 +9,10 @@ from common.errors import JobError
 from experiments.ablation import _stage_scores, ablation_table, load_variants, slug
 
 
-def _stage(name: str, val: float, test: float) -> dict:
+def _stage(key: str, title: str, val: float, test: float) -> dict:
     return {
-        "name": name,
+        "key": key,
+        "title": title,
         "val": {"binary_miou": val, "class_aware_miou": val / 2},
         "test": {"binary_miou": test, "class_aware_miou": test / 2},
     }
@@ -20,10 +21,10 @@ def _stage(name: str, val: float, test: float) -> dict:
 def _metrics(seg_val: float, seg_test: float) -> dict:
     return {
         "stages": [
-            _stage("maps (seeds)", 0.5, 0.4),
-            _stage("pseudo-masks (attn_rw)", 0.6, 0.5),
-            _stage("segmenter (deeplabv3_mobilenet_v3_large)", seg_val, seg_test),
-            _stage("baseline: centred disk", 0.8, 0.7),
+            _stage("maps", "maps (seeds)", 0.5, 0.4),
+            _stage("pseudo_masks", "pseudo-masks (attn_rw)", 0.6, 0.5),
+            _stage("segmenter", "segmenter (deeplabv3_mobilenet_v3_large)", seg_val, seg_test),
+            _stage("disk", "baseline: centred disk", 0.8, 0.7),
         ]
     }
 

@@ -1,4 +1,4 @@
-"""Issue 5 building blocks: FedProx's proximal term, fp16 transport, the report's statistics."""
+"""Experiment building blocks: FedProx's proximal term, fp16 transport, the report's statistics."""
 
 import math
 from pathlib import Path
@@ -166,8 +166,12 @@ def test_matrix_table_and_verdicts_from_seed_results():
 def test_cell_scores_and_names():
     metrics = {
         "stages": [
-            {"name": "segmenter (lraspp)", "test": {"class_aware_miou": 0.3, "binary_miou": 0.6}},
-            {"name": "maps (seeds)", "val": {}},
+            {
+                "key": "segmenter",
+                "title": "segmenter (lraspp)",
+                "test": {"class_aware_miou": 0.3, "binary_miou": 0.6},
+            },
+            {"key": "maps", "title": "maps (seeds)", "val": {}},
         ]
     }
     assert cell_scores(metrics) == {"segmenter": {"class_aware": 0.3, "binary": 0.6}}

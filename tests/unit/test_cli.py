@@ -1,0 +1,184 @@
+"""Every console script, one style (common/cli.py): ``--help``, and one line + status 2 for input errors.
+
+No test here trains: each bad command line must be refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.cli import INPUT_ERROR
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+# Console script -> module whose main() it runs; checked against pyproject.toml below.
+SCRIPTS = {
+    "w3s-simulate": "server_app.launch",
+    "w3s-verify": "post_training.verify",
+    "w3s-postprocess": "post_training.postprocess",
+    "w3s-predict": "post_training.predict",
+    "w3s-stages": "experiments.stage_grid",
+    "w3s-ablate": "experiments.ablation",
+    "w3s-experiment": "experiments.run",
+    "w3s-report": "experiments.report",
+}
+# Arguments every call of a script needs besides the one under test (ablate: which variants;
+# experiment: which regime, and a runs_dir that is not the repository's).
+REQUIRED = {"w3s-ablate": ["variants=levers"], "w3s-experiment": ["regime=fedavg"]}
+# A misspelled key of each script's config.
+MISSPELLED = {
+    "w3s-simulate": "federation.round=3",
+    "w3s-verify": "federation.round=3",
+    "w3s-experiment": "federation.round=3",
+    "w3s-postprocess": "hospitl=hospital_a",
+    "w3s-stages": "hospitl=hospital_a",
+    "w3s-ablate": "hospitl=hospital_a",
+    "w3s-predict": "segmentr=model.pt",
+    "w3s-report": "runz=[runs]",
+}
+MISSING_CHECKPOINT = ["checkpoint=/no/such/final_model.pt", "hospital=hospital_a"]
+
+
+def main_of(script: str):
+    return importlib.import_module(SCRIPTS[script]).main
+
+
+def call(script: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """``main(REQUIRED + args)`` in this process: (status, stdout, stderr)."""
+    status = main_of(script)([*REQUIRED.get(script, []), *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(script: str, status: int, err: str, *names: str) -> None:
+    assert status == INPUT_ERROR, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{script}: "), err
+    for name in names:
+        assert name in lines[0], (name, err)
+
+
+def test_the_table_above_is_every_console_script():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    scripts = pyproject["project"]["scripts"]
+    assert scripts == {name: f"{module}:main" for name, module in SCRIPTS.items()}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_installed_script_prints_help_and_exits_0(script):
+    executable = BIN / script
+    assert executable.is_file(), f"{executable} is not installed: pip install -e '.[dev]'"
+    result = subprocess.run(
+        [str(executable), "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"usage: {script}"), result.stdout
+    # Then a blank line and the description: the first line of the module's summary.
+    assert lines[1] == "" and len(lines[2].split()) >= 4, result.stdout
+    assert script in lines[2], result.stdout
+    assert "main keys:" in lines, result.stdout
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_in_process_wins_over_other_arguments(script, flag, capsys):
+    # Even next to a bad override, help is printed and nothing runs.
+    status = main_of(script)(["data=nonexistent", flag])
+    captured = capsys.readouterr()
+    assert status == 0 and captured.err == ""
+    assert captured.out.startswith(f"usage: {script}")
+    for key in importlib.import_module(SCRIPTS[script]).COMMAND.keys:
+        assert key in captured.out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_config_option_is_one_line_and_status_2(script, capsys):
+    status, _, err = call(script, ["data=nonexistent"], capsys)
+    assert_one_line_error(script, status, err, "nonexistent")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_misspelled_key_is_one_line_and_status_2(script, capsys):
+    override = MISSPELLED[script]
+    status, _, err = call(script, [override], capsys)
+    assert_one_line_error(script, status, err, override.split("=")[0])
+
+
+@pytest.mark.parametrize("flag", ["--flag", "-x", "--rounds=3"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_dash_option_is_one_line_and_status_2(script, flag, capsys):
+    status, _, err = call(script, [flag], capsys)
+    assert_one_line_error(script, status, err, flag)
+
+
+@pytest.fixture
+def no_flower(monkeypatch):
+    """Fail the test if anything tries to start ``flwr run``."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"Flower was started: {args}")
+
+    monkeypatch.setattr("server_app.launch.run_and_check", refuse)
+
+
+def wrong_path_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Per script: arguments with one path that does not exist, and that path."""
+    images = tmp_path / "images"
+    images.mkdir()
+    return {
+        "w3s-postprocess": (MISSING_CHECKPOINT, "/no/such/final_model.pt"),
+        "w3s-stages": (MISSING_CHECKPOINT, "/no/such/final_model.pt"),
+        "w3s-ablate": (MISSING_CHECKPOINT, "/no/such/final_model.pt"),
+        "w3s-predict": (
+            ["segmenter=/no/such.pt", f"input={images}", f"output={tmp_path / 'masks'}"],
+            "/no/such.pt",
+        ),
+        "w3s-report": (["runs=[/no/such]"], "/no/such"),
+        "w3s-simulate": (["data=wbc_zxaoyou", "data.root=/no/such"], "/no/such"),
+        "w3s-experiment": (
+            ["data=wbc_zxaoyou", "data.root=/no/such", f"runs_dir={tmp_path / 'runs'}"],
+            "/no/such",
+        ),
+    }
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "w3s-verify"])
+def test_wrong_path_is_one_line_and_status_2_before_any_work(script, tmp_path, no_flower, capsys):
+    args, path = wrong_path_cases(tmp_path)[script]
+    started = time.monotonic()
+    status, _, err = call(script, args, capsys)
+    assert_one_line_error(script, status, err, path)
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "masks").exists()
+
+
+def test_verify_lists_the_problems_of_a_wrong_root_with_status_1(capsys):
+    # Its own contract: 1 = data problems found (all listed); the command line was valid.
+    status, out, err = call("w3s-verify", ["data=wbc_zxaoyou", "data.root=/no/such"], capsys)
+    assert status == 1, err
+    assert err == ""
+    problems = [line for line in out.splitlines() if "[missing_root] /no/such" in line]
+    assert len(problems) == 2, out  # one per hospital of wbc_zxaoyou
+    assert "2 problem(s):" in out
+
+
+def test_experiment_without_a_regime_is_one_line_and_status_2(capsys):
+    status = main_of("w3s-experiment")([])
+    err = capsys.readouterr().err
+    assert_one_line_error("w3s-experiment", status, err, "regime")
+
+
+def test_main_without_argv_reads_sys_argv(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["w3s-report", "runs=[/no/such]"])
+    assert main_of("w3s-report")() == INPUT_ERROR
+    assert_one_line_error("w3s-report", INPUT_ERROR, capsys.readouterr().err, "/no/such")
