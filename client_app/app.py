@@ -17,7 +17,7 @@ from client_app.privacy import privacy_mod
 from common.arrays import WEIGHT_KEY, cast_floating, to_array_record, to_state_dict
 from common.augment import train_cache_size
 from common.config import compose_config, parse_overrides
-from common.data import DataVerificationError, hospital_names, split_tensors
+from common.data import DataVerificationError, federated_hospitals, hospital_names, split_tensors
 from common.logs import setup_logging
 from common.model import MCTFormerV2, create_mct_model
 from common.training import evaluate_local, resolve_device, train_round
@@ -77,13 +77,8 @@ def _hospital(context: Context, cfg: DictConfig) -> tuple[int, str]:
             raise ValueError(f"node config names hospital '{name}', not one of {names}")
         return names.index(name), name
     partition = int(node_config["partition-id"])
-    num_partitions = int(node_config.get("num-partitions", len(names)))
-    if num_partitions != len(names):
-        raise ValueError(
-            f"{num_partitions} simulated nodes for {len(names)} configured hospitals {names}; "
-            f'start the run with --federation-config "num-supernodes={len(names)}"'
-        )
-    return partition, names[partition]
+    federated = federated_hospitals(cfg.data, int(node_config.get("num-partitions", len(names))))
+    return partition, federated[partition]
 
 
 def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFormerV2]:

@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config import CONF_DIR, compose_config
-from common.data import DataVerificationError
 from common.errors import JobError
 from common.logs import setup_logging
 
@@ -110,8 +109,8 @@ class Command:
             cfg = self.compose(args)
             status = self.job(cfg, args)
             return status if isinstance(status, int) else 0
-        except (JobError, DataVerificationError) as error:
-            print(f"{self.name}: {error}", file=sys.stderr)
+        except JobError as error:
+            print(f"{self.name}: {error.brief()}", file=sys.stderr)
             return INPUT_ERROR
 
 

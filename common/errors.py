@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class JobError(Exception):
     """A problem with the job's inputs that the user can fix; shown without a traceback."""
+
+    def brief(self) -> str:
+        """The one line a command prints for it."""
+        return str(self)

@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -197,11 +197,17 @@ class MapSettings:
             raise ValueError(f"localization.scales must be positive and non-empty: {self.scales}")
         if self.last_k_layers < 1:
             raise ValueError(f"localization.last_k_layers must be >= 1, got {self.last_k_layers}")
+        for key, allowed in (("source", MapSource), ("reduce", LayerReduce)):
+            value = getattr(self, key)
+            if value not in get_args(allowed):
+                raise ValueError(
+                    f"localization.{key}={value!r}: expected one of {get_args(allowed)}"
+                )
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> MapSettings:
-        """Build from the ``localization`` config node."""
-        values = dict(cfg)
+        """Build from the ``localization`` config node (its ``thresholds`` serve validation)."""
+        values = {key: value for key, value in cfg.items() if key != "thresholds"}
         values["scales"] = tuple(float(s) for s in values.get("scales", cls.scales))
         return cls(**values)
 

@@ -27,7 +27,7 @@ from common.config import CONF_DIR, compose_config
 from common.data import split_tensors
 from common.errors import JobError
 from common.training import evaluate_local, resolve_device
-from post_training.postprocess import check_postprocess_config, run_postprocess
+from post_training.postprocess import SITE_KEYS, check_postprocess_config, run_postprocess
 from post_training.stages import BASELINES, MAPS, PSEUDO_MASKS, SEGMENTER
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,7 @@ COMMAND = Command(
     job=_run,
     keys={
         "variants": "conf/ablation/<name>.yaml or a YAML file of variants (required)",
-        "checkpoint": "the trained model: <run dir>/final_model.pt (required)",
-        "data": "the data config the model was trained with",
-        "hospital": "a key of data.hospitals (required)",
+        **SITE_KEYS,
         "output_dir": "where rows go (default: <run dir>/ablation/<hospital>)",
     },
     examples=[

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.checkpoint import load_model, save_model
 from common.cli import Command
 from common.config import compose_config
-from common.data import hospital_names
+from common.data import DataVerificationError, hospital_names, verify_data
 from experiments.regimes import fine_tune, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
 from post_training.postprocess import run_postprocess
@@ -227,6 +227,8 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     command = f"w3s-experiment {shlex.join(overrides)}"
     overrides = [*overrides, *launch.absolute_path_overrides(cfg, Path.cwd())]
     cfg = compose_config(overrides, config_name=CONFIG_NAME)
+    if problems := verify_data(cfg.data):
+        raise DataVerificationError(problems)
     training = [o for o in overrides if override_key(o).split(".")[0] not in EXPERIMENT_KEYS]
     if not any(override_key(o) == "train.proximal_mu" for o in training):
         training.append(f"train.proximal_mu={cfg.regime.proximal_mu}")

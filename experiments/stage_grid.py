@@ -24,7 +24,12 @@ from common.localization import MapSettings, generate_maps
 from common.metrics import class_aware_truth
 from common.training import resolve_device
 from post_training.artifacts import heatmap, overlay, read_label_png, sample_stem, save_grid
-from post_training.postprocess import check_hospital, check_postprocess_config, resolve_output_dir
+from post_training.postprocess import (
+    SITE_KEYS,
+    check_hospital,
+    check_postprocess_config,
+    resolve_output_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +111,7 @@ COMMAND = Command(
     config="postprocess",
     job=_write_stage_grid,
     keys={
-        "checkpoint": "the trained model: <run dir>/final_model.pt (required)",
-        "data": "the data config the model was trained with",
-        "hospital": "a key of data.hospitals (required)",
+        **SITE_KEYS,
         "grid.split": "which split's images: test (default), val or train",
         "grid.num_images": "rows of the grid",
         "grid.output": "the PNG to write (default: <output_dir>/stages_<split>.png)",

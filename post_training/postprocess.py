@@ -19,6 +19,7 @@ from common.checkpoint import load_model
 from common.cli import Command
 from common.data import hospital_names
 from common.errors import JobError
+from common.localization import MapSettings
 from common.pseudo import create_masker
 from common.training import resolve_device
 from post_training.report import markdown_table, save_figure, write_report
@@ -134,6 +135,10 @@ def check_postprocess_config(cfg: DictConfig) -> None:
     check_hospital(cfg)
     pseudo = OmegaConf.to_container(cfg.pseudo, resolve=True)
     try:
+        MapSettings.from_config(OmegaConf.to_container(cfg.localization))
+    except (ValueError, TypeError) as error:
+        raise JobError(str(error)) from None
+    try:
         options, grid = option_grid(pseudo)
         for values in grid or [{}]:
             create_masker({**options, **values})
@@ -141,15 +146,20 @@ def check_postprocess_config(cfg: DictConfig) -> None:
         raise JobError(f"pseudo={pseudo.get('method', '?')}: {error}") from None
 
 
+# The keys every command that applies a trained model at one hospital shares, for --help.
+SITE_KEYS = {
+    "checkpoint": "the trained model: <run dir>/final_model.pt (required)",
+    "data": "the data config the model was trained with (default: synthetic)",
+    "hospital": "this site's key of data.hospitals (required)",
+}
+
 COMMAND = Command(
     name="w3s-postprocess",
     summary=__doc__,
     config="postprocess",
     job=lambda cfg, _: run_postprocess(cfg),
     keys={
-        "checkpoint": "the trained model: <run dir>/final_model.pt (required)",
-        "data": "the data config the model was trained with (default: synthetic)",
-        "hospital": "this site's key of data.hospitals (required)",
+        **SITE_KEYS,
         "pseudo": "pseudo-mask method: stain_grow (default), attn_rw, threshold, psa, psa_cpu",
         "segmenter": "segmenter preset: mobilenet (default), lraspp, resnet50",
         "output_dir": "where outputs go (default: <run dir>/postprocess/<hospital>)",

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from common.arrays import to_array_record, to_state_dict
 from common.checkpoint import check_model_name, latest_checkpoint, save_model
 from common.config import compose_config, parse_overrides
-from common.data import hospital_names
+from common.data import federated_hospitals, hospital_names
 from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.privacy import with_privacy
@@ -59,40 +59,40 @@ def connected_nodes(grid: Grid, expected: int, timeout_s: float) -> int:
         time.sleep(0.5)
 
 
-def federated_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
-    """The hospitals of this run: one per SuperNode, checked against the configured ones.
+def run_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
+    """The hospitals of this run, one per connected SuperNode (see ``federated_hospitals``).
 
-    A bare ``flwr run .`` simulates 2 SuperNodes whatever the config says; on purely
-    synthetic data the run then takes the first hospitals, one per node (they are generated,
-    so any number of them is a valid federation). Real data must match the nodes exactly:
-    in simulation that is known within seconds, in deployment after ``wait_for_nodes_s``.
+    Real data must match the nodes exactly: in simulation that is known within seconds, in
+    deployment after ``wait_for_nodes_s``.
     """
     configured = hospital_names(cfg.data)
     simulated = isinstance(grid, InMemoryGrid)
-    wait_s = (
-        min(SIMULATION_WAIT_S, cfg.federation.wait_for_nodes_s)
-        if simulated
-        else (cfg.federation.wait_for_nodes_s)
-    )
+    wait_s = cfg.federation.wait_for_nodes_s
+    if simulated:
+        wait_s = min(SIMULATION_WAIT_S, wait_s)
     connected = connected_nodes(grid, len(configured), wait_s)
-    if connected == len(configured):
+    if not simulated:
+        # Deployed hospitals name their data themselves: none is dropped from the config.
+        if connected != len(configured):
+            raise RuntimeError(
+                f"{len(configured)} hospitals are configured but {connected} SuperNodes are "
+                f"connected after {wait_s:.0f} s"
+            )
         return configured
-    synthetic = all(h.format == "synthetic" for h in cfg.data.hospitals.values())
-    if simulated and synthetic and 0 < connected < len(configured):
+    try:
+        hospitals = federated_hospitals(cfg.data, connected)
+    except ValueError as error:
+        raise RuntimeError(str(error)) from None
+    if len(hospitals) < len(configured):
         log.warning(
             "%d SuperNodes for %d synthetic hospitals: training on %s (w3s-simulate or "
             '--federation-config "num-supernodes=%d" runs all of them)',
-            connected,
+            len(hospitals),
             len(configured),
-            configured[:connected],
+            hospitals,
             len(configured),
         )
-        return configured[:connected]
-    raise RuntimeError(
-        f"{len(configured)} hospitals are configured but {connected} SuperNodes are connected; "
-        f'in simulation start the run with --federation-config "num-supernodes={len(configured)}" '
-        "(w3s-simulate does this for you)"
-    )
+    return hospitals
 
 
 def starting_point(cfg: DictConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
@@ -122,7 +122,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = compose_config(parse_overrides(str(context.run_config["overrides"])))
     run_dir = run_directory(cfg, context.run_id)
     log.info("run directory: %s", run_dir)
-    hospitals = federated_hospitals(cfg, grid)
+    hospitals = run_hospitals(cfg, grid)
     with open_dict(cfg):
         for dropped in set(hospital_names(cfg.data)) - set(hospitals):
             del cfg.data.hospitals[dropped]

@@ -28,8 +28,7 @@ from omegaconf import DictConfig
 
 from common.cli import Command
 from common.config import CONF_DIR, compose_config
-from common.data import hospital_names
-from common.data.readers import read_hospitals
+from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
 from common.model import mct_presets
 from server_app.privacy import privacy_settings
@@ -168,16 +167,6 @@ def stop_started_superlink(before: set[int]) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def verify_data(cfg: DictConfig) -> None:
-    """Refuse to start Flower on data that the ClientApps would fail to read."""
-    problems = [p for r in read_hospitals(cfg.data, keep_arrays=False) for p in r.problems]
-    if problems:
-        raise JobError(
-            f"data={cfg.data.name}: {len(problems)} problem(s), first: {problems[0]} "
-            "(w3s-verify lists them all)"
-        )
-
-
 def check_training_config(cfg: DictConfig) -> None:
     """Refuse values that would otherwise fail inside the ServerApp, after Flower started."""
     hospitals = len(hospital_names(cfg.data))
@@ -205,7 +194,9 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     """Run the federated simulation; the exit status is 0 only when the run completed."""
     overrides = [*overrides, *absolute_path_overrides(cfg, Path.cwd())]
     cfg = compose_config(overrides)
-    verify_data(cfg)
+    # Refuse to start Flower on data that the ClientApps would fail to read.
+    if problems := verify_data(cfg.data):
+        raise DataVerificationError(problems)
     joined = " ".join(shlex.quote(o) for o in overrides)
     env = dict(os.environ)
     # Installing the app's dependencies per run (Flower's default) would re-download torch.

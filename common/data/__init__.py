@@ -3,7 +3,13 @@
 Everything a hospital holds stays on its machine; only the code in here touches file paths.
 """
 
-from common.data.readers import FORMATS, hospital_names, load_hospital, verify_data
+from common.data.readers import (
+    FORMATS,
+    federated_hospitals,
+    hospital_names,
+    load_hospital,
+    verify_data,
+)
 from common.data.splits import split_indices
 from common.data.synthetic import generate_hospital
 from common.data.tensors import SplitTensors, hospital_split, split_tensors
@@ -26,6 +32,7 @@ __all__ = [
     "HospitalData",
     "SplitTensors",
     "generate_hospital",
+    "federated_hospitals",
     "hospital_names",
     "hospital_split",
     "load_hospital",

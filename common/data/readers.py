@@ -165,6 +165,31 @@ def hospital_names(data_cfg: Any) -> list[str]:
     return [str(name) for name in (data_cfg.get("hospitals") or {})]
 
 
+def federated_hospitals(data_cfg: Any, nodes: int) -> list[str]:
+    """The hospitals a federation of ``nodes`` simulated SuperNodes trains on, in node order.
+
+    Real data must match the nodes one to one. Synthetic hospitals are generated, so fewer
+    nodes than configured hospitals take the first ones: a bare ``flwr run .`` simulates 2
+    SuperNodes whatever the config says, and still trains on the embedded default.
+
+    Raises
+    ------
+    ValueError
+        When the nodes cannot be matched to the configured hospitals.
+    """
+    names = hospital_names(data_cfg)
+    if nodes == len(names):
+        return names
+    synthetic = all(spec.get("format") == "synthetic" for spec in data_cfg.hospitals.values())
+    if synthetic and 0 < nodes < len(names):
+        return names[:nodes]
+    raise ValueError(
+        f"{len(names)} hospitals are configured but {nodes} SuperNodes are connected; in "
+        f'simulation start the run with --federation-config "num-supernodes={len(names)}" '
+        "(w3s-simulate does this for you)"
+    )
+
+
 def verify_data(data_cfg: Any, hospitals: Sequence[str] | None = None) -> list[DataProblem]:
     """Open every file of the given hospitals and return every problem found.
 

@@ -9,6 +9,8 @@ from typing import Literal
 
 import numpy as np
 
+from common.errors import JobError
+
 BACKGROUND, CYTOPLASM, NUCLEUS = 0, 1, 2
 
 ProblemKind = Literal[
@@ -119,7 +121,7 @@ def format_problems(problems: Iterable[DataProblem]) -> str:
     return "\n".join(lines)
 
 
-class DataVerificationError(ValueError):
+class DataVerificationError(JobError, ValueError):
     """Raised when a hospital's data fails verification; carries every problem found, not the first.
 
     ``str()`` is the full report with file paths, meant for the hospital's own log. Use
@@ -135,6 +137,14 @@ class DataVerificationError(ValueError):
         self.problems = list(problems)
         header = f"data verification failed with {len(self.problems)} problem(s):"
         super().__init__(f"{header}\n{format_problems(self.problems)}")
+
+    def brief(self) -> str:
+        """One line: the count and the first problem (``w3s-verify`` lists them all)."""
+        first = self.problems[0]
+        return (
+            f"data verification failed with {len(self.problems)} problem(s), first: "
+            f"{first.hospital} {first} (w3s-verify lists them all)"
+        )
 
     def redacted(self) -> str:
         """Summarise the problems as counts per hospital and kind, without paths or details.

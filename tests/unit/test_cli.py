@@ -1,4 +1,4 @@
-"""Every console script, one style (common/cli.py): ``--help``, and one line + status 2 for input errors.
+"""Every console script (common/cli.py): ``--help``; an input error is one line and status 2.
 
 No test here trains: each bad command line must be refused before any work starts.
 """

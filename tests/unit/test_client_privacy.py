@@ -1,17 +1,44 @@
+"""client_app/privacy: privacy_mod clips the update only in client_clip runs."""
+
+import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client_app.app import SiteFailure, site_private
+from client_app.privacy import privacy_mod
+from common.arrays import to_state_dict
+from tests.replies import GLOBAL, reply
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def test_site_private_keeps_paths_and_ids_out_of_the_error(caplog):
-    @site_private
-    def train(msg, context):
-        raise FileNotFoundError("/data/hospital/patient_JaneRoe_77.bmp")
+def _train_message(clip: float | None) -> Message:
+    config = ConfigRecord({"server-round": 1})
+    if clip is not None:
+        config[KEY_CLIPPING_NORM] = clip
+    content = RecordDict({"arrays": GLOBAL.copy(), "config": config})
+    return Message(content=content, dst_node_id=1, message_type="train")
 
-    with pytest.raises(SiteFailure) as raised:
-        train(None, None)
-    text = str(raised.value)
-    assert "FileNotFoundError" in text and "train" in text
-    assert "JaneRoe" not in text and "/data" not in text
-    assert raised.value.__cause__ is None and raised.value.__suppress_context__
-    assert "patient_JaneRoe_77.bmp" in caplog.text  # the full story stays in the site's log
+
+def _context(overrides: str) -> Context:
+    return Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"overrides": overrides}
+    )
+
+
+def _train(msg: Message, context: Context) -> Message:
+    # An update of norm 2 * 3 = 6 from the all-zero global model.
+    return reply(1, 3.0, 10)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [("privacy=client_clip", 0.25), ("", 3.0)])
+def test_privacy_mod_clips_only_in_client_clip_runs(overrides, expected):
+    clip = 0.5 if overrides else None
+    answer = privacy_mod(_train_message(clip), _context(overrides), _train)
+    assert not answer.has_error()
+    np.testing.assert_allclose(to_state_dict(answer.content["arrays"])["w"].numpy(), expected)
+
+
+def test_client_clip_without_a_clipping_norm_is_an_error_not_an_unclipped_update():
+    answer = privacy_mod(_train_message(None), _context("privacy=client_clip"), _train)
+    assert answer.has_error()

@@ -7,7 +7,6 @@ from hydra.errors import ConfigCompositionException
 
 from common.config import CONF_DIR, compose_config, parse_overrides
 from common.data import hospital_names
-from server_app.launch import absolute_path_overrides, flwr_command
 
 
 def _options(group: str) -> list[str]:
@@ -46,14 +45,3 @@ def test_run_config_overrides_round_trip_through_shell_quoting():
         "data.root=/a path/with spaces",
         "federation.rounds=2",
     ]
-
-
-def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
-    cfg = compose_config(["data=wbc_zxaoyou", "data.root=rel/data", "output_root=runs"])
-    pinned = absolute_path_overrides(cfg, tmp_path)
-    assert f"data.root={tmp_path / 'rel/data'}" in pinned
-    assert f"data.hospitals.dataset1.root={tmp_path / 'rel/data'}" in pinned
-    assert f"output_root={tmp_path / 'runs'}" in pinned
-    command = flwr_command(CONF_DIR.parent, cfg, tmp_path / "rc.toml")
-    assert command[1:3] == ["run", str(CONF_DIR.parent)]
-    assert "num-supernodes=2" in command[command.index("--federation-config") + 1]

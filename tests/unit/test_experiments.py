@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
 from common.arrays import array_specs, cast_floating, record_bytes, to_array_record
@@ -23,11 +22,7 @@ from server_app.strategy import GuardedFedAvg
 SMALL = ["data.hospitals.hospital_a.num_images=30", "model.img_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    # Messages take their run id from the running task; outside a run, give them one.
-    for attribute in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _train(proximal_mu: float | None) -> tuple[dict, dict]:

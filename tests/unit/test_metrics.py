@@ -1,11 +1,16 @@
+"""common/metrics: confusion counts, mIoU, the federated-evaluation scores, selection on val."""
+
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from common.metrics import (
     SegmentationScores,
+    average_precision,
     binary_confusion,
+    binary_miou_sweep,
     class_aware_truth,
     class_iou,
     confusion_matrix,
@@ -107,3 +112,34 @@ def test_select_on_validation_picks_the_best_and_keeps_the_first_of_ties():
         select_on_validation([], lambda k: [], truths, 2)
     with pytest.raises(ValueError, match="select_by"):
         select_on_validation(["a"], lambda k: predictions[k], truths, 2, select_by="f1")
+
+
+# Hand-computed cases for the scores used during federated evaluation.
+
+
+def test_average_precision_perfect_and_hand_computed():
+    labels = np.array([0, 1, 1])
+    perfect = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.7]])
+    assert average_precision(perfect, labels) == pytest.approx(1.0)
+    # class 1 ranked: image0 (neg), image1 (pos), image2 (pos): AP = (1/2 + 2/3) / 2
+    scores = np.array([[0.9, 0.9], [0.2, 0.8], [0.1, 0.7]])
+    assert average_precision(scores, labels) == pytest.approx((1.0 + (0.5 + 2 / 3) / 2) / 2)
+
+
+def test_average_precision_skips_an_absent_class_instead_of_scoring_0():
+    labels = np.array([0, 0])
+    scores = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0]])
+    assert average_precision(scores, labels) == pytest.approx(1.0)
+
+
+def test_binary_miou_is_counted_over_the_whole_split():
+    truth = torch.zeros(2, 2, 2, dtype=torch.bool)
+    truth[0, 0, 0] = truth[1, 0, 0] = True
+    scores = torch.zeros(2, 2, 2)
+    scores[0, 0, 0] = 0.9  # hit
+    scores[1, 0, 1] = 0.9  # false positive; image 1's cell is missed
+    ious = binary_miou_sweep(scores, truth, [0.5, 1.5])
+    # t=0.5: tp 1, fp 1, fn 1 -> fg 1/3; bg: tn 5 / (5 + 1 + 1) -> mean
+    assert ious[0] == pytest.approx((1 / 3 + 5 / 7) / 2)
+    # t=1.5: nothing predicted -> fg 0, bg 6/8
+    assert ious[1] == pytest.approx((0 + 6 / 8) / 2)

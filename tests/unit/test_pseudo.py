@@ -29,7 +29,6 @@ from common.pseudo.psa import (
 )
 from common.pseudo.stain_grow import _distance_to, rgb_to_lab
 from common.pseudo.walk import transition_matrix, walk_on_grid
-from post_training.stages import Evaluation, Split, tuned_options
 
 # Three nodes in a chain: 0 - 1 - 2.
 CHAIN = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]])
@@ -332,29 +331,3 @@ def test_rgb_to_lab_reference_colours():
     torch.testing.assert_close(rgb_to_lab(rgb), expected, atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="colour_space"):
         StainGrowMasker(colour_space="hsv")
-
-
-def _evaluation(truth: list[np.ndarray] | None) -> Evaluation:
-    val = Split(data=None, stems=[], truth=truth, records=[])  # type: ignore[arg-type]
-    return Evaluation({"val": val}, num_labels=2, cfg={"absent": "skip", "select_by": "binary"})
-
-
-def test_tuned_options_choose_on_validation_and_keep_the_value_without_truth():
-    truth = np.zeros((8, 8), np.uint8)
-    truth[2:6, 2:6] = 1
-    cfg = {"method": "stain_grow", "cell_fraction": 0.3, "tune": {"cell_fraction": [0.3, 0.15]}}
-
-    def label_val(options):  # only 0.15 reproduces the truth
-        return [truth if options["cell_fraction"] == 0.15 else np.ones_like(truth)]
-
-    chosen = tuned_options(cfg, _evaluation([truth]), label_val)
-    assert chosen == {"method": "stain_grow", "cell_fraction": 0.15}
-    assert tuned_options(cfg, _evaluation(None), label_val)["cell_fraction"] == 0.3
-
-
-def test_tuned_options_reject_what_the_method_does_not_have():
-    with pytest.raises(ValueError, match="pseudo.tune.radius"):
-        tuned_options({"method": "stain_grow", "tune": {"radius": [1]}}, _evaluation(None), list)
-    with pytest.raises(ValueError, match="empty"):
-        cfg = {"method": "stain_grow", "reach": 2.0, "tune": {"reach": []}}
-        tuned_options(cfg, _evaluation(None), list)

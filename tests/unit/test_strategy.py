@@ -1,36 +1,13 @@
+"""server_app/strategy: GuardedFedAvg drops failed and bad replies, weighted metrics."""
+
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.arrays import array_specs, to_state_dict
 from server_app.strategy import GuardedFedAvg, TooFewRepliesError, weighted_metrics
+from tests.replies import GLOBAL, failed, reply
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    # Messages take their run id from the running task; outside a run, give them one.
-    for attribute in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
-
-
-GLOBAL = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})
-
-
-def _instruction(node: int) -> Message:
-    return Message(content=RecordDict(), dst_node_id=node, message_type="train")
-
-
-def _reply(node: int, value: float, weight, shape=(2, 2)) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({"w": Array(np.full(shape, value, np.float32))}),
-            "metrics": MetricRecord(
-                {"num-examples": weight, "train-loss": value, "hospital-index": node}
-            ),
-        }
-    )
-    return Message(content=content, reply_to=_instruction(node))
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _strategy(min_replies: int) -> GuardedFedAvg:
@@ -43,10 +20,10 @@ def _strategy(min_replies: int) -> GuardedFedAvg:
 def test_bad_replies_are_dropped_and_the_rest_averaged(caplog):
     strategy = _strategy(min_replies=2)
     replies = [
-        _reply(1, 1.0, 10),
-        _reply(2, 4.0, 30),
-        _reply(3, float("nan"), 10),
-        _reply(4, 9.0, 10, shape=(1,)),
+        reply(1, 1.0, 10),
+        reply(2, 4.0, 30),
+        reply(3, float("nan"), 10),
+        reply(4, 9.0, 10, shape=(1,)),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert np.allclose(to_state_dict(arrays)["w"].numpy(), (1 * 10 + 4 * 30) / 40)
@@ -57,8 +34,7 @@ def test_bad_replies_are_dropped_and_the_rest_averaged(caplog):
 
 def test_error_replies_are_logged_by_node():
     strategy = _strategy(min_replies=1)
-    failed = Message(Error(code=0, reason="boom"), reply_to=_instruction(5))
-    strategy.aggregate_train(1, [_reply(1, 1.0, 10), failed])
+    strategy.aggregate_train(1, [reply(1, 1.0, 10), failed(5, reason="boom")])
     assert strategy.report.failed == {5: "boom"}
     assert strategy.report.good == 1
 
@@ -66,7 +42,7 @@ def test_error_replies_are_logged_by_node():
 def test_too_few_good_replies_stop_the_run():
     strategy = _strategy(min_replies=2)
     with pytest.raises(TooFewRepliesError, match="1 good replies, at least 2"):
-        strategy.aggregate_train(1, [_reply(1, 1.0, 10), _reply(2, 1.0, 0)])
+        strategy.aggregate_train(1, [reply(1, 1.0, 10), reply(2, 1.0, 0)])
 
 
 def test_min_replies_is_validated():
@@ -75,8 +51,8 @@ def test_min_replies_is_validated():
 
 
 def test_weighted_metrics_skip_missing_and_nan_scores():
-    a = _reply(1, 1.0, 10)
-    b = _reply(2, 3.0, 30)
+    a = reply(1, 1.0, 10)
+    b = reply(2, 3.0, 30)
     a.content["metrics"]["val-loc-miou"] = 0.5
     b.content["metrics"]["val-loc-miou"] = float("nan")
     merged = weighted_metrics([a, b])

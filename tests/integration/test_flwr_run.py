@@ -1,0 +1,139 @@
+"""``flwr run`` as a user types it: bare, with a config that cannot match, from a regular install.
+
+- bare ``flwr run . --stream`` in the checkout trains the synthetic default to the end (Flower's
+  local simulation has 2 SuperNodes: 2 of the 3 synthetic hospitals take part);
+- real data on the wrong number of SuperNodes fails within seconds, not after the deployment
+  wait (``federation.wait_for_nodes_s``, 120 s);
+- ``w3s-simulate`` (``python -m server_app.launch``) works from a non-editable install, outside
+  the checkout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server_app.launch import RUN_STARTED, run_status
+from support.flower_processes import BIN, flower_env, metrics_rows, run
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+FLWR = str(BIN / "flwr")
+
+
+def final_status(log: str, env: dict[str, str]) -> str:
+    """What the SuperLink says of the run that ``log`` started (``finished:completed``, ...)."""
+    started = RUN_STARTED.search(log)
+    assert started, log[-4000:]
+    return run_status(FLWR, started.group(1), env)
+
+
+@pytest.mark.slow
+def test_bare_flwr_run_trains_two_of_the_three_synthetic_hospitals(flwr_home, tmp_path):
+    output_root = tmp_path / "runs"
+    env = {**flower_env(flwr_home), "W3S_OUTPUT_ROOT": str(output_root)}
+    started = time.monotonic()
+    result = run([FLWR, "run", ".", "--stream"], env=env, timeout_s=1800, cwd=REPO)
+    seconds = time.monotonic() - started
+    log = result.stdout + result.stderr
+    print(f"\nbare flwr run (10 rounds, 2 SuperNodes): {seconds:.0f} s")
+
+    assert result.returncode == 0, log[-4000:]
+    assert final_status(log, env) == "finished:completed", log[-4000:]
+    models = list(output_root.glob("*/final_model.pt"))
+    assert len(models) == 1, (models, log[-4000:])
+    assert "2 SuperNodes for 3 synthetic hospitals" in log, log[-4000:]
+    assert "training on ['hospital_a', 'hospital_b']" in log, log[-4000:]
+    rows = metrics_rows(models[0].parent)
+    assert [row["round"] for row in rows] == list(range(1, 11))
+    assert all(set(row["hospitals"]) == {"hospital_a", "hospital_b"} for row in rows)
+
+
+def test_real_data_on_too_few_supernodes_fails_within_seconds(flwr_home, tmp_path, wbc_root):
+    env = {
+        **flower_env(flwr_home),
+        "W3S_OUTPUT_ROOT": str(tmp_path / "runs"),
+        "W3S_WBC_ROOT": str(wbc_root),
+    }
+    command = [
+        FLWR,
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        "overrides='data=wbc_zxaoyou'",
+        "--federation-config",
+        "num-supernodes=1",
+    ]
+    started = time.monotonic()
+    result = run(command, env=env, timeout_s=300, cwd=REPO)
+    log = result.stdout + result.stderr
+    status = final_status(log, env)
+    seconds = time.monotonic() - started
+    print(f"\nreal data on 1 SuperNode: {status} after {seconds:.0f} s")
+
+    assert status == "finished:failed", log[-4000:]
+    assert "2 hospitals are configured but 1 SuperNodes" in log, log[-4000:]
+    assert seconds < 90, f"{seconds:.0f} s: the run waited as a deployment would"
+    assert not list((tmp_path / "runs").glob("*/final_model.pt"))
+
+
+@pytest.mark.slow
+def test_w3s_simulate_runs_from_a_regular_install(flwr_home, tmp_path):
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert (site / "server_app" / "pyproject.toml").is_file()
+    assert (site / "conf" / "config.yaml").is_file()
+
+    env = {**flower_env(flwr_home), "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import common, server_app; print(server_app.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout
+
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = run(
+        [sys.executable, "-m", "server_app.launch", "federation.rounds=1", f"output_dir={run_dir}"],
+        env=env,
+        timeout_s=900,
+        cwd=tmp_path,
+    )
+    log = result.stdout + result.stderr
+    print(f"\nw3s-simulate from a regular install (1 round): {time.monotonic() - started:.0f} s")
+
+    assert result.returncode == 0, log[-4000:]
+    assert (run_dir / "final_model.pt").is_file(), log[-4000:]
+    # The app Flower ran was staged from the installed copy, not the checkout.
+    launched = next(line for line in log.splitlines() if line.startswith("w3s-simulate: "))
+    assert f" run {REPO} " not in launched and "w3s-simulate-" in launched, launched

@@ -1,0 +1,36 @@
+"""Flower messages for the strategy and privacy tests: a global model, instructions, replies.
+
+The messages need a run id; the ``task_identity`` fixture (tests/unit/conftest.py) gives them one
+outside a Flower run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+# The global model every reply is an update of: one 2x2 zero array.
+GLOBAL = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})
+
+
+def instruction(node: int) -> Message:
+    """The server's ``train`` message to ``node``."""
+    return Message(content=RecordDict(), dst_node_id=node, message_type="train")
+
+
+def reply(node: int, value: float, weight, shape=(2, 2)) -> Message:
+    """``node``'s reply: array ``w`` filled with ``value``, ``weight`` examples, loss ``value``."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.full(shape, value, np.float32))}),
+            "metrics": MetricRecord(
+                {"num-examples": weight, "train-loss": value, "hospital-index": node}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=instruction(node))
+
+
+def failed(node: int, reason: str = "HospitalDataError: 1 truncated_image") -> Message:
+    """``node``'s error reply, as a ClientApp that raised sends it."""
+    return Message(Error(code=0, reason=reason), reply_to=instruction(node))
