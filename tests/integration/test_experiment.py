@@ -70,7 +70,7 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
 
     output, figures = tmp_path / "EXPERIMENTS.md", tmp_path / "figures"
     result = run(
-        [str(BIN / "w3s-report"), str(runs), "--output", str(output), "--figures", str(figures)],
+        [str(BIN / "w3s-report"), f"runs=[{runs}]", f"output={output}", f"figures={figures}"],
         env=env,
         timeout_s=300,
         cwd=tmp_path,
