@@ -3,7 +3,8 @@
 One ``w3s-postprocess`` (or ``w3s-ablate`` variant) output folder holds a hospital's training
 pseudo-masks. This script retrains the segmenter on them with several seeds under Hydra-style
 ``segmenter.*`` overrides and prints the validation and test binary mIoU of every seed, their
-mean and SD, and the score of the seeds' averaged softmax (an ensemble). On Dataset 2 (31
+mean and SD, and the score of the seeds' averaged softmax (an ensemble), with the class-aware
+mIoU beside it and each seed's training time. On Dataset 2 (31
 training images) one seed moved the test score by up to 12 points, so a one-seed ablation row
 cannot tell settings apart (docs/localization.md).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,18 +33,29 @@ from common.segmenter import create_segmenter, native_logits, train_segmenter
 from post_training.artifacts import read_label_png, sample_stem
 
 EVALUATED = ("val", "test")
+METRICS = ("binary", "class_aware")
 
 
-def binary_miou(probabilities: Sequence[torch.Tensor], truth: Sequence[np.ndarray]) -> float:
-    """Binary mIoU (%) of the argmax label maps."""
+def miou(probabilities: Sequence[torch.Tensor], truth: Sequence[np.ndarray]) -> dict[str, float]:
+    """Binary and class-aware mIoU (%) of the argmax label maps."""
     labels = [p.argmax(0).to(torch.uint8).numpy() for p in probabilities]
-    return 100 * score_label_maps(labels, truth, len(probabilities[0]), "skip").binary_miou
+    scores = score_label_maps(labels, truth, len(probabilities[0]), "skip")
+    return {"binary": 100 * scores.binary_miou, "class_aware": 100 * scores.class_aware_miou}
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """Every seed's value, their mean and (population) SD, rounded for reading."""
+    return {
+        "seeds": [round(v, 1) for v in values],
+        "mean": round(float(np.mean(values)), 1),
+        "sd": round(float(np.std(values)), 1),
+    }
 
 
 def seed_spread(
     folder: Path, seeds: Sequence[int], overrides: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Per evaluated split: every seed's binary mIoU, their mean and SD, and the ensemble's."""
+    """Per evaluated split and metric: every seed's mIoU, mean, SD, the ensemble; train time."""
     cfg = OmegaConf.load(folder / "config.yaml")
     seg_cfg = {**OmegaConf.to_container(cfg.segmenter, resolve=True), **overrides}
     train = hospital_split(cfg.data, cfg.hospital, "train")
@@ -59,31 +72,34 @@ def seed_spread(
     }
     outputs = len(cfg.data.classes) + 1
     side = int(seg_cfg["input_size"])
-    scores: dict[str, list[float]] = {split: [] for split in EVALUATED}
+    scores = {split: {m: [] for m in METRICS} for split in EVALUATED}
     summed: dict[str, list[torch.Tensor]] = {}
+    seconds = []
     for seed in seeds:
         torch.manual_seed(seed)  # the initial weights, too, come from the seed
         model = create_segmenter(seg_cfg, outputs)
+        started = time.perf_counter()
         train_segmenter(model, train.images, masks, seg_cfg, device=torch.device("cpu"), seed=seed)
+        seconds.append(time.perf_counter() - started)
         for split, data in evaluated.items():
             logits = native_logits(model, data.images, side, device=torch.device("cpu"))
             probabilities = [logit.softmax(0) for logit in logits]
-            scores[split].append(binary_miou(probabilities, truths[split]))
+            for metric, value in miou(probabilities, truths[split]).items():
+                scores[split][metric].append(value)
             previous = summed.get(split)
             summed[split] = (
                 probabilities
                 if previous is None
                 else [a + b for a, b in zip(previous, probabilities, strict=True)]
             )
-    return {
-        split: {
-            "seeds": [round(s, 1) for s in scores[split]],
-            "mean": round(float(np.mean(scores[split])), 1),
-            "sd": round(float(np.std(scores[split])), 1),
-            "ensemble": round(binary_miou(summed[split], truths[split]), 1),
+    result: dict[str, Any] = {"train_seconds": summary(seconds)}
+    for split in EVALUATED:
+        ensemble = miou(summed[split], truths[split])
+        result[split] = {
+            metric: {**summary(scores[split][metric]), "ensemble": round(ensemble[metric], 1)}
+            for metric in METRICS
         }
-        for split in EVALUATED
-    }
+    return result
 
 
 def main() -> None:

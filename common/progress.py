@@ -1,9 +1,11 @@
-"""A progress line in the log for long loops: no extra dependency, quiet when loops are short."""
+"""Progress lines for long loops and a per-phase time profile of a job."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Progress:
@@ -54,3 +56,25 @@ class Progress:
             eta,
             details,
         )
+
+
+class Profile:
+    """Seconds spent in named phases of a job, for its report and its log."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase ``name`` (added to any earlier time of that name)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - started
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + spent, 2)
+
+    def __str__(self) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items())
+        return f"{parts}; total {total:.1f}"

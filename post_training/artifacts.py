@@ -30,6 +30,9 @@ PALETTE = np.array(
     dtype=np.float64,
 )
 UNCERTAIN_COLOUR = np.array((128, 128, 128), dtype=np.float64)
+# zlib level of the PNGs written per image: hundreds per hospital, and level 1 writes them
+# several times faster than the default 6 at a few percent more bytes.
+PNG_LEVEL = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -46,7 +49,9 @@ def sample_stem(sample_id: str) -> str:
 def save_label_png(path: Path, labels: np.ndarray) -> None:
     """Write an HxW label map as an 8-bit greyscale PNG holding the labels themselves."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").save(path)
+    Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").save(
+        path, compress_level=PNG_LEVEL
+    )
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -101,7 +106,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.nda
 def save_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
     """Write :func:`overlay` of an image and its label map as a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, labels)).save(path)
+    Image.fromarray(overlay(image, labels)).save(path, compress_level=PNG_LEVEL)
 
 
 def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:

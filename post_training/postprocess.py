@@ -8,7 +8,6 @@ same evaluation code as the weakly supervised stages. Outputs stay under ``outpu
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from common.cli import Command
 from common.data import hospital_names
 from common.errors import JobError
 from common.localization import MapSettings
+from common.progress import Profile
 from common.pseudo import create_masker
 from common.training import resolve_device
 from post_training.report import markdown_table, save_figure, write_report
@@ -86,31 +86,37 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     classes = list(payload["classes"])
 
-    started = time.perf_counter()
-    splits = make_maps(model, cfg, hospital, out, device)
-    maps_seconds = time.perf_counter() - started
+    profile = Profile()
+    with profile.phase("data and maps"):
+        splits = make_maps(model, cfg, hospital, out, device)
     evaluation = Evaluation(splits, len(classes) + 1, cfg.evaluation)
     chunk = int(cfg.batch_size)
-    seeds, seed_labels = seeds_stage(splits, evaluation, chunk)
-    seeds.seconds += maps_seconds
-    pseudo, pseudo_labels = pseudo_stage(cfg, splits, evaluation, out, device)
+    with profile.phase("seeds"):
+        seeds, seed_labels = seeds_stage(splits, evaluation, chunk)
+    seeds.seconds += profile.seconds["data and maps"]
+    with profile.phase("pseudo-masks"):
+        pseudo, pseudo_labels = pseudo_stage(cfg, splits, evaluation, out, device)
     segmenter, predicted = segmenter_stage(
         cfg, splits, pseudo_labels["train"], evaluation, out, device, classes
     )
+    profile.seconds.update(segmenter.parts)
     stages = [seeds, pseudo, segmenter]
-    if evaluation.has_truth:
-        stages += [disk_stage(splits, evaluation), otsu_stage(splits, evaluation)]
-    else:
-        log.warning(
-            "hospital %s has no ground-truth masks: outputs written, nothing scored", hospital
+    with profile.phase("baselines"):
+        if evaluation.has_truth:
+            stages += [disk_stage(splits, evaluation), otsu_stage(splits, evaluation)]
+        else:
+            log.warning(
+                "hospital %s has no ground-truth masks: outputs written, nothing scored", hospital
+            )
+    with profile.phase("figure"):
+        save_figure(
+            out / "figure.png",
+            splits["test"],
+            seed_labels["test"],
+            pseudo_labels["test"],
+            predicted["test"],
         )
-    save_figure(
-        out / "figure.png",
-        splits["test"],
-        seed_labels["test"],
-        pseudo_labels["test"],
-        predicted["test"],
-    )
+    log.info("seconds per phase: %s", profile)
     summary = {
         "hospital": hospital,
         "round": payload.get("round"),
@@ -118,6 +124,7 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
         "images": {name: len(split.data) for name, split in splits.items()},
         "absent": evaluation.absent,
         "select_by": evaluation.select_by,
+        "seconds": profile.seconds,
     }
     metrics = write_report(out, summary, stages)
     log.info("metrics of %s (test split):\n%s", hospital, markdown_table(stages))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from common.metrics import (
     select_on_validation,
 )
 from common.model import MCTFormerV2
+from common.progress import Profile
 from common.pseudo import (
     MCT_BACKGROUND,
     Background,
@@ -36,9 +37,10 @@ from common.pseudo import (
     PseudoMasker,
     ThresholdMasker,
     argmax_labels,
+    best_class,
     create_masker,
+    labels_above,
     stack_background,
-    threshold_labels,
 )
 from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
 from post_training.artifacts import sample_stem, save_label_png, save_overlay
@@ -85,6 +87,8 @@ class Stage:
     choice: dict[str, Any]
     scores: dict[str, SegmentationScores]
     seconds: float
+    # Seconds of the stage's parts, for the job's profile (e.g. training and predictions).
+    parts: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -211,23 +215,23 @@ def label_splits(
             walked = _propagate(masker, split.records, scores, chunk)
             labels[name] = [argmax_labels(s) for s in walked]
         return labels, {"background": f"(1 - max)^{background.alpha:g}"}
-    foreground = {
-        name: _propagate(masker, split.records, [r.maps for r in split.records], chunk)
+    best = {
+        name: [
+            best_class(f)
+            for f in _propagate(masker, split.records, [r.maps for r in split.records], chunk)
+        ]
         for name, split in splits.items()
     }
     value = background.value
     if value is None and evaluation.has_truth:
         value = evaluation.select(
             list(evaluation.cfg["thresholds"]),
-            lambda t: [threshold_labels(f, t) for f in foreground["val"]],
+            lambda t: [labels_above(b, t) for b in best["val"]],
         )
     elif value is None:
         log.warning("no ground-truth masks to tune the background on; using %s", MCT_BACKGROUND)
         value = MCT_BACKGROUND
-    labels = {
-        name: [threshold_labels(f, float(value)) for f in scores]
-        for name, scores in foreground.items()
-    }
+    labels = {name: [labels_above(b, float(value)) for b in found] for name, found in best.items()}
     return labels, {"background": float(value)}
 
 
@@ -348,29 +352,32 @@ def segmenter_stage(
 ) -> tuple[Stage, dict[str, list[np.ndarray]]]:
     """Train the segmenter on the training split's pseudo-masks; predict val and test."""
     started = time.perf_counter()
+    profile = Profile()
     seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
     model = create_segmenter(seg_cfg, len(classes) + 1)
     train = splits["train"].data
-    losses = train_segmenter(
-        model,
-        train.images,
-        train_labels,
-        seg_cfg,
-        device=device,
-        seed=int(cfg.seed),
-        ground_truth=train.masks,
-    )
-    save_atomic(segmenter_payload(model, seg_cfg, classes), out / "segmenter.pt")
-    labels = {
-        name: predict(
+    with profile.phase("segmenter training"):
+        losses = train_segmenter(
             model,
-            splits[name].data.images,
-            int(seg_cfg["input_size"]),
+            train.images,
+            train_labels,
+            seg_cfg,
             device=device,
-            batch_size=int(cfg.batch_size),
+            seed=int(cfg.seed),
+            ground_truth=train.masks,
         )
-        for name in EVALUATED
-    }
+    save_atomic(segmenter_payload(model, seg_cfg, classes), out / "segmenter.pt")
+    with profile.phase("segmenter predictions"):
+        labels = {
+            name: predict(
+                model,
+                splits[name].data.images,
+                int(seg_cfg["input_size"]),
+                device=device,
+                batch_size=int(cfg.batch_size),
+            )
+            for name in EVALUATED
+        }
     save_label_maps(
         out, "predictions", {n: splits[n] for n in EVALUATED}, labels, bool(cfg.overlays)
     )
@@ -381,6 +388,7 @@ def segmenter_stage(
         choice,
         evaluation.score(labels),
         time.perf_counter() - started,
+        parts=profile.seconds,
     )
     return stage, labels
 

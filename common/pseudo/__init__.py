@@ -14,6 +14,8 @@ from common.pseudo.base import (
     MapRecord,
     PseudoMasker,
     argmax_labels,
+    best_class,
+    labels_above,
     stack_background,
     threshold_labels,
 )
@@ -52,6 +54,8 @@ __all__ = [
     "StainGrowMasker",
     "ThresholdMasker",
     "argmax_labels",
+    "best_class",
+    "labels_above",
     "create_masker",
     "stack_background",
     "threshold_labels",

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+
+from common.imaging import channel_argmax
 
 # MCT feeds its random walk a constant background of 0.39, "optimal for seeds" (docs/method.md §3).
 MCT_BACKGROUND = 0.39
@@ -37,6 +39,10 @@ class MapRecord:
         (N, N) transformer patch affinity P of :func:`common.localization.patch_affinity`.
     grid
         (h, w) patch grid of ``affinity``.
+    memo
+        A method's intermediate results for this image, keyed by the options they depend on:
+        options tuned on validation are tried one set after another on the same records, and
+        what a tried option does not change is computed once.
     """
 
     image: np.ndarray
@@ -44,6 +50,7 @@ class MapRecord:
     maps: torch.Tensor
     affinity: torch.Tensor
     grid: tuple[int, int]
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -122,10 +129,28 @@ def stack_background(maps: torch.Tensor, background: Background) -> torch.Tensor
 
 def argmax_labels(scores: torch.Tensor) -> np.ndarray:
     """(C + 1, H, W) [background; classes] -> uint8 label map, 0 background, k = class k - 1."""
-    return scores.argmax(0).to(torch.uint8).numpy()
+    return channel_argmax(scores).to(torch.uint8).numpy()
+
+
+def best_class(foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel the highest of (C, H, W) class scores and its label (class + 1, uint8).
+
+    Computed once per image, it turns every background constant tried on validation into a
+    comparison instead of another argmax.
+    """
+    best, index = foreground.max(0)
+    return best, (index + 1).to(torch.uint8)
+
+
+def labels_above(best: tuple[torch.Tensor, torch.Tensor], value: float) -> np.ndarray:
+    """Label map from :func:`best_class`: the class where its score beats ``value``, else 0.
+
+    A tie goes to the background, as in the argmax over [background; classes].
+    """
+    score, label = best
+    return torch.where(score > float(value), label, 0).to(torch.uint8).numpy()
 
 
 def threshold_labels(foreground: torch.Tensor, value: float) -> np.ndarray:
     """Label map of (C, H, W) class scores against a constant background ``value``."""
-    bg = torch.full((1, *foreground.shape[1:]), float(value), dtype=foreground.dtype)
-    return argmax_labels(torch.cat([bg, foreground]))
+    return labels_above(best_class(foreground), value)

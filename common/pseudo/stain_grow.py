@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from common.imaging import (
     blob_nearest_centre,
     connected_components,
+    dilated,
+    distance_to,
     fill_holes,
+    opened,
     otsu_threshold,
 )
 from common.pseudo.base import MapRecord, PseudoMasker
@@ -85,34 +88,6 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) ->
             if len(members):
                 centres[j] = members.mean(0)
     return centres
-
-
-def _dilated(mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """(H, W) bool dilated by a square ``kernel`` (odd); the image edge does not count."""
-    return F.max_pool2d(mask[None, None].float(), kernel, 1, kernel // 2)[0, 0] > 0.5
-
-
-def _eroded(mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """(H, W) bool eroded by a square ``kernel`` (odd); the image edge does not count."""
-    return ~_dilated(~mask, kernel)
-
-
-def _opened(mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Morphological opening with a square ``kernel`` (odd): removes bridges thinner than it."""
-    return _dilated(_eroded(mask, kernel), kernel)
-
-
-def _distance_to(mask: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of every pixel to the nearest pixel of ``mask`` (0 inside)."""
-    height, width = mask.shape
-    edge = torch.nonzero(mask & ~_eroded(mask, 3)).float()
-    if not len(edge):  # the mask fills the image: every pixel is inside
-        return torch.zeros(height, width)
-    grid = torch.stack(
-        torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), -1
-    ).reshape(-1, 2)
-    nearest = torch.cat([torch.cdist(part.float(), edge).amin(1) for part in grid.split(32768)])
-    return torch.where(mask.flatten(), 0.0, nearest).reshape(height, width)
 
 
 class StainGrowMasker(PseudoMasker):
@@ -186,7 +161,23 @@ class StainGrowMasker(PseudoMasker):
         return pixels[:: max(1, len(pixels) // 3000)]
 
     def _background_distance(self, record: MapRecord) -> torch.Tensor:
-        """(H, W) colour distance of every pixel to the nearest background colour cluster."""
+        """(H, W) colour distance of every pixel to the nearest background colour cluster.
+
+        Memoised on the record: the options tuned on validation (``cell_fraction``) leave it
+        unchanged, and the k-means is most of the method's cost.
+        """
+        key = (
+            self.name,
+            self.background_seeds,
+            self.seed_quantile,
+            self.clusters,
+            self.colour_space,
+        )
+        if key not in record.memo:
+            record.memo[key] = self._colour_distance(record)
+        return record.memo[key]
+
+    def _colour_distance(self, record: MapRecord) -> torch.Tensor:
         colour = _smoothed(record.image)
         if self.colour_space == "lab":
             colour = rgb_to_lab(colour)
@@ -208,7 +199,7 @@ class StainGrowMasker(PseudoMasker):
         height, width = distance.shape
         kernel = round(self.opening * min(height, width)) | 1
         if kernel > 1:
-            candidates = _opened(candidates, kernel)
+            candidates = opened(candidates, kernel)
         labels = connected_components(candidates | nucleus)
         touched = torch.unique(labels[nucleus])
         return torch.as_tensor(fill_holes(torch.isin(labels, touched[touched > 0]).numpy()))
@@ -218,7 +209,7 @@ class StainGrowMasker(PseudoMasker):
         height, width = distance.shape
         stained = distance >= otsu_threshold(distance.numpy())
         reach = max(3, round(min(height, width) / 30)) | 1
-        merged = _dilated(stained, reach)
+        merged = dilated(stained, reach)
         if not merged.any():
             return stained
         no_maps = float(record.maps.max()) <= 0
@@ -246,7 +237,7 @@ class StainGrowMasker(PseudoMasker):
             grown = torch.zeros_like(image_scores)
             if core.any():
                 radius = float(np.sqrt(float(core.sum()) / np.pi))
-                closeness = (1 - _distance_to(core) / (self.reach * radius)).clamp(min=0)
+                closeness = (1 - distance_to(core) / (self.reach * radius)).clamp(min=0)
                 grown[record.label] = closeness.to(grown.dtype)
             out.append(grown)
         return out

@@ -1,11 +1,18 @@
-"""common/imaging: Otsu threshold, 8-connected components, hole filling, the central blob."""
+"""common/imaging: Otsu threshold, 8-connected components, holes, distances, the central blob."""
 
 from collections import deque
 
 import numpy as np
 import pytest
+import torch
 
-from common.imaging import blob_nearest_centre, connected_components, fill_holes, otsu_threshold
+from common.imaging import (
+    blob_nearest_centre,
+    connected_components,
+    distance_to,
+    fill_holes,
+    otsu_threshold,
+)
 
 
 def bfs_components(mask: np.ndarray) -> int:
@@ -39,9 +46,7 @@ def test_connected_components_hand_case_with_diagonal_link():
     assert labels[0, 0] == 0
     assert len({labels[1, 1], labels[2, 2]}) == 1
     assert labels[2, 8] == labels[5, 5] != labels[1, 1]
-    # every component carries its largest 1-based pixel index
-    assert labels[1, 1] == 2 * 9 + 2 + 1
-    assert labels[5, 5] == 5 * 9 + 7 + 1
+    assert sorted(np.unique(labels)) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("density", [0.3, 0.55, 0.7])
@@ -73,6 +78,36 @@ def test_fill_holes_fills_enclosed_background_only():
     filled = fill_holes(ring)
     assert filled[3:6, 3:6].all() and filled.sum() == 25
     assert not fill_holes(notch)[4, 4]
+
+
+def test_fill_holes_fills_a_hole_closed_only_diagonally():
+    # An 8-connected diamond outline: its inside touches the outside only through diagonal
+    # gaps, which do not connect 4-connected background, so it is a hole.
+    diamond = np.zeros((7, 7), bool)
+    for y, x in [(1, 3), (2, 2), (2, 4), (3, 1), (3, 5), (4, 2), (4, 4), (5, 3)]:
+        diamond[y, x] = True
+    filled = fill_holes(diamond)
+    assert filled[2, 3] and filled[3, 2] and filled[3, 3] and filled[3, 4] and filled[4, 3]
+    assert filled.sum() == diamond.sum() + 5
+    assert not filled[1, 2]  # outside the diamond
+
+
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.4])
+def test_distance_to_matches_brute_force(density):
+    rng = np.random.default_rng(3)
+    mask = rng.random((23, 31)) < density
+    mask[11, 15] = True
+    inside = np.argwhere(mask)
+    pixels = np.argwhere(np.ones_like(mask))
+    brute = np.sqrt(((pixels[:, None, :] - inside[None]) ** 2).sum(-1)).min(1).reshape(mask.shape)
+    np.testing.assert_allclose(distance_to(mask).numpy(), brute, rtol=1e-6)
+
+
+def test_distance_to_a_mask_filling_the_image_is_zero():
+    assert distance_to(torch.ones(5, 7, dtype=torch.bool)).abs().max() == 0
+    line = torch.zeros(1, 5, dtype=torch.bool)
+    line[0, 0] = True
+    torch.testing.assert_close(distance_to(line), torch.arange(5.0)[None])
 
 
 def test_blob_nearest_centre_keeps_the_central_blob_not_the_biggest():

@@ -27,7 +27,7 @@ from common.pseudo.psa import (
     pair_offsets,
     radius_pairs,
 )
-from common.pseudo.stain_grow import _distance_to, rgb_to_lab
+from common.pseudo.stain_grow import rgb_to_lab
 from common.pseudo.walk import transition_matrix, walk_on_grid
 
 # Three nodes in a chain: 0 - 1 - 2.
@@ -307,13 +307,6 @@ def test_stain_grow_region_reaches_the_cytoplasm_but_not_a_bridged_red_cell():
     assert (unopened.cell(record).numpy() & red_cell).any()  # the opening is what cut the bridge
     (scores,) = masker.propagate([record], [maps])
     assert scores[1][32, 32] == 1  # the cytoplasm counts as cell at any background constant
-
-
-def test_distance_to_a_mask_filling_the_image_is_zero():
-    assert _distance_to(torch.ones(5, 7, dtype=torch.bool)).abs().max() == 0
-    line = torch.zeros(1, 5, dtype=torch.bool)
-    line[0, 0] = True
-    torch.testing.assert_close(_distance_to(line), torch.arange(5.0)[None])
 
 
 def test_stain_grow_rejects_unknown_options():
