@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import mobilenet_v3_small, segmentation
+from torchvision.models import segmentation
 
 from common.augment import normalise
 from common.checkpoint import load_checkpoint
@@ -31,23 +31,10 @@ from common.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def lraspp_mobilenet_v3_small(
-    *, weights: None = None, weights_backbone: None = None, num_classes: int
-) -> nn.Module:
-    """LR-ASPP on MobileNetV3-Small: torchvision ships the head and the backbone, not the pair.
-
-    Built the way torchvision builds the Large variant (dilated last stage, the head reading
-    the 1/8 and 1/16 feature maps), at about a third of its cost per image.
-    """
-    backbone = mobilenet_v3_small(weights=weights_backbone, dilated=True)
-    return segmentation.lraspp._lraspp_mobilenetv3(backbone, num_classes)
-
-
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3_resnet50": segmentation.deeplabv3_resnet50,
     "deeplabv3_mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
     "lraspp_mobilenet_v3_large": segmentation.lraspp_mobilenet_v3_large,
-    "lraspp_mobilenet_v3_small": lraspp_mobilenet_v3_small,
 }
 # Share of training images whose mask foreground may equal the ground truth pixel for pixel
 # before training is refused: weak labels never reproduce an expert's mask exactly.
