@@ -86,10 +86,10 @@ class Command:
         try:
             conf_dir = None if self.own_store else CONF_DIR
             cfg = compose_config(overrides, config_name=self.config, conf_dir=conf_dir)
+            if self.check is not None:
+                self.check(cfg)  # reading a missing mandatory key raises OmegaConf's error
         except (HydraException, OmegaConfBaseException) as error:
             raise JobError(one_line(error)) from None
-        if self.check is not None:
-            self.check(cfg)
         return cfg
 
     def main(self, argv: Sequence[str] | None = None) -> int:

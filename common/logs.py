@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-PROJECT_LOGGERS = ("common", "server_app", "client_app", "post_training", "experiments")
+# "__main__": a module run with ``python -m`` logs under that name.
+PROJECT_LOGGERS = ("common", "server_app", "client_app", "post_training", "experiments", "__main__")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -152,6 +152,12 @@ def run_ablation(variants: Mapping[str, Sequence[str]], overrides: Sequence[str]
     return out
 
 
+def check_ablation_config(cfg: DictConfig) -> None:
+    """The variants file first (it names what runs), then what every variant shares."""
+    load_variants(str(cfg.variants))
+    check_postprocess_config(cfg)
+
+
 def _run(cfg: DictConfig, overrides: list[str]) -> Path:
     shared = [o for o in overrides if not o.startswith("variants=")]
     return run_ablation(load_variants(str(cfg.variants)), shared)
@@ -171,7 +177,7 @@ COMMAND = Command(
         "w3s-ablate variants=levers checkpoint=<run>/final_model.pt data=wbc_zxaoyou "
         "hospital=dataset1",
     ],
-    check=check_postprocess_config,
+    check=check_ablation_config,
 )
 
 

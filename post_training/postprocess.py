@@ -136,10 +136,10 @@ def check_postprocess_config(cfg: DictConfig) -> None:
     """Refuse what would fail mid-run: a missing checkpoint or hospital, a bad method option."""
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
+    check_hospital(cfg)
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     if not checkpoint.is_file():
         raise JobError(f"checkpoint={checkpoint}: file not found")
-    check_hospital(cfg)
     pseudo = OmegaConf.to_container(cfg.pseudo, resolve=True)
     try:
         MapSettings.from_config(OmegaConf.to_container(cfg.localization))
