@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,10 +41,17 @@ def save_atomic(payload: Mapping[str, Any], path: Path) -> Path:
 
 
 class CheckpointError(JobError):
-    """A model file that is missing, unreadable or does not fit the run's config."""
+    """A model file that is missing, unreadable or does not fit: one line naming the file.
+
+    Raised for the MCT model file (``checkpoint=``) and the segmenter file (``segmenter=``)
+    alike; commands show it as one line and exit with status 2.
+    """
 
 
 MODEL_KEYS = frozenset({"state_dict", "round", "model", "classes"})
+SEGMENTER_KEYS = frozenset({"state_dict", "segmenter", "classes"})
+# Of a message torch gives for a damaged file, at most this much of its first line is shown.
+MAX_DETAIL = 160
 
 
 def model_payload(
@@ -66,17 +74,154 @@ def save_model(
     return save_atomic(model_payload(state_dict, cfg, server_round), path)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, shortened: torch's advice runs to paragraphs."""
+    lines = str(error).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else ""
+    text = text or type(error).__name__
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
+def read_torch_file(path: str | Path, key: str) -> Any:
+    """What a file written with ``torch.save`` holds, or a one-line :class:`CheckpointError`.
+
+    Only tensors and plain values are loaded (``weights_only``); a file holding pickled
+    objects is refused unread.
+
+    Parameters
+    ----------
+    path
+        The file.
+    key
+        The config key that named it (``checkpoint``, ``segmenter``), for the message.
+    """
+    path = Path(path)
+    where = f"{key}={path}"
+    if not path.exists():
+        raise CheckpointError(f"{where}: file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{where} is not a file")
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise CheckpointError(f"{where} cannot be read: {first_line(error)}") from None
+    if size == 0:
+        raise CheckpointError(f"{where} is empty (0 bytes): a copy or a save that did not finish")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise CheckpointError(
+                f"{where} holds pickled Python objects, not only tensors and plain values: "
+                "not a file this project wrote (refused unread, for safety)"
+            ) from None
+        raise CheckpointError(f"{where} is unreadable: {first_line(error)}") from None
+    except OSError as error:
+        raise CheckpointError(f"{where} cannot be read: {first_line(error)}") from None
+    except Exception as error:  # torch raises several types for a damaged or foreign file
+        if "central directory" in str(error) or isinstance(error, EOFError):
+            raise CheckpointError(
+                f"{where} is truncated or not a PyTorch file ({size} bytes that torch.load "
+                "cannot read to the end)"
+            ) from None
+        raise CheckpointError(f"{where} is unreadable: {first_line(error)}") from None
+
+
+def describe_payload(payload: Any) -> str:
+    """What a loaded file is, for messages that say what was given instead of what was wanted."""
+    if isinstance(payload, torch.Tensor):
+        return f"a bare tensor of shape {tuple(payload.shape)} (saved with torch.save)"
+    if not isinstance(payload, Mapping):
+        return f"a {type(payload).__name__}"
+    if payload.keys() >= MODEL_KEYS:
+        return "an MCT model file (final_model.pt or a round checkpoint)"
+    if payload.keys() >= SEGMENTER_KEYS:
+        return "a segmenter file (segmenter.pt written by w3s-postprocess)"
+    if payload and all(isinstance(value, torch.Tensor) for value in payload.values()):
+        return f"a bare state dict of {len(payload)} tensors, without the model's settings"
+    keys = sorted(map(str, payload))
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return f"a dict with keys {shown or '(none)'}"
+
+
+def weights_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str:
+    """One line on how ``given`` weights differ from a model's own state dict ("" if they fit)."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    shapes = [
+        f"{key} {tuple(given[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in given
+        and isinstance(given[key], torch.Tensor)
+        and tuple(given[key].shape) != tuple(value.shape)
+    ]
+    not_tensors = [
+        key for key in given if key in expected and not isinstance(given[key], torch.Tensor)
+    ]
+    parts = []
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("of another shape (file vs model)", shapes),
+        ("not tensors", not_tensors),
+    ):
+        if keys:
+            parts.append(f"{len(keys)} {label}, e.g. {keys[0]}")
+    return "; ".join(parts)
+
+
+def load_weights(model: torch.nn.Module, state_dict: Any, where: str, what: str) -> None:
+    """Load ``state_dict`` into ``model`` or raise a one-line :class:`CheckpointError`.
+
+    Parameters
+    ----------
+    model
+        The freshly built model.
+    state_dict
+        What the file holds under ``state_dict``.
+    where
+        ``key=path`` of the file, for the message.
+    what
+        The model the file says it holds, e.g. ``"mct_tiny_patch8_96"``.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{where}: its state_dict is a {type(state_dict).__name__}")
+    problem = weights_mismatch(model.state_dict(), state_dict)
+    if problem:
+        raise CheckpointError(f"{where}: the weights do not fit a {what} model: {problem}")
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{where}: the weights do not fit a {what} model: {first_line(error)}"
+        ) from None
+
+
 def read_model_file(path: str | Path) -> dict[str, Any]:
     """The payload of a model file, or a :class:`CheckpointError` that names the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint={path}: file not found")
-    try:
-        payload = load_checkpoint(path)
-    except Exception as error:  # torch raises several types for a damaged or foreign file
-        raise CheckpointError(f"checkpoint={path} is unreadable: {error}") from error
+    where = f"checkpoint={path}"
+    payload = read_torch_file(path, "checkpoint")
     if not isinstance(payload, dict) or not payload.keys() >= MODEL_KEYS:
-        raise CheckpointError(f"checkpoint={path} is not an MCT model file (final_model.pt)")
+        hint = (
+            "; w3s-predict takes it as segmenter="
+            if isinstance(payload, Mapping) and payload.keys() >= SEGMENTER_KEYS
+            else ""
+        )
+        raise CheckpointError(
+            f"{where} is not an MCT model file (final_model.pt): it holds "
+            f"{describe_payload(payload)}{hint}"
+        )
+    model = payload["model"]
+    if not isinstance(model, Mapping) or not isinstance(model.get("name"), str):
+        raise CheckpointError(f"{where}: its model settings name no MCT preset ({model!r:.80})")
+    classes = payload["classes"]
+    if (
+        not isinstance(classes, list | tuple)
+        or not classes
+        or not all(isinstance(name, str) for name in classes)
+    ):
+        raise CheckpointError(f"{where}: its class list is not a list of names ({classes!r:.80})")
     return payload
 
 
@@ -94,23 +239,27 @@ def load_model(
     """Rebuild the trained MCT model from its file, in eval mode.
 
     ``classes``, when given, must be the class vocabulary the model was trained on: a model
-    applied to another vocabulary would silently mislabel every cell.
+    applied to another vocabulary would silently mislabel every cell. Every problem with the
+    file (missing, empty, truncated, foreign, another kind of model file, weights that do not
+    fit the preset it names) is a one-line :class:`CheckpointError` naming the file.
     """
     payload = read_model_file(path)
+    where = f"checkpoint={Path(path)}"
     trained_on = list(payload["classes"])
     if classes is not None and trained_on != list(classes):
         raise CheckpointError(
-            f"the checkpoint was trained on classes {trained_on} but the data config has "
+            f"{where} was trained on classes {trained_on} but the data config has "
             f"{list(classes)}; pick the data config the model was trained with"
         )
     model_cfg = {**payload["model"], "pretrained_file": None}  # the weights come from the file
-    model = create_mct_model(model_cfg, num_classes=len(trained_on))
+    name = model_cfg["name"]
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
+        model = create_mct_model(model_cfg, num_classes=len(trained_on))
+    except Exception as error:  # timm and the constructors raise several types
         raise CheckpointError(
-            f"checkpoint={path}: weights do not fit its model: {error}"
-        ) from error
+            f"{where}: its model preset {name!r} cannot be built: {first_line(error)}"
+        ) from None
+    load_weights(model, payload["state_dict"], where, name)
     return model.eval(), payload
 
 

@@ -7,5 +7,5 @@ class JobError(Exception):
     """A problem with the job's inputs that the user can fix; shown without a traceback."""
 
     def brief(self) -> str:
-        """The one line a command prints for it."""
-        return str(self)
+        """The one line a command prints for it: the message with its line breaks folded."""
+        return " ".join(str(self).split())

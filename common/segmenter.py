@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,14 @@ from torch import nn
 from torchvision.models import segmentation
 
 from common.augment import normalise
-from common.checkpoint import load_checkpoint
+from common.checkpoint import (
+    MODEL_KEYS,
+    SEGMENTER_KEYS,
+    CheckpointError,
+    describe_payload,
+    load_weights,
+    read_torch_file,
+)
 from common.imaging import channel_argmax, resize_images, resize_labels
 from common.metrics import IGNORE_INDEX
 from common.progress import Progress
@@ -286,7 +292,97 @@ def recalibrate_batchnorm(
     model.eval()
 
 
+# Upsampled logits are made a strip of rows at a time, at most this many floats per strip
+# (4 MB), so that memory does not grow with the image's area times the number of classes.
+STRIP_VALUES = 1 << 20
+
+
+def _bilinear_taps(
+    size_in: int, size_out: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of 1-D linear interpolation with half-pixel centres.
+
+    The sampling of ``F.interpolate(mode="bilinear", align_corners=False)``: output pixel ``i``
+    reads the input at ``(i + 0.5) * size_in / size_out - 0.5``, clamped to the edges.
+    """
+    scale = size_in / size_out
+    index = torch.arange(size_out, dtype=torch.float64, device=device)
+    position = ((index + 0.5) * scale - 0.5).clamp(min=0)
+    first = position.floor().long().clamp(max=size_in - 1)
+    second = torch.where(first < size_in - 1, first + 1, first)
+    weight = (position - first).clamp(0, 1).float()
+    return first, second, 1 - weight, weight
+
+
+def upsampled_strips(
+    scores: torch.Tensor, size: tuple[int, int], strip_values: int = STRIP_VALUES
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Bilinear upsampling of (K, h, w) scores to (K, H, W), a strip of rows at a time.
+
+    Yields ``(first row, (K, rows, W) strip)`` from the top. Every output value depends only on
+    its own row and column, so the strips are the same whatever their height, and together they
+    match ``F.interpolate(..., mode="bilinear", align_corners=False)`` up to float rounding.
+    Memory: the (K, h, W) width pass plus one strip of at most ``strip_values`` floats, instead
+    of K * H * W floats for the whole image.
+    """
+    classes, height_in, width_in = scores.shape
+    height, width = size
+    left, right, left_weight, right_weight = _bilinear_taps(width_in, width, scores.device)
+    # In place where possible: two temporaries per pass, not five.
+    rows = scores[:, :, left].mul_(left_weight).addcmul_(scores[:, :, right], right_weight)
+    top, bottom, top_weight, bottom_weight = _bilinear_taps(height_in, height, scores.device)
+    step = max(1, strip_values // max(1, classes * width))
+    for first in range(0, height, step):
+        band = slice(first, first + step)
+        strip = rows[:, top[band]].mul_(top_weight[band, None])
+        yield first, strip.addcmul_(rows[:, bottom[band]], bottom_weight[band, None])
+
+
+def label_map(scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """The HxW uint8 argmax of (K, h, w) scores upsampled to ``size``, strip by strip."""
+    labels = np.empty(size, dtype=np.uint8)
+    for first, strip in upsampled_strips(scores, size):
+        labels[first : first + strip.shape[1]] = channel_argmax(strip).to(torch.uint8).cpu().numpy()
+    return labels
+
+
 @torch.no_grad()
+def input_logits(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    input_size: int,
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> Iterator[torch.Tensor]:
+    """Class logits of every image at the segmenter's input size: one (K, S, S) tensor each.
+
+    Parameters
+    ----------
+    model
+        A trained segmenter.
+    images
+        Native HxWx3 uint8 images.
+    input_size
+        Side the segmenter was trained at; every image is resized to it.
+    device
+        Where to run.
+    batch_size
+        Images per forward pass.
+    progress
+        Counts the images; by default a new "segmenter predictions" progress line.
+    """
+    model.to(device).eval()
+    if progress is None:
+        progress = Progress("segmenter predictions", len(images), log)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        logits = model(normalise(resize_images(chunk, input_size)).to(device))["out"]
+        yield from logits.float()  # on the device: the upsampling runs there too
+        progress.update(len(chunk))
+
+
 def native_logits(
     model: nn.Module,
     images: Sequence[np.ndarray],
@@ -297,38 +393,17 @@ def native_logits(
 ) -> Iterator[torch.Tensor]:
     """Class logits of every image at its own size: resize to ``input_size``, upsample back.
 
-    Yields one (K, H, W) tensor per image, in order, so a large folder never holds them all.
-
-    Parameters
-    ----------
-    model
-        A trained segmenter.
-    images
-        Native HxWx3 uint8 images.
-    input_size
-        Side the segmenter was trained at.
-    device
-        Where to run.
-    batch_size
-        Images per forward pass.
+    Yields one (K, H, W) float tensor per image, in order, so a large folder never holds them
+    all; one image still takes 4 K bytes per pixel, so :func:`predict` (labels only) never
+    builds it. The arguments are those of :func:`input_logits`.
     """
-    model.to(device).eval()
-    progress = Progress("segmenter predictions", len(images), log)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        logits = model(normalise(resize_images(chunk, input_size)).to(device))["out"]
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, image in enumerate(chunk):
-            by_size[(image.shape[0], image.shape[1])].append(index)
-        native: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
-        for size, indices in by_size.items():
-            upsampled = F.interpolate(
-                logits[indices], size=size, mode="bilinear", align_corners=False
-            )
-            for index, scores in zip(indices, upsampled, strict=True):
-                native[index] = scores.cpu()
-        yield from native
-        progress.update(len(chunk))
+    for image, scores in zip(
+        images,
+        input_logits(model, images, input_size, device=device, batch_size=batch_size),
+        strict=True,
+    ):
+        size = (image.shape[0], image.shape[1])
+        yield torch.cat([strip for _, strip in upsampled_strips(scores, size)], dim=1).cpu()
 
 
 def predict(
@@ -338,14 +413,28 @@ def predict(
     *,
     device: torch.device,
     batch_size: int = 16,
+    progress: Progress | None = None,
 ) -> list[np.ndarray]:
     """One HxW uint8 label map per image (0 background, k = class k - 1).
 
-    The argmax of :func:`native_logits`, which documents the arguments.
+    The argmax of :func:`native_logits` (bit-identical), computed a strip of rows at a time so
+    that an image's full-size logits never exist: memory per image is its label map plus a
+    bounded strip. The arguments are those of :func:`input_logits`.
     """
     return [
-        channel_argmax(scores).to(torch.uint8).numpy()
-        for scores in native_logits(model, images, input_size, device=device, batch_size=batch_size)
+        label_map(scores, (image.shape[0], image.shape[1]))
+        for image, scores in zip(
+            images,
+            input_logits(
+                model,
+                images,
+                input_size,
+                device=device,
+                batch_size=batch_size,
+                progress=progress,
+            ),
+            strict=True,
+        )
     ]
 
 
@@ -374,15 +463,39 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any], list[st
 
     Raises
     ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        If the file is not a segmenter checkpoint.
+    common.checkpoint.CheckpointError
+        One line naming the file and what is wrong with it: missing, empty, truncated, not a
+        PyTorch file, another kind of file (an MCT model file, a bare tensor or state dict),
+        an unknown architecture or weights that do not fit it.
     """
-    payload = load_checkpoint(path)
-    if not {"state_dict", "segmenter", "classes"} <= payload.keys():
-        raise ValueError(f"{path} is not a segmenter checkpoint (written by w3s-postprocess)")
-    cfg, classes = payload["segmenter"], list(payload["classes"])
+    path = Path(path)
+    where = f"segmenter={path}"
+    payload = read_torch_file(path, "segmenter")
+    if not isinstance(payload, dict) or not payload.keys() >= SEGMENTER_KEYS:
+        hint = (
+            "; run w3s-postprocess checkpoint=<it> to train a segmenter and pass its segmenter.pt"
+            if isinstance(payload, dict) and payload.keys() >= MODEL_KEYS
+            else ""
+        )
+        raise CheckpointError(
+            f"{where} is not a segmenter file (segmenter.pt written by w3s-postprocess): "
+            f"it holds {describe_payload(payload)}{hint}"
+        )
+    cfg, classes = payload["segmenter"], payload["classes"]
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("input_size"), int):
+        raise CheckpointError(f"{where}: its segmenter settings lack an input_size ({cfg!r:.80})")
+    if cfg.get("arch") not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: unknown architecture {cfg.get('arch')!r}; this version knows "
+            f"{', '.join(sorted(ARCHITECTURES))}"
+        )
+    if (
+        not isinstance(classes, list | tuple)
+        or not classes
+        or not all(isinstance(name, str) for name in classes)
+    ):
+        raise CheckpointError(f"{where}: its class list is not a list of names ({classes!r:.80})")
+    cfg, classes = {**cfg, "backbone_weights_file": None}, list(classes)
     model = create_segmenter(cfg, len(classes) + 1)
-    model.load_state_dict(payload["state_dict"])
+    load_weights(model, payload["state_dict"], where, cfg["arch"])
     return model.eval(), cfg, classes

@@ -6,8 +6,9 @@ Label maps are single-channel PNGs holding the label itself (0 background, k = c
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ UNCERTAIN_COLOUR = np.array((128, 128, 128), dtype=np.float64)
 # zlib level of the PNGs written per image: hundreds per hospital, and level 1 writes them
 # several times faster than the default 6 at a few percent more bytes.
 PNG_LEVEL = 1
+# Pixels per strip of overlay() and rgb_array(): the float64 work of an overlay strip stays
+# near 2**18 * 3 * 8 bytes (6 MB) a copy, whatever the image's size.
+OVERLAY_STRIP_PIXELS = 1 << 18
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -46,12 +50,21 @@ def sample_stem(sample_id: str) -> str:
     return "__".join(part for part in parts if part) or "sample"
 
 
+def save_png(path: Path, picture: Image.Image) -> None:
+    """Write a PNG through a temporary file beside it, so a failed write leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        picture.save(temporary, format="PNG", compress_level=PNG_LEVEL)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def save_label_png(path: Path, labels: np.ndarray) -> None:
     """Write an HxW label map as an 8-bit greyscale PNG holding the labels themselves."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").save(
-        path, compress_level=PNG_LEVEL
-    )
+    save_png(path, Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L"))
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -64,7 +77,24 @@ def read_image(path: Path) -> np.ndarray:
     """Fully decode an image file into HxWx3 uint8 RGB; PIL raises on corrupt or truncated data."""
     with Image.open(path) as image:
         image.load()
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return rgb_array(image)
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """A decoded PIL image as a writable HxWx3 uint8 RGB array, copied a strip at a time.
+
+    ``np.asarray(image)`` goes through ``tobytes()``, which holds the pixels twice more while
+    it joins them; strips keep a large image's conversion to the array itself.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    step = max(1, OVERLAY_STRIP_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        bottom = min(top + step, height)
+        out[top:bottom] = np.asarray(image.crop((0, top, width, bottom)), dtype=np.uint8)
+    return out
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:
@@ -77,6 +107,9 @@ def _boundary(labels: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """Tint each labelled pixel with its class colour and outline the regions.
+
+    Computed a strip of rows at a time (:func:`overlay_strips`), so the float work takes a few
+    MB whatever the image's size.
 
     Parameters
     ----------
@@ -92,21 +125,50 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.nda
     numpy.ndarray
         HxWx3 uint8 RGB.
     """
-    out = image.astype(np.float64)
+    out = np.empty(image.shape, dtype=np.uint8)
+    for top, strip in overlay_strips(image, labels, alpha):
+        out[top : top + len(strip)] = strip
+    return out
+
+
+def overlay_strips(
+    image: np.ndarray, labels: np.ndarray, alpha: float = 0.4
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`overlay` as ``(first row, rows x W x 3 uint8)`` strips from the top.
+
+    Each strip sees the row below it, so the outline is the one of the whole image.
+    """
     labels = np.asarray(labels)
+    height, width = labels.shape
+    step = max(1, OVERLAY_STRIP_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        bottom = min(top + step, height)
+        strip = labels[top : bottom + 1]  # one more row for the outline, where there is one
+        edge = _boundary(strip)[: bottom - top]
+        yield top, _tint(image[top:bottom], strip[: bottom - top], edge, alpha)
+
+
+def _tint(image: np.ndarray, labels: np.ndarray, edge: np.ndarray, alpha: float) -> np.ndarray:
+    """:func:`overlay` of one strip, given its outline pixels."""
+    out = image.astype(np.float64)
     colours = PALETTE[(labels.astype(np.int64) - 1) % len(PALETTE)]
     colours[labels == 255] = UNCERTAIN_COLOUR
     painted = labels > 0
     out[painted] = (1 - alpha) * out[painted] + alpha * colours[painted]
-    edge = _boundary(labels) & painted
+    edge = edge & painted
     out[edge] = colours[edge]
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def save_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
-    """Write :func:`overlay` of an image and its label map as a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, labels)).save(path, compress_level=PNG_LEVEL)
+    """Write :func:`overlay` of an image and its label map as a PNG.
+
+    The strips are pasted straight into the PNG's picture: no full-size array besides it.
+    """
+    picture = Image.new("RGB", (image.shape[1], image.shape[0]))
+    for top, strip in overlay_strips(image, labels):
+        picture.paste(Image.fromarray(strip), (0, top))
+    save_png(path, picture)
 
 
 def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -1,9 +1,26 @@
 """``w3s-predict``: segment new images with a segmenter trained by ``w3s-postprocess``.
 
-Every visible file directly in ``input`` is tried; one that cannot be decoded is named in the
-log and skipped, the others are segmented (any size) into ``output/<stem>.png`` label maps
-(0 background, k = class k) and ``output/overlays/<stem>.png``. The exit status is 1 when a
-file was skipped, 2 when nothing could run (missing segmenter or folder).
+Every visible file directly in ``input`` is tried. Each is written as ``output/<file name>.png``,
+a label map (0 background, k = class k), and ``output/overlays/<file name>.png``: the whole
+input name is kept (``a.bmp`` -> ``a.bmp.png``), so two inputs never share an output file.
+
+Nothing is destroyed: an ``output`` that is ``input``, lies inside it or contains it is
+refused, and so is one that already holds a file this run would write, unless
+``overwrite=true``. ``output`` is created and a probe file written and removed before any image
+is read, so an unwritable folder stops the job at once.
+
+Images are decoded, segmented and written a few at a time (``batch_size`` images, at most 16M
+decoded pixels). The segmenter sees every image at its input size (192 px by default) and its
+logits are upsampled back to the image a strip of rows at a time, so the full-size logits never
+exist: memory is about 12 bytes per pixel of the largest image (image, label map, overlay). An
+image with a side longer than ``max_side`` px is skipped, read from its header before it is
+decoded: it is no single-cell crop (the segmenter would stretch a 192 px guess over it) and
+refusing it bounds the memory (about 0.8 GB at 8192 x 8192).
+
+Exit status: 0 every file was segmented and written; 1 some input files were skipped (each is
+named in the log: undecodable, larger than max_side or not written), the others were written;
+2 nothing ran (a bad command line, a missing or unreadable segmenter file, a missing or empty
+input folder, an output folder that is unwritable, overlaps input or holds earlier outputs).
 
 The key ``segmenter`` names a file here, while ``w3s-postprocess`` uses a config group of that
 name, so this command's config lives in Hydra's config store instead of ``conf/``.
@@ -12,21 +29,33 @@ name, so this command's config lives in Hydra's config store instead of ``conf/`
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from common.cli import Command
 from common.errors import JobError
+from common.progress import Progress
 from common.segmenter import load_segmenter, predict
 from common.training import resolve_device
-from post_training.artifacts import read_image, save_label_png, save_overlay
+from post_training.artifacts import rgb_array, save_label_png, save_overlay
 
-log = logging.getLogger(__name__)
+# Named, not __name__: run as ``python -m post_training.predict`` the module is __main__, whose
+# logger has no handler, and the names of skipped files must reach the log.
+log = logging.getLogger("post_training.predict")
 USAGE = "w3s-predict segmenter=<out>/segmenter.pt input=<folder> output=<folder>"
+# Decoded pixels held at once by a batch of small images (a larger image is a batch alone).
+BATCH_PIXELS = 1 << 24
+OVERLAYS = "overlays"
 
 ConfigStore.instance().store(
     name="w3s_predict",
@@ -37,6 +66,8 @@ ConfigStore.instance().store(
         "device": "auto",
         "batch_size": 16,
         "overlays": True,
+        "overwrite": False,
+        "max_side": 8192,
     },
 )
 
@@ -52,64 +83,199 @@ def list_inputs(folder: Path) -> list[Path]:
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:
-    """Output stems: the file stem, or stem + extension where two inputs share a stem."""
-    stems = [p.stem for p in paths]
-    return [
-        f"{p.stem}_{p.suffix.lstrip('.')}" if stems.count(p.stem) > 1 else p.stem for p in paths
-    ]
+    """Output file names: the whole input name plus ``.png`` (``a.bmp`` -> ``a.bmp.png``).
+
+    The names of files in one folder differ, so their outputs do too, whatever the names are.
+    """
+    return [f"{path.name}.png" for path in paths]
 
 
-def read_inputs(paths: Sequence[Path]) -> tuple[list[np.ndarray], list[int], list[Path]]:
-    """Decode every file; return the images, their positions and the files that failed."""
-    images, kept, failed = [], [], []
-    for index, path in enumerate(paths):
+def check_folders(source: Path, out: Path) -> None:
+    """Refuse an output folder that is the input folder, lies inside it or contains it."""
+    if out == source:
+        raise JobError(f"output={out} is the input folder; choose a separate folder")
+    if out.is_relative_to(source):
+        raise JobError(f"output={out} lies inside input={source}; choose a separate folder")
+    if source.is_relative_to(out):
+        raise JobError(f"output={out} contains input={source}; choose a separate folder")
+
+
+def planned_files(out: Path, names: Sequence[str], overlays: bool) -> list[Path]:
+    """Every file this run writes."""
+    files = [out / name for name in names]
+    if overlays:
+        files += [out / OVERLAYS / name for name in names]
+    return files
+
+
+def check_no_overwrite(out: Path, files: Sequence[Path]) -> None:
+    """Refuse to replace files that exist already (``overwrite=true`` allows it)."""
+    existing = [path for path in files if path.exists() or path.is_symlink()]
+    if existing:
+        raise JobError(
+            f"output={out} already holds {len(existing)} of the {len(files)} files this run "
+            f"would write (first: {existing[0].relative_to(out)}); choose another folder or "
+            "pass overwrite=true to replace them"
+        )
+
+
+def prepare_output(out: Path, overlays: bool) -> None:
+    """Create the output folders and prove them writable with a probe file, or a JobError."""
+    folders = [out, out / OVERLAYS] if overlays else [out]
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise JobError(f"output={out}: {folder} exists and is not a folder")
         try:
-            images.append(read_image(path))
-        # PIL reports corrupt data with many exception types; any makes the file unusable.
-        except Exception as error:
-            log.error(
-                "skipping %s: cannot decode it as an image (%s: %s)",
-                path,
-                type(error).__name__,
-                error,
-            )
-            failed.append(path)
-            continue
-        kept.append(index)
-    return images, kept, failed
+            folder.mkdir(parents=True, exist_ok=True)
+            descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".w3s-predict-probe-")
+            try:
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(b"w3s-predict write probe\n")
+            finally:
+                Path(probe).unlink(missing_ok=True)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise JobError(f"output={out} is not writable: {reason} ({folder})") from None
 
 
-def run_predict(cfg: DictConfig) -> int:
-    """Segment the input folder; return the exit status (0 all done, 1 some files skipped)."""
+def read_input(path: Path, max_side: int) -> np.ndarray | None:
+    """Decode one file to HxWx3 uint8 RGB, or log why it is skipped and return ``None``.
+
+    The size comes from the header first: a file over ``max_side`` is never decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max(width, height) > max_side:
+                    log.error(
+                        "skipping %s: %d x %d px is larger than max_side=%d",
+                        path,
+                        width,
+                        height,
+                        max_side,
+                    )
+                    return None
+                image.load()
+                return rgb_array(image)
+    # PIL reports corrupt data with many exception types; any makes the file unusable.
+    except Exception as error:
+        log.error(
+            "skipping %s: cannot decode it as an image (%s: %s)",
+            path,
+            type(error).__name__,
+            error,
+        )
+        return None
+
+
+def check_predict_config(cfg: DictConfig) -> None:
+    """Refuse a missing key or a value of the wrong kind before any work starts."""
     missing = [key for key in ("segmenter", "input", "output") if OmegaConf.is_missing(cfg, key)]
     if missing:
         raise JobError(f"{', '.join(f'{key}=...' for key in missing)} required: " + USAGE)
-    checkpoint = Path(str(cfg.segmenter)).expanduser().resolve()
-    try:
-        model, seg_cfg, classes = load_segmenter(checkpoint)
-    except FileNotFoundError as error:
-        raise JobError(f"segmenter={checkpoint}: file not found") from error
-    except ValueError as error:
-        raise JobError(str(error)) from error
-    paths = list_inputs(Path(str(cfg.input)).expanduser().resolve())
+    for key in ("batch_size", "max_side"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise JobError(f"{key}={value} must be a whole number >= 1")
+    for key in ("overlays", "overwrite"):
+        if not isinstance(cfg[key], bool):
+            raise JobError(f"{key}={cfg[key]} must be true or false")
+
+
+class _Writer:
+    """Segments the decoded images of one batch and writes their files; counts what failed."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: tuple[torch.nn.Module, dict[str, Any], list[str]],
+        out: Path,
+        total: int,
+    ) -> None:
+        self.model, self.seg_cfg, self.classes = model
+        self.out = out
+        self.overlays = bool(cfg.overlays)
+        self.device = resolve_device(str(cfg.device))
+        self.progress = Progress("segmenter predictions", total, log)
+        self.written = 0
+        self.failed: list[Path] = []
+
+    def __call__(self, batch: Sequence[tuple[Path, str, np.ndarray]]) -> None:
+        if not batch:
+            return
+        images = [image for _, _, image in batch]
+        labels = predict(
+            self.model,
+            images,
+            int(self.seg_cfg["input_size"]),
+            device=self.device,
+            batch_size=len(images),
+            progress=self.progress,
+        )
+        for (path, name, image), label_map in zip(batch, labels, strict=True):
+            try:
+                save_label_png(self.out / name, label_map)
+                if self.overlays:
+                    save_overlay(self.out / OVERLAYS / name, image, label_map)
+            except OSError as error:
+                log.error("skipping %s: cannot write its mask (%s)", path, error)
+                self.failed.append(path)
+                continue
+            self.written += 1
+
+
+def run_predict(cfg: DictConfig) -> int:
+    """Segment the input folder; return the exit status (0 all written, 1 some files skipped).
+
+    Raises
+    ------
+    JobError
+        Before any image is read, for what stops the whole job (exit status 2).
+    """
+    check_predict_config(cfg)
+    source = Path(str(cfg.input)).expanduser().resolve()
     out = Path(str(cfg.output)).expanduser().resolve()
+    model = load_segmenter(Path(str(cfg.segmenter)).expanduser().resolve())
+    check_folders(source, out)
+    overlays = (out / OVERLAYS).resolve()  # a link into the input folder is refused too
+    if cfg.overlays and (overlays.is_relative_to(source) or source.is_relative_to(overlays)):
+        raise JobError(
+            f"output={out}: its overlays folder leads to {overlays}, which overlaps input={source}"
+        )
+    paths = list_inputs(source)
     names = output_names(paths)
-    images, kept, failed = read_inputs(paths)
-    log.info("segmenting %d images with %s (classes %s)", len(images), seg_cfg["arch"], classes)
-    labels = predict(
-        model,
-        images,
-        int(seg_cfg["input_size"]),
-        device=resolve_device(str(cfg.device)),
-        batch_size=int(cfg.batch_size),
+    writer = _Writer(cfg, model, out, len(paths))
+    if not cfg.overwrite:
+        check_no_overwrite(out, planned_files(out, names, bool(cfg.overlays)))
+    prepare_output(out, bool(cfg.overlays))
+    log.info(
+        "segmenting %d files with %s (classes %s) into %s",
+        len(paths),
+        writer.seg_cfg["arch"],
+        writer.classes,
+        out,
     )
-    for index, image, label_map in zip(kept, images, labels, strict=True):
-        save_label_png(out / f"{names[index]}.png", label_map)
-        if cfg.overlays:
-            save_overlay(out / "overlays" / f"{names[index]}.png", image, label_map)
-    log.info("wrote %d masks to %s", len(images), out)
-    if failed:
-        log.error("%d file(s) skipped: %s", len(failed), ", ".join(p.name for p in failed))
+    max_side = int(cfg.max_side)
+    batch: list[tuple[Path, str, np.ndarray]] = []
+    pixels = 0
+    for path, name in zip(paths, names, strict=True):
+        image = read_input(path, max_side)
+        if image is None:
+            writer.failed.append(path)
+            writer.progress.update()
+            continue
+        batch.append((path, name, image))
+        pixels += image.shape[0] * image.shape[1]
+        if len(batch) >= int(cfg.batch_size) or pixels >= BATCH_PIXELS:
+            writer(batch)
+            batch, pixels = [], 0
+    writer(batch)
+    log.info("wrote %d of %d masks to %s", writer.written, len(paths), out)
+    if writer.failed:
+        names = ", ".join(path.name for path in sorted(writer.failed))
+        log.error("%d file(s) skipped: %s", len(writer.failed), names)
         return 1
     return 0
 
@@ -122,12 +288,15 @@ COMMAND = Command(
     keys={
         "segmenter": "segmenter.pt written by w3s-postprocess (required)",
         "input": "folder of images to segment (required)",
-        "output": "folder for the label maps and overlays (required)",
+        "output": "folder for the label maps and overlays, apart from input (required)",
         "device": "auto (CUDA when present), cpu or cuda",
         "batch_size": "images per forward pass",
         "overlays": "also write colour overlays (true/false)",
+        "overwrite": "replace files of an earlier run in output (default false: refuse)",
+        "max_side": "longest image side in px; larger images are skipped (default 8192)",
     },
     examples=["w3s-predict segmenter=<out>/segmenter.pt input=new_images output=masks"],
+    check=check_predict_config,
     own_store=True,
 )
 

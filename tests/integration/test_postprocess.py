@@ -173,9 +173,9 @@ def test_predict_segments_new_images_and_names_corrupt_files(synthetic_run, tmp_
     assert result.returncode == 1, log[-4000:]
     assert "broken.png" in log and "empty.bmp" in log
     written = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert written == ["a.png", "b.png"]
-    assert read_label_png(tmp_path / "out" / "a.png").shape == (40, 50)
-    assert (tmp_path / "out" / "overlays" / "b.png").is_file()
+    assert written == ["a.png.png", "b.jpg.png"]  # the whole input name, so never a clash
+    assert read_label_png(tmp_path / "out" / "a.png.png").shape == (40, 50)
+    assert (tmp_path / "out" / "overlays" / "b.jpg.png").is_file()
     assert list((tmp_path / "cwd").iterdir()) == []
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -11,3 +13,102 @@ def task_identity(monkeypatch):
     """Messages take their run id from the running task; outside a run, give them one."""
     for attribute in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attribute, 1)
+
+
+# Damaged and foreign model files: name -> words the one-line error must contain. The same
+# cases serve the library (test_checkpoint.py) and the commands (test_cli.py).
+CHECKPOINT_FAULTS = {
+    "missing": "file not found",
+    "empty": "empty (0 bytes)",
+    "truncated": "truncated",
+    "bare_tensor": "bare tensor",
+    "pickled_object": "pickled Python objects",
+    "bare_state_dict": "bare state dict",
+    "mismatched_weights": "do not fit",
+    "other_preset": "do not fit a mct_deit_small_patch16_224",
+    "unknown_preset": "cannot be built",
+    "segmenter_file": "segmenter file",
+}
+SEGMENTER_FAULTS = {
+    "missing": "file not found",
+    "empty": "empty (0 bytes)",
+    "truncated": "truncated",
+    "bare_tensor": "bare tensor",
+    "pickled_object": "pickled Python objects",
+    "bare_state_dict": "bare state dict",
+    "mismatched_weights": "do not fit",
+    "unknown_arch": "unknown architecture",
+    "mct_file": "MCT model file",
+}
+TINY_SEGMENTER = {"arch": "lraspp_mobilenet_v3_large", "input_size": 32}
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """``{"checkpoint": {fault: path}, "segmenter": {fault: path}, "good": {...}}``."""
+    import torch
+
+    from common.checkpoint import model_payload, save_atomic, save_model
+    from common.config import compose_config
+    from common.model import create_mct_model
+    from common.segmenter import create_segmenter, segmenter_payload
+
+    folder = tmp_path_factory.mktemp("model_files")
+    cfg = compose_config(["model.img_size=32"])
+    classes = list(cfg.data.classes)
+    torch.manual_seed(0)
+    mct = create_mct_model(cfg.model, len(classes))
+    good_mct = save_model(mct.state_dict(), cfg, 1, folder / "final_model.pt")
+    segmenter = create_segmenter(TINY_SEGMENTER, len(classes) + 1)
+    good_segmenter = save_atomic(
+        segmenter_payload(segmenter, TINY_SEGMENTER, classes), folder / "segmenter.pt"
+    )
+
+    def write(name: str, payload: object) -> Path:
+        path = folder / f"{name}.pt"
+        torch.save(payload, path)
+        return path
+
+    def common_faults(prefix: str, good: Path, state: dict) -> dict[str, Path]:
+        truncated = folder / f"{prefix}_truncated.pt"
+        truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        empty = folder / f"{prefix}_empty.pt"
+        empty.write_bytes(b"")
+        return {
+            "missing": folder / f"{prefix}_missing.pt",
+            "empty": empty,
+            "truncated": truncated,
+            "bare_tensor": write(f"{prefix}_bare_tensor", torch.ones(3)),
+            "pickled_object": write(f"{prefix}_pickled_object", torch.nn.Linear(2, 2)),
+            "bare_state_dict": write(f"{prefix}_bare_state_dict", state),
+        }
+
+    other_classes = create_mct_model(cfg.model, len(classes) + 2).state_dict()
+    deit = model_payload(mct.state_dict(), cfg, 1)
+    deit["model"] = {**deit["model"], "name": "mct_deit_small_patch16_224"}
+    unknown = model_payload(mct.state_dict(), cfg, 1)
+    unknown["model"] = {**unknown["model"], "name": "resnet18"}
+    checkpoint = {
+        **common_faults("mct", good_mct, mct.state_dict()),
+        "mismatched_weights": save_model(other_classes, cfg, 1, folder / "mct_mismatch.pt"),
+        "other_preset": write("mct_other_preset", deit),
+        "unknown_preset": write("mct_unknown_preset", unknown),
+        "segmenter_file": good_segmenter,
+    }
+    wider = create_segmenter(TINY_SEGMENTER, len(classes) + 3)
+    unknown_arch = segmenter_payload(segmenter, {**TINY_SEGMENTER, "arch": "unet"}, classes)
+    segmenter_files = {
+        **common_faults("seg", good_segmenter, segmenter.state_dict()),
+        "mismatched_weights": write(
+            "seg_mismatch", segmenter_payload(wider, TINY_SEGMENTER, classes)
+        ),
+        "unknown_arch": write("seg_unknown_arch", unknown_arch),
+        "mct_file": good_mct,
+    }
+    assert checkpoint.keys() == CHECKPOINT_FAULTS.keys()
+    assert segmenter_files.keys() == SEGMENTER_FAULTS.keys()
+    return {
+        "checkpoint": checkpoint,
+        "segmenter": segmenter_files,
+        "good": {"checkpoint": good_mct, "segmenter": good_segmenter},
+    }

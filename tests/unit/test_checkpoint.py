@@ -1,6 +1,18 @@
+"""The model files (common/checkpoint.py): atomic writes, and one-line errors for bad files."""
+
+import pytest
 import torch
 
-from common.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
+from common.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_atomic,
+)
+from common.errors import JobError
+from common.segmenter import load_segmenter
+from tests.unit.conftest import CHECKPOINT_FAULTS, SEGMENTER_FAULTS
 
 
 def test_atomic_save_round_trips_and_leaves_no_temporary(tmp_path):
@@ -23,3 +35,43 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capl
 
 def test_no_checkpoint_at_all(tmp_path):
     assert latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
+def test_every_damaged_or_foreign_model_file_is_one_line_naming_it(fault, model_files):
+    path = model_files["checkpoint"][fault]
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path, classes=None)
+    brief = raised.value.brief()
+    assert "\n" not in str(raised.value) and brief == str(raised.value)
+    assert f"checkpoint={path}" in brief and CHECKPOINT_FAULTS[fault] in brief, brief
+    assert len(brief) < 400, brief
+
+
+@pytest.mark.parametrize("fault", SEGMENTER_FAULTS)
+def test_every_damaged_or_foreign_segmenter_file_is_one_line_naming_it(fault, model_files):
+    path = model_files["segmenter"][fault]
+    with pytest.raises(CheckpointError) as raised:
+        load_segmenter(path)
+    brief = raised.value.brief()
+    assert "\n" not in str(raised.value) and brief == str(raised.value)
+    assert f"segmenter={path}" in brief and SEGMENTER_FAULTS[fault] in brief, brief
+    assert len(brief) < 400, brief
+
+
+def test_the_good_files_load(model_files):
+    model, payload = load_model(model_files["good"]["checkpoint"])
+    assert not model.training and payload["round"] == 1
+    segmenter, cfg, classes = load_segmenter(model_files["good"]["segmenter"])
+    assert not segmenter.training and cfg["input_size"] == 32 and classes == payload["classes"]
+
+
+def test_a_model_trained_on_other_classes_is_refused(model_files):
+    path = model_files["good"]["checkpoint"]
+    with pytest.raises(CheckpointError, match="trained on classes") as raised:
+        load_model(path, classes=["x", "y"])
+    assert f"checkpoint={path}" in raised.value.brief()
+
+
+def test_a_job_error_is_always_one_line():
+    assert JobError("two\n  lines\n").brief() == "two lines"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from common.cli import INPUT_ERROR
+from tests.unit.conftest import CHECKPOINT_FAULTS, SEGMENTER_FAULTS
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -182,3 +183,34 @@ def test_main_without_argv_reads_sys_argv(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["w3s-report", "runs=[/no/such]"])
     assert main_of("w3s-report")() == INPUT_ERROR
     assert_one_line_error("w3s-report", INPUT_ERROR, capsys.readouterr().err, "/no/such")
+
+
+# The commands that read a model file, the key naming it, and the other arguments they need.
+MODEL_FILE_COMMANDS = {
+    "w3s-postprocess": ("checkpoint", ["hospital=hospital_a"]),
+    "w3s-stages": ("checkpoint", ["hospital=hospital_a"]),
+    "w3s-predict": ("segmenter", []),
+}
+MODEL_FILE_CASES = [
+    (script, fault)
+    for script, (key, _) in MODEL_FILE_COMMANDS.items()
+    for fault in (CHECKPOINT_FAULTS if key == "checkpoint" else SEGMENTER_FAULTS)
+]
+
+
+@pytest.mark.parametrize(("script", "fault"), MODEL_FILE_CASES)
+def test_a_bad_model_file_is_one_line_naming_it_and_status_2(
+    script, fault, model_files, tmp_path, capsys
+):
+    key, extra = MODEL_FILE_COMMANDS[script]
+    path = model_files[key][fault]
+    if script == "w3s-predict":
+        images = tmp_path / "images"
+        images.mkdir()
+        (images / "cell.png").write_bytes(b"not decoded: the segmenter is refused first")
+        extra = [f"input={images}", f"output={tmp_path / 'masks'}"]
+    else:
+        extra = [*extra, f"output_dir={tmp_path / 'out'}"]
+    status, _, err = call(script, [f"{key}={path}", *extra], capsys)
+    assert_one_line_error(script, status, err, f"{key}={path}")
+    assert not (tmp_path / "masks").exists() and not (tmp_path / "out").exists()

@@ -105,3 +105,21 @@ def test_license_is_apache_2():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_every_test_a_guarantee_names_exists():
+    # docs/reliability.md names the test behind each guarantee: `path::test` or `::test`
+    # (a test in the file named just before it).
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named, current = [], None
+    for path, name in re.findall(r"`(tests/[\w/]+\.py)?::(\w+)`", text):
+        current = path or current
+        assert current, f"::{name} follows no test file"
+        named.append((current, name))
+    assert len(named) >= 10, named
+    missing = [
+        f"{path}::{name}"
+        for path, name in named
+        if not re.search(rf"^def {name}\(", (ROOT / path).read_text(encoding="utf-8"), re.M)
+    ]
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"

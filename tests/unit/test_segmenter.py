@@ -3,20 +3,24 @@ import socket
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.augment import normalise
-from common.checkpoint import save_atomic
+from common.checkpoint import CheckpointError, save_atomic
 from common.segmenter import (
     ARCHITECTURES,
     GroundTruthLeakError,
     check_not_ground_truth,
     create_segmenter,
+    label_map,
     load_segmenter,
+    native_logits,
     predict,
     recalibrate_batchnorm,
     segmenter_payload,
     train_segmenter,
     training_epochs,
+    upsampled_strips,
 )
 
 TINY = {
@@ -144,12 +148,42 @@ def test_ground_truth_guard():
     check_not_ground_truth(masks, None)
 
 
-def test_load_segmenter_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+def test_load_segmenter_errors_are_checkpoint_errors_naming_the_file(tmp_path):
+    # Every case is in test_checkpoint.py; these are user errors (JobError), not bugs.
+    with pytest.raises(CheckpointError, match="file not found"):
         load_segmenter(tmp_path / "missing.pt")
     save_atomic({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a segmenter"):
+    with pytest.raises(CheckpointError, match=f"segmenter={tmp_path / 'other.pt'} is not a"):
         load_segmenter(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("size", [(300, 170), (40, 50), (32, 32), (20, 10), (1, 7), (997, 3)])
+def test_strips_match_bilinear_interpolation(size):
+    torch.manual_seed(0)
+    scores = torch.randn(4, 32, 32)
+    full = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+    strips = list(upsampled_strips(scores, size, strip_values=4 * size[1] * 7))  # 7 rows each
+    assert [first for first, _ in strips] == list(range(0, size[0], 7))
+    joined = torch.cat([strip for _, strip in strips], dim=1)
+    torch.testing.assert_close(joined, full, rtol=0, atol=1e-4)
+    # The strip height never changes a value: one strip and many strips agree bit for bit.
+    whole = torch.cat([strip for _, strip in upsampled_strips(scores, size)], dim=1)
+    assert torch.equal(joined, whole)
+    labels = label_map(scores, size)
+    assert labels.dtype == np.uint8 and labels.shape == size
+    np.testing.assert_array_equal(labels, whole.argmax(0).numpy())
+
+
+def test_predict_is_the_argmax_of_native_logits_without_building_them():
+    torch.manual_seed(0)
+    model = create_segmenter(TINY, 3).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in [(70, 45), (31, 90)]]
+    labels = predict(model, images, 32, device=torch.device("cpu"), batch_size=2)
+    logits = list(native_logits(model, images, 32, device=torch.device("cpu"), batch_size=2))
+    assert [tuple(scores.shape) for scores in logits] == [(3, 70, 45), (3, 31, 90)]
+    for label, scores in zip(labels, logits, strict=True):
+        np.testing.assert_array_equal(label, scores.argmax(0).numpy())
 
 
 def test_recalibration_replaces_stale_batchnorm_statistics():

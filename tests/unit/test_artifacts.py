@@ -1,0 +1,76 @@
+"""Files the jobs write (post_training/artifacts.py): strip-wise work equals whole-image work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from post_training import artifacts
+from post_training.artifacts import (
+    PALETTE,
+    UNCERTAIN_COLOUR,
+    overlay,
+    read_image,
+    read_label_png,
+    rgb_array,
+    save_label_png,
+    save_overlay,
+)
+
+
+def whole_image_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """The overlay computed on the whole image at once (the formula before strips)."""
+    out = image.astype(np.float64)
+    colours = PALETTE[(labels.astype(np.int64) - 1) % len(PALETTE)]
+    colours[labels == 255] = UNCERTAIN_COLOUR
+    painted = labels > 0
+    out[painted] = (1 - alpha) * out[painted] + alpha * colours[painted]
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    edge &= painted
+    out[edge] = colours[edge]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("strip_pixels", [1, 37, 1 << 18])
+def test_overlay_in_strips_equals_the_whole_image_overlay(strip_pixels, monkeypatch, tmp_path):
+    monkeypatch.setattr(artifacts, "OVERLAY_STRIP_PIXELS", strip_pixels)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (53, 29, 3), dtype=np.uint8)
+    labels = rng.choice(np.array([0, 1, 2, 255], dtype=np.uint8), (53, 29), p=[0.5, 0.2, 0.2, 0.1])
+    expected = whole_image_overlay(image, labels)
+    np.testing.assert_array_equal(overlay(image, labels), expected)
+    save_overlay(tmp_path / "o.png", image, labels)
+    with Image.open(tmp_path / "o.png") as written:
+        np.testing.assert_array_equal(np.asarray(written), expected)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+def test_rgb_array_equals_the_converted_image(mode, monkeypatch, tmp_path):
+    monkeypatch.setattr(artifacts, "OVERLAY_STRIP_PIXELS", 50)  # strips of 2 rows
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 255, (23, 25, 3), dtype=np.uint8)).convert(mode)
+    array = rgb_array(picture)
+    np.testing.assert_array_equal(array, np.asarray(picture.convert("RGB")))
+    assert array.dtype == np.uint8 and array.flags.writeable
+    picture.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), array)
+
+
+def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary(tmp_path, monkeypatch):
+    labels = np.ones((4, 5), dtype=np.uint8)
+    save_label_png(tmp_path / "a.png", labels)
+
+    def disk_full(self, fp, *args, **kwargs):
+        with open(fp, "wb") as handle:
+            handle.write(b"half a PNG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_label_png(tmp_path / "a.png", np.zeros((4, 5), dtype=np.uint8))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+    np.testing.assert_array_equal(read_label_png(tmp_path / "a.png"), labels)

@@ -1,0 +1,300 @@
+"""``w3s-predict`` (post_training/predict.py): it never destroys data and its status is honest.
+
+Each test calls ``main([...])`` in this process with an untrained tiny segmenter (the labels do
+not matter here, only what is written where); the memory test runs in a subprocess of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.checkpoint import save_atomic
+from common.cli import INPUT_ERROR
+from common.logs import PROJECT_LOGGERS, setup_logging
+from common.segmenter import create_segmenter, segmenter_payload
+from post_training import predict as predict_module
+from post_training.artifacts import read_label_png
+from post_training.predict import COMMAND, main, output_names
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {"arch": "lraspp_mobilenet_v3_large", "input_size": 32}
+
+
+@pytest.fixture(scope="module")
+def segmenter_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = create_segmenter(TINY, 3)
+    folder = tmp_path_factory.mktemp("segmenter")
+    return save_atomic(segmenter_payload(model, TINY, ["a", "b"]), folder / "segmenter.pt")
+
+
+@pytest.fixture
+def run(segmenter_file, capsys):
+    """``run(input, output, *more)`` -> (status, stderr lines), the log included."""
+    setup_logging()
+    # The handlers keep the stderr of the moment they were made: point them at this test's
+    # stderr while it runs (not setStream, which flushes the old, maybe closed, one), then back.
+    handlers = [
+        handler
+        for name in PROJECT_LOGGERS
+        for handler in logging.getLogger(name).handlers
+        if type(handler) is logging.StreamHandler  # not pytest's capture handlers
+    ]
+    streams = [handler.stream for handler in handlers]
+
+    def call(source: Path, out: Path, *more: str) -> tuple[int, list[str]]:
+        for handler in handlers:
+            handler.stream = sys.stderr
+        status = main([f"segmenter={segmenter_file}", f"input={source}", f"output={out}", *more])
+        return status, capsys.readouterr().err.splitlines()
+
+    yield call
+    for handler, stream in zip(handlers, streams, strict=True):
+        handler.stream = stream
+
+
+def write_images(folder: Path, names: list[str], size: tuple[int, int] = (40, 50)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / name)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_refused(status: int, err: list[str], *words: str) -> None:
+    assert status == INPUT_ERROR, err
+    assert len(err) == 1 and err[0].startswith("w3s-predict: "), err
+    for word in words:
+        assert word in err[0], (word, err)
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_an_output_that_overlaps_the_input_is_refused_before_any_work(where, run, tmp_path):
+    source = tmp_path / "images"
+    write_images(source, ["x.png", "y.jpg"])
+    before = snapshot(tmp_path)
+    out = {"same": source, "inside": source / "masks", "contains": tmp_path}[where]
+    status, err = run(source, out)
+    assert_refused(status, err, f"output={out}", "input")
+    assert snapshot(tmp_path) == before  # the input image x.png is not replaced by a mask
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["images", "x.png", "y.jpg"]
+
+
+def test_an_overlays_folder_linked_into_the_input_is_refused(run, tmp_path):
+    source, out = tmp_path / "images", tmp_path / "masks"
+    write_images(source, ["x.png"])
+    out.mkdir()
+    (out / "overlays").symlink_to(source)
+    before = snapshot(source)
+    assert_refused(*run(source, out), f"output={out}: its overlays folder", "overlaps input")
+    assert snapshot(source) == before
+
+
+def test_every_input_name_gets_its_own_output(run, tmp_path):
+    # The old scheme (stem, or stem_ext where stems clash) gave a.png and a_png.jpg one output.
+    names = ["a.png", "a.bmp", "a_png.jpg", "a.png.png"]
+    write_images(tmp_path / "images", names)
+    status, err = run(tmp_path / "images", tmp_path / "masks")
+    assert status == 0, err
+    expected = sorted(f"{name}.png" for name in names)
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == expected
+    assert sorted(p.name for p in (tmp_path / "masks" / "overlays").iterdir()) == expected
+    assert read_label_png(tmp_path / "masks" / "a_png.jpg.png").shape == (40, 50)
+    assert any("wrote 4 of 4 masks" in line for line in err), err
+
+
+def test_output_names_are_distinct_for_any_distinct_file_names():
+    names = ["a", "a.png", "a_png", "a.png.png", "a_png.png", "A.PNG", ".png", "a b.tif"]
+    outputs = output_names([Path("/in") / name for name in names])
+    assert len(set(outputs)) == len(names)
+    assert outputs[1] == "a.png.png"
+
+
+def test_earlier_outputs_are_kept_unless_overwrite_is_true(run, tmp_path):
+    source, out = tmp_path / "images", tmp_path / "masks"
+    write_images(source, ["a.png", "b.png"])
+    assert run(source, out)[0] == 0
+    (out / "b.png.png").write_bytes(b"an earlier result")
+    status, err = run(source, out)
+    assert_refused(status, err, f"output={out}", "overwrite=true")
+    assert (out / "b.png.png").read_bytes() == b"an earlier result"
+    status, err = run(source, out, "overwrite=true")
+    assert status == 0, err
+    assert read_label_png(out / "b.png.png").shape == (40, 50)
+
+
+def test_an_existing_overlay_alone_blocks_the_run(run, tmp_path):
+    source, out = tmp_path / "images", tmp_path / "masks"
+    write_images(source, ["a.png"])
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "a.png.png").write_bytes(b"kept")
+    assert_refused(*run(source, out), "overlays/a.png.png")
+    assert run(source, out, "overlays=false")[0] == 0  # no overlay is written then
+    assert (out / "overlays" / "a.png.png").read_bytes() == b"kept"
+
+
+def no_image_read(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was read before the output folder was checked")
+
+    monkeypatch.setattr(predict_module, "read_input", refuse)
+
+
+def test_an_output_below_a_file_is_one_line_before_any_image_is_read(run, tmp_path, monkeypatch):
+    write_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "file").write_text("a file, not a folder")
+    no_image_read(monkeypatch)
+    status, err = run(tmp_path / "images", tmp_path / "file" / "masks")
+    assert_refused(status, err, "is not writable")
+    status, err = run(tmp_path / "images", tmp_path / "file")
+    assert_refused(status, err, "not a folder")
+
+
+def test_an_output_that_refuses_writes_is_one_line_before_any_image_is_read(
+    run, tmp_path, monkeypatch
+):
+    write_images(tmp_path / "images", ["a.png"])
+    no_image_read(monkeypatch)
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(predict_module.tempfile, "mkstemp", read_only)
+    status, err = run(tmp_path / "images", tmp_path / "masks")
+    assert_refused(status, err, f"output={tmp_path / 'masks'} is not writable", "Read-only")
+
+
+def test_skipped_files_are_named_and_the_status_is_1(run, tmp_path):
+    source = tmp_path / "images"
+    write_images(source, ["good.png", "wide.png"])
+    write_images(source, ["huge.png"], size=(20, 90))
+    (source / "empty.bmp").write_bytes(b"")
+    data = (source / "wide.png").read_bytes()
+    (source / "broken.png").write_bytes(data[: len(data) // 2])
+    status, err = run(source, tmp_path / "masks", "max_side=60")
+    assert status == 1, err
+    log = "\n".join(err)
+    assert "huge.png: 90 x 20 px is larger than max_side=60" in log
+    assert "empty.bmp: cannot decode" in log and "broken.png: cannot decode" in log
+    assert "3 file(s) skipped: broken.png, empty.bmp, huge.png" in log
+    written = sorted(p.name for p in (tmp_path / "masks").glob("*.png"))
+    assert written == ["good.png.png", "wide.png.png"]
+
+
+@pytest.mark.parametrize(
+    "override", ["batch_size=0", "max_side=big", "overwrite=maybe", "overlays=2", "max_side=-1"]
+)
+def test_a_bad_value_is_one_line_and_status_2(override, run, tmp_path):
+    write_images(tmp_path / "images", ["a.png"])
+    status, err = run(tmp_path / "images", tmp_path / "masks", override)
+    assert_refused(status, err, override.split("=")[0])
+    assert not (tmp_path / "masks").exists()
+
+
+def test_help_documents_the_exit_statuses_and_the_new_keys():
+    text = COMMAND.help_text()
+    assert "Exit status: 0 every file was segmented and written" in " ".join(text.split())
+    for status in ("1 some input files were skipped", "2 nothing ran"):
+        assert status in " ".join(text.split()), text
+    assert "overwrite" in COMMAND.keys and "max_side" in COMMAND.keys
+
+
+def test_images_are_decoded_and_written_a_batch_at_a_time(run, tmp_path, monkeypatch):
+    write_images(tmp_path / "images", [f"{i}.png" for i in range(5)])
+    events: list[str] = []
+    read_input, predict = predict_module.read_input, predict_module.predict
+
+    def reading(*args, **kwargs):
+        events.append("read")
+        return read_input(*args, **kwargs)
+
+    def predicting(model, images, *args, **kwargs):
+        events.append(f"predict {len(images)}")
+        return predict(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "read_input", reading)
+    monkeypatch.setattr(predict_module, "predict", predicting)
+    status, err = run(tmp_path / "images", tmp_path / "masks", "batch_size=2")
+    assert status == 0, err
+    assert events == ["read", "read", "predict 2", "read", "read", "predict 2", "read", "predict 1"]
+
+
+# Runs in a fresh interpreter: the peak resident memory of w3s-predict on one large image,
+# over what the process held before (Linux /proc; the high-water mark is reset first).
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, re, sys
+    from pathlib import Path
+    from post_training.predict import main
+
+    def status(field):
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(field + r":\\s+(\\d+) kB", text)[1]) * 1024
+
+    segmenter, small, large, out = sys.argv[1:5]
+    assert main([f"segmenter={segmenter}", f"input={small}", f"output={out}/warm-up"]) == 0
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status("VmRSS")
+    code = main([f"segmenter={segmenter}", f"input={large}", f"output={out}/large"])
+    print(json.dumps({"status": code, "growth": status("VmHWM") - before}))
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_memory_stays_bounded_on_a_large_image(tmp_path):
+    side, outputs = 3000, 11  # ten classes: full-size float logits would take 396 MB
+    torch.manual_seed(0)
+    model = create_segmenter(TINY, outputs)
+    classes = [f"class {i}" for i in range(1, outputs)]
+    segmenter = save_atomic(segmenter_payload(model, TINY, classes), tmp_path / "segmenter.pt")
+    write_images(tmp_path / "small", ["cell.png"])
+    (tmp_path / "large").mkdir()
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)  # compresses well, decodes to 27 MB
+    grey = np.full((side, side), 128, dtype=np.uint8)
+    picture = np.stack([np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side)), grey], -1)
+    Image.fromarray(picture).save(tmp_path / "large" / "slide.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEMORY_PROBE,
+            str(segmenter),
+            *(str(tmp_path / d) for d in ("small", "large")),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
+    if "clear_refs" in result.stderr and "PermissionError" in result.stderr:
+        pytest.skip("cannot reset the memory high-water mark here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["status"] == 0
+    pixels = side * side
+    full_logits = outputs * 4 * pixels
+    # Decoding (PIL's 4 B/px copy beside the 3 B/px array), the label map (1 B/px), the
+    # overlay's PNG picture (4 B/px): about 12 B/px measured; the full-size float logits
+    # alone are 44 B/px.
+    assert measured["growth"] < 16 * pixels, (measured, full_logits)
+    assert measured["growth"] < full_logits / 2
+    assert read_label_png(tmp_path / "out" / "large" / "slide.png.png").shape == (side, side)
