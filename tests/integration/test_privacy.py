@@ -62,13 +62,16 @@ def test_client_side_clipping_bounds_the_global_update(flwr_home, tmp_path):
 
 
 def _zxaoyou_disk(root: Path) -> Path:
-    """A tiny hospital in the zxaoyou layout: 4 BMPs per class and its label file; returns it."""
+    """A tiny hospital in the zxaoyou layout: 4 BMPs (and masks) per class and its label file."""
     rng = np.random.default_rng(1)
     (root / "site").mkdir(parents=True)
+    yy, xx = np.mgrid[:48, :48]
+    disk = (((yy - 24) ** 2 + (xx - 24) ** 2) < 12**2).astype(np.uint8) * 255
     rows = ["image ID,class label"]
     for image_id in range(1, 21):
         pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "site" / f"{image_id:03d}.bmp")
+        Image.fromarray(disk).save(root / "site" / f"{image_id:03d}.png")
         rows.append(f"{image_id},{(image_id - 1) % 5 + 1}")
     labels = root / "Class Labels of site.csv"
     labels.write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -106,7 +109,8 @@ def test_dp_with_a_hospital_failing_mid_run_calibrates_noise_to_the_survivors(fl
     rows = metrics_rows(run_dir)
     assert [r["replies"] for r in rows] == [3, 2]
     (reason,) = rows[1]["failures"].values()
-    assert "1 missing_label" in reason
+    # The train reply fails on the first missing row, the evaluate reply on a second one.
+    assert "missing_label; run w3s-verify at this site" in reason
     assert str(labels.parent) not in reason and "Class Labels" not in reason
 
     record = json.loads((run_dir / "privacy.json").read_text())
