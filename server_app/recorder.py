@@ -98,6 +98,9 @@ class RoundRecorder:
             "rejected": {str(k): v for k, v in report.rejected.items()},
             # num-examples over the hospital's cap: [claimed, used] per node.
             "capped": {str(k): list(v) for k, v in report.capped.items()},
+            # L2 norm of each screened update (reply - global model), to tune federation.guards.
+            "update_norms": {str(k): v for k, v in report.update_norms.items()},
+            "global_norm": report.global_norm,
             "train": report.train,
             "evaluate": report.evaluate,
             "hospitals": {self.hospitals[i]: m for i, m in sorted(report.per_hospital.items())},

@@ -84,6 +84,9 @@ class RoundReport:
     rejected: dict[int, str] = field(default_factory=dict)
     # num-examples claimed above the cap, per node: (claimed, used).
     capped: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Update norms of the replies that reached the norm guards, and the global model's norm.
+    update_norms: dict[int, float] = field(default_factory=dict)
+    global_norm: float | None = None
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
     per_hospital: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -356,8 +359,10 @@ class GuardedFedAvg(FedAvg):
             raise RuntimeError("configure_train must run before aggregate_train")
         norms = {id(m): update_norm(_arrays_of(m), self._global) for m in replies}
         self.update_norms = {self._node_of(m): norms[id(m)] for m in replies}
+        self.report.update_norms = dict(self.update_norms)
+        self.report.global_norm = model_norm(self._global)
         ratio = self.guards.max_update_model_ratio
-        bound = None if ratio is None else ratio * model_norm(self._global)
+        bound = None if ratio is None else ratio * self.report.global_norm
         kept = []
         for msg in replies:
             norm = norms[id(msg)]
