@@ -295,7 +295,12 @@ class GuardedFedAvg(FedAvg):
     def _check_claim(self, node: int, metrics: MetricRecord) -> str | None:
         """One node per hospital: the hospital-index must be valid and not yet claimed."""
         index = metrics.get(INDEX_KEY)
-        if isinstance(index, bool) or not isinstance(index, int | float) or index != int(index):
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int | float)
+            or not math.isfinite(index)
+            or index != int(index)
+        ):
             return f"'{INDEX_KEY}' is missing or not an integer: {index!r}"
         index = int(index)
         if not 0 <= index < self.num_hospitals:

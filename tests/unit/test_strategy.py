@@ -139,10 +139,13 @@ def test_a_second_node_claiming_the_same_hospital_is_rejected_by_name():
     assert "node 1 already answered" in strategy.report.rejected[2]
 
 
-def test_a_hospital_index_out_of_range_is_rejected():
+def test_a_hospital_index_out_of_range_or_not_an_integer_is_rejected():
     strategy = prepare(GuardedFedAvg(num_hospitals=2, min_replies=1), ONES)
-    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 10, index=7)])
+    odd = [reply(3, 1.2, 10, index=float("inf")), reply(4, 1.2, 10, index=0.5)]
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 10, index=7), *odd])
     assert "not one of the run's 0..1" in strategy.report.rejected[2]
+    assert "not an integer" in strategy.report.rejected[3]
+    assert "not an integer" in strategy.report.rejected[4]
 
 
 # --- every round waits for nodes at most round_wait_for_nodes_s -----------------------------
