@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,8 +20,8 @@ from common.data import federated_hospitals, hospital_names
 from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.privacy import with_privacy
-from server_app.recorder import RoundRecorder
-from server_app.strategy import GuardedFedAvg
+from server_app.recorder import DECLARED_FILE, RoundRecorder
+from server_app.strategy import Guards, RunStoppedError, build_strategy, online_nodes
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -45,20 +46,6 @@ def run_directory(cfg: DictConfig, run_id: int) -> Path:
     return path
 
 
-def connected_nodes(grid: Grid, expected: int, timeout_s: float) -> int:
-    """How many SuperNodes are connected once ``expected`` are, or when ``timeout_s`` runs out.
-
-    Flower's sampling otherwise waits forever for missing nodes. Deployed hospitals may come
-    up one by one, so the wait is long there; a simulation's nodes all exist from the start.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        connected = len(list(grid.get_node_ids()))
-        if connected >= expected or time.monotonic() > deadline:
-            return connected
-        time.sleep(0.5)
-
-
 def run_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
     """The hospitals of this run, one per connected SuperNode (see ``federated_hospitals``).
 
@@ -70,7 +57,9 @@ def run_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
     wait_s = cfg.federation.wait_for_nodes_s
     if simulated:
         wait_s = min(SIMULATION_WAIT_S, wait_s)
-    connected = connected_nodes(grid, len(configured), wait_s)
+    # Deployed hospitals may come up one by one, so the wait is long there; a simulation's
+    # nodes all exist from the start.
+    connected = len(online_nodes(grid, len(configured), wait_s))
     if not simulated:
         # Deployed hospitals name their data themselves: none is dropped from the config.
         if connected != len(configured):
@@ -115,6 +104,30 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
     return 0, to_array_record(model.state_dict())
 
 
+def guards(cfg: DictConfig) -> Guards:
+    """The update guards of ``federation.guards``; a null value switches that guard off."""
+    values = cfg.federation.guards
+
+    def number(key: str) -> float | None:
+        value = values.get(key)
+        return None if value is None else float(value)
+
+    return Guards(
+        max_update_model_ratio=number("max_update_model_ratio"),
+        max_update_norm_ratio=number("max_update_norm_ratio"),
+        max_examples_growth=number("max_examples_growth"),
+    )
+
+
+def declared_examples(run_dir: Path, hospitals: list[str], resumed: bool) -> dict[int, float]:
+    """What each hospital declared in its first round, when resuming (the num-examples cap)."""
+    path = run_dir / DECLARED_FILE
+    if not resumed or not path.exists():
+        return {}
+    declared = json.loads(path.read_text(encoding="utf-8"))
+    return {hospitals.index(name): float(n) for name, n in declared.items() if name in hospitals}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the config from the run's overrides, run the rounds, save the final model."""
@@ -130,31 +143,43 @@ def main(grid: Grid, context: Context) -> None:
 
     min_replies = cfg.federation.min_replies or len(hospitals)
     done, initial = starting_point(cfg, run_dir)
-    strategy = GuardedFedAvg(
+    strategy = build_strategy(
+        cfg.strategy,
         num_hospitals=len(hospitals),
         min_replies=min_replies,
         round_offset=done,
         transport_dtype=str(cfg.federation.transport_dtype),
+        hospitals=hospitals,
+        guards=guards(cfg),
+        round_wait_for_nodes_s=float(cfg.federation.round_wait_for_nodes_s),
+        declared_examples=declared_examples(run_dir, hospitals, bool(cfg.resume)),
     )
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
     recorder.forget_rounds_after(done)
     log.info(
-        "%d hospitals %s, rounds %d..%d, model %s, at least %d good replies per round",
+        "%d hospitals %s, rounds %d..%d, model %s, strategy %s, at least %d good replies per "
+        "round, guards %s",
         len(hospitals),
         hospitals,
         done + 1,
         cfg.federation.rounds,
         cfg.model.name,
+        strategy.name,
         min_replies,
+        strategy.guards,
     )
-    federation = with_privacy(strategy, cfg.privacy, len(hospitals), run_dir)
-    result = federation.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.federation.rounds - done,
-        timeout=cfg.federation.round_timeout_s,
-        evaluate_fn=recorder,
-    )
+    federation = with_privacy(strategy, cfg.privacy, len(hospitals), run_dir, done)
+    try:
+        result = federation.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.federation.rounds - done,
+            timeout=cfg.federation.round_timeout_s,
+            evaluate_fn=recorder,
+        )
+    except RunStoppedError as error:
+        log.error("run stopped: %s", error)
+        raise
     final_arrays = result.arrays if len(result.arrays) else initial
     final = save_model(
         to_state_dict(final_arrays), cfg, cfg.federation.rounds, run_dir / "final_model.pt"

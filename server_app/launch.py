@@ -32,6 +32,7 @@ from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
 from common.model import mct_presets
 from server_app.privacy import privacy_settings
+from server_app.strategy import STRATEGIES
 
 APP_DIR = CONF_DIR.parent
 TRANSPORT_DTYPES = ("float32", "float16")
@@ -188,6 +189,17 @@ def check_training_config(cfg: DictConfig) -> None:
         privacy_settings(cfg.privacy, hospitals)
     except ValueError as error:
         raise JobError(f"privacy={cfg.privacy.name}: {error}") from None
+    if str(cfg.strategy.name) not in STRATEGIES:
+        raise JobError(f"strategy={cfg.strategy.name}: expected one of {', '.join(STRATEGIES)}")
+    if cfg.privacy.name != "none" and cfg.strategy.name != "fedavg":
+        raise JobError(
+            f"privacy={cfg.privacy.name} needs strategy=fedavg: the noise is calibrated for a mean"
+        )
+    for key, value in cfg.federation.guards.items():
+        if value is not None and not float(value) > 0:
+            raise JobError(f"federation.guards.{key}={value}: expected a positive number or null")
+    if not float(cfg.federation.round_wait_for_nodes_s) >= 0:
+        raise JobError("federation.round_wait_for_nodes_s must be >= 0")
 
 
 def simulate(cfg: DictConfig, overrides: list[str]) -> int:
@@ -228,6 +240,7 @@ COMMAND = Command(
         "federation.rounds": "rounds of FedAvg",
         "train.local_epochs": "local epochs per round at each hospital",
         "privacy": "none (default), client_clip or server_clip",
+        "strategy": "fedavg (default), fedtrimmedavg or fedmedian",
         "output_dir": "the run directory (default: <output_root>/<time>_run<id>)",
         "resume": "continue output_dir from its newest checkpoint (true/false)",
     },

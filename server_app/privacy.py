@@ -1,36 +1,52 @@
-"""Differential privacy as an option: Flower's fixed-clipping DP wrappers around GuardedFedAvg.
+"""Differential privacy as an option: clipping, calibrated Gaussian noise and an ε accountant.
 
 ``cfg.privacy`` (conf/privacy/) picks one of
 
-- ``none``: GuardedFedAvg as it is;
+- ``none``: the guarded strategy as it is;
 - ``client_clip``: each hospital clips its update with Flower's ``fixedclipping_mod``
-  (client_app/privacy.py applies it), the server adds Gaussian noise to the average;
+  (client_app/privacy.py applies it); the server rejects a reply whose update is over the
+  clipping norm, re-clips the rest (idempotent, it only absorbs rounding) and adds the noise;
 - ``server_clip``: the server clips each update, averages and adds the noise.
 
-Flower's wrappers skip aggregation as soon as one reply is an error, keeping the old model with
-an INFO line; that would bypass the minimum-replies rule. The wrappers here take error replies
-out first (logged and recorded by node id, as GuardedFedAvg does), and GuardedFedAvg's
-``aggregate_train``, which Flower's wrapper calls, still checks every remaining reply and
-refuses a round short of ``federation.min_replies``. Server-side clipping subtracts the global
-model from each reply before that check, where a ``(1,)`` tensor would broadcast into a
-well-shaped one, so a reply whose keys or shapes differ from the global model's is rejected
-before clipping.
+Calibration (docs/privacy.md): the round's ``m`` screened replies, each update clipped to
+``C = clipping_norm``, are averaged with equal weights (not by num-examples, which would let a
+hospital with more images, or one that claims more, move the average by more than ``C / m``),
+and Gaussian noise of standard deviation ``noise_multiplier * C / m`` is added to every
+parameter, ``m`` being the replies actually averaged, not the hospitals configured. Each round is
+therefore one Gaussian mechanism of noise multiplier ``noise_multiplier`` on a sum of
+sensitivity ``C``; Flower's RDP accountant (``flwr.serverapp.RdpAccountant``, Google's
+dp-accounting underneath) composes the rounds and reports ε at ``privacy.delta``.
+
+Flower's wrapper classes are kept for configuring rounds (the client-side one sends the clipping
+norm); their ``aggregate_train`` is replaced: Flower's skips a round with any error reply,
+assumes ``num_sampled_clients`` replies, averages by num-examples and divides by an update's
+norm (an update equal to the global model raised ZeroDivisionError).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from omegaconf import DictConfig
 
 from server_app.strategy import GuardedFedAvg
@@ -38,98 +54,219 @@ from server_app.strategy import GuardedFedAvg
 log = logging.getLogger(__name__)
 
 PRIVACY_FILE = "privacy.json"
+# Rounding slack when checking that a client_clip update is within the clipping norm.
+CLIENT_CLIP_TOLERANCE = 1.01
+OPTIONS = ("none", "client_clip", "server_clip")
 
 
-class _ScreensReplies:
-    """Mixin for a Flower DP wrapper: error replies, and replies it cannot handle, stay out."""
+def privacy_settings(privacy: DictConfig, num_hospitals: int) -> dict[str, Any]:
+    """The privacy parameters of a run as recorded in ``privacy.json``, defaults filled in."""
+    if privacy.name == "none":
+        return {"name": "none"}
+    if privacy.name not in OPTIONS:
+        raise ValueError(f"unknown privacy option {privacy.name!r}; expected one of {OPTIONS}")
+    noise_multiplier = float(privacy.noise_multiplier)
+    clipping_norm = float(privacy.clipping_norm)
+    delta = float(privacy.delta)
+    if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if clipping_norm <= 0 or not math.isfinite(clipping_norm):
+        raise ValueError(f"clipping_norm must be > 0, got {clipping_norm}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    return {
+        "name": str(privacy.name),
+        "noise_multiplier": noise_multiplier,
+        "clipping_norm": clipping_norm,
+        "delta": delta,
+        "hospitals": num_hospitals,
+        "aggregation": "uniform mean of the clipped updates of the replies averaged",
+        "noise": "stdev noise_multiplier * clipping_norm / replies averaged, per parameter",
+        "accountant": "RDP (flwr.serverapp.RdpAccountant on dp-accounting), no sampling "
+        "amplification, add-or-remove-one hospital",
+    }
+
+
+class PrivacyLedger:
+    """Every noisy release of the run, the ε spent so far, and ``privacy.json`` kept current.
+
+    Resuming re-reads the rounds of ``privacy.json`` up to the checkpoint resumed from, so ε
+    covers the whole run, not only the part since the restart.
+    """
+
+    def __init__(self, settings: dict[str, Any], path: Path, resumed_rounds: int = 0) -> None:
+        self.settings = settings
+        self.path = path
+        self.rounds: list[dict[str, Any]] = []
+        hospitals = int(settings["hospitals"])
+        self.accountant = None
+        if settings["noise_multiplier"] > 0:
+            self.accountant = RdpAccountant(
+                PrivacyConfig(
+                    target_delta=settings["delta"],
+                    population_size=hospitals,
+                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                )
+            )
+        if resumed_rounds and path.exists():
+            earlier = json.loads(path.read_text(encoding="utf-8")).get("rounds", [])
+            for row in earlier:
+                if row["round"] <= resumed_rounds:
+                    self._compose(row)
+        self._write()
+
+    def _compose(self, row: dict[str, Any]) -> None:
+        self.rounds.append(row)
+        if self.accountant is not None:
+            hospitals = int(self.settings["hospitals"])
+            self.accountant.compose(
+                GaussianPrivacyEvent(
+                    noise_multiplier=self.settings["noise_multiplier"],
+                    sample_size=hospitals,
+                    population_size=hospitals,
+                )
+            )
+
+    def epsilon(self) -> float | None:
+        """ε spent at ``delta`` by the releases so far; None when there is no noise (ε = ∞)."""
+        if self.accountant is None:
+            return None
+        if not self.rounds:
+            return 0.0
+        return float(self.accountant.get_privacy_spent().epsilon)
+
+    def release(self, server_round: int, replies: int, noise_stdev: float) -> None:
+        """Account one noisy global model; log the ε so far and rewrite ``privacy.json``."""
+        self._compose({"round": server_round, "replies": replies, "noise_stdev": noise_stdev})
+        epsilon = self.epsilon()
+        shown = "inf (no noise)" if epsilon is None else f"{epsilon:.4g}"
+        log.info(
+            "differential privacy: round %d averaged %d clipped updates with equal weights, "
+            "noise stdev %.4g per parameter; epsilon %s at delta %g after %d rounds",
+            server_round,
+            replies,
+            noise_stdev,
+            shown,
+            self.settings["delta"],
+            len(self.rounds),
+        )
+        self._write()
+
+    def _write(self) -> None:
+        record = {**self.settings, "epsilon": self.epsilon(), "rounds": self.rounds}
+        self.path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _clip_to(msg: Message, norm: float, clipping_norm: float, global_arrays: ArrayRecord) -> None:
+    """Scale ``msg``'s update (reply - global) to an L2 norm of at most ``clipping_norm``.
+
+    A zero update stays as it is (Flower's clipping divided by its norm).
+    """
+    scale = 1.0 if norm <= clipping_norm else clipping_norm / norm
+    for name, record in list(msg.content.array_records.items()):
+        clipped = {}
+        for key, array in record.items():
+            base = global_arrays[key].numpy().astype(np.float64)
+            values = base + scale * (array.numpy().astype(np.float64) - base)
+            clipped[key] = Array(np.asarray(values, dtype=array.numpy().dtype))
+        msg.content[name] = ArrayRecord(clipped)
+
+
+def _add_noise(arrays: ArrayRecord, stdev: float, rng: np.random.Generator) -> ArrayRecord:
+    """``arrays`` plus Gaussian noise of ``stdev`` on every floating parameter."""
+    noisy = {}
+    for key, array in arrays.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and stdev > 0:
+            values = (values.astype(np.float64) + rng.normal(0.0, stdev, values.shape)).astype(
+                values.dtype
+            )
+        noisy[key] = Array(np.asarray(values))
+    return ArrayRecord(noisy)
+
+
+class _PrivateAggregation:
+    """Mixin for a Flower DP wrapper: screen, clip, average uniformly, add calibrated noise."""
 
     strategy: GuardedFedAvg
+    noise_multiplier: float
+    clipping_norm: float
+    ledger: PrivacyLedger
+    rng: np.random.Generator
+    # A reply over the clipping norm: rejected (client_clip) or clipped (server_clip).
+    rejects_unclipped = False
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop error replies, then clip, average (with GuardedFedAvg's checks) and add noise."""
-        replies = list(replies)
-        # GuardedFedAvg's screening of error replies only logs them by node id and records them
-        # in the round report; the wrapped strategy is ours, so its helper is fair to use.
-        self.strategy._sort_replies([m for m in replies if m.has_error()], check_arrays=True)
-        good = [m for m in replies if not m.has_error() and self._fits(m)]
-        return super().aggregate_train(server_round, good)  # type: ignore[misc]
-
-    def _fits(self, reply: Message) -> bool:
-        """Whether Flower's wrapper may see ``reply``; client-side clipping takes any."""
-        return True
-
-
-class GuardedClientSideClipping(_ScreensReplies, DifferentialPrivacyClientSideFixedClipping):
-    """Client-side fixed clipping with server noise; error replies never reach Flower's wrapper."""
+        """Screen every reply, clip, average with equal weights and add the noise for m."""
+        inner = self.strategy
+        max_norm = self.clipping_norm * CLIENT_CLIP_TOLERANCE if self.rejects_unclipped else None
+        good = inner.screen_train(server_round, replies, max_norm=max_norm)
+        assert inner._global is not None
+        for msg in good:
+            norm = inner.update_norms[inner._node_of(msg)]
+            _clip_to(msg, norm, self.clipping_norm, inner._global)
+        arrays = inner.combine(server_round, good)
+        stdev = self.noise_multiplier * self.clipping_norm / len(good)
+        arrays = _add_noise(arrays, stdev, self.rng)
+        self.ledger.release(server_round + inner.round_offset, len(good), stdev)
+        return inner.finish_train(server_round, good, arrays)
 
 
-class GuardedServerSideClipping(_ScreensReplies, DifferentialPrivacyServerSideFixedClipping):
-    """Server-side fixed clipping and noise, on replies shaped like the global model only."""
+class GuardedClientSideClipping(_PrivateAggregation, DifferentialPrivacyClientSideFixedClipping):
+    """Hospitals clip (the train message carries the clipping norm); the server adds noise."""
 
-    def _fits(self, reply: Message) -> bool:
-        """Reject (by node id) a reply whose arrays differ in keys or shapes from the model's."""
-        expected = {key: tuple(array.shape) for key, array in self.current_arrays.items()}
-        for record in reply.content.array_records.values():
-            if {key: tuple(array.shape) for key, array in record.items()} != expected:
-                node = self.strategy._node_of(reply)
-                reason = "array keys or shapes differ from the global model's"
-                self.strategy.report.rejected[node] = reason
-                log.warning("node %d: reply rejected before clipping: %s", node, reason)
-                return False
-        return True
+    rejects_unclipped = True
 
 
-WRAPPERS: dict[str, type[Strategy]] = {
+class GuardedServerSideClipping(_PrivateAggregation, DifferentialPrivacyServerSideFixedClipping):
+    """The server clips each screened update, averages them uniformly and adds the noise."""
+
+
+WRAPPERS: dict[str, type[_PrivateAggregation]] = {
     "client_clip": GuardedClientSideClipping,
     "server_clip": GuardedServerSideClipping,
 }
 
 
-def privacy_settings(privacy: DictConfig, num_hospitals: int) -> dict[str, Any]:
-    """The privacy parameters of a run as recorded in ``privacy.json``, defaults filled in.
-
-    ``noise_stdev`` is the standard deviation of the Gaussian noise added to each parameter of
-    the averaged model, as Flower computes it: noise_multiplier * clipping_norm / sampled.
-    """
-    if privacy.name == "none":
-        return {"name": "none"}
-    if privacy.name not in WRAPPERS:
-        raise ValueError(f"unknown privacy option {privacy.name!r}; expected none or {WRAPPERS}")
-    sampled = int(privacy.num_sampled_clients or num_hospitals)
-    noise_multiplier = float(privacy.noise_multiplier)
-    clipping_norm = float(privacy.clipping_norm)
-    return {
-        "name": str(privacy.name),
-        "noise_multiplier": noise_multiplier,
-        "clipping_norm": clipping_norm,
-        "num_sampled_clients": sampled,
-        "noise_stdev": noise_multiplier * clipping_norm / sampled,
-    }
-
-
 def with_privacy(
-    strategy: GuardedFedAvg, privacy: DictConfig, num_hospitals: int, run_dir: Path
+    strategy: GuardedFedAvg,
+    privacy: DictConfig,
+    num_hospitals: int,
+    run_dir: Path,
+    resumed_rounds: int = 0,
+    rng: np.random.Generator | None = None,
 ) -> Strategy:
-    """Wrap ``strategy`` as ``privacy`` asks; log the parameters and write them to the run dir."""
+    """Wrap ``strategy`` as ``privacy`` asks; log the parameters and write ``privacy.json``."""
     settings = privacy_settings(privacy, num_hospitals)
-    (run_dir / PRIVACY_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    path = run_dir / PRIVACY_FILE
     if settings["name"] == "none":
+        path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         log.info("differential privacy: none")
         return strategy
+    if strategy.name != GuardedFedAvg.name:
+        raise ValueError(f"privacy={settings['name']} needs strategy=fedavg, not {strategy.name}")
+    # The noise is calibrated for equal weights; comparing a reply with the others would make
+    # one hospital's inclusion depend on another's update, which the accounting does not cover.
+    strategy.uniform_weights = True
+    strategy.guards = replace(strategy.guards, max_update_norm_ratio=None)
+    ledger = PrivacyLedger(settings, path, resumed_rounds)
     log.info(
-        "differential privacy: %s, noise multiplier %g, clipping norm %g, %d sampled hospitals, "
-        "noise stdev %g per parameter",
+        "differential privacy: %s, noise multiplier %g, clipping norm %g, delta %g; updates "
+        "averaged with equal weights, noise stdev noise_multiplier x clipping_norm / replies",
         settings["name"],
         settings["noise_multiplier"],
         settings["clipping_norm"],
-        settings["num_sampled_clients"],
-        settings["noise_stdev"],
+        settings["delta"],
     )
-    return WRAPPERS[settings["name"]](
+    wrapper = WRAPPERS[settings["name"]](
         strategy,
         noise_multiplier=settings["noise_multiplier"],
         clipping_norm=settings["clipping_norm"],
-        num_sampled_clients=settings["num_sampled_clients"],
+        num_sampled_clients=num_hospitals,
     )
+    wrapper.ledger = ledger
+    wrapper.rng = rng or np.random.default_rng()
+    return wrapper

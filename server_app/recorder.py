@@ -18,6 +18,8 @@ from server_app.strategy import GuardedFedAvg
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_KEPT = 2
+# num-examples each hospital declared in its first round (the cap's base), kept for resume.
+DECLARED_FILE = "declared_examples.json"
 
 
 LOGGED_METRICS = ("train-loss", "val-loss", "val-accuracy", "val-map", "val-loc-miou")
@@ -60,11 +62,18 @@ class RoundRecorder:
         path = self.checkpoint_dir / f"round_{server_round:03d}.pt"
         save_model(to_state_dict(arrays), self.cfg, server_round, path)
         self._prune()
+        self._save_declared()
         seconds = time.perf_counter() - self._round_started
         if server_round > 0:
             self._write_row(server_round, seconds)
         self._round_started = time.perf_counter()
         return None
+
+    def _save_declared(self) -> None:
+        declared = {
+            self.hospitals[i]: n for i, n in sorted(self.strategy.declared_examples.items())
+        }
+        (self.run_dir / DECLARED_FILE).write_text(json.dumps(declared, indent=2) + "\n")
 
     def forget_rounds_after(self, server_round: int) -> None:
         """Drop metrics rows of rounds a resumed run will redo (written after their checkpoint)."""
@@ -87,6 +96,11 @@ class RoundRecorder:
             # What the server received from failing hospitals, as it received it.
             "failures": {str(k): v for k, v in report.failed.items()},
             "rejected": {str(k): v for k, v in report.rejected.items()},
+            # num-examples over the hospital's cap: [claimed, used] per node.
+            "capped": {str(k): list(v) for k, v in report.capped.items()},
+            # L2 norm of each screened update (reply - global model), to tune federation.guards.
+            "update_norms": {str(k): v for k, v in report.update_norms.items()},
+            "global_norm": report.global_norm,
             "train": report.train,
             "evaluate": report.evaluate,
             "hospitals": {self.hospitals[i]: m for i, m in sorted(report.per_hospital.items())},

@@ -1,15 +1,34 @@
-"""FedAvg that checks every reply before averaging and refuses to close a round short of replies."""
+"""FedAvg that checks every reply before averaging and refuses to close a round short of replies.
+
+Every train reply passes, in order: the structural checks of ``common.arrays`` (one ArrayRecord
+and one MetricRecord, the global model's keys, shapes and dtypes, finite values, a finite
+positive ``num-examples``), a ``hospital-index`` in range that no other node has claimed this
+round, the ``num-examples`` cap (what that hospital declared in its first round), and the
+update-norm guards (``federation.guards``). A reply that fails any of them is rejected and named
+by node id in the round report; the rest are averaged. A round that needs nodes waits for them
+at most ``federation.round_wait_for_nodes_s`` (Flower's own sampling waits forever).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from common.arrays import (
     WEIGHT_KEY,
@@ -24,9 +43,36 @@ from common.arrays import (
 
 log = logging.getLogger(__name__)
 
+INDEX_KEY = "hospital-index"
 
-class TooFewRepliesError(RuntimeError):
+
+class RunStoppedError(RuntimeError):
+    """The run cannot go on; the last checkpoint stays, and ``resume=true`` continues it."""
+
+
+class TooFewRepliesError(RunStoppedError):
     """A round ended with fewer good replies than the configured minimum."""
+
+
+class TooFewNodesError(RunStoppedError):
+    """Fewer SuperNodes than the minimum were online when a round had to start."""
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Limits on what one reply may do to the global model; ``None`` switches a guard off.
+
+    - ``max_update_model_ratio``: an update (reply minus global model) whose L2 norm exceeds
+      this many times the global model's own norm is rejected.
+    - ``max_update_norm_ratio``: an update whose norm exceeds this many times the median update
+      norm of the *other* good replies of the round is rejected (needs one other reply).
+    - ``max_examples_growth``: a hospital's ``num-examples`` is capped at this many times what it
+      declared in its first round.
+    """
+
+    max_update_model_ratio: float | None = None
+    max_update_norm_ratio: float | None = None
+    max_examples_growth: float | None = None
 
 
 @dataclass
@@ -36,6 +82,11 @@ class RoundReport:
     good: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    # num-examples claimed above the cap, per node: (claimed, used).
+    capped: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Update norms of the replies that reached the norm guards, and the global model's norm.
+    update_norms: dict[int, float] = field(default_factory=dict)
+    global_norm: float | None = None
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
     per_hospital: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -49,12 +100,16 @@ def _metrics_of(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
 
+def _arrays_of(msg: Message) -> ArrayRecord:
+    return next(iter(msg.content.array_records.values()))
+
+
 def _scores(metrics: MetricRecord) -> dict[str, float]:
     """A reply's numeric scores, without the bookkeeping keys (weight, hospital index)."""
     return {
         key: float(value)
         for key, value in metrics.items()
-        if key not in (WEIGHT_KEY, "hospital-index") and isinstance(value, int | float)
+        if key not in (WEIGHT_KEY, INDEX_KEY) and isinstance(value, int | float)
     }
 
 
@@ -77,8 +132,39 @@ def weighted_metrics(replies: list[Message]) -> dict[str, float]:
     return {key: sums[key] / weights[key] for key in sums}
 
 
+def update_norm(reply: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``reply - reference`` over every array, accumulated in float64.
+
+    Inf (never NaN) when the difference overflows, so that any bound rejects it.
+    """
+    squares = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for key, array in reference.items():
+            diff = reply[key].numpy().astype(np.float64) - array.numpy().astype(np.float64)
+            squares += float(np.square(diff).sum())
+    return squares if math.isnan(squares) else math.sqrt(squares)
+
+
+def model_norm(arrays: ArrayRecord) -> float:
+    """L2 norm of every array of ``arrays`` together (float64)."""
+    squares = (float(np.square(a.numpy().astype(np.float64)).sum()) for a in arrays.values())
+    return math.sqrt(sum(squares))
+
+
+def online_nodes(grid: Grid, at_least: int, timeout_s: float) -> list[int]:
+    """The online SuperNodes once ``at_least`` are, or whoever is online after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= at_least or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(0.5)
+
+
 class GuardedFedAvg(FedAvg):
     """Weighted FedAvg over every hospital, with reply checks and a minimum-replies rule."""
+
+    name = "fedavg"
 
     def __init__(
         self,
@@ -87,11 +173,15 @@ class GuardedFedAvg(FedAvg):
         min_replies: int,
         round_offset: int = 0,
         transport_dtype: str = "float32",
+        hospitals: Sequence[str] | None = None,
+        guards: Guards | None = None,
+        round_wait_for_nodes_s: float = 300.0,
+        declared_examples: dict[int, float] | None = None,
     ) -> None:
         if not 1 <= min_replies <= num_hospitals:
             raise ValueError(f"min_replies must be in 1..{num_hospitals}, got {min_replies}")
-        # Every connected hospital is sampled (fraction 1.0); a round starts once min_replies
-        # of them are connected, so one hospital down does not stall the federation forever.
+        # Every online hospital is sampled (fraction 1.0); a round starts once min_replies of
+        # them are online (configure_train below does the sampling, with a time limit).
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,
@@ -100,33 +190,79 @@ class GuardedFedAvg(FedAvg):
             min_available_nodes=min_replies,
             weighted_by_key=WEIGHT_KEY,
         )
+        self.num_hospitals = num_hospitals
+        self.hospitals = list(hospitals) if hospitals else [str(i) for i in range(num_hospitals)]
         self.min_replies = min_replies
         # Rounds already done by the run this one resumes: clients see the true round number,
         # which places them in the learning-rate schedule and seeds their shuffling.
         self.round_offset = round_offset
         # float16: hospitals reply in half precision (federation.transport_dtype), upcast here.
         self.transport_dtype = transport_dtype
+        self.guards = guards or Guards()
+        self.round_wait_for_nodes_s = float(round_wait_for_nodes_s)
+        # Differential privacy averages with equal weights (server_app/privacy.py).
+        self.uniform_weights = False
+        # num-examples of each hospital (by index) in the first round it answered.
+        self.declared_examples: dict[int, float] = dict(declared_examples or {})
         self.report = RoundReport()
         self._reference: dict[str, ArraySpec] = {}
+        self._global: ArrayRecord | None = None
         self._sent: list[Message] = []
+        self._claims: dict[int, int] = {}
+        self.update_norms: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample(self, server_round: int, grid: Grid, *, required: bool) -> list[int]:
+        """Every online node, once ``min_replies`` are online or the wait runs out."""
+        nodes = online_nodes(grid, self.min_replies, self.round_wait_for_nodes_s)
+        if len(nodes) >= self.min_replies:
+            return nodes
+        stage = "training" if required else "evaluation"
+        message = (
+            f"round {server_round + self.round_offset} {stage}: {len(nodes)} SuperNodes online "
+            f"after {self.round_wait_for_nodes_s:g} s (federation.round_wait_for_nodes_s), at "
+            f"least {self.min_replies} required (federation.min_replies)"
+        )
+        if required:
+            raise TooFewNodesError(
+                f"{message}; the last checkpoint is kept, resume=true continues the run"
+            )
+        log.warning("%s; evaluating on the %d online", message, len(nodes))
+        return nodes
+
+    def _messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        nodes: list[int],
+        message_type: str,
+    ) -> list[Message]:
+        config["server-round"] = server_round + self.round_offset
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        kind = "train" if message_type == MessageType.TRAIN else "evaluate"
+        log.info("configure_%s: sampled %d nodes (every online node)", kind, len(nodes))
+        return self._remember(self._construct_messages(record, nodes, message_type))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model's shapes and dtypes: every reply must match them."""
+        """Remember the global model, its shapes and dtypes: every reply must match them."""
         self._reference = array_specs(arrays)
+        self._global = arrays
         self.report = RoundReport()
-        return self._remember(
-            super().configure_train(server_round + self.round_offset, arrays, config, grid)
-        )
+        nodes = self._sample(server_round, grid, required=True)
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Tell clients the true round number when resuming."""
-        return self._remember(
-            super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
-        )
+        """Ask every online hospital to score the new global model (true round numbers)."""
+        nodes = self._sample(server_round, grid, required=False)
+        if not nodes:
+            return []
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
     def _remember(self, messages: Iterable[Message]) -> list[Message]:
         """Keep the outgoing messages: the grid gives them ids when it sends them.
@@ -135,6 +271,7 @@ class GuardedFedAvg(FedAvg):
         source, so failures are attributed through the message they answer instead.
         """
         self._sent = list(messages)
+        self._claims = {}
         for msg in self._sent:
             node = msg.metadata.dst_node_id
             sent = self.report.bytes_sent
@@ -147,6 +284,56 @@ class GuardedFedAvg(FedAvg):
             if sent.metadata.message_id == answered:
                 return sent.metadata.dst_node_id
         return reply.metadata.src_node_id
+
+    # ------------------------------------------------------------------ screening
+
+    def reject(self, node: int, reason: str) -> None:
+        """Leave ``node``'s reply out of this round, named in the log and the metrics row."""
+        self.report.rejected[node] = reason
+        log.warning("node %d: reply rejected before averaging: %s", node, reason)
+
+    def _check_claim(self, node: int, metrics: MetricRecord) -> str | None:
+        """One node per hospital: the hospital-index must be valid and not yet claimed."""
+        index = metrics.get(INDEX_KEY)
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int | float)
+            or not math.isfinite(index)
+            or index != int(index)
+        ):
+            return f"'{INDEX_KEY}' is missing or not an integer: {index!r}"
+        index = int(index)
+        if not 0 <= index < self.num_hospitals:
+            return f"'{INDEX_KEY}' {index} is not one of the run's 0..{self.num_hospitals - 1}"
+        owner = self._claims.setdefault(index, node)
+        if owner != node:
+            return (
+                f"claims hospital '{self.hospitals[index]}' ({INDEX_KEY} {index}), which node "
+                f"{owner} already answered for this round"
+            )
+        return None
+
+    def _cap_examples(self, node: int, metrics: MetricRecord) -> None:
+        """Cap num-examples at what this hospital declared first (times the allowed growth)."""
+        index = int(metrics[INDEX_KEY])
+        claimed = float(metrics[WEIGHT_KEY])
+        declared = self.declared_examples.setdefault(index, claimed)
+        growth = self.guards.max_examples_growth
+        if growth is None or claimed <= declared * growth:
+            return
+        cap = declared * growth
+        metrics[WEIGHT_KEY] = cap
+        self.report.capped[node] = (claimed, cap)
+        log.warning(
+            "node %d (hospital '%s'): num-examples %g capped at %g (declared %g in its first "
+            "round, federation.guards.max_examples_growth=%g)",
+            node,
+            self.hospitals[index],
+            claimed,
+            cap,
+            declared,
+            growth,
+        )
 
     def _sort_replies(self, replies: Iterable[Message], check_arrays: bool) -> list[Message]:
         good = []
@@ -164,19 +351,66 @@ class GuardedFedAvg(FedAvg):
                 check_update(msg.content, self._reference)
                 if check_arrays
                 else check_metrics_reply(msg.content)
-            )
+            ) or self._check_claim(node, _metrics_of(msg))
             if reason is not None:
-                self.report.rejected[node] = reason
-                log.warning("node %d: reply rejected before averaging: %s", node, reason)
+                self.reject(node, reason)
                 continue
             good.append(msg)
         return good
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the sound replies, or stop the run when fewer than the minimum remain."""
+    def _norm_guards(self, replies: list[Message], max_norm: float | None) -> list[Message]:
+        """Reject updates too large for the global model, the other replies or ``max_norm``."""
+        if self._global is None:
+            raise RuntimeError("configure_train must run before aggregate_train")
+        norms = {id(m): update_norm(_arrays_of(m), self._global) for m in replies}
+        self.update_norms = {self._node_of(m): norms[id(m)] for m in replies}
+        self.report.update_norms = dict(self.update_norms)
+        self.report.global_norm = model_norm(self._global)
+        ratio = self.guards.max_update_model_ratio
+        bound = None if ratio is None else ratio * self.report.global_norm
+        kept = []
+        for msg in replies:
+            norm = norms[id(msg)]
+            if max_norm is not None and not norm <= max_norm:
+                self.reject(
+                    self._node_of(msg),
+                    f"update norm {norm:.4g} exceeds the clipping norm {max_norm:.4g} "
+                    "(privacy=client_clip: the hospital must clip before sending)",
+                )
+            elif bound is not None and not norm <= bound:
+                self.reject(
+                    self._node_of(msg),
+                    f"update norm {norm:.4g} exceeds {ratio:g} x the global model's norm "
+                    f"({bound:.4g}; federation.guards.max_update_model_ratio)",
+                )
+            else:
+                kept.append(msg)
+        ratio = self.guards.max_update_norm_ratio
+        if ratio is None or len(kept) < 2:
+            return kept
+        final = []
+        for msg in kept:
+            others = float(np.median([norms[id(m)] for m in kept if m is not msg]))
+            norm = norms[id(msg)]
+            if norm > ratio * others:
+                self.reject(
+                    self._node_of(msg),
+                    f"update norm {norm:.4g} exceeds {ratio:g} x the median update norm of the "
+                    f"other replies ({others:.4g}; federation.guards.max_update_norm_ratio)",
+                )
+            else:
+                final.append(msg)
+        return final
+
+    def screen_train(
+        self, server_round: int, replies: Iterable[Message], max_norm: float | None = None
+    ) -> list[Message]:
+        """The train replies fit to average; stop the run when fewer than the minimum remain."""
         good = self._sort_replies(replies, check_arrays=True)
+        good = self._norm_guards(good, max_norm)
+        # Only accepted replies declare (or are held to) a hospital's num-examples.
+        for msg in good:
+            self._cap_examples(self._node_of(msg), _metrics_of(msg))
         self.report.good = len(good)
         if len(good) < self.min_replies:
             raise TooFewRepliesError(
@@ -185,7 +419,28 @@ class GuardedFedAvg(FedAvg):
                 f"{sorted(self.report.failed)}, rejected nodes: {sorted(self.report.rejected)}); "
                 "the last good checkpoint is kept"
             )
-        arrays = weighted_average([m.content for m in good], self._reference)
+        return good
+
+    # ------------------------------------------------------------------ aggregation
+
+    def combine(self, server_round: int, good: list[Message]) -> ArrayRecord:
+        """The new global model from screened replies: num-examples-weighted mean (float64)."""
+        contents = [m.content for m in good]
+        if self.uniform_weights:
+            contents = [_with_weight(c, 1.0) for c in contents]
+        return weighted_average(contents, self._reference)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the sound replies, or stop the run when fewer than the minimum remain."""
+        good = self.screen_train(server_round, replies)
+        return self.finish_train(server_round, good, self.combine(server_round, good))
+
+    def finish_train(
+        self, server_round: int, good: list[Message], arrays: ArrayRecord
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Record the round's train metrics (weighted by num-examples) next to ``arrays``."""
         self.report.train = weighted_metrics(good)
         self._record_hospitals(good)
         return arrays, MetricRecord(self.report.train)
@@ -202,10 +457,69 @@ class GuardedFedAvg(FedAvg):
     def _record_hospitals(self, replies: list[Message]) -> None:
         for msg in replies:
             metrics = _metrics_of(msg)
-            if "hospital-index" not in metrics:
-                continue
-            row = self.report.per_hospital.setdefault(int(metrics["hospital-index"]), {})
+            row = self.report.per_hospital.setdefault(int(metrics[INDEX_KEY]), {})
             row.update(_scores(metrics))
             node = self._node_of(msg)
             row["bytes-sent"] = self.report.bytes_sent.get(node, 0)
             row["bytes-received"] = self.report.bytes_received.get(node, 0)
+
+
+def _with_weight(content: RecordDict, weight: float) -> RecordDict:
+    """``content`` with its num-examples replaced (a shallow copy; arrays are shared)."""
+    metrics = MetricRecord({**next(iter(content.metric_records.values())), WEIGHT_KEY: weight})
+    return RecordDict({"arrays": next(iter(content.array_records.values())), "metrics": metrics})
+
+
+def _restore_dtypes(arrays: ArrayRecord, reference: dict[str, ArraySpec]) -> ArrayRecord:
+    """Flower's robust aggregators return float64 (or promoted) arrays: cast back, in order."""
+    restored = {}
+    for key, spec in reference.items():
+        values = arrays[key].numpy()
+        dtype = np.dtype(spec.dtype)
+        if not np.issubdtype(dtype, np.floating):
+            values = np.rint(values)
+        restored[key] = Array(np.asarray(values, dtype=dtype))
+    return ArrayRecord(restored)
+
+
+class GuardedFedTrimmedAvg(GuardedFedAvg, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg (coordinate-wise trimmed mean, unweighted) behind the same checks."""
+
+    name = "fedtrimmedavg"
+
+    def __init__(self, *, beta: float = 0.2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= beta < 0.5:
+            raise ValueError(f"strategy.beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def combine(self, server_round: int, good: list[Message]) -> ArrayRecord:
+        """Flower's trimmed mean of the screened replies, in the global model's dtypes."""
+        arrays, _ = FedTrimmedAvg.aggregate_train(self, server_round, good)
+        return _restore_dtypes(arrays, self._reference)
+
+
+class GuardedFedMedian(GuardedFedAvg, FedMedian):
+    """Flower's FedMedian (coordinate-wise median, unweighted) behind the same checks."""
+
+    name = "fedmedian"
+
+    def combine(self, server_round: int, good: list[Message]) -> ArrayRecord:
+        """Flower's coordinate-wise median of the screened replies, in the model's dtypes."""
+        arrays, _ = FedMedian.aggregate_train(self, server_round, good)
+        return _restore_dtypes(arrays, self._reference)
+
+
+STRATEGIES: dict[str, type[GuardedFedAvg]] = {
+    cls.name: cls for cls in (GuardedFedAvg, GuardedFedTrimmedAvg, GuardedFedMedian)
+}
+
+
+def build_strategy(strategy_cfg, **kwargs) -> GuardedFedAvg:
+    """The guarded strategy ``strategy_cfg.name`` names (conf/strategy/), built with ``kwargs``."""
+    name = str(strategy_cfg.name)
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
+    if name == GuardedFedTrimmedAvg.name:
+        kwargs["beta"] = float(strategy_cfg.beta)
+    return STRATEGIES[name](**kwargs)

@@ -317,14 +317,14 @@ def test_supernode_with_an_unregistered_key_is_refused(link):
     assert "No SuperNode found with the given public key" in link.log("superlink")
 
 
-def test_supernode_killed_mid_round_is_reported_and_the_round_closes_on_min_replies(
+def test_supernode_killed_mid_round_is_reported_and_trains_again_after_a_restart(
     federation, tmp_path
 ):
     run_dir = tmp_path / "run"
     output = tmp_path / "flwr-run.log"
     overrides = [
         *OVERRIDES,
-        "federation.rounds=1",
+        "federation.rounds=2",
         "federation.min_replies=2",
         f"output_dir={run_dir}",
     ]
@@ -336,14 +336,19 @@ def test_supernode_killed_mid_round_is_reported_and_the_round_closes_on_min_repl
     # The SuperLink declares the node gone after two missed 30 s heartbeats and answers its
     # message with an error; the server logs it and closes the round on the two others.
     wait_for(lambda: "Node Unavailable" in output.read_text(), 180, "the killed node reported")
-    # Sampling for evaluation waits for every hospital: the hospital comes back, as its
-    # restart policy would bring it, under the same registered key and so the same node id.
+    # The hospital comes back, as its restart policy would bring it, under the same registered
+    # key and so the same node id; every round samples the nodes online when it starts. It is
+    # back within seconds, while round 1 still evaluates on the two others (a ClientApp process
+    # per message), so round 2 samples it.
     start_supernode(federation, victim)
-    flwr_run.wait(timeout=420)
+    flwr_run.wait(timeout=600)
 
     assert run_status(federation, output) == "finished:completed", output.read_text()[-4000:]
-    (row,) = metrics_rows(run_dir)
-    assert row["replies"] == 2
-    assert row["failed_nodes"] == [federation.node_ids[victim]]
-    assert load_checkpoint(run_dir / "final_model.pt")["round"] == 1
+    rows = metrics_rows(run_dir)
+    assert rows[0]["replies"] == 2
+    assert rows[0]["failed_nodes"] == [federation.node_ids[victim]]
+    assert load_checkpoint(run_dir / "final_model.pt")["round"] == 2
     assert federation.node_status()[federation.node_ids[victim]] == "online"
+    # The restarted hospital trains again in round 2, with the two others.
+    assert rows[1]["replies"] == 3 and not rows[1]["failed_nodes"]
+    assert "train-loss" in rows[1]["hospitals"][victim]

@@ -21,7 +21,11 @@ FAULT_APP = Path(__file__).resolve().parents[1] / "fault_app"
 
 
 def _run_fault_app(
-    home: Path, tmp_path: Path, overrides: list[str], **faults: str | int | float
+    home: Path,
+    tmp_path: Path,
+    overrides: list[str],
+    supernodes: int = 3,
+    **faults: str | int | float,
 ) -> subprocess.CompletedProcess:
     """Run the fault app; ``faults`` are its run-config keys with _ for -, e.g. fail_round=2."""
     dumps = tmp_path / "dumps"
@@ -38,7 +42,7 @@ def _run_fault_app(
         "--run-config",
         str(run_config),
         "--federation-config",
-        "num-supernodes=3 client-resources-num-cpus=1",
+        f"num-supernodes={supernodes} client-resources-num-cpus=1",
     ]
     code, output = run_and_check(command, flower_env(home))
     return subprocess.CompletedProcess(command, code, output, "")
@@ -90,6 +94,50 @@ def test_all_hospitals_failing_stops_the_run_and_keeps_the_last_checkpoint(flwr_
         torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
     assert not (run_dir / "checkpoints" / "round_002.pt").exists()
     assert not (run_dir / "final_model.pt").exists()
+
+
+def test_bad_updates_are_rejected_by_name_and_cannot_take_the_model_over(flwr_home, tmp_path):
+    # Six small hospitals at 32 px. In round 2 partitions 2-5 send a NaN, a wrong shape, the
+    # takeover (every value 1e30, num-examples 1e15) and an impostor claiming partition 0's
+    # hospital; partition 1 inflates its num-examples to 1e15 with honest arrays.
+    run_dir = tmp_path / "run"
+    overrides = [
+        "data=synthetic10",
+        "model.img_size=32",
+        "federation.rounds=2",
+        "federation.min_replies=2",
+        "train.local_epochs=1",
+        "train.warmup_epochs=0.5",
+        f"output_dir={run_dir}",
+    ]
+    result = _run_fault_app(
+        flwr_home,
+        tmp_path,
+        overrides,
+        supernodes=6,
+        bad_updates="1:inflate,2:nan,3:shape,4:huge,5:impostor",
+        bad_round=2,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    first, second = metrics_rows(run_dir)
+    assert first["replies"] == 6 and not first["rejected"]
+    assert second["replies"] == 2
+    reasons = sorted(second["rejected"].values())
+    assert len(reasons) == 4, reasons
+    assert any("NaN" in r for r in reasons)
+    assert any("has shape (1,)" in r for r in reasons)
+    assert any("global model's norm" in r for r in reasons)
+    assert any("claims hospital 'hospital_01'" in r and "already answered" in r for r in reasons)
+    (capped,) = second["capped"].values()
+    assert capped[0] == 1e15
+
+    # The new model is the two honest replies' average, weighted by what they declared.
+    dumps = tmp_path / "dumps"
+    expected = _average_of_dumps([dumps / "round2_partition0.pt", dumps / "round2_partition1.pt"])
+    got = load_checkpoint(run_dir / "checkpoints" / "round_002.pt")["state_dict"]
+    for key, tensor in got.items():
+        torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
 
 
 def test_a_straggler_is_dropped_and_its_late_reply_never_counts(flwr_home, tmp_path):

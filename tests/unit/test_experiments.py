@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from omegaconf import OmegaConf
 
-from common.arrays import array_specs, cast_floating, record_bytes, to_array_record
+from common.arrays import cast_floating, record_bytes, to_array_record
 from common.augment import train_cache_size
 from common.config import compose_config
 from common.data import split_tensors
@@ -18,6 +18,7 @@ from common.training import train_local
 from experiments.report import Dataset, fmt_percent, matrix_table, mean_sd, verdicts
 from experiments.run import SeedRun, cell_scores, override_key, row_folder
 from server_app.strategy import GuardedFedAvg
+from tests.replies import prepare
 
 SMALL = ["data.hospitals.hospital_a.num_images=30", "model.img_size=32"]
 
@@ -81,7 +82,7 @@ def test_fp16_transport_halves_the_upload_and_the_server_averages_in_full_precis
     assert half_bytes < 0.52 * full_bytes
 
     strategy = GuardedFedAvg(num_hospitals=2, min_replies=2, transport_dtype="float16")
-    strategy._reference = array_specs(global_record)
+    prepare(strategy, global_record)
     averaged, _ = strategy.aggregate_train(1, [_reply(i, half[i], 10 * (i + 1)) for i in range(2)])
     assert averaged["w"].dtype == "float32" and averaged["steps"].dtype == "int64"
     expected = (local[0]["w"].numpy() * 10 + local[1]["w"].numpy() * 20) / 30
@@ -91,7 +92,7 @@ def test_fp16_transport_halves_the_upload_and_the_server_averages_in_full_precis
 
     # Without the opt-in a half-precision reply is a dtype mismatch, rejected as before.
     strict = GuardedFedAvg(num_hospitals=2, min_replies=1)
-    strict._reference = array_specs(global_record)
+    prepare(strict, global_record)
     strict.aggregate_train(1, [_reply(0, half[0], 10), _reply(1, to_array_record(local[1]), 10)])
     assert "dtype float16" in strict.report.rejected[0]
 

@@ -1,7 +1,10 @@
 """server_app/launch (w3s-simulate): relative paths pinned, one SuperNode per hospital."""
 
+import pytest
+
 from common.config import CONF_DIR, compose_config
-from server_app.launch import absolute_path_overrides, flwr_command
+from common.errors import JobError
+from server_app.launch import absolute_path_overrides, check_training_config, flwr_command
 
 
 def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
@@ -13,3 +16,18 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
     command = flwr_command(CONF_DIR.parent, cfg, tmp_path / "rc.toml")
     assert command[1:3] == ["run", str(CONF_DIR.parent)]
     assert "num-supernodes=2" in command[command.index("--federation-config") + 1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy=server_clip", "strategy=fedmedian"], "needs strategy=fedavg"),
+        (["federation.guards.max_update_norm_ratio=0"], "federation.guards.max_update_norm_ratio"),
+        (["federation.round_wait_for_nodes_s=-1"], "round_wait_for_nodes_s"),
+    ],
+)
+def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides, message):
+    with pytest.raises(JobError, match=message):
+        check_training_config(compose_config(overrides))
+    check_training_config(compose_config(["strategy=fedtrimmedavg"]))
+    check_training_config(compose_config(["privacy=client_clip"]))

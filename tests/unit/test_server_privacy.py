@@ -1,38 +1,54 @@
-"""server_app/privacy: the DP wrappers drop failed and bad replies first; privacy settings."""
+"""server_app/privacy: screening, clipping, calibrated noise and the ε accountant."""
 
 import json
+import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 from omegaconf import OmegaConf
+from scipy.optimize import brentq
+from scipy.stats import norm
 
-from common.arrays import array_specs, to_state_dict
+from common.arrays import to_state_dict
 from server_app.privacy import (
     GuardedClientSideClipping,
     GuardedServerSideClipping,
+    PrivacyLedger,
     privacy_settings,
     with_privacy,
 )
-from server_app.strategy import GuardedFedAvg, TooFewRepliesError
-from tests.replies import GLOBAL, failed, instruction, reply
+from server_app.strategy import GuardedFedAvg, GuardedFedMedian, TooFewRepliesError
+from tests.replies import GLOBAL, failed, instruction, prepare, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _wrapped(kind, min_replies: int, noise: float = 0.0, clip: float = 1.0):
-    inner = GuardedFedAvg(num_hospitals=4, min_replies=min_replies)
-    # configure_train records the global model's specs (and the server-side wrapper the global
-    # model itself); set them as they would be.
-    inner._reference = array_specs(GLOBAL)
-    wrapper = kind(inner, noise_multiplier=noise, clipping_norm=clip, num_sampled_clients=4)
-    wrapper.current_arrays = GLOBAL
+def _config(name: str, noise: float, clip: float, delta: float = 1e-5):
+    return OmegaConf.create(
+        {"name": name, "noise_multiplier": noise, "clipping_norm": clip, "delta": delta}
+    )
+
+
+def _wrapped(name: str, min_replies: int, tmp_path, noise=0.0, clip=1.0, hospitals=4, model=None):
+    inner = GuardedFedAvg(num_hospitals=hospitals, min_replies=min_replies)
+    wrapper = with_privacy(inner, _config(name, noise, clip), hospitals, tmp_path)
+    # configure_train records the global model; set it as it would be.
+    prepare(inner, GLOBAL if model is None else model)
+    wrapper.current_arrays = inner._global
     return inner, wrapper
 
 
-@pytest.mark.parametrize("kind", [GuardedClientSideClipping, GuardedServerSideClipping])
-def test_failed_and_bad_replies_are_dropped_before_the_dp_wrapper(kind, caplog):
-    inner, wrapper = _wrapped(kind, min_replies=2, clip=100.0)
+def _update_reply(node: int, update: np.ndarray, weight) -> Message:
+    """A reply whose array is ``update`` (the global model of these tests is zero)."""
+    content = reply(node, 0.0, weight).content
+    content["arrays"] = ArrayRecord({"w": Array(update.astype(np.float32))})
+    return Message(content=content, reply_to=instruction(node))
+
+
+@pytest.mark.parametrize("name", ["client_clip", "server_clip"])
+def test_failed_and_bad_replies_are_dropped_before_clipping(name, tmp_path, caplog):
+    inner, wrapper = _wrapped(name, min_replies=2, tmp_path=tmp_path, clip=100.0)
     replies = [
         reply(1, 1.0, 10),
         reply(2, 4.0, 30),
@@ -43,7 +59,8 @@ def test_failed_and_bad_replies_are_dropped_before_the_dp_wrapper(kind, caplog):
     arrays, metrics = wrapper.aggregate_train(1, replies)
     # Flower's own wrapper returns (None, None) here and keeps the old model.
     assert arrays is not None
-    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), (1 * 10 + 4 * 30) / 40)
+    # Equal weights under DP: (1 + 4) / 2, not the num-examples-weighted 3.25.
+    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 2.5)
     assert metrics["train-loss"] == pytest.approx((1 * 10 + 4 * 30) / 40)
     assert inner.report.good == 2
     assert sorted(inner.report.failed) == [3]
@@ -51,60 +68,121 @@ def test_failed_and_bad_replies_are_dropped_before_the_dp_wrapper(kind, caplog):
     assert "node 3 failed" in caplog.text
 
 
-@pytest.mark.parametrize("kind", [GuardedClientSideClipping, GuardedServerSideClipping])
-def test_a_round_short_of_min_replies_stops_the_run(kind):
-    _, wrapper = _wrapped(kind, min_replies=2)
+@pytest.mark.parametrize("name", ["client_clip", "server_clip"])
+def test_a_round_short_of_min_replies_stops_the_run(name, tmp_path):
+    _, wrapper = _wrapped(name, min_replies=2, tmp_path=tmp_path)
     with pytest.raises(TooFewRepliesError, match="1 good replies, at least 2"):
-        wrapper.aggregate_train(1, [reply(1, 1.0, 10), failed(2)])
-    _, wrapper = _wrapped(kind, min_replies=1)
+        wrapper.aggregate_train(1, [reply(1, 0.1, 10), failed(2)])
+    _, wrapper = _wrapped(name, min_replies=1, tmp_path=tmp_path)
     with pytest.raises(TooFewRepliesError, match="0 good replies"):
         wrapper.aggregate_train(1, [failed(1), failed(2)])
 
 
-def test_server_side_clipping_bounds_each_update():
+def test_server_side_clipping_bounds_each_update(tmp_path):
     # Updates of norm 2 * 1 = 2 (four entries of 1.0) and 2 * 3 = 6, clipped to norm 1.
-    _, wrapper = _wrapped(GuardedServerSideClipping, min_replies=2, clip=1.0)
+    _, wrapper = _wrapped("server_clip", min_replies=2, tmp_path=tmp_path, clip=1.0)
     arrays, _ = wrapper.aggregate_train(1, [reply(1, 1.0, 10), reply(2, 3.0, 10)])
     np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 0.5, rtol=1e-6)
 
 
-def test_server_noise_has_the_configured_scale():
-    inner = GuardedFedAvg(num_hospitals=2, min_replies=2)
+def test_an_update_equal_to_the_global_model_is_no_division_by_zero(tmp_path):
+    # Flower's clipping divided by the update's norm: ZeroDivisionError out of aggregate_train.
+    _, wrapper = _wrapped("server_clip", min_replies=2, tmp_path=tmp_path, clip=1.0)
+    arrays, _ = wrapper.aggregate_train(1, [reply(1, 0.0, 10), reply(2, 1.0, 10)])
+    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 0.25, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["client_clip", "server_clip"])
+def test_one_hospital_moves_the_average_by_at_most_clip_over_replies(name, tmp_path):
+    # 91 and 31 images: weighted by num-examples the first would move the average by 0.746 C.
+    clip = 1.0
+    _, wrapper = _wrapped(name, min_replies=2, tmp_path=tmp_path, clip=clip)
+    first = np.full((2, 2), 0.5)  # norm 1.0 = C: within the bound at both options
+    arrays, _ = wrapper.aggregate_train(
+        1, [_update_reply(1, first, 91), _update_reply(2, np.zeros((2, 2)), 31)]
+    )
+    moved = float(np.linalg.norm(to_state_dict(arrays)["w"].numpy()))
+    assert moved == pytest.approx(clip / 2, rel=1e-6)
+
+
+def test_client_clip_rejects_an_update_the_hospital_did_not_clip(tmp_path):
+    inner, wrapper = _wrapped("client_clip", min_replies=1, tmp_path=tmp_path, clip=1.0)
+    wrapper.aggregate_train(1, [reply(1, 0.1, 10), reply(2, 3.0, 10)])
+    assert list(inner.report.rejected) == [2]
+    assert "exceeds the clipping norm" in inner.report.rejected[2]
+
+
+def _noise_of(wrapper, replies: int) -> float:
+    tiny = np.full((200, 200), 1e-6)
+    arrays, _ = wrapper.aggregate_train(1, [_update_reply(i + 1, tiny, 10) for i in range(replies)])
+    return float(to_state_dict(arrays)["w"].numpy().std())
+
+
+def test_the_noise_is_scaled_to_the_replies_actually_averaged(tmp_path):
     zeros = ArrayRecord({"w": Array(np.zeros((200, 200), np.float32))})
-    inner._reference = array_specs(zeros)
-    wrapper = GuardedServerSideClipping(
-        inner, noise_multiplier=2.0, clipping_norm=0.5, num_sampled_clients=2
-    )
-    wrapper.current_arrays = zeros
-
-    def tiny_reply(node):
-        # A tiny update, well inside the clipping norm (Flower divides by a zero update's norm).
-        tiny = ArrayRecord({"w": Array(np.full((200, 200), 1e-6, np.float32))})
-        content = RecordDict({"arrays": tiny, "metrics": reply(node, 0.0, 10).content["metrics"]})
-        return Message(content=content, reply_to=instruction(node))
-
-    arrays, _ = wrapper.aggregate_train(1, [tiny_reply(1), tiny_reply(2)])
-    noise = to_state_dict(arrays)["w"].numpy()
-    assert noise.std() == pytest.approx(2.0 * 0.5 / 2, rel=0.02)
+    # 4 hospitals configured, 2 reply: the noise is for an average of 2, not of 4.
+    _, wrapper = _wrapped("server_clip", 2, tmp_path, noise=2.0, clip=0.5, hospitals=4, model=zeros)
+    assert _noise_of(wrapper, replies=2) == pytest.approx(2.0 * 0.5 / 2, rel=0.02)
+    record = json.loads((tmp_path / "privacy.json").read_text())
+    assert record["rounds"] == [{"round": 1, "replies": 2, "noise_stdev": 0.5}]
 
 
-def test_privacy_settings_default_to_every_hospital_and_are_written(tmp_path):
-    cfg = OmegaConf.create(
-        {
-            "name": "server_clip",
-            "noise_multiplier": 1.0,
-            "clipping_norm": 0.3,
-            "num_sampled_clients": None,
-        }
-    )
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact ε of a mu-GDP mechanism at ``delta`` (Dong, Roth & Su 2019): a lower bound for RDP."""
+
+    def excess(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+
+    return brentq(excess, 0.0, 500.0)
+
+
+def test_epsilon_is_accounted_over_rounds_and_survives_a_resume(tmp_path):
+    settings = privacy_settings(_config("server_clip", noise=1.0, clip=0.2), num_hospitals=3)
+    ledger = PrivacyLedger(settings, tmp_path / "privacy.json")
+    for server_round in (1, 2, 3, 4):
+        ledger.release(server_round, replies=3 if server_round < 4 else 2, noise_stdev=0.1)
+    epsilon = ledger.epsilon()
+    # Four Gaussian releases of noise multiplier 1 compose to sqrt(4)/1 = 2-GDP exactly; the RDP
+    # accountant is an upper bound on that, and below the classic RDP conversion.
+    exact = _gaussian_epsilon(mu=2.0, delta=1e-5)
+    classic = min(4 * a / 2 + math.log(1 / 1e-5) / (a - 1) for a in np.linspace(1.1, 100, 5000))
+    assert exact <= epsilon <= classic
+    record = json.loads((tmp_path / "privacy.json").read_text())
+    assert record["epsilon"] == pytest.approx(epsilon) and record["delta"] == 1e-5
+    assert [r["replies"] for r in record["rounds"]] == [3, 3, 3, 2]
+
+    # Resumed from round 2's checkpoint: rounds 1-2 count, 3-4 are redone.
+    resumed = PrivacyLedger(settings, tmp_path / "privacy.json", resumed_rounds=2)
+    assert [r["round"] for r in resumed.rounds] == [1, 2]
+    resumed.release(3, 3, 0.1)
+    resumed.release(4, 3, 0.1)
+    assert resumed.epsilon() == pytest.approx(epsilon)
+
+
+def test_no_noise_means_no_finite_epsilon(tmp_path):
+    settings = privacy_settings(_config("client_clip", noise=0.0, clip=0.2), num_hospitals=3)
+    ledger = PrivacyLedger(settings, tmp_path / "privacy.json")
+    ledger.release(1, 3, 0.0)
+    assert ledger.epsilon() is None
+    assert json.loads((tmp_path / "privacy.json").read_text())["epsilon"] is None
+
+
+def test_privacy_settings_are_written_and_validated(tmp_path):
+    cfg = _config("server_clip", noise=1.0, clip=0.3)
     settings = privacy_settings(cfg, num_hospitals=3)
-    assert settings["num_sampled_clients"] == 3
-    assert settings["noise_stdev"] == pytest.approx(0.1)
+    assert settings["hospitals"] == 3 and settings["delta"] == 1e-5
     strategy = with_privacy(GuardedFedAvg(num_hospitals=3, min_replies=3), cfg, 3, tmp_path)
     assert isinstance(strategy, GuardedServerSideClipping)
-    assert json.loads((tmp_path / "privacy.json").read_text()) == settings
+    assert strategy.strategy.uniform_weights
+    record = json.loads((tmp_path / "privacy.json").read_text())
+    assert record["epsilon"] == 0.0 and record["rounds"] == []
     none = OmegaConf.create({"name": "none"})
     plain = GuardedFedAvg(num_hospitals=3, min_replies=3)
     assert with_privacy(plain, none, 3, tmp_path) is plain
     with pytest.raises(ValueError, match="unknown privacy option"):
         privacy_settings(OmegaConf.create({"name": "local_dp"}), 3)
+    with pytest.raises(ValueError, match="needs strategy=fedavg"):
+        with_privacy(GuardedFedMedian(num_hospitals=3, min_replies=3), cfg, 3, tmp_path)
+    client = _config("client_clip", noise=1.0, clip=0.3)
+    wrapped = with_privacy(GuardedFedAvg(num_hospitals=3, min_replies=3), client, 3, tmp_path)
+    assert isinstance(wrapped, GuardedClientSideClipping)

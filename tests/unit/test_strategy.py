@@ -1,20 +1,36 @@
-"""server_app/strategy: GuardedFedAvg drops failed and bad replies, weighted metrics."""
+"""server_app/strategy: GuardedFedAvg drops failed and bad replies, guards, waits, aggregators."""
+
+import threading
+import time
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from omegaconf import OmegaConf
 
-from common.arrays import array_specs, to_state_dict
-from server_app.strategy import GuardedFedAvg, TooFewRepliesError, weighted_metrics
-from tests.replies import GLOBAL, failed, reply
+from common.arrays import to_state_dict
+from common.config import compose_config
+from server_app.strategy import (
+    GuardedFedAvg,
+    GuardedFedMedian,
+    GuardedFedTrimmedAvg,
+    Guards,
+    TooFewNodesError,
+    TooFewRepliesError,
+    build_strategy,
+    weighted_metrics,
+)
+from tests.replies import failed, prepare, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
+# A global model of norm 2 (four entries of 1.0); replies of 1.1, 1.2 are updates of norm 0.2, 0.4.
+ONES = ArrayRecord({"w": Array(np.ones((2, 2), np.float32))})
+GUARDS = Guards(max_update_model_ratio=1.0, max_update_norm_ratio=10.0, max_examples_growth=1.0)
 
-def _strategy(min_replies: int) -> GuardedFedAvg:
-    strategy = GuardedFedAvg(num_hospitals=4, min_replies=min_replies)
-    # configure_train records the global model's specs; set them as it would.
-    strategy._reference = array_specs(GLOBAL)
-    return strategy
+
+def _strategy(min_replies: int, **kwargs) -> GuardedFedAvg:
+    return prepare(GuardedFedAvg(num_hospitals=4, min_replies=min_replies, **kwargs))
 
 
 def test_bad_replies_are_dropped_and_the_rest_averaged(caplog):
@@ -59,3 +75,149 @@ def test_weighted_metrics_skip_missing_and_nan_scores():
     assert merged["train-loss"] == pytest.approx(2.5)
     assert merged["val-loc-miou"] == pytest.approx(0.5)
     assert "hospital-index" not in merged and "num-examples" not in merged
+
+
+# --- update guards: one participant must not take the model over ----------------------------
+
+
+def test_a_huge_finite_update_with_a_huge_weight_is_rejected_by_name():
+    # The takeover: finite values of 1e30 with num-examples 1e15 used to become the global model.
+    strategy = prepare(_strategy(min_replies=2, guards=GUARDS), ONES)
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(1, 1.1, 10), reply(2, 1.2, 30), reply(3, 1e30, 1e15)]
+    )
+    np.testing.assert_allclose(
+        to_state_dict(arrays)["w"].numpy(), (1.1 * 10 + 1.2 * 30) / 40, rtol=1e-6
+    )
+    assert list(strategy.report.rejected) == [3]
+    assert "global model's norm" in strategy.report.rejected[3]
+    # A rejected reply neither declares nor is held to a num-examples.
+    assert strategy.report.capped == {} and 2 not in strategy.declared_examples
+
+
+@pytest.mark.parametrize(
+    ("guards", "reason"),
+    [
+        (Guards(max_update_model_ratio=1.0), "global model's norm"),
+        (Guards(max_update_norm_ratio=10.0), "median update norm of the other replies"),
+    ],
+)
+def test_each_norm_guard_alone_rejects_the_outlier(guards, reason):
+    strategy = prepare(_strategy(min_replies=2, guards=guards), ONES)
+    # An update of norm 2 * 3 = 6: three times the model's norm, 15x / 30x the others'.
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 10), reply(3, 4.0, 10)])
+    assert list(strategy.report.rejected) == [3]
+    assert reason in strategy.report.rejected[3]
+
+
+def test_the_peer_guard_compares_with_the_others_even_with_two_replies():
+    strategy = prepare(_strategy(min_replies=1, guards=Guards(max_update_norm_ratio=10.0)), ONES)
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1e6, 10)])
+    assert list(strategy.report.rejected) == [2]
+
+
+def test_num_examples_is_capped_at_the_first_declaration():
+    strategy = prepare(_strategy(min_replies=2, guards=GUARDS), ONES)
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 30)])
+    assert strategy.declared_examples == {0: 10, 1: 30}
+    prepare(strategy, ONES)
+    arrays, _ = strategy.aggregate_train(2, [reply(1, 1.1, 1e15), reply(2, 1.2, 30)])
+    # Hospital 0 counts with its declared 10 examples, not 1e15.
+    np.testing.assert_allclose(
+        to_state_dict(arrays)["w"].numpy(), (1.1 * 10 + 1.2 * 30) / 40, rtol=1e-6
+    )
+    assert strategy.report.capped == {1: (1e15, 10.0)}
+
+
+def test_a_second_node_claiming_the_same_hospital_is_rejected_by_name():
+    strategy = prepare(
+        GuardedFedAvg(num_hospitals=3, min_replies=1, hospitals=["a", "b", "c"]), ONES
+    )
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 10, index=0)])
+    assert list(strategy.report.rejected) == [2]
+    assert "hospital 'a'" in strategy.report.rejected[2]
+    assert "node 1 already answered" in strategy.report.rejected[2]
+
+
+def test_a_hospital_index_out_of_range_or_not_an_integer_is_rejected():
+    strategy = prepare(GuardedFedAvg(num_hospitals=2, min_replies=1), ONES)
+    odd = [reply(3, 1.2, 10, index=float("inf")), reply(4, 1.2, 10, index=0.5)]
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 10, index=7), *odd])
+    assert "not one of the run's 0..1" in strategy.report.rejected[2]
+    assert "not an integer" in strategy.report.rejected[3]
+    assert "not an integer" in strategy.report.rejected[4]
+
+
+# --- every round waits for nodes at most round_wait_for_nodes_s -----------------------------
+
+
+class _Grid:
+    """A grid whose online nodes the test chooses."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_a_round_short_of_nodes_stops_after_the_wait_instead_of_hanging():
+    strategy = GuardedFedAvg(num_hospitals=3, min_replies=2, round_wait_for_nodes_s=0.5)
+    outcome = {}
+
+    def configure():
+        try:
+            strategy.configure_train(3, ONES, ConfigRecord(), _Grid([7]))
+        except TooFewNodesError as error:
+            outcome["error"] = str(error)
+
+    worker = threading.Thread(target=configure, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "configure_train still waiting for nodes after 20 s"
+    assert time.monotonic() - started >= 0.5
+    assert "round 3 training: 1 SuperNodes online" in outcome["error"]
+    assert "resume=true" in outcome["error"]
+
+
+def test_a_round_starts_on_every_online_node_and_evaluation_goes_on_with_fewer():
+    strategy = GuardedFedAvg(
+        num_hospitals=3, min_replies=2, round_offset=4, round_wait_for_nodes_s=0.2
+    )
+    messages = list(strategy.configure_train(1, ONES, ConfigRecord(), _Grid([3, 1, 2])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    assert messages[0].content["config"]["server-round"] == 5
+    evaluation = list(strategy.configure_evaluate(1, ONES, ConfigRecord(), _Grid([2])))
+    assert [m.metadata.dst_node_id for m in evaluation] == [2]
+    assert list(strategy.configure_evaluate(1, ONES, ConfigRecord(), _Grid([]))) == []
+
+
+# --- robust aggregation (conf/strategy/) ----------------------------------------------------
+
+
+def test_fedmedian_takes_the_coordinate_median_behind_the_same_checks():
+    strategy = prepare(GuardedFedMedian(num_hospitals=4, min_replies=3), ONES)
+    replies = [reply(1, 1.0, 10), reply(2, 2.0, 99), reply(3, 50.0, 10), reply(4, float("nan"), 1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays["w"].dtype == "float32"
+    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 2.0)
+    assert list(strategy.report.rejected) == [4]
+
+
+def test_fedtrimmedavg_drops_the_tails_unweighted():
+    strategy = prepare(GuardedFedTrimmedAvg(num_hospitals=5, min_replies=5, beta=0.2), ONES)
+    values = [1.0, 2.0, 3.0, 4.0, 100.0]
+    replies = [reply(i + 1, v, 10 * (i + 1)) for i, v in enumerate(values)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 3.0)
+    assert "train-loss" in metrics
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedtrimmedavg", "fedmedian"])
+def test_build_strategy_follows_the_strategy_group(name):
+    cfg = compose_config([f"strategy={name}"])
+    strategy = build_strategy(cfg.strategy, num_hospitals=3, min_replies=2)
+    assert strategy.name == name
+    with pytest.raises(ValueError, match="unknown strategy"):
+        build_strategy(OmegaConf.create({"name": "krum"}), num_hospitals=3, min_replies=2)
