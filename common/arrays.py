@@ -72,9 +72,14 @@ def upcast_reply(content: RecordDict, reference: Mapping[str, ArraySpec]) -> Non
         content[name] = ArrayRecord(restored)
 
 
+def array_bytes(arrays: ArrayRecord) -> int:
+    """Bytes of an ArrayRecord's arrays as serialised on the wire."""
+    return sum(len(a.data) for a in arrays.values())
+
+
 def record_bytes(content: RecordDict) -> int:
     """Bytes of every array a message carries, as serialised on the wire (metrics excluded)."""
-    return sum(len(a.data) for arrays in content.array_records.values() for a in arrays.values())
+    return sum(array_bytes(arrays) for arrays in content.array_records.values())
 
 
 def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -116,6 +116,7 @@ def guards(cfg: DictConfig) -> Guards:
         max_update_model_ratio=number("max_update_model_ratio"),
         max_update_norm_ratio=number("max_update_norm_ratio"),
         max_examples_growth=number("max_examples_growth"),
+        max_reply_model_ratio=number("max_reply_model_ratio"),
     )
 
 

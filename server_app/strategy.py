@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from common.arrays import (
     WEIGHT_KEY,
     ArraySpec,
+    array_bytes,
     array_specs,
     check_metrics_reply,
     check_update,
@@ -68,11 +69,15 @@ class Guards:
       norm of the *other* good replies of the round is rejected (needs one other reply).
     - ``max_examples_growth``: a hospital's ``num-examples`` is capped at this many times what it
       declared in its first round.
+    - ``max_reply_model_ratio``: a train reply whose arrays take more bytes than this many times
+      the global model's is rejected before any of its arrays is decoded; an honest reply is at
+      most the global model's size.
     """
 
     max_update_model_ratio: float | None = None
     max_update_norm_ratio: float | None = None
     max_examples_growth: float | None = None
+    max_reply_model_ratio: float | None = None
 
 
 @dataclass
@@ -343,8 +348,12 @@ class GuardedFedAvg(FedAvg):
                 self.report.failed[node] = msg.error.reason
                 log.warning("node %d failed: %s", node, msg.error.reason)
                 continue
+            size = record_bytes(msg.content)
             received = self.report.bytes_received
-            received[node] = received.get(node, 0) + record_bytes(msg.content)
+            received[node] = received.get(node, 0) + size
+            if check_arrays and (reason := self._check_size(size)):
+                self.reject(node, reason)
+                continue
             if check_arrays and self.transport_dtype != "float32":
                 upcast_reply(msg.content, self._reference)
             reason = (
@@ -357,6 +366,19 @@ class GuardedFedAvg(FedAvg):
                 continue
             good.append(msg)
         return good
+
+    def _check_size(self, size: int) -> str | None:
+        """Too many bytes for an update of the global model: refused before decoding."""
+        ratio = self.guards.max_reply_model_ratio
+        if ratio is None or self._global is None:
+            return None
+        model_bytes = array_bytes(self._global)
+        if size <= ratio * model_bytes:
+            return None
+        return (
+            f"reply carries {size / 1e6:.4g} MB of arrays, over {ratio:g} x the global model's "
+            f"{model_bytes / 1e6:.4g} MB (federation.guards.max_reply_model_ratio)"
+        )
 
     def _norm_guards(self, replies: list[Message], max_norm: float | None) -> list[Message]:
         """Reject updates too large for the global model, the other replies or ``max_norm``."""

@@ -41,10 +41,16 @@ def _should_fail(msg: Message, context: Context) -> bool:
 def _straggle(msg: Message, context: Context) -> None:
     server_round = int(msg.content["config"]["server-round"])
     partition = int(context.node_config["partition-id"])
-    if partition in _partitions(context, "slow-partitions") and server_round == int(
+    if partition not in _partitions(context, "slow-partitions") or server_round != int(
         context.run_config["slow-round"]
     ):
-        time.sleep(float(context.run_config["slow-seconds"]))
+        return
+    # Waiting for the server's own sign that the round closed makes the reply late for certain,
+    # whatever the machine's load; slow-seconds caps the wait.
+    until = str(context.run_config["slow-until"])
+    deadline = time.monotonic() + float(context.run_config["slow-seconds"])
+    while time.monotonic() < deadline and not (until and Path(until).exists()):
+        time.sleep(0.2)
 
 
 def _corrupt_data(msg: Message, context: Context) -> None:
@@ -98,7 +104,8 @@ def _break(reply: Message, kind: str, msg: Message, context: Context) -> None:
 
     nan: one NaN; shape: one array as a (1,) array (it would broadcast); huge: every value 1e30
     (finite) with num-examples 1e15, the takeover of docs/reliability.md; inflate: honest arrays
-    with num-examples 1e15; impostor: the reply claims hospital-index 0, after partition 0's.
+    with num-examples 1e15; impostor: the reply claims hospital-index 0, after partition 0's;
+    oversize: an extra 64 MB array next to the honest ones.
     """
     arrays = {k: a.numpy().copy() for k, a in reply.content["arrays"].items()}
     metrics = reply.content["metrics"]
@@ -112,6 +119,8 @@ def _break(reply: Message, kind: str, msg: Message, context: Context) -> None:
         metrics["num-examples"] = 1e15
     elif kind == "inflate":
         metrics["num-examples"] = 1e15
+    elif kind == "oversize":
+        arrays["padding"] = np.zeros(16 * 2**20, np.float32)
     elif kind == "impostor":
         metrics["hospital-index"] = 0
         _wait_for_dump(context, int(msg.content["config"]["server-round"]), 0)

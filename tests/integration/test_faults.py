@@ -97,9 +97,10 @@ def test_all_hospitals_failing_stops_the_run_and_keeps_the_last_checkpoint(flwr_
 
 
 def test_bad_updates_are_rejected_by_name_and_cannot_take_the_model_over(flwr_home, tmp_path):
-    # Six small hospitals at 32 px. In round 2 partitions 2-5 send a NaN, a wrong shape, the
-    # takeover (every value 1e30, num-examples 1e15) and an impostor claiming partition 0's
-    # hospital; partition 1 inflates its num-examples to 1e15 with honest arrays.
+    # Seven small hospitals at 32 px. In round 2 partitions 2-6 send a NaN, a wrong shape, the
+    # takeover (every value 1e30, num-examples 1e15), an impostor claiming partition 0's
+    # hospital and a 64 MB message; partition 1 inflates its num-examples to 1e15 with honest
+    # arrays.
     run_dir = tmp_path / "run"
     overrides = [
         "data=synthetic10",
@@ -114,21 +115,22 @@ def test_bad_updates_are_rejected_by_name_and_cannot_take_the_model_over(flwr_ho
         flwr_home,
         tmp_path,
         overrides,
-        supernodes=6,
-        bad_updates="1:inflate,2:nan,3:shape,4:huge,5:impostor",
+        supernodes=7,
+        bad_updates="1:inflate,2:nan,3:shape,4:huge,5:impostor,6:oversize",
         bad_round=2,
     )
     assert result.returncode == 0, result.stdout[-4000:]
 
     first, second = metrics_rows(run_dir)
-    assert first["replies"] == 6 and not first["rejected"]
+    assert first["replies"] == 7 and not first["rejected"]
     assert second["replies"] == 2
     reasons = sorted(second["rejected"].values())
-    assert len(reasons) == 4, reasons
+    assert len(reasons) == 5, reasons
     assert any("NaN" in r for r in reasons)
     assert any("has shape (1,)" in r for r in reasons)
     assert any("global model's norm" in r for r in reasons)
     assert any("claims hospital 'hospital_01'" in r and "already answered" in r for r in reasons)
+    assert any("MB of arrays, over 1 x the global model's" in r for r in reasons)
     (capped,) = second["capped"].values()
     assert capped[0] == 1e15
 
@@ -141,8 +143,9 @@ def test_bad_updates_are_rejected_by_name_and_cannot_take_the_model_over(flwr_ho
 
 
 def test_a_straggler_is_dropped_and_its_late_reply_never_counts(flwr_home, tmp_path):
-    # Round 1 includes Ray's start-up, so the straggler comes in round 2 of 3, when the
-    # round timeout can be short; it still finishes (and saves its reply) during round 3.
+    # Round 1 includes Ray's start-up, so the straggler comes in round 2 of 3. It holds its
+    # reply until the server has saved round 2 without it, so the reply is late whatever the
+    # machine's load, and it still finishes (and saves the reply) during round 3.
     run_dir = tmp_path / "run"
     overrides = [
         *TINY,
@@ -152,7 +155,13 @@ def test_a_straggler_is_dropped_and_its_late_reply_never_counts(flwr_home, tmp_p
         f"output_dir={run_dir}",
     ]
     result = _run_fault_app(
-        flwr_home, tmp_path, overrides, slow_partitions="1", slow_round=2, slow_seconds=80.0
+        flwr_home,
+        tmp_path,
+        overrides,
+        slow_partitions="1",
+        slow_round=2,
+        slow_seconds=300.0,
+        slow_until=str(run_dir / "checkpoints" / "round_002.pt"),
     )
     assert result.returncode == 0, result.stdout[-4000:]
     assert [r["replies"] for r in metrics_rows(run_dir)] == [3, 2, 3]

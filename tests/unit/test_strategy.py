@@ -110,6 +110,18 @@ def test_each_norm_guard_alone_rejects_the_outlier(guards, reason):
     assert reason in strategy.report.rejected[3]
 
 
+def test_a_reply_larger_than_the_model_is_refused_before_it_is_decoded(monkeypatch):
+    strategy = prepare(_strategy(min_replies=1, guards=Guards(max_reply_model_ratio=1.0)), ONES)
+    oversize = reply(2, 1.1, 10)
+    oversize.content["arrays"]["extra"] = Array(np.zeros(1000, np.float32))
+    decoded = []
+    monkeypatch.setattr("server_app.strategy.check_update", lambda c, r: decoded.append(c))
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), oversize])
+    assert list(strategy.report.rejected) == [2]
+    assert "over 1 x the global model's" in strategy.report.rejected[2]
+    assert len(decoded) == 1  # only the honest reply reached the array checks
+
+
 def test_the_peer_guard_compares_with_the_others_even_with_two_replies():
     strategy = prepare(_strategy(min_replies=1, guards=Guards(max_update_norm_ratio=10.0)), ONES)
     strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1e6, 10)])
