@@ -12,6 +12,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,29 @@ class CheckpointError(JobError):
     """
 
 
-MODEL_KEYS = frozenset({"state_dict", "round", "model", "classes"})
-SEGMENTER_KEYS = frozenset({"state_dict", "segmenter", "classes"})
+@dataclass(frozen=True)
+class FileKind:
+    """A kind of model file the commands read, told apart by the keys its payload has."""
+
+    key: str  # the config key that names such a file
+    keys: frozenset[str]
+    title: str
+    # What to do with a file of this kind that was given where the other kind belongs.
+    hint: str
+
+
+MODEL_FILE = FileKind(
+    key="checkpoint",
+    keys=frozenset({"state_dict", "round", "model", "classes"}),
+    title="an MCT model file (final_model.pt)",
+    hint="run w3s-postprocess checkpoint=<it> to train a segmenter and pass its segmenter.pt",
+)
+SEGMENTER_FILE = FileKind(
+    key="segmenter",
+    keys=frozenset({"state_dict", "segmenter", "classes"}),
+    title="a segmenter file (segmenter.pt written by w3s-postprocess)",
+    hint="w3s-predict takes it as segmenter=",
+)
 # Of a message torch gives for a damaged file, at most this much of its first line is shown.
 MAX_DETAIL = 160
 
@@ -133,10 +155,10 @@ def describe_payload(payload: Any) -> str:
         return f"a bare tensor of shape {tuple(payload.shape)} (saved with torch.save)"
     if not isinstance(payload, Mapping):
         return f"a {type(payload).__name__}"
-    if payload.keys() >= MODEL_KEYS:
+    if payload.keys() >= MODEL_FILE.keys:
         return "an MCT model file (final_model.pt or a round checkpoint)"
-    if payload.keys() >= SEGMENTER_KEYS:
-        return "a segmenter file (segmenter.pt written by w3s-postprocess)"
+    if payload.keys() >= SEGMENTER_FILE.keys:
+        return SEGMENTER_FILE.title
     if payload and all(isinstance(value, torch.Tensor) for value in payload.values()):
         return f"a bare state dict of {len(payload)} tensors, without the model's settings"
     keys = sorted(map(str, payload))
@@ -197,24 +219,27 @@ def load_weights(model: torch.nn.Module, state_dict: Any, where: str, what: str)
         ) from None
 
 
-def read_model_file(path: str | Path) -> dict[str, Any]:
-    """The payload of a model file, or a :class:`CheckpointError` that names the file."""
-    path = Path(path)
-    where = f"checkpoint={path}"
-    payload = read_torch_file(path, "checkpoint")
-    if not isinstance(payload, dict) or not payload.keys() >= MODEL_KEYS:
-        hint = (
-            "; w3s-predict takes it as segmenter="
-            if isinstance(payload, Mapping) and payload.keys() >= SEGMENTER_KEYS
-            else ""
+def read_payload(path: str | Path, kind: FileKind) -> dict[str, Any]:
+    """A model file's payload, checked to be ``kind`` with a list of class names.
+
+    Any other content is a one-line :class:`CheckpointError` naming the file and saying what
+    it holds instead.
+    """
+    where = f"{kind.key}={path}"
+    payload = read_torch_file(path, kind.key)
+    if not isinstance(payload, dict) or not payload.keys() >= kind.keys:
+        other = next(
+            (
+                k
+                for k in (MODEL_FILE, SEGMENTER_FILE)
+                if k is not kind and isinstance(payload, Mapping) and payload.keys() >= k.keys
+            ),
+            None,
         )
         raise CheckpointError(
-            f"{where} is not an MCT model file (final_model.pt): it holds "
-            f"{describe_payload(payload)}{hint}"
+            f"{where} is not {kind.title}: it holds {describe_payload(payload)}"
+            + (f"; {other.hint}" if other else "")
         )
-    model = payload["model"]
-    if not isinstance(model, Mapping) or not isinstance(model.get("name"), str):
-        raise CheckpointError(f"{where}: its model settings name no MCT preset ({model!r:.80})")
     classes = payload["classes"]
     if (
         not isinstance(classes, list | tuple)
@@ -222,6 +247,17 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
         or not all(isinstance(name, str) for name in classes)
     ):
         raise CheckpointError(f"{where}: its class list is not a list of names ({classes!r:.80})")
+    return payload
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """The payload of an MCT model file, or a :class:`CheckpointError` that names the file."""
+    payload = read_payload(path, MODEL_FILE)
+    model = payload["model"]
+    if not isinstance(model, Mapping) or not isinstance(model.get("name"), str):
+        raise CheckpointError(
+            f"checkpoint={path}: its model settings name no MCT preset ({model!r:.80})"
+        )
     return payload
 
 

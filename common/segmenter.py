@@ -22,14 +22,7 @@ from torch import nn
 from torchvision.models import segmentation
 
 from common.augment import normalise
-from common.checkpoint import (
-    MODEL_KEYS,
-    SEGMENTER_KEYS,
-    CheckpointError,
-    describe_payload,
-    load_weights,
-    read_torch_file,
-)
+from common.checkpoint import SEGMENTER_FILE, CheckpointError, load_weights, read_payload
 from common.imaging import channel_argmax, resize_images, resize_labels
 from common.metrics import IGNORE_INDEX
 from common.progress import Progress
@@ -468,19 +461,8 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any], list[st
         PyTorch file, another kind of file (an MCT model file, a bare tensor or state dict),
         an unknown architecture or weights that do not fit it.
     """
-    path = Path(path)
     where = f"segmenter={path}"
-    payload = read_torch_file(path, "segmenter")
-    if not isinstance(payload, dict) or not payload.keys() >= SEGMENTER_KEYS:
-        hint = (
-            "; run w3s-postprocess checkpoint=<it> to train a segmenter and pass its segmenter.pt"
-            if isinstance(payload, dict) and payload.keys() >= MODEL_KEYS
-            else ""
-        )
-        raise CheckpointError(
-            f"{where} is not a segmenter file (segmenter.pt written by w3s-postprocess): "
-            f"it holds {describe_payload(payload)}{hint}"
-        )
+    payload = read_payload(path, SEGMENTER_FILE)
     cfg, classes = payload["segmenter"], payload["classes"]
     if not isinstance(cfg, dict) or not isinstance(cfg.get("input_size"), int):
         raise CheckpointError(f"{where}: its segmenter settings lack an input_size ({cfg!r:.80})")
@@ -489,12 +471,6 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any], list[st
             f"{where}: unknown architecture {cfg.get('arch')!r}; this version knows "
             f"{', '.join(sorted(ARCHITECTURES))}"
         )
-    if (
-        not isinstance(classes, list | tuple)
-        or not classes
-        or not all(isinstance(name, str) for name in classes)
-    ):
-        raise CheckpointError(f"{where}: its class list is not a list of names ({classes!r:.80})")
     cfg, classes = {**cfg, "backbone_weights_file": None}, list(classes)
     model = create_segmenter(cfg, len(classes) + 1)
     load_weights(model, payload["state_dict"], where, cfg["arch"])
