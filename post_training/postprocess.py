@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_model
 from common.cli import Command
-from common.data import hospital_names
+from common.data import check_split, hospital_names
 from common.errors import JobError
 from common.localization import MapSettings
 from common.progress import Profile
@@ -137,6 +137,7 @@ def check_postprocess_config(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
     check_hospital(cfg)
+    check_split(cfg.data)
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     if not checkpoint.is_file():
         raise JobError(f"checkpoint={checkpoint}: file not found")

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from common.cli import Command
 from common.config import CONF_DIR, compose_config
-from common.data import DataVerificationError, hospital_names, verify_data
+from common.data import DataVerificationError, check_split, hospital_names, verify_data
 from common.errors import JobError
 from common.model import mct_presets
 from server_app.privacy import privacy_settings
@@ -173,6 +173,7 @@ def stop_superlinks_marked(marker: str) -> list[int]:
 def check_training_config(cfg: DictConfig) -> None:
     """Refuse values that would otherwise fail inside the ServerApp, after Flower started."""
     hospitals = len(hospital_names(cfg.data))
+    check_split(cfg.data)
     if str(cfg.model.name) not in mct_presets():
         raise JobError(f"model.name={cfg.model.name}: expected one of {', '.join(mct_presets())}")
     pretrained = cfg.model.get("pretrained_file")

@@ -10,7 +10,7 @@ from common.data.readers import (
     load_hospital,
     verify_data,
 )
-from common.data.splits import split_indices
+from common.data.splits import SplitSpec, check_split, fold_indices, split_indices
 from common.data.synthetic import generate_hospital
 from common.data.tensors import SplitTensors, hospital_split, split_tensors
 from common.data.types import (
@@ -30,9 +30,12 @@ __all__ = [
     "DataProblem",
     "DataVerificationError",
     "HospitalData",
+    "SplitSpec",
     "SplitTensors",
+    "check_split",
     "generate_hospital",
     "federated_hospitals",
+    "fold_indices",
     "hospital_names",
     "hospital_split",
     "load_hospital",

@@ -12,7 +12,7 @@ import torch
 from torchvision.transforms.v2 import functional as tvf
 
 from common.data.readers import hospital_key, load_hospital
-from common.data.splits import SPLITS, split_indices
+from common.data.splits import SPLITS, SplitSpec
 from common.data.types import HospitalData
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class SplitTensors:
         return int(self.labels.shape[0])
 
 
-_TENSOR_CACHE: dict[tuple[str, int, tuple[float, ...], str, int], SplitTensors] = {}
+_TENSOR_CACHE: dict[tuple[str, SplitSpec, str, int], SplitTensors] = {}
 
 
 def hospital_split(data_cfg: Any, name: str, split: str) -> HospitalData:
@@ -51,7 +51,7 @@ def hospital_split(data_cfg: Any, name: str, split: str) -> HospitalData:
     Parameters
     ----------
     data_cfg
-        The ``cfg.data`` node; ``split.seed`` and ``split.fractions`` fix the split.
+        The ``cfg.data`` node; its ``split`` fixes the split (:class:`SplitSpec`).
     name
         Hospital key in ``data_cfg.hospitals``.
     split
@@ -65,8 +65,7 @@ def hospital_split(data_cfg: Any, name: str, split: str) -> HospitalData:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     data = load_hospital(data_cfg, name)
-    indices = split_indices(data.labels, int(data_cfg.split.seed), list(data_cfg.split.fractions))
-    return data.subset(indices[split])
+    return data.subset(SplitSpec.of(data_cfg).indices(data.labels)[split])
 
 
 def split_tensors(data_cfg: Any, name: str, split: str, size: int) -> SplitTensors:
@@ -96,8 +95,7 @@ def split_tensors(data_cfg: Any, name: str, split: str, size: int) -> SplitTenso
     DataVerificationError
         When the hospital's data fails verification.
     """
-    fractions = tuple(float(f) for f in data_cfg.split.fractions)
-    key = (hospital_key(data_cfg, name), int(data_cfg.split.seed), fractions, split, int(size))
+    key = (hospital_key(data_cfg, name), SplitSpec.of(data_cfg), split, int(size))
     if key not in _TENSOR_CACHE:
         tensors = _to_tensors(hospital_split(data_cfg, name, split), int(size))
         log.info("hospital %s: %s split, %d images at %d px", name, split, len(tensors), size)

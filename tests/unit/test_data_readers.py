@@ -17,6 +17,8 @@ from common.data import (
     CYTOPLASM,
     NUCLEUS,
     DataVerificationError,
+    check_split,
+    fold_indices,
     hospital_names,
     hospital_split,
     load_hospital,
@@ -25,6 +27,7 @@ from common.data import (
     verify_data,
 )
 from common.data.readers import MATEK19_CLASSES
+from common.errors import JobError
 
 REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
 FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
@@ -209,6 +212,50 @@ def test_hospital_split_matches_split_indices(real_cfg):
         assert np.array_equal(part.labels, data.labels[expected[split]])
     with pytest.raises(ValueError, match="unknown split"):
         hospital_split(real_cfg, "dataset1", "holdout")
+
+
+def test_every_image_is_tested_once_over_the_folds_with_the_class_mix_kept():
+    labels = np.repeat(np.arange(5), [23, 13, 8, 5, 3])
+    folds = [fold_indices(labels, seed=3, folds=5, fold=f) for f in range(5)]
+    tested = np.concatenate([f["test"] for f in folds])
+    assert sorted(tested) == list(range(len(labels)))
+    sizes = [len(f["test"]) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for f, split in enumerate(folds):
+        joined = np.concatenate(list(split.values()))
+        assert sorted(joined) == list(range(len(labels))), "disjoint and covering"
+        assert np.array_equal(split["val"], folds[(f + 1) % 5]["test"])
+        # Stratified: a class of 23 has 4 or 5 images in every fold.
+        assert 4 <= int((labels[split["test"]] == 0).sum()) <= 5
+    again = fold_indices(labels, seed=3, folds=5, fold=2)
+    assert all(np.array_equal(again[k], folds[2][k]) for k in again)
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 2, "fold": 0}, "at least 3 folds"),
+        ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 5, "fold": 5}, "fold must be in 0..4"),
+        ({"seed": 0, "fractions": [0.5, 0.5], "folds": None, "fold": 0}, "three split fractions"),
+    ],
+)
+def test_a_bad_split_is_one_line_naming_data_split(split, message):
+    with pytest.raises(JobError, match=f"data.split: .*{message}"):
+        check_split(OmegaConf.create({"split": split}))
+
+
+def test_hospital_split_takes_the_configured_fold(real_cfg):
+    data = load_hospital(real_cfg, "dataset2")
+    cfg = OmegaConf.merge(real_cfg, {"split": {"folds": 5, "fold": 1}})
+    expected = fold_indices(data.labels, real_cfg.split.seed, 5, 1)
+    for split in ("train", "val", "test"):
+        part = hospital_split(cfg, "dataset2", split)
+        assert part.sample_ids == [data.sample_ids[i] for i in expected[split]]
+    tested = [
+        hospital_split(OmegaConf.merge(cfg, {"split": {"fold": f}}), "dataset2", "test")
+        for f in range(5)
+    ]
+    assert sorted(i for part in tested for i in part.sample_ids) == sorted(data.sample_ids)
 
 
 # ---- tensors ----

@@ -35,6 +35,7 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
         (["privacy=server_clip", "strategy=fedmedian"], "needs strategy=fedavg"),
         (["federation.guards.max_update_norm_ratio=0"], "federation.guards.max_update_norm_ratio"),
         (["federation.round_wait_for_nodes_s=-1"], "round_wait_for_nodes_s"),
+        (["data.split.folds=5", "data.split.fold=5"], "data.split: fold must be in 0..4"),
     ],
 )
 def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides, message):
