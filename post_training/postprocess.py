@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_model
 from common.cli import Command
-from common.data import check_split, hospital_names
+from common.data import SplitSpec, check_split, hospital_names
 from common.errors import JobError
 from common.localization import MapSettings
 from common.progress import Profile
@@ -78,6 +78,7 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     hospital = check_hospital(cfg)
     model, payload = load_model(checkpoint, list(cfg.data.classes))
+    check_same_split(payload, cfg.data, checkpoint)
     out = resolve_output_dir(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
@@ -152,6 +153,22 @@ def check_postprocess_config(cfg: DictConfig) -> None:
             create_masker({**options, **values})
     except (ValueError, TypeError) as error:
         raise JobError(f"pseudo={pseudo.get('method', '?')}: {error}") from None
+
+
+def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path) -> None:
+    """Refuse a split other than the training run's: its test images could be training images.
+
+    Model files carry their run's config; files without one are taken as they are.
+    """
+    if not isinstance(payload.get("config"), str):
+        return
+    trained = SplitSpec.of(OmegaConf.create(payload["config"]).data)
+    used = check_split(data_cfg)
+    if trained != used:
+        raise JobError(
+            f"checkpoint={checkpoint} was trained with data.split {trained}, this job has "
+            f"{used}: its test images could be training images; use the training run's split"
+        )
 
 
 # The keys every command that applies a trained model at one hospital shares, for --help.

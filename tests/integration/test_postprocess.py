@@ -207,6 +207,27 @@ def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
     assert f"segmenter={missing}: file not found" in result.stdout + result.stderr
 
 
+def test_a_split_other_than_the_training_runs_is_refused(synthetic_run, tmp_path):
+    root = synthetic_run[3]
+    out = tmp_path / "out"
+    result = run_job(
+        "post_training.postprocess",
+        [
+            f"checkpoint={root / 'run' / 'final_model.pt'}",
+            "hospital=hospital_a",
+            f"output_dir={out}",
+            *SYNTHETIC,
+            *TINY_JOB,
+            "data.split.folds=5",
+        ],
+        tmp_path / "cwd",
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 2, log[-2000:]
+    assert "was trained with data.split" in log and "folds=5" in log
+    assert not out.exists()
+
+
 def test_postprocess_on_real_dev_data(wbc_root, tmp_path):
     run_dir = tmp_path / "run"
     checkpoint = make_checkpoint(run_dir / "final_model.pt", REAL, "dataset2")
