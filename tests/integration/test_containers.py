@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "docker" / "smoke_test.sh"
-# A build from a clean Docker state plus the run took about 11 minutes on 2 CPU cores
+# A build from a clean Docker state plus the run took 1054 s on 2 shared CPU cores
 # (BENCHMARKS.md); the limit only keeps a stuck engine from hanging the suite.
 TIMEOUT_S = 3600
 
