@@ -4,12 +4,20 @@
 Only what is missing is made (and a SuperLink certificate that lacks a requested name or comes
 from an older CA), so running it again is safe; delete a file to renew it.
 
-  server                 the federation CA, the SuperLink certificate, the ServerApp SuperExec
+  server                 the federation CA (its key and certificate -> CA_DIR, default OUT/ca/),
+                         the SuperLink certificate, a copy of ca.crt and the ServerApp SuperExec
                          secret                                           -> OUT/server/
   hospital NAME          a SuperNode's authentication key pair, TLS for its Runtime API (the
                          link to its ClientApp SuperExec), that SuperExec's secret
                                                                           -> OUT/hospitals/NAME/
-  federation --hospital NAME ...   both, for one machine, and a copy of ca.crt for each hospital
+  hospitals --hospital NAME ...    each hospital, with a copy of OUT/server/ca.crt; never reads
+                         the CA key, so it can run in a container that does not see CA_DIR
+  federation --hospital NAME ...   server and hospitals, for one machine
+
+The CA key signs SuperLink certificates and nothing else, so it lives apart from everything a
+container mounts: run ``server`` on the host (any Python 3.11+ with Flower installed) and keep
+CA_DIR off every compose file. A ca.key left in OUT/server/ by an earlier version is refused
+with the command that moves it.
 
 Needs only ``cryptography``, which every Flower install brings. The SuperLink certificate always
 names ``superlink`` (the compose service), ``localhost`` and ``127.0.0.1``; add with --san every
@@ -156,25 +164,36 @@ def _secret(path: Path) -> None:
         _write(path, secrets.token_hex(32).encode(), private=True)
 
 
-def server(out: Path, extra_sans: Sequence[str], days: int) -> None:
-    """CA, SuperLink certificate and ServerApp SuperExec secret in ``out``.
+def server(out: Path, ca_dir: Path, extra_sans: Sequence[str], days: int) -> None:
+    """CA in ``ca_dir``; SuperLink certificate, ca.crt and ServerApp SuperExec secret in ``out``.
 
     The CA is kept once made: hospitals trust its ca.crt. The SuperLink certificate is
-    re-issued when it lacks a requested name or was signed by another (an older) CA.
+    re-issued when it lacks a requested name or was signed by another (an older) CA; only then
+    is the CA key read.
     """
-    ca_key_file, ca_file = out / "ca.key", out / "ca.crt"
+    stray = out / "ca.key"
+    if stray.exists():
+        raise SystemExit(
+            f"{stray}: the CA key must not sit where the SuperLink container mounts it; "
+            f"move it with: mkdir -p {ca_dir} && mv {stray} {out / 'ca.crt'} {ca_dir}/"
+        )
+    ca_key_file, ca_file = ca_dir / "ca.key", ca_dir / "ca.crt"
     if ca_file.exists() != ca_key_file.exists():
-        raise SystemExit(f"{out}: ca.crt and ca.key must both exist or both be absent")
+        raise SystemExit(f"{ca_dir}: ca.crt and ca.key must both exist or both be absent")
     if not ca_file.exists():
         ca_key, ca_cert = make_ca("FL-W3S federation CA")
+        ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write(ca_key_file, _pem_key(ca_key), private=True)
         _write(ca_file, _pem_cert(ca_cert), private=False)
-    ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+    ca_pem = ca_file.read_bytes()
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    if not (out / "ca.crt").exists() or (out / "ca.crt").read_bytes() != ca_pem:
+        _write(out / "ca.crt", ca_pem, private=False)
 
     sans = _unique([*SUPERLINK_SANS, *extra_sans])
     cert_file = out / "superlink.crt"
     if not cert_is_current(cert_file, ca_cert, sans):
+        ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
         key, cert = make_server_cert(ca_key, ca_cert, sans, days)
         _write(out / "superlink.key", _pem_key(key), private=True)
         _write(cert_file, _pem_cert(cert), private=False)
@@ -210,21 +229,50 @@ def hospital(out: Path, name: str, days: int) -> None:
     _secret(out / "superexec.secret")
 
 
-def chown_tree(path: Path, owner: str) -> None:
-    """Hand every file to ``UID:GID``: the Flower images run as user app (49999)."""
+def hospitals(out: Path, names: Sequence[str], days: int) -> None:
+    """Each hospital's files, with a copy of the federation's public ca.crt; no CA key needed."""
+    ca_file = out / "server" / "ca.crt"
+    if not ca_file.exists():
+        raise SystemExit(
+            f"{ca_file} is missing: make it first, on the host: "
+            f"python docker/generate_certs.py server --out <certs folder>"
+        )
+    for name in names:
+        folder = out / "hospitals" / name
+        hospital(folder, name, days)
+        if not (folder / "ca.crt").exists() or (folder / "ca.crt").read_bytes() != (
+            ca_file.read_bytes()
+        ):
+            shutil.copyfile(ca_file, folder / "ca.crt")
+
+
+def chown_tree(out: Path, owner: str) -> None:
+    """Hand OUT/server and OUT/hospitals to ``UID:GID``: Flower's images run as app (49999).
+
+    The CA folder is not handed over (no container reads it), nor is OUT itself: in the setup
+    containers it is a directory of the read-only root file system, with the two folders
+    mounted inside it.
+    """
     uid, gid = (int(part) for part in owner.split(":"))
-    for item in [path, *path.rglob("*")]:
-        os.chown(item, uid, gid)
+    for folder in (out / "server", out / "hospitals"):
+        if folder.exists():
+            for item in [folder, *folder.rglob("*")]:
+                os.chown(item, uid, gid)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["server", "hospital", "federation"])
+    parser.add_argument("command", choices=["server", "hospital", "hospitals", "federation"])
     parser.add_argument("name", nargs="?", help="the hospital's name (command 'hospital')")
     parser.add_argument("--out", type=Path, default=Path("certs"), help="default: ./certs")
+    parser.add_argument(
+        "--ca-dir", type=Path, help="the CA's key and certificate (default: OUT/ca); host only"
+    )
     parser.add_argument("--san", action="append", default=[], help="extra SuperLink name/IP")
-    parser.add_argument("--hospital", action="append", default=[], help="(command 'federation')")
+    parser.add_argument(
+        "--hospital", action="append", default=[], help="(commands 'hospitals', 'federation')"
+    )
     parser.add_argument("--days", type=int, default=825, help="validity of server certificates")
     parser.add_argument("--owner", help="UID:GID to own everything written (needs root)")
     args = parser.parse_args(argv)
@@ -233,15 +281,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.name:
             parser.error("hospital needs the hospital's name")
         hospital(args.out / "hospitals" / args.name, args.name, args.days)
-    else:
-        server(args.out / "server", args.san, args.days)
-    if args.command == "federation":
-        if not args.hospital:
-            parser.error("federation needs at least one --hospital NAME")
-        for name in args.hospital:
-            folder = args.out / "hospitals" / name
-            hospital(folder, name, args.days)
-            shutil.copyfile(args.out / "server" / "ca.crt", folder / "ca.crt")
+    if args.command in ("hospitals", "federation") and not args.hospital:
+        parser.error(f"{args.command} needs at least one --hospital NAME")
+    if args.command in ("server", "federation"):
+        server(args.out / "server", args.ca_dir or args.out / "ca", args.san, args.days)
+    if args.command in ("hospitals", "federation"):
+        hospitals(args.out, args.hospital, args.days)
     if args.owner:
         chown_tree(args.out, args.owner)
 

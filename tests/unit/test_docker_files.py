@@ -21,7 +21,10 @@ SERVER = DOCKER / "server" / "compose.yml"
 HOSPITAL = DOCKER / "hospital" / "compose.yml"
 GPU = DOCKER / "gpu.override.yml"
 HOSPITAL_GPU = DOCKER / "hospital" / "gpu.override.yml"
-PRODUCTION = [ONE_MACHINE, SERVER, HOSPITAL, GPU, HOSPITAL_GPU, DOCKER / "Dockerfile"]
+OFFLINE = DOCKER / "offline.override.yml"
+PRODUCTION = [ONE_MACHINE, SERVER, HOSPITAL, GPU, HOSPITAL_GPU, OFFLINE, DOCKER / "Dockerfile"]
+BASES = [ONE_MACHINE, SERVER, HOSPITAL]
+BASE_IDS = ["one", "server", "hosp"]
 # What a hospital machine's .env would say, for the files that require it.
 ENV = {
     "SUPERLINK_ADDRESS": "fl.example.org",
@@ -48,7 +51,11 @@ CERT_FLAGS = (
     "--auth-supernode-private-key",
     "--superexec-auth-secret-file",
 )
-HOSPITAL_SERVICES = [f"{kind}-{n}" for n in (1, 2, 3) for kind in ("supernode", "clientapp")]
+HOSPITAL_SERVICES = [
+    f"{kind}-{n}" for n in (1, 2, 3) for kind in ("supernode", "clientapp", "posttrain")
+]
+# Run by hand, once: no healthcheck to keep, so theirs is disabled.
+ONE_SHOT = ("setup", "posttrain")
 
 
 def interpolate(value, env=ENV):
@@ -151,12 +158,118 @@ def test_images_are_flower_1_42_or_the_app_image(path):
 def test_dockerfile_builds_on_flower_superexec_1_42_and_runs_as_app():
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"^ARG FLWR_VERSION=1\.42\.\d+$", text, re.M)
-    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}", text, re.M)
+    # Flower's image by default; a stand-in (docker/build_offline_base.sh) by build argument.
+    assert re.search(
+        r"^ARG BASE_IMAGE=flwr/superexec:\$\{FLWR_VERSION\}-py\$\{PYTHON_VERSION\}-ubuntu24\.04$",
+        text,
+        re.M,
+    )
+    assert re.findall(r"^FROM .*$", text, re.M) == ["FROM ${BASE_IMAGE}"]
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
     assert "download.pytorch.org/whl/${TORCH_VARIANT}" in text
     users = re.findall(r"^USER (\w+)$", text, re.M)
     assert users[-1] == "app"
     assert re.search(r"^ENTRYPOINT \[\"flower-superexec\"\]$", text, re.M)
+
+
+def test_dockerfile_pulls_no_frontend_and_bakes_in_no_certificate():
+    text = (DOCKER / "Dockerfile").read_text()
+    # A "# syntax=" line makes every build pull docker/dockerfile from Docker Hub.
+    assert not re.search(r"^#\s*syntax=", text, re.M)
+    # pip's CA bundle arrives as a BuildKit secret for the RUN that needs it, never as a layer.
+    assert not re.search(r"^(COPY|ADD) .*(\.crt|\.pem|certs)", text, re.M)
+    assert text.count("--mount=type=secret,id=pip_cert") == text.count("pip install")
+
+
+def test_build_context_leaves_keys_data_and_outputs_out():
+    ignored = (DOCKER.parent / ".dockerignore").read_text().split()
+    for path in ("docker/certs", "docker/server/certs", "docker/hospital/certs", "docker/data"):
+        assert path in ignored, path
+
+
+def test_offline_override_swaps_images_and_nothing_else():
+    services = load(OFFLINE)["services"]
+    assert set(services) <= set(load(ONE_MACHINE)["services"])
+    assert set(services) >= {"superlink", "serverapp", *HOSPITAL_SERVICES, "setup"}
+    for name, service in services.items():
+        assert list(service) == ["image"], name
+
+
+def hardened_services() -> list[tuple[str, str, dict]]:
+    return [
+        (path.parent.name, name, service)
+        for path in BASES
+        for name, service in load(path)["services"].items()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "name", "service"), hardened_services(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_every_container_runs_hardened(where, name, service):
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert any(m.split(":")[0] == "/tmp" for m in service["tmpfs"])
+    assert re.fullmatch(r"\d+[mg]", str(service["mem_limit"]))
+    assert int(service["pids_limit"]) > 0
+    if name.startswith(ONE_SHOT):
+        assert service["profiles"] and service["healthcheck"] == {"disable": True}
+        # Only the root setup job may add capabilities, and only file ownership ones.
+        assert set(service.get("cap_add", [])) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER"}
+        assert service.get("network_mode") == "none"
+    else:
+        assert "cap_add" not in service
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD" and "/health" in test[-1]
+        assert service["restart"] == "unless-stopped"
+
+
+@pytest.mark.parametrize("path", BASES, ids=BASE_IDS)
+def test_no_port_is_published_beyond_loopback_by_default(path):
+    ports = [p for s in load(path)["services"].values() for p in s.get("ports", [])]
+    assert all(p.startswith("127.0.0.1:") for p in ports), ports
+
+
+def test_the_split_superlink_opens_its_port_only_on_request():
+    raw = yaml.safe_load(SERVER.read_text())
+    (port,) = raw["services"]["superlink"]["ports"]
+    assert port.startswith("${SUPERLINK_BIND:-127.0.0.1}:")
+    opened = interpolate(raw, {**ENV, "SUPERLINK_BIND": "10.8.0.1"})
+    assert opened["services"]["superlink"]["ports"] == ["10.8.0.1:8000:8000"]
+
+
+@pytest.mark.parametrize("path", [ONE_MACHINE, SERVER], ids=["one", "server"])
+def test_no_container_mounts_the_ca_key_folder(path):
+    certs = (path.parent / "certs").resolve()
+    for name, service in load(path)["services"].items():
+        for mount in mounts(service):
+            if mount["type"] != "bind":
+                continue
+            source = (path.parent / mount["source"]).resolve()
+            # Neither the CA folder (certs/ca), nor anything inside it, nor a folder above it.
+            if source == certs or certs in source.parents:
+                inside = source.relative_to(certs).parts
+                assert inside and inside[0] in ("server", "hospitals"), (name, mount)
+
+
+def test_posttrain_has_no_network_its_images_read_only_and_its_own_output_folder():
+    compose = load(ONE_MACHINE)
+    outputs = []
+    for n in (1, 2, 3):
+        posttrain = compose["services"][f"posttrain-{n}"]
+        assert posttrain["network_mode"] == "none"
+        assert posttrain["entrypoint"] == []
+        targets = {m["target"]: m for m in mounts(posttrain)}
+        assert sorted(targets) == ["/app/outputs", "/data"]
+        assert targets["/data"]["read_only"] and not targets["/app/outputs"]["read_only"]
+        clientapp = compose["services"][f"clientapp-{n}"]
+        assert targets["/data"]["source"] == mounts(clientapp)[0]["source"]
+        outputs.append(targets["/app/outputs"]["source"])
+    assert len(set(outputs)) == 3
+    # The setup job hands each output folder to the images' user.
+    setup_sources = [m["source"] for m in mounts(compose["services"]["setup"])]
+    assert set(outputs) <= set(setup_sources)
 
 
 @pytest.mark.parametrize("path", [ONE_MACHINE, SERVER], ids=["one", "server"])
@@ -174,6 +287,7 @@ def test_superlink_serves_tls_with_supernode_auth_and_keeps_its_state(path):
     assert state[0]["source"] in compose["volumes"]
     assert flag(link, "--port") == "8000"
     assert [p.split(":")[-1] for p in link["ports"]] == ["8000"]
+    assert [p.split(":")[0] for p in link["ports"]] == ["127.0.0.1"]
 
 
 @pytest.mark.parametrize("path", [ONE_MACHINE, SERVER], ids=["one", "server"])
@@ -289,34 +403,40 @@ def test_gpu_override_reserves_a_gpu_for_every_clientapp_and_nothing_else(overri
 
 
 def generator_args(setup: dict) -> list[str]:
-    """The generate_certs.py arguments of a setup service, run directly or through sh -c."""
-    if setup["entrypoint"][:2] == ["/bin/sh", "-c"]:
-        argv = shlex.split(setup["command"][0].split("&&")[0])
-    else:
-        argv = [*setup["entrypoint"], *setup["command"]]
+    """The generate_certs.py arguments of a setup service (run through sh -c); [] if none."""
+    assert setup["entrypoint"] == ["/bin/sh", "-c"]
+    argv = shlex.split(setup["command"][0].split("&&")[0])
+    if "/opt/generate_certs.py" not in argv:
+        return []
     return argv[argv.index("/opt/generate_certs.py") + 1 :]
 
 
-@pytest.mark.parametrize("path", [ONE_MACHINE, SERVER, HOSPITAL], ids=["one", "server", "hosp"])
+@pytest.mark.parametrize("path", BASES, ids=BASE_IDS)
 def test_every_certificate_path_is_a_file_that_setup_makes(path, generate_certs, tmp_path):
-    """Run the generator as the file's setup service does, then follow every service's mounts."""
+    """The documented host step, then the setup service's, then follow every service's mounts."""
     compose = load(path)
     setup = compose["services"]["setup"]
-    (certs,) = [m for m in mounts(setup) if m["target"] == "/certs"]
     argv = [a for a in generator_args(setup) if not a.startswith(("--owner", "--out"))]
-    generate_certs([*argv, f"--out={tmp_path}"])
-    # The SuperNode's ca.crt comes from the federation operator on a hospital machine.
+    if path != HOSPITAL:
+        # On the host, where the CA stays: `python docker/generate_certs.py server --out ...`.
+        generate_certs(["server", f"--out={tmp_path}", "--san=fl.example.org"])
+    else:
+        # The SuperNode's ca.crt comes from the federation operator on a hospital machine.
+        generate_certs(["server", f"--out={tmp_path}", f"--ca-dir={tmp_path / 'operator'}"])
+    if argv:
+        generate_certs([*argv, f"--out={tmp_path}"])
     if path == HOSPITAL:
-        generate_certs(["server", f"--out={tmp_path}"])
         hospital = tmp_path / "hospitals" / ENV["HOSPITAL"]
         (hospital / "ca.crt").write_bytes((tmp_path / "server" / "ca.crt").read_bytes())
+    certs = (path.parent / "certs").resolve()
     checked = 0
     for name, service in compose["services"].items():
         for arg in args(service):
             key, _, value = arg.partition("=")
             if key in CERT_FLAGS:
                 on_host = host_path(path, service, value)
-                relative = on_host.relative_to((path.parent / certs["source"]).resolve())
+                relative = on_host.relative_to(certs)
                 assert (tmp_path / relative).is_file(), (name, arg)
+                assert relative.parts[0] != "ca", (name, arg)
                 checked += 1
     assert checked >= 4

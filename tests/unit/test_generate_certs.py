@@ -100,16 +100,58 @@ def test_a_new_name_or_a_new_ca_reissues_the_superlink_certificate_only(generate
     generate(["server", f"--out={federation}", "--san=fl.org", "--san=10.0.0.7"])
     assert "10.0.0.7" in names(cert(federation / "server/superlink.crt"))
 
-    (federation / "server/ca.crt").unlink()
-    (federation / "server/ca.key").unlink()
+    (federation / "ca/ca.crt").unlink()
+    (federation / "ca/ca.key").unlink()
     generate(["server", f"--out={federation}", "--san=fl.org"])
-    cert(federation / "server/superlink.crt").verify_directly_issued_by(
-        cert(federation / "server/ca.crt")
-    )
+    new_ca = cert(federation / "ca/ca.crt")
+    cert(federation / "server/superlink.crt").verify_directly_issued_by(new_ca)
+    # The SuperLink's copy follows the new CA; hospitals get it on the next `hospitals` run.
+    assert cert(federation / "server/ca.crt") == new_ca
     assert (federation / "hospitals/a/supernode.key").read_bytes() == key
+    generate(["hospitals", f"--out={federation}", "--hospital=a"])
+    assert cert(federation / "hospitals/a/ca.crt") == new_ca
 
 
 def test_a_ca_without_its_key_is_refused(generate, federation):
-    (federation / "server/ca.key").unlink()
+    (federation / "ca/ca.key").unlink()
     with pytest.raises(SystemExit, match="both exist or both be absent"):
         generate(["server", f"--out={federation}"])
+
+
+def test_the_ca_key_lies_outside_every_folder_a_container_mounts(federation):
+    # Containers mount OUT/server (the SuperLink) and OUT/hospitals/<name> (SuperNodes, setup).
+    assert (federation / "ca/ca.key").is_file()
+    mounted = [federation / "server", *(federation / "hospitals").iterdir()]
+    assert [p for folder in mounted for p in folder.rglob("*.key") if p.name == "ca.key"] == []
+    assert cert(federation / "server/ca.crt") == cert(federation / "ca/ca.crt")
+
+
+def test_a_ca_key_left_in_the_server_folder_is_refused_with_the_move(generate, federation):
+    # The layout of earlier versions: ca.key beside the SuperLink's files.
+    (federation / "ca/ca.key").rename(federation / "server/ca.key")
+    with pytest.raises(SystemExit, match=r"must not sit where the SuperLink container mounts it"):
+        generate(["server", f"--out={federation}"])
+
+
+def test_a_custom_ca_dir_keeps_the_key_there(generate, tmp_path):
+    generate(["server", f"--out={tmp_path / 'certs'}", f"--ca-dir={tmp_path / 'vault'}"])
+    assert (tmp_path / "vault/ca.key").is_file()
+    assert not (tmp_path / "certs/ca").exists()
+    cert(tmp_path / "certs/server/superlink.crt").verify_directly_issued_by(
+        cert(tmp_path / "vault/ca.crt")
+    )
+
+
+def test_hospitals_never_read_the_ca_key(generate, tmp_path):
+    """The setup container runs `hospitals` without the CA folder: it needs only ca.crt."""
+    generate(["server", f"--out={tmp_path}", f"--ca-dir={tmp_path / 'vault'}"])
+    (tmp_path / "vault/ca.key").unlink()
+    generate(["hospitals", f"--out={tmp_path}", "--hospital=a"])
+    assert (tmp_path / "hospitals/a/ca.crt").read_bytes() == (
+        tmp_path / "server/ca.crt"
+    ).read_bytes()
+
+
+def test_hospitals_without_a_server_ca_certificate_say_what_to_run(generate, tmp_path):
+    with pytest.raises(SystemExit, match="generate_certs.py server"):
+        generate(["hospitals", f"--out={tmp_path}", "--hospital=a"])
