@@ -28,7 +28,7 @@ from common.progress import Progress
 
 log = logging.getLogger(__name__)
 
-MapSource = Literal["fused", "class_attention", "patch_cam"]
+MapSource = Literal["fused", "class_attention", "patch_cam", "foreground", "fused_foreground"]
 LayerReduce = Literal["sum", "mean"]
 
 
@@ -68,6 +68,9 @@ def fused_maps(
     source
         ``"fused"`` (the product), ``"class_attention"`` or ``"patch_cam"`` alone, as the
         reference's ``--attention-type`` allows; single factors show which one localizes.
+        ``"foreground"``: the class-agnostic foreground head's probabilities, the same for
+        every class (label masking picks the image's class); ``"fused_foreground"``: the
+        fused map times them. Both need a model with ``foreground_head``.
     reduce
         ``"sum"`` over layers (reference code; the later min-max removes the scale) or
         ``"mean"`` (MCTformer+).
@@ -92,11 +95,19 @@ def fused_maps(
         return class_attention
     if source == "patch_cam":
         return patch_cam
-    if source != "fused":
-        raise ValueError(f"source must be fused, class_attention or patch_cam, got {source!r}")
+    if source not in get_args(MapSource):
+        raise ValueError(f"source must be one of {get_args(MapSource)}, got {source!r}")
+    foreground = None
+    if source in ("foreground", "fused_foreground"):
+        if output.foreground is None:
+            raise ValueError(f"localization.source={source} needs model.foreground_head=true")
+        foreground = torch.sigmoid(output.foreground).expand(b, c, h, w)
+        if source == "foreground":
+            return foreground
     if minmax_factors:
         class_attention, patch_cam = _minmax_per_map(class_attention), _minmax_per_map(patch_cam)
-    return class_attention * patch_cam
+    fused = class_attention * patch_cam
+    return fused if foreground is None else fused * foreground
 
 
 def patch_affinity(

@@ -15,6 +15,7 @@ import torch
 from common.augment import build_train_transform, normalise
 from common.batches import BatchBuilder, one_hot
 from common.data import SplitTensors
+from common.levers import foreground_loss
 from common.localization import fused_maps, normalise_maps
 from common.metrics import average_precision, binary_miou_sweep
 from common.model import MCTFormerV2, mct_loss
@@ -100,7 +101,11 @@ def train_local(
             images, targets = batches.batch(index)
             images, targets = images.to(device), targets.to(device)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = mct_loss(model(images), targets)
+                output = model(images)
+                loss = mct_loss(output, targets)
+                extra = foreground_loss(output, targets, model.head, cfg["levers"]["foreground"])
+                if extra is not None:
+                    loss = loss + extra
             if anchor:
                 drift = sum(
                     ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
@@ -173,9 +178,10 @@ def evaluate_local(
         losses.append(mct_loss(output, targets).item() * len(labels))
         scores.append(torch.sigmoid(output.class_logits).cpu())
         if data.masks is not None:
-            maps = normalise_maps(
-                fused_maps(output, localization["last_k_layers"]), images.shape[-2:], targets
+            raw = fused_maps(
+                output, localization["last_k_layers"], source=localization.get("source", "fused")
             )
+            maps = normalise_maps(raw, images.shape[-2:], targets)
             foreground.append(maps.amax(dim=1).cpu())
     score_array = torch.cat(scores).numpy()
     label_array = data.labels.numpy()
