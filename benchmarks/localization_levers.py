@@ -45,6 +45,7 @@ from common.config import compose_config
 from common.data import hospital_names
 from common.training import resolve_device
 from post_training.stages import Evaluation, disk_stage, make_maps, seeds_stage
+from support.flower_processes import free_port
 
 SIMULATE = Path(sys.executable).with_name("w3s-simulate")
 
@@ -52,7 +53,14 @@ SIMULATE = Path(sys.executable).with_name("w3s-simulate")
 def train(run_dir: Path, seed: int, overrides: Sequence[str]) -> float:
     """Run ``w3s-simulate`` into ``run_dir``; return its wall-clock minutes."""
     command = [str(SIMULATE), *overrides, f"seed={seed}", f"output_dir={run_dir}"]
-    env = {**os.environ, "FLWR_HOME": tempfile.mkdtemp(prefix="flwr_home_")}
+    # Its own FLWR_HOME and SuperLink ports: ``flwr run`` reuses any local SuperLink on the
+    # default ports, and the first run to end would stop it under a concurrent one.
+    env = {
+        **os.environ,
+        "FLWR_HOME": tempfile.mkdtemp(prefix="flwr_home_"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w", encoding="utf-8") as log_file:
         subprocess.run(command, check=True, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -60,10 +68,12 @@ def train(run_dir: Path, seed: int, overrides: Sequence[str]) -> float:
 
 
 def round_metrics(run_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """Per hospital: ``val-loc-miou`` and ``val-accuracy`` of every round, in order."""
+    """Per hospital: ``val-loc-miou`` and ``val-accuracy`` of every MCT round, in order."""
     out: dict[str, dict[str, list[float]]] = {}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
+        if row.get("phase", "mct") != "mct":
+            continue
         for name, metrics in row.get("hospitals", {}).items():
             per = out.setdefault(name, {"val-loc-miou": [], "val-accuracy": []})
             for key in per:

@@ -84,6 +84,22 @@ def test_contrast_gradient_moves_the_mask_towards_the_cell():
     assert grad[1:3, 1:3].mean() < 0 < grad[0].mean()
 
 
+def test_class_aware_contrast_calls_the_class_dependent_side_the_cell():
+    # Two classes of cells on one shared background: the symmetric loss cannot tell a mask
+    # from its inverse, the class-aware one prefers the mask on the cells.
+    back = torch.tensor([0.0, 0.0, 1.0])
+    cells = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    features = back[None, :, None, None].repeat(4, 1, 4, 4)
+    for i in range(4):
+        features[i, :, 1:3, 1:3] = cells[i % 2][:, None, None]
+    masks = torch.zeros(4, 1, 4, 4)
+    masks[:, :, 1:3, 1:3] = 1.0
+    targets = torch.eye(2)[[0, 1, 0, 1]]
+    symmetric = contrast_loss(features, masks), contrast_loss(features, 1.0 - masks)
+    assert symmetric[0].item() == pytest.approx(symmetric[1].item(), rel=1e-4)
+    assert contrast_loss(features, masks, targets) < contrast_loss(features, 1.0 - masks, targets)
+
+
 def test_foreground_loss_is_off_by_default_and_needs_the_head():
     cfg = compose_config([])
     model = create_mct_model(cfg.model, num_classes=5)
