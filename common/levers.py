@@ -12,7 +12,8 @@ image labels alone, without assuming where the cell is:
 - foreground contrast (C2AM, Xie et al., CVPR 2022): the pooled features under M of two images
   are alike, those outside M are alike, and foreground and background differ, so M splits the
   image into the one object and the repetitive background (plasma, red cells) the same way in
-  every image. Here the weak labels decide which side is the cell (see ``contrast_loss``).
+  every image. The split has no sign; ``common.localization.oriented_foreground`` takes the
+  smaller side as the cell.
 
 Weights live under ``train.levers.foreground``; all zero (the default) adds nothing.
 """
@@ -86,21 +87,16 @@ def pooled(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(summed, dim=1)
 
 
-def contrast_loss(
-    features: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None = None
-) -> torch.Tensor:
+def contrast_loss(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """C2AM: foregrounds alike, backgrounds alike, foreground unlike background, across images.
 
-    Similarities are cosines mapped to [0, 1]; positives enter as -log s, negatives as
-    -log(1 - s). Negatives: the foreground of one image and the background of any image.
-    Positives: the backgrounds of two different images, and their foregrounds.
+    Similarities are cosines mapped to [0, 1]; positives (fg-fg and bg-bg of two different
+    images) enter as -log s, negatives (fg of one image, bg of any image) as -log(1 - s).
 
-    C2AM's loss is symmetric under swapping M and 1 - M, so it cannot tell which side is the
-    cell (measured: it split cell from background cleanly and called the background
-    foreground). With ``targets``, the weak labels break the symmetry without any prior on
-    where the cell is: foregrounds are positives only for images of the same class and
-    negatives for different classes, while backgrounds stay positives for every pair. The side
-    that has to change with the class is the cell.
+    The loss is symmetric under swapping M and 1 - M: it finds the split, not its sign, and
+    in the measured runs it called the background foreground. Making foregrounds attract only
+    within a class (the weak labels) did not change that, so the sign is left to
+    ``common.localization.oriented_foreground``.
 
     Parameters
     ----------
@@ -108,35 +104,27 @@ def contrast_loss(
         (B, D, h, w) patch features; B >= 2 for the positive pairs.
     mask
         (B, 1, h, w) foreground probabilities M.
-    targets
-        (B, C) multi-hot labels, or None for C2AM's class-agnostic loss.
 
     Returns
     -------
     torch.Tensor
-        Scalar loss, near 0 only when the pairs are as described.
+        Scalar loss; 0 only when every foreground is identical, every background is identical,
+        and each foreground is opposite to each background.
     """
     fg = pooled(features, mask)
     bg = pooled(features, 1.0 - mask)
     b = fg.shape[0]
-    pairs = ~torch.eye(b, dtype=torch.bool, device=fg.device)
+    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=fg.device)
 
     def similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ((1.0 + x @ y.T) / 2.0).clamp(1e-4, 1.0 - 1e-4)
 
-    def attract(s: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        return -torch.log(s[where]).mean() if where.any() else s.sum() * 0.0
-
-    def repel(s: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        return -torch.log(1.0 - s[where]).mean() if where.any() else s.sum() * 0.0
-
-    everywhere = torch.ones(b, b, dtype=torch.bool, device=fg.device)
-    loss = repel(similarity(fg, bg), everywhere) + attract(similarity(bg, bg), pairs)
-    fg_fg = similarity(fg, fg)
-    if targets is None:
-        return loss + attract(fg_fg, pairs)
-    same = (targets @ targets.T > 0) & pairs
-    return loss + attract(fg_fg, same) + repel(fg_fg, pairs & ~same)
+    negatives = -torch.log(1.0 - similarity(fg, bg)).mean()
+    if b < 2:
+        return negatives
+    positives = -torch.log(similarity(fg, fg)[off_diagonal]).mean()
+    positives = positives - torch.log(similarity(bg, bg)[off_diagonal]).mean()
+    return positives + negatives
 
 
 def foreground_loss(
@@ -173,5 +161,5 @@ def foreground_loss(
     if area:
         total = total + area * area_loss(mask)
     if contrast:
-        total = total + contrast * contrast_loss(features, mask, targets)
+        total = total + contrast * contrast_loss(features, mask)
     return total
