@@ -11,7 +11,6 @@ user's working directory is known; the apps run from wherever the SuperLink star
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -145,27 +145,29 @@ def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     return (0 if status == "finished:completed" else 1), "".join(lines)
 
 
-def superlink_pids() -> set[int]:
-    """Processes running ``flower-superlink`` now (Linux ``/proc``; empty elsewhere)."""
-    found = set()
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if b"flower-superlink" in (entry / "cmdline").read_bytes():
-                found.add(int(entry.name))
-        except OSError:
-            continue
-    return found
+# flwr passes its environment to the SuperLink it starts: this variable marks a run's own.
+RUN_MARKER = "W3S_SIMULATE_RUN"
 
 
-def stop_started_superlink(before: set[int]) -> None:
-    """Stop the background SuperLink this run started; one that was running before stays.
+def stop_superlinks_marked(marker: str) -> list[int]:
+    """Stop the ``flower-superlink`` processes whose environment carries ``marker``.
 
     ``flwr run`` leaves its local SuperLink running for later runs; a user who ran one
-    simulation should not find a server process left behind.
+    simulation should not find a server process left behind, and a SuperLink that another
+    user or run started in the meantime is not ours to stop (Linux ``/proc``; none elsewhere).
     """
-    for pid in superlink_pids() - before:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    stopped = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"flower-superlink" not in (entry / "cmdline").read_bytes():
+                continue
+            if f"{RUN_MARKER}={marker}".encode() not in (entry / "environ").read_bytes():
+                continue
+            os.kill(int(entry.name), signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            continue
+        stopped.append(int(entry.name))
+    return stopped
 
 
 def check_training_config(cfg: DictConfig) -> None:
@@ -223,7 +225,7 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     # flwr starts flower-superlink by name: find this environment's even when not activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    running = superlink_pids()
+    env[RUN_MARKER] = marker = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp:
         run_config = Path(tmp) / "run_config.toml"
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")
@@ -233,7 +235,7 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
         try:
             return run_and_check(command, env)[0]
         finally:
-            stop_started_superlink(running)
+            stop_superlinks_marked(marker)
 
 
 COMMAND = Command(

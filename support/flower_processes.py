@@ -90,4 +90,24 @@ def simulate(flwr_home: Path, cwd: Path, overrides: list[str], run_dir: Path) ->
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
+    deadline = time.monotonic() + 10
+    while superlinks_of(flwr_home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not superlinks_of(flwr_home), "w3s-simulate left its SuperLink running"
     return log
+
+
+def superlinks_of(flwr_home: Path) -> list[int]:
+    """The ``flower-superlink`` processes started under ``flwr_home``."""
+    return [
+        pid
+        for pid in pids_mentioning(str(flwr_home))
+        if b"flower-superlink" in _read(Path("/proc") / str(pid) / "cmdline")
+    ]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

@@ -1,10 +1,21 @@
 """server_app/launch (w3s-simulate): relative paths pinned, one SuperNode per hospital."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from common.config import CONF_DIR, compose_config
 from common.errors import JobError
-from server_app.launch import absolute_path_overrides, check_training_config, flwr_command
+from server_app.launch import (
+    RUN_MARKER,
+    absolute_path_overrides,
+    check_training_config,
+    flwr_command,
+    stop_superlinks_marked,
+)
 
 
 def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
@@ -31,3 +42,17 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
         check_training_config(compose_config(overrides))
     check_training_config(compose_config(["strategy=fedtrimmedavg"]))
     check_training_config(compose_config(["privacy=client_clip"]))
+
+
+def test_only_the_superlink_this_run_started_is_stopped():
+    # Two stand-ins named like the SuperLink: one carries this run's marker, one another's.
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "flower-superlink"]
+    ours = subprocess.Popen(sleeper, env={**os.environ, RUN_MARKER: "ours"})
+    theirs = subprocess.Popen(sleeper, env={**os.environ, RUN_MARKER: "theirs"})
+    try:
+        assert stop_superlinks_marked("ours") == [ours.pid]
+        assert ours.wait(timeout=10) == -signal.SIGTERM
+        assert theirs.poll() is None
+    finally:
+        theirs.kill()
+        ours.kill()
