@@ -41,7 +41,13 @@ def test_pretraining_phase_then_mct_rounds_with_foreground_levers(flwr_home, tmp
     assert all(r["replies"] == 3 and not r["rejected"] for r in rows)
     assert "val-loc-miou" in rows[-1]["evaluate"]
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["pretrain_round_001.pt", "pretrain_round_002.pt", "round_001.pt"]
+    # round_000 is the pretrained model the MCT rounds start from (two checkpoints are kept).
+    assert names == [
+        "pretrain_round_001.pt",
+        "pretrain_round_002.pt",
+        "round_000.pt",
+        "round_001.pt",
+    ]
     assert "pretrain round 2/2" in log and "mct round 1/1" in log
     assert "pretrain round 2: loss" in log  # a ClientApp ran the pretraining objective
     model, payload = load_model(run_dir / "final_model.pt")
