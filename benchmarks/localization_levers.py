@@ -132,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=Path("/tmp/i12/results.jsonl"))
     parser.add_argument("--skip-train", action="store_true", help="score an existing run")
     parser.add_argument("--test", action="store_true", help="also print the test split")
+    parser.add_argument(
+        "--post", nargs="*", default=[], help="extra w3s-postprocess overrides for the scoring"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of w3s-simulate")
     args = parser.parse_args(argv)
 
@@ -148,11 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "name": args.name,
         "seed": args.seed,
         "overrides": list(args.overrides),
+        "post": list(args.post),
         "train_minutes": round(minutes, 2),
         "hospitals": {},
     }
     for hospital in hospital_names(train_cfg.data):
-        scores = score_maps(run_dir, hospital, data_overrides)
+        scores = score_maps(run_dir, hospital, [*data_overrides, *args.post])
         if not args.test:
             scores = {k: v for k, v in scores.items() if not k.endswith("_test")}
         loc = rounds[hospital]["val-loc-miou"]

@@ -84,14 +84,13 @@ def test_contrast_gradient_moves_the_mask_towards_the_cell():
     assert grad[1:3, 1:3].mean() < 0 < grad[0].mean()
 
 
-def test_foreground_maps_take_the_smaller_side_as_the_cell():
-    mask = torch.zeros(2, 1, 4, 4)
-    mask[0, :, 1:3, 1:3] = 0.9  # image 0: the head marks the cell
-    mask[1] = 1.0
-    mask[1, :, 1:3, 1:3] = 0.1  # image 1: the head marks the background
-    oriented = oriented_foreground(mask)
-    assert torch.equal(oriented[0], mask[0])
-    assert torch.allclose(oriented[1], 1.0 - mask[1])
+def test_foreground_maps_take_the_smaller_side_as_the_cell_for_the_whole_batch():
+    cells = torch.zeros(3, 1, 4, 4)
+    cells[:, :, 1:3, 1:3] = 1.0
+    cells[2, :, 0:3, 0:4] = 1.0  # one large cell, over half of its image
+    assert torch.equal(oriented_foreground(cells), cells)
+    # A head that marks the background is flipped, the large cell included.
+    assert torch.equal(oriented_foreground(1.0 - cells), cells)
 
 
 def test_foreground_loss_is_off_by_default_and_needs_the_head():
