@@ -20,9 +20,13 @@ from common.config import compose_config, parse_overrides
 from common.data import DataVerificationError, federated_hospitals, hospital_names, split_tensors
 from common.logs import setup_logging
 from common.model import MCTFormerV2, create_mct_model
-from common.training import evaluate_local, resolve_device, train_round
+from common.pretrain import pretrain_round
+from common.training import TrainResult, evaluate_local, resolve_device, train_round
 
 log = logging.getLogger(__name__)
+# Node-state key of this hospital's private instance head (pretrain=instance): it has one
+# output per local image, so it never leaves the site; only the backbone is sent back.
+PRETRAIN_HEAD = "pretrain-head"
 # privacy_mod clips updates only in runs with privacy=client_clip (client_app/privacy.py).
 app = ClientApp(mods=[privacy_mod])
 
@@ -128,18 +132,32 @@ def train(msg: Message, context: Context) -> Message:
     """Run the configured local epochs from the global weights; reply weights and train loss."""
     cfg, index, name, model = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
+    phase = str(msg.content["config"].get("phase", "mct"))
     data = _tensors(cfg, name, "train", train_cache_size(cfg.model.img_size))
-    result = train_round(
-        model,
-        data,
-        cfg,
-        server_round=server_round,
-        hospital_index=index,
-        device=resolve_device(cfg.device),
-    )
+    device = resolve_device(cfg.device)
+    result: TrainResult
+    if phase == "pretrain":
+        kept = context.state.array_records.get(PRETRAIN_HEAD)
+        result, head = pretrain_round(
+            model,
+            data,
+            cfg,
+            to_state_dict(kept) if kept is not None else None,
+            server_round=server_round,
+            hospital_index=index,
+            device=device,
+        )
+        context.state[PRETRAIN_HEAD] = to_array_record(head)
+    elif phase == "mct":
+        result = train_round(
+            model, data, cfg, server_round=server_round, hospital_index=index, device=device
+        )
+    else:
+        raise ValueError(f"unknown training phase {phase!r}")
     log.info(
-        "hospital %s round %d: loss %.4f on %d images in %.1fs",
+        "hospital %s %s round %d: loss %.4f on %d images in %.1fs",
         name,
+        phase,
         server_round,
         result.loss,
         result.num_examples,

@@ -26,8 +26,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
-# Keys of the patch-CAM head: the only ones a DeiT checkpoint cannot provide.
-_HEAD_KEYS = frozenset({"head.weight", "head.bias"})
+# Prefixes of the patch-CAM and foreground heads: the only keys a DeiT checkpoint cannot provide.
+_HEAD_PREFIXES = ("head.", "fg_head.")
 # ImageNet heads and the distillation token of DeiT checkpoints have no counterpart here.
 _DROPPED_PREFIXES = ("head.", "head_dist.")
 
@@ -47,12 +47,20 @@ class MCTOutput:
     attentions : list[torch.Tensor] | None
         One (B, T, T) head-mean softmax matrix per block, T = C + h*w with the class tokens
         first; only filled when asked for, because materialising them rules out fused attention.
+    patch_features : torch.Tensor | None
+        (B, D, h, w) final patch tokens on their grid, the input of the CAM head; the
+        foreground levers (``common.levers``) pool them under a mask.
+    foreground : torch.Tensor | None
+        (B, 1, h, w) logits of the class-agnostic foreground head, when the model has one
+        (``model.foreground_head``).
     """
 
     class_logits: torch.Tensor
     patch_logits: torch.Tensor
     patch_cam: torch.Tensor
     attentions: list[torch.Tensor] | None
+    patch_features: torch.Tensor | None = None
+    foreground: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -164,6 +172,11 @@ class MCTFormerV2(nn.Module):
         ViT geometry; the defaults are DeiT-S.
     drop_rate, attn_drop_rate, drop_path_rate : float
         Token/projection dropout, attention dropout and stochastic depth (reference: 0, 0, 0.1).
+    foreground_head : bool
+        Add a 1x1 conv that scores every patch as cell or background, class-agnostic. MCT has
+        none; the foreground levers (background activation suppression, foreground contrast)
+        train it, because without ImageNet weights the class maps alone light the background
+        (docs/localization.md). Off keeps the reference model and its checkpoints.
     """
 
     def __init__(
@@ -181,6 +194,7 @@ class MCTFormerV2(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
+        foreground_head: bool = False,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -210,6 +224,7 @@ class MCTFormerV2(nn.Module):
         self.norm = _LayerNorm(embed_dim)
         self.norm.requires_grad_(False)
         self.head = nn.Conv2d(embed_dim, num_classes, kernel_size=3, padding=1)
+        self.fg_head = nn.Conv2d(embed_dim, 1, kernel_size=1) if foreground_head else None
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -260,6 +275,23 @@ class MCTFormerV2(nn.Module):
                 attentions.append(weights)
         return x, attentions
 
+    def patch_grid(
+        self, tokens: torch.Tensor, grid_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Final patch tokens (B, C + h*w, D) -> (B, D, h, w), the heads' input.
+
+        A token count alone cannot tell a non-square grid, so ``grid_size`` is required for
+        non-square inputs and inferred as square otherwise.
+        """
+        c = self.num_classes
+        b, t, d = tokens.shape
+        if grid_size is None:
+            side = math.isqrt(t - c)
+            if side * side != t - c:
+                raise ValueError(f"{t - c} patch tokens are not a square grid; pass grid_size")
+            grid_size = (side, side)
+        return tokens[:, c:].transpose(1, 2).reshape(b, d, *grid_size)
+
     def forward_head(
         self, tokens: torch.Tensor, grid_size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,16 +310,8 @@ class MCTFormerV2(nn.Module):
         tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             ``class_logits`` (B, C), ``patch_logits`` (B, C) and ``patch_cam`` (B, C, h, w).
         """
-        c = self.num_classes
-        b, t, d = tokens.shape
-        if grid_size is None:
-            side = math.isqrt(t - c)
-            if side * side != t - c:
-                raise ValueError(f"{t - c} patch tokens are not a square grid; pass grid_size")
-            grid_size = (side, side)
-        class_logits = tokens[:, :c].mean(dim=-1)
-        patches = tokens[:, c:].transpose(1, 2).reshape(b, d, *grid_size)
-        patch_cam = self.head(patches)
+        class_logits = tokens[:, : self.num_classes].mean(dim=-1)
+        patch_cam = self.head(self.patch_grid(tokens, grid_size))
         patch_logits = F.adaptive_avg_pool2d(patch_cam, 1).flatten(1)
         return class_logits, patch_logits, patch_cam
 
@@ -295,8 +319,12 @@ class MCTFormerV2(nn.Module):
         """Classify an image batch (B, 3, H, W), H and W divisible by the patch size."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens, attentions = self.forward_features(x, return_attention)
-        class_logits, patch_logits, patch_cam = self.forward_head(tokens, grid)
-        return MCTOutput(class_logits, patch_logits, patch_cam, attentions)
+        features = self.patch_grid(tokens, grid)
+        class_logits = tokens[:, : self.num_classes].mean(dim=-1)
+        patch_cam = self.head(features)
+        patch_logits = F.adaptive_avg_pool2d(patch_cam, 1).flatten(1)
+        foreground = self.fg_head(features) if self.fg_head is not None else None
+        return MCTOutput(class_logits, patch_logits, patch_cam, attentions, features, foreground)
 
 
 def mct_loss(output: MCTOutput, targets: torch.Tensor) -> torch.Tensor:
@@ -371,7 +399,8 @@ def load_deit_weights(model: MCTFormerV2, path: str | Path) -> None:
     state["pos_embed"] = torch.cat((pos[:, :1].repeat(1, c, 1), patch_pos), dim=1)
 
     own = model.state_dict()
-    missing = sorted(own.keys() - state.keys() - _HEAD_KEYS)
+    head_keys = {k for k in own if k.startswith(_HEAD_PREFIXES)}
+    missing = sorted(own.keys() - state.keys() - head_keys)
     if missing:
         raise ValueError(f"{path} lacks backbone weights: {', '.join(missing[:8])}")
     unexpected = sorted(state.keys() - own.keys())
@@ -393,7 +422,7 @@ def load_deit_weights(model: MCTFormerV2, path: str | Path) -> None:
         old_side,
         old_side,
         *model.grid_size,
-        ", ".join(sorted(_HEAD_KEYS)),
+        ", ".join(sorted(head_keys)),
         ", ".join(skipped + unexpected) or "none",
     )
 
@@ -410,7 +439,7 @@ def create_mct_model(model_cfg: Mapping[str, Any], num_classes: int) -> MCTForme
     ----------
     model_cfg : Mapping
         The ``model`` config group: ``name`` (a registered ``mct_*`` preset), ``img_size``,
-        ``drop_path_rate`` and optional ``pretrained_file``.
+        ``drop_path_rate``, optional ``pretrained_file`` and ``foreground_head``.
     num_classes : int
         Number of foreground classes.
 
@@ -419,11 +448,14 @@ def create_mct_model(model_cfg: Mapping[str, Any], num_classes: int) -> MCTForme
     MCTFormerV2
         The model, on CPU.
     """
+    # Passed only when on, so that a foreign timm name still fails on its type, below.
+    extra = {"foreground_head": True} if model_cfg.get("foreground_head") else {}
     model = timm.create_model(
         model_cfg["name"],
         num_classes=num_classes,
         img_size=model_cfg["img_size"],
         drop_path_rate=model_cfg["drop_path_rate"],
+        **extra,
     )
     if not isinstance(model, MCTFormerV2):
         raise TypeError(f"model.name={model_cfg['name']!r} is not an MCTFormerV2 preset")

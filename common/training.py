@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from common.augment import build_train_transform, normalise
 from common.batches import BatchBuilder, one_hot
 from common.data import SplitTensors
+from common.levers import foreground_loss
 from common.localization import fused_maps, normalise_maps
 from common.metrics import average_precision, binary_miou_sweep
 from common.model import MCTFormerV2, mct_loss
@@ -53,6 +54,22 @@ class TrainResult:
     seconds: float
 
 
+# What one optimizer step minimises: (model, images, targets) -> scalar loss.
+Objective = Callable[[MCTFormerV2, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mct_objective(levers: Mapping[str, Any]) -> Objective:
+    """The MCT loss of the weak labels plus the foreground levers that ``levers`` switches on."""
+
+    def objective(model: MCTFormerV2, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        output = model(images)
+        loss = mct_loss(output, targets)
+        extra = foreground_loss(output, targets, model.head, levers["foreground"])
+        return loss if extra is None else loss + extra
+
+    return objective
+
+
 def train_local(
     model: MCTFormerV2,
     data: SplitTensors,
@@ -63,6 +80,9 @@ def train_local(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    objective: Objective | None = None,
+    num_targets: int | None = None,
+    extra_parameters: Sequence[torch.nn.Parameter] = (),
 ) -> TrainResult:
     """Run ``cfg['local_epochs']`` epochs of AdamW on one hospital's training tensors.
 
@@ -71,16 +91,27 @@ def train_local(
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 ||w - w_start||^2`` to the loss, ``w_start`` being
     the weights this call starts from (the round's global model), which limits how far a
     hospital's update drifts from the others'; 0 runs exactly the plain FedAvg step.
+
+    The loop is shared by every federated phase: ``objective`` (default: the MCT loss with
+    ``cfg['levers']``) is what a step minimises, ``data.labels`` index one-hot targets of
+    ``num_targets`` entries (default: the model's classes), and ``extra_parameters`` (a
+    hospital-private head, say) are optimised with the model but never leave this function.
     """
     n = len(data.labels)
     if n == 0:
         raise ValueError("the training split is empty")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    objective = objective or mct_objective(cfg["levers"])
     transform = build_train_transform(cfg["augment"], model.img_size)
-    batches = BatchBuilder(data, model.num_classes, transform, cfg["levers"], generator)
+    batches = BatchBuilder(
+        data, num_targets or model.num_classes, transform, cfg["levers"], generator
+    )
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=cfg["eps"]
+        [*model.parameters(), *extra_parameters],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        eps=cfg["eps"],
     )
     use_amp = bool(cfg["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -100,7 +131,7 @@ def train_local(
             images, targets = batches.batch(index)
             images, targets = images.to(device), targets.to(device)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = mct_loss(model(images), targets)
+                loss = objective(model, images, targets)
             if anchor:
                 drift = sum(
                     ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
@@ -173,9 +204,10 @@ def evaluate_local(
         losses.append(mct_loss(output, targets).item() * len(labels))
         scores.append(torch.sigmoid(output.class_logits).cpu())
         if data.masks is not None:
-            maps = normalise_maps(
-                fused_maps(output, localization["last_k_layers"]), images.shape[-2:], targets
+            raw = fused_maps(
+                output, localization["last_k_layers"], source=localization.get("source", "fused")
             )
+            maps = normalise_maps(raw, images.shape[-2:], targets)
             foreground.append(maps.amax(dim=1).cpu())
     score_array = torch.cat(scores).numpy()
     label_array = data.labels.numpy()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -21,7 +21,13 @@ from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.privacy import with_privacy
 from server_app.recorder import DECLARED_FILE, RoundRecorder
-from server_app.strategy import Guards, RunStoppedError, build_strategy, online_nodes
+from server_app.strategy import (
+    GuardedFedAvg,
+    Guards,
+    RunStoppedError,
+    build_strategy,
+    online_nodes,
+)
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -129,6 +135,47 @@ def declared_examples(run_dir: Path, hospitals: list[str], resumed: bool) -> dic
     return {hospitals.index(name): float(n) for name, n in declared.items() if name in hospitals}
 
 
+def federation_strategy(
+    cfg: DictConfig, hospitals: list[str], run_dir: Path, done: int
+) -> GuardedFedAvg:
+    """The configured strategy with its guards, for the rounds after ``done``, of any phase."""
+    return build_strategy(
+        cfg.strategy,
+        num_hospitals=len(hospitals),
+        min_replies=cfg.federation.min_replies or len(hospitals),
+        round_offset=done,
+        transport_dtype=str(cfg.federation.transport_dtype),
+        hospitals=hospitals,
+        guards=guards(cfg),
+        round_wait_for_nodes_s=float(cfg.federation.round_wait_for_nodes_s),
+        declared_examples=declared_examples(run_dir, hospitals, bool(cfg.resume)),
+    )
+
+
+def pretrain(
+    cfg: DictConfig, grid: Grid, hospitals: list[str], run_dir: Path, initial: ArrayRecord
+) -> ArrayRecord:
+    """Run the ``pretrain`` phase's rounds from ``initial``; return the model the MCT rounds use.
+
+    The same strategy, guards, checkpoints and metrics rows as the MCT rounds; the training
+    messages carry ``phase=pretrain``, so each ClientApp runs ``cfg.pretrain.method`` instead
+    of the MCT loss (client_app/app.py). A resumed run whose MCT rounds began skips it.
+    """
+    strategy = federation_strategy(cfg, hospitals, run_dir, 0)
+    recorder = RoundRecorder(run_dir, cfg, strategy, hospitals, phase="pretrain")
+    recorder.forget_rounds_after(0)
+    log.info("pretraining: %s, %d rounds", cfg.pretrain.method, cfg.pretrain.rounds)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=int(cfg.pretrain.rounds),
+        timeout=cfg.federation.round_timeout_s,
+        train_config=ConfigRecord({"phase": "pretrain"}),
+        evaluate_fn=recorder,
+    )
+    return result.arrays if len(result.arrays) else initial
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the config from the run's overrides, run the rounds, save the final model."""
@@ -144,17 +191,9 @@ def main(grid: Grid, context: Context) -> None:
 
     min_replies = cfg.federation.min_replies or len(hospitals)
     done, initial = starting_point(cfg, run_dir)
-    strategy = build_strategy(
-        cfg.strategy,
-        num_hospitals=len(hospitals),
-        min_replies=min_replies,
-        round_offset=done,
-        transport_dtype=str(cfg.federation.transport_dtype),
-        hospitals=hospitals,
-        guards=guards(cfg),
-        round_wait_for_nodes_s=float(cfg.federation.round_wait_for_nodes_s),
-        declared_examples=declared_examples(run_dir, hospitals, bool(cfg.resume)),
-    )
+    if done == 0 and int(cfg.pretrain.rounds) > 0:
+        initial = pretrain(cfg, grid, hospitals, run_dir, initial)
+    strategy = federation_strategy(cfg, hospitals, run_dir, done)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
     recorder.forget_rounds_after(done)
     log.info(

@@ -201,6 +201,14 @@ def check_training_config(cfg: DictConfig) -> None:
     for key, value in cfg.federation.guards.items():
         if value is not None and not float(value) > 0:
             raise JobError(f"federation.guards.{key}={value}: expected a positive number or null")
+    if int(cfg.pretrain.rounds) > 0:
+        if str(cfg.pretrain.method) != "instance":
+            raise JobError(f"pretrain.method={cfg.pretrain.method}: expected instance")
+        if cfg.privacy.name != "none":
+            raise JobError(
+                "pretrain and privacy together: the privacy accounting covers the MCT rounds "
+                "only; run pretrain=none with privacy"
+            )
     if not float(cfg.federation.round_wait_for_nodes_s) >= 0:
         raise JobError("federation.round_wait_for_nodes_s must be >= 0")
 

@@ -42,9 +42,19 @@ class RoundRecorder:
     """The strategy's ``evaluate_fn``: runs at round 0 and after each round."""
 
     def __init__(
-        self, run_dir: Path, cfg: DictConfig, strategy: GuardedFedAvg, hospitals: Sequence[str]
+        self,
+        run_dir: Path,
+        cfg: DictConfig,
+        strategy: GuardedFedAvg,
+        hospitals: Sequence[str],
+        phase: str = "mct",
     ) -> None:
         self.run_dir = run_dir
+        # A phase before the MCT rounds (pretrain) numbers its rounds from 1 too: its rows carry
+        # the phase and its checkpoints a prefix, so resuming and post-training never mix them up.
+        self.phase = phase
+        self.prefix = "round_" if phase == "mct" else f"{phase}_round_"
+        self.total_rounds = int(cfg.federation.rounds if phase == "mct" else cfg[phase]["rounds"])
         self.offset = strategy.round_offset
         self.cfg = cfg
         self.strategy = strategy
@@ -59,7 +69,7 @@ class RoundRecorder:
             self._round_started = time.perf_counter()
             return None  # resuming: the checkpoint of this model is the one we started from
         server_round = strategy_round + self.offset
-        path = self.checkpoint_dir / f"round_{server_round:03d}.pt"
+        path = self.checkpoint_dir / f"{self.prefix}{server_round:03d}.pt"
         save_model(to_state_dict(arrays), self.cfg, server_round, path)
         self._prune()
         self._save_declared()
@@ -82,13 +92,18 @@ class RoundRecorder:
         kept = [
             line
             for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["round"] <= server_round
+            if line.strip()
+            and (
+                json.loads(line).get("phase", "mct") != self.phase
+                or json.loads(line)["round"] <= server_round
+            )
         ]
         self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
     def _write_row(self, server_round: int, seconds: float) -> None:
         report = self.strategy.report
         row = {
+            "phase": self.phase,
             "round": server_round,
             "seconds": round(seconds, 3),
             "replies": report.good,
@@ -114,9 +129,10 @@ class RoundRecorder:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         log.info(
-            "round %d/%d | replies %d/%d (failed %d, rejected %d) | train %s | val %s | %.1fs",
+            "%s round %d/%d | replies %d/%d (failed %d, rejected %d) | train %s | val %s | %.1fs",
+            self.phase,
             server_round,
-            self.cfg.federation.rounds,
+            self.total_rounds,
             report.good,
             len(self.hospitals),
             len(report.failed),
@@ -128,5 +144,5 @@ class RoundRecorder:
 
     def _prune(self) -> None:
         """Keep the newest checkpoints only: a paper-scale run would otherwise write 4 GB."""
-        for old in sorted(self.checkpoint_dir.glob("round_*.pt"))[:-CHECKPOINTS_KEPT]:
+        for old in sorted(self.checkpoint_dir.glob(f"{self.prefix}*.pt"))[:-CHECKPOINTS_KEPT]:
             old.unlink()

@@ -1,0 +1,165 @@
+"""Training losses that make the class-agnostic foreground head find the cell (issue 12).
+
+Trained from scratch on a few hundred crops, the MCT class maps light whatever predicts the
+label, often the background (docs/localization.md). These losses train the model's foreground
+head (``model.foreground_head``), a per-patch cell-vs-background score M in [0, 1], from the
+image labels alone, without assuming where the cell is:
+
+- background activation suppression (BAS, Wu et al., CVPR 2022): the patch features outside M,
+  passed through the same CAM head, must score no class at all, and those inside M the image's
+  classes; an area term keeps M from covering everything. M must then hold every part of the
+  image that carries class evidence, and nothing more: the whole cell, not its nucleus only;
+- foreground contrast (C2AM, Xie et al., CVPR 2022): the pooled features under M of two images
+  are alike, those outside M are alike, and foreground and background differ, so M splits the
+  image into the one object and the repetitive background (plasma, red cells) the same way in
+  every image. The split has no sign; ``common.localization.oriented_foreground`` takes the
+  smaller side as the cell.
+
+Weights live under ``train.levers.foreground``; all zero (the default) adds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.model import MCTOutput
+
+
+def masked_logits(head: nn.Module, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Class scores (B, C) of the CAM head on ``features`` (B, D, h, w) weighted by ``mask``.
+
+    The head is the model's own patch-CAM head, so "scores no class outside the mask" speaks
+    about the very maps that post-training thresholds.
+    """
+    return F.adaptive_avg_pool2d(head(features * mask), 1).flatten(1)
+
+
+def suppression_loss(
+    head: nn.Module, features: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """BAS: foreground under ``mask`` classifies as ``targets``, the rest as no class.
+
+    Parameters
+    ----------
+    head
+        The CAM head (a conv D -> C).
+    features
+        (B, D, h, w) patch features.
+    mask
+        (B, 1, h, w) foreground probabilities M.
+    targets
+        (B, C) multi-hot labels; an all-zero row (a cell-free crop) is all background,
+        whatever its mask.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: soft-margin loss of the foreground scores plus that of the background scores
+        against no class.
+    """
+    labelled = targets.sum(dim=1) > 0
+    foreground = masked_logits(head, features, mask)
+    # A cell-free crop is background everywhere: its mask may not hide evidence from the loss.
+    outside = torch.where(labelled[:, None, None, None], 1.0 - mask, torch.ones_like(mask))
+    background = masked_logits(head, features, outside)
+    fg_loss = (
+        F.multilabel_soft_margin_loss(foreground[labelled], targets[labelled])
+        if labelled.any()
+        else foreground.sum() * 0.0
+    )
+    return fg_loss + F.multilabel_soft_margin_loss(background, torch.zeros_like(targets))
+
+
+def area_loss(mask: torch.Tensor) -> torch.Tensor:
+    """Mean foreground fraction, so that M cannot be everything (BAS's area constraint)."""
+    return mask.mean()
+
+
+def pooled(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean feature per image, L2-normalised: (B, D)."""
+    weight = mask.flatten(2)
+    summed = (features.flatten(2) * weight).sum(dim=2) / (weight.sum(dim=2) + 1e-6)
+    return F.normalize(summed, dim=1)
+
+
+def contrast_loss(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """C2AM: foregrounds alike, backgrounds alike, foreground unlike background, across images.
+
+    Similarities are cosines mapped to [0, 1]; positives (fg-fg and bg-bg of two different
+    images) enter as -log s, negatives (fg of one image, bg of any image) as -log(1 - s).
+
+    The loss is symmetric under swapping M and 1 - M: it finds the split, not its sign, and
+    in the measured runs it called the background foreground. Making foregrounds attract only
+    within a class (the weak labels) did not change that, so the sign is left to
+    ``common.localization.oriented_foreground``.
+
+    Parameters
+    ----------
+    features
+        (B, D, h, w) patch features; B >= 2 for the positive pairs.
+    mask
+        (B, 1, h, w) foreground probabilities M.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss; 0 only when every foreground is identical, every background is identical,
+        and each foreground is opposite to each background.
+    """
+    fg = pooled(features, mask)
+    bg = pooled(features, 1.0 - mask)
+    b = fg.shape[0]
+    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=fg.device)
+
+    def similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((1.0 + x @ y.T) / 2.0).clamp(1e-4, 1.0 - 1e-4)
+
+    negatives = -torch.log(1.0 - similarity(fg, bg)).mean()
+    if b < 2:
+        return negatives
+    positives = -torch.log(similarity(fg, fg)[off_diagonal]).mean()
+    positives = positives - torch.log(similarity(bg, bg)[off_diagonal]).mean()
+    return positives + negatives
+
+
+def foreground_loss(
+    output: MCTOutput, targets: torch.Tensor, head: nn.Module, weights: Mapping[str, Any]
+) -> torch.Tensor | None:
+    """The weighted sum of the foreground levers, or None when every weight is zero.
+
+    Parameters
+    ----------
+    output
+        Model output of a model with a foreground head.
+    targets
+        (B, C) multi-hot training targets.
+    head
+        The model's CAM head (``model.head``).
+    weights
+        ``train.levers.foreground``: ``suppression``, ``area`` and ``contrast``.
+    """
+    suppression = float(weights["suppression"])
+    area = float(weights["area"])
+    contrast = float(weights["contrast"])
+    if suppression == area == contrast == 0.0:
+        return None
+    if output.foreground is None or output.patch_features is None:
+        raise ValueError(
+            "train.levers.foreground needs a model with a foreground head "
+            "(model.foreground_head=true)"
+        )
+    mask = torch.sigmoid(output.foreground)
+    features = output.patch_features
+    total = features.new_zeros(())
+    if suppression:
+        total = total + suppression * suppression_loss(head, features, mask, targets)
+    if area:
+        total = total + area * area_loss(mask)
+    if contrast:
+        total = total + contrast * contrast_loss(features, mask)
+    return total

@@ -1,0 +1,54 @@
+"""A real ``flwr run`` (w3s-simulate) of the issue-12 training recipe on the embedded default.
+
+One run exercises both new pieces: the federated ``pretrain=instance`` phase before the MCT
+rounds (private instance heads kept in each ClientApp's node state) and the foreground levers
+during the MCT rounds, with their checkpoints and metrics rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from common.checkpoint import load_model
+from support.flower_processes import metrics_rows, simulate
+
+pytestmark = pytest.mark.integration
+
+RECIPE = [
+    "pretrain=instance",
+    "pretrain.rounds=2",
+    "pretrain.local_epochs=1",
+    "federation.rounds=1",
+    "model.foreground_head=true",
+    "localization.source=foreground",
+    "train.levers.foreground.suppression=1",
+    "train.levers.foreground.area=0.5",
+    "train.levers.foreground.contrast=1",
+    *[f"data.hospitals.hospital_{h}.num_images=30" for h in "abc"],
+]
+
+
+def test_pretraining_phase_then_mct_rounds_with_foreground_levers(flwr_home, tmp_path):
+    run_dir = tmp_path / "run"
+    log = simulate(flwr_home, tmp_path, RECIPE, run_dir)
+
+    rows = metrics_rows(run_dir)
+    assert [(r["phase"], r["round"]) for r in rows] == [
+        ("pretrain", 1),
+        ("pretrain", 2),
+        ("mct", 1),
+    ]
+    assert all(r["replies"] == 3 and not r["rejected"] for r in rows)
+    assert "val-loc-miou" in rows[-1]["evaluate"]
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    # round_000 is the pretrained model the MCT rounds start from (two checkpoints are kept).
+    assert names == [
+        "pretrain_round_001.pt",
+        "pretrain_round_002.pt",
+        "round_000.pt",
+        "round_001.pt",
+    ]
+    assert "pretrain round 2/2" in log and "mct round 1/1" in log
+    assert "pretrain round 2: loss" in log  # a ClientApp ran the pretraining objective
+    model, payload = load_model(run_dir / "final_model.pt")
+    assert payload["round"] == 1 and model.fg_head is not None

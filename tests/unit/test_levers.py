@@ -1,0 +1,120 @@
+"""The foreground levers: each loss rewards the mask that covers the cell, and only that."""
+
+import pytest
+import torch
+from torch import nn
+
+from common.config import compose_config
+from common.levers import area_loss, contrast_loss, foreground_loss, suppression_loss
+from common.localization import fused_maps, oriented_foreground
+from common.model import create_mct_model
+
+CELL = (slice(None), slice(None), slice(1, 3), slice(1, 3))  # a 2x2 cell on a 4x4 grid
+
+
+def _scene() -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor]:
+    """A head scoring class 0 from feature 0, features with that evidence on the cell only."""
+    head = nn.Conv2d(2, 2, kernel_size=1)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 0] = 8.0
+        head.bias.fill_(-1.0)
+    features = torch.zeros(1, 2, 4, 4)
+    features[:, 0][CELL[1:]] = 1.0
+    cell = torch.zeros(1, 1, 4, 4)
+    cell[CELL] = 1.0
+    return head, features, cell
+
+
+def test_suppression_prefers_the_cell_mask_to_its_inverse_and_to_nothing():
+    head, features, cell = _scene()
+    targets = torch.tensor([[1.0, 0.0]])
+    on_cell = suppression_loss(head, features, cell, targets)
+    assert on_cell < suppression_loss(head, features, 1.0 - cell, targets)
+    assert on_cell < suppression_loss(head, features, torch.zeros_like(cell), targets)
+
+
+def test_suppression_grows_the_mask_over_evidence_and_area_shrinks_it_elsewhere():
+    head, features, _ = _scene()
+    logits = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    suppression_loss(head, features, torch.sigmoid(logits), torch.tensor([[1.0, 0.0]])).backward()
+    grad = logits.grad[0, 0]
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[1:3, 1:3] = True
+    assert (grad[inside] < 0).all()  # gradient descent raises M where the evidence is
+    assert torch.count_nonzero(grad[~inside]) == 0  # and has no say where there is none
+
+    logits.grad = None
+    area_loss(torch.sigmoid(logits)).backward()
+    assert (logits.grad > 0).all()  # the area term lowers M everywhere
+
+
+def test_a_cell_free_crop_cannot_hide_evidence_behind_its_mask():
+    head, features, cell = _scene()
+    none = torch.zeros(1, 2)
+    hidden = suppression_loss(head, features, cell, none).item()
+    shown = suppression_loss(head, features, torch.zeros_like(cell), none).item()
+    assert hidden == pytest.approx(shown)
+    assert hidden > suppression_loss(head, torch.zeros_like(features), cell, none).item()
+
+
+def _pair(cell_vec: torch.Tensor, back_vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    features = back_vec[None, :, None, None].repeat(2, 1, 4, 4)
+    features[:, :, 1:3, 1:3] = cell_vec[:, None, None]
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[:, :, 1:3, 1:3] = 1.0
+    return features, masks
+
+
+def test_contrast_is_near_zero_for_perfect_masks_and_high_for_an_inverted_one():
+    features, masks = _pair(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0]))
+    assert contrast_loss(features, masks) < 0.01
+    flipped = masks.clone()
+    flipped[1] = 1.0 - flipped[1]
+    assert contrast_loss(features, flipped) > 1.0
+
+
+def test_contrast_gradient_moves_the_mask_towards_the_cell():
+    features, masks = _pair(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    logits = torch.zeros(2, 1, 4, 4)
+    logits[0] = torch.where(masks[0] > 0, 4.0, -4.0)  # image 0 knows its cell
+    logits.requires_grad_(True)
+    contrast_loss(features, torch.sigmoid(logits)).backward()
+    grad = logits.grad[1, 0]  # image 1 starts undecided
+    assert grad[1:3, 1:3].mean() < 0 < grad[0].mean()
+
+
+def test_foreground_maps_take_the_smaller_side_as_the_cell_for_the_whole_batch():
+    cells = torch.zeros(3, 1, 4, 4)
+    cells[:, :, 1:3, 1:3] = 1.0
+    cells[2, :, 0:3, 0:4] = 1.0  # one large cell, over half of its image
+    assert torch.equal(oriented_foreground(cells), cells)
+    # A head that marks the background is flipped, the large cell included.
+    assert torch.equal(oriented_foreground(1.0 - cells), cells)
+
+
+def test_foreground_loss_is_off_by_default_and_needs_the_head():
+    cfg = compose_config([])
+    model = create_mct_model(cfg.model, num_classes=5)
+    output = model(torch.randn(2, 3, 96, 96))
+    targets = torch.eye(5)[:2]
+    assert foreground_loss(output, targets, model.head, cfg.train.levers.foreground) is None
+    on = {"suppression": 1.0, "area": 0.5, "contrast": 0.0}
+    with pytest.raises(ValueError, match="foreground_head"):
+        foreground_loss(output, targets, model.head, on)
+
+
+def test_the_foreground_head_trains_and_gives_class_agnostic_maps():
+    cfg = compose_config(["model.foreground_head=true"])
+    model = create_mct_model(cfg.model, num_classes=5)
+    output = model(torch.randn(2, 3, 96, 96), return_attention=True)
+    assert output.foreground.shape == (2, 1, 12, 12)
+    weights = {"suppression": 1.0, "area": 0.5, "contrast": 1.0}
+    foreground_loss(output, torch.eye(5)[:2], model.head, weights).backward()
+    assert model.fg_head.weight.grad.abs().sum() > 0
+    maps = fused_maps(output, 3, source="foreground")
+    assert maps.shape == (2, 5, 12, 12)
+    assert torch.allclose(maps[:, :1], oriented_foreground(torch.sigmoid(output.foreground)))
+    assert torch.allclose(maps[:, 0], maps[:, 4])
+    fused = fused_maps(output, 3) * maps
+    assert torch.allclose(fused_maps(output, 3, source="fused_foreground"), fused)
