@@ -111,3 +111,29 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def start_loopback_superlink(env: dict[str, str], flwr_home: Path, log: Path) -> int:
+    """An insecure SuperLink on a free loopback port, made ``flwr``'s default in ``flwr_home``.
+
+    For tests whose subject is not TLS (test_deployment.py covers that); returns the Fleet
+    port once the SuperLink says it is up. ``stop_processes`` stops it with the rest.
+    """
+    port = free_port()
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    with log.open("a") as stream:
+        subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--host=127.0.0.1", f"--port={port}"],
+            env=env,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while "Application startup complete" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the SuperLink did not start within 60 s; see {log}")
+        time.sleep(0.5)
+    return port

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from server_app.launch import run_and_check
-from support.flower_processes import BIN, flower_env, free_port
+from support.flower_processes import BIN, flower_env, free_port, start_loopback_superlink
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,25 +30,9 @@ def _start(env: dict[str, str], log: Path, *command: str) -> subprocess.Popen:
         )
 
 
-def _wait_for(text: str, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in log.read_text(errors="replace"):
-        assert time.monotonic() < deadline, f"{text!r} not in {log.name}"
-        time.sleep(0.5)
-
-
 def test_a_600_mb_state_dict_round_trips_bit_exact(flwr_home, tmp_path):
     env = flower_env(flwr_home)
-    port = free_port()
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    superlink_log = tmp_path / "superlink.log"
-    _start(
-        env, superlink_log, "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}"
-    )
-    _wait_for("Application startup complete", superlink_log, 60)
+    port = start_loopback_superlink(env, flwr_home, tmp_path / "superlink.log")
     _start(
         env,
         tmp_path / "supernode.log",

@@ -20,7 +20,13 @@ import pytest
 
 from common.checkpoint import load_checkpoint
 from server_app.launch import run_status
-from support.flower_processes import BIN, flower_env, free_port, metrics_rows
+from support.flower_processes import (
+    BIN,
+    flower_env,
+    free_port,
+    metrics_rows,
+    start_loopback_superlink,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -84,16 +90,7 @@ def _status(env, log: Path) -> str:
 
 def test_a_round_short_of_nodes_stops_the_run_and_resume_continues_it(flwr_home, tmp_path):
     env = flower_env(flwr_home)
-    port = free_port()
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    superlink_log = tmp_path / "superlink.log"
-    _start(
-        env, superlink_log, "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}"
-    )
-    _wait_for(lambda: "Application startup complete" in superlink_log.read_text(), 60, "SuperLink")
+    port = start_loopback_superlink(env, flwr_home, tmp_path / "superlink.log")
     _supernode(env, tmp_path, port, 0)
     leaving = _supernode(env, tmp_path, port, 1)
 
