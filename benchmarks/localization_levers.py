@@ -11,7 +11,7 @@ ClientApp run every phase) with the given Hydra overrides and seed, then scores,
 
 The scores come from the post-training code itself (``post_training.stages``), so they are the
 numbers ``w3s-postprocess`` would print. Test scores are printed only with ``--test``: levers
-are compared on validation, and the test split is looked at once, at the end (issue 12).
+are compared on validation, and the test split is looked at once, at the end.
 
 Run from the repository root, under ``nice`` on a shared machine::
 

@@ -1,4 +1,4 @@
-"""Training losses that make the class-agnostic foreground head find the cell (issue 12).
+"""Training losses that make the class-agnostic foreground head find the cell.
 
 Trained from scratch on a few hundred crops, the MCT class maps light whatever predicts the
 label, often the background (docs/localization.md). These losses train the model's foreground

@@ -1,4 +1,4 @@
-"""Federated self-supervised pretraining by parametric instance discrimination (issue 12).
+"""Federated self-supervised pretraining by parametric instance discrimination.
 
 The product cannot assume ImageNet weights, and a ViT trained from scratch on a few hundred
 crops learns whatever predicts the label, often the background. Cao et al. (ECCV 2022) make
