@@ -1,16 +1,20 @@
-"""``w3s-experiment``: train one regime per seed, then score it with the post-training job.
+"""``w3s-experiment``: train one regime per seed (and fold), then score it with post-training.
 
 Writes ``<runs_dir>/<label>/experiment.yaml`` (the composed config and the command) and, per
-seed, ``seed_<s>/train/`` (models; ``metrics.jsonl`` of federated runs), ``seed_<s>/eval/``
+run, ``seed_<s>/train/`` (models; ``metrics.jsonl`` of federated runs), ``seed_<s>/eval/``
 (the post-training job's outputs per row and hospital) and ``seed_<s>/results.json`` (the
-matrix cells). Federated regimes run through ``w3s-simulate`` (a real ``flwr run``); the others
-in this process. The post-training job runs with its own defaults plus ``postprocess=[...]``.
+matrix cells). With ``folds=[...]`` (cross-validation, ``data.split.folds=K``) every fold gets
+its own ``fold_<f>/`` above the seed folders. Federated regimes run through ``w3s-simulate``
+(a real ``flwr run``); the others in this process. The post-training job runs with its own
+defaults plus ``postprocess=[...]``. A rerun skips every run whose ``results.json`` exists
+(it is written last and atomically) and redoes any run folder without one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import shutil
 import time
@@ -24,6 +28,7 @@ from common.checkpoint import load_model, save_model
 from common.cli import Command
 from common.config import compose_config
 from common.data import DataVerificationError, hospital_names, verify_data
+from common.errors import JobError
 from experiments.regimes import fine_tune, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
 from post_training.postprocess import run_postprocess
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "w3s_experiment"
 # Keys of conf/w3s_experiment.yaml that the training config (conf/config.yaml) does not know.
-EXPERIMENT_KEYS = ("seeds", "runs_dir", "label", "postprocess", "regime")
+EXPERIMENT_KEYS = ("seeds", "folds", "runs_dir", "label", "postprocess", "regime")
 # Training overrides that the post-training job needs as well (which data, which device).
 SHARED_WITH_POSTPROCESS = ("data", "device")
 RESULTS = "results.json"
@@ -44,9 +49,23 @@ def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def run_folder(fold: int | None, seed: int) -> Path:
+    """Where one run lives under its label: ``seed_<s>``, or ``fold_<f>/seed_<s>`` when folded.
+
+    Without folds the layout stays the one of earlier runs dirs, so they remain readable.
+    """
+    seed_dir = Path(f"seed_{seed}")
+    return seed_dir if fold is None else Path(f"fold_{fold}") / seed_dir
+
+
+def fold_overrides(fold: int | None) -> list[str]:
+    """The split override of one fold; training and post-training both get it (same test)."""
+    return [] if fold is None else [f"data.split.fold={fold}"]
+
+
 @dataclass(frozen=True)
 class SeedRun:
-    """One seed of one regime: its training config, regime, and where its outputs go."""
+    """One seed (and fold) of one regime: its training config, regime, and where outputs go."""
 
     cfg: DictConfig
     regime: DictConfig
@@ -54,7 +73,13 @@ class SeedRun:
     training_overrides: list[str]
     postprocess_overrides: list[str]
     seed: int
-    out: Path
+    runs_dir: Path
+    fold: int | None = None
+
+    @property
+    def out(self) -> Path:
+        """The run folder, ``<runs_dir>/<label>/[fold_<f>/]seed_<s>``."""
+        return self.runs_dir / self.label / run_folder(self.fold, self.seed)
 
     @property
     def hospitals(self) -> list[str]:
@@ -89,13 +114,13 @@ class SeedRun:
         return run_dir / "final_model.pt"
 
     def fedavg_of_same_seed(self) -> Path | None:
-        """``<runs_dir>/fedavg``'s final model of this seed, when trained with this config.
+        """``<runs_dir>/fedavg``'s final model of this seed and fold, when trained with this config.
 
         Personalization starts from FedAvg; when the fedavg regime already ran with the same
         config (all but the regime and output folder), its global model is reused instead of
         repeating the federated run.
         """
-        source = self.out.parent.parent / "fedavg" / self.out.name / "train" / "global"
+        source = self.runs_dir / "fedavg" / run_folder(self.fold, self.seed) / "train" / "global"
         if not (source / "final_model.pt").exists() or not (source / "config.yaml").exists():
             return None
         if comparable(OmegaConf.load(source / "config.yaml")) != comparable(self.cfg):
@@ -195,10 +220,29 @@ def supervised_rows(run: SeedRun) -> list[dict[str, Any]]:
     return rows
 
 
+def finished_results(out: Path) -> dict[str, Any] | None:
+    """A run folder's ``results.json`` when the run finished, else ``None`` (redo it).
+
+    ``results.json`` is written last and atomically, so its presence means every model and
+    score before it is on disk; an unreadable one (a disk that filled up) counts as unfinished.
+    """
+    try:
+        return json.loads((out / RESULTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename: readers see all of it or nothing."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def run_seed(run: SeedRun) -> dict[str, Any]:
-    """Train and score one seed; return (and write) its ``results.json``."""
+    """Train and score one seed (and fold); return (and write) its ``results.json``."""
     if run.out.exists():
-        shutil.rmtree(run.out)  # a rerun replaces a seed whole, never mixes two runs' files
+        shutil.rmtree(run.out)  # a half-finished run is redone whole, never mixes two runs' files
     started = time.perf_counter()
     if str(run.regime.kind) == "supervised":
         rows = supervised_rows(run)
@@ -212,39 +256,81 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
     results = {
         "label": run.label,
         "regime": str(run.regime.name),
+        "fold": run.fold,
         "seed": run.seed,
         "hospitals": run.hospitals,
         "rows": rows,
         "metrics_jsonl": str(metrics.relative_to(run.out)) if metrics.exists() else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (run.out / RESULTS).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_atomically(run.out / RESULTS, json.dumps(results, indent=2) + "\n")
     return results
 
 
+def experiment_folds(cfg: DictConfig) -> list[int | None]:
+    """The folds to run: ``[None]`` (the fixed split) unless ``folds`` lists fold indices."""
+    if not cfg.folds:
+        return [None]
+    count = cfg.data.split.get("folds")
+    if count is None:
+        raise JobError(f"folds={list(cfg.folds)} needs data.split.folds=K (K-fold splits, K >= 3)")
+    folds = [int(f) for f in cfg.folds]
+    if bad := [f for f in folds if not 0 <= f < int(count)]:
+        raise JobError(f"folds {bad} are not in 0..{int(count) - 1} (data.split.folds={count})")
+    return folds
+
+
+def planned_runs(
+    cfg: DictConfig, training: list[str], shared: list[str], runs_dir: Path
+) -> list[SeedRun]:
+    """Every (fold, seed) run of the regime, each with its own training and post-training config.
+
+    A fold's split override goes to both configs, so the post-training job scores the model on
+    the test fold it was not trained on.
+    """
+    runs = []
+    for fold in experiment_folds(cfg):
+        split = fold_overrides(fold)
+        postprocess = [*shared, *split, *(str(o) for o in cfg.postprocess)]
+        for seed in cfg.seeds:
+            seed_cfg = compose_config([*training, *split, f"seed={seed}"])
+            runs.append(
+                SeedRun(
+                    seed_cfg,
+                    cfg.regime,
+                    str(cfg.label),
+                    [*training, *split],
+                    postprocess,
+                    int(seed),
+                    runs_dir,
+                    fold,
+                )
+            )
+    return runs
+
+
 def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
-    """One regime, every seed, end to end."""
+    """One regime, every fold and seed, end to end; runs finished by an earlier call are kept."""
     command = f"w3s-experiment {shlex.join(overrides)}"
     overrides = [*overrides, *launch.absolute_path_overrides(cfg, Path.cwd())]
     cfg = compose_config(overrides, config_name=CONFIG_NAME)
+    experiment_folds(cfg)  # a wrong fold list fails before the data is read
     if problems := verify_data(cfg.data):
         raise DataVerificationError(problems)
     training = [o for o in overrides if override_key(o).split(".")[0] not in EXPERIMENT_KEYS]
     if not any(override_key(o) == "train.proximal_mu" for o in training):
         training.append(f"train.proximal_mu={cfg.regime.proximal_mu}")
     shared = [o for o in training if override_key(o).split(".")[0] in SHARED_WITH_POSTPROCESS]
-    postprocess = [*shared, *(str(o) for o in cfg.postprocess)]
-    out = Path(str(cfg.runs_dir)).expanduser().resolve() / str(cfg.label)
+    runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
+    out = runs_dir / str(cfg.label)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(f"# {command}\n{OmegaConf.to_yaml(cfg)}", encoding="utf-8")
-    for seed in cfg.seeds:
-        seed_cfg = compose_config([*training, f"seed={seed}"])
-        label = str(cfg.label)
-        run = SeedRun(
-            seed_cfg, cfg.regime, label, training, postprocess, int(seed), out / f"seed_{seed}"
-        )
+    for run in planned_runs(cfg, training, shared, runs_dir):
+        if (done := finished_results(run.out)) is not None:
+            log.info("%s: skipped, finished before in %.0fs", run.out, done.get("seconds", 0))
+            continue
         results = run_seed(run)
-        log.info("%s seed %d done in %.0fs: %s", cfg.label, seed, results["seconds"], run.out)
+        log.info("%s done in %.0fs", run.out, results["seconds"])
     return 0
 
 
@@ -257,11 +343,15 @@ COMMAND = Command(
         "regime": "local_only, centralized, fedavg, fedprox, personalized, supervised (required)",
         "data": "synthetic (default), wbc_zxaoyou, raabin, matek19, ...",
         "seeds": "one full run per seed, e.g. [0,1,2]",
+        "folds": "cross-validation folds to run, e.g. [0,1,2,3,4] with data.split.folds=5",
         "runs_dir": "parent folder of every regime's runs",
         "label": "folder name of this regime's runs (default: the regime's name)",
         "postprocess": "overrides of the post-training job, e.g. [segmenter.epochs=3]",
     },
-    examples=["w3s-experiment regime=fedavg data=wbc_zxaoyou seeds=[0,1,2] runs_dir=runs/wbc"],
+    examples=[
+        "w3s-experiment regime=fedavg data=wbc_zxaoyou seeds=[0,1,2] runs_dir=runs/wbc",
+        "w3s-experiment regime=fedavg folds=[0,1,2,3,4] data.split.folds=5 runs_dir=runs/cv",
+    ],
 )
 
 
