@@ -1,10 +1,11 @@
 """``w3s-report``: regenerate EXPERIMENTS.md (tables and PNG plots) from ``w3s-experiment`` runs.
 
 One section per runs dir (one dataset): the evaluation matrix (rows = regimes, columns = each
-hospital's test split, mean +- SD over seeds) for the segmenter and the pseudo-masks, the
-verdicts (federated vs local-only per hospital, distance to the supervised ceiling), the
-convergence curves, the communication table and a grid of overlays. Every number is read from
-the runs' files; nothing is typed in by hand.
+hospital's test split, mean +- SD over runs: seeds, times folds when cross-validated) for the
+segmenter and the pseudo-masks, the verdicts (federated vs local-only per hospital, distance to
+the supervised ceiling), paired federated - local-only differences with confidence intervals,
+the compute spent, the convergence curves, the communication table and a grid of overlays.
+Every number is read from the runs' files; nothing is typed in by hand.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from scipy import stats
 
 from common.cli import Command
 from common.data import hospital_split
@@ -41,6 +43,11 @@ BASELINE_TITLES = {DISK: "centred disk", OTSU: "Otsu"}
 METRICS = ("class_aware", "binary")
 GRID_IMAGES = 2
 MB = 1e6
+# Run folders under a label: seed_<s> (fixed split) or fold_<f>/seed_<s> (cross-validation).
+RUN_GLOBS = ("seed_*", "fold_*/seed_*")
+# Line styles of the convergence curves, cycled with the colours: tell regimes apart in print.
+LINE_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"))
+CONFIDENCE = 0.95
 
 
 def mean_sd(values: Iterable[float | None]) -> tuple[float, float, int]:
@@ -53,14 +60,20 @@ def mean_sd(values: Iterable[float | None]) -> tuple[float, float, int]:
 
 
 def fmt_percent(values: Sequence[float | None]) -> str:
-    """``61.2 ± 3.4`` (percent, over seeds); ``-`` when nothing was scored."""
+    """``61.2 ± 3.4`` (percent, over runs); ``-`` when nothing was scored."""
     mean, sd, n = mean_sd(values)
     return "-" if n == 0 else f"{100 * mean:.1f} ± {100 * sd:.1f}"
 
 
+def run_key(result: dict[str, Any]) -> tuple[int, int]:
+    """A run's (fold, seed), fold -1 for the fixed split: what pairs runs of two regimes."""
+    fold = result.get("fold")
+    return (-1 if fold is None else int(fold), int(result["seed"]))
+
+
 @dataclass
 class Dataset:
-    """All runs under one runs dir: one dataset, several regimes, several seeds each."""
+    """All runs under one runs dir: one dataset, several regimes, several seeds (x folds) each."""
 
     runs_dir: Path
     data: DictConfig
@@ -90,7 +103,7 @@ class Dataset:
         return next(r["regime"] for r in self.results if r["label"] == label)
 
     def values(self, row: str, column: str, stage: str, metric: str) -> list[float | None]:
-        """One cell's score over seeds."""
+        """One cell's score over runs."""
         return [
             x["cells"].get(column, {}).get(stage, {}).get(metric)
             for r in self.results
@@ -99,7 +112,7 @@ class Dataset:
         ]
 
     def baseline_values(self, column: str, stage: str, metric: str) -> list[float | None]:
-        """A training-free baseline's score over seeds (the same in every row of a seed)."""
+        """A training-free baseline's score over runs (the same in every row of a run)."""
         out = []
         for result in self.results:
             scored = [x for x in result["rows"] if stage in x["cells"].get(column, {})]
@@ -107,13 +120,23 @@ class Dataset:
                 out.append(scored[0]["cells"][column][stage][metric])
         return out
 
-    def seeds(self, label: str) -> list[dict[str, Any]]:
-        """Results of one label, by seed."""
-        return sorted((r for r in self.results if r["label"] == label), key=lambda r: r["seed"])
+    def runs(self, label: str) -> list[dict[str, Any]]:
+        """Results of one label, by fold and seed."""
+        return sorted((r for r in self.results if r["label"] == label), key=run_key)
+
+    def cells_by_run(self, row: str, column: str, metric: str) -> dict[tuple[int, int], float]:
+        """One segmenter cell's finite scores, by (fold, seed): the units of a paired test."""
+        out = {}
+        for result in self.results:
+            for x in result["rows"]:
+                value = x["cells"].get(column, {}).get(SEGMENTER, {}).get(metric)
+                if x["row"] == row and value is not None and math.isfinite(value):
+                    out[run_key(result)] = float(value)
+        return out
 
 
 def load_dataset(runs_dir: Path) -> Dataset:
-    """Read every ``<label>/experiment.yaml`` and ``<label>/seed_*/results.json``."""
+    """Read every ``<label>/experiment.yaml`` and ``<label>/[fold_*/]seed_*/results.json``."""
     configs = sorted(runs_dir.glob("*/experiment.yaml"))
     if not configs:
         raise FileNotFoundError(f"no w3s-experiment runs (*/experiment.yaml) in {runs_dir}")
@@ -126,7 +149,7 @@ def load_dataset(runs_dir: Path) -> Dataset:
             data = cfg.data
         elif cfg.data.name != data.name:
             raise ValueError(f"{runs_dir} mixes data={data.name} and data={cfg.data.name}")
-        for file in sorted(path.parent.glob(f"seed_*/{RESULTS}")):
+        for file in sorted(f for g in RUN_GLOBS for f in path.parent.glob(f"{g}/{RESULTS}")):
             result = json.loads(file.read_text(encoding="utf-8"))
             result["dir"] = str(file.parent)
             hospitals = result["hospitals"]
@@ -142,7 +165,8 @@ def post_training_variants(runs_dir: Path) -> int:
     rows scored with different pipelines are not comparable, and the report says so.
     """
     variants = set()
-    for path in runs_dir.glob("*/seed_*/eval/*/*/config.yaml"):
+    paths = (p for g in RUN_GLOBS for p in runs_dir.glob(f"*/{g}/eval/*/*/config.yaml"))
+    for path in paths:
         cfg = OmegaConf.to_container(OmegaConf.load(path))
         for key in ("checkpoint", "hospital", "output_dir", "seed"):
             cfg.pop(key, None)
@@ -152,7 +176,7 @@ def post_training_variants(runs_dir: Path) -> int:
 
 def matrix_table(ds: Dataset, stage: str, with_baselines: bool) -> str:
     """Markdown matrix: one row per regime row, ``class-aware / binary`` mIoU per test split."""
-    head = "| trained as \\ test split | " + " | ".join(ds.hospitals) + " | seeds |"
+    head = "| trained as \\ test split | " + " | ".join(ds.hospitals) + " | runs |"
     lines = [head, "|---" * (len(ds.hospitals) + 2) + "|"]
     for row in ds.rows():
         cells = [
@@ -161,8 +185,8 @@ def matrix_table(ds: Dataset, stage: str, with_baselines: bool) -> str:
         ]
         if all(c == "- / -" for c in cells):
             continue
-        seeds = max(len(ds.values(row, h, stage, "binary")) for h in ds.hospitals)
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} |")
+        runs = max(len(ds.values(row, h, stage, "binary")) for h in ds.hospitals)
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {runs} |")
     if with_baselines:
         for key, title in BASELINE_TITLES.items():
             cells = [
@@ -255,6 +279,97 @@ def verdicts(ds: Dataset) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Mean of paired differences and its Student t confidence interval (nan below 2 pairs)."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+
+    def verdict(self, better: str) -> str:
+        """The interval read as one sentence: which side of zero, if any, it lies on."""
+        if self.n < 2:
+            return "too few pairs for an interval"
+        if self.low > 0:
+            return f"{better} better"
+        if self.high < 0:
+            return f"{better} worse"
+        return "no detectable difference at this scale"
+
+
+def paired_difference(differences: Sequence[float], confidence: float = CONFIDENCE) -> Paired:
+    """Mean of ``differences`` with its two-sided Student t interval.
+
+    Pairing by (fold, seed) removes what two regimes share (the split, the seed's draws), so the
+    interval is about the regimes, not about which fold happened to be easy.
+    """
+    n = len(differences)
+    if n == 0:
+        return Paired(0, math.nan, math.nan, math.nan)
+    mean = float(np.mean(differences))
+    if n < 2:
+        return Paired(n, mean, math.nan, math.nan)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * np.std(differences, ddof=1) / math.sqrt(n)
+    return Paired(n, mean, mean - float(half), mean + float(half))
+
+
+def paired_table(ds: Dataset) -> str | None:
+    """Federated minus local-only at each hospital's test split, paired by (fold, seed).
+
+    The local-only model is the one trained at that hospital: the question a hospital asks is
+    whether joining the federation beats training alone on its own data. ``None`` without
+    any pair.
+    """
+    rows = ds.rows()
+    local = {trained_at(r): r for r in rows if ds.regime_of(r) == "local_only"}
+    federated = [r for r in rows if ds.regime_of(r) in FEDERATED]
+    lines = [
+        "| federated row | test split | metric | pairs | mean difference (points) "
+        f"| {100 * CONFIDENCE:.0f}% CI (points) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for fed in federated:
+        for column in (h for h in ds.hospitals if h in local):
+            for metric in METRICS:
+                ours = ds.cells_by_run(fed, column, metric)
+                theirs = ds.cells_by_run(local[column], column, metric)
+                paired = paired_difference(
+                    [ours[k] - theirs[k] for k in sorted(ours) if k in theirs]
+                )
+                if paired.n == 0:
+                    continue
+                interval = (
+                    "-" if paired.n < 2 else f"[{100 * paired.low:+.1f}, {100 * paired.high:+.1f}]"
+                )
+                lines.append(
+                    f"| {fed} | {column} | {metric.replace('_', '-')} | {paired.n} "
+                    f"| {100 * paired.mean:+.1f} | {interval} | {paired.verdict(fed)} |"
+                )
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def fmt_duration(seconds: float) -> str:
+    """``1.5 h`` / ``12 min``: compute spent, at the precision a reader plans with."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def compute_line(ds: Dataset) -> str:
+    """Total wall time of all runs and how many runs each label has."""
+    labels = sorted({r["label"] for r in ds.results})
+    per_label = []
+    for label in labels:
+        runs = ds.runs(label)
+        spent = sum(float(r.get("seconds") or 0) for r in runs)
+        per_label.append(f"{label}: {len(runs)} runs ({fmt_duration(spent)})")
+    total = sum(float(r.get("seconds") or 0) for r in ds.results)
+    return (
+        f"Compute: {len(ds.results)} runs, {fmt_duration(total)} of wall time in total "
+        f"(training and scoring, as recorded in each results.json); " + "; ".join(per_label) + "."
+    )
+
+
 def plot_matrix(ds: Dataset, path: Path) -> None:
     """Heatmaps of the segmenter's mean test mIoU, class-aware and binary, annotated ± SD."""
     rows = [r for r in ds.rows() if any(ds.values(r, h, SEGMENTER, "binary") for h in ds.hospitals)]
@@ -291,37 +406,56 @@ def federated_labels(ds: Dataset) -> list[str]:
 
 
 def plot_convergence(ds: Dataset, path: Path) -> bool:
-    """Validation localization mIoU per round and hospital (Fig. 4), mean ± SD over seeds."""
+    """Write the convergence figure; ``False`` (nothing written) without federated runs."""
     labels = [label for label in federated_labels(ds) if ds.regime_of_label(label) in FEDERATED]
     if not labels:
         return False
+    convergence_figure(ds, labels).savefig(path, dpi=110)
+    return True
+
+
+def convergence_figure(ds: Dataset, labels: Sequence[str]) -> Figure:
+    """Validation localization mIoU per round and hospital (Fig. 4), mean ± SD over runs.
+
+    Each label gets its own colour and line style (legible in grey print), SD bands are faint
+    and drawn under every line, and every subplot has its legend so none is read by guessing.
+    """
     fig = Figure(figsize=(3.6 * len(ds.hospitals), 3.2))
     axes = fig.subplots(1, len(ds.hospitals), squeeze=False)
     for ax, hospital in zip(axes[0], ds.hospitals, strict=True):
-        for label in labels:
+        for index, label in enumerate(labels):
             curves = [
                 [row["hospitals"].get(hospital, {}).get("val-loc-miou", math.nan) for row in rows]
-                for rows in map(round_rows, ds.seeds(label))
+                for rows in map(round_rows, ds.runs(label))
             ]
             length = min(len(c) for c in curves)
             values = np.array([c[:length] for c in curves], dtype=float)
             mean = 100 * values.mean(axis=0)
             sd = 100 * (values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(length))
             x = np.arange(1, length + 1)
-            ax.plot(x, mean, marker="o", markersize=3, label=label)
-            ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
+            colour, (line, marker) = f"C{index % 10}", LINE_STYLES[index % len(LINE_STYLES)]
+            ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.15, zorder=1)
+            ax.plot(
+                x,
+                mean,
+                color=colour,
+                linestyle=line,
+                marker=marker,
+                markersize=3,
+                label=label,
+                zorder=3,
+            )
         ax.set_title(f"{hospital} (validation)", fontsize=9)
         ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, zorder=0)
+        ax.legend(fontsize=8)
     axes[0][0].set_ylabel("localization mIoU (%)")
-    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return fig
 
 
 def communication_table(ds: Dataset) -> str:
-    """Bytes per hospital and round (mean over rounds and seeds) and the final mIoU effect."""
+    """Bytes per hospital and round (mean over rounds and runs) and the final mIoU effect."""
     lines = [
         "| run | hospital | sent per round (MB) | received per round (MB) "
         "| total over the run (MB) | rounds "
@@ -329,10 +463,10 @@ def communication_table(ds: Dataset) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for label in federated_labels(ds):
-        row_name = next(x["row"] for r in ds.seeds(label) for x in r["rows"])
+        row_name = next(x["row"] for r in ds.runs(label) for x in r["rows"])
         for hospital in ds.hospitals:
             sent, received, totals, rounds = [], [], [], []
-            for rows in map(round_rows, ds.seeds(label)):
+            for rows in map(round_rows, ds.runs(label)):
                 per_round = [r["hospitals"].get(hospital, {}) for r in rows]
                 sent += [h.get("bytes-sent", math.nan) for h in per_round]
                 received += [h.get("bytes-received", math.nan) for h in per_round]
@@ -358,18 +492,22 @@ def short_title(row: str) -> str:
 
 
 def plot_overlays(ds: Dataset, path: Path) -> None:
-    """Per hospital, its first test images: image, ground truth, each row's prediction."""
-    first_seed = min(r["seed"] for r in ds.results)
+    """Per hospital, its first test images: image, ground truth, each row's prediction.
+
+    All tiles come from the first (fold, seed): its test split is the one the images are from.
+    """
+    first = min(map(run_key, ds.results))
     seed_dirs = {
         x["row"]: Path(r["dir"]) / "eval" / x["folder"]
         for r in ds.results
-        if r["seed"] == first_seed
+        if run_key(r) == first
         for x in r["rows"]
     }
     rows_order = [r for r in ds.rows() if r in seed_dirs]
+    data = OmegaConf.merge(ds.data, {"split": {"fold": first[0]}}) if first[0] >= 0 else ds.data
     grid = []
     for hospital in ds.hospitals:
-        test = hospital_split(ds.data, hospital, "test")
+        test = hospital_split(data, hospital, "test")
         truths = true_labels(test)
         for i in range(min(GRID_IMAGES, len(test))):
             image, stem = test.images[i], sample_stem(test.sample_ids[i])
@@ -393,9 +531,13 @@ def dataset_section(ds: Dataset, figures: Path, output: Path) -> str:
     has_curves = plot_convergence(ds, curves_png)
     plot_overlays(ds, grid_png)
     seeds = sorted({r["seed"] for r in ds.results})
+    folds = sorted({r["fold"] for r in ds.results if r.get("fold") is not None})
+    first_fold, first_seed = min(map(run_key, ds.results))
+    crossed = f"; folds {folds} of a {ds.data.split.folds}-fold cross-validation" if folds else ""
+    paired = paired_table(ds)
     parts = [
         f"## Dataset `{ds.name}` ({len(ds.hospitals)} hospitals: {', '.join(ds.hospitals)})",
-        f"Seeds {seeds}; runs in `{ds.runs_dir}`. Commands:",
+        f"Seeds {seeds}{crossed}; runs in `{ds.runs_dir}`. {compute_line(ds)} Commands:",
         *(
             [
                 f"**Warning:** the rows were scored with {ds.pipelines} different post-training "
@@ -405,8 +547,17 @@ def dataset_section(ds: Dataset, figures: Path, output: Path) -> str:
             else []
         ),
         "```bash\n" + "\n".join(ds.commands) + "\n```",
-        "### Verdicts (segmenter, test splits, mean over seeds, %)",
+        "### Verdicts (segmenter, test splits, mean over runs, %)",
         "\n".join(verdicts(ds)) or "No federated and local-only rows to compare.",
+        *(
+            [
+                "### Paired: federated − local-only trained at the test hospital (segmenter, "
+                f"same fold and seed, {100 * CONFIDENCE:.0f}% Student t interval, points of mIoU)",
+                paired,
+            ]
+            if paired
+            else []
+        ),
         "### Matrix: segmenter (class-aware / binary mIoU on each test split, %, mean ± SD)",
         matrix_table(ds, SEGMENTER, with_baselines=True),
         f"![segmenter matrix]({rel / matrix_png.name})",
@@ -421,7 +572,8 @@ def dataset_section(ds: Dataset, figures: Path, output: Path) -> str:
     parts += [
         "### Communication (array bytes per message, train and evaluate, per hospital)",
         communication_table(ds),
-        f"### Overlays (seed {seeds[0]}; {GRID_IMAGES} test images per hospital, top to bottom "
+        f"### Overlays (seed {first_seed}{f', fold {first_fold}' if first_fold >= 0 else ''}; "
+        f"{GRID_IMAGES} test images per hospital, top to bottom "
         f"{', '.join(ds.hospitals)}; each prediction is that row's segmenter at that hospital)",
         f"![overlays]({rel / grid_png.name})",
     ]
@@ -441,7 +593,8 @@ def write_report(runs_dirs: Sequence[Path], output: Path, figures: Path, notes: 
         "(`local_only (X)`: at hospital X alone; `supervised (X)`: the ceiling, a segmenter "
         "trained on X's true masks). Columns: the test split of each hospital, where the "
         "post-training job (maps -> pseudo-masks -> segmenter, `w3s-postprocess` defaults) ran "
-        "with that model. Cells: class-aware / binary mIoU in %, mean ± sample SD over seeds.",
+        "with that model. Cells: class-aware / binary mIoU in %, mean ± sample SD over runs "
+        "(seeds, times folds when cross-validated).",
     ]
     if notes is not None:
         head.append(notes.read_text(encoding="utf-8").strip())

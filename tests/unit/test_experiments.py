@@ -1,5 +1,8 @@
-"""Experiment building blocks: FedProx's proximal term, fp16 transport, the report's statistics."""
+"""Experiment building blocks: FedProx's proximal term, fp16 transport, the runner's folds and
+resume, the report's statistics and plots."""
 
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -15,8 +18,18 @@ from common.config import compose_config
 from common.data import split_tensors
 from common.model import create_mct_model
 from common.training import train_local
-from experiments.report import Dataset, fmt_percent, matrix_table, mean_sd, verdicts
-from experiments.run import SeedRun, cell_scores, override_key, row_folder
+from experiments import run as runner
+from experiments.report import (
+    Dataset,
+    convergence_figure,
+    fmt_percent,
+    matrix_table,
+    mean_sd,
+    paired_difference,
+    paired_table,
+    verdicts,
+)
+from experiments.run import SeedRun, cell_scores, finished_results, override_key, row_folder
 from server_app.strategy import GuardedFedAvg
 from tests.replies import prepare
 
@@ -107,7 +120,7 @@ def test_mean_and_sample_sd_skip_missing_scores():
     assert fmt_percent([]) == "-"
 
 
-def _result(label: str, regime: str, seed: int, rows: dict) -> dict:
+def _result(label: str, regime: str, seed: int, rows: dict, fold: int | None = None) -> dict:
     cells = {
         row: {h: {"segmenter": {"class_aware": v[0], "binary": v[1]}} for h, v in by.items()}
         for row, by in rows.items()
@@ -115,6 +128,7 @@ def _result(label: str, regime: str, seed: int, rows: dict) -> dict:
     return {
         "label": label,
         "regime": regime,
+        "fold": fold,
         "seed": seed,
         "hospitals": ["a", "b"],
         "rows": [{"row": r, "cells": c} for r, c in cells.items()],
@@ -185,8 +199,159 @@ def test_personalized_reuses_fedavg_only_when_trained_with_the_same_config(tmp_p
     def seed_run(*overrides: str) -> SeedRun:
         cfg = compose_config(list(overrides))
         regime = compose_config(["regime=personalized"], "w3s_experiment").regime
-        return SeedRun(cfg, regime, "personalized", [], [], 0, tmp_path / "personalized" / "seed_0")
+        return SeedRun(cfg, regime, "personalized", [], [], 0, tmp_path)
 
     assert seed_run().fedavg_of_same_seed() == fedavg / "final_model.pt"
     assert seed_run("federation.rounds=3").fedavg_of_same_seed() is None
     assert seed_run("seed=1").fedavg_of_same_seed() is None
+
+
+def test_paired_difference_is_the_student_t_interval_of_the_mean_difference():
+    # differences 1, 2, 3: mean 2, SD 1, t(0.975, 2) = 4.302653 -> half-width 4.302653 / sqrt(3)
+    paired = paired_difference([1.0, 2.0, 3.0])
+    half = 4.302653 / math.sqrt(3)
+    assert paired.n == 3 and paired.mean == pytest.approx(2.0)
+    assert (paired.low, paired.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert paired.verdict("fedavg") == "no detectable difference at this scale"
+    assert paired_difference([0.10, 0.12, 0.11]).verdict("fedavg") == "fedavg better"
+    assert paired_difference([-0.10, -0.12, -0.11]).verdict("fedavg") == "fedavg worse"
+    assert paired_difference([0.1]).verdict("fedavg") == "too few pairs for an interval"
+
+
+def test_paired_table_pairs_fedavg_with_local_only_of_the_same_fold_and_seed():
+    results = []
+    for fold, seed, local_a, fed_a in ((0, 0, 0.50, 0.60), (0, 1, 0.40, 0.45), (1, 0, 0.70, 0.72)):
+        local = {"local_only (a)": {"a": (0.3, local_a)}, "local_only (b)": {"a": (0.0, 0.0)}}
+        results.append(_result("local_only", "local_only", seed, local, fold))
+        results.append(_result("fedavg", "fedavg", seed, {"fedavg": {"a": (0.3, fed_a)}}, fold))
+    # A fedavg run without a local-only partner is left out of the pairs.
+    results.append(_result("fedavg", "fedavg", 2, {"fedavg": {"a": (0.3, 0.99)}}, 1))
+    ds = Dataset(Path("."), OmegaConf.create({"name": "toy"}), ["a", "b"], [], results)
+    lines = paired_table(ds).splitlines()
+    # binary differences 0.10, 0.05, 0.02: mean 0.0567, SD 0.0404, t(0.975, 2) = 4.3027
+    half = 4.302653 * float(np.std([0.10, 0.05, 0.02], ddof=1)) / math.sqrt(3)
+    mean = (0.10 + 0.05 + 0.02) / 3
+    assert lines[3] == (
+        f"| fedavg | a | binary | 3 | {100 * mean:+.1f} "
+        f"| [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] "
+        "| no detectable difference at this scale |"
+    )
+    assert lines[2].startswith("| fedavg | a | class-aware | 3 | +0.0 |")
+    assert len(lines) == 4  # at b, fedavg has no scores: no pairs, no line
+    local_runs = [r for r in results if r["regime"] == "local_only"]
+    only_local = Dataset(Path("."), ds.data, ["a"], [], local_runs)
+    assert paired_table(only_local) is None
+
+
+def test_convergence_figure_has_a_legend_on_every_subplot_and_distinct_line_styles(tmp_path):
+    results = []
+    for label, level in (("fedavg", 0.5), ("fedavg_fp16", 0.4)):
+        for seed in (0, 1):
+            rounds = [
+                {"round": r, "hospitals": {h: {"val-loc-miou": level + 0.01 * r} for h in "ab"}}
+                for r in (1, 2, 3)
+            ]
+            run_dir = tmp_path / label / f"seed_{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+            result = _result(label, "fedavg", seed, {label: {"a": (0.1, 0.2)}})
+            results.append({**result, "dir": str(run_dir), "metrics_jsonl": "metrics.jsonl"})
+    ds = Dataset(tmp_path, OmegaConf.create({"name": "toy"}), ["a", "b"], [], results)
+    figure = convergence_figure(ds, ["fedavg", "fedavg_fp16"])
+    assert len(figure.axes) == 2
+    for ax in figure.axes:
+        legend = ax.get_legend()
+        assert legend is not None
+        assert [t.get_text() for t in legend.get_texts()] == ["fedavg", "fedavg_fp16"]
+        lines = ax.get_lines()
+        assert len({line.get_color() for line in lines}) == 2
+        assert len({line.get_linestyle() for line in lines}) == 2
+        band = ax.collections[0]
+        assert band.get_alpha() == pytest.approx(0.15)
+        assert band.get_zorder() < min(line.get_zorder() for line in lines)
+
+
+# Two tiny synthetic hospitals and a 3-fold split: composing and verifying them stays cheap.
+TINY_EXPERIMENT = [
+    "regime=centralized",
+    "~data.hospitals.hospital_c",
+    *(f"data.hospitals.hospital_{h}.{k}" for h in "ab" for k in ("num_images=30", "image_size=48")),
+    "data.split.folds=3",
+    "folds=[0,2]",
+    "seeds=[0,1]",
+]
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Replace training and the post-training job, keep config composition; record both configs.
+
+    Each trained run leaves a marker file, so a test sees which run folders were (re)done.
+    """
+    calls = {"train": [], "score": []}
+
+    def models_of(run):
+        split = run.cfg.data.split
+        calls["train"].append((run.fold, run.seed, split.folds, split.fold, run.training_overrides))
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "trained").write_text("")
+        return {run.label: dict.fromkeys(run.hospitals, run.out / "model.pt")}
+
+    def run_postprocess(cfg):
+        calls["score"].append((cfg.data.split.folds, cfg.data.split.fold, cfg.seed))
+        test = {"class_aware_miou": 0.3, "binary_miou": 0.6}
+        return {"stages": [{"key": "segmenter", "test": test}]}
+
+    monkeypatch.setattr(runner, "models_of", models_of)
+    monkeypatch.setattr(runner, "run_postprocess", run_postprocess)
+    return calls
+
+
+def _experiment(tmp_path: Path) -> int:
+    overrides = [*TINY_EXPERIMENT, f"runs_dir={tmp_path / 'runs'}"]
+    return runner.run_experiment(compose_config(overrides, "w3s_experiment"), overrides)
+
+
+def test_folds_get_their_folder_and_their_split_in_training_and_post_training(
+    tmp_path, fake_training
+):
+    assert _experiment(tmp_path) == 0
+    runs = tmp_path / "runs" / "centralized"
+    for fold in (0, 2):
+        for seed in (0, 1):
+            results = json.loads(
+                (runs / f"fold_{fold}" / f"seed_{seed}" / "results.json").read_text()
+            )
+            assert (results["fold"], results["seed"]) == (fold, seed)
+            assert results["seconds"] >= 0
+    trained = [call[:4] for call in fake_training["train"]]
+    assert trained == [(0, 0, 3, 0), (0, 1, 3, 0), (2, 0, 3, 2), (2, 1, 3, 2)]
+    # The federated regimes launch flwr with these overrides, not with the composed config.
+    assert all(f"data.split.fold={call[0]}" in call[4] for call in fake_training["train"])
+    # Two hospitals scored per run, each with the fold the model was trained for.
+    assert fake_training["score"] == [
+        (3, fold, seed) for fold in (0, 2) for seed in (0, 1) for _ in range(2)
+    ]
+
+
+def test_rerun_skips_finished_runs_and_redoes_a_half_finished_one(tmp_path, fake_training, caplog):
+    assert _experiment(tmp_path) == 0
+    runs = tmp_path / "runs" / "centralized"
+    half = runs / "fold_2" / "seed_1"
+    (half / "results.json").unlink()  # killed before its results were written
+    (half / "leftover").write_text("")
+    fake_training["train"].clear()
+    with caplog.at_level(logging.INFO, logger="experiments.run"):
+        assert _experiment(tmp_path) == 0
+    assert [call[:2] for call in fake_training["train"]] == [(2, 1)]
+    assert not (half / "leftover").exists() and (half / "results.json").exists()
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 3 and str(runs / "fold_0" / "seed_0") in skipped[0]
+
+
+def test_a_run_counts_as_finished_only_with_a_readable_results_file(tmp_path):
+    assert finished_results(tmp_path) is None
+    (tmp_path / "results.json").write_text('{"rows": [')  # cut short
+    assert finished_results(tmp_path) is None
+    (tmp_path / "results.json").write_text('{"rows": [], "seconds": 1.0}')
+    assert finished_results(tmp_path) == {"rows": [], "seconds": 1.0}
