@@ -28,6 +28,7 @@ from experiments.report import (
     paired_difference,
     paired_table,
     verdicts,
+    write_report,
 )
 from experiments.run import SeedRun, cell_scores, finished_results, override_key, row_folder
 from server_app.strategy import GuardedFedAvg
@@ -273,7 +274,6 @@ def test_convergence_figure_has_a_legend_on_every_subplot_and_distinct_line_styl
 
 # Two tiny synthetic hospitals and a 3-fold split: composing and verifying them stays cheap.
 TINY_EXPERIMENT = [
-    "regime=centralized",
     "~data.hospitals.hospital_c",
     *(f"data.hospitals.hospital_{h}.{k}" for h in "ab" for k in ("num_images=30", "image_size=48")),
     "data.split.folds=3",
@@ -295,11 +295,17 @@ def fake_training(monkeypatch):
         calls["train"].append((run.fold, run.seed, split.folds, split.fold, run.training_overrides))
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "trained").write_text("")
-        return {run.label: dict.fromkeys(run.hospitals, run.out / "model.pt")}
+        model = run.out / "model.pt"
+        if str(run.regime.kind) == "local":
+            return {f"local_only ({h})": dict.fromkeys(run.hospitals, model) for h in run.hospitals}
+        return {run.label: dict.fromkeys(run.hospitals, model)}
 
     def run_postprocess(cfg):
         calls["score"].append((cfg.data.split.folds, cfg.data.split.fold, cfg.seed))
-        test = {"class_aware_miou": 0.3, "binary_miou": 0.6}
+        # Federated scores 10 points above local-only in every (fold, seed): a clear verdict.
+        binary = 0.5 + 0.01 * cfg.data.split.fold + 0.02 * cfg.seed
+        binary += 0.1 * ("/fedavg/" in str(cfg.checkpoint))
+        test = {"class_aware_miou": 0.3, "binary_miou": binary}
         return {"stages": [{"key": "segmenter", "test": test}]}
 
     monkeypatch.setattr(runner, "models_of", models_of)
@@ -307,8 +313,8 @@ def fake_training(monkeypatch):
     return calls
 
 
-def _experiment(tmp_path: Path) -> int:
-    overrides = [*TINY_EXPERIMENT, f"runs_dir={tmp_path / 'runs'}"]
+def _experiment(tmp_path: Path, regime: str = "centralized") -> int:
+    overrides = [*TINY_EXPERIMENT, f"regime={regime}", f"runs_dir={tmp_path / 'runs'}"]
     return runner.run_experiment(compose_config(overrides, "w3s_experiment"), overrides)
 
 
@@ -355,3 +361,17 @@ def test_a_run_counts_as_finished_only_with_a_readable_results_file(tmp_path):
     assert finished_results(tmp_path) is None
     (tmp_path / "results.json").write_text('{"rows": [], "seconds": 1.0}')
     assert finished_results(tmp_path) == {"rows": [], "seconds": 1.0}
+
+
+def test_report_reads_folds_and_pairs_fedavg_with_local_only(tmp_path, fake_training):
+    for regime in ("local_only", "fedavg"):
+        assert _experiment(tmp_path, regime) == 0
+    output = tmp_path / "EXPERIMENTS.md"
+    text = write_report([tmp_path / "runs"], output, tmp_path / "figures", None)
+    assert "Seeds [0, 1]; folds [0, 2] of a 3-fold cross-validation" in text
+    assert "Compute: 8 runs," in text and "fedavg: 4 runs" in text
+    for hospital in ("hospital_a", "hospital_b"):
+        assert (
+            f"| fedavg | {hospital} | binary | 4 | +10.0 | [+10.0, +10.0] | fedavg better |" in text
+        )
+    assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
