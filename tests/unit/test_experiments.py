@@ -340,7 +340,11 @@ def test_folds_get_their_folder_and_their_split_in_training_and_post_training(
     ]
 
 
-def test_rerun_skips_finished_runs_and_redoes_a_half_finished_one(tmp_path, fake_training, caplog):
+def test_rerun_skips_finished_runs_and_redoes_a_half_finished_one(
+    tmp_path, fake_training, caplog, monkeypatch
+):
+    # A command run earlier in this process stops the project's loggers from propagating.
+    monkeypatch.setattr(logging.getLogger("experiments"), "propagate", True)
     assert _experiment(tmp_path) == 0
     runs = tmp_path / "runs" / "centralized"
     half = runs / "fold_2" / "seed_1"
