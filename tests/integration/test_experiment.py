@@ -1,7 +1,8 @@
 """``w3s-experiment`` + ``w3s-report`` end to end on a tiny configuration, as a user runs them.
 
 Two synthetic hospitals, 32 px model, 2 rounds, one seed; regimes local_only (in process),
-fedavg with half-precision transport (a real ``flwr run``) and the supervised ceiling.
+fedavg with half-precision transport (a real ``flwr run``) and the supervised ceiling; a rerun
+of a finished regime is skipped.
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
         "local_only (hospital_a)",
         "local_only (hospital_b)",
     ]
+    assert (local["fold"], local["seed"]) == (None, 0)
+
+    # A rerun keeps the finished seed: it logs the skip and trains nothing.
+    result = run(
+        [str(BIN / "w3s-experiment"), *REGIMES[0], *TINY, f"runs_dir={runs}"],
+        env=env,
+        timeout_s=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "skipped, finished before" in result.stdout + result.stderr
+    rerun = json.loads((runs / "local_only" / "seed_0" / "results.json").read_text())
+    assert rerun == local
 
     output, figures = tmp_path / "EXPERIMENTS.md", tmp_path / "figures"
     result = run(
@@ -83,6 +97,8 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
         "| supervised (hospital_a) |",
         "local-only trained here",
         "points to the ceiling",
+        "| fedavg_fp16 | hospital_a | binary | 1 |",
+        "Compute: 3 runs,",
         "| fedavg_fp16 | hospital_a |",
     ):
         assert expected in text
