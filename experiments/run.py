@@ -232,6 +232,40 @@ def finished_results(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def run_config(run: SeedRun) -> dict[str, Any]:
+    """What a finished run was made with: its training config and post-training overrides."""
+    return {"training": comparable(run.cfg), "postprocess": list(run.postprocess_overrides)}
+
+
+def check_same_config(run: SeedRun, finished: dict[str, Any]) -> None:
+    """Refuse to keep a finished run that another config made: the rerun would mix the two.
+
+    Raises
+    ------
+    JobError
+        Naming the run folder and the first settings that differ.
+    """
+    before = finished.get("config")
+    if before is None or before == (now := run_config(run)):
+        return  # runs written before configs were recorded cannot be checked
+    old, new = ({**_flat(c["training"]), "postprocess": c["postprocess"]} for c in (before, now))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    raise JobError(
+        f"{run.out} finished with another config ({', '.join(changed[:4])} differ); "
+        "give this config its own label=... or runs_dir=..., or delete that folder to redo it"
+    )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested settings as dotted keys."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}." if isinstance(value, dict) else prefix + key))
+    return flat
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` through a temporary file and a rename: readers see all of it or nothing."""
     temporary = path.with_name(f".{path.name}.tmp")
@@ -262,6 +296,7 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
         "rows": rows,
         "metrics_jsonl": str(metrics.relative_to(run.out)) if metrics.exists() else None,
         "seconds": round(time.perf_counter() - started, 1),
+        "config": run_config(run),
     }
     write_atomically(run.out / RESULTS, json.dumps(results, indent=2) + "\n")
     return results
@@ -327,6 +362,7 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     (out / "experiment.yaml").write_text(f"# {command}\n{OmegaConf.to_yaml(cfg)}", encoding="utf-8")
     for run in planned_runs(cfg, training, shared, runs_dir):
         if (done := finished_results(run.out)) is not None:
+            check_same_config(run, done)
             log.info("%s: skipped, finished before in %.0fs", run.out, done.get("seconds", 0))
             continue
         results = run_seed(run)

@@ -16,6 +16,7 @@ from common.arrays import cast_floating, record_bytes, to_array_record
 from common.augment import train_cache_size
 from common.config import compose_config
 from common.data import split_tensors
+from common.errors import JobError
 from common.model import create_mct_model
 from common.training import train_local
 from experiments import run as runner
@@ -357,6 +358,19 @@ def test_rerun_skips_finished_runs_and_redoes_a_half_finished_one(
     assert not (half / "leftover").exists() and (half / "results.json").exists()
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 3 and str(runs / "fold_0" / "seed_0") in skipped[0]
+
+
+def test_a_rerun_with_another_config_is_refused_and_keeps_the_finished_runs(
+    tmp_path, fake_training
+):
+    assert _experiment(tmp_path) == 0
+    results = tmp_path / "runs" / "centralized" / "fold_0" / "seed_0" / "results.json"
+    before = results.read_text()
+    overrides = [*TINY_EXPERIMENT, "regime=centralized", f"runs_dir={tmp_path / 'runs'}"]
+    overrides.append("train.lr=0.5")
+    with pytest.raises(JobError, match=r"fold_0/seed_0 finished with another config \(train.lr"):
+        runner.run_experiment(compose_config(overrides, "w3s_experiment"), overrides)
+    assert results.read_text() == before
 
 
 def test_a_run_counts_as_finished_only_with_a_readable_results_file(tmp_path):
