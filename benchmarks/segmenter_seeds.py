@@ -4,7 +4,8 @@ One ``w3s-postprocess`` (or ``w3s-ablate`` variant) output folder holds a hospit
 pseudo-masks. This script retrains the segmenter on them with several seeds under Hydra-style
 ``segmenter.*`` overrides and prints the validation and test binary mIoU of every seed, their
 mean and SD, and the score of the seeds' averaged softmax (an ensemble), with the class-aware
-mIoU beside it and each seed's training time. On Dataset 2 (31
+mIoU beside it and each seed's training time; each as a per-pixel argmax and with one cell
+class per image, from the same models. On Dataset 2 (31
 training images) one seed moved the test score by up to 12 points, so a one-seed ablation row
 cannot tell settings apart (docs/localization.md).
 
@@ -34,6 +35,8 @@ from post_training.artifacts import read_label_png, sample_stem
 
 EVALUATED = ("val", "test")
 METRICS = ("binary", "class_aware")
+# Label maps read per pixel, and with one cell class per image (segmenter.one_cell_per_image).
+DECODERS = ("per_pixel", "one_cell")
 
 
 def miou(probabilities: Sequence[torch.Tensor], truth: Sequence[np.ndarray]) -> dict[str, float]:
@@ -55,7 +58,7 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 def seed_spread(
     folder: Path, seeds: Sequence[int], overrides: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Per evaluated split and metric: every seed's mIoU, mean, SD, the ensemble; train time."""
+    """Per evaluated split, decoder and metric: every seed's mIoU, mean, SD, the ensemble."""
     cfg = OmegaConf.load(folder / "config.yaml")
     seg_cfg = {**OmegaConf.to_container(cfg.segmenter, resolve=True), **overrides}
     train = hospital_split(cfg.data, cfg.hospital, "train")
@@ -72,8 +75,8 @@ def seed_spread(
     }
     outputs = len(cfg.data.classes) + 1
     side = int(seg_cfg["input_size"])
-    scores = {split: {m: [] for m in METRICS} for split in EVALUATED}
-    summed: dict[str, list[torch.Tensor]] = {}
+    scores = {split: {d: {m: [] for m in METRICS} for d in DECODERS} for split in EVALUATED}
+    summed: dict[tuple[str, str], list[torch.Tensor]] = {}
     seconds = []
     for seed in seeds:
         torch.manual_seed(seed)  # the initial weights, too, come from the seed
@@ -82,23 +85,35 @@ def seed_spread(
         train_segmenter(model, train.images, masks, seg_cfg, device=torch.device("cpu"), seed=seed)
         seconds.append(time.perf_counter() - started)
         for split, data in evaluated.items():
-            logits = native_logits(model, data.images, side, device=torch.device("cpu"))
-            probabilities = [logit.softmax(0) for logit in logits]
-            for metric, value in miou(probabilities, truths[split]).items():
-                scores[split][metric].append(value)
-            previous = summed.get(split)
-            summed[split] = (
-                probabilities
-                if previous is None
-                else [a + b for a, b in zip(previous, probabilities, strict=True)]
-            )
+            for decoder in DECODERS:
+                logits = native_logits(
+                    model,
+                    data.images,
+                    side,
+                    device=torch.device("cpu"),
+                    one_cell=decoder == "one_cell",
+                )
+                probabilities = [logit.softmax(0) for logit in logits]
+                for metric, value in miou(probabilities, truths[split]).items():
+                    scores[split][decoder][metric].append(value)
+                previous = summed.get((split, decoder))
+                summed[split, decoder] = (
+                    probabilities
+                    if previous is None
+                    else [a + b for a, b in zip(previous, probabilities, strict=True)]
+                )
     result: dict[str, Any] = {"train_seconds": summary(seconds)}
     for split in EVALUATED:
-        ensemble = miou(summed[split], truths[split])
-        result[split] = {
-            metric: {**summary(scores[split][metric]), "ensemble": round(ensemble[metric], 1)}
-            for metric in METRICS
-        }
+        result[split] = {}
+        for decoder in DECODERS:
+            ensemble = miou(summed[split, decoder], truths[split])
+            result[split][decoder] = {
+                metric: {
+                    **summary(scores[split][decoder][metric]),
+                    "ensemble": round(ensemble[metric], 1),
+                }
+                for metric in METRICS
+            }
     return result
 
 

@@ -156,6 +156,37 @@ def _optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimize
     raise ValueError(f"segmenter.optimizer must be 'adamw' or 'sgd', got {cfg['optimizer']!r}")
 
 
+def learning_rate_schedule(cfg: Mapping[str, Any], total: int) -> Callable[[int], float]:
+    """The learning rate of each optimizer step: ``poly`` decay or a ``one_cycle`` warm-up.
+
+    ``poly`` is the reference's ``lr * (1 - step / total) ** 0.9``. ``one_cycle`` rises linearly
+    from ``lr / 25`` to ``lr`` over the first ``warmup`` share of the steps and falls back along a
+    cosine: a from-scratch segmenter can take a larger peak rate without diverging in its first
+    steps, so a short budget goes further (Smith & Topin 2019).
+    """
+    base, kind = float(cfg["lr"]), cfg.get("schedule", "poly")
+    if kind == "poly":
+        return lambda step: base * (1 - step / total) ** 0.9
+    if kind != "one_cycle":
+        raise ValueError(f"segmenter.schedule must be 'poly' or 'one_cycle', got {kind!r}")
+    rise = max(1, round(float(cfg.get("warmup", 0.3)) * total))
+
+    def one_cycle(step: int) -> float:
+        if step < rise:
+            return base * (0.04 + 0.96 * step / rise)
+        return base * 0.5 * (1 + math.cos(math.pi * (step - rise) / max(1, total - rise)))
+
+    return one_cycle
+
+
+def _to_model(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Normalised float inputs on the device, channels-last like the model's weights.
+
+    MobileNetV3's depthwise convolutions run about 1.5 times faster channels-last on the CPU.
+    """
+    return normalise(images).to(device).contiguous(memory_format=torch.channels_last)
+
+
 def training_epochs(cfg: Mapping[str, Any], steps_per_epoch: int) -> int:
     """``epochs``, raised until the run makes at least ``min_steps`` optimizer steps.
 
@@ -224,7 +255,8 @@ def train_segmenter(
     epochs = training_epochs(cfg, steps_per_epoch)
     total = epochs * steps_per_epoch
     progress = Progress("segmenter training steps", total, log)
-    model.to(device).train()
+    rate = learning_rate_schedule(cfg, total)
+    model.to(device, memory_format=torch.channels_last).train()
     losses: list[float] = []
     step = 0
     for _ in range(epochs):
@@ -233,12 +265,12 @@ def train_segmenter(
         for first in range(0, steps_per_epoch * batch_size, batch_size):
             index = order[first : first + batch_size]
             batch, labels = _augment(inputs[index], targets[index], generator)
-            logits = model(normalise(batch).to(device))["out"]
+            logits = model(_to_model(batch, device))["out"]
             loss = F.cross_entropy(logits, labels.long().to(device), ignore_index=IGNORE_INDEX)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"segmenter loss became {loss.item()} at step {step}")
             for group in optimizer.param_groups:
-                group["lr"] = cfg["lr"] * (1 - step / total) ** 0.9
+                group["lr"] = rate(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -279,7 +311,7 @@ def recalibrate_batchnorm(
         norm.momentum = None  # cumulative moving average over all batches of this pass
     model.train()
     for first in range(0, len(images) - batch_size + 1, batch_size):
-        model(normalise(images[first : first + batch_size]).to(device))
+        model(_to_model(images[first : first + batch_size], device))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.eval()
@@ -348,6 +380,7 @@ def input_logits(
     device: torch.device,
     batch_size: int = 16,
     progress: Progress | None = None,
+    one_cell: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Class logits of every image at the segmenter's input size: one (K, S, S) tensor each.
 
@@ -365,15 +398,41 @@ def input_logits(
         Images per forward pass.
     progress
         Counts the images; by default a new "segmenter predictions" progress line.
+    one_cell
+        Give each image one cell class (:func:`one_cell_logits`).
     """
-    model.to(device).eval()
+    model.to(device, memory_format=torch.channels_last).eval()
     if progress is None:
         progress = Progress("segmenter predictions", len(images), log)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        logits = model(normalise(resize_images(chunk, input_size)).to(device))["out"]
-        yield from logits.float()  # on the device: the upsampling runs there too
+        logits = model(_to_model(resize_images(chunk, input_size), device))["out"]
+        for scores in logits.float():  # on the device: the upsampling runs there too
+            yield one_cell_logits(scores) if one_cell else scores
         progress.update(len(chunk))
+
+
+def one_cell_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of (K, S, S) logits where every cell pixel has the image's one class.
+
+    A single-cell crop shows one white blood cell, so one class. Pixel by pixel, a segmenter
+    trained on a few dozen images splits a cell between look-alike classes; here the cell's
+    pixels vote instead, weighted by their class probabilities. Only the class changes: a
+    pixel stays cell where its best class beats background, as in the per-pixel argmax. The
+    winner's channel takes each pixel's best class score and the other classes a negligible
+    floor, so the argmax is background or the winner.
+    """
+    log_p = logits.log_softmax(0)
+    best = log_p[1:].max(0).values
+    inside = best > log_p[0]
+    mass = log_p[1:].exp()
+    votes = (mass * inside).sum((1, 2)) if bool(inside.any()) else mass.sum((1, 2))
+    winner = 1 + int(votes.argmax())
+    # Finite (the upsampling mixes neighbours) and e^-30 below every real value.
+    floor = float(torch.minimum(log_p[0], best).min()) - 30.0
+    out = torch.full_like(log_p, floor)
+    out[0], out[winner] = log_p[0], best
+    return out
 
 
 def native_logits(
@@ -383,6 +442,7 @@ def native_logits(
     *,
     device: torch.device,
     batch_size: int = 16,
+    one_cell: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Class logits of every image at its own size: resize to ``input_size``, upsample back.
 
@@ -392,7 +452,9 @@ def native_logits(
     """
     for image, scores in zip(
         images,
-        input_logits(model, images, input_size, device=device, batch_size=batch_size),
+        input_logits(
+            model, images, input_size, device=device, batch_size=batch_size, one_cell=one_cell
+        ),
         strict=True,
     ):
         size = (image.shape[0], image.shape[1])
@@ -407,6 +469,7 @@ def predict(
     device: torch.device,
     batch_size: int = 16,
     progress: Progress | None = None,
+    one_cell: bool = False,
 ) -> list[np.ndarray]:
     """One HxW uint8 label map per image (0 background, k = class k - 1).
 
@@ -425,6 +488,7 @@ def predict(
                 device=device,
                 batch_size=batch_size,
                 progress=progress,
+                one_cell=one_cell,
             ),
             strict=True,
         )
@@ -440,6 +504,7 @@ def segmenter_payload(
         "segmenter": {
             "arch": cfg["arch"],
             "input_size": int(cfg["input_size"]),
+            "one_cell_per_image": bool(cfg.get("one_cell_per_image", False)),
             "backbone_weights_file": None,
         },
         "classes": list(classes),

@@ -10,11 +10,11 @@ refused, and so is one that already holds a file this run would write, unless
 is read, so an unwritable folder stops the job at once.
 
 Images are decoded, segmented and written a few at a time (``batch_size`` images, at most 16M
-decoded pixels). The segmenter sees every image at its input size (192 px by default) and its
+decoded pixels). The segmenter sees every image at its input size (128 px by default) and its
 logits are upsampled back to the image a strip of rows at a time, so the full-size logits never
 exist: memory is about 12 bytes per pixel of the largest image (image, label map, overlay). An
 image with a side longer than ``max_side`` px is skipped, read from its header before it is
-decoded: it is no single-cell crop (the segmenter would stretch a 192 px guess over it) and
+decoded: it is no single-cell crop (the segmenter would stretch a 128 px guess over it) and
 refusing it bounds the memory (about 0.8 GB at 8192 x 8192).
 
 Exit status: 0 every file was segmented and written; 1 some input files were skipped (each is
@@ -213,6 +213,7 @@ class _Writer:
             device=self.device,
             batch_size=len(images),
             progress=self.progress,
+            one_cell=bool(self.seg_cfg.get("one_cell_per_image", False)),
         )
         for (path, name, image), label_map in zip(batch, labels, strict=True):
             try:

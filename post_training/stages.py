@@ -375,6 +375,7 @@ def segmenter_stage(
                 int(seg_cfg["input_size"]),
                 device=device,
                 batch_size=int(cfg.batch_size),
+                one_cell=bool(seg_cfg.get("one_cell_per_image", False)),
             )
             for name in EVALUATED
         }

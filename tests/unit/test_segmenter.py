@@ -13,8 +13,10 @@ from common.segmenter import (
     check_not_ground_truth,
     create_segmenter,
     label_map,
+    learning_rate_schedule,
     load_segmenter,
     native_logits,
+    one_cell_logits,
     predict,
     recalibrate_batchnorm,
     segmenter_payload,
@@ -99,9 +101,13 @@ def test_training_on_pseudo_masks_learns_and_predicts_any_size(tmp_path):
     path = save_atomic(segmenter_payload(model, TINY, ["a", "b"]), tmp_path / "segmenter.pt")
     loaded, cfg, classes = load_segmenter(path)
     assert classes == ["a", "b"] and cfg["input_size"] == 32
+    assert cfg["one_cell_per_image"] is False
     again = predict(loaded, odd, 32, device=torch.device("cpu"))
     for a, b in zip(labels, again, strict=True):
         np.testing.assert_array_equal(a, b)
+    voted = {**TINY, "one_cell_per_image": True}
+    path = save_atomic(segmenter_payload(model, voted, ["a", "b"]), tmp_path / "voted.pt")
+    assert load_segmenter(path)[1]["one_cell_per_image"] is True
 
 
 def test_min_steps_raises_the_epochs_of_a_small_hospital():
@@ -196,3 +202,62 @@ def test_recalibration_replaces_stale_batchnorm_statistics():
         features = model[0](normalise(images))
     torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)))
     assert model[1].momentum == 0.01 and not model.training
+
+
+def test_one_cell_logits_give_the_cell_the_class_with_most_probability():
+    background, first, second = 0.0, 1.0, 1.5
+    logits = torch.tensor([background, first, second]).repeat(4, 4, 1).permute(2, 0, 1).clone()
+    logits[:, 0] = torch.tensor([3.0, 0.0, 0.0])[:, None]  # top row: background
+    logits[:, 1, :3] = torch.tensor([0.0, 2.0, 1.9])[:, None]  # class 1 wins these pixels alone
+    plain = logits.argmax(0)
+    assert set(plain[1:].unique().tolist()) == {1, 2}  # a per-pixel argmax splits the cell
+    voted = one_cell_logits(logits)
+    labels = voted.argmax(0)
+    assert torch.equal(labels > 0, plain > 0)  # the vote changes the class, not the cell
+    assert set(labels[plain > 0].unique().tolist()) == {2}  # class 2 holds more of the cell
+    assert torch.isfinite(voted).all()
+    torch.testing.assert_close(voted[0], logits.log_softmax(0)[0])
+
+
+def test_one_cell_logits_of_an_image_without_cell_pick_a_class_and_keep_background():
+    logits = torch.zeros(4, 5, 5)
+    logits[0] = 5.0
+    logits[3] = 1.0
+    voted = one_cell_logits(logits)
+    assert torch.equal(voted.argmax(0), torch.zeros(5, 5, dtype=torch.long))
+    assert int(voted.sum((1, 2)).argmax(0)) in (0, 3) and voted[3].max() > voted[1].max()
+
+
+class SplitCell(torch.nn.Module):
+    """A segmenter that finds a cell in the middle and splits it between classes 1 and 2."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, _, height, width = images.shape
+        logits = torch.zeros(batch, 3, height, width)
+        logits[:, 0] = 2.0
+        middle = (slice(height // 4, 3 * height // 4), slice(width // 4, 3 * width // 4))
+        logits[:, 0, middle[0], middle[1]] = -2.0
+        logits[:, 1, middle[0], middle[1]] = 1.0
+        logits[:, 2, middle[0], width // 4 : width // 2] = 1.5  # class 2 wins less of the cell
+        return {"out": logits}
+
+
+def test_predict_with_one_cell_labels_each_image_with_a_single_class():
+    images = [np.zeros((40, 48, 3), np.uint8), np.zeros((30, 30, 3), np.uint8)]
+    plain = predict(SplitCell(), images, 32, device=torch.device("cpu"))
+    voted = predict(SplitCell(), images, 32, device=torch.device("cpu"), one_cell=True)
+    for split, single in zip(plain, voted, strict=True):
+        assert set(np.unique(split).tolist()) == {0, 1, 2}
+        assert set(np.unique(single).tolist()) == {0, 1}
+        np.testing.assert_array_equal(single > 0, split > 0)
+
+
+def test_poly_and_one_cycle_learning_rates():
+    poly = learning_rate_schedule({"lr": 0.01}, total=10)
+    assert poly(0) == 0.01 and poly(5) == pytest.approx(0.01 * 0.5**0.9)
+    cycle = learning_rate_schedule({"lr": 0.01, "schedule": "one_cycle", "warmup": 0.2}, 10)
+    rates = [cycle(step) for step in range(10)]
+    assert rates[0] == pytest.approx(0.0004) and max(rates) == rates[2] == pytest.approx(0.01)
+    assert rates[2:] == sorted(rates[2:], reverse=True) and rates[-1] < 0.001
+    with pytest.raises(ValueError, match="segmenter.schedule"):
+        learning_rate_schedule({"lr": 0.01, "schedule": "step"}, 10)
