@@ -261,22 +261,44 @@ def verdicts(ds: Dataset) -> list[str]:
                 )
     ceiling = {trained_at(r): r for r in rows if ds.regime_of(r) == "supervised"}
     for column in ds.hospitals:
-        if column not in ceiling:
-            continue
-        for fed in federated:
-            gaps = []
-            for metric in METRICS:
-                top = _mean(ds, ceiling[column], column, metric)
-                weak = _mean(ds, fed, column, metric)
-                gaps.append(
-                    f"{metric.replace('_', '-')} {100 * weak:.1f} vs {100 * top:.1f} "
-                    f"({100 * (top - weak):+.1f} points to the ceiling)"
-                )
-            lines.append(
-                f"- **Ceiling, {column} test:** weakly supervised {fed} segmenter vs a segmenter "
-                f"trained on {column}'s true masks: " + "; ".join(gaps) + "."
-            )
+        if column in ceiling:
+            lines.append(ceiling_line(ds, ceiling[column], column))
+            lines += [weak_to_ceiling(ds, fed, ceiling[column], column) for fed in federated]
     return lines
+
+
+def ceiling_line(ds: Dataset, row: str, column: str) -> str:
+    """Whether the ceiling is one: its scores against the baselines, and its training loss.
+
+    A segmenter trained on true masks that loses to a centred disk measures its own training
+    budget, not the weak labels' cost; the line says so instead of reporting gaps against it.
+    """
+    parts = []
+    for metric in METRICS:
+        top = _mean(ds, row, column, metric)
+        beaten = []
+        for key, title in BASELINE_TITLES.items():
+            base, _, n = mean_sd(ds.baseline_values(column, key, metric))
+            if n:
+                word = "beats" if top > base else "does NOT beat"
+                beaten.append(f"{word} {title} ({100 * base:.1f})")
+        parts.append(f"{metric.replace('_', '-')} {100 * top:.1f}: " + ", ".join(beaten))
+    losses = [x.get("train_loss") for r in ds.results for x in r["rows"] if x["row"] == row]
+    loss, _, n = mean_sd(losses)
+    fitted = f"; final training loss {loss:.3f}" if n else ""
+    return f"- **Ceiling, {column} test:** {row}, " + "; ".join(parts) + fitted + "."
+
+
+def weak_to_ceiling(ds: Dataset, fed: str, ceiling: str, column: str) -> str:
+    """The weakly supervised segmenter's scores as a share of the ceiling's."""
+    gaps = []
+    for metric in METRICS:
+        top, weak = _mean(ds, ceiling, column, metric), _mean(ds, fed, column, metric)
+        gaps.append(
+            f"{metric.replace('_', '-')} {100 * weak:.1f} vs {100 * top:.1f} "
+            f"({weak / top:.0%} of the ceiling)"
+        )
+    return f"  - {fed} (weak labels): " + "; ".join(gaps) + "."
 
 
 @dataclass(frozen=True)

@@ -209,14 +209,22 @@ def supervised_rows(run: SeedRun) -> list[dict[str, Any]]:
         pp_cfg = compose_config(
             [*run.postprocess_overrides, f"seed={run.seed}"], config_name="postprocess"
         )
-        model = train_supervised_ceiling(pp_cfg, name, run.out / "train" / name)
+        model, loss = train_supervised_ceiling(pp_cfg, name, run.out / "train" / name)
         cells = {
             column: score_segmenter(
                 model, pp_cfg, column, run.out / "eval" / row_folder(row) / column
             )
             for column in run.hospitals
         }
-        rows.append({"row": row, "folder": row_folder(row), "trained_at": name, "cells": cells})
+        rows.append(
+            {
+                "row": row,
+                "folder": row_folder(row),
+                "trained_at": name,
+                "cells": cells,
+                "train_loss": round(loss, 4),
+            }
+        )
     return rows
 
 

@@ -33,7 +33,7 @@ def true_labels(data: HospitalData) -> list[np.ndarray]:
     return [class_aware_truth(m, int(c)) for m, c in zip(data.masks, data.labels, strict=True)]
 
 
-def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> nn.Module:
+def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> tuple[nn.Module, float]:
     """Train the configured segmenter on ``hospital``'s training split with its true masks.
 
     Parameters
@@ -48,8 +48,9 @@ def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> nn.Mo
 
     Returns
     -------
-    torch.nn.Module
-        The trained segmenter.
+    tuple
+        The trained segmenter and its last epoch's mean training loss: a ceiling that did not
+        fit its true masks is no ceiling.
     """
     train = hospital_split(cfg.data, hospital, "train")
     seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
@@ -65,7 +66,7 @@ def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> nn.Mo
     )
     log.info("supervised ceiling at %s: final training loss %.4f", hospital, losses[-1])
     save_atomic(segmenter_payload(model, seg_cfg, classes), out / "segmenter.pt")
-    return model
+    return model, losses[-1]
 
 
 def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path) -> dict:
@@ -83,6 +84,7 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
         int(cfg.segmenter.input_size),
         device=resolve_device(str(cfg.device)),
         batch_size=int(cfg.batch_size),
+        one_cell=bool(cfg.segmenter.get("one_cell_per_image", False)),
     )
     for sample_id, labels in zip(test.sample_ids, predicted, strict=True):
         save_label_png(out / "predictions" / "test" / f"{sample_stem(sample_id)}.png", labels)
