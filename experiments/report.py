@@ -31,7 +31,7 @@ from common.errors import JobError
 from experiments.run import RESULTS
 from experiments.supervised import true_labels
 from post_training.artifacts import overlay, sample_stem, save_grid
-from post_training.stages import DISK, OTSU, PSEUDO_MASKS, SEGMENTER
+from post_training.stages import DISK, MAPS, OTSU, PSEUDO_MASKS, SEGMENTER
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,14 @@ class Dataset:
         """Results of one label, by fold and seed."""
         return sorted((r for r in self.results if r["label"] == label), key=run_key)
 
-    def cells_by_run(self, row: str, column: str, metric: str) -> dict[tuple[int, int], float]:
-        """One segmenter cell's finite scores, by (fold, seed): the units of a paired test."""
+    def cells_by_run(
+        self, row: str, column: str, metric: str, stage: str = SEGMENTER
+    ) -> dict[tuple[int, int], float]:
+        """One cell's finite scores at a stage, by (fold, seed): the units of a paired test."""
         out = {}
         for result in self.results:
             for x in result["rows"]:
-                value = x["cells"].get(column, {}).get(SEGMENTER, {}).get(metric)
+                value = x["cells"].get(column, {}).get(stage, {}).get(metric)
                 if x["row"] == row and value is not None and math.isfinite(value):
                     out[run_key(result)] = float(value)
         return out
@@ -310,8 +312,12 @@ class Paired:
     low: float
     high: float
 
+    identical: bool = False
+
     def verdict(self, better: str) -> str:
         """The interval read as one sentence: which side of zero, if any, it lies on."""
+        if self.identical:
+            return "identical in every pair: this stage did not depend on the model"
         if self.n < 2:
             return "too few pairs for an interval"
         if self.low > 0:
@@ -334,41 +340,47 @@ def paired_difference(differences: Sequence[float], confidence: float = CONFIDEN
     if n < 2:
         return Paired(n, mean, math.nan, math.nan)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * np.std(differences, ddof=1) / math.sqrt(n)
-    return Paired(n, mean, mean - float(half), mean + float(half))
+    identical = all(d == 0 for d in differences)
+    return Paired(n, mean, mean - float(half), mean + float(half), identical)
 
 
 def paired_table(ds: Dataset) -> str | None:
     """Federated minus local-only at each hospital's test split, paired by (fold, seed).
 
     The local-only model is the one trained at that hospital: the question a hospital asks is
-    whether joining the federation beats training alone on its own data. ``None`` without
-    any pair.
+    whether joining the federation beats training alone on its own data. The maps are the
+    model's own output; the segmenter is what a hospital keeps, and where the post-training
+    pipeline leans on colour and the centred-cell prior it may not depend on the model at all,
+    which the verdict then says. ``None`` without any pair.
     """
     rows = ds.rows()
     local = {trained_at(r): r for r in rows if ds.regime_of(r) == "local_only"}
     federated = [r for r in rows if ds.regime_of(r) in FEDERATED]
     lines = [
-        "| federated row | test split | metric | pairs | mean difference (points) "
+        "| federated row | test split | stage | metric | pairs | mean difference (points) "
         f"| {100 * CONFIDENCE:.0f}% CI (points) | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for fed in federated:
         for column in (h for h in ds.hospitals if h in local):
-            for metric in METRICS:
-                ours = ds.cells_by_run(fed, column, metric)
-                theirs = ds.cells_by_run(local[column], column, metric)
-                paired = paired_difference(
-                    [ours[k] - theirs[k] for k in sorted(ours) if k in theirs]
-                )
-                if paired.n == 0:
-                    continue
-                interval = (
-                    "-" if paired.n < 2 else f"[{100 * paired.low:+.1f}, {100 * paired.high:+.1f}]"
-                )
-                lines.append(
-                    f"| {fed} | {column} | {metric.replace('_', '-')} | {paired.n} "
-                    f"| {100 * paired.mean:+.1f} | {interval} | {paired.verdict(fed)} |"
-                )
+            for stage in (MAPS, SEGMENTER):
+                for metric in METRICS:
+                    ours = ds.cells_by_run(fed, column, metric, stage)
+                    theirs = ds.cells_by_run(local[column], column, metric, stage)
+                    paired = paired_difference(
+                        [ours[k] - theirs[k] for k in sorted(ours) if k in theirs]
+                    )
+                    if paired.n == 0:
+                        continue
+                    interval = (
+                        "-"
+                        if paired.n < 2
+                        else f"[{100 * paired.low:+.1f}, {100 * paired.high:+.1f}]"
+                    )
+                    lines.append(
+                        f"| {fed} | {column} | {stage} | {metric.replace('_', '-')} | {paired.n} "
+                        f"| {100 * paired.mean:+.1f} | {interval} | {paired.verdict(fed)} |"
+                    )
     return "\n".join(lines) if len(lines) > 2 else None
 
 

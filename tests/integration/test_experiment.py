@@ -98,7 +98,7 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
         "local-only trained here",
         "of the ceiling)",
         "final training loss",
-        "| fedavg_fp16 | hospital_a | binary | 1 |",
+        "| fedavg_fp16 | hospital_a | segmenter | binary | 1 |",
         "Compute: 3 runs,",
         "| fedavg_fp16 | hospital_a |",
     ):

@@ -246,12 +246,15 @@ def test_paired_table_pairs_fedavg_with_local_only_of_the_same_fold_and_seed():
     half = 4.302653 * float(np.std([0.10, 0.05, 0.02], ddof=1)) / math.sqrt(3)
     mean = (0.10 + 0.05 + 0.02) / 3
     assert lines[3] == (
-        f"| fedavg | a | binary | 3 | {100 * mean:+.1f} "
+        f"| fedavg | a | segmenter | binary | 3 | {100 * mean:+.1f} "
         f"| [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] "
         "| no detectable difference at this scale |"
     )
-    assert lines[2].startswith("| fedavg | a | class-aware | 3 | +0.0 |")
-    assert len(lines) == 4  # at b, fedavg has no scores: no pairs, no line
+    assert lines[2] == (
+        "| fedavg | a | segmenter | class-aware | 3 | +0.0 | [+0.0, +0.0] "
+        "| identical in every pair: this stage did not depend on the model |"
+    )
+    assert len(lines) == 4  # no maps scores; at b fedavg has none: no pairs, no line
     local_runs = [r for r in results if r["regime"] == "local_only"]
     only_local = Dataset(Path("."), ds.data, ["a"], [], local_runs)
     assert paired_table(only_local) is None
@@ -403,6 +406,7 @@ def test_report_reads_folds_and_pairs_fedavg_with_local_only(tmp_path, fake_trai
     assert "Compute: 8 runs," in text and "fedavg: 4 runs" in text
     for hospital in ("hospital_a", "hospital_b"):
         assert (
-            f"| fedavg | {hospital} | binary | 4 | +10.0 | [+10.0, +10.0] | fedavg better |" in text
+            f"| fedavg | {hospital} | segmenter | binary | 4 | +10.0 | [+10.0, +10.0] "
+            "| fedavg better |" in text
         )
     assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
