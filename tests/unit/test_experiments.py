@@ -28,6 +28,7 @@ from experiments.report import (
     mean_sd,
     paired_difference,
     paired_table,
+    post_training_variants,
     verdicts,
     write_report,
 )
@@ -177,7 +178,7 @@ def test_matrix_table_and_verdicts_from_seed_results():
     assert (
         "- **Ceiling, a test:** supervised (a), class-aware 90.0: beats centred disk (70.0), "
         "does NOT beat Otsu (92.0); binary 95.0: beats centred disk (80.0), does NOT beat Otsu "
-        "(97.0); final training loss 0.100."
+        "(97.0); final training loss 0.100 (the baselines"
     ) in lines
     assert "  - fedavg (weak labels): class-aware 40.0 vs 90.0 (44% of the ceiling)" in lines
     assert (
@@ -410,3 +411,17 @@ def test_report_reads_folds_and_pairs_fedavg_with_local_only(tmp_path, fake_trai
             "| fedavg better |" in text
         )
     assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
+
+
+def test_folds_do_not_count_as_different_post_training_configs(tmp_path):
+    def scored(label: str, fold: int, **segmenter) -> None:
+        folder = tmp_path / label / f"fold_{fold}" / "seed_0" / "eval" / label / "a"
+        folder.mkdir(parents=True)
+        cfg = {"data": {"split": {"folds": 5, "fold": fold}}, "segmenter": segmenter, "seed": 0}
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+
+    for fold in range(3):
+        scored("fedavg", fold, input_size=128)
+    assert post_training_variants(tmp_path) == 1
+    scored("local_only", 0, input_size=192)
+    assert post_training_variants(tmp_path) == 2
