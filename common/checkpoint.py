@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import JobError
+from common.files import replaced_atomically
 from common.model import MCTFormerV2, create_mct_model
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,10 @@ log = logging.getLogger(__name__)
 
 def save_atomic(payload: Mapping[str, Any], path: Path) -> Path:
     """Write ``payload`` with torch.save to a temporary file beside ``path``, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(payload), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as temporary, temporary.open("wb") as handle:
+        torch.save(dict(payload), handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import shutil
 import time
@@ -29,6 +28,7 @@ from common.cli import Command
 from common.config import compose_config
 from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
+from common.files import replaced_atomically
 from experiments.regimes import fine_tune, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
 from post_training.postprocess import run_postprocess
@@ -274,13 +274,6 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename: readers see all of it or nothing."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def run_seed(run: SeedRun) -> dict[str, Any]:
     """Train and score one seed (and fold); return (and write) its ``results.json``."""
     if run.out.exists():
@@ -306,7 +299,8 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
         "config": run_config(run),
     }
-    write_atomically(run.out / RESULTS, json.dumps(results, indent=2) + "\n")
+    with replaced_atomically(run.out / RESULTS) as temporary:
+        temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 

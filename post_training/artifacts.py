@@ -6,13 +6,14 @@ Label maps are single-channel PNGs holding the label itself (0 background, k = c
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from common.files import replaced_atomically
 
 # Background is never painted; class k uses PALETTE[(k - 1) % len(PALETTE)].
 PALETTE = np.array(
@@ -52,14 +53,8 @@ def sample_stem(sample_id: str) -> str:
 
 def save_png(path: Path, picture: Image.Image) -> None:
     """Write a PNG through a temporary file beside it, so a failed write leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with replaced_atomically(path) as temporary:
         picture.save(temporary, format="PNG", compress_level=PNG_LEVEL)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def save_label_png(path: Path, labels: np.ndarray) -> None:
