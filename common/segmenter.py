@@ -413,6 +413,14 @@ def input_logits(
         progress.update(len(chunk))
 
 
+def one_cell_per_image(cfg: Mapping[str, Any]) -> bool:
+    """Whether a ``segmenter`` config (or a saved segmenter's) gives each cell one class.
+
+    Configs and segmenter files written before the option existed read per pixel.
+    """
+    return bool(cfg.get("one_cell_per_image", False))
+
+
 def one_cell_logits(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of (K, S, S) logits where every cell pixel has the image's one class.
 
@@ -505,7 +513,7 @@ def segmenter_payload(
         "segmenter": {
             "arch": cfg["arch"],
             "input_size": int(cfg["input_size"]),
-            "one_cell_per_image": bool(cfg.get("one_cell_per_image", False)),
+            "one_cell_per_image": one_cell_per_image(cfg),
             "backbone_weights_file": None,
         },
         "classes": list(classes),

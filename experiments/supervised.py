@@ -18,7 +18,13 @@ from torch import nn
 from common.checkpoint import save_atomic
 from common.data import HospitalData, hospital_split
 from common.metrics import class_aware_truth, score_label_maps
-from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
+from common.segmenter import (
+    create_segmenter,
+    one_cell_per_image,
+    predict,
+    segmenter_payload,
+    train_segmenter,
+)
 from common.training import resolve_device
 from post_training.artifacts import sample_stem, save_label_png
 from post_training.stages import SEGMENTER
@@ -84,7 +90,7 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
         int(cfg.segmenter.input_size),
         device=resolve_device(str(cfg.device)),
         batch_size=int(cfg.batch_size),
-        one_cell=bool(cfg.segmenter.get("one_cell_per_image", False)),
+        one_cell=one_cell_per_image(cfg.segmenter),
     )
     for sample_id, labels in zip(test.sample_ids, predicted, strict=True):
         save_label_png(out / "predictions" / "test" / f"{sample_stem(sample_id)}.png", labels)

@@ -45,7 +45,7 @@ from PIL import Image
 from common.cli import Command
 from common.errors import JobError
 from common.progress import Progress
-from common.segmenter import load_segmenter, predict
+from common.segmenter import load_segmenter, one_cell_per_image, predict
 from common.training import resolve_device
 from post_training.artifacts import rgb_array, save_label_png, save_overlay
 
@@ -213,7 +213,7 @@ class _Writer:
             device=self.device,
             batch_size=len(images),
             progress=self.progress,
-            one_cell=bool(self.seg_cfg.get("one_cell_per_image", False)),
+            one_cell=one_cell_per_image(self.seg_cfg),
         )
         for (path, name, image), label_map in zip(batch, labels, strict=True):
             try:

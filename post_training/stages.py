@@ -42,7 +42,13 @@ from common.pseudo import (
     labels_above,
     stack_background,
 )
-from common.segmenter import create_segmenter, predict, segmenter_payload, train_segmenter
+from common.segmenter import (
+    create_segmenter,
+    one_cell_per_image,
+    predict,
+    segmenter_payload,
+    train_segmenter,
+)
 from post_training.artifacts import sample_stem, save_label_png, save_overlay
 from post_training.baselines import disk_mask, label_cells, otsu_mask
 
@@ -375,7 +381,7 @@ def segmenter_stage(
                 int(seg_cfg["input_size"]),
                 device=device,
                 batch_size=int(cfg.batch_size),
-                one_cell=bool(seg_cfg.get("one_cell_per_image", False)),
+                one_cell=one_cell_per_image(seg_cfg),
             )
             for name in EVALUATED
         }
