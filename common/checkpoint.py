@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import JobError
 from common.files import replaced_atomically
+from common.localization import FOREGROUND_SOURCES
 from common.model import MCTFormerV2, create_mct_model
 
 log = logging.getLogger(__name__)
@@ -263,14 +264,18 @@ def check_model_name(payload: Mapping[str, Any], path: Path, expected: str) -> N
 
 
 def load_model(
-    path: str | Path, classes: list[str] | None = None
+    path: str | Path, classes: list[str] | None = None, map_source: str | None = None
 ) -> tuple[MCTFormerV2, dict[str, Any]]:
     """Rebuild the trained MCT model from its file, in eval mode.
 
     ``classes``, when given, must be the class vocabulary the model was trained on: a model
-    applied to another vocabulary would silently mislabel every cell. Every problem with the
-    file (missing, empty, truncated, foreign, another kind of model file, weights that do not
-    fit the preset it names) is a one-line :class:`CheckpointError` naming the file.
+    applied to another vocabulary would silently mislabel every cell. ``map_source``, when
+    given, is the ``localization.source`` the caller will ask of it: a model trained without
+    the foreground head (``experiment=paper``, or files from before the head was the default)
+    has no foreground maps, and the job must say so before it starts, not mid-way. Every
+    problem with the file (missing, empty, truncated, foreign, another kind of model file,
+    weights that do not fit the preset it names) is a one-line :class:`CheckpointError`
+    naming the file.
     """
     payload = read_model_file(path)
     where = f"checkpoint={Path(path)}"
@@ -289,6 +294,12 @@ def load_model(
             f"{where}: its model preset {name!r} cannot be built: {first_line(error)}"
         ) from None
     load_weights(model, payload["state_dict"], where, name)
+    if map_source in FOREGROUND_SOURCES and model.fg_head is None:
+        raise CheckpointError(
+            f"{where} has no foreground head (trained with model.foreground_head=false), so it "
+            f"has no localization.source={map_source} maps; use localization=fused for its "
+            "fused MCT maps"
+        )
     return model.eval(), payload
 
 

@@ -29,6 +29,8 @@ from common.progress import Progress
 log = logging.getLogger(__name__)
 
 MapSource = Literal["fused", "class_attention", "patch_cam", "foreground", "fused_foreground"]
+# The sources that need the model's foreground head (model.foreground_head).
+FOREGROUND_SOURCES = ("foreground", "fused_foreground")
 LayerReduce = Literal["sum", "mean"]
 
 

@@ -9,8 +9,11 @@ from common.checkpoint import (
     load_checkpoint,
     load_model,
     save_atomic,
+    save_model,
 )
+from common.config import compose_config
 from common.errors import JobError
+from common.model import create_mct_model
 from common.segmenter import load_segmenter
 from tests.unit.conftest import CHECKPOINT_FAULTS, SEGMENTER_FAULTS
 
@@ -70,6 +73,16 @@ def test_a_model_trained_on_other_classes_is_refused(model_files):
     path = model_files["good"]["checkpoint"]
     with pytest.raises(CheckpointError, match="trained on classes") as raised:
         load_model(path, classes=["x", "y"])
+    assert f"checkpoint={path}" in raised.value.brief()
+
+
+def test_foreground_maps_of_a_model_without_the_head_are_refused_up_front(tmp_path):
+    cfg = compose_config(["model.img_size=32", "model.foreground_head=false"])
+    model = create_mct_model(cfg.model, len(cfg.data.classes))
+    path = save_model(model.state_dict(), cfg, 1, tmp_path / "final_model.pt")
+    load_model(path, map_source="fused")
+    with pytest.raises(CheckpointError, match="localization=fused") as raised:
+        load_model(path, map_source="foreground")
     assert f"checkpoint={path}" in raised.value.brief()
 
 

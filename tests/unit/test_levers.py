@@ -93,19 +93,34 @@ def test_foreground_maps_take_the_smaller_side_as_the_cell_for_the_whole_batch()
     assert torch.equal(oriented_foreground(1.0 - cells), cells)
 
 
-def test_foreground_loss_is_off_by_default_and_needs_the_head():
+def test_the_default_trains_the_foreground_head_by_contrast_and_the_paper_does_not():
+    targets = torch.eye(5)[:2]
     cfg = compose_config([])
     model = create_mct_model(cfg.model, num_classes=5)
     output = model(torch.randn(2, 3, 96, 96))
-    targets = torch.eye(5)[:2]
-    assert foreground_loss(output, targets, model.head, cfg.train.levers.foreground) is None
+    assert cfg.localization.source == "foreground" and not cfg.localization.refine
+    assert float(cfg.train.levers.foreground.contrast) > 0
+    assert foreground_loss(output, targets, model.head, cfg.train.levers.foreground) is not None
+    off = {"suppression": 0.0, "area": 0.0, "contrast": 0.0}
+    assert foreground_loss(output, targets, model.head, off) is None
+
+    paper = compose_config(["experiment=paper"])
+    assert not paper.model.foreground_head
+    assert float(paper.train.levers.foreground.contrast) == 0.0
+    assert paper.localization.source == "fused" and paper.localization.refine
+
+
+def test_foreground_levers_need_the_head():
+    cfg = compose_config(["model.foreground_head=false"])
+    model = create_mct_model(cfg.model, num_classes=5)
+    output = model(torch.randn(2, 3, 96, 96))
     on = {"suppression": 1.0, "area": 0.5, "contrast": 0.0}
     with pytest.raises(ValueError, match="foreground_head"):
-        foreground_loss(output, targets, model.head, on)
+        foreground_loss(output, torch.eye(5)[:2], model.head, on)
 
 
 def test_the_foreground_head_trains_and_gives_class_agnostic_maps():
-    cfg = compose_config(["model.foreground_head=true"])
+    cfg = compose_config([])
     model = create_mct_model(cfg.model, num_classes=5)
     output = model(torch.randn(2, 3, 96, 96), return_attention=True)
     assert output.foreground.shape == (2, 1, 12, 12)
