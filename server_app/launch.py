@@ -30,6 +30,7 @@ from common.cli import Command
 from common.config import CONF_DIR, compose_config
 from common.data import DataVerificationError, check_split, hospital_names, verify_data
 from common.errors import JobError
+from common.localization import FOREGROUND_SOURCES
 from common.model import mct_presets
 from server_app.privacy import privacy_settings
 from server_app.strategy import STRATEGIES
@@ -211,6 +212,29 @@ def check_training_config(cfg: DictConfig) -> None:
             )
     if not float(cfg.federation.round_wait_for_nodes_s) >= 0:
         raise JobError("federation.round_wait_for_nodes_s must be >= 0")
+    check_foreground_settings(cfg)
+
+
+def check_foreground_settings(cfg: DictConfig) -> None:
+    """A model without the foreground head can neither train it nor give its maps.
+
+    Both are on by default, so ``model.foreground_head=false`` alone would otherwise fail in
+    every ClientApp at its first training step or evaluation.
+    """
+    if cfg.model.get("foreground_head"):
+        return
+    levers = {k: v for k, v in cfg.train.levers.foreground.items() if float(v) != 0.0}
+    source = str(cfg.localization.source)
+    if levers or source in FOREGROUND_SOURCES:
+        raise JobError(
+            "model.foreground_head=false, but "
+            + ", ".join(
+                [f"train.levers.foreground.{k}={v}" for k, v in levers.items()]
+                + ([f"localization.source={source}"] if source in FOREGROUND_SOURCES else [])
+            )
+            + " need the head; add localization=fused and set those levers to 0 "
+            "(as experiment=paper does)"
+        )
 
 
 def simulate(cfg: DictConfig, overrides: list[str]) -> int:

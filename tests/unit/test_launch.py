@@ -36,6 +36,14 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
         (["federation.guards.max_update_norm_ratio=0"], "federation.guards.max_update_norm_ratio"),
         (["federation.round_wait_for_nodes_s=-1"], "round_wait_for_nodes_s"),
         (["data.split.folds=5", "data.split.fold=5"], "data.split: fold must be in 0..4"),
+        (
+            ["model.foreground_head=false"],
+            "train.levers.foreground.contrast=1.0, localization.source=foreground need the head",
+        ),
+        (
+            ["model.foreground_head=false", "localization=fused"],
+            "train.levers.foreground.contrast=1.0 need the head",
+        ),
     ],
 )
 def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides, message):
@@ -43,6 +51,7 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
         check_training_config(compose_config(overrides))
     check_training_config(compose_config(["strategy=fedtrimmedavg"]))
     check_training_config(compose_config(["privacy=client_clip"]))
+    check_training_config(compose_config(["experiment=paper"]))
 
 
 def test_only_the_superlink_this_run_started_is_stopped():
