@@ -114,19 +114,23 @@ class SeedRun:
         return run_dir / "final_model.pt"
 
     def fedavg_of_same_seed(self) -> Path | None:
-        """``<runs_dir>/fedavg``'s final model of this seed and fold, when trained with this config.
+        """A FedAvg final model of this seed and fold under ``runs_dir``, trained with this config.
 
-        Personalization starts from FedAvg; when the fedavg regime already ran with the same
+        Personalization starts from FedAvg; when a FedAvg run already exists with the same
         config (all but the regime and output folder), its global model is reused instead of
-        repeating the federated run.
+        repeating the federated run. Every label is searched, ``fedavg`` first, so that a
+        labelled variant (``label=fedavg_learned``) is found too; the config comparison keeps
+        FedProx (another ``train.proximal_mu``) and other variants out.
         """
-        source = self.runs_dir / "fedavg" / run_folder(self.fold, self.seed) / "train" / "global"
-        if not (source / "final_model.pt").exists() or not (source / "config.yaml").exists():
-            return None
-        if comparable(OmegaConf.load(source / "config.yaml")) != comparable(self.cfg):
+        folder = run_folder(self.fold, self.seed) / "train" / "global"
+        labels = sorted(self.runs_dir.glob("*/"), key=lambda d: (d.name != "fedavg", d.name))
+        for source in (label / folder for label in labels):
+            if not (source / "final_model.pt").exists() or not (source / "config.yaml").exists():
+                continue
+            if comparable(OmegaConf.load(source / "config.yaml")) == comparable(self.cfg):
+                return source / "final_model.pt"
             log.info("personalized: %s was trained with another config, not reused", source)
-            return None
-        return source / "final_model.pt"
+        return None
 
 
 def comparable(cfg: DictConfig) -> dict[str, Any]:

@@ -205,18 +205,25 @@ def test_cell_scores_and_names():
 
 
 def test_personalized_reuses_fedavg_only_when_trained_with_the_same_config(tmp_path):
-    fedavg = tmp_path / "fedavg" / "seed_0" / "train" / "global"
-    fedavg.mkdir(parents=True)
-    (fedavg / "final_model.pt").write_bytes(b"")
-    trained = compose_config([f"output_dir={fedavg}"])
-    (fedavg / "config.yaml").write_text(OmegaConf.to_yaml(trained))
+    def trained_model(label: str, *overrides: str) -> Path:
+        folder = tmp_path / label / "seed_0" / "train" / "global"
+        folder.mkdir(parents=True)
+        (folder / "final_model.pt").write_bytes(b"")
+        trained = compose_config([*overrides, f"output_dir={folder}"])
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(trained))
+        return folder / "final_model.pt"
 
     def seed_run(*overrides: str) -> SeedRun:
         cfg = compose_config(list(overrides))
         regime = compose_config(["regime=personalized"], "w3s_experiment").regime
         return SeedRun(cfg, regime, "personalized", [], [], 0, tmp_path)
 
-    assert seed_run().fedavg_of_same_seed() == fedavg / "final_model.pt"
+    fedprox = trained_model("fedprox", "train.proximal_mu=0.01")
+    labelled = trained_model("fedavg_learned")
+    assert seed_run().fedavg_of_same_seed() == labelled
+    fedavg = trained_model("fedavg")
+    assert seed_run().fedavg_of_same_seed() == fedavg
+    assert seed_run("train.proximal_mu=0.01").fedavg_of_same_seed() == fedprox
     assert seed_run("federation.rounds=3").fedavg_of_same_seed() is None
     assert seed_run("seed=1").fedavg_of_same_seed() is None
 
