@@ -101,35 +101,36 @@ class SeedRun:
         return cell_scores(run_postprocess(cfg))
 
     def federated(self, folder: str) -> Path:
-        """A real ``flwr run`` of the configured regime (via ``w3s-simulate``)."""
+        """A real ``flwr run`` of the configured training (via ``w3s-simulate``), or its model.
+
+        A federated model of the same training config, fold and seed already under ``runs_dir``
+        (the same FedAvg scored with another post-training chain, FedAvg before personalization,
+        this run's own training before an interrupted scoring) is reused instead of trained
+        again: the training does not depend on what is done with its model.
+        """
+        reused = self.same_training()
+        if reused is not None:
+            log.info("%s: reusing %s, trained with the same config", self.label, reused)
+            return reused
         run_dir = self.out / "train" / folder
-        if str(self.regime.kind) == "personalized":
-            reused = self.fedavg_of_same_seed()
-            if reused is not None:
-                log.info("personalized: starting from FedAvg's final model %s", reused)
-                return reused
         code = launch.main([*self.training_overrides, f"seed={self.seed}", f"output_dir={run_dir}"])
         if code != 0:
             raise RuntimeError(f"the federated run in {run_dir} failed (exit code {code})")
         return run_dir / "final_model.pt"
 
-    def fedavg_of_same_seed(self) -> Path | None:
-        """A FedAvg final model of this seed and fold under ``runs_dir``, trained with this config.
+    def same_training(self) -> Path | None:
+        """A final global model of this fold and seed under any label, trained with this config.
 
-        Personalization starts from FedAvg; when a FedAvg run already exists with the same
-        config (all but the regime and output folder), its global model is reused instead of
-        repeating the federated run. Every label is searched, ``fedavg`` first, so that a
-        labelled variant (``label=fedavg_learned``) is found too; the config comparison keeps
-        FedProx (another ``train.proximal_mu``) and other variants out.
+        The comparison covers every training setting but the output folder, so FedProx
+        (another ``train.proximal_mu``) or another recipe is never taken for FedAvg.
         """
         folder = run_folder(self.fold, self.seed) / "train" / "global"
-        labels = sorted(self.runs_dir.glob("*/"), key=lambda d: (d.name != "fedavg", d.name))
-        for source in (label / folder for label in labels):
+        for source in (label / folder for label in sorted(self.runs_dir.glob("*/"))):
             if not (source / "final_model.pt").exists() or not (source / "config.yaml").exists():
                 continue
             if comparable(OmegaConf.load(source / "config.yaml")) == comparable(self.cfg):
                 return source / "final_model.pt"
-            log.info("personalized: %s was trained with another config, not reused", source)
+            log.info("%s: %s was trained with another config, not reused", self.label, source)
         return None
 
 

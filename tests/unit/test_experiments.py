@@ -204,7 +204,7 @@ def test_cell_scores_and_names():
     assert override_key("+data.root=/x=y") == "data.root"
 
 
-def test_personalized_reuses_fedavg_only_when_trained_with_the_same_config(tmp_path):
+def test_a_federated_model_is_reused_only_when_trained_with_the_same_config(tmp_path):
     def trained_model(label: str, *overrides: str) -> Path:
         folder = tmp_path / label / "seed_0" / "train" / "global"
         folder.mkdir(parents=True)
@@ -218,14 +218,15 @@ def test_personalized_reuses_fedavg_only_when_trained_with_the_same_config(tmp_p
         regime = compose_config(["regime=personalized"], "w3s_experiment").regime
         return SeedRun(cfg, regime, "personalized", [], [], 0, tmp_path)
 
+    assert seed_run().same_training() is None
     fedprox = trained_model("fedprox", "train.proximal_mu=0.01")
-    labelled = trained_model("fedavg_learned")
-    assert seed_run().fedavg_of_same_seed() == labelled
-    fedavg = trained_model("fedavg")
-    assert seed_run().fedavg_of_same_seed() == fedavg
-    assert seed_run("train.proximal_mu=0.01").fedavg_of_same_seed() == fedprox
-    assert seed_run("federation.rounds=3").fedavg_of_same_seed() is None
-    assert seed_run("seed=1").fedavg_of_same_seed() is None
+    assert seed_run().same_training() is None
+    fedavg = trained_model("fedavg_learned")
+    assert seed_run().same_training() == fedavg
+    assert seed_run().federated("global") == fedavg
+    assert seed_run("train.proximal_mu=0.01").same_training() == fedprox
+    assert seed_run("federation.rounds=3").same_training() is None
+    assert seed_run("seed=1").same_training() is None
 
 
 def test_paired_difference_is_the_student_t_interval_of_the_mean_difference():
