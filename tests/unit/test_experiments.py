@@ -421,6 +421,23 @@ def test_report_reads_folds_and_pairs_fedavg_with_local_only(tmp_path, fake_trai
     assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
 
 
+def test_two_chains_on_one_dataset_keep_their_figures_and_name_their_post_training(
+    tmp_path, fake_training
+):
+    runs = {"default": "postprocess=[]", "learned": "postprocess=['pseudo=threshold']"}
+    for folder, chain in runs.items():
+        overrides = [*TINY_EXPERIMENT, "regime=fedavg", chain, f"runs_dir={tmp_path / folder}"]
+        assert runner.run_experiment(compose_config(overrides, "w3s_experiment"), overrides) == 0
+    text = write_report(
+        [tmp_path / f for f in runs], tmp_path / "EXPERIMENTS.md", tmp_path / "figures", None
+    )
+    assert "Post-training (`w3s-postprocess`): the defaults for fedavg." in text
+    assert "Post-training (`w3s-postprocess`): `pseudo=threshold` for fedavg." in text
+    for folder in runs:
+        assert (tmp_path / "figures" / f"synthetic_{folder}_matrix.png").is_file()
+        assert f"(figures/synthetic_{folder}_matrix.png)" in text
+
+
 def test_folds_do_not_count_as_different_post_training_configs(tmp_path):
     def scored(label: str, fold: int, **segmenter) -> None:
         folder = tmp_path / label / f"fold_{fold}" / "seed_0" / "eval" / label / "a"
