@@ -150,7 +150,13 @@ def train(msg: Message, context: Context) -> Message:
         context.state[PRETRAIN_HEAD] = to_array_record(head)
     elif phase == "mct":
         result = train_round(
-            model, data, cfg, server_round=server_round, hospital_index=index, device=device
+            model,
+            data,
+            cfg,
+            server_round=server_round,
+            hospital_index=index,
+            device=device,
+            hospital=name,
         )
     else:
         raise ValueError(f"unknown training phase {phase!r}")

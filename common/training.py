@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from common.augment import build_train_transform, normalise
 from common.batches import BatchBuilder, one_hot
@@ -151,6 +153,27 @@ def train_local(
     )
 
 
+def hospital_train_config(cfg: Any, hospital: str | None) -> Any:
+    """``cfg.train`` with ``train.per_hospital.<hospital>`` merged over it.
+
+    Imaging domains differ in what helps them (colour jitter sharpens one site's maps and
+    blurs another's), so a hospital may set its own augmentation or lever strength for its
+    local epochs. Pooled training (``hospital=None``) uses the shared settings.
+
+    Raises
+    ------
+    ValueError
+        Naming the key when the hospital's settings name one that ``train`` does not have.
+    """
+    own = (cfg.train.get("per_hospital") or {}).get(hospital) if hospital else None
+    if not own:
+        return cfg.train
+    try:
+        return OmegaConf.merge(cfg.train, own)
+    except (ConfigKeyError, ValidationError) as error:
+        raise ValueError(f"train.per_hospital.{hospital}: {str(error).splitlines()[0]}") from None
+
+
 def train_round(
     model: MCTFormerV2,
     data: SplitTensors,
@@ -159,23 +182,25 @@ def train_round(
     server_round: int,
     hospital_index: int,
     device: torch.device,
+    hospital: str | None = None,
 ) -> TrainResult:
     """One hospital's local epochs of federated round ``server_round`` (counted from 1).
 
     The ClientApp, the in-process regimes and the benchmark all train through this, so a
     hospital training alone or in one process has exactly the learning-rate position,
-    shuffling seed and proximal term it has in a Flower run.
+    shuffling seed, proximal term and own settings (``hospital``) it has in a Flower run.
     """
-    local_epochs = int(cfg.train.local_epochs)
+    train = hospital_train_config(cfg, hospital)
+    local_epochs = int(train.local_epochs)
     return train_local(
         model,
         data,
-        cfg.train,
+        train,
         start_epoch=(server_round - 1) * local_epochs,
         total_epochs=int(cfg.federation.rounds) * local_epochs,
         device=device,
         seed=cfg.seed * 100_003 + server_round * 1_009 + hospital_index,
-        proximal_mu=float(cfg.train.get("proximal_mu", 0.0)),
+        proximal_mu=float(train.get("proximal_mu", 0.0)),
     )
 
 

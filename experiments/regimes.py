@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.augment import train_cache_size
 from common.data import SplitTensors, split_tensors
 from common.model import MCTFormerV2, create_mct_model
-from common.training import resolve_device, train_local, train_round
+from common.training import hospital_train_config, resolve_device, train_local, train_round
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,27 @@ def training_tensors(cfg: DictConfig, hospitals: Sequence[str]) -> SplitTensors:
     )
 
 
-def train_rounds(cfg: DictConfig, data: SplitTensors, index: int, tag: str) -> MCTFormerV2:
+def train_rounds(
+    cfg: DictConfig, data: SplitTensors, index: int, tag: str, hospital: str | None = None
+) -> MCTFormerV2:
     """Train from the initial model for ``federation.rounds`` x ``train.local_epochs`` epochs.
 
-    One ``train_local`` call per round, with the ClientApp's learning-rate position and seed,
-    so that a hospital training alone follows exactly the schedule it follows in FedAvg.
+    One ``train_local`` call per round, with the ClientApp's learning-rate position, seed and
+    ``hospital``'s own settings, so that a hospital training alone follows exactly the schedule
+    it follows in FedAvg (``None``: pooled data, the shared settings).
     """
     model = initial_model(cfg)
     rounds = int(cfg.federation.rounds)
     device = resolve_device(cfg.device)
     for server_round in range(1, rounds + 1):
         result = train_round(
-            model, data, cfg, server_round=server_round, hospital_index=index, device=device
+            model,
+            data,
+            cfg,
+            server_round=server_round,
+            hospital_index=index,
+            device=device,
+            hospital=hospital,
         )
         log.info(
             "%s round %d/%d: loss %.4f on %d images in %.1fs",
@@ -66,7 +75,12 @@ def train_rounds(cfg: DictConfig, data: SplitTensors, index: int, tag: str) -> M
 
 
 def fine_tune(
-    cfg: DictConfig, regime: DictConfig, model: MCTFormerV2, data: SplitTensors, index: int
+    cfg: DictConfig,
+    regime: DictConfig,
+    model: MCTFormerV2,
+    data: SplitTensors,
+    index: int,
+    hospital: str,
 ) -> None:
     """Personalization: ``regime.finetune_epochs`` more epochs at one hospital, in place.
 
@@ -74,11 +88,12 @@ def fine_tune(
     the usual cosine: the global model is a trained starting point, not a fresh one.
     """
     epochs = int(regime.finetune_epochs)
+    own = hospital_train_config(cfg, hospital)
     train_cfg = {
-        **OmegaConf.to_container(cfg.train, resolve=True),
+        **OmegaConf.to_container(own, resolve=True),
         "local_epochs": epochs,
         "warmup_epochs": 0,
-        "lr": float(cfg.train.lr) * float(regime.finetune_lr_scale),
+        "lr": float(own.lr) * float(regime.finetune_lr_scale),
     }
     result = train_local(
         model,
@@ -89,4 +104,4 @@ def fine_tune(
         device=resolve_device(cfg.device),
         seed=cfg.seed * 100_003 + 999_983 + index,
     )
-    log.info("fine-tune %d epochs at hospital %d: loss %.4f", epochs, index, result.loss)
+    log.info("fine-tune %d epochs at hospital %s: loss %.4f", epochs, hospital, result.loss)

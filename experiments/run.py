@@ -170,7 +170,9 @@ def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
     if kind == "local":
         rows = {}
         for index, name in enumerate(hospitals):
-            model = train_rounds(cfg, training_tensors(cfg, [name]), index, f"local_only {name}")
+            model = train_rounds(
+                cfg, training_tensors(cfg, [name]), index, f"local_only {name}", name
+            )
             path = save_model(
                 model.state_dict(),
                 cfg,
@@ -195,7 +197,7 @@ def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
         own = {}
         for index, name in enumerate(hospitals):
             model, _ = load_model(global_model, list(cfg.data.classes))
-            fine_tune(cfg, run.regime, model, training_tensors(cfg, [name]), index)
+            fine_tune(cfg, run.regime, model, training_tensors(cfg, [name]), index, name)
             own[name] = save_model(
                 model.state_dict(),
                 cfg,

@@ -32,6 +32,7 @@ from common.data import DataVerificationError, check_split, hospital_names, veri
 from common.errors import JobError
 from common.localization import FOREGROUND_SOURCES
 from common.model import mct_presets
+from common.training import hospital_train_config
 from server_app.privacy import privacy_settings
 from server_app.strategy import STRATEGIES
 
@@ -212,7 +213,27 @@ def check_training_config(cfg: DictConfig) -> None:
             )
     if not float(cfg.federation.round_wait_for_nodes_s) >= 0:
         raise JobError("federation.round_wait_for_nodes_s must be >= 0")
+    check_hospital_settings(cfg)
     check_foreground_settings(cfg)
+
+
+def check_hospital_settings(cfg: DictConfig) -> None:
+    """Every ``train.per_hospital`` entry names a configured hospital and existing keys.
+
+    A misspelt hospital would otherwise be silently ignored, and an unknown key would fail that
+    hospital's ClientApp at its first round.
+    """
+    names = hospital_names(cfg.data)
+    for hospital in cfg.train.get("per_hospital") or {}:
+        if hospital not in names:
+            raise JobError(
+                f"train.per_hospital.{hospital}: no such hospital in data={cfg.data.name} "
+                f"(hospitals: {', '.join(names)})"
+            )
+        try:
+            hospital_train_config(cfg, str(hospital))
+        except ValueError as error:
+            raise JobError(str(error)) from None
 
 
 def check_foreground_settings(cfg: DictConfig) -> None:
@@ -223,7 +244,8 @@ def check_foreground_settings(cfg: DictConfig) -> None:
     """
     if cfg.model.get("foreground_head"):
         return
-    levers = {k: v for k, v in cfg.train.levers.foreground.items() if float(v) != 0.0}
+    trains = [cfg.train, *(hospital_train_config(cfg, str(h)) for h in cfg.train.per_hospital)]
+    levers = {k: v for t in trains for k, v in t.levers.foreground.items() if float(v) != 0.0}
     source = str(cfg.localization.source)
     if levers or source in FOREGROUND_SOURCES:
         raise JobError(

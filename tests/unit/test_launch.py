@@ -44,6 +44,18 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             ["model.foreground_head=false", "localization=fused"],
             "train.levers.foreground.contrast=1.0 need the head",
         ),
+        (
+            [
+                "experiment=paper",
+                "+train.per_hospital.hospital_b.levers.foreground.area=0.1",
+            ],
+            "train.levers.foreground.area=0.1 need the head",
+        ),
+        (
+            ["+train.per_hospital.hospital_z.lr=0.1"],
+            "train.per_hospital.hospital_z: no such hospital in data=synthetic",
+        ),
+        (["+train.per_hospital.hospital_a.augmnt.hflip=false"], "hospital_a: Key 'augmnt'"),
     ],
 )
 def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides, message):
@@ -52,6 +64,7 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
     check_training_config(compose_config(["strategy=fedtrimmedavg"]))
     check_training_config(compose_config(["privacy=client_clip"]))
     check_training_config(compose_config(["experiment=paper"]))
+    check_training_config(compose_config(["+train.per_hospital.hospital_a.augment.hflip=false"]))
 
 
 def test_only_the_superlink_this_run_started_is_stopped():

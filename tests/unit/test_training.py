@@ -9,7 +9,7 @@ from common.augment import build_train_transform, train_cache_size
 from common.config import compose_config
 from common.data import split_tensors
 from common.model import create_mct_model
-from common.training import evaluate_local, learning_rate, train_local
+from common.training import evaluate_local, learning_rate, train_local, train_round
 
 SMALL = [f"data.hospitals.hospital_{h}.num_images=40" for h in "abc"]
 
@@ -66,6 +66,24 @@ def test_local_training_lowers_the_loss_and_validation_reports_every_score():
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["val-loc-miou"] <= 1.0
     assert metrics["val-loc-threshold"] in list(cfg.localization.thresholds)
+
+
+def test_a_hospital_trains_with_its_own_settings_and_the_others_with_the_shared_ones():
+    frozen = ("lr=0", "min_lr=0", "warmup_lr=0")
+    cfg = compose_config(
+        [*SMALL, "train.local_epochs=1", *(f"+train.per_hospital.hospital_a.{k}" for k in frozen)]
+    )
+    size = train_cache_size(cfg.model.img_size)
+    for hospital, index in (("hospital_a", 0), ("hospital_b", 1)):
+        model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        data = split_tensors(cfg.data, hospital, "train", size)
+        kwargs = {"server_round": 1, "hospital_index": index, "device": torch.device("cpu")}
+        train_round(model, data, cfg, hospital=hospital, **kwargs)
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        trainable = [k for k, _ in model.named_parameters()]
+        # hospital_a's own learning rate is 0: nothing moves; hospital_b trains as configured.
+        assert (not set(changed) & set(trainable)) == (hospital == "hospital_a")
 
 
 def test_empty_training_split_is_refused():
