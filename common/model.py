@@ -177,6 +177,11 @@ class MCTFormerV2(nn.Module):
         none; the foreground levers (background activation suppression, foreground contrast)
         train it, because without ImageNet weights the class maps alone light the background
         (docs/localization.md). Off keeps the reference model and its checkpoints.
+    standardise_input : bool
+        Standardise every input image per colour channel (its own mean and SD) before the
+        patch embedding: a stain normalisation that removes each site's overall colour and
+        brightness, so that one domain's labels can teach the other's images. Off keeps the
+        reference model.
     """
 
     def __init__(
@@ -195,6 +200,7 @@ class MCTFormerV2(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         foreground_head: bool = False,
+        standardise_input: bool = False,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -203,6 +209,7 @@ class MCTFormerV2(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.img_size = img_size
+        self.standardise_input = standardise_input
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         num_patches = self.grid_size[0] * self.grid_size[1]
 
@@ -263,6 +270,9 @@ class MCTFormerV2(nn.Module):
             Final tokens (B, C + h*w, D) without the final norm (see ``__init__``), class tokens
             first, and the per-block head-mean attention when ``return_attention``.
         """
+        if self.standardise_input:
+            mean, sd = x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
+            x = (x - mean) / (sd + 1e-6)
         x = self.patch_embed(x)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
@@ -449,7 +459,7 @@ def create_mct_model(model_cfg: Mapping[str, Any], num_classes: int) -> MCTForme
         The model, on CPU.
     """
     # Passed only when on, so that a foreign timm name still fails on its type, below.
-    extra = {"foreground_head": True} if model_cfg.get("foreground_head") else {}
+    extra = {k: True for k in ("foreground_head", "standardise_input") if model_cfg.get(k)}
     model = timm.create_model(
         model_cfg["name"],
         num_classes=num_classes,

@@ -60,6 +60,20 @@ def test_non_square_input() -> None:
     check_output(out, 1, (8, 14), depth=4)
 
 
+def test_standardised_input_ignores_a_site_wide_colour_and_brightness_change() -> None:
+    images = torch.randn(2, 3, 96, 96)
+    # A darker, bluer stain: per-channel gain and offset, the same over the whole image.
+    restained = (
+        images * torch.tensor([0.6, 0.8, 1.4])[:, None, None]
+        + torch.tensor([-0.3, 0.1, 0.5])[:, None, None]
+    )
+    for standardise, same in ((True, True), (False, False)):
+        model = tiny(standardise_input=standardise).eval()
+        with torch.no_grad():
+            before, after = model(images).class_logits, model(restained).class_logits
+        assert torch.allclose(before, after, atol=1e-4) == same
+
+
 def test_deit_small_one_training_step() -> None:
     model = timm.create_model("mct_deit_small_patch16_224", num_classes=NUM_CLASSES)
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (384, 12, 6)
