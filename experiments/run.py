@@ -12,6 +12,7 @@ defaults plus ``postprocess=[...]``. A rerun skips every run whose ``results.jso
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "w3s_experiment"
 # Keys of conf/w3s_experiment.yaml that the training config (conf/config.yaml) does not know.
+# Stands for a setting a config does not have (None is a setting).
+_ABSENT = object()
 EXPERIMENT_KEYS = ("seeds", "folds", "runs_dir", "label", "postprocess", "regime")
 # Training overrides that the post-training job needs as well (which data, which device).
 SHARED_WITH_POSTPROCESS = ("data", "device")
@@ -128,7 +131,8 @@ class SeedRun:
         for source in (label / folder for label in sorted(self.runs_dir.glob("*/"))):
             if not (source / "final_model.pt").exists() or not (source / "config.yaml").exists():
                 continue
-            if comparable(OmegaConf.load(source / "config.yaml")) == comparable(self.cfg):
+            trained = comparable(OmegaConf.load(source / "config.yaml"))
+            if not config_changes(_flat(trained), _flat(comparable(self.cfg))):
                 return source / "final_model.pt"
             log.info("%s: %s was trained with another config, not reused", self.label, source)
         return None
@@ -261,14 +265,38 @@ def check_same_config(run: SeedRun, finished: dict[str, Any]) -> None:
         Naming the run folder and the first settings that differ.
     """
     before = finished.get("config")
-    if before is None or before == (now := run_config(run)):
+    if before is None:
         return  # runs written before configs were recorded cannot be checked
-    old, new = ({**_flat(c["training"]), "postprocess": c["postprocess"]} for c in (before, now))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    old, new = (
+        {**_flat(c["training"]), "postprocess": c["postprocess"]} for c in (before, run_config(run))
+    )
+    if not (changed := config_changes(old, new)):
+        return
     raise JobError(
         f"{run.out} finished with another config ({', '.join(changed[:4])} differ); "
         "give this config its own label=... or runs_dir=..., or delete that folder to redo it"
     )
+
+
+def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Dotted keys whose setting differs between an earlier run's flat config and this one's.
+
+    A key the earlier config lacks counts as unchanged when this config holds its default:
+    settings are added with defaults that keep the earlier behaviour, so a run made before a
+    key existed was made with that default, and adding a key must not orphan finished runs.
+    """
+    defaults = default_settings()
+    return sorted(
+        key
+        for key in before.keys() | now.keys()
+        if before.get(key, defaults.get(key, _ABSENT)) != now.get(key, _ABSENT)
+    )
+
+
+@functools.cache
+def default_settings() -> dict[str, Any]:
+    """Every training setting's default, flat: what a key added later stood for before."""
+    return _flat(comparable(compose_config([])))
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
