@@ -30,6 +30,8 @@ _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 _HEAD_PREFIXES = ("head.", "fg_head.")
 # ImageNet heads and the distillation token of DeiT checkpoints have no counterpart here.
 _DROPPED_PREFIXES = ("head.", "head_dist.")
+# Per-image input standardisation of MCTFormerV2 (its standardise_input).
+STANDARDISE_MODES = ("none", "channels", "image")
 
 
 @dataclass
@@ -177,11 +179,12 @@ class MCTFormerV2(nn.Module):
         none; the foreground levers (background activation suppression, foreground contrast)
         train it, because without ImageNet weights the class maps alone light the background
         (docs/localization.md). Off keeps the reference model and its checkpoints.
-    standardise_input : bool
-        Standardise every input image per colour channel (its own mean and SD) before the
-        patch embedding: a stain normalisation that removes each site's overall colour and
-        brightness, so that one domain's labels can teach the other's images. Off keeps the
-        reference model.
+    standardise_input : str
+        Standardise every input image before the patch embedding, a stain normalisation that
+        removes each site's overall colour cast and brightness so that one domain's labels can
+        teach the other's images: ``"channels"`` centres and scales each colour channel by its
+        own mean and SD, ``"image"`` centres each channel and scales all three by one SD (the
+        colour balance within the image stays). ``"none"`` keeps the reference model.
     """
 
     def __init__(
@@ -200,7 +203,7 @@ class MCTFormerV2(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         foreground_head: bool = False,
-        standardise_input: bool = False,
+        standardise_input: str = "none",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -209,6 +212,10 @@ class MCTFormerV2(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.img_size = img_size
+        if standardise_input not in STANDARDISE_MODES:
+            raise ValueError(
+                f"standardise_input={standardise_input!r}: expected one of {STANDARDISE_MODES}"
+            )
         self.standardise_input = standardise_input
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         num_patches = self.grid_size[0] * self.grid_size[1]
@@ -270,9 +277,10 @@ class MCTFormerV2(nn.Module):
             Final tokens (B, C + h*w, D) without the final norm (see ``__init__``), class tokens
             first, and the per-block head-mean attention when ``return_attention``.
         """
-        if self.standardise_input:
-            mean, sd = x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
-            x = (x - mean) / (sd + 1e-6)
+        if self.standardise_input != "none":
+            x = x - x.mean(dim=(2, 3), keepdim=True)
+            spread = (2, 3) if self.standardise_input == "channels" else (1, 2, 3)
+            x = x / (x.pow(2).mean(dim=spread, keepdim=True).sqrt() + 1e-6)
         x = self.patch_embed(x)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
@@ -459,7 +467,9 @@ def create_mct_model(model_cfg: Mapping[str, Any], num_classes: int) -> MCTForme
         The model, on CPU.
     """
     # Passed only when on, so that a foreign timm name still fails on its type, below.
-    extra = {k: True for k in ("foreground_head", "standardise_input") if model_cfg.get(k)}
+    extra: dict[str, Any] = {"foreground_head": True} if model_cfg.get("foreground_head") else {}
+    if model_cfg.get("standardise_input", "none") != "none":
+        extra["standardise_input"] = str(model_cfg["standardise_input"])
     model = timm.create_model(
         model_cfg["name"],
         num_classes=num_classes,

@@ -229,7 +229,7 @@ def test_a_federated_model_is_reused_only_when_trained_with_the_same_config(tmp_
     assert seed_run("federation.rounds=3").same_training() is None
     assert seed_run("seed=1").same_training() is None
     # A setting added since counts as its default for the earlier run, and only then.
-    assert seed_run("model.standardise_input=true").same_training() is None
+    assert seed_run("model.standardise_input=image").same_training() is None
 
 
 def test_paired_difference_is_the_student_t_interval_of_the_mean_difference():

@@ -60,18 +60,31 @@ def test_non_square_input() -> None:
     check_output(out, 1, (8, 14), depth=4)
 
 
-def test_standardised_input_ignores_a_site_wide_colour_and_brightness_change() -> None:
+@pytest.mark.parametrize("mode", ["channels", "image"])
+def test_standardised_input_ignores_a_site_wide_colour_and_brightness_change(mode: str) -> None:
     images = torch.randn(2, 3, 96, 96)
-    # A darker, bluer stain: per-channel gain and offset, the same over the whole image.
-    restained = (
-        images * torch.tensor([0.6, 0.8, 1.4])[:, None, None]
-        + torch.tensor([-0.3, 0.1, 0.5])[:, None, None]
-    )
-    for standardise, same in ((True, True), (False, False)):
+    # A darker, bluer stain: one gain for all channels and an offset per channel.
+    restained = 0.6 * images + torch.tensor([-0.3, 0.1, 0.5])[:, None, None]
+    for standardise, same in ((mode, True), ("none", False)):
         model = tiny(standardise_input=standardise).eval()
         with torch.no_grad():
             before, after = model(images).class_logits, model(restained).class_logits
         assert torch.allclose(before, after, atol=1e-4) == same
+
+
+def test_standardised_channels_also_ignore_a_gain_per_channel() -> None:
+    images = torch.randn(2, 3, 96, 96)
+    restained = images * torch.tensor([0.6, 0.8, 1.4])[:, None, None]
+    for mode, same in (("channels", True), ("image", False)):
+        model = tiny(standardise_input=mode).eval()
+        with torch.no_grad():
+            before, after = model(images).class_logits, model(restained).class_logits
+        assert torch.allclose(before, after, atol=1e-4) == same
+
+
+def test_an_unknown_standardisation_is_refused() -> None:
+    with pytest.raises(ValueError, match="standardise_input='stain'"):
+        tiny(standardise_input="stain")
 
 
 def test_deit_small_one_training_step() -> None:
