@@ -30,8 +30,9 @@ _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 _HEAD_PREFIXES = ("head.", "fg_head.")
 # ImageNet heads and the distillation token of DeiT checkpoints have no counterpart here.
 _DROPPED_PREFIXES = ("head.", "head_dist.")
+_PATCH_WEIGHT = "patch_embed.proj.weight"
 # Per-image input standardisation of MCTFormerV2 (its standardise_input).
-STANDARDISE_MODES = ("none", "channels", "image")
+STANDARDISE_MODES = ("none", "channels", "image", "both")
 
 
 @dataclass
@@ -184,7 +185,10 @@ class MCTFormerV2(nn.Module):
         removes each site's overall colour cast and brightness so that one domain's labels can
         teach the other's images: ``"channels"`` centres and scales each colour channel by its
         own mean and SD, ``"image"`` centres each channel and scales all three by one SD (the
-        colour balance within the image stays). ``"none"`` keeps the reference model.
+        colour balance within the image stays), ``"both"`` gives the patch embedding the
+        image and its ``"channels"`` standardisation side by side (6 channels), so that the
+        model keeps the colour that one site's cells are told apart by. ``"none"`` keeps the
+        reference model.
     """
 
     def __init__(
@@ -221,7 +225,12 @@ class MCTFormerV2(nn.Module):
         num_patches = self.grid_size[0] * self.grid_size[1]
 
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, flatten=False, strict_img_size=False
+            img_size,
+            patch_size,
+            in_chans * (2 if standardise_input == "both" else 1),
+            embed_dim,
+            flatten=False,
+            strict_img_size=False,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_classes + num_patches, embed_dim))
@@ -278,9 +287,10 @@ class MCTFormerV2(nn.Module):
             first, and the per-block head-mean attention when ``return_attention``.
         """
         if self.standardise_input != "none":
-            x = x - x.mean(dim=(2, 3), keepdim=True)
-            spread = (2, 3) if self.standardise_input == "channels" else (1, 2, 3)
-            x = x / (x.pow(2).mean(dim=spread, keepdim=True).sqrt() + 1e-6)
+            centred = x - x.mean(dim=(2, 3), keepdim=True)
+            spread = (1, 2, 3) if self.standardise_input == "image" else (2, 3)
+            scaled = centred / (centred.pow(2).mean(dim=spread, keepdim=True).sqrt() + 1e-6)
+            x = torch.cat([x, scaled], dim=1) if self.standardise_input == "both" else scaled
         x = self.patch_embed(x)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
@@ -417,6 +427,11 @@ def load_deit_weights(model: MCTFormerV2, path: str | Path) -> None:
     state["pos_embed"] = torch.cat((pos[:, :1].repeat(1, c, 1), patch_pos), dim=1)
 
     own = model.state_dict()
+    patch = state.get(_PATCH_WEIGHT)
+    if patch is not None and own[_PATCH_WEIGHT].shape[1] == 2 * patch.shape[1]:
+        # standardise_input="both": the raw channels get DeiT's filters, the standardised ones
+        # start at zero, so the loaded model first sees what DeiT saw.
+        state[_PATCH_WEIGHT] = torch.cat((patch, torch.zeros_like(patch)), dim=1)
     head_keys = {k for k in own if k.startswith(_HEAD_PREFIXES)}
     missing = sorted(own.keys() - state.keys() - head_keys)
     if missing:

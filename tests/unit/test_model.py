@@ -82,6 +82,21 @@ def test_standardised_channels_also_ignore_a_gain_per_channel() -> None:
         assert torch.allclose(before, after, atol=1e-4) == same
 
 
+def test_image_and_standardised_image_side_by_side_load_deit_into_the_raw_half(
+    tmp_path: Path,
+) -> None:
+    state = deit_state()
+    path = tmp_path / "deit.pth"
+    torch.save({"model": state}, path)
+    model = tiny(standardise_input="both")
+    assert model.patch_embed.proj.weight.shape[1] == 6
+    load_deit_weights(model, path)
+    raw, standardised = model.patch_embed.proj.weight.detach().split(3, dim=1)
+    torch.testing.assert_close(raw, state["patch_embed.proj.weight"], rtol=0, atol=0)
+    assert not standardised.any()
+    check_output(model.eval()(torch.randn(2, 3, 64, 64), return_attention=True), 2, (8, 8), 4)
+
+
 def test_an_unknown_standardisation_is_refused() -> None:
     with pytest.raises(ValueError, match="standardise_input='stain'"):
         tiny(standardise_input="stain")
