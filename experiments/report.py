@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Row order of the tables: the paper's comparison first, the ceiling last.
 REGIME_ORDER = ("local_only", "centralized", "fedavg", "fedprox", "personalized", "supervised")
 FEDERATED = ("fedavg", "fedprox")
+# Regimes whose model a hospital could use instead of its own: paired against local-only.
+PAIRED = ("centralized", *FEDERATED, "personalized")
 # Display titles of the training-free baselines, by stage key.
 BASELINE_TITLES = {DISK: "centred disk", OTSU: "Otsu"}
 METRICS = ("class_aware", "binary")
@@ -356,27 +358,28 @@ def paired_difference(differences: Sequence[float], confidence: float = CONFIDEN
 
 
 def paired_table(ds: Dataset) -> str | None:
-    """Federated minus local-only at each hospital's test split, paired by (fold, seed).
+    """Each shared regime minus local-only at each hospital's test split, paired by (fold, seed).
 
     The local-only model is the one trained at that hospital: the question a hospital asks is
-    whether joining the federation beats training alone on its own data. The maps are the
+    whether joining the federation (or pooling, or personalizing) beats training alone on its
+    own data. The maps are the
     model's own output; the segmenter is what a hospital keeps, and where the post-training
     pipeline leans on colour and the centred-cell prior it may not depend on the model at all,
     which the verdict then says. ``None`` without any pair.
     """
     rows = ds.rows()
     local = {trained_at(r): r for r in rows if ds.regime_of(r) == "local_only"}
-    federated = [r for r in rows if ds.regime_of(r) in FEDERATED]
+    shared = [r for r in rows if ds.regime_of(r) in PAIRED]
     lines = [
-        "| federated row | test split | stage | metric | pairs | mean difference (points) "
+        "| row | test split | stage | metric | pairs | mean difference (points) "
         f"| {100 * CONFIDENCE:.0f}% CI (points) | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for fed in federated:
+    for row in shared:
         for column in (h for h in ds.hospitals if h in local):
             for stage in (MAPS, SEGMENTER):
                 for metric in METRICS:
-                    ours = ds.cells_by_run(fed, column, metric, stage)
+                    ours = ds.cells_by_run(row, column, metric, stage)
                     theirs = ds.cells_by_run(local[column], column, metric, stage)
                     paired = paired_difference(
                         [ours[k] - theirs[k] for k in sorted(ours) if k in theirs]
@@ -389,8 +392,8 @@ def paired_table(ds: Dataset) -> str | None:
                         else f"[{100 * paired.low:+.1f}, {100 * paired.high:+.1f}]"
                     )
                     lines.append(
-                        f"| {fed} | {column} | {stage} | {metric.replace('_', '-')} | {paired.n} "
-                        f"| {100 * paired.mean:+.1f} | {interval} | {paired.verdict(fed)} |"
+                        f"| {row} | {column} | {stage} | {metric.replace('_', '-')} | {paired.n} "
+                        f"| {100 * paired.mean:+.1f} | {interval} | {paired.verdict(row)} |"
                     )
     return "\n".join(lines) if len(lines) > 2 else None
 
@@ -610,7 +613,7 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
         "\n".join(verdicts(ds)) or "No federated and local-only rows to compare.",
         *(
             [
-                "### Paired: federated − local-only trained at the test hospital (maps and "
+                "### Paired: each regime − local-only trained at the test hospital (maps and "
                 f"segmenter, same fold and seed, {100 * CONFIDENCE:.0f}% Student t interval, "
                 "points of mIoU)",
                 paired,

@@ -270,6 +270,10 @@ def test_paired_table_pairs_fedavg_with_local_only_of_the_same_fold_and_seed():
     local_runs = [r for r in results if r["regime"] == "local_only"]
     only_local = Dataset(Path("."), ds.data, ["a"], [], local_runs)
     assert paired_table(only_local) is None
+    # Pooled and personalized models are what a hospital could use instead: paired too.
+    pooled = _result("centralized", "centralized", 0, {"centralized": {"a": (0.3, 0.4)}}, 0)
+    with_pooled = Dataset(Path("."), ds.data, ["a"], [], [*local_runs, pooled])
+    assert "| centralized | a | segmenter | binary | 1 | -10.0 | - |" in paired_table(with_pooled)
 
 
 def test_convergence_figure_has_a_legend_on_every_subplot_and_distinct_line_styles(tmp_path):
