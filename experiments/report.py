@@ -597,7 +597,8 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
     crossed = f"; folds {folds} of a {ds.data.split.folds}-fold cross-validation" if folds else ""
     paired = paired_table(ds)
     parts = [
-        f"## Dataset `{ds.name}` ({len(ds.hospitals)} hospitals: {', '.join(ds.hospitals)})",
+        f"## Dataset `{ds.name}` ({len(ds.hospitals)} hospitals: {', '.join(ds.hospitals)})"
+        + (f": runs `{ds.runs_dir.name}`" if stem != ds.name else ""),
         f"Seeds {seeds}{crossed}; runs in `{ds.runs_dir}`. {post_training_line(ds)} "
         f"{compute_line(ds)} Commands:",
         *(

@@ -441,6 +441,7 @@ def test_two_chains_on_one_dataset_keep_their_figures_and_name_their_post_traini
     assert "Post-training (`w3s-postprocess`): the defaults for fedavg." in text
     assert "Post-training (`w3s-postprocess`): `pseudo=threshold` for fedavg." in text
     for folder in runs:
+        assert f"hospitals: hospital_a, hospital_b): runs `{folder}`" in text
         assert (tmp_path / "figures" / f"synthetic_{folder}_matrix.png").is_file()
         assert f"(figures/synthetic_{folder}_matrix.png)" in text
 
