@@ -1,8 +1,9 @@
 """A real ``flwr run`` (w3s-simulate) of the issue-12 training recipe on the embedded default.
 
-One run exercises both new pieces: the federated ``pretrain=instance`` phase before the MCT
-rounds (private instance heads kept in each ClientApp's node state) and the foreground levers
-during the MCT rounds, with their checkpoints and metrics rows.
+One run exercises the federated ``pretrain=instance`` phase before the MCT rounds (private
+instance heads kept in each ClientApp's node state) and the foreground levers during the MCT
+rounds, with their checkpoints and metrics rows, plus a hospital training with its own lever
+strength (``train.per_hospital``) and the standardised input the final model keeps.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ RECIPE = [
     "train.levers.foreground.suppression=1",
     "train.levers.foreground.area=0.5",
     "train.levers.foreground.contrast=1",
+    "+train.per_hospital.hospital_b.levers.foreground.area=0",
+    "model.standardise_input=channels",
     *[f"data.hospitals.hospital_{h}.num_images=30" for h in "abc"],
 ]
 
@@ -52,3 +55,4 @@ def test_pretraining_phase_then_mct_rounds_with_foreground_levers(flwr_home, tmp
     assert "pretrain round 2: loss" in log  # a ClientApp ran the pretraining objective
     model, payload = load_model(run_dir / "final_model.pt")
     assert payload["round"] == 1 and model.fg_head is not None
+    assert model.standardise_input == "channels"
