@@ -10,6 +10,7 @@ Every number is read from the runs' files; nothing is typed in by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -85,6 +86,9 @@ class Dataset:
     pipelines: int = 1
     # Each label's post-training overrides (w3s-experiment's postprocess=[...]): the chain.
     postprocess: dict[str, list[str]] = field(default_factory=dict)
+    # Runs trained on a share of each hospital's training images (data.split.train_share < 1):
+    # the learning curve, kept out of the matrix, whose rows they would otherwise collide with.
+    curve: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -124,6 +128,13 @@ class Dataset:
                 out.append(scored[0]["cells"][column][stage][metric])
         return out
 
+    def at_share(self, share: float) -> Dataset:
+        """The same dataset with only the runs trained on ``share`` of the training images."""
+        if share == 1.0:
+            return dataclasses.replace(self, curve=[])
+        picked = [r for r in self.curve if train_share(r) == share]
+        return dataclasses.replace(self, results=picked, curve=[])
+
     def runs(self, label: str) -> list[dict[str, Any]]:
         """Results of one label, by fold and seed."""
         return sorted((r for r in self.results if r["label"] == label), key=run_key)
@@ -139,6 +150,12 @@ class Dataset:
                 if x["row"] == row and value is not None and math.isfinite(value):
                     out[run_key(result)] = float(value)
         return out
+
+
+def train_share(result: dict[str, Any]) -> float:
+    """The share of each hospital's training split that a run trained on (1 before the key)."""
+    split = result["config"]["training"]["data"]["split"]
+    return float(split.get("train_share", 1.0))
 
 
 def load_dataset(runs_dir: Path) -> Dataset:
@@ -163,7 +180,9 @@ def load_dataset(runs_dir: Path) -> Dataset:
             results.append(result)
     assert data is not None
     pipelines = post_training_variants(runs_dir)
-    return Dataset(runs_dir, data, hospitals, commands, results, pipelines, postprocess)
+    whole = [r for r in results if train_share(r) == 1.0]
+    curve = [r for r in results if train_share(r) != 1.0]
+    return Dataset(runs_dir, data, hospitals, commands, whole, pipelines, postprocess, curve)
 
 
 def post_training_variants(runs_dir: Path) -> int:
@@ -398,6 +417,70 @@ def paired_table(ds: Dataset) -> str | None:
     return "\n".join(lines) if len(lines) > 2 else None
 
 
+def rows_by_curve_key(ds: Dataset) -> dict[str, list[str]]:
+    """Rows by what they are across shares: the regime, and for local-only the hospital.
+
+    A shared model's row is named by its label (``fedavg_share25``), which differs per share.
+    """
+    out: dict[str, list[str]] = {}
+    for row in ds.rows():
+        regime = ds.regime_of(row)
+        out.setdefault(row if regime == "local_only" else regime, []).append(row)
+    return out
+
+
+def learning_curve_table(ds: Dataset) -> str | None:
+    """Segmenter binary mIoU per training share, on the folds and seeds the curve ran.
+
+    A local-only row is scored at its own hospital's test split (the question is what more of
+    a hospital's own images buys it), a shared model at every hospital's. The full share is
+    restricted to the (fold, seed) runs of the curve, so every column tests the same images.
+    A share with several rows of one regime (two labels) is left blank rather than guessed.
+    ``None`` without curve runs.
+    """
+    if not ds.curve:
+        return None
+    shares = sorted({train_share(r) for r in ds.curve} | {1.0})
+    keys = {run_key(r) for r in ds.curve}
+    by_share = {share: ds.at_share(share) for share in shares}
+    named = {share: rows_by_curve_key(sub) for share, sub in by_share.items()}
+    lines = [
+        "| row | test split | " + " | ".join(f"share {s:g}" for s in shares) + " |",
+        "|---|---|" + "---|" * len(shares),
+    ]
+    for key in named[shares[0]]:
+        for column in ds.hospitals if key in PAIRED else [trained_at(key)]:
+            cells = []
+            for share in shares:
+                rows = named[share].get(key, [])
+                scores = (
+                    by_share[share].cells_by_run(rows[0], column, "binary")
+                    if len(rows) == 1
+                    else {}
+                )
+                mean, sd, n = mean_sd(v for k, v in scores.items() if k in keys)
+                cells.append("-" if n == 0 else f"{100 * mean:.1f} ± {100 * sd:.1f} ({n})")
+            lines.append(f"| {key} | {column} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def learning_curve_parts(ds: Dataset) -> list[str]:
+    """The learning-curve subsection: the curve, then each shared regime − local-only per share."""
+    table = learning_curve_table(ds)
+    if table is None:
+        return []
+    parts = [
+        "### Learning curve: segmenter binary mIoU (%, mean ± SD (runs)) when each hospital "
+        "trains on a share of its training split (`data.split.train_share`; validation and test "
+        "stay whole, smaller shares are subsets of larger ones)",
+        table,
+    ]
+    for share in sorted({train_share(r) for r in ds.curve}):
+        if paired := paired_table(ds.at_share(share)):
+            parts += [f"Paired at share {share:g} (as above: regime − local-only):", paired]
+    return parts
+
+
 def fmt_duration(seconds: float) -> str:
     """``1.5 h`` / ``12 min``: compute spent, at the precision a reader plans with."""
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
@@ -417,16 +500,16 @@ def post_training_line(ds: Dataset) -> str:
 
 
 def compute_line(ds: Dataset) -> str:
-    """Total wall time of all runs and how many runs each label has."""
-    labels = sorted({r["label"] for r in ds.results})
+    """Total wall time of all runs (learning curve included) and how many runs each label has."""
+    every = [*ds.results, *ds.curve]
     per_label = []
-    for label in labels:
-        runs = ds.runs(label)
+    for label in sorted({r["label"] for r in every}):
+        runs = [r for r in every if r["label"] == label]
         spent = sum(float(r.get("seconds") or 0) for r in runs)
         per_label.append(f"{label}: {len(runs)} runs ({fmt_duration(spent)})")
-    total = sum(float(r.get("seconds") or 0) for r in ds.results)
+    total = sum(float(r.get("seconds") or 0) for r in every)
     return (
-        f"Compute: {len(ds.results)} runs, {fmt_duration(total)} of wall time in total "
+        f"Compute: {len(every)} runs, {fmt_duration(total)} of wall time in total "
         f"(training and scoring, as recorded in each results.json); " + "; ".join(per_label) + "."
     )
 
@@ -622,6 +705,7 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
             if paired
             else []
         ),
+        *learning_curve_parts(ds),
         "### Matrix: segmenter (class-aware / binary mIoU on each test split, %, mean ± SD)",
         matrix_table(ds, SEGMENTER, with_baselines=True),
         f"![segmenter matrix]({rel / matrix_png.name})",

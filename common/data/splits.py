@@ -119,6 +119,44 @@ def fold_indices(labels: np.ndarray, seed: int, folds: int, fold: int) -> dict[s
     }
 
 
+def train_subset(labels: np.ndarray, train: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """A stratified ``share`` of the training indices ``train``; validation and test stay whole.
+
+    For learning curves: how much a hospital's masks gain from more of its own images tells
+    whether pooling images across hospitals could help. Each class keeps ``round(share * n)``
+    of its training images, at least one, drawn in one fixed order per class, so a smaller
+    share is a subset of a larger one and the curve compares nested training sets.
+
+    Parameters
+    ----------
+    labels
+        ``(N,)`` integer class labels of all the hospital's images.
+    train
+        Sorted indices of the training split.
+    share
+        Fraction of the training split to keep, in (0, 1].
+    seed
+        Seed of the per-class order.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted int64 indices, a subset of ``train``.
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"train_share must be in (0, 1], got {share}")
+    if share == 1.0:
+        return train
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 1])
+    kept = [
+        members[: max(1, round(share * len(members)))]
+        for cls in np.unique(labels[train])
+        for members in [rng.permutation(train[labels[train] == cls])]
+    ]
+    return np.sort(np.concatenate(kept or [np.empty(0, np.int64)])).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """How a hospital's images are split: fixed fractions, or one fold of a cross-validation."""
@@ -127,8 +165,11 @@ class SplitSpec:
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     folds: int | None = None
     fold: int = 0
+    train_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.train_share <= 1.0:
+            raise ValueError(f"train_share must be in (0, 1], got {self.train_share}")
         if self.folds is None:
             if len(self.fractions) != len(SPLITS) or not np.isclose(sum(self.fractions), 1.0):
                 raise ValueError(
@@ -149,13 +190,17 @@ class SplitSpec:
             fractions=tuple(float(f) for f in split.fractions),
             folds=None if folds is None else int(folds),
             fold=int(split.get("fold") or 0),
+            train_share=float(split.get("train_share", 1.0)),
         )
 
     def indices(self, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Sorted image indices of train, val and test."""
         if self.folds is None:
-            return split_indices(labels, self.seed, self.fractions)
-        return fold_indices(labels, self.seed, self.folds, self.fold)
+            parts = split_indices(labels, self.seed, self.fractions)
+        else:
+            parts = fold_indices(labels, self.seed, self.folds, self.fold)
+        parts["train"] = train_subset(labels, parts["train"], self.train_share, self.seed)
+        return parts
 
 
 def check_split(data_cfg: Any) -> SplitSpec:

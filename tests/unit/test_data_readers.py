@@ -17,6 +17,7 @@ from common.data import (
     CYTOPLASM,
     NUCLEUS,
     DataVerificationError,
+    SplitSpec,
     check_split,
     fold_indices,
     hospital_names,
@@ -237,6 +238,11 @@ def test_every_image_is_tested_once_over_the_folds_with_the_class_mix_kept():
         ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 2, "fold": 0}, "at least 3 folds"),
         ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 5, "fold": 5}, "fold must be in 0..4"),
         ({"seed": 0, "fractions": [0.5, 0.5], "folds": None, "fold": 0}, "three split fractions"),
+        (
+            {"seed": 0, "fractions": [0.6, 0.2, 0.2], "train_share": 0},
+            r"train_share must be in \(0, 1\]",
+        ),
+        ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "train_share": 1.5}, "got 1.5"),
     ],
 )
 def test_a_bad_split_is_one_line_naming_data_split(split, message):
@@ -256,6 +262,38 @@ def test_hospital_split_takes_the_configured_fold(real_cfg):
         for f in range(5)
     ]
     assert sorted(i for part in tested for i in part.sample_ids) == sorted(data.sample_ids)
+
+
+def test_a_train_share_is_a_nested_stratified_subset_and_leaves_val_and_test_whole():
+    labels = np.repeat(np.arange(5), [40, 30, 20, 5, 2])
+    whole = fold_indices(labels, seed=0, folds=5, fold=1)
+    parts = {
+        share: SplitSpec(seed=0, folds=5, fold=1, train_share=share).indices(labels)
+        for share in (1.0, 0.5, 0.25)
+    }
+    assert all(np.array_equal(parts[1.0][k], whole[k]) for k in whole)
+    for share in (0.5, 0.25):
+        for split in ("val", "test"):
+            assert np.array_equal(parts[share][split], whole[split])
+        kept = parts[share]["train"]
+        assert set(kept) <= set(whole["train"])
+        counts = np.bincount(labels[kept], minlength=5)
+        full = np.bincount(labels[whole["train"]], minlength=5)
+        assert (counts >= 1).all(), "every class keeps at least one training image"
+        assert np.array_equal(counts, np.maximum(1, np.round(share * full)))
+    assert set(parts[0.25]["train"]) <= set(parts[0.5]["train"]), "nested: a curve, not resamples"
+
+
+def test_hospital_split_takes_the_configured_train_share(real_cfg):
+    cfg = OmegaConf.merge(real_cfg, {"split": {"folds": 5, "fold": 0}})
+    half = OmegaConf.merge(cfg, {"split": {"train_share": 0.5}})
+    train, kept = (hospital_split(c, "dataset1", "train") for c in (cfg, half))
+    assert set(kept.sample_ids) < set(train.sample_ids)
+    assert abs(len(kept.sample_ids) - len(train.sample_ids) / 2) <= 5
+    assert (
+        hospital_split(half, "dataset1", "test").sample_ids
+        == hospital_split(cfg, "dataset1", "test").sample_ids
+    )
 
 
 # ---- tensors ----

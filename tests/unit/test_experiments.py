@@ -334,9 +334,11 @@ def fake_training(monkeypatch):
 
     def run_postprocess(cfg):
         calls["score"].append((cfg.data.split.folds, cfg.data.split.fold, cfg.seed))
-        # Federated scores 10 points above local-only in every (fold, seed): a clear verdict.
+        # Federated scores 10 points above local-only in every (fold, seed): a clear verdict;
+        # half the training images cost 10 points.
         binary = 0.5 + 0.01 * cfg.data.split.fold + 0.02 * cfg.seed
-        binary += 0.1 * ("/fedavg/" in str(cfg.checkpoint))
+        binary += 0.1 * ("/fedavg" in str(cfg.checkpoint))
+        binary -= 0.2 * (1 - cfg.data.split.train_share)
         test = {"class_aware_miou": 0.3, "binary_miou": binary}
         return {"stages": [{"key": "segmenter", "test": test}]}
 
@@ -345,8 +347,8 @@ def fake_training(monkeypatch):
     return calls
 
 
-def _experiment(tmp_path: Path, regime: str = "centralized") -> int:
-    overrides = [*TINY_EXPERIMENT, f"regime={regime}", f"runs_dir={tmp_path / 'runs'}"]
+def _experiment(tmp_path: Path, regime: str = "centralized", *extra: str) -> int:
+    overrides = [*TINY_EXPERIMENT, f"regime={regime}", f"runs_dir={tmp_path / 'runs'}", *extra]
     return runner.run_experiment(compose_config(overrides, "w3s_experiment"), overrides)
 
 
@@ -426,6 +428,29 @@ def test_report_reads_folds_and_pairs_fedavg_with_local_only(tmp_path, fake_trai
             "| fedavg better |" in text
         )
     assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
+
+
+def test_a_learning_curve_stays_out_of_the_matrix_and_pairs_its_regimes_per_share(
+    tmp_path, fake_training
+):
+    for regime in ("local_only", "fedavg"):
+        assert _experiment(tmp_path, regime) == 0
+        half = (f"label={regime}_half", "data.split.train_share=0.5")
+        assert _experiment(tmp_path, regime, *half) == 0
+    text = write_report(
+        [tmp_path / "runs"], tmp_path / "EXPERIMENTS.md", tmp_path / "figures", None
+    )
+    assert "Compute: 16 runs," in text and "fedavg_half: 4 runs" in text
+    # The matrix and its pairs hold the full-share runs only, as without the curve.
+    assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
+    assert "| fedavg | hospital_a | segmenter | binary | 4 | +10.0 |" in text
+    # The curve: a local-only model at its own hospital, the shared model (named by its
+    # regime, its labels differ per share) at both.
+    assert "| local_only (hospital_a) | hospital_a | 42.0 ± 1.6 (4) | 52.0 ± 1.6 (4) |" in text
+    assert "| local_only (hospital_a) | hospital_b |" not in text
+    assert "| fedavg | hospital_b | 52.0 ± 1.6 (4) | 62.0 ± 1.6 (4) |" in text
+    paired = text.split("Paired at share 0.5")[1]
+    assert "| fedavg_half | hospital_b | segmenter | binary | 4 | +10.0 |" in paired
 
 
 def test_two_chains_on_one_dataset_keep_their_figures_and_name_their_post_training(
