@@ -197,7 +197,9 @@ def post_training_variants(runs_dir: Path) -> int:
         cfg = OmegaConf.to_container(OmegaConf.load(path))
         for key in ("checkpoint", "hospital", "output_dir", "seed"):
             cfg.pop(key, None)
-        cfg.get("data", {}).get("split", {}).pop("fold", None)  # each fold is its own test
+        # Each fold is its own test; a learning curve's share is the variable it measures.
+        for key in ("fold", "train_share"):
+            cfg.get("data", {}).get("split", {}).pop(key, None)
         variants.add(json.dumps(cfg, sort_keys=True))
     return max(len(variants), 1)
 
@@ -472,7 +474,8 @@ def learning_curve_parts(ds: Dataset) -> list[str]:
     parts = [
         "### Learning curve: segmenter binary mIoU (%, mean ± SD (runs)) when each hospital "
         "trains on a share of its training split (`data.split.train_share`; validation and test "
-        "stay whole, smaller shares are subsets of larger ones)",
+        "stay whole, smaller shares are subsets of larger ones; every share on the folds and seeds "
+        "the curve ran)",
         table,
     ]
     for share in sorted({train_share(r) for r in ds.curve}):

@@ -471,15 +471,18 @@ def test_two_chains_on_one_dataset_keep_their_figures_and_name_their_post_traini
         assert f"(figures/synthetic_{folder}_matrix.png)" in text
 
 
-def test_folds_do_not_count_as_different_post_training_configs(tmp_path):
-    def scored(label: str, fold: int, **segmenter) -> None:
+def test_folds_and_shares_do_not_count_as_different_post_training_configs(tmp_path):
+    def scored(label: str, fold: int, share: float | None = None, **segmenter) -> None:
         folder = tmp_path / label / f"fold_{fold}" / "seed_0" / "eval" / label / "a"
         folder.mkdir(parents=True)
-        cfg = {"data": {"split": {"folds": 5, "fold": fold}}, "segmenter": segmenter, "seed": 0}
+        split = {"folds": 5, "fold": fold} | ({} if share is None else {"train_share": share})
+        cfg = {"data": {"split": split}, "segmenter": segmenter, "seed": 0}
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
 
     for fold in range(3):
         scored("fedavg", fold, input_size=128)
+    scored("fedavg_share25", 0, share=0.25, input_size=128)
+    scored("fedavg_share100", 0, share=1.0, input_size=128)
     assert post_training_variants(tmp_path) == 1
     scored("local_only", 0, input_size=192)
     assert post_training_variants(tmp_path) == 2
