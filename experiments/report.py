@@ -198,8 +198,9 @@ def post_training_variants(runs_dir: Path) -> int:
         for key in ("checkpoint", "hospital", "output_dir", "seed"):
             cfg.pop(key, None)
         # Each fold is its own test; a learning curve's share is the variable it measures.
+        split = cfg.get("data", {}).get("split", {})
         for key in ("fold", "train_share"):
-            cfg.get("data", {}).get("split", {}).pop(key, None)
+            split.pop(key, None)
         variants.add(json.dumps(cfg, sort_keys=True))
     return max(len(variants), 1)
 
