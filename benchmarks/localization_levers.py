@@ -109,7 +109,7 @@ def score_maps(run_dir: Path, hospital: str, data_overrides: Sequence[str]) -> d
         ],
         config_name="postprocess",
     )
-    model, _ = load_model(cfg.checkpoint, list(cfg.data.classes), cfg.localization.source)
+    model, _ = load_model(cfg.checkpoint, list(cfg.data.classes), cfg.localization.source, hospital)
     splits = make_maps(model, cfg, hospital, Path(cfg.output_dir), resolve_device(cfg.device))
     evaluation = Evaluation(splits, len(cfg.data.classes) + 1, cfg.evaluation)
     maps, _ = seeds_stage(splits, evaluation, int(cfg.batch_size))

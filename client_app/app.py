@@ -99,7 +99,7 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
     if "data-root" in context.node_config and "root" in cfg.data.hospitals[name]:
         root = str(context.node_config["data-root"])
         cfg = _config(f"{overrides} {shlex.quote(f'data.hospitals.{name}.root={root}')}")
-    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes), hospital=name)
     model.load_state_dict(to_state_dict(msg.content["arrays"]))
     return cfg, index, name, model
 

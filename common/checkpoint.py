@@ -264,7 +264,10 @@ def check_model_name(payload: Mapping[str, Any], path: Path, expected: str) -> N
 
 
 def load_model(
-    path: str | Path, classes: list[str] | None = None, map_source: str | None = None
+    path: str | Path,
+    classes: list[str] | None = None,
+    map_source: str | None = None,
+    hospital: str | None = None,
 ) -> tuple[MCTFormerV2, dict[str, Any]]:
     """Rebuild the trained MCT model from its file, in eval mode.
 
@@ -272,7 +275,9 @@ def load_model(
     applied to another vocabulary would silently mislabel every cell. ``map_source``, when
     given, is the ``localization.source`` the caller will ask of it: a model trained without
     the foreground head (``experiment=paper``, or files from before the head was the default)
-    has no foreground maps, and the job must say so before it starts, not mid-way. Every
+    has no foreground maps, and the job must say so before it starts, not mid-way.
+    ``hospital`` is the site whose images the model will see: it gets that site's input
+    standardisation (``model.per_hospital``, recorded in the file). Every
     problem with the file (missing, empty, truncated, foreign, another kind of model file,
     weights that do not fit the preset it names) is a one-line :class:`CheckpointError`
     naming the file.
@@ -288,7 +293,7 @@ def load_model(
     model_cfg = {**payload["model"], "pretrained_file": None}  # the weights come from the file
     name = model_cfg["name"]
     try:
-        model = create_mct_model(model_cfg, num_classes=len(trained_on))
+        model = create_mct_model(model_cfg, num_classes=len(trained_on), hospital=hospital)
     except Exception as error:  # timm and the constructors raise several types
         raise CheckpointError(
             f"{where}: its model preset {name!r} cannot be built: {first_line(error)}"

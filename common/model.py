@@ -465,16 +465,59 @@ def mct_presets() -> list[str]:
     return timm.list_models("mct_*")
 
 
-def create_mct_model(model_cfg: Mapping[str, Any], num_classes: int) -> MCTFormerV2:
+def hospital_standardisation(model_cfg: Mapping[str, Any], hospital: str | None) -> str:
+    """The input standardisation ``hospital`` uses: its ``model.per_hospital`` entry, else shared.
+
+    Standardising the input helps one stain and hurts another (Dataset 1's maps cover the whole
+    cell only standardised, Dataset 2 tells its white cell from red cells only by raw colour;
+    docs/localization.md), and the mode changes no weight, so sites of one federation may differ.
+    Only ``standardise_input`` may differ, and not to or from ``both``: every other model key,
+    and ``both``'s six input channels, set the shapes of the weights the sites average.
+
+    Raises
+    ------
+    ValueError
+        Naming the entry, for another key or a mode that would change the weights' shapes.
+    """
+    shared = str(model_cfg.get("standardise_input", "none"))
+    own = (model_cfg.get("per_hospital") or {}).get(hospital) if hospital else None
+    if not own:
+        return shared
+    where = f"model.per_hospital.{hospital}"
+    other = sorted(set(own) - {"standardise_input"})
+    if other:
+        raise ValueError(
+            f"{where}: only standardise_input may differ between hospitals, not {other} "
+            "(the other model keys set the shapes of the weights the hospitals average)"
+        )
+    mode = str(own.get("standardise_input", shared))
+    allowed = tuple(m for m in STANDARDISE_MODES if m != "both")
+    if "both" in (mode, shared) and mode != shared:
+        raise ValueError(
+            f"{where}.standardise_input={mode} with model.standardise_input={shared}: 'both' has "
+            f"six input channels, so a hospital may not differ from or to it; use one of {allowed}"
+        )
+    if mode not in STANDARDISE_MODES:
+        raise ValueError(f"{where}.standardise_input={mode!r}: expected one of {allowed}")
+    return mode
+
+
+def create_mct_model(
+    model_cfg: Mapping[str, Any], num_classes: int, hospital: str | None = None
+) -> MCTFormerV2:
     """Build the configured preset and optionally load a local DeiT checkpoint.
 
     Parameters
     ----------
     model_cfg : Mapping
         The ``model`` config group: ``name`` (a registered ``mct_*`` preset), ``img_size``,
-        ``drop_path_rate``, optional ``pretrained_file`` and ``foreground_head``.
+        ``drop_path_rate``, optional ``pretrained_file``, ``foreground_head``,
+        ``standardise_input`` and ``per_hospital``.
     num_classes : int
         Number of foreground classes.
+    hospital : str | None
+        The hospital whose images the model will see, for its own input standardisation
+        (:func:`hospital_standardisation`); None (the server, pooled training) uses the shared one.
 
     Returns
     -------
@@ -483,8 +526,9 @@ def create_mct_model(model_cfg: Mapping[str, Any], num_classes: int) -> MCTForme
     """
     # Passed only when on, so that a foreign timm name still fails on its type, below.
     extra: dict[str, Any] = {"foreground_head": True} if model_cfg.get("foreground_head") else {}
-    if model_cfg.get("standardise_input", "none") != "none":
-        extra["standardise_input"] = str(model_cfg["standardise_input"])
+    standardisation = hospital_standardisation(model_cfg, hospital)
+    if standardisation != "none":
+        extra["standardise_input"] = standardisation
     model = timm.create_model(
         model_cfg["name"],
         num_classes=num_classes,

@@ -58,7 +58,7 @@ def slug(title: str) -> str:
 def classification_accuracy(cfg: Any) -> dict[str, float]:
     """Top-1 accuracy of the checkpoint's classifier on the hospital's val and test splits."""
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
-    model, _ = load_model(checkpoint, list(cfg.data.classes))
+    model, _ = load_model(checkpoint, list(cfg.data.classes), hospital=str(cfg.hospital))
     device = resolve_device(str(cfg.device))
     scores = {}
     for split in ("val", "test"):

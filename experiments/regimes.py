@@ -20,10 +20,13 @@ from common.training import hospital_train_config, resolve_device, train_local, 
 log = logging.getLogger(__name__)
 
 
-def initial_model(cfg: DictConfig) -> MCTFormerV2:
-    """The model every regime starts from: the same seeded initialisation as the ServerApp."""
+def initial_model(cfg: DictConfig, hospital: str | None = None) -> MCTFormerV2:
+    """The model every regime starts from: the same seeded initialisation as the ServerApp.
+
+    ``hospital`` sets only its input standardisation (``model.per_hospital``), not the weights.
+    """
     torch.manual_seed(cfg.seed)
-    return create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    return create_mct_model(cfg.model, num_classes=len(cfg.data.classes), hospital=hospital)
 
 
 def training_tensors(cfg: DictConfig, hospitals: Sequence[str]) -> SplitTensors:
@@ -49,7 +52,7 @@ def train_rounds(
     ``hospital``'s own settings, so that a hospital training alone follows exactly the schedule
     it follows in FedAvg (``None``: pooled data, the shared settings).
     """
-    model = initial_model(cfg)
+    model = initial_model(cfg, hospital)
     rounds = int(cfg.federation.rounds)
     device = resolve_device(cfg.device)
     for server_round in range(1, rounds + 1):

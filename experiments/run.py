@@ -186,6 +186,11 @@ def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
             rows[f"{run.regime.name} ({name})"] = dict.fromkeys(hospitals, path)
         return rows
     if kind == "centralized":
+        if cfg.model.get("per_hospital"):
+            raise JobError(
+                "regime=centralized pools every hospital's images into one model input, so it "
+                "cannot give each its own model.per_hospital standardisation; drop it there"
+            )
         model = train_rounds(cfg, training_tensors(cfg, hospitals), 0, "centralized")
         path = save_model(
             model.state_dict(),
@@ -200,7 +205,7 @@ def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
         global_model = run.federated("global")
         own = {}
         for index, name in enumerate(hospitals):
-            model, _ = load_model(global_model, list(cfg.data.classes))
+            model, _ = load_model(global_model, list(cfg.data.classes), hospital=name)
             fine_tune(cfg, run.regime, model, training_tensors(cfg, [name]), index, name)
             own[name] = save_model(
                 model.state_dict(),

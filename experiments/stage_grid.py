@@ -69,7 +69,7 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     hospital = check_hospital(cfg)
     split = str(cfg.grid.split)
-    model, _ = load_model(checkpoint, list(cfg.data.classes), cfg.localization.source)
+    model, _ = load_model(checkpoint, list(cfg.data.classes), cfg.localization.source, hospital)
     out = resolve_output_dir(cfg, checkpoint)
     data = hospital_split(cfg.data, hospital, split)
     count = min(int(cfg.grid.num_images), len(data))

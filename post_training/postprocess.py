@@ -77,7 +77,9 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     hospital = check_hospital(cfg)
-    model, payload = load_model(checkpoint, list(cfg.data.classes), cfg.localization.source)
+    model, payload = load_model(
+        checkpoint, list(cfg.data.classes), cfg.localization.source, hospital
+    )
     check_same_split(payload, cfg.data, checkpoint)
     out = resolve_output_dir(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from common.config import CONF_DIR, compose_config
 from common.data import DataVerificationError, check_split, hospital_names, verify_data
 from common.errors import JobError
 from common.localization import FOREGROUND_SOURCES
-from common.model import mct_presets
+from common.model import hospital_standardisation, mct_presets
 from common.training import hospital_train_config
 from server_app.privacy import privacy_settings
 from server_app.strategy import STRATEGIES
@@ -218,22 +218,27 @@ def check_training_config(cfg: DictConfig) -> None:
 
 
 def check_hospital_settings(cfg: DictConfig) -> None:
-    """Every ``train.per_hospital`` entry names a configured hospital and existing keys.
+    """Every ``train.per_hospital`` and ``model.per_hospital`` entry fits a configured hospital.
 
-    A misspelt hospital would otherwise be silently ignored, and an unknown key would fail that
-    hospital's ClientApp at its first round.
+    A misspelt hospital would otherwise be silently ignored, and an unknown key or mode would
+    fail that hospital's ClientApp at its first round.
     """
     names = hospital_names(cfg.data)
-    for hospital in cfg.train.get("per_hospital") or {}:
-        if hospital not in names:
-            raise JobError(
-                f"train.per_hospital.{hospital}: no such hospital in data={cfg.data.name} "
-                f"(hospitals: {', '.join(names)})"
-            )
-        try:
-            hospital_train_config(cfg, str(hospital))
-        except ValueError as error:
-            raise JobError(str(error)) from None
+    checks = (
+        ("train", hospital_train_config),
+        ("model", lambda cfg, hospital: hospital_standardisation(cfg.model, hospital)),
+    )
+    for group, check in checks:
+        for hospital in cfg[group].get("per_hospital") or {}:
+            if hospital not in names:
+                raise JobError(
+                    f"{group}.per_hospital.{hospital}: no such hospital in data={cfg.data.name} "
+                    f"(hospitals: {', '.join(names)})"
+                )
+            try:
+                check(cfg, str(hospital))
+            except ValueError as error:
+                raise JobError(str(error)) from None
 
 
 def check_foreground_settings(cfg: DictConfig) -> None:

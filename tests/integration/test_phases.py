@@ -3,7 +3,8 @@
 One run exercises the federated ``pretrain=instance`` phase before the MCT rounds (private
 instance heads kept in each ClientApp's node state) and the foreground levers during the MCT
 rounds, with their checkpoints and metrics rows, plus a hospital training with its own lever
-strength (``train.per_hospital``) and the standardised input the final model keeps.
+strength (``train.per_hospital``), and the standardised input the final model keeps, with one
+hospital on raw input (``model.per_hospital``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RECIPE = [
     "train.levers.foreground.contrast=1",
     "+train.per_hospital.hospital_b.levers.foreground.area=0",
     "model.standardise_input=channels",
+    "+model.per_hospital.hospital_b.standardise_input=none",
     *[f"data.hospitals.hospital_{h}.num_images=30" for h in "abc"],
 ]
 
@@ -56,3 +58,5 @@ def test_pretraining_phase_then_mct_rounds_with_foreground_levers(flwr_home, tmp
     model, payload = load_model(run_dir / "final_model.pt")
     assert payload["round"] == 1 and model.fg_head is not None
     assert model.standardise_input == "channels"
+    raw, _ = load_model(run_dir / "final_model.pt", hospital="hospital_b")
+    assert raw.standardise_input == "none"

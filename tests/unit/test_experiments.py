@@ -210,7 +210,8 @@ def test_a_federated_model_is_reused_only_when_trained_with_the_same_config(tmp_
         folder.mkdir(parents=True)
         (folder / "final_model.pt").write_bytes(b"")
         trained = OmegaConf.to_container(compose_config([*overrides, f"output_dir={folder}"]))
-        del trained["model"]["standardise_input"]  # trained before the setting existed
+        for key in ("standardise_input", "per_hospital"):  # trained before the settings existed
+            del trained["model"][key]
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(trained))
         return folder / "final_model.pt"
 
@@ -230,6 +231,16 @@ def test_a_federated_model_is_reused_only_when_trained_with_the_same_config(tmp_
     assert seed_run("seed=1").same_training() is None
     # A setting added since counts as its default for the earlier run, and only then.
     assert seed_run("model.standardise_input=image").same_training() is None
+    own = "+model.per_hospital.hospital_a.standardise_input=channels"
+    assert seed_run(own).same_training() is None
+
+
+def test_pooled_training_refuses_a_standardisation_per_hospital(tmp_path):
+    cfg = compose_config(["+model.per_hospital.hospital_a.standardise_input=channels"])
+    regime = compose_config(["regime=centralized"], "w3s_experiment").regime
+    with pytest.raises(JobError, match="cannot give each its own model.per_hospital"):
+        runner.models_of(SeedRun(cfg, regime, "centralized", [], [], 0, tmp_path))
+    assert not (tmp_path / "centralized").exists()
 
 
 def test_paired_difference_is_the_student_t_interval_of_the_mean_difference():

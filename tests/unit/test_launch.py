@@ -56,6 +56,22 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             "train.per_hospital.hospital_z: no such hospital in data=synthetic",
         ),
         (["+train.per_hospital.hospital_a.augmnt.hflip=false"], "hospital_a: Key 'augmnt'"),
+        (
+            ["+model.per_hospital.hospital_z.standardise_input=channels"],
+            "model.per_hospital.hospital_z: no such hospital in data=synthetic",
+        ),
+        (
+            ["+model.per_hospital.hospital_a.img_size=64"],
+            r"model.per_hospital.hospital_a: only standardise_input may differ.*img_size",
+        ),
+        (
+            ["+model.per_hospital.hospital_a.standardise_input=stain"],
+            "model.per_hospital.hospital_a.standardise_input='stain'",
+        ),
+        (
+            ["+model.per_hospital.hospital_a.standardise_input=both"],
+            "'both' has six input channels",
+        ),
     ],
 )
 def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides, message):
@@ -65,6 +81,9 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
     check_training_config(compose_config(["privacy=client_clip"]))
     check_training_config(compose_config(["experiment=paper"]))
     check_training_config(compose_config(["+train.per_hospital.hospital_a.augment.hflip=false"]))
+    check_training_config(
+        compose_config(["+model.per_hospital.hospital_a.standardise_input=channels"])
+    )
 
 
 def test_only_the_superlink_this_run_started_is_stopped():

@@ -8,6 +8,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from common.config import compose_config
 from common.model import (
     MCTFormerV2,
     MCTOutput,
@@ -100,6 +101,26 @@ def test_image_and_standardised_image_side_by_side_load_deit_into_the_raw_half(
 def test_an_unknown_standardisation_is_refused() -> None:
     with pytest.raises(ValueError, match="standardise_input='stain'"):
         tiny(standardise_input="stain")
+
+
+def test_a_hospital_gets_its_own_standardisation_and_the_same_weights_as_the_others() -> None:
+    cfg = compose_config(["+model.per_hospital.hospital_a.standardise_input=channels"]).model
+    own, shared = (create_mct_model(cfg, NUM_CLASSES, hospital=h) for h in ("hospital_a", None))
+    assert (own.standardise_input, shared.standardise_input) == ("channels", "none")
+    assert create_mct_model(cfg, NUM_CLASSES, hospital="hospital_b").standardise_input == "none"
+    shapes = {k: v.shape for k, v in shared.state_dict().items()}
+    assert {k: v.shape for k, v in own.state_dict().items()} == shapes
+    # The same weights give the site's standardised answer, not the shared one.
+    own.load_state_dict(shared.state_dict())
+    images = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        restained = 0.5 * images + 0.2
+        assert torch.allclose(
+            own.eval()(images).class_logits, own(restained).class_logits, atol=1e-4
+        )
+        assert not torch.allclose(
+            shared.eval()(images).class_logits, shared(restained).class_logits, atol=1e-4
+        )
 
 
 def test_deit_small_one_training_step() -> None:
