@@ -45,7 +45,6 @@ from common.config import compose_config
 from common.data import hospital_names
 from common.training import resolve_device
 from post_training.stages import Evaluation, disk_stage, make_maps, seeds_stage
-from support.flower_processes import free_port
 
 SIMULATE = Path(sys.executable).with_name("w3s-simulate")
 
@@ -53,14 +52,9 @@ SIMULATE = Path(sys.executable).with_name("w3s-simulate")
 def train(run_dir: Path, seed: int, overrides: Sequence[str]) -> float:
     """Run ``w3s-simulate`` into ``run_dir``; return its wall-clock minutes."""
     command = [str(SIMULATE), *overrides, f"seed={seed}", f"output_dir={run_dir}"]
-    # Its own FLWR_HOME and SuperLink ports: ``flwr run`` reuses any local SuperLink on the
-    # default ports, and the first run to end would stop it under a concurrent one.
-    env = {
-        **os.environ,
-        "FLWR_HOME": tempfile.mkdtemp(prefix="flwr_home_"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
+    # Its own FLWR_HOME, so that the run's SuperLink log stays apart (w3s-simulate gives each
+    # run its own SuperLink ports).
+    env = {**os.environ, "FLWR_HOME": tempfile.mkdtemp(prefix="flwr_home_")}
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w", encoding="utf-8") as log_file:
         done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -32,6 +32,7 @@ from common.data import DataVerificationError, check_split, hospital_names, veri
 from common.errors import JobError
 from common.localization import FOREGROUND_SOURCES
 from common.model import hospital_standardisation, mct_presets
+from common.network import free_port
 from common.training import hospital_train_config
 from server_app.privacy import privacy_settings
 from server_app.strategy import STRATEGIES
@@ -278,6 +279,11 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     # flwr starts flower-superlink by name: find this environment's even when not activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env[RUN_MARKER] = marker = uuid.uuid4().hex
+    # flwr run reuses any local SuperLink that answers on its default ports, so two runs on one
+    # machine would share one, and the first to end would stop it under the other: each run
+    # starts its own on free ports, unless the user chose them.
+    for port in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
+        env.setdefault(port, str(free_port()))
     with tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp:
         run_config = Path(tmp) / "run_config.toml"
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")

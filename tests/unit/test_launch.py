@@ -14,8 +14,11 @@ from server_app.launch import (
     absolute_path_overrides,
     check_training_config,
     flwr_command,
+    simulate,
     stop_superlinks_marked,
 )
+
+PORTS = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
 
 
 def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
@@ -84,6 +87,23 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
     check_training_config(
         compose_config(["+model.per_hospital.hospital_a.standardise_input=channels"])
     )
+
+
+def test_each_run_gets_its_own_local_superlink_ports_unless_the_user_chose_them(monkeypatch):
+    # flwr run reuses a SuperLink on its default ports, and the first run to end stops it.
+    seen = []
+    monkeypatch.setattr(
+        "server_app.launch.run_and_check", lambda command, env: (seen.append(env), (0, ""))[1]
+    )
+    cfg = compose_config([])
+    for port in PORTS:
+        monkeypatch.delenv(port, raising=False)
+    assert simulate(cfg, []) == 0 and simulate(cfg, []) == 0
+    first, second = ([env[port] for port in PORTS] for env in seen)
+    assert len({*first, *second}) == 4
+    monkeypatch.setenv(PORTS[0], "47001")
+    simulate(cfg, [])
+    assert seen[-1][PORTS[0]] == "47001"
 
 
 def test_only_the_superlink_this_run_started_is_stopped():
