@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.localization_levers import score_maps
+from benchmarks.localization_levers import score_maps, scoring_overrides
 from common.augment import train_cache_size
 from common.checkpoint import load_model, save_model
 from common.config import compose_config
@@ -73,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.run.with_name(f"{args.run.name}_head_{args.hospital}")
     trained_cfg = OmegaConf.create(payload["config"])
     save_model(model.state_dict(), trained_cfg, int(payload["round"]), out / "final_model.pt")
-    data_overrides = [o for o in args.overrides if o.startswith(("data", "localization"))]
-    scores = score_maps(out, args.hospital, data_overrides)
+    scores = score_maps(out, args.hospital, scoring_overrides(args.overrides))
     if not args.test:
         scores = {k: v for k, v in scores.items() if not k.endswith("_test")}
     row = {"run": str(args.run), "hospital": args.hospital, "loss": result.loss, **scores}

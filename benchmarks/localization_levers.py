@@ -91,6 +91,14 @@ def trend_after(values: Sequence[float], first_round: int = 5) -> float:
     return float(np.polyfit(np.arange(len(tail)), tail, 1)[0] * 10)
 
 
+def scoring_overrides(overrides: Sequence[str]) -> list[str]:
+    """What the post-training job shares with training: the data and how maps are made.
+
+    Added (``+``) and removed (``~``) keys count too: a hospital added for the run is scored.
+    """
+    return [o for o in overrides if o.lstrip("+~").startswith(("data", "localization"))]
+
+
 def score_maps(run_dir: Path, hospital: str, data_overrides: Sequence[str]) -> dict[str, Any]:
     """The ``maps`` and disk rows of ``w3s-postprocess`` for one hospital (binary mIoU %)."""
     cfg = compose_config(
@@ -138,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_cfg = compose_config(args.overrides)
     if int(train_cfg.data.split.seed) != 0:
         print(f"warning: data.split.seed={train_cfg.data.split.seed}, not the fixed split 0")
-    # What the post-training job shares with training: the data and how maps are made.
-    data_overrides = [o for o in args.overrides if o.startswith(("data", "localization"))]
+    data_overrides = scoring_overrides(args.overrides)
     rounds = round_metrics(run_dir)
     row: dict[str, Any] = {
         "name": args.name,
