@@ -19,6 +19,7 @@ from common.config import compose_config, parse_overrides
 from common.data import federated_hospitals, hospital_names
 from common.logs import setup_logging
 from common.model import create_mct_model
+from server_app.launch import check_training_config
 from server_app.privacy import with_privacy
 from server_app.recorder import DECLARED_FILE, RoundRecorder
 from server_app.strategy import (
@@ -181,6 +182,9 @@ def main(grid: Grid, context: Context) -> None:
     """Compose the config from the run's overrides, run the rounds, save the final model."""
     setup_logging()
     cfg = compose_config(parse_overrides(str(context.run_config["overrides"])))
+    # w3s-simulate checks these before Flower starts; a deployed or bare `flwr run` reaches
+    # here unchecked, and a bad value would otherwise fail every ClientApp at round 1.
+    check_training_config(cfg)
     run_dir = run_directory(cfg, context.run_id)
     log.info("run directory: %s", run_dir)
     hospitals = run_hospitals(cfg, grid)

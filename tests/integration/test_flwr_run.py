@@ -4,6 +4,8 @@
   local simulation has 2 SuperNodes: 2 of the 3 synthetic hospitals take part);
 - real data on the wrong number of SuperNodes fails within seconds, not after the deployment
   wait (``federation.wait_for_nodes_s``, 120 s);
+- a setting that ``w3s-simulate`` would refuse fails the ServerApp before any round, since a
+  bare or deployed ``flwr run`` skips ``w3s-simulate``;
 - ``w3s-simulate`` (``python -m server_app.launch``) works from a non-editable install, outside
   the checkout.
 """
@@ -81,6 +83,26 @@ def test_real_data_on_too_few_supernodes_fails_within_seconds(flwr_home, tmp_pat
     assert "2 hospitals are configured but 1 SuperNodes" in log, log[-4000:]
     assert seconds < 90, f"{seconds:.0f} s: the run waited as a deployment would"
     assert not list((tmp_path / "runs").glob("*/final_model.pt"))
+
+
+def test_a_setting_for_no_such_hospital_fails_the_server_before_round_1(flwr_home, tmp_path):
+    output_root = tmp_path / "runs"
+    env = {**flower_env(flwr_home), "W3S_OUTPUT_ROOT": str(output_root)}
+    command = [
+        FLWR,
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        "overrides='+model.per_hospital.hospital_z.standardise_input=channels'",
+    ]
+    result = run(command, env=env, timeout_s=300, cwd=REPO)
+    log = result.stdout + result.stderr
+
+    assert final_status(log, env) == "finished:failed", log[-4000:]
+    assert "model.per_hospital.hospital_z: no such hospital" in log, log[-4000:]
+    # Refused before the run directory, so no round ran and nothing was left to clean up.
+    assert not output_root.exists(), list(output_root.rglob("*"))
 
 
 @pytest.mark.slow
