@@ -1,0 +1,117 @@
+"""Measure whether a hospital's cell is one side of a two-colour split of its images.
+
+The foreground contrast (``common.levers``) splits every image into two sides that look alike
+across images. When colour alone already splits the cell from the background, the contrast
+can find the whole cell; when it splits the nucleus from the rest, that is what the head
+learns. This measures the split colour alone gives: per image, two k-means clusters of the
+pixels in a colour space, the smaller taken as the cell (as ``oriented_foreground`` does), and
+its mean IoU with the cell (nucleus and cytoplasm) and with the nucleus. Training and
+validation images only; their masks score, nothing is fitted to them.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.colour_clusters data=wbc_zxaoyou
+
+One JSON line per hospital and colour space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from common.config import compose_config
+from common.data import BACKGROUND, NUCLEUS, hospital_names, hospital_split
+
+SIDE = 96  # the tiny preset's input size: the grid the head sees, up to patching
+
+
+def _standardised(values: np.ndarray) -> np.ndarray:
+    return (values - values.mean(axis=(0, 1))) / (values.std(axis=(0, 1)) + 1e-6)
+
+
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(rgb, 1 / 255, 1.0))
+
+
+def _chromaticity(values: np.ndarray) -> np.ndarray:
+    return values / (values.sum(axis=2, keepdims=True) + 1e-3)
+
+
+# Colour spaces: raw as model.standardise_input=none sees it, the rest standardised per image
+# and channel as model.standardise_input=channels does.
+SPACES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "rgb": lambda rgb: rgb,
+    "rgb_standardised": _standardised,
+    "chromaticity": lambda rgb: _standardised(_chromaticity(rgb)),
+    "optical_density": lambda rgb: _standardised(_optical_density(rgb)),
+    "stain_chromaticity": lambda rgb: _standardised(_chromaticity(_optical_density(rgb))),
+}
+
+
+def smaller_cluster(values: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """Boolean (H, W): the smaller of two k-means clusters of the pixels' values (H, W, 3).
+
+    Seeded from the two ends of the first principal axis, so the split is deterministic.
+    """
+    pixels = values.reshape(-1, values.shape[-1])
+    axis = np.linalg.svd(pixels - pixels.mean(0), full_matrices=False)[2][0]
+    projection = pixels @ axis
+    low, high = np.percentile(projection, [20, 80])
+    centres = np.stack([pixels[projection <= low].mean(0), pixels[projection >= high].mean(0)])
+    for _ in range(iterations):
+        assigned = ((pixels[:, None] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        centres = np.stack(
+            [pixels[assigned == k].mean(0) if (assigned == k).any() else centres[k] for k in (0, 1)]
+        )
+    side = assigned.reshape(values.shape[:2]).astype(bool)
+    return side if side.mean() <= 0.5 else ~side
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(int((a | b).sum()), 1))
+
+
+def hospital_scores(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict[str, dict]:
+    """Per colour space: mean IoU of the smaller cluster with the cell and with the nucleus."""
+    scores: dict[str, dict] = {}
+    for space, transform in SPACES.items():
+        cell, nucleus = [], []
+        for image, mask in zip(images, masks, strict=True):
+            rgb = np.asarray(Image.fromarray(image).resize((SIDE, SIDE)), np.float64) / 255.0
+            truth = np.asarray(Image.fromarray(mask).resize((SIDE, SIDE), Image.NEAREST))
+            side = smaller_cluster(transform(rgb))
+            cell.append(iou(side, truth != BACKGROUND))
+            nucleus.append(iou(side, truth == NUCLEUS))
+        scores[space] = {
+            "cell_iou": round(float(np.mean(cell)), 3),
+            "nucleus_iou": round(float(np.mean(nucleus)), 3),
+        }
+    return scores
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=wbc_zxaoyou")
+    args = parser.parse_args(argv)
+    cfg = compose_config(list(args.overrides))
+    for hospital in hospital_names(cfg.data):
+        splits = [hospital_split(cfg.data, hospital, split) for split in ("train", "val")]
+        if any(split.masks is None for split in splits):
+            print(json.dumps({"hospital": hospital, "skipped": "no masks"}))
+            continue
+        images = [image for split in splits for image in split.images]
+        masks = [mask for split in splits for mask in split.masks]
+        for space, score in hospital_scores(images, masks).items():
+            print(
+                json.dumps({"hospital": hospital, "images": len(images), "space": space, **score})
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
