@@ -35,6 +35,15 @@ def final_status(log: str, env: dict[str, str]) -> str:
     return run_status(FLWR, started.group(1), env)
 
 
+def run_with_overrides(env: dict[str, str], overrides: str, *federation_config: str) -> str:
+    """``flwr run . --stream`` in the checkout with the app's ``overrides``; stdout and stderr."""
+    command = [FLWR, "run", ".", "--stream", "--run-config", f"overrides='{overrides}'"]
+    for value in federation_config:
+        command += ["--federation-config", value]
+    result = run(command, env=env, timeout_s=300, cwd=REPO)
+    return result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_bare_flwr_run_trains_two_of_the_three_synthetic_hospitals(flwr_home, tmp_path):
     output_root = tmp_path / "runs"
@@ -62,19 +71,8 @@ def test_real_data_on_too_few_supernodes_fails_within_seconds(flwr_home, tmp_pat
         "W3S_OUTPUT_ROOT": str(tmp_path / "runs"),
         "W3S_WBC_ROOT": str(wbc_root),
     }
-    command = [
-        FLWR,
-        "run",
-        ".",
-        "--stream",
-        "--run-config",
-        "overrides='data=wbc_zxaoyou'",
-        "--federation-config",
-        "num-supernodes=1",
-    ]
     started = time.monotonic()
-    result = run(command, env=env, timeout_s=300, cwd=REPO)
-    log = result.stdout + result.stderr
+    log = run_with_overrides(env, "data=wbc_zxaoyou", "num-supernodes=1")
     status = final_status(log, env)
     seconds = time.monotonic() - started
     print(f"\nreal data on 1 SuperNode: {status} after {seconds:.0f} s")
@@ -88,16 +86,7 @@ def test_real_data_on_too_few_supernodes_fails_within_seconds(flwr_home, tmp_pat
 def test_a_setting_for_no_such_hospital_fails_the_server_before_round_1(flwr_home, tmp_path):
     output_root = tmp_path / "runs"
     env = {**flower_env(flwr_home), "W3S_OUTPUT_ROOT": str(output_root)}
-    command = [
-        FLWR,
-        "run",
-        ".",
-        "--stream",
-        "--run-config",
-        "overrides='+model.per_hospital.hospital_z.standardise_input=channels'",
-    ]
-    result = run(command, env=env, timeout_s=300, cwd=REPO)
-    log = result.stdout + result.stderr
+    log = run_with_overrides(env, "+model.per_hospital.hospital_z.standardise_input=channels")
 
     assert final_status(log, env) == "finished:failed", log[-4000:]
     assert "model.per_hospital.hospital_z: no such hospital" in log, log[-4000:]
