@@ -5,14 +5,15 @@ across images. When colour alone already splits the cell from the background, th
 can find the whole cell; when it splits the nucleus from the rest, that is what the head
 learns. This measures the split colour alone gives: per image, two k-means clusters of the
 pixels in a colour space, the smaller taken as the cell (as ``oriented_foreground`` does), and
-its mean IoU with the cell (nucleus and cytoplasm) and with the nucleus. Training and
+its mean IoU with the cell (nucleus and cytoplasm) and with the nucleus; with ``--clusters 3``
+and more, all clusters but the largest are the cell. Training and
 validation images only; their masks score, nothing is fitted to them.
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.colour_clusters data=wbc_zxaoyou
+    .venv/bin/python -m benchmarks.colour_clusters --clusters 2 3 4 -- data=wbc_zxaoyou
 
-One JSON line per hospital and colour space.
+One JSON line per hospital, number of clusters and colour space.
 """
 
 from __future__ import annotations
@@ -53,38 +54,58 @@ SPACES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def smaller_cluster(values: np.ndarray, iterations: int = 20) -> np.ndarray:
-    """Boolean (H, W): the smaller of two k-means clusters of the pixels' values (H, W, 3).
+def cell_side(values: np.ndarray, clusters: int = 2, starts: int = 5) -> np.ndarray:
+    """Boolean (H, W): all but the largest of ``clusters`` k-means clusters of (H, W, 3) values.
 
-    Seeded from the two ends of the first principal axis, so the split is deterministic.
+    With two clusters that is the smaller side, as the orientation of the head's maps takes
+    it; with more, the background is taken to be one colour and the cell the rest. The best of
+    ``starts`` fixed starts (the first along the principal axis, the rest random pixels of a
+    seeded draw) is kept, so the split is deterministic and not a bad start's.
     """
     pixels = values.reshape(-1, values.shape[-1])
     axis = np.linalg.svd(pixels - pixels.mean(0), full_matrices=False)[2][0]
-    projection = pixels @ axis
-    low, high = np.percentile(projection, [20, 80])
-    centres = np.stack([pixels[projection <= low].mean(0), pixels[projection >= high].mean(0)])
-    for _ in range(iterations):
-        assigned = ((pixels[:, None] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
-        centres = np.stack(
-            [pixels[assigned == k].mean(0) if (assigned == k).any() else centres[k] for k in (0, 1)]
+    ordered = pixels[(pixels @ axis).argsort()]
+    rng = np.random.default_rng(0)
+    best: tuple[float, np.ndarray] | None = None
+    for start in range(starts):
+        centres = (
+            np.stack([chunk.mean(0) for chunk in np.array_split(ordered, clusters)])
+            if start == 0
+            else pixels[rng.choice(len(pixels), clusters, replace=False)]
         )
-    side = assigned.reshape(values.shape[:2]).astype(bool)
-    return side if side.mean() <= 0.5 else ~side
+        for _ in range(20):
+            distances = ((pixels[:, None] - centres[None]) ** 2).sum(axis=2)
+            assigned = distances.argmin(axis=1)
+            centres = np.stack(
+                [
+                    pixels[assigned == k].mean(0) if (assigned == k).any() else centres[k]
+                    for k in range(clusters)
+                ]
+            )
+        inertia = float(distances.min(axis=1).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, assigned)
+    assert best is not None  # starts >= 1
+    assigned = best[1]
+    largest = np.bincount(assigned, minlength=clusters).argmax()
+    return (assigned != largest).reshape(values.shape[:2])
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(int((a | b).sum()), 1))
 
 
-def hospital_scores(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict[str, dict]:
-    """Per colour space: mean IoU of the smaller cluster with the cell and with the nucleus."""
+def hospital_scores(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], clusters: int = 2
+) -> dict[str, dict]:
+    """Per colour space: mean IoU of the cell side (:func:`cell_side`) with cell and nucleus."""
     scores: dict[str, dict] = {}
     for space, transform in SPACES.items():
         cell, nucleus = [], []
         for image, mask in zip(images, masks, strict=True):
             rgb = np.asarray(Image.fromarray(image).resize((SIDE, SIDE)), np.float64) / 255.0
             truth = np.asarray(Image.fromarray(mask).resize((SIDE, SIDE), Image.NEAREST))
-            side = smaller_cluster(transform(rgb))
+            side = cell_side(transform(rgb), clusters)
             cell.append(iou(side, truth != BACKGROUND))
             nucleus.append(iou(side, truth == NUCLEUS))
         scores[space] = {
@@ -96,6 +117,7 @@ def hospital_scores(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clusters", type=int, nargs="+", default=[2], help="k of k-means")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=wbc_zxaoyou")
     args = parser.parse_args(argv)
     cfg = compose_config(list(args.overrides))
@@ -106,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         images = [image for split in splits for image in split.images]
         masks = [mask for split in splits for mask in split.masks]
-        for space, score in hospital_scores(images, masks).items():
-            print(
-                json.dumps({"hospital": hospital, "images": len(images), "space": space, **score})
-            )
+        for clusters in args.clusters:
+            for space, score in hospital_scores(images, masks, clusters).items():
+                row = {"hospital": hospital, "clusters": clusters, "space": space, **score}
+                print(json.dumps({**row, "images": len(images)}))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from benchmarks.colour_clusters import hospital_scores, smaller_cluster
+from benchmarks.colour_clusters import cell_side, hospital_scores
 from common.data import BACKGROUND, CYTOPLASM, NUCLEUS
 
 
@@ -22,8 +22,10 @@ def _cell_image() -> tuple[np.ndarray, np.ndarray]:
 
 def test_the_smaller_of_two_colour_clusters_is_the_cell_when_the_cell_is_one_colour():
     image, mask = _cell_image()
-    side = smaller_cluster(image.astype(np.float64) / 255.0)
+    side = cell_side(image.astype(np.float64) / 255.0)
     assert np.array_equal(side, mask != BACKGROUND)
+    # Three clusters find nucleus, cytoplasm and background: the cell is all but the largest.
+    assert np.array_equal(cell_side(image.astype(np.float64) / 255.0, 3), mask != BACKGROUND)
 
 
 def test_a_cytoplasm_like_the_background_leaves_the_nucleus_as_the_split():
@@ -31,3 +33,5 @@ def test_a_cytoplasm_like_the_background_leaves_the_nucleus_as_the_split():
     image[mask == CYTOPLASM] = (230, 215, 215)  # pale, nearly the plasma's colour
     scores = hospital_scores([image], [mask])["rgb"]
     assert scores["nucleus_iou"] > 0.9 > 0.5 > scores["cell_iou"]
+    # With a third cluster for the cytoplasm, the cell is whole again.
+    assert hospital_scores([image], [mask], 3)["rgb"]["cell_iou"] > 0.9
