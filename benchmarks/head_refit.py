@@ -8,7 +8,7 @@ help that hospital either: its features are what limit it.
 
 Run from the repository root, on a run of ``benchmarks.localization_levers``::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.head_refit /tmp/i12/runs/contrast_s0
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.head_refit outputs/levers/runs/contrast_s0
         dataset2 -- data=wbc_zxaoyou
 
 (one command line). The refitted model goes to ``<run>_head_<hospital>/final_model.pt``.

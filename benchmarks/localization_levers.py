@@ -22,7 +22,8 @@ Run from the repository root, under ``nice`` on a shared machine::
 
 (one command line).
 
-Each call appends one JSON line to ``--results`` (default ``/tmp/i12/results.jsonl``).
+Each call trains into ``--root`` (default ``outputs/levers/runs``, git-ignored) and appends one
+JSON line to ``--results`` (default ``outputs/levers/results.jsonl``).
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="lever name, also the run folder's prefix")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", type=Path, default=Path("/tmp/i12/runs"))
-    parser.add_argument("--results", type=Path, default=Path("/tmp/i12/results.jsonl"))
+    parser.add_argument("--root", type=Path, default=Path("outputs/levers/runs"))
+    parser.add_argument("--results", type=Path, default=Path("outputs/levers/results.jsonl"))
     parser.add_argument("--skip-train", action="store_true", help="score an existing run")
     parser.add_argument("--test", action="store_true", help="also print the test split")
     parser.add_argument(
@@ -140,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of w3s-simulate")
     args = parser.parse_args(argv)
 
-    run_dir = args.root / f"{args.name}_s{args.seed}"
+    # The ServerApp refuses a relative output_dir (its working directory is the SuperLink's).
+    run_dir = args.root.resolve() / f"{args.name}_s{args.seed}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     minutes = float("nan") if args.skip_train else train(run_dir, args.seed, args.overrides)
     train_cfg = compose_config(args.overrides)
