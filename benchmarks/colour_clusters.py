@@ -6,8 +6,8 @@ can find the whole cell; when it splits the nucleus from the rest, that is what 
 learns. This measures the split colour alone gives: per image, two k-means clusters of the
 pixels in a colour space, the smaller taken as the cell (as ``oriented_foreground`` does), and
 its mean IoU with the cell (nucleus and cytoplasm) and with the nucleus; with ``--clusters 3``
-and more, all clusters but the largest are the cell. Training and
-validation images only; their masks score, nothing is fitted to them.
+and more, all clusters but the largest are the cell. Training and validation images only;
+their masks score, nothing is fitted to them.
 
 Run from the repository root::
 
@@ -23,10 +23,10 @@ import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from common.config import compose_config
 from common.data import BACKGROUND, NUCLEUS, hospital_names, hospital_split
+from common.imaging import resize_images, resize_labels
 
 SIDE = 96  # the tiny preset's input size: the grid the head sees, up to patching
 
@@ -99,12 +99,13 @@ def hospital_scores(
     images: Sequence[np.ndarray], masks: Sequence[np.ndarray], clusters: int = 2
 ) -> dict[str, dict]:
     """Per colour space: mean IoU of the cell side (:func:`cell_side`) with cell and nucleus."""
+    # Resized once, the way the model's input is (antialiased), masks by nearest neighbour.
+    colours = resize_images(images, SIDE).permute(0, 2, 3, 1).double().numpy() / 255.0
+    truths = resize_labels(masks, SIDE).numpy()
     scores: dict[str, dict] = {}
     for space, transform in SPACES.items():
         cell, nucleus = [], []
-        for image, mask in zip(images, masks, strict=True):
-            rgb = np.asarray(Image.fromarray(image).resize((SIDE, SIDE)), np.float64) / 255.0
-            truth = np.asarray(Image.fromarray(mask).resize((SIDE, SIDE), Image.NEAREST))
+        for rgb, truth in zip(colours, truths, strict=True):
             side = cell_side(transform(rgb), clusters)
             cell.append(iou(side, truth != BACKGROUND))
             nucleus.append(iou(side, truth == NUCLEUS))

@@ -183,7 +183,7 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = compose_config(parse_overrides(str(context.run_config["overrides"])))
     # w3s-simulate checks these before Flower starts; a deployed or bare `flwr run` reaches
-    # here unchecked, and a bad value would otherwise fail every ClientApp at round 1.
+    # here unchecked, where a bad value would be silently ignored or fail the ClientApps.
     check_training_config(cfg)
     run_dir = run_directory(cfg, context.run_id)
     log.info("run directory: %s", run_dir)
