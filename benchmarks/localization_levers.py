@@ -6,7 +6,7 @@ ClientApp run every phase) with the given Hydra overrides and seed, then scores,
 - the ``maps`` row of ``w3s-postprocess`` (the model's maps against one background constant
   chosen on validation; no colour growth, border background or centre pick), binary mIoU %;
 - the centred disk (radius chosen on validation), the reference the maps must beat;
-- the classifier's validation accuracy after the last round;
+- the validation accuracy of both classifiers (class tokens, patch-CAM head) after the last round;
 - ``val-loc-miou`` per round, from the run's ``metrics.jsonl``, and its trend after round 5.
 
 The scores come from the post-training code itself (``post_training.stages``), so they are the
@@ -70,14 +70,19 @@ def train(run_dir: Path, seed: int, overrides: Sequence[str]) -> float:
 
 
 def round_metrics(run_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """Per hospital: ``val-loc-miou`` and ``val-accuracy`` of every MCT round, in order."""
+    """Per hospital: ``val-loc-miou`` and both accuracies of every MCT round, in order.
+
+    Runs from before ``val-cam-accuracy`` existed have an empty list for it.
+    """
     out: dict[str, dict[str, list[float]]] = {}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if row.get("phase", "mct") != "mct":
             continue
         for name, metrics in row.get("hospitals", {}).items():
-            per = out.setdefault(name, {"val-loc-miou": [], "val-accuracy": []})
+            per = out.setdefault(
+                name, {"val-loc-miou": [], "val-accuracy": [], "val-cam-accuracy": []}
+            )
             for key in per:
                 if key in metrics:
                     per[key].append(float(metrics[key]))
@@ -166,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["hospitals"][hospital] = {
             **scores,
             "accuracy_val": round(rounds[hospital]["val-accuracy"][-1], 3),
+            "cam_accuracy_val": (
+                round(cam[-1], 3) if (cam := rounds[hospital]["val-cam-accuracy"]) else None
+            ),
             "loc_first_last": [round(loc[0], 3), round(loc[-1], 3)],
             "loc_max": round(max(loc), 3),
             "loc_slope_after_r5_per10": round(trend_after(loc), 3),

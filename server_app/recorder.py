@@ -22,7 +22,14 @@ CHECKPOINTS_KEPT = 2
 DECLARED_FILE = "declared_examples.json"
 
 
-LOGGED_METRICS = ("train-loss", "val-loss", "val-accuracy", "val-map", "val-loc-miou")
+LOGGED_METRICS = (
+    "train-loss",
+    "val-loss",
+    "val-accuracy",
+    "val-cam-accuracy",
+    "val-map",
+    "val-loc-miou",
+)
 
 
 def current_rss_mb() -> float:

@@ -29,7 +29,7 @@ def test_simulated_federation_trains_checkpoints_and_records(flwr_home, tmp_path
     assert all(r["replies"] == 3 and not r["failed_nodes"] and not r["rejected"] for r in rows)
     assert set(rows[0]["hospitals"]) == {"hospital_a", "hospital_b", "hospital_c"}
     assert rows[1]["train"]["train-loss"] < rows[0]["train"]["train-loss"]
-    for key in ("val-map", "val-accuracy", "val-loc-miou", "val-loc-threshold"):
+    for key in ("val-map", "val-accuracy", "val-cam-accuracy", "val-loc-miou", "val-loc-threshold"):
         assert key in rows[1]["evaluate"]
 
     final = load_checkpoint(run_dir / "final_model.pt")

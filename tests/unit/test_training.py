@@ -59,6 +59,7 @@ def test_local_training_lowers_the_loss_and_validation_reports_every_score():
     assert set(metrics) == {
         "val-loss",
         "val-accuracy",
+        "val-cam-accuracy",
         "val-map",
         "val-loc-miou",
         "val-loc-threshold",
@@ -66,6 +67,27 @@ def test_local_training_lowers_the_loss_and_validation_reports_every_score():
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["val-loc-miou"] <= 1.0
     assert metrics["val-loc-threshold"] in list(cfg.localization.thresholds)
+
+
+def test_the_cam_accuracy_is_the_patch_cam_heads_and_the_accuracy_the_class_tokens():
+    cfg = compose_config(SMALL)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    val = split_tensors(cfg.data, "hospital_a", "val", cfg.model.img_size)
+    counts = torch.bincount(val.labels, minlength=model.num_classes)
+    rare = int(counts.argmin())
+    with torch.no_grad():  # the patch-CAM head now says "rare" for every image
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(rare), model.num_classes))
+    metrics = evaluate_local(model, val, cfg.localization, device=torch.device("cpu"))
+    assert metrics["val-cam-accuracy"] == pytest.approx(float(counts[rare]) / len(val.labels))
+    with torch.no_grad():
+        model.head.bias.copy_(torch.nn.functional.one_hot(val.labels[0], model.num_classes))
+    again = evaluate_local(model, val, cfg.localization, device=torch.device("cpu"))
+    # Only the patch-CAM head changed: the class tokens' accuracy stays where it was.
+    assert again["val-accuracy"] == metrics["val-accuracy"]
+    assert again["val-cam-accuracy"] == pytest.approx(
+        float((val.labels == val.labels[0]).float().mean())
+    )
 
 
 def test_a_hospital_trains_with_its_own_settings_and_the_others_with_the_shared_ones():

@@ -1,0 +1,154 @@
+"""Tell whether a trained model's features carry the cell's class, and from which part of the image.
+
+A hospital's classifiers (the class tokens, ``val-accuracy``; the patch-CAM head,
+``val-cam-accuracy``) can fail because the heads are weak or because the features hold no class
+information at all. This fits a class-balanced linear probe on the frozen final patch features
+of the hospital's training images, pooled three ways: over the whole image, under the
+foreground head's cell side (oriented as the maps are) and under the rest, and scores it on
+validation. A probe at chance means the features, not the heads, limit the hospital; a
+background probe as good as the whole image's means the class is read from the context. The
+same probe on the pixels themselves (an 8x8 thumbnail, a colour histogram) says how much a
+model could get from the images without learning anything.
+
+Run from the repository root, on a run of ``benchmarks.localization_levers``::
+
+    .venv/bin/python -m benchmarks.feature_probe outputs/levers/runs/contrast_s0
+        -- data=wbc_zxaoyou
+
+(one command line). One JSON line per hospital: accuracies on validation (and test with
+``--test``) of always answering the training split's most common class, of both heads, and of
+the five probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.augment import normalise
+from common.checkpoint import load_model
+from common.config import compose_config
+from common.data import SplitTensors, hospital_names, split_tensors
+from common.levers import pooled
+from common.localization import oriented_foreground
+from common.model import MCTFormerV2
+
+POOLS = ("all", "cell", "background")
+PROBED = (*POOLS, "pixels", "histogram")
+HISTOGRAM_BINS = 8  # per channel: 512 colour bins
+
+
+def pixel_features(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, D) features of uint8 (B, 3, H, W) images that involve no model.
+
+    ``pixels``: the 8x8 thumbnail, centred per image (brightness alone does not count);
+    ``histogram``: the square root of the joint RGB histogram.
+    """
+    thumbnail = F.adaptive_avg_pool2d(images.float() / 255.0, 8).flatten(1)
+    binned = images.long() * HISTOGRAM_BINS // 256
+    index = (binned[:, 0] * HISTOGRAM_BINS + binned[:, 1]) * HISTOGRAM_BINS + binned[:, 2]
+    histogram = torch.stack(
+        [torch.bincount(i.flatten(), minlength=HISTOGRAM_BINS**3).float() for i in index]
+    )
+    return {
+        "pixels": F.normalize(thumbnail - thumbnail.mean(dim=1, keepdim=True), dim=1),
+        "histogram": F.normalize(histogram.sqrt(), dim=1),
+    }
+
+
+@torch.no_grad()
+def read_split(model: MCTFormerV2, data: SplitTensors) -> dict[str, torch.Tensor]:
+    """Features (B, D) per probed kind and both heads' predicted classes (B,) of one split.
+
+    The cell side is oriented over the whole split at once, as one batch of maps would be.
+    """
+    model.eval()
+    output = model(normalise(data.images))
+    if output.foreground is None or output.patch_features is None:
+        raise ValueError("the probe needs a model with a foreground head")
+    cell = oriented_foreground(torch.sigmoid(output.foreground))
+    features = output.patch_features
+    return {
+        "all": pooled(features, torch.ones_like(cell)),
+        "cell": pooled(features, cell),
+        "background": pooled(features, 1.0 - cell),
+        "tokens": output.class_logits.argmax(dim=1),
+        "cam": output.patch_logits.argmax(dim=1),
+        **pixel_features(data.images),
+    }
+
+
+def linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int = 500,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> torch.nn.Linear:
+    """A softmax classifier on ``features`` (N, D), classes weighted inversely to their count.
+
+    The weighting keeps a probe on a few dozen skewed images from answering the majority
+    class, the failure that the heads' accuracy cannot tell from having learnt nothing.
+    """
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(features.shape[1], num_classes)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.05, weight_decay=weight_decay)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    weight = counts.sum() / (counts.clamp_min(1.0) * num_classes)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(probe(features), labels, weight=weight).backward()
+        optimizer.step()
+    return probe.requires_grad_(False)
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return round(float((predicted == labels).float().mean()), 3)
+
+
+def probe_hospital(
+    model: MCTFormerV2, train: SplitTensors, evaluated: dict[str, SplitTensors]
+) -> dict[str, float]:
+    """Accuracies per evaluated split: majority class, both heads and the five probes."""
+    fitted = read_split(model, train)
+    probes = {p: linear_probe(fitted[p], train.labels, model.num_classes) for p in PROBED}
+    majority = torch.bincount(train.labels, minlength=model.num_classes).argmax()
+    row: dict[str, float] = {}
+    for split, data in evaluated.items():
+        read = read_split(model, data)
+        row[f"majority_{split}"] = accuracy(majority.expand_as(data.labels), data.labels)
+        row[f"tokens_{split}"] = accuracy(read["tokens"], data.labels)
+        row[f"cam_{split}"] = accuracy(read["cam"], data.labels)
+        for pool, probe in probes.items():
+            row[f"probe_{pool}_{split}"] = accuracy(probe(read[pool]).argmax(1), data.labels)
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a training run folder with final_model.pt")
+    parser.add_argument("--test", action="store_true", help="also score the test split")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run's data")
+    args = parser.parse_args(argv)
+
+    cfg = compose_config(list(args.overrides))
+    classes = list(cfg.data.classes)
+    for hospital in hospital_names(cfg.data):
+        model, _ = load_model(args.run / "final_model.pt", classes, "foreground", hospital)
+        splits = ["val", "test"] if args.test else ["val"]
+        evaluated = {s: split_tensors(cfg.data, hospital, s, model.img_size) for s in splits}
+        train = split_tensors(cfg.data, hospital, "train", model.img_size)
+        row = {"run": str(args.run), "hospital": hospital}
+        print(json.dumps({**row, **probe_hospital(model, train, evaluated)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
