@@ -62,23 +62,26 @@ def pixel_features(images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def read_split(model: MCTFormerV2, data: SplitTensors) -> dict[str, torch.Tensor]:
+def read_split(
+    model: MCTFormerV2, data: SplitTensors, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
     """Features (B, D) per probed kind and both heads' predicted classes (B,) of one split.
 
     The cell side is oriented over the whole split at once, as one batch of maps would be.
     """
     model.eval()
-    output = model(normalise(data.images))
-    if output.foreground is None or output.patch_features is None:
+    outputs = [model(normalise(chunk)) for chunk in data.images.split(batch_size)]
+    if any(o.foreground is None or o.patch_features is None for o in outputs):
         raise ValueError("the probe needs a model with a foreground head")
-    cell = oriented_foreground(torch.sigmoid(output.foreground))
-    features = output.patch_features
+    features = torch.cat([o.patch_features for o in outputs])
+    head = torch.cat([o.foreground for o in outputs])
+    cell = oriented_foreground(torch.sigmoid(head))
     return {
         "all": pooled(features, torch.ones_like(cell)),
         "cell": pooled(features, cell),
         "background": pooled(features, 1.0 - cell),
-        "tokens": output.class_logits.argmax(dim=1),
-        "cam": output.patch_logits.argmax(dim=1),
+        "tokens": torch.cat([o.class_logits for o in outputs]).argmax(dim=1),
+        "cam": torch.cat([o.patch_logits for o in outputs]).argmax(dim=1),
         **pixel_features(data.images),
     }
 
