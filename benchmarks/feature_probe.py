@@ -143,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = compose_config(list(args.overrides))
     classes = list(cfg.data.classes)
+    splits = ["val", "test"] if args.test else ["val"]
     for hospital in hospital_names(cfg.data):
         model, _ = load_model(args.run / "final_model.pt", classes, "foreground", hospital)
-        splits = ["val", "test"] if args.test else ["val"]
         evaluated = {s: split_tensors(cfg.data, hospital, s, model.img_size) for s in splits}
         train = split_tensors(cfg.data, hospital, "train", model.img_size)
         row = {"run": str(args.run), "hospital": hospital}

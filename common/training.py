@@ -239,11 +239,12 @@ def evaluate_local(
             maps = normalise_maps(raw, images.shape[-2:], targets)
             foreground.append(maps.amax(dim=1).cpu())
     score_array = torch.cat(scores).numpy()
+    cam_array = torch.cat(cam_scores).numpy()
     label_array = data.labels.numpy()
     metrics = {
         "val-loss": float(np.sum(losses) / n),
         "val-accuracy": float((score_array.argmax(1) == label_array).mean()),
-        "val-cam-accuracy": float((torch.cat(cam_scores).argmax(1).numpy() == label_array).mean()),
+        "val-cam-accuracy": float((cam_array.argmax(1) == label_array).mean()),
         "val-map": average_precision(score_array, label_array),
     }
     if data.masks is not None:
