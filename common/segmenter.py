@@ -267,7 +267,14 @@ def train_segmenter(
             index = order[first : first + batch_size]
             batch, labels = _augment(inputs[index], targets[index], generator)
             logits = model(_to_model(batch, device))["out"]
-            loss = F.cross_entropy(logits, labels.long().to(device), ignore_index=IGNORE_INDEX)
+            batch_labels = labels.long().to(device)
+            # The mean over the labelled pixels; a batch without any (a confidence-filtered
+            # self-training mask can be all "ignore") adds nothing instead of 0/0.
+            labelled = (batch_labels != IGNORE_INDEX).sum().clamp(min=1)
+            loss = (
+                F.cross_entropy(logits, batch_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+                / labelled
+            )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"segmenter loss became {loss.item()} at step {step}")
             for group in optimizer.param_groups:
@@ -364,11 +371,18 @@ def upsampled_strips(
         yield first, strip.addcmul_(rows[:, bottom[band]], bottom_weight[band, None])
 
 
-def label_map(scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """The HxW uint8 argmax of (K, h, w) scores upsampled to ``size``, strip by strip."""
+def label_map(scores: torch.Tensor, size: tuple[int, int], confidence: float = 0.0) -> np.ndarray:
+    """The HxW uint8 argmax of (K, h, w) scores upsampled to ``size``, strip by strip.
+
+    Pixels whose winning probability is below ``confidence`` get the ignore label, so a
+    segmenter trained on the map learns only from what its predecessor was sure of.
+    """
     labels = np.empty(size, dtype=np.uint8)
     for first, strip in upsampled_strips(scores, size):
-        labels[first : first + strip.shape[1]] = channel_argmax(strip).to(torch.uint8).cpu().numpy()
+        label = channel_argmax(strip).to(torch.uint8)
+        if confidence > 0.0:
+            label[strip.softmax(0).amax(0) < confidence] = IGNORE_INDEX
+        labels[first : first + strip.shape[1]] = label.cpu().numpy()
     return labels
 
 
@@ -479,15 +493,17 @@ def predict(
     batch_size: int = 16,
     progress: Progress | None = None,
     one_cell: bool = False,
+    confidence: float = 0.0,
 ) -> list[np.ndarray]:
     """One HxW uint8 label map per image (0 background, k = class k - 1).
 
     The argmax of :func:`native_logits` (bit-identical), computed a strip of rows at a time so
     that an image's full-size logits never exist: memory per image is its label map plus a
-    bounded strip. The arguments are those of :func:`input_logits`.
+    bounded strip. ``confidence`` is that of :func:`label_map`; the other arguments are those
+    of :func:`input_logits`.
     """
     return [
-        label_map(scores, (image.shape[0], image.shape[1]))
+        label_map(scores, (image.shape[0], image.shape[1]), confidence)
         for image, scores in zip(
             images,
             input_logits(

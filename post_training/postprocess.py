@@ -141,6 +141,12 @@ def check_postprocess_config(cfg: DictConfig) -> None:
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
     check_hospital(cfg)
     check_split(cfg.data)
+    rounds, confidence = cfg.self_training.rounds, cfg.self_training.confidence
+    if int(rounds) < 0 or not 0.0 <= float(confidence) < 1.0:
+        raise JobError(
+            f"self_training.rounds={rounds}, self_training.confidence={confidence}: rounds must "
+            "be >= 0 and confidence in [0, 1)"
+        )
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     if not checkpoint.is_file():
         raise JobError(f"checkpoint={checkpoint}: file not found")

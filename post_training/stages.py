@@ -23,6 +23,7 @@ from common.data import HospitalData, hospital_split
 from common.data.splits import SPLITS
 from common.localization import MapSettings, generate_maps, save_maps
 from common.metrics import (
+    IGNORE_INDEX,
     SegmentationScores,
     class_aware_truth,
     score_label_maps,
@@ -356,39 +357,77 @@ def segmenter_stage(
     device: torch.device,
     classes: Sequence[str],
 ) -> tuple[Stage, dict[str, list[np.ndarray]]]:
-    """Train the segmenter on the training split's pseudo-masks; predict val and test."""
+    """Train the segmenter on the training split's pseudo-masks; predict val and test.
+
+    With ``self_training.rounds`` > 0 a fresh segmenter then trains on its predecessor's
+    confident predictions for the training split, so that what the segmenter generalises
+    (smooth outlines, the cell's own colours) replaces the pseudo-masks' blocky or leaky edges.
+    """
     started = time.perf_counter()
     profile = Profile()
     seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
-    model = create_segmenter(seg_cfg, len(classes) + 1)
     train = splits["train"].data
-    with profile.phase("segmenter training"):
-        losses = train_segmenter(
+
+    def predicted(
+        model: torch.nn.Module, images: Sequence[np.ndarray], confidence: float = 0.0
+    ) -> list[np.ndarray]:
+        return predict(
             model,
-            train.images,
-            train_labels,
-            seg_cfg,
+            images,
+            int(seg_cfg["input_size"]),
             device=device,
-            seed=int(cfg.seed),
-            ground_truth=train.masks,
+            batch_size=int(cfg.batch_size),
+            one_cell=one_cell_per_image(seg_cfg),
+            confidence=confidence,
         )
+
+    def trained(labels: Sequence[np.ndarray]) -> tuple[torch.nn.Module, list[float]]:
+        model = create_segmenter(seg_cfg, len(classes) + 1)
+        with profile.phase("segmenter training"):
+            losses = train_segmenter(
+                model,
+                train.images,
+                labels,
+                seg_cfg,
+                device=device,
+                seed=int(cfg.seed),
+                ground_truth=train.masks,
+            )
+        return model, losses
+
+    model, losses = trained(train_labels)
+    rounds, completed = int(cfg.self_training.rounds), 0
+    confidence = float(cfg.self_training.confidence)
+    for round_index in range(1, rounds + 1):
+        with profile.phase("segmenter predictions"):
+            own_labels = predicted(model, train.images, confidence)
+        kept = np.mean([np.mean(label != IGNORE_INDEX) for label in own_labels])
+        if kept == 0.0:
+            log.warning(
+                "self-training stopped before round %d: no training pixel at probability >= %g; "
+                "the segmenter of the previous round is kept",
+                round_index,
+                confidence,
+            )
+            break
+        log.info(
+            "self-training round %d/%d: %.0f %% of the training pixels at probability >= %g",
+            round_index,
+            rounds,
+            100 * kept,
+            confidence,
+        )
+        model, losses = trained(own_labels)
+        completed = round_index
     save_atomic(segmenter_payload(model, seg_cfg, classes), out / "segmenter.pt")
     with profile.phase("segmenter predictions"):
-        labels = {
-            name: predict(
-                model,
-                splits[name].data.images,
-                int(seg_cfg["input_size"]),
-                device=device,
-                batch_size=int(cfg.batch_size),
-                one_cell=one_cell_per_image(seg_cfg),
-            )
-            for name in EVALUATED
-        }
+        labels = {name: predicted(model, splits[name].data.images) for name in EVALUATED}
     save_label_maps(
         out, "predictions", {n: splits[n] for n in EVALUATED}, labels, bool(cfg.overlays)
     )
     choice = {"epochs": len(losses), "train loss": round(losses[-1], 3) if losses else None}
+    if rounds:
+        choice["self-training rounds"] = completed
     stage = Stage(
         SEGMENTER,
         f"segmenter ({seg_cfg['arch']})",

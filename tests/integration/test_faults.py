@@ -190,7 +190,7 @@ def one_thread_env(home: Path) -> dict[str, str]:
 
 
 def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
-    rounds = [*TINY, "federation.rounds=3"]
+    rounds = [*TINY, "federation.rounds=2"]
     simulate = str(BIN / "w3s-simulate")
 
     whole_home = tmp_path / "home_whole"
@@ -241,7 +241,7 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     assert again.returncode == 0, log[-4000:]
     assert "resuming from" in log, "\n".join(x for x in log.splitlines() if "server_app" in x)
 
-    assert [r["round"] for r in metrics_rows(resumed_dir)] == [1, 2, 3]
+    assert [r["round"] for r in metrics_rows(resumed_dir)] == [1, 2]
     a = load_checkpoint(tmp_path / "whole" / "final_model.pt")["state_dict"]
     b = load_checkpoint(resumed_dir / "final_model.pt")["state_dict"]
     for key in a:

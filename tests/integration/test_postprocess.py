@@ -100,6 +100,9 @@ def synthetic_run(tmp_path_factory):
             f"output_dir={out}",
             *SYNTHETIC,
             *TINY_JOB,
+            # every pixel: a segmenter trained for one epoch is sure of none
+            "self_training.rounds=1",
+            "self_training.confidence=0",
         ],
         cwd,
     )
@@ -147,6 +150,9 @@ def test_postprocess_on_synthetic_data(synthetic_run):
     assert result.returncode == 0, log[-4000:]
     metrics = check_outputs(out, 30, log)
     assert metrics["hospital"] == "hospital_a" and metrics["round"] == 1
+    # the segmenter that was scored is the second, trained on the first one's predictions
+    assert metrics["stages"][2]["choice"]["self-training rounds"] == 1
+    assert "self-training round 1/1" in log
     # metrics may leave the site: no paths, no sample ids
     text = (out / "metrics.json").read_text()
     assert str(root) not in text and "synthetic/" not in text
@@ -197,6 +203,14 @@ def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 2
     assert "hospital=hospital_z is not in data.hospitals" in log and "hospital_a" in log
+
+    result = run_job(
+        "post_training.postprocess",
+        [f"checkpoint={missing}", "hospital=hospital_a", "self_training.confidence=1.5"],
+        tmp_path / "d",
+    )
+    assert result.returncode == 2
+    assert "self_training.confidence=1.5" in result.stdout + result.stderr
 
     result = run_job(
         "post_training.predict",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from common.augment import normalise
 from common.checkpoint import CheckpointError, save_atomic
+from common.metrics import IGNORE_INDEX
 from common.segmenter import (
     ARCHITECTURES,
     GroundTruthLeakError,
@@ -110,6 +111,20 @@ def test_training_on_pseudo_masks_learns_and_predicts_any_size(tmp_path):
     assert load_segmenter(path)[1]["one_cell_per_image"] is True
 
 
+def test_masks_without_a_labelled_pixel_add_no_loss_instead_of_nan():
+    torch.manual_seed(0)
+    model = create_segmenter(TINY, 3)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
+    ignored = [np.full((40, 40), IGNORE_INDEX, np.uint8) for _ in images]
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = train_segmenter(model, images, ignored, TINY, device=torch.device("cpu"), seed=0)
+    assert losses == [0.0, 0.0]
+    # no loss, no gradient: AdamW's weight decay is the only change
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert max((p - b).abs().max() for p, b in zip(model.parameters(), before, strict=True)) < 1e-4
+
+
 def test_min_steps_raises_the_epochs_of_a_small_hospital():
     assert training_epochs({"epochs": 2, "min_steps": 10}, steps_per_epoch=3) == 4
     assert training_epochs({"epochs": 5, "min_steps": 10}, steps_per_epoch=3) == 5
@@ -178,6 +193,19 @@ def test_strips_match_bilinear_interpolation(size):
     labels = label_map(scores, size)
     assert labels.dtype == np.uint8 and labels.shape == size
     np.testing.assert_array_equal(labels, whole.argmax(0).numpy())
+
+
+def test_label_map_ignores_the_pixels_below_the_confidence():
+    scores = torch.zeros(2, 4, 4)
+    scores[1, :2] = 5.0  # top half: class 1 at probability 0.993
+    scores[0, 2:, :2] = 1.0  # bottom left: background at 0.73; bottom right: a tie
+    plain = label_map(scores, (4, 4))
+    assert plain[:2].tolist() == [[1] * 4] * 2 and plain[2:].tolist() == [[0] * 4] * 2
+    sure = label_map(scores, (4, 4), confidence=0.9)
+    np.testing.assert_array_equal(sure[:2], plain[:2])
+    assert (sure[2:] == IGNORE_INDEX).all()
+    middle = label_map(scores, (4, 4), confidence=0.6)
+    assert middle[2:].tolist() == [[0, 0, IGNORE_INDEX, IGNORE_INDEX]] * 2
 
 
 def test_predict_is_the_argmax_of_native_logits_without_building_them():
