@@ -14,7 +14,15 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from client_app.privacy import privacy_mod
-from common.arrays import WEIGHT_KEY, cast_floating, to_array_record, to_state_dict
+from common.arrays import (
+    WEIGHT_KEY,
+    cast_floating,
+    pack,
+    tensor_specs,
+    to_array_record,
+    to_state_dict,
+    unpack,
+)
 from common.augment import train_cache_size
 from common.config import compose_config, parse_overrides
 from common.data import DataVerificationError, federated_hospitals, hospital_names, split_tensors
@@ -100,7 +108,8 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
         root = str(context.node_config["data-root"])
         cfg = _config(f"{overrides} {shlex.quote(f'data.hospitals.{name}.root={root}')}")
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes), hospital=name)
-    model.load_state_dict(to_state_dict(msg.content["arrays"]))
+    layout = tensor_specs(model.state_dict())
+    model.load_state_dict(to_state_dict(unpack(msg.content["arrays"], layout)))
     return cfg, index, name, model
 
 
@@ -178,7 +187,9 @@ def train(msg: Message, context: Context) -> Message:
             "hospital-index": index,
         }
     )
-    arrays = cast_floating(to_array_record(model.state_dict()), cfg.federation.transport_dtype)
+    arrays = pack(
+        cast_floating(to_array_record(model.state_dict()), cfg.federation.transport_dtype)
+    )
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

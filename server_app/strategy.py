@@ -1,12 +1,15 @@
 """FedAvg that checks every reply before averaging and refuses to close a round short of replies.
 
-Every train reply passes, in order: the structural checks of ``common.arrays`` (one ArrayRecord
-and one MetricRecord, the global model's keys, shapes and dtypes, finite values, a finite
-positive ``num-examples``), a ``hospital-index`` in range that no other node has claimed this
-round, the ``num-examples`` cap (what that hospital declared in its first round), and the
-update-norm guards (``federation.guards``). A reply that fails any of them is rejected and named
-by node id in the round report; the rest are averaged. A round that needs nodes waits for them
-at most ``federation.round_wait_for_nodes_s`` (Flower's own sampling waits forever).
+Models cross the network packed into one flat array per kind of value (``common.arrays.pack``).
+Every train reply passes, in order: the size cap, unpacking by the global model's layout (the
+packed arrays must hold exactly its number of values), the structural checks of
+``common.arrays`` (one ArrayRecord and one MetricRecord, the global model's keys, shapes and
+dtypes, finite values, a finite positive ``num-examples``), a ``hospital-index`` in range that
+no other node has claimed this round, the ``num-examples`` cap (what that hospital declared in
+its first round), and the update-norm guards (``federation.guards``). A reply that fails any of
+them is rejected and named by node id in the round report; the rest are averaged. A round that
+needs nodes waits for them at most ``federation.round_wait_for_nodes_s`` (Flower's own sampling
+waits forever).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from common.arrays import (
     array_specs,
     check_metrics_reply,
     check_update,
+    pack,
     record_bytes,
+    unpack_reply,
     upcast_reply,
     weighted_average,
 )
@@ -245,7 +250,7 @@ class GuardedFedAvg(FedAvg):
         message_type: str,
     ) -> list[Message]:
         config["server-round"] = server_round + self.round_offset
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        record = RecordDict({self.arrayrecord_key: pack(arrays), self.configrecord_key: config})
         kind = "train" if message_type == MessageType.TRAIN else "evaluate"
         log.info("configure_%s: sampled %d nodes (every online node)", kind, len(nodes))
         return self._remember(self._construct_messages(record, nodes, message_type))
@@ -351,7 +356,9 @@ class GuardedFedAvg(FedAvg):
             size = record_bytes(msg.content)
             received = self.report.bytes_received
             received[node] = received.get(node, 0) + size
-            if check_arrays and (reason := self._check_size(size)):
+            if check_arrays and (
+                reason := self._check_size(size) or unpack_reply(msg.content, self._reference)
+            ):
                 self.reject(node, reason)
                 continue
             if check_arrays and self.transport_dtype != "float32":

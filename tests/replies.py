@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from common.arrays import array_specs
+from common.arrays import array_specs, pack
 from server_app.strategy import RoundReport
 
 # The global model every reply is an update of: one 2x2 zero array.
@@ -24,11 +24,13 @@ def instruction(node: int) -> Message:
 def reply(node: int, value: float, weight, shape=(2, 2), index: int | None = None) -> Message:
     """``node``'s reply: array ``w`` filled with ``value``, ``weight`` examples, loss ``value``.
 
+    Packed, as a ClientApp sends it.
+
     It answers for hospital ``index`` (default: ``node - 1``, so nodes 1..n are hospitals 0..n-1).
     """
     content = RecordDict(
         {
-            "arrays": ArrayRecord({"w": Array(np.full(shape, value, np.float32))}),
+            "arrays": pack(ArrayRecord({"w": Array(np.full(shape, value, np.float32))})),
             "metrics": MetricRecord(
                 {
                     "num-examples": weight,

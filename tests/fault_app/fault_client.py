@@ -10,10 +10,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client_app.app import _setup, site_private
 from client_app.app import evaluate as real_evaluate
-from client_app.app import site_private
 from client_app.app import train as real_train
-from common.arrays import to_state_dict
+from common.arrays import tensor_specs, to_state_dict, unpack
 from common.data.readers import _load_cached
 from common.data.tensors import _TENSOR_CACHE
 
@@ -102,7 +102,8 @@ def _wait_for_dump(context: Context, server_round: int, partition: int) -> None:
 def _break(reply: Message, kind: str, msg: Message, context: Context) -> None:
     """Turn an honest train reply into the bad update ``kind`` names, in place.
 
-    nan: one NaN; shape: one array as a (1,) array (it would broadcast); huge: every value 1e30
+    The reply is packed (common.arrays.pack), so each kind is one flat array. nan: one NaN;
+    shape: the floating values as a (1,) array (it would broadcast); huge: every value 1e30
     (finite) with num-examples 1e15, the takeover of docs/reliability.md; inflate: honest arrays
     with num-examples 1e15; impostor: the reply claims hospital-index 0, after partition 0's;
     oversize: an extra 64 MB array next to the honest ones.
@@ -159,9 +160,11 @@ def train(msg: Message, context: Context) -> Message:
     dump_dir = Path(str(context.run_config["dump-dir"]))
     server_round = int(msg.content["config"]["server-round"])
     partition = int(context.node_config["partition-id"])
+    # The reply is packed; the hospital's own model gives the layout to unpack it by.
+    layout = tensor_specs(_setup(msg, context)[3].state_dict())
     torch.save(
         {
-            "state_dict": to_state_dict(reply.content["arrays"]),
+            "state_dict": to_state_dict(unpack(reply.content["arrays"], layout)),
             "num-examples": reply.content["metrics"]["num-examples"],
         },
         dump_dir / f"round{server_round}_partition{partition}.pt",

@@ -5,9 +5,14 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from common.arrays import (
     array_specs,
+    cast_floating,
     check_update,
+    pack,
+    tensor_specs,
     to_array_record,
     to_state_dict,
+    unpack,
+    unpack_reply,
     weighted_average,
 )
 
@@ -27,6 +32,10 @@ def reference() -> dict:
     return array_specs(to_array_record(sd))
 
 
+def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
 def _good() -> dict[str, np.ndarray]:
     return {
         "w": np.ones((2, 3), np.float32),
@@ -40,6 +49,37 @@ def test_round_trip_is_bit_exact():
     back = to_state_dict(to_array_record(sd))
     assert list(back) == ["a", "n"]
     assert torch.equal(back["a"], sd["a"]) and back["n"].dtype == torch.int64
+
+
+def test_packed_model_is_one_array_per_kind_and_unpacks_bit_exact(reference):
+    sd = {"w": torch.randn(2, 3), "steps": torch.tensor(4), "b": torch.randn(3)}
+    packed = pack(to_array_record(sd))
+    assert {k: a.shape for k, a in packed.items()} == {"floating": (9,), "integer": (1,)}
+    assert tensor_specs(sd) == reference
+    back = to_state_dict(unpack(packed, tensor_specs(sd)))
+    assert list(back) == ["w", "steps", "b"]
+    for key, tensor in sd.items():
+        assert torch.equal(back[key], tensor) and back[key].shape == tensor.shape, key
+
+
+def test_unpacking_keeps_the_senders_float16_for_the_server_to_upcast(reference):
+    half = pack(cast_floating(to_array_record(_torch(_good())), "float16"))
+    arrays = unpack(half, reference)
+    assert arrays["w"].dtype == "float16" and arrays["steps"].dtype == "int64"
+
+
+@pytest.mark.parametrize(
+    ("packed", "reason"),
+    [
+        ({"floating": np.ones(8, np.float32), "integer": np.ones(1, np.int64)}, "has shape (8,)"),
+        ({"floating": np.ones((3, 3), np.float32), "integer": np.ones(1)}, "has shape (3, 3)"),
+        ({"floating": np.ones(9, np.float32)}, "packed arrays ['floating'], the global model"),
+    ],
+)
+def test_a_packed_reply_that_does_not_fit_the_model_is_refused_by_name(reference, packed, reason):
+    content = _reply(_good(), 10)
+    content["arrays"] = ArrayRecord({k: Array(v) for k, v in packed.items()})
+    assert reason in unpack_reply(content, reference)
 
 
 def test_sound_reply_passes(reference):

@@ -6,7 +6,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client_app.privacy import privacy_mod
-from common.arrays import to_state_dict
+from common.arrays import array_specs, pack, to_state_dict, unpack
 from tests.replies import GLOBAL, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -16,7 +16,7 @@ def _train_message(clip: float | None) -> Message:
     config = ConfigRecord({"server-round": 1})
     if clip is not None:
         config[KEY_CLIPPING_NORM] = clip
-    content = RecordDict({"arrays": GLOBAL.copy(), "config": config})
+    content = RecordDict({"arrays": pack(GLOBAL), "config": config})
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
@@ -36,7 +36,8 @@ def test_privacy_mod_clips_only_in_client_clip_runs(overrides, expected):
     clip = 0.5 if overrides else None
     answer = privacy_mod(_train_message(clip), _context(overrides), _train)
     assert not answer.has_error()
-    np.testing.assert_allclose(to_state_dict(answer.content["arrays"])["w"].numpy(), expected)
+    update = unpack(answer.content["arrays"], array_specs(GLOBAL))
+    np.testing.assert_allclose(to_state_dict(update)["w"].numpy(), expected)
 
 
 def test_client_clip_without_a_clipping_norm_is_an_error_not_an_unclipped_update():

@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from omegaconf import OmegaConf
 
-from common.arrays import cast_floating, record_bytes, to_array_record
+from common.arrays import cast_floating, pack, record_bytes, to_array_record
 from common.augment import train_cache_size
 from common.config import compose_config
 from common.data import split_tensors
@@ -71,7 +71,7 @@ def test_proximal_mu_zero_is_exactly_the_plain_step_and_mu_pulls_towards_the_sta
 def _reply(node: int, record: ArrayRecord, weight: int) -> Message:
     content = RecordDict(
         {
-            "arrays": record,
+            "arrays": pack(record),
             "metrics": MetricRecord({"num-examples": weight, "hospital-index": node}),
         }
     )

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from common.arrays import to_state_dict
+from common.arrays import pack, to_state_dict
 from server_app.privacy import (
     GuardedClientSideClipping,
     GuardedServerSideClipping,
@@ -42,7 +42,7 @@ def _wrapped(name: str, min_replies: int, tmp_path, noise=0.0, clip=1.0, hospita
 def _update_reply(node: int, update: np.ndarray, weight) -> Message:
     """A reply whose array is ``update`` (the global model of these tests is zero)."""
     content = reply(node, 0.0, weight).content
-    content["arrays"] = ArrayRecord({"w": Array(update.astype(np.float32))})
+    content["arrays"] = pack(ArrayRecord({"w": Array(update.astype(np.float32))}))
     return Message(content=content, reply_to=instruction(node))
 
 

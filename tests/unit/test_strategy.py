@@ -8,6 +8,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from omegaconf import OmegaConf
 
+import server_app.strategy
 from common.arrays import to_state_dict
 from common.config import compose_config
 from server_app.strategy import (
@@ -115,7 +116,10 @@ def test_a_reply_larger_than_the_model_is_refused_before_it_is_decoded(monkeypat
     oversize = reply(2, 1.1, 10)
     oversize.content["arrays"]["extra"] = Array(np.zeros(1000, np.float32))
     decoded = []
-    monkeypatch.setattr("server_app.strategy.check_update", lambda c, r: decoded.append(c))
+    unpack_reply = server_app.strategy.unpack_reply
+    monkeypatch.setattr(
+        "server_app.strategy.unpack_reply", lambda c, r: decoded.append(c) or unpack_reply(c, r)
+    )
     strategy.aggregate_train(1, [reply(1, 1.1, 10), oversize])
     assert list(strategy.report.rejected) == [2]
     assert "over 1 x the global model's" in strategy.report.rejected[2]
