@@ -72,7 +72,8 @@ def unpack(packed: ArrayRecord, layout: Mapping[str, ArraySpec]) -> ArrayRecord:
     """
     sizes: dict[str, int] = {}
     for spec in layout.values():
-        sizes[_kind(spec.dtype)] = sizes.get(_kind(spec.dtype), 0) + math.prod(spec.shape)
+        kind = _kind(spec.dtype)
+        sizes[kind] = sizes.get(kind, 0) + math.prod(spec.shape)
     if sorted(packed) != sorted(sizes):
         raise ValueError(f"packed arrays {sorted(packed)}, the global model has {sorted(sizes)}")
     flat = {kind: packed[kind].numpy() for kind in sizes}
@@ -95,10 +96,16 @@ def unpack(packed: ArrayRecord, layout: Mapping[str, ArraySpec]) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
-def unpack_reply(content: RecordDict, reference: Mapping[str, ArraySpec]) -> str | None:
-    """Unpack a reply's one ArrayRecord in place; return why it cannot be, or None."""
+def _not_one_array_record(content: RecordDict) -> str | None:
     if len(content.array_records) != 1:
         return f"expected one ArrayRecord, got {len(content.array_records)}"
+    return None
+
+
+def unpack_reply(content: RecordDict, reference: Mapping[str, ArraySpec]) -> str | None:
+    """Unpack a reply's one ArrayRecord in place; return why it cannot be, or None."""
+    if reason := _not_one_array_record(content):
+        return reason
     name, packed = next(iter(content.array_records.items()))
     try:
         content[name] = unpack(packed, reference)
@@ -203,8 +210,8 @@ def check_metrics_reply(content: RecordDict) -> str | None:
 
 def check_update(content: RecordDict, reference: Mapping[str, ArraySpec]) -> str | None:
     """Return why a train reply must not be averaged, or None when it is sound."""
-    if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
+    if reason := _not_one_array_record(content):
+        return reason
     arrays = next(iter(content.array_records.values()))
     return check_metrics_reply(content) or _check_arrays(arrays, reference)
 

@@ -401,7 +401,8 @@ def segmenter_stage(
     for round_index in range(1, rounds + 1):
         with profile.phase("segmenter predictions"):
             own_labels = predicted(model, train.images, confidence)
-        kept = np.mean([np.mean(label != IGNORE_INDEX) for label in own_labels])
+        confident = sum(np.count_nonzero(label != IGNORE_INDEX) for label in own_labels)
+        kept = confident / sum(label.size for label in own_labels)
         if kept == 0.0:
             log.warning(
                 "self-training stopped before round %d: no training pixel at probability >= %g; "
