@@ -13,20 +13,24 @@ image labels alone, without assuming where the cell is:
   are alike, those outside M are alike, and foreground and background differ, so M splits the
   image into the one object and the repetitive background (plasma, red cells) the same way in
   every image. The split has no sign; ``common.localization.oriented_foreground`` takes the
-  smaller side as the cell.
+  smaller side as the cell;
+- size constraint (Kervadec et al., MedIA 2019): the cell side's share of each image must lie
+  within bounds known from the domain (a single-cell crop), a penalty only outside them. Unlike
+  the area term it does not push every mask smaller, nor, once inside the bounds, larger.
 
 Weights live under ``train.levers.foreground``; all zero (the default) adds nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.localization import oriented_foreground
 from common.model import MCTOutput
 
 
@@ -78,6 +82,39 @@ def suppression_loss(
 def area_loss(mask: torch.Tensor) -> torch.Tensor:
     """Mean foreground fraction, so that M cannot be everything (BAS's area constraint)."""
     return mask.mean()
+
+
+# The weights of ``train.levers.foreground``; its other key, ``size_bounds``, is not a weight.
+LEVER_WEIGHTS = ("suppression", "area", "contrast", "size")
+
+
+def size_bounds(bounds: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` as floats, or a ValueError that names the setting."""
+    low, high = (float(b) for b in bounds)
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(
+            f"train.levers.foreground.size_bounds={list(bounds)}: expected [low, high] with "
+            "0 <= low < high <= 1 (the share of a crop a cell covers)"
+        )
+    return low, high
+
+
+def size_loss(mask: torch.Tensor, bounds: Sequence[float]) -> torch.Tensor:
+    """Squared share of each image by which the cell side falls outside ``bounds``, batch mean.
+
+    The cell side is the head's smaller side (:func:`oriented_foreground`), so the constraint
+    speaks about the mask post-training reads, whichever sign the contrast gave the head.
+
+    Parameters
+    ----------
+    mask
+        (B, 1, h, w) foreground probabilities M.
+    bounds
+        (low, high): the share of a crop a cell covers, e.g. (0.15, 0.5).
+    """
+    low, high = size_bounds(bounds)
+    share = oriented_foreground(mask).mean(dim=(1, 2, 3))
+    return (F.relu(low - share) ** 2 + F.relu(share - high) ** 2).mean()
 
 
 def pooled(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -141,12 +178,11 @@ def foreground_loss(
     head
         The model's CAM head (``model.head``).
     weights
-        ``train.levers.foreground``: ``suppression``, ``area`` and ``contrast``.
+        ``train.levers.foreground``: ``suppression``, ``area``, ``contrast``, ``size`` and
+        the size constraint's ``size_bounds``.
     """
-    suppression = float(weights["suppression"])
-    area = float(weights["area"])
-    contrast = float(weights["contrast"])
-    if suppression == area == contrast == 0.0:
+    suppression, area, contrast, size = (float(weights[k]) for k in LEVER_WEIGHTS)
+    if suppression == area == contrast == size == 0.0:
         return None
     if output.foreground is None or output.patch_features is None:
         raise ValueError(
@@ -162,4 +198,6 @@ def foreground_loss(
         total = total + area * area_loss(mask)
     if contrast:
         total = total + contrast * contrast_loss(features, mask)
+    if size:
+        total = total + size * size_loss(mask, weights["size_bounds"])
     return total

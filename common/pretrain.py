@@ -27,7 +27,7 @@ from common.training import Objective, TrainResult, train_local
 NO_LEVERS: dict[str, Any] = {
     "negatives": {"fraction": 0.0, "crop": 0.3},
     "mosaic_p": 0.0,
-    "foreground": {"suppression": 0.0, "area": 0.0, "contrast": 0.0},
+    "foreground": {"suppression": 0.0, "area": 0.0, "contrast": 0.0, "size": 0.0},
 }
 
 

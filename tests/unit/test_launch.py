@@ -55,6 +55,14 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             "train.levers.foreground.area=0.1 need the head",
         ),
         (
+            ["train.levers.foreground.size_bounds=[0.5,0.2]"],
+            r"train.levers.foreground.size_bounds=\[0.5, 0.2\]: expected \[low, high\]",
+        ),
+        (
+            ["+train.per_hospital.hospital_b.levers.foreground.size_bounds=[0.2,1.5]"],
+            r"hospital hospital_b: train.levers.foreground.size_bounds=\[0.2, 1.5\]",
+        ),
+        (
             ["+train.per_hospital.hospital_z.lr=0.1"],
             "train.per_hospital.hospital_z: no such hospital in data=synthetic",
         ),
@@ -84,6 +92,9 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
     check_training_config(compose_config(["privacy=client_clip"]))
     check_training_config(compose_config(["experiment=paper"]))
     check_training_config(compose_config(["+train.per_hospital.hospital_a.augment.hflip=false"]))
+    check_training_config(
+        compose_config(["+train.per_hospital.hospital_a.levers.foreground.size_bounds=[0.25,0.5]"])
+    )
     check_training_config(
         compose_config(["+model.per_hospital.hospital_a.standardise_input=channels"])
     )

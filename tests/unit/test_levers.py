@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from common.config import compose_config
-from common.levers import area_loss, contrast_loss, foreground_loss, suppression_loss
+from common.levers import area_loss, contrast_loss, foreground_loss, size_loss, suppression_loss
 from common.localization import fused_maps, oriented_foreground
 from common.model import create_mct_model
 
@@ -84,6 +84,22 @@ def test_contrast_gradient_moves_the_mask_towards_the_cell():
     assert grad[1:3, 1:3].mean() < 0 < grad[0].mean()
 
 
+def test_size_costs_nothing_inside_the_bounds_and_grows_a_small_cell_side():
+    nucleus = torch.zeros(2, 1, 10, 10)
+    nucleus[:, :, 4:6, 4:6] = 1.0  # 4 % of the image
+    cell = torch.zeros(2, 1, 10, 10)
+    cell[:, :, 3:8, 3:8] = 1.0  # 25 %
+    assert size_loss(cell, (0.15, 0.5)) == 0.0
+    # Whichever sign the head gave the split: its smaller side is what the constraint measures.
+    assert size_loss(1.0 - cell, (0.15, 0.5)) == 0.0
+    assert torch.isclose(size_loss(nucleus, (0.15, 0.5)), torch.tensor(0.11**2))
+    mask = torch.full((2, 1, 10, 10), 0.05, requires_grad=True)
+    size_loss(mask, (0.15, 0.5)).backward()
+    assert (mask.grad < 0).all()  # gradient descent raises the cell side everywhere
+    with pytest.raises(ValueError, match="size_bounds"):
+        size_loss(cell, (0.5, 0.15))
+
+
 def test_foreground_maps_take_the_smaller_side_as_the_cell_for_the_whole_batch():
     cells = torch.zeros(3, 1, 4, 4)
     cells[:, :, 1:3, 1:3] = 1.0
@@ -101,7 +117,7 @@ def test_the_default_trains_the_foreground_head_by_contrast_and_the_paper_does_n
     assert cfg.localization.source == "foreground" and not cfg.localization.refine
     assert float(cfg.train.levers.foreground.contrast) > 0
     assert foreground_loss(output, targets, model.head, cfg.train.levers.foreground) is not None
-    off = {"suppression": 0.0, "area": 0.0, "contrast": 0.0}
+    off = {"suppression": 0.0, "area": 0.0, "contrast": 0.0, "size": 0.0}
     assert foreground_loss(output, targets, model.head, off) is None
 
     paper = compose_config(["experiment=paper"])
@@ -114,7 +130,7 @@ def test_foreground_levers_need_the_head():
     cfg = compose_config(["model.foreground_head=false"])
     model = create_mct_model(cfg.model, num_classes=5)
     output = model(torch.randn(2, 3, 96, 96))
-    on = {"suppression": 1.0, "area": 0.5, "contrast": 0.0}
+    on = {"suppression": 1.0, "area": 0.5, "contrast": 0.0, "size": 0.0}
     with pytest.raises(ValueError, match="foreground_head"):
         foreground_loss(output, torch.eye(5)[:2], model.head, on)
 
@@ -124,7 +140,8 @@ def test_the_foreground_head_trains_and_gives_class_agnostic_maps():
     model = create_mct_model(cfg.model, num_classes=5)
     output = model(torch.randn(2, 3, 96, 96), return_attention=True)
     assert output.foreground.shape == (2, 1, 12, 12)
-    weights = {"suppression": 1.0, "area": 0.5, "contrast": 1.0}
+    weights = {"suppression": 1.0, "area": 0.5, "contrast": 1.0, "size": 1.0}
+    weights["size_bounds"] = [0.15, 0.5]
     foreground_loss(output, torch.eye(5)[:2], model.head, weights).backward()
     assert model.fg_head.weight.grad.abs().sum() > 0
     maps = fused_maps(output, 3, source="foreground")
