@@ -16,13 +16,17 @@ image labels alone, without assuming where the cell is:
   smaller side as the cell;
 - size constraint (Kervadec et al., MedIA 2019): the cell side's share of each image must lie
   within bounds known from the domain (a single-cell crop), a penalty only outside them. Unlike
-  the area term it does not push every mask smaller, nor, once inside the bounds, larger.
+  the area term it does not push every mask smaller, nor, once inside the bounds, larger;
+- compactness: the cell side's second moment about its own centroid, against that of a disk
+  of the same area, so that a mask that grows takes the pixels next to the cell before those
+  of a neighbouring red cell. It assumes one compact cell per crop, not where it lies.
 
 Weights live under ``train.levers.foreground``; all zero (the default) adds nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,7 +89,7 @@ def area_loss(mask: torch.Tensor) -> torch.Tensor:
 
 
 # The weights of ``train.levers.foreground``; its other key, ``size_bounds``, is not a weight.
-LEVER_WEIGHTS = ("suppression", "area", "contrast", "size")
+LEVER_WEIGHTS = ("suppression", "area", "contrast", "size", "compact")
 
 
 def size_bounds(bounds: Sequence[float]) -> tuple[float, float]:
@@ -115,6 +119,32 @@ def size_loss(mask: torch.Tensor, bounds: Sequence[float]) -> torch.Tensor:
     low, high = size_bounds(bounds)
     share = oriented_foreground(mask).mean(dim=(1, 2, 3))
     return (F.relu(low - share) ** 2 + F.relu(share - high) ** 2).mean()
+
+
+def compactness_loss(mask: torch.Tensor) -> torch.Tensor:
+    """How far the cell side is from a disk: its moment of inertia over a disk's, minus 1.
+
+    For any mask with values in [0, 1] the disk of the same area has the smallest second
+    moment about the centroid (A^2 / 2 pi), so the ratio is at least 1 and grows as the mask
+    spreads or splits; it does not change with the mask's size or position. Each patch counts
+    as a unit square (its own moment 1/6), so a single patch is not more compact than a disk.
+
+    Parameters
+    ----------
+    mask
+        (B, 1, h, w) foreground probabilities M; the cell side is taken as
+        :func:`oriented_foreground` takes it.
+    """
+    cell = oriented_foreground(mask)[:, 0]
+    h, w = cell.shape[1:]
+    rows = torch.arange(h, dtype=cell.dtype, device=cell.device)[:, None]
+    cols = torch.arange(w, dtype=cell.dtype, device=cell.device)[None, :]
+    area = cell.sum(dim=(1, 2)).clamp_min(1e-6)
+    row_c = (cell * rows).sum(dim=(1, 2)) / area
+    col_c = (cell * cols).sum(dim=(1, 2)) / area
+    spread = (rows - row_c[:, None, None]) ** 2 + (cols - col_c[:, None, None]) ** 2
+    moment = (cell * spread).sum(dim=(1, 2)) + area / 6.0
+    return (moment * 2.0 * math.pi / area**2 - 1.0).mean()
 
 
 def pooled(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -178,11 +208,11 @@ def foreground_loss(
     head
         The model's CAM head (``model.head``).
     weights
-        ``train.levers.foreground``: ``suppression``, ``area``, ``contrast``, ``size`` and
-        the size constraint's ``size_bounds``.
+        ``train.levers.foreground``: the weights of :data:`LEVER_WEIGHTS` and the size
+        constraint's ``size_bounds``.
     """
-    suppression, area, contrast, size = (float(weights[k]) for k in LEVER_WEIGHTS)
-    if suppression == area == contrast == size == 0.0:
+    suppression, area, contrast, size, compact = (float(weights[k]) for k in LEVER_WEIGHTS)
+    if suppression == area == contrast == size == compact == 0.0:
         return None
     if output.foreground is None or output.patch_features is None:
         raise ValueError(
@@ -200,4 +230,6 @@ def foreground_loss(
         total = total + contrast * contrast_loss(features, mask)
     if size:
         total = total + size * size_loss(mask, weights["size_bounds"])
+    if compact:
+        total = total + compact * compactness_loss(mask)
     return total

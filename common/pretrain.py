@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from common.data import SplitTensors
+from common.levers import LEVER_WEIGHTS
 from common.model import MCTFormerV2
 from common.training import Objective, TrainResult, train_local
 
@@ -27,7 +28,7 @@ from common.training import Objective, TrainResult, train_local
 NO_LEVERS: dict[str, Any] = {
     "negatives": {"fraction": 0.0, "crop": 0.3},
     "mosaic_p": 0.0,
-    "foreground": {"suppression": 0.0, "area": 0.0, "contrast": 0.0, "size": 0.0},
+    "foreground": dict.fromkeys(LEVER_WEIGHTS, 0.0),
 }
 
 

@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from common.config import compose_config
-from common.levers import area_loss, contrast_loss, foreground_loss, size_loss, suppression_loss
+from common.levers import (
+    LEVER_WEIGHTS,
+    area_loss,
+    compactness_loss,
+    contrast_loss,
+    foreground_loss,
+    size_loss,
+    suppression_loss,
+)
 from common.localization import fused_maps, oriented_foreground
 from common.model import create_mct_model
 
@@ -100,6 +108,30 @@ def test_size_costs_nothing_inside_the_bounds_and_grows_a_small_cell_side():
         size_loss(cell, (0.5, 0.15))
 
 
+def _disk(centre: tuple[float, float], radius: float, size: int = 24) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return (((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) <= radius**2).float()
+
+
+def test_compactness_is_near_zero_for_a_disk_anywhere_and_grows_with_a_detached_blob():
+    centred, corner = _disk((12, 12), 5), _disk((6, 6), 5)
+    assert 0.0 <= compactness_loss(centred[None, None]) < 0.05
+    assert torch.isclose(
+        compactness_loss(corner[None, None]), compactness_loss(centred[None, None])
+    )
+    # The cell grown by an adjacent rim stays a disk; the same area taken from a red cell
+    # elsewhere in the crop is not.
+    grown = _disk((12, 12), 6)[None, None]
+    elsewhere = (centred + _disk((4, 20), 3.3)).clamp(max=1.0)[None, None]
+    assert abs(float(grown.sum() - elsewhere.sum())) < 6
+    assert compactness_loss(elsewhere) > compactness_loss(grown) + 0.5
+    # So a nucleus that must grow pays far less for its rim than for a distant patch.
+    nucleus = centred[None, None].clone().requires_grad_(True)
+    compactness_loss(nucleus).backward()
+    rim, distant = nucleus.grad[0, 0, 12, 18], nucleus.grad[0, 0, 3, 21]
+    assert distant > 0 and distant > 5 * rim
+
+
 def test_foreground_maps_take_the_smaller_side_as_the_cell_for_the_whole_batch():
     cells = torch.zeros(3, 1, 4, 4)
     cells[:, :, 1:3, 1:3] = 1.0
@@ -117,7 +149,7 @@ def test_the_default_trains_the_foreground_head_by_contrast_and_the_paper_does_n
     assert cfg.localization.source == "foreground" and not cfg.localization.refine
     assert float(cfg.train.levers.foreground.contrast) > 0
     assert foreground_loss(output, targets, model.head, cfg.train.levers.foreground) is not None
-    off = {"suppression": 0.0, "area": 0.0, "contrast": 0.0, "size": 0.0}
+    off = dict.fromkeys(LEVER_WEIGHTS, 0.0)
     assert foreground_loss(output, targets, model.head, off) is None
 
     paper = compose_config(["experiment=paper"])
@@ -130,7 +162,7 @@ def test_foreground_levers_need_the_head():
     cfg = compose_config(["model.foreground_head=false"])
     model = create_mct_model(cfg.model, num_classes=5)
     output = model(torch.randn(2, 3, 96, 96))
-    on = {"suppression": 1.0, "area": 0.5, "contrast": 0.0, "size": 0.0}
+    on = {**dict.fromkeys(LEVER_WEIGHTS, 0.0), "suppression": 1.0, "area": 0.5}
     with pytest.raises(ValueError, match="foreground_head"):
         foreground_loss(output, torch.eye(5)[:2], model.head, on)
 
@@ -140,7 +172,7 @@ def test_the_foreground_head_trains_and_gives_class_agnostic_maps():
     model = create_mct_model(cfg.model, num_classes=5)
     output = model(torch.randn(2, 3, 96, 96), return_attention=True)
     assert output.foreground.shape == (2, 1, 12, 12)
-    weights = {"suppression": 1.0, "area": 0.5, "contrast": 1.0, "size": 1.0}
+    weights: dict = dict.fromkeys(LEVER_WEIGHTS, 1.0)
     weights["size_bounds"] = [0.15, 0.5]
     foreground_loss(output, torch.eye(5)[:2], model.head, weights).backward()
     assert model.fg_head.weight.grad.abs().sum() > 0
