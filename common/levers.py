@@ -94,10 +94,14 @@ LEVER_WEIGHTS = ("suppression", "area", "contrast", "size", "compact")
 
 def size_bounds(bounds: Sequence[float]) -> tuple[float, float]:
     """``(low, high)`` as floats, or a ValueError that names the setting."""
-    low, high = (float(b) for b in bounds)
+    try:
+        shown = list(bounds)
+        low, high = (float(b) for b in shown)
+    except (TypeError, ValueError):
+        shown, low, high = bounds, float("nan"), float("nan")
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(
-            f"train.levers.foreground.size_bounds={list(bounds)}: expected [low, high] with "
+            f"train.levers.foreground.size_bounds={shown}: expected [low, high] with "
             "0 <= low < high <= 1 (the share of a crop a cell covers)"
         )
     return low, high

@@ -59,6 +59,14 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             r"train.levers.foreground.size_bounds=\[0.5, 0.2\]: expected \[low, high\]",
         ),
         (
+            ["train.levers.foreground.size_bounds=0.2"],
+            r"train.levers.foreground.size_bounds=0.2: expected \[low, high\]",
+        ),
+        (
+            ["train.levers.foreground.size_bounds=[0.2]"],
+            r"train.levers.foreground.size_bounds=\[0.2\]: expected \[low, high\]",
+        ),
+        (
             ["+train.per_hospital.hospital_b.levers.foreground.size_bounds=[0.2,1.5]"],
             r"hospital hospital_b: train.levers.foreground.size_bounds=\[0.2, 1.5\]",
         ),
