@@ -32,8 +32,9 @@ from common.pretrain import pretrain_round
 from common.training import TrainResult, evaluate_local, resolve_device, train_round
 
 log = logging.getLogger(__name__)
-# Node-state key of this hospital's private instance head (pretrain=instance): it has one
-# output per local image, so it never leaves the site; only the backbone is sent back.
+# Node-state key of this hospital's private pretraining head (an instance head has one output
+# per local image, a pixel decoder redraws its crops): it never leaves the site; only the
+# backbone is sent back.
 PRETRAIN_HEAD = "pretrain-head"
 # privacy_mod clips updates only in runs with privacy=client_clip (client_app/privacy.py).
 app = ClientApp(mods=[privacy_mod])

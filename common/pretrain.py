@@ -1,12 +1,18 @@
-"""Federated self-supervised pretraining by parametric instance discrimination.
+"""Federated self-supervised pretraining: rounds on the hospitals' own crops before the MCT rounds.
 
 The product cannot assume ImageNet weights, and a ViT trained from scratch on a few hundred
-crops learns whatever predicts the label, often the background. Cao et al. (ECCV 2022) make
-ViTs learn from a few thousand images by first training them to tell every image apart (each
-image its own class), with CutMix and label smoothing. Here each hospital does that on its own
-training crops, as federated rounds before the MCT rounds (``pretrain=instance``): the linear
-instance head has one output per local image, so it stays at the hospital (kept in the
-ClientApp's node state between rounds) and only the backbone's weights are averaged.
+crops learns whatever predicts the label, often the background. Two objectives give the
+backbone something else to learn first, each hospital on its own training crops:
+
+- ``pretrain=instance``: parametric instance discrimination (Cao et al., ECCV 2022), each image
+  its own class, with CutMix and label smoothing. It shapes what tells whole images apart.
+- ``pretrain=masked``: masked image modelling (SimMIM, Xie et al., CVPR 2022). Blocks of each
+  crop are painted in its mean colour and the backbone must redraw their pixels from what is
+  left. Redrawing a hidden piece of a cell needs to know what surrounds what, so it shapes the
+  patch features that the foreground head later splits.
+
+Either head (one output per local image, or the per-patch pixel decoder) stays at the hospital,
+kept in the ClientApp's node state between rounds; only the backbone's weights are averaged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from common.data import SplitTensors
 from common.levers import LEVER_WEIGHTS
 from common.model import MCTFormerV2
 from common.training import Objective, TrainResult, train_local
+
+PRETRAIN_METHODS = ("instance", "masked")
 
 # Pretraining batches are plain crops of one image each: the weak-label levers do not apply.
 NO_LEVERS: dict[str, Any] = {
@@ -83,6 +91,47 @@ def instance_objective(
     return objective
 
 
+def block_mask(
+    images: torch.Tensor, block: int, ratio: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Which pixels to hide (B, 1, H, W), 1 = hidden: square blocks, each hidden with ``ratio``.
+
+    Blocks of ``block`` pixels a side (SimMIM's 32 px masks at 224 px) leave no visible
+    neighbour inside a hidden block, so a patch cannot be redrawn from the patch beside it.
+    """
+    height, width = images.shape[-2:]
+    rows, cols = -(-height // block), -(-width // block)
+    hidden = (torch.rand(len(images), 1, rows, cols, generator=generator) < ratio).float()
+    hidden = hidden.repeat_interleave(block, 2).repeat_interleave(block, 3)
+    return hidden[..., :height, :width].to(images)
+
+
+def masked_objective(
+    decoder: nn.Conv2d, cfg: Mapping[str, Any], patch: int, generator: torch.Generator
+) -> Objective:
+    """Loss of one step: hide blocks, encode the rest, redraw the hidden pixels (mean L1)."""
+    block = int(cfg["mask_block"]) * patch
+
+    def objective(model: MCTFormerV2, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = block_mask(images, block, float(cfg["mask_ratio"]), generator)
+        fill = images.mean(dim=(2, 3), keepdim=True)
+        features = model(images * (1 - hidden) + fill * hidden).patch_features
+        assert features is not None  # every forward fills it
+        redrawn = F.pixel_shuffle(decoder(features), patch)
+        return ((redrawn - images).abs() * hidden).sum() / (images.shape[1] * hidden.sum() + 1e-6)
+
+    return objective
+
+
+def pretrain_head(method: str, model: MCTFormerV2, num_images: int) -> nn.Module:
+    """The hospital-private head of ``method``: instance logits, or each patch's pixels."""
+    if method == "masked":
+        return nn.Conv2d(model.embed_dim, 3 * model.patch_size**2, kernel_size=1)
+    if method == "instance":
+        return nn.Linear(model.embed_dim, num_images)
+    raise ValueError(f"pretrain.method={method}: expected one of {', '.join(PRETRAIN_METHODS)}")
+
+
 def pretrain_round(
     model: MCTFormerV2,
     data: SplitTensors,
@@ -104,8 +153,8 @@ def pretrain_round(
     cfg
         The composed config; ``cfg.pretrain`` holds the optimiser, schedule and augmentation.
     head_state
-        This hospital's instance head from its previous round, or None (first round, or the
-        number of local images changed, which starts a new head).
+        This hospital's head from its previous round, or None (first round). A head whose
+        shapes no longer fit (the number of local images changed) is started afresh.
     server_round
         The pretraining round, counted from 1: the learning-rate position and the seed.
     hospital_index
@@ -121,11 +170,19 @@ def pretrain_round(
     n = len(data.labels)
     pre = OmegaConf.to_container(cfg.pretrain, resolve=True)
     assert isinstance(pre, dict)
-    head = nn.Linear(model.embed_dim, n)
-    if head_state is not None and tuple(head_state["weight"].shape) == (n, model.embed_dim):
+    method = str(pre["method"])
+    head = pretrain_head(method, model, n)
+    shapes = {k: v.shape for k, v in head.state_dict().items()}
+    if head_state is not None and {k: v.shape for k, v in head_state.items()} == shapes:
         head.load_state_dict(dict(head_state))
     head.to(device)
     seed = int(cfg.seed) * 100_003 + server_round * 1_009 + hospital_index + 7
+    generator = torch.Generator().manual_seed(seed)
+    objective = (
+        masked_objective(head, pre, model.patch_size, generator)
+        if method == "masked"
+        else instance_objective(head, pre, generator)
+    )
     instances = SplitTensors(data.images, torch.arange(n), None)
     local_epochs = int(pre["local_epochs"])
     result = train_local(
@@ -136,7 +193,7 @@ def pretrain_round(
         total_epochs=int(pre["rounds"]) * local_epochs,
         device=device,
         seed=seed,
-        objective=instance_objective(head, pre, torch.Generator().manual_seed(seed)),
+        objective=objective,
         num_targets=n,
         extra_parameters=list(head.parameters()),
     )

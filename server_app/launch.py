@@ -34,6 +34,7 @@ from common.levers import LEVER_WEIGHTS, size_bounds
 from common.localization import FOREGROUND_SOURCES
 from common.model import hospital_standardisation, mct_presets
 from common.network import free_port
+from common.pretrain import PRETRAIN_METHODS
 from common.training import hospital_train_config
 from server_app.privacy import privacy_settings
 from server_app.strategy import STRATEGIES
@@ -206,8 +207,18 @@ def check_training_config(cfg: DictConfig) -> None:
         if value is not None and not float(value) > 0:
             raise JobError(f"federation.guards.{key}={value}: expected a positive number or null")
     if int(cfg.pretrain.rounds) > 0:
-        if str(cfg.pretrain.method) != "instance":
-            raise JobError(f"pretrain.method={cfg.pretrain.method}: expected instance")
+        method = str(cfg.pretrain.method)
+        if method not in PRETRAIN_METHODS:
+            raise JobError(
+                f"pretrain.method={method}: expected one of {', '.join(PRETRAIN_METHODS)}"
+            )
+        if method == "masked" and not (
+            0 < float(cfg.pretrain.mask_ratio) < 1 and int(cfg.pretrain.mask_block) >= 1
+        ):
+            raise JobError(
+                f"pretrain=masked: mask_ratio={cfg.pretrain.mask_ratio} must lie in (0, 1) and "
+                f"mask_block={cfg.pretrain.mask_block} be a whole number of patches >= 1"
+            )
         if cfg.privacy.name != "none":
             raise JobError(
                 "pretrain and privacy together: the privacy accounting covers the MCT rounds "

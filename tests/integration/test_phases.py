@@ -4,12 +4,16 @@ One run exercises the federated ``pretrain=instance`` phase before the MCT round
 instance heads kept in each ClientApp's node state) and the foreground levers during the MCT
 rounds, with their checkpoints and metrics rows, plus a hospital training with its own lever
 strength (``train.per_hospital``), and the standardised input the final model keeps, with one
-hospital on raw input (``model.per_hospital``).
+hospital on raw input (``model.per_hospital``). A second run exercises ``pretrain=masked``
+(private pixel decoders) and checks that the MCT rounds start from its backbone.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from common.checkpoint import load_model
 from support.flower_processes import metrics_rows, simulate
@@ -36,17 +40,20 @@ RECIPE = [
 ]
 
 
+def pretrain_then_mct_rows(run_dir: Path) -> list[dict]:
+    """The run's metrics rows, checked to be two pretraining rounds then one MCT round."""
+    rows = metrics_rows(run_dir)
+    phases = [(r["phase"], r["round"]) for r in rows]
+    assert phases == [("pretrain", 1), ("pretrain", 2), ("mct", 1)]
+    assert all(r["replies"] == 3 and not r["rejected"] for r in rows)
+    return rows
+
+
 def test_pretraining_phase_then_mct_rounds_with_foreground_levers(flwr_home, tmp_path):
     run_dir = tmp_path / "run"
     log = simulate(flwr_home, tmp_path, RECIPE, run_dir)
 
-    rows = metrics_rows(run_dir)
-    assert [(r["phase"], r["round"]) for r in rows] == [
-        ("pretrain", 1),
-        ("pretrain", 2),
-        ("mct", 1),
-    ]
-    assert all(r["replies"] == 3 and not r["rejected"] for r in rows)
+    rows = pretrain_then_mct_rows(run_dir)
     assert "val-loc-miou" in rows[-1]["evaluate"]
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     # round_000 is the pretrained model the MCT rounds start from (two checkpoints are kept).
@@ -63,3 +70,25 @@ def test_pretraining_phase_then_mct_rounds_with_foreground_levers(flwr_home, tmp
     assert model.standardise_input == "channels"
     raw, _ = load_model(run_dir / "final_model.pt", hospital="hospital_b")
     assert raw.standardise_input == "none"
+
+
+def test_masked_pretraining_phase_keeps_its_decoder_at_each_hospital(flwr_home, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        "pretrain=masked",
+        "pretrain.rounds=2",
+        "pretrain.local_epochs=1",
+        "federation.rounds=1",
+        *[f"data.hospitals.hospital_{h}.num_images=30" for h in "abc"],
+    ]
+    log = simulate(flwr_home, tmp_path, overrides, run_dir)
+
+    pretrain_then_mct_rows(run_dir)
+    assert "pretraining: masked, 2 rounds" in log and "pretrain round 2: loss" in log
+    # The MCT rounds start from the pretrained backbone, not from the seeded initialisation.
+    checkpoints = run_dir / "checkpoints"
+    start, pretrained = (
+        torch.load(checkpoints / name, weights_only=False)["state_dict"]
+        for name in ("round_000.pt", "pretrain_round_002.pt")
+    )
+    assert all(torch.equal(start[k], pretrained[k]) for k in pretrained)

@@ -70,6 +70,9 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             ["+train.per_hospital.hospital_b.levers.foreground.size_bounds=[0.2,1.5]"],
             r"hospital hospital_b: train.levers.foreground.size_bounds=\[0.2, 1.5\]",
         ),
+        (["pretrain=instance", "pretrain.method=jigsaw"], "pretrain.method=jigsaw: expected one"),
+        (["pretrain=masked", "pretrain.mask_ratio=1.2"], r"pretrain=masked: mask_ratio=1.2 must"),
+        (["pretrain=masked", "pretrain.mask_block=0"], "mask_block=0 be a whole number"),
         (
             ["+train.per_hospital.hospital_z.lr=0.1"],
             "train.per_hospital.hospital_z: no such hospital in data=synthetic",
