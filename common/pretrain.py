@@ -123,12 +123,20 @@ def masked_objective(
     return objective
 
 
-def pretrain_head(method: str, model: MCTFormerV2, num_images: int) -> nn.Module:
-    """The hospital-private head of ``method``: instance logits, or each patch's pixels."""
+def pretrain_objective(
+    model: MCTFormerV2, num_images: int, cfg: Mapping[str, Any], generator: torch.Generator
+) -> tuple[nn.Module, Objective]:
+    """The hospital-private head of ``cfg['method']`` and the step loss that trains it.
+
+    The head is instance logits (one per local image) or a pixel decoder (each patch's pixels).
+    """
+    method = cfg["method"]
     if method == "masked":
-        return nn.Conv2d(model.embed_dim, 3 * model.patch_size**2, kernel_size=1)
+        decoder = nn.Conv2d(model.embed_dim, 3 * model.patch_size**2, kernel_size=1)
+        return decoder, masked_objective(decoder, cfg, model.patch_size, generator)
     if method == "instance":
-        return nn.Linear(model.embed_dim, num_images)
+        head = nn.Linear(model.embed_dim, num_images)
+        return head, instance_objective(head, cfg, generator)
     raise ValueError(f"pretrain.method={method}: expected one of {', '.join(PRETRAIN_METHODS)}")
 
 
@@ -170,19 +178,12 @@ def pretrain_round(
     n = len(data.labels)
     pre = OmegaConf.to_container(cfg.pretrain, resolve=True)
     assert isinstance(pre, dict)
-    method = str(pre["method"])
-    head = pretrain_head(method, model, n)
+    seed = int(cfg.seed) * 100_003 + server_round * 1_009 + hospital_index + 7
+    head, objective = pretrain_objective(model, n, pre, torch.Generator().manual_seed(seed))
     shapes = {k: v.shape for k, v in head.state_dict().items()}
     if head_state is not None and {k: v.shape for k, v in head_state.items()} == shapes:
         head.load_state_dict(dict(head_state))
     head.to(device)
-    seed = int(cfg.seed) * 100_003 + server_round * 1_009 + hospital_index + 7
-    generator = torch.Generator().manual_seed(seed)
-    objective = (
-        masked_objective(head, pre, model.patch_size, generator)
-        if method == "masked"
-        else instance_objective(head, pre, generator)
-    )
     instances = SplitTensors(data.images, torch.arange(n), None)
     local_epochs = int(pre["local_epochs"])
     result = train_local(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import load_model
+from common.checkpoint import load_checkpoint, load_model
 from support.flower_processes import metrics_rows, simulate
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_masked_pretraining_phase_keeps_its_decoder_at_each_hospital(flwr_home, 
     # The MCT rounds start from the pretrained backbone, not from the seeded initialisation.
     checkpoints = run_dir / "checkpoints"
     start, pretrained = (
-        torch.load(checkpoints / name, weights_only=False)["state_dict"]
+        load_checkpoint(checkpoints / name)["state_dict"]
         for name in ("round_000.pt", "pretrain_round_002.pt")
     )
     assert all(torch.equal(start[k], pretrained[k]) for k in pretrained)
