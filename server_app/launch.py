@@ -305,6 +305,12 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     # starts its own on free ports, unless the user chose them.
     for port in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
         env.setdefault(port, str(free_port()))
+    # That SuperLink keeps its state in $FLWR_HOME/local-superlink/state.db; two SuperLinks on
+    # one database fail each other's runs, so each run gets its own Flower home under the
+    # user's, kept when the run did not complete (the SuperLink's log is in it).
+    flwr_home = Path(env.get("FLWR_HOME") or Path.home() / ".flwr") / "w3s-simulate" / marker
+    env["FLWR_HOME"] = str(flwr_home)
+    status = 1
     with tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp:
         run_config = Path(tmp) / "run_config.toml"
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")
@@ -312,9 +318,14 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
         command = flwr_command(app_dir, cfg, run_config)
         print("w3s-simulate:", shlex.join(command), flush=True)
         try:
-            return run_and_check(command, env)[0]
+            status = run_and_check(command, env)[0]
         finally:
             stop_superlinks_marked(marker)
+            if status == 0:
+                shutil.rmtree(flwr_home, ignore_errors=True)
+            else:
+                print(f"w3s-simulate: Flower's state and logs of this run: {flwr_home}", flush=True)
+    return status
 
 
 COMMAND = Command(

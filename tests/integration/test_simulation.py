@@ -46,3 +46,7 @@ def test_simulated_federation_trains_checkpoints_and_records(flwr_home, tmp_path
     assert f"run directory: {run_dir}" in log
     server_lines = [line for line in log.splitlines() if "server_app" in line]
     assert server_lines[-1].endswith(f"final model: {run_dir / 'final_model.pt'}")
+    # The run's local SuperLink kept its state in a Flower home of its own (two runs on one
+    # database fail each other's runs), removed once the run completed.
+    assert not (flwr_home / "local-superlink").exists()
+    assert list((flwr_home / "w3s-simulate").iterdir()) == []
