@@ -248,7 +248,7 @@ phase "docker inspect: the doors are closed"
 
 phase "a 2-round run; hospital 3's SuperNode killed in round 2"
 RUN_DIR=/app/outputs/smoke
-OVERRIDES="data=wbc_zxaoyou data.root=/nonexistent/on/the/server"
+OVERRIDES="data=wbc_zxaoyou data.root=/nonexistent/on/the/server pretrain=none"
 OVERRIDES+=" +data.hospitals.hospital_c={format:synthetic,domain:c,num_images:24,image_size:48,seed:303}"
 OVERRIDES+=" model.img_size=32 train.batch_size=8 train.local_epochs=1"
 OVERRIDES+=" federation.rounds=2 federation.min_replies=2 output_dir=$RUN_DIR"

@@ -1,7 +1,8 @@
 """The regimes that run in one process (no Flower): local-only, centralized, personalization.
 
-They reuse ``train_local`` round by round with the federated run's schedule and seeds, so the
-only difference to FedAvg is which data a model sees and whether weights are averaged.
+They reuse ``pretrain_round`` and ``train_local`` round by round with the federated run's
+schedule and seeds, so the only difference to FedAvg is which data a model sees and whether
+weights are averaged.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.augment import train_cache_size
 from common.data import SplitTensors, split_tensors
 from common.model import MCTFormerV2, create_mct_model
+from common.pretrain import pretrain_round
 from common.training import hospital_train_config, resolve_device, train_local, train_round
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,31 @@ def training_tensors(cfg: DictConfig, hospitals: Sequence[str]) -> SplitTensors:
 def train_rounds(
     cfg: DictConfig, data: SplitTensors, index: int, tag: str, hospital: str | None = None
 ) -> MCTFormerV2:
-    """Train from the initial model for ``federation.rounds`` x ``train.local_epochs`` epochs.
+    """Train from the initial model: the pretraining phase, then the MCT rounds.
 
-    One ``train_local`` call per round, with the ClientApp's learning-rate position, seed and
-    ``hospital``'s own settings, so that a hospital training alone follows exactly the schedule
-    it follows in FedAvg (``None``: pooled data, the shared settings).
+    One ``pretrain_round`` per ``pretrain.rounds`` (the head kept here, as the ClientApp keeps
+    it), then one ``train_local`` call per ``federation.rounds``, with the ClientApp's
+    learning-rate position, seed and ``hospital``'s own settings, so that a hospital training
+    alone follows exactly the schedule it follows in FedAvg (``None``: pooled data, the shared
+    settings).
     """
     model = initial_model(cfg, hospital)
-    rounds = int(cfg.federation.rounds)
     device = resolve_device(cfg.device)
+    pretrain_rounds = int(cfg.pretrain.rounds)
+    head = None
+    for server_round in range(1, pretrain_rounds + 1):
+        result, head = pretrain_round(
+            model, data, cfg, head, server_round=server_round, hospital_index=index, device=device
+        )
+        log.info(
+            "%s pretrain round %d/%d: loss %.4f in %.1fs",
+            tag,
+            server_round,
+            pretrain_rounds,
+            result.loss,
+            result.seconds,
+        )
+    rounds = int(cfg.federation.rounds)
     for server_round in range(1, rounds + 1):
         result = train_round(
             model,

@@ -35,6 +35,7 @@ def test_a_file_truncated_mid_run_fails_that_hospital_and_the_round_closes(flwr_
     victim = _class_folder_hospital(disk)
     run_dir = tmp_path / "run"
     overrides = [
+        "pretrain=none",
         "federation.rounds=2",
         "federation.min_replies=2",
         "train.warmup_epochs=0.5",

@@ -50,6 +50,7 @@ IMAGES_PER_DISK = 40
 OVERRIDES = [
     "data=wbc_zxaoyou",
     "data.root=/nonexistent/on/the/server",
+    "pretrain=none",
     f"+data.hospitals.{SYNTHETIC}="
     "{format:synthetic,domain:c,num_images:24,image_size:128,seed:303}",
     "train.batch_size=16",

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 
 TINY = [
     "seeds=[0]",
+    "pretrain=none",
     "~data.hospitals.hospital_c",
     "model.img_size=32",
     "federation.rounds=2",

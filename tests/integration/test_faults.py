@@ -104,6 +104,7 @@ def test_bad_updates_are_rejected_by_name_and_cannot_take_the_model_over(flwr_ho
     run_dir = tmp_path / "run"
     overrides = [
         "data=synthetic10",
+        "pretrain=none",
         "model.img_size=32",
         "federation.rounds=2",
         "federation.min_replies=2",

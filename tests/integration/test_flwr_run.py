@@ -1,8 +1,9 @@
 """``flwr run`` as a user types it: plain, with a config that cannot match, from a regular install.
 
 - plain ``flwr run . --stream`` in the checkout trains the synthetic default to the end (Flower's
-  local simulation has 2 SuperNodes: 2 of the 3 synthetic hospitals take part); only the number
-  of rounds comes through the run config, since every round repeats the first two;
+  local simulation has 2 SuperNodes: 2 of the 3 synthetic hospitals take part), its masked
+  pretraining phase included; only the number of rounds and epochs comes through the run
+  config, since every round repeats the first ones;
 - real data on the wrong number of SuperNodes fails within seconds, not after the deployment
   wait (``federation.wait_for_nodes_s``, 120 s);
 - a setting that ``w3s-simulate`` would refuse fails the ServerApp before any round, since a
@@ -51,10 +52,11 @@ def test_plain_flwr_run_trains_two_of_the_three_synthetic_hospitals(flwr_home, t
     output_root = tmp_path / "runs"
     env = {**flower_env(flwr_home), "W3S_OUTPUT_ROOT": str(output_root)}
     started = time.monotonic()
-    result = run_with_overrides(env, "federation.rounds=2", timeout_s=1200)
+    rounds = "pretrain.rounds=1 pretrain.local_epochs=1 federation.rounds=2"
+    result = run_with_overrides(env, rounds, timeout_s=1200)
     seconds = time.monotonic() - started
     log = result.stdout + result.stderr
-    print(f"\nflwr run (2 rounds, 2 SuperNodes): {seconds:.0f} s")
+    print(f"\nflwr run (1 + 2 rounds, 2 SuperNodes): {seconds:.0f} s")
 
     assert result.returncode == 0, log[-4000:]
     assert final_status(log, env) == "finished:completed", log[-4000:]
@@ -63,7 +65,11 @@ def test_plain_flwr_run_trains_two_of_the_three_synthetic_hospitals(flwr_home, t
     assert "2 SuperNodes for 3 synthetic hospitals" in log, log[-4000:]
     assert "training on ['hospital_a', 'hospital_b']" in log, log[-4000:]
     rows = metrics_rows(models[0].parent)
-    assert [row["round"] for row in rows] == [1, 2]
+    assert [(row["phase"], row["round"]) for row in rows] == [
+        ("pretrain", 1),
+        ("mct", 1),
+        ("mct", 2),
+    ]
     assert all(set(row["hospitals"]) == {"hospital_a", "hospital_b"} for row in rows)
 
 
@@ -139,7 +145,14 @@ def test_w3s_simulate_runs_from_a_regular_install(flwr_home, tmp_path):
     run_dir = tmp_path / "run"
     started = time.monotonic()
     result = run(
-        [sys.executable, "-m", "server_app.launch", "federation.rounds=1", f"output_dir={run_dir}"],
+        [
+            sys.executable,
+            "-m",
+            "server_app.launch",
+            "pretrain=none",
+            "federation.rounds=1",
+            f"output_dir={run_dir}",
+        ],
         env=env,
         timeout_s=900,
         cwd=tmp_path,

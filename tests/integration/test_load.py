@@ -12,7 +12,7 @@ from support.flower_processes import metrics_rows, simulate
 
 pytestmark = pytest.mark.integration
 
-TEN = ["data=synthetic10", "federation.rounds=2", "train.local_epochs=1"]
+TEN = ["data=synthetic10", "pretrain=none", "federation.rounds=2", "train.local_epochs=1"]
 
 
 def test_ten_hospitals_complete_every_round(flwr_home, tmp_path):

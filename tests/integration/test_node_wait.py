@@ -32,6 +32,7 @@ pytestmark = pytest.mark.integration
 
 FAULT_APP = Path(__file__).resolve().parents[1] / "fault_app"
 OVERRIDES = [
+    "pretrain=none",
     "model.img_size=32",
     "~data.hospitals.hospital_c",
     "data.hospitals.hospital_a.num_images=30",

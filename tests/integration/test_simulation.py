@@ -10,8 +10,10 @@ from support.flower_processes import metrics_rows, simulate
 
 pytestmark = pytest.mark.integration
 
-# Small enough for 2 CPU cores, large enough for the loss to fall within 2 rounds.
+# Small enough for 2 CPU cores, large enough for the loss to fall within 2 rounds. The
+# federation's mechanics need no pretraining phase (test_phases.py runs it).
 TINY = [
+    "pretrain=none",
     "federation.rounds=2",
     "train.warmup_epochs=0.5",
     "data.hospitals.hospital_a.num_images=60",

@@ -18,8 +18,10 @@ from common.config import compose_config
 from common.data import split_tensors
 from common.errors import JobError
 from common.model import create_mct_model
+from common.pretrain import pretrain_round
 from common.training import train_local
 from experiments import run as runner
+from experiments.regimes import initial_model, train_rounds
 from experiments.report import (
     Dataset,
     convergence_figure,
@@ -66,6 +68,28 @@ def test_proximal_mu_zero_is_exactly_the_plain_step_and_mu_pulls_towards_the_sta
     for key in plain:
         assert torch.equal(plain[key], zero[key]), key
     assert _distance(start, pulled) < 0.9 * _distance(start, plain)
+
+
+def test_in_process_regimes_pretrain_as_the_client_app_does_before_the_mct_rounds():
+    # local_only and centralized must start their MCT rounds from the same pretraining a
+    # hospital runs in FedAvg, or the regime comparison would measure the pretraining.
+    overrides = [*SMALL, "pretrain=masked", "pretrain.rounds=1", "pretrain.local_epochs=1"]
+    overrides += ["pretrain.warmup_epochs=0"]
+    cfg = compose_config([*overrides, "federation.rounds=0", "device=cpu"])
+    data = split_tensors(cfg.data, "hospital_a", "train", train_cache_size(32))
+    trained = train_rounds(cfg, data, 0, "local", hospital="hospital_a").state_dict()
+
+    expected = initial_model(cfg, "hospital_a")
+    start = {k: v.clone() for k, v in expected.state_dict().items()}
+    cpu = torch.device("cpu")
+    pretrain_round(expected, data, cfg, None, server_round=1, hospital_index=0, device=cpu)
+    for key, tensor in expected.state_dict().items():
+        torch.testing.assert_close(trained[key], tensor, rtol=0, atol=0)
+    assert not torch.equal(trained["patch_embed.proj.weight"], start["patch_embed.proj.weight"])
+
+    unpretrained = compose_config([*SMALL, "pretrain=none", "federation.rounds=0"])
+    untouched = train_rounds(unpretrained, data, 0, "local", hospital="hospital_a").state_dict()
+    assert all(torch.equal(untouched[k], start[k]) for k in start)
 
 
 def _reply(node: int, record: ArrayRecord, weight: int) -> Message:

@@ -73,6 +73,7 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
         (["pretrain=instance", "pretrain.method=jigsaw"], "pretrain.method=jigsaw: expected one"),
         (["pretrain=masked", "pretrain.mask_ratio=1.2"], r"pretrain=masked: mask_ratio=1.2 must"),
         (["pretrain=masked", "pretrain.mask_block=0"], "mask_block=0 be a whole number"),
+        (["privacy=server_clip", "pretrain=masked"], "pretrain and privacy together"),
         (
             ["+train.per_hospital.hospital_z.lr=0.1"],
             "train.per_hospital.hospital_z: no such hospital in data=synthetic",
