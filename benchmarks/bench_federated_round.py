@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,28 +28,56 @@ from common.augment import train_cache_size
 from common.config import compose_config
 from common.data import hospital_names, split_tensors
 from common.model import create_mct_model
+from common.pretrain import pretrain_round
 from common.training import evaluate_local, resolve_device, train_round
 from support.flower_processes import BIN, flower_env, stop_processes
 
 
-def in_process(overrides: list[str], rounds: int) -> list[float]:
-    """Seconds per round of the same federated work without Flower."""
-    cfg = compose_config([*overrides, f"federation.rounds={rounds}"])
+@dataclass(frozen=True)
+class RoundTiming:
+    """One in-process round: its wall time and the training share of it."""
+
+    seconds: float
+    train_seconds: float
+    train_images: int  # images seen in training, summed over hospitals and local epochs
+
+
+def in_process(
+    overrides: list[str],
+    rounds: int,
+    phase: str = "mct",
+    initial: dict[str, torch.Tensor] | None = None,
+) -> tuple[list[RoundTiming], dict[str, torch.Tensor]]:
+    """The same federated work without Flower, timed per round; also the final global weights.
+
+    ``phase`` is ``mct`` (train_round, then validation at every hospital, as the MCT rounds) or
+    ``pretrain`` (pretrain_round, each hospital keeping its head, no validation). ``initial``
+    replaces the seeded initial weights, so that the MCT rounds can start from the pretraining.
+    """
+    rounds_key = "pretrain.rounds" if phase == "pretrain" else "federation.rounds"
+    cfg = compose_config([*overrides, f"{rounds_key}={rounds}"])
+    local_epochs = int(cfg.pretrain.local_epochs if phase == "pretrain" else cfg.train.local_epochs)
     names = hospital_names(cfg.data)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
-    global_arrays = to_array_record(model.state_dict())
-    times = []
+    global_arrays = to_array_record(initial if initial is not None else model.state_dict())
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    timings = []
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
         replies = []
+        train_seconds, train_images = 0.0, 0
         for index, name in enumerate(names):
             model.load_state_dict(to_state_dict(global_arrays))
             data = split_tensors(cfg.data, name, "train", train_cache_size(cfg.model.img_size))
-            result = train_round(
-                model, data, cfg, server_round=server_round, hospital_index=index, device=device
-            )
+            where = {"server_round": server_round, "hospital_index": index, "device": device}
+            if phase == "pretrain":
+                result, heads[name] = pretrain_round(model, data, cfg, heads.get(name), **where)
+            else:
+                result = train_round(model, data, cfg, **where)
+            train_seconds += result.seconds
+            train_images += result.num_examples * local_epochs
             replies.append(
                 RecordDict(
                     {
@@ -58,12 +87,13 @@ def in_process(overrides: list[str], rounds: int) -> list[float]:
                 )
             )
         global_arrays = weighted_average(replies, array_specs(global_arrays))
-        for name in names:
+        if phase == "mct":
             model.load_state_dict(to_state_dict(global_arrays))
-            val = split_tensors(cfg.data, name, "val", cfg.model.img_size)
-            evaluate_local(model, val, cfg.localization, device=device)
-        times.append(time.perf_counter() - started)
-    return times
+            for name in names:
+                val = split_tensors(cfg.data, name, "val", cfg.model.img_size)
+                evaluate_local(model, val, cfg.localization, device=device)
+        timings.append(RoundTiming(time.perf_counter() - started, train_seconds, train_images))
+    return timings, to_state_dict(global_arrays)
 
 
 def through_flower(overrides: list[str], rounds: int) -> tuple[float, list[dict]]:
@@ -101,9 +131,11 @@ def main() -> None:
         default=2,
         help="torch threads of the in-process loop (Flower runs 2 one-thread clients on 2 cores)",
     )
-    args, overrides = parser.parse_known_args()
+    args, extra = parser.parse_known_args()
+    # The MCT rounds only: the Flower run would otherwise add its pretraining rounds.
+    overrides = ["pretrain=none", *extra]
     torch.set_num_threads(args.threads)
-    plain = in_process(overrides, args.rounds)
+    plain = [t.seconds for t in in_process(overrides, args.rounds)[0]]
     wall, rows = through_flower(overrides, args.rounds)
     flower = [r["seconds"] for r in rows]
     # Round 1 carries the clients' one-off imports and data loading; steady rounds follow.
