@@ -148,6 +148,15 @@ def train(msg: Message, context: Context) -> Message:
     result: TrainResult
     if phase == "pretrain":
         kept = context.state.array_records.get(PRETRAIN_HEAD)
+        if kept is None and server_round > 1:
+            # A resumed run, or a restarted SuperNode: the head was in the old process's memory.
+            log.warning(
+                "hospital %s pretrain round %d: no pretraining head kept from round %d "
+                "(the run was resumed or this node restarted); starting a fresh one",
+                name,
+                server_round,
+                server_round - 1,
+            )
         result, head = pretrain_round(
             model,
             data,

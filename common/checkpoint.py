@@ -316,13 +316,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest ``round_*.pt`` in ``directory`` that loads, skipping unreadable ones.
+def latest_checkpoint(
+    directory: Path, prefix: str = "round_"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest ``<prefix>*.pt`` in ``directory`` that loads, skipping unreadable ones.
 
+    ``round_`` names the MCT rounds' checkpoints, ``pretrain_round_`` the pretraining phase's.
     A file cut short by a crash or a full disk (atomic writes make this rare, copies and
     restores do not) is logged and passed over for the one before it.
     """
-    for path in sorted(directory.glob("round_*.pt"), reverse=True):
+    for path in sorted(directory.glob(f"{prefix}*.pt"), reverse=True):
         try:
             return path, load_checkpoint(path)
         except Exception as error:  # torch raises several types for a damaged file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,24 +92,39 @@ def run_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
     return hospitals
 
 
-def starting_point(cfg: DictConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
-    """Rounds already done and the global model to start from: fresh, or the latest checkpoint.
+@dataclass(frozen=True)
+class StartingPoint:
+    """Where a run starts: its phase, the rounds of that phase already done, and the model."""
+
+    phase: str  # "pretrain" or "mct"
+    done: int
+    arrays: ArrayRecord
+
+
+def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
+    """Fresh, or the newest readable checkpoint of the MCT rounds, else of the pretraining.
 
     With ``resume=true`` the run continues in ``output_dir`` from its newest readable
     checkpoint; clients are told the true round numbers, so the learning-rate schedule and
-    the shuffling seeds continue as if the run had never stopped.
+    the shuffling seeds continue as if the run had never stopped. A run stopped in its
+    pretraining phase continues that phase; the hospitals' private heads were in the stopped
+    ClientApps' memory, so each hospital starts a fresh one (client_app/app.py says so).
     """
+    pretraining = "pretrain" if int(cfg.pretrain.rounds) > 0 else "mct"
     if cfg.resume:
-        found = latest_checkpoint(run_dir / "checkpoints")
+        checkpoints = run_dir / "checkpoints"
+        phase, found = "mct", latest_checkpoint(checkpoints)
+        if found is None and pretraining == "pretrain":
+            phase, found = "pretrain", latest_checkpoint(checkpoints, "pretrain_round_")
         if found is None:
             raise FileNotFoundError(f"resume=true but no readable checkpoint in {run_dir}")
         path, payload = found
         check_model_name(payload, path, str(cfg.model.name))
-        log.info("resuming from %s (round %d)", path, payload["round"])
-        return int(payload["round"]), to_array_record(payload["state_dict"])
+        log.info("resuming from %s (%s round %d)", path, phase, payload["round"])
+        return StartingPoint(phase, int(payload["round"]), to_array_record(payload["state_dict"]))
     torch.manual_seed(cfg.seed)
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
-    return 0, to_array_record(model.state_dict())
+    return StartingPoint(pretraining, 0, to_array_record(model.state_dict()))
 
 
 def guards(cfg: DictConfig) -> Guards:
@@ -154,27 +170,37 @@ def federation_strategy(
 
 
 def pretrain(
-    cfg: DictConfig, grid: Grid, hospitals: list[str], run_dir: Path, initial: ArrayRecord
+    cfg: DictConfig, grid: Grid, hospitals: list[str], run_dir: Path, start: StartingPoint
 ) -> ArrayRecord:
-    """Run the ``pretrain`` phase's rounds from ``initial``; return the model the MCT rounds use.
+    """Run the ``pretrain`` phase's rounds after ``start``; return the model the MCT rounds use.
 
     The same strategy, guards, checkpoints and metrics rows as the MCT rounds; the training
     messages carry ``phase=pretrain``, so each ClientApp runs ``cfg.pretrain.method`` instead
-    of the MCT loss (client_app/app.py). A resumed run whose MCT rounds began skips it.
+    of the MCT loss (client_app/app.py).
     """
-    strategy = federation_strategy(cfg, hospitals, run_dir, 0)
+    strategy = federation_strategy(cfg, hospitals, run_dir, start.done)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals, phase="pretrain")
-    recorder.forget_rounds_after(0)
-    log.info("pretraining: %s, %d rounds", cfg.pretrain.method, cfg.pretrain.rounds)
+    recorder.forget_rounds_after(start.done)
+    rounds = int(cfg.pretrain.rounds)
+    if start.done >= rounds:
+        log.info("pretraining: all %d rounds done before", rounds)
+        return start.arrays
+    log.info(
+        "pretraining: %s, %d rounds (now rounds %d..%d)",
+        cfg.pretrain.method,
+        rounds,
+        start.done + 1,
+        rounds,
+    )
     result = strategy.start(
         grid=grid,
-        initial_arrays=initial,
-        num_rounds=int(cfg.pretrain.rounds),
+        initial_arrays=start.arrays,
+        num_rounds=rounds - start.done,
         timeout=cfg.federation.round_timeout_s,
         train_config=ConfigRecord({"phase": "pretrain"}),
         evaluate_fn=recorder,
     )
-    return result.arrays if len(result.arrays) else initial
+    return result.arrays if len(result.arrays) else start.arrays
 
 
 @app.main()
@@ -194,9 +220,11 @@ def main(grid: Grid, context: Context) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
 
     min_replies = cfg.federation.min_replies or len(hospitals)
-    done, initial = starting_point(cfg, run_dir)
-    if done == 0 and int(cfg.pretrain.rounds) > 0:
-        initial = pretrain(cfg, grid, hospitals, run_dir, initial)
+    start = starting_point(cfg, run_dir)
+    if start.phase == "pretrain":
+        done, initial = 0, pretrain(cfg, grid, hospitals, run_dir, start)
+    else:
+        done, initial = start.done, start.arrays
     strategy = federation_strategy(cfg, hospitals, run_dir, done)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
     recorder.forget_rounds_after(done)

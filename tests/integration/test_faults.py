@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,14 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from server_app.launch import run_and_check
-from support.flower_processes import BIN, flower_env, metrics_rows, run, stop_processes
+from support.flower_processes import (
+    BIN,
+    flower_env,
+    kill_when,
+    metrics_rows,
+    run,
+    stop_processes,
+)
 from tests.integration.test_simulation import TINY
 
 pytestmark = pytest.mark.integration
@@ -210,21 +216,12 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     resumed_dir = tmp_path / "resumed"
     killed_home = tmp_path / "home_killed"
     killed_home.mkdir()
-    process = subprocess.Popen(
+    kill_when(
+        lambda: (resumed_dir / "checkpoints" / "round_001.pt").exists(),
         [simulate, *rounds, f"output_dir={resumed_dir}"],
-        env=one_thread_env(killed_home),
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        one_thread_env(killed_home),
+        tmp_path,
     )
-    try:
-        deadline = time.monotonic() + 600
-        while not (resumed_dir / "checkpoints" / "round_001.pt").exists():
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.2)
-    finally:
-        stop_processes(str(killed_home))
-        process.wait(timeout=30)
     assert not (resumed_dir / "final_model.pt").exists()
 
     again_home = tmp_path / "home_again"
