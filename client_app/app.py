@@ -7,12 +7,14 @@ import logging
 import resource
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
+from client_app.pretrain_heads import forget_heads, head_directory, load_head, save_head
 from client_app.privacy import privacy_mod
 from common.arrays import (
     WEIGHT_KEY,
@@ -136,6 +138,29 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
         ) from None
 
 
+def previous_head(
+    heads: Path | None, name: str, server_round: int
+) -> dict[str, torch.Tensor] | None:
+    """The head of round ``server_round - 1`` from this site's disk, when the node state lost it.
+
+    That happens when a killed run is resumed (new processes) or this SuperNode restarted.
+    """
+    head = None if heads is None else load_head(heads, server_round - 1)
+    if head is None:
+        log.warning(
+            "hospital %s pretrain round %d: its pretraining head of round %d is neither in "
+            "this node's state nor on its disk; starting a fresh one",
+            name,
+            server_round,
+            server_round - 1,
+        )
+    else:
+        log.info(
+            "hospital %s: pretraining head of round %d read from %s", name, server_round - 1, heads
+        )
+    return head
+
+
 @app.train()
 @site_private
 def train(msg: Message, context: Context) -> Message:
@@ -146,28 +171,27 @@ def train(msg: Message, context: Context) -> Message:
     data = _tensors(cfg, name, "train", train_cache_size(cfg.model.img_size))
     device = resolve_device(cfg.device)
     result: TrainResult
+    heads = head_directory(cfg, name)
     if phase == "pretrain":
         kept = context.state.array_records.get(PRETRAIN_HEAD)
-        if kept is None and server_round > 1:
-            # A resumed run, or a restarted SuperNode: the head was in the old process's memory.
-            log.warning(
-                "hospital %s pretrain round %d: no pretraining head kept from round %d "
-                "(the run was resumed or this node restarted); starting a fresh one",
-                name,
-                server_round,
-                server_round - 1,
-            )
+        previous = to_state_dict(kept) if kept is not None else None
+        if previous is None and server_round > 1:
+            previous = previous_head(heads, name, server_round)
         result, head = pretrain_round(
             model,
             data,
             cfg,
-            to_state_dict(kept) if kept is not None else None,
+            previous,
             server_round=server_round,
             hospital_index=index,
             device=device,
         )
         context.state[PRETRAIN_HEAD] = to_array_record(head)
+        if heads is not None:
+            save_head(heads, server_round, head)
     elif phase == "mct":
+        if heads is not None:
+            forget_heads(heads)
         result = train_round(
             model,
             data,

@@ -179,6 +179,9 @@ def pretrain_round(
     pre = OmegaConf.to_container(cfg.pretrain, resolve=True)
     assert isinstance(pre, dict)
     seed = int(cfg.seed) * 100_003 + server_round * 1_009 + hospital_index + 7
+    # A new head draws its initial weights from the global generator: seeded here, they do not
+    # depend on what the process ran before (another hospital's round, a resumed run's start).
+    torch.manual_seed(seed)
     head, objective = pretrain_objective(model, n, pre, torch.Generator().manual_seed(seed))
     shapes = {k: v.shape for k, v in head.state_dict().items()}
     if head_state is not None and {k: v.shape for k, v in head_state.items()} == shapes:

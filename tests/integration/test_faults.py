@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -196,51 +197,88 @@ def one_thread_env(home: Path) -> dict[str, str]:
     return {**flower_env(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
-    rounds = [*TINY, "federation.rounds=2"]
-    simulate = str(BIN / "w3s-simulate")
-
-    whole_home = tmp_path / "home_whole"
-    whole_home.mkdir()
+def simulate_in_home(arguments: list[str], home: Path, cwd: Path) -> str:
+    """Run ``w3s-simulate`` to completion on one thread under its own FLWR_HOME; its output."""
+    home.mkdir()
     try:
-        whole = run(
-            [simulate, *rounds, f"output_dir={tmp_path / 'whole'}"],
-            env=one_thread_env(whole_home),
+        done = run(
+            [str(BIN / "w3s-simulate"), *arguments],
+            env=one_thread_env(home),
             timeout_s=600,
-            cwd=tmp_path,
+            cwd=cwd,
         )
     finally:
-        stop_processes(str(whole_home))
-    assert whole.returncode == 0, (whole.stdout + whole.stderr)[-4000:]
+        stop_processes(str(home))
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return log
 
+
+def killed_resumed_and_compared(
+    tmp_path: Path, overrides: list[str], kill: Callable[[Path], bool]
+) -> tuple[Path, str]:
+    """Run ``overrides`` whole; run them again, killed once ``kill(run_dir)`` holds, then resumed.
+
+    Checks that the resumed run finished with the uninterrupted run's final model; returns its
+    run directory and output.
+    """
+    simulate_in_home(
+        [*overrides, f"output_dir={tmp_path / 'whole'}"], tmp_path / "home_whole", tmp_path
+    )
     resumed_dir = tmp_path / "resumed"
     killed_home = tmp_path / "home_killed"
     killed_home.mkdir()
     kill_when(
-        lambda: (resumed_dir / "checkpoints" / "round_001.pt").exists(),
-        [simulate, *rounds, f"output_dir={resumed_dir}"],
+        lambda: kill(resumed_dir),
+        [str(BIN / "w3s-simulate"), *overrides, f"output_dir={resumed_dir}"],
         one_thread_env(killed_home),
         tmp_path,
     )
     assert not (resumed_dir / "final_model.pt").exists()
-
-    again_home = tmp_path / "home_again"
-    again_home.mkdir()
-    try:
-        again = run(
-            [simulate, *rounds, f"output_dir={resumed_dir}", "resume=true"],
-            env=one_thread_env(again_home),
-            timeout_s=600,
-            cwd=tmp_path,
-        )
-    finally:
-        stop_processes(str(again_home))
-    log = again.stdout + again.stderr
-    assert again.returncode == 0, log[-4000:]
+    log = simulate_in_home(
+        [*overrides, f"output_dir={resumed_dir}", "resume=true"], tmp_path / "home_again", tmp_path
+    )
     assert "resuming from" in log, "\n".join(x for x in log.splitlines() if "server_app" in x)
-
-    assert [r["round"] for r in metrics_rows(resumed_dir)] == [1, 2]
     a = load_checkpoint(tmp_path / "whole" / "final_model.pt")["state_dict"]
     b = load_checkpoint(resumed_dir / "final_model.pt")["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    return resumed_dir, log
+
+
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    resumed_dir, _ = killed_resumed_and_compared(
+        tmp_path,
+        [*TINY, "federation.rounds=2"],
+        lambda run_dir: (run_dir / "checkpoints" / "round_001.pt").exists(),
+    )
+    assert [r["round"] for r in metrics_rows(resumed_dir)] == [1, 2]
+
+
+def test_a_run_killed_in_its_pretraining_resumes_there_and_matches_an_uninterrupted_one(
+    tmp_path,
+):
+    site = tmp_path / "site"
+    overrides = [
+        *[o for o in TINY if not o.startswith("pretrain=")],
+        "pretrain=masked",
+        "pretrain.rounds=3",
+        "pretrain.local_epochs=1",
+        "federation.rounds=1",
+        f"site_state_dir={site}",
+    ]
+
+    def between_pretraining_rounds(run_dir: Path) -> bool:
+        # Pretraining round 1's row is complete and the MCT rounds have not begun.
+        metrics = run_dir / "metrics.jsonl"
+        return metrics.is_file() and metrics.read_text().endswith("\n")
+
+    resumed_dir, log = killed_resumed_and_compared(tmp_path, overrides, between_pretraining_rounds)
+    assert "(pretrain round 1)" in log or "(pretrain round 2)" in log
+    # The kept rounds are not trained again; each hospital's private decoder comes off its disk.
+    assert "pretrain round 1: loss" not in log
+    assert "pretraining head of round" in log and "starting a fresh one" not in log
+    phases = [(r["phase"], r["round"]) for r in metrics_rows(resumed_dir)]
+    assert phases == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("mct", 1)]
+    # The MCT rounds removed the heads from the sites' disks.
+    assert not list(site.rglob("*.pt"))

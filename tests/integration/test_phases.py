@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint, load_model
-from support.flower_processes import BIN, flower_env, kill_when, metrics_rows, simulate
+from support.flower_processes import metrics_rows, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -92,37 +92,3 @@ def test_masked_pretraining_phase_keeps_its_decoder_at_each_hospital(flwr_home, 
         for name in ("round_000.pt", "pretrain_round_002.pt")
     )
     assert all(torch.equal(start[k], pretrained[k]) for k in pretrained)
-
-
-def test_a_run_killed_in_its_pretraining_phase_resumes_in_that_phase(flwr_home, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = [
-        "pretrain=masked",
-        "pretrain.rounds=3",
-        "pretrain.local_epochs=1",
-        "federation.rounds=1",
-        *[f"data.hospitals.hospital_{h}.num_images=30" for h in "abc"],
-    ]
-    killed_home = tmp_path / "home_killed"
-    killed_home.mkdir()
-    kill_when(
-        # Pretraining round 1's row is complete: the run stops between two pretraining rounds.
-        lambda: (
-            (run_dir / "metrics.jsonl").is_file()
-            and (run_dir / "metrics.jsonl").read_text().endswith("\n")
-        ),
-        [str(BIN / "w3s-simulate"), *overrides, f"output_dir={run_dir}"],
-        flower_env(killed_home),
-        tmp_path,
-    )
-    assert not (run_dir / "checkpoints" / "round_000.pt").exists()
-
-    log = simulate(flwr_home, tmp_path, [*overrides, "resume=true"], run_dir)
-
-    assert "(pretrain round 1)" in log or "(pretrain round 2)" in log
-    # The kept rounds are not trained again; each hospital starts a fresh private decoder.
-    assert "pretrain round 1: loss" not in log
-    assert "no pretraining head kept" in log
-    phases = [(r["phase"], r["round"]) for r in metrics_rows(run_dir)]
-    assert phases == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("mct", 1)]
-    assert (run_dir / "final_model.pt").exists()

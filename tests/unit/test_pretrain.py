@@ -109,3 +109,22 @@ def test_a_pretraining_round_trains_the_backbone_and_keeps_its_head_local(method
     assert torch.equal(before["head.weight"], after["head.weight"])  # no gradient reaches it
     _, again = pretrain_round(model, data, cfg, head, **{**kwargs, "server_round": 2})
     assert not torch.equal(again["weight"], head["weight"])  # the kept head trains on
+
+
+@pytest.mark.parametrize("method", ["instance", "masked"])
+def test_a_new_head_does_not_depend_on_what_the_process_drew_before(method):
+    # A ClientApp process runs other hospitals' rounds (or none, when a run resumes) first.
+    cfg = compose_config(
+        [f"pretrain={method}", "data.hospitals.hospital_a.num_images=24", "pretrain.local_epochs=1"]
+    )
+    data = split_tensors(cfg.data, "hospital_a", "train", train_cache_size(cfg.model.img_size))
+    heads = []
+    for history in (1, 2):
+        torch.manual_seed(0)
+        model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+        torch.manual_seed(history)
+        _, head = pretrain_round(
+            model, data, cfg, None, server_round=1, hospital_index=0, device=torch.device("cpu")
+        )
+        heads.append(head)
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

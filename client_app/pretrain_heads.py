@@ -1,0 +1,82 @@
+"""A hospital's private pretraining head kept on its own disk, so that a resumed run continues it.
+
+The head (an instance head has one row per local image, a pixel decoder redraws the crops)
+never leaves the site. Between rounds it lives in the ClientApp's node state, which a run
+killed in its pretraining phase loses with its processes. So each round's head is also
+written under ``site_state_dir`` on the hospital's own machine, keyed by the run's
+``output_dir`` (only a run with one can be resumed) and the hospital, and read back when
+``resume=true`` continues the phase. The files go when the hospital's MCT rounds start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from common.checkpoint import load_checkpoint, save_atomic
+
+log = logging.getLogger(__name__)
+
+# The server keeps its two newest checkpoints (server_app/recorder.py); the head after each of
+# them must be at hand, and the site may be a round ahead of the last checkpoint.
+HEADS_KEPT = 3
+
+
+def head_directory(cfg: DictConfig, hospital: str) -> Path | None:
+    """Where ``hospital`` keeps its heads for this run; None for a run that cannot be resumed."""
+    if not cfg.output_dir:
+        return None
+    run_key = hashlib.sha256(str(cfg.output_dir).encode()).hexdigest()[:16]
+    return Path(cfg.site_state_dir) / "pretrain-heads" / run_key / hospital
+
+
+def save_head(directory: Path, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
+    """Write the head after ``server_round`` atomically; drop all but the newest few.
+
+    A folder that cannot be written (a read-only file system, a full disk) costs only the
+    exact resume, not the round: it is logged, and a resumed run starts a fresh head.
+    """
+    try:
+        save_atomic(
+            {"round": server_round, "state_dict": dict(state)}, _path(directory, server_round)
+        )
+        for old in sorted(directory.glob("round_*.pt"))[:-HEADS_KEPT]:
+            old.unlink()
+    except OSError as error:
+        log.warning(
+            "cannot keep the pretraining head on this site's disk (%s); a resumed run would "
+            "start a fresh one (set site_state_dir or W3S_SITE_STATE to a writable folder)",
+            error,
+        )
+
+
+def load_head(directory: Path, server_round: int) -> dict[str, torch.Tensor] | None:
+    """The head this hospital had after ``server_round``, or None when it is not on disk."""
+    path = _path(directory, server_round)
+    if not path.is_file():
+        return None
+    try:
+        return dict(load_checkpoint(path)["state_dict"])
+    except Exception as error:  # torch raises several types for a damaged file
+        log.warning("pretraining head %s is unreadable (%s)", path, error)
+        return None
+
+
+def forget_heads(directory: Path) -> None:
+    """Remove this hospital's heads of the run, and the run's folder once no hospital has any."""
+    if directory.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+        # The other hospitals of a simulation share the folder and may be removing theirs.
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()
+
+
+def _path(directory: Path, server_round: int) -> Path:
+    return directory / f"round_{server_round:03d}.pt"
