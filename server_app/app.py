@@ -107,14 +107,14 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
     With ``resume=true`` the run continues in ``output_dir`` from its newest readable
     checkpoint; clients are told the true round numbers, so the learning-rate schedule and
     the shuffling seeds continue as if the run had never stopped. A run stopped in its
-    pretraining phase continues that phase; the hospitals' private heads were in the stopped
-    ClientApps' memory, so each hospital starts a fresh one (client_app/app.py says so).
+    pretraining phase continues that phase; each hospital reads its private head back from its
+    own disk (client_app/pretrain_heads.py).
     """
-    pretraining = "pretrain" if int(cfg.pretrain.rounds) > 0 else "mct"
+    first_phase = "pretrain" if int(cfg.pretrain.rounds) > 0 else "mct"
     if cfg.resume:
         checkpoints = run_dir / "checkpoints"
         phase, found = "mct", latest_checkpoint(checkpoints)
-        if found is None and pretraining == "pretrain":
+        if found is None and first_phase == "pretrain":
             phase, found = "pretrain", latest_checkpoint(checkpoints, "pretrain_round_")
         if found is None:
             raise FileNotFoundError(f"resume=true but no readable checkpoint in {run_dir}")
@@ -124,7 +124,7 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
         return StartingPoint(phase, int(payload["round"]), to_array_record(payload["state_dict"]))
     torch.manual_seed(cfg.seed)
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
-    return StartingPoint(pretraining, 0, to_array_record(model.state_dict()))
+    return StartingPoint(first_phase, 0, to_array_record(model.state_dict()))
 
 
 def guards(cfg: DictConfig) -> Guards:
@@ -178,13 +178,13 @@ def pretrain(
     messages carry ``phase=pretrain``, so each ClientApp runs ``cfg.pretrain.method`` instead
     of the MCT loss (client_app/app.py).
     """
-    strategy = federation_strategy(cfg, hospitals, run_dir, start.done)
-    recorder = RoundRecorder(run_dir, cfg, strategy, hospitals, phase="pretrain")
-    recorder.forget_rounds_after(start.done)
     rounds = int(cfg.pretrain.rounds)
     if start.done >= rounds:
         log.info("pretraining: all %d rounds done before", rounds)
         return start.arrays
+    strategy = federation_strategy(cfg, hospitals, run_dir, start.done)
+    recorder = RoundRecorder(run_dir, cfg, strategy, hospitals, phase="pretrain")
+    recorder.forget_rounds_after(start.done)
     log.info(
         "pretraining: %s, %d rounds (now rounds %d..%d)",
         cfg.pretrain.method,
