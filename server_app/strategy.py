@@ -437,6 +437,9 @@ class GuardedFedAvg(FedAvg):
         """The train replies fit to average; stop the run when fewer than the minimum remain."""
         good = self._sort_replies(replies, check_arrays=True)
         good = self._norm_guards(good, max_norm)
+        # In hospital order, not arrival order: the average's float sums then do not depend on
+        # which hospital answered first, so a repeated or resumed run gives the same model.
+        good.sort(key=lambda msg: int(_metrics_of(msg)[INDEX_KEY]))
         # Only accepted replies declare (or are held to) a hospital's num-examples.
         for msg in good:
             self._cap_examples(self._node_of(msg), _metrics_of(msg))

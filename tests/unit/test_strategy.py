@@ -49,6 +49,12 @@ def test_bad_replies_are_dropped_and_the_rest_averaged(caplog):
     assert "node 3" in caplog.text and "node 4" in caplog.text
 
 
+def test_replies_are_averaged_in_hospital_order_whatever_order_they_arrived_in():
+    strategy = _strategy(min_replies=3)
+    good = strategy.screen_train(1, [reply(3, 1.0, 10), reply(1, 2.0, 10), reply(2, 3.0, 10)])
+    assert [int(m.content["metrics"]["hospital-index"]) for m in good] == [0, 1, 2]
+
+
 def test_error_replies_are_logged_by_node():
     strategy = _strategy(min_replies=1)
     strategy.aggregate_train(1, [reply(1, 1.0, 10), failed(5, reason="boom")])
