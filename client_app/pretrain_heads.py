@@ -70,12 +70,18 @@ def load_head(directory: Path, server_round: int) -> dict[str, torch.Tensor] | N
 
 
 def forget_heads(directory: Path) -> None:
-    """Remove this hospital's heads of the run, and the run's folder once no hospital has any."""
+    """Remove this hospital's heads of the run, and each folder above them that is left empty.
+
+    ``pretrain-heads`` itself goes once no run has heads in it, so finished runs leave nothing
+    behind in ``site_state_dir``.
+    """
     if directory.exists():
         shutil.rmtree(directory, ignore_errors=True)
-        # The other hospitals of a simulation share the folder and may be removing theirs.
+        # The other hospitals and runs share these folders and may be removing theirs; a
+        # folder that still holds something stays.
         with contextlib.suppress(OSError):
             directory.parent.rmdir()
+            directory.parent.parent.rmdir()
 
 
 def _path(directory: Path, server_round: int) -> Path:

@@ -22,6 +22,10 @@ image labels alone, without assuming where the cell is:
   of a neighbouring red cell. It assumes one compact cell per crop, not where it lies.
 
 Weights live under ``train.levers.foreground``; all zero (the default) adds nothing.
+
+One lever changes the batch instead of the loss: cell copy-paste (:func:`paste_cells`, Ghiasi
+et al., CVPR 2021, with the masks taken from the model's own head) moves cells onto other
+images' backgrounds, so that neither the label nor the cell side can be read off the context.
 """
 
 from __future__ import annotations
@@ -149,6 +153,59 @@ def compactness_loss(mask: torch.Tensor) -> torch.Tensor:
     spread = (rows - row_c[:, None, None]) ** 2 + (cols - col_c[:, None, None]) ** 2
     moment = (cell * spread).sum(dim=(1, 2)) + area / 6.0
     return (moment * 2.0 * math.pi / area**2 - 1.0).mean()
+
+
+def paste_cells(
+    images: torch.Tensor, targets: torch.Tensor, cell: torch.Tensor, share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste the cells of some images over the backgrounds of others, labels following the cell.
+
+    Each receiving image first loses its own cell: the pixels of its cell side are painted in
+    the mean colour of the rest of the image, so that the composite holds one cell and its
+    label is the donor's alone. The cell side is the head's thresholded at 0.5 and grown by
+    one patch, because the head marks the stained nucleus before the pale cytoplasm around it
+    (docs/localization.md); the pasted piece carries that rim with it.
+
+    Parameters
+    ----------
+    images
+        (B, 3, H, W) training images.
+    targets
+        (B, C) multi-hot labels.
+    cell
+        (B, 1, h, w) cell-side probabilities on the patch grid (the oriented foreground).
+    share
+        Fraction of the batch that receives a pasted cell, in [0, 1]; the receivers and their
+        donors (always another image) come from torch's global generator, which the local
+        training seeds.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        New images and targets; the inputs are not modified. A donor whose cell side is empty
+        leaves its receiver as it was.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(
+            f"train.levers.copy_paste={share}: expected a share of the batch in [0, 1]"
+        )
+    b = images.shape[0]
+    count = round(share * b)
+    if count == 0 or b < 2:
+        return images, targets
+    grown = F.max_pool2d((cell > 0.5).to(images.dtype), 3, stride=1, padding=1)
+    region = F.interpolate(grown, size=images.shape[2:], mode="nearest")
+    receivers = torch.randperm(b)[:count]
+    donors = (receivers + torch.randint(1, b, (count,))) % b
+    outside = 1.0 - region
+    background = (images * outside).sum(dim=(2, 3)) / outside.sum(dim=(2, 3)).clamp_min(1.0)
+    erased = images * outside + background[:, :, None, None] * region
+    pasted = erased[receivers] * (1.0 - region[donors]) + images[donors] * region[donors]
+    has_cell = region[donors].flatten(1).amax(dim=1) > 0
+    images, targets = images.clone(), targets.clone()
+    images[receivers[has_cell]] = pasted[has_cell]
+    targets[receivers[has_cell]] = targets[donors[has_cell]]
+    return images, targets
 
 
 def pooled(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ PRETRAIN_METHODS = ("instance", "masked")
 NO_LEVERS: dict[str, Any] = {
     "negatives": {"fraction": 0.0, "crop": 0.3},
     "mosaic_p": 0.0,
+    "copy_paste": 0.0,
     "foreground": dict.fromkeys(LEVER_WEIGHTS, 0.0),
 }
 

@@ -17,8 +17,8 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from common.augment import build_train_transform, normalise
 from common.batches import BatchBuilder, one_hot
 from common.data import SplitTensors
-from common.levers import foreground_loss
-from common.localization import fused_maps, normalise_maps
+from common.levers import foreground_loss, paste_cells
+from common.localization import fused_maps, normalise_maps, oriented_foreground
 from common.metrics import average_precision, binary_miou_sweep
 from common.model import MCTFormerV2, mct_loss
 
@@ -61,9 +61,25 @@ Objective = Callable[[MCTFormerV2, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def mct_objective(levers: Mapping[str, Any]) -> Objective:
-    """The MCT loss of the weak labels plus the foreground levers that ``levers`` switches on."""
+    """The MCT loss of the weak labels plus the foreground levers that ``levers`` switches on.
+
+    With ``levers['copy_paste']`` > 0 a first pass without gradients reads the cells from the
+    model's own foreground head, and the step trains on the batch with cells moved between
+    images (:func:`common.levers.paste_cells`).
+    """
+    share = float(levers["copy_paste"])
 
     def objective(model: MCTFormerV2, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if share > 0:
+            with torch.no_grad():
+                foreground = model(images).foreground
+            if foreground is None:
+                raise ValueError(
+                    "train.levers.copy_paste takes the cells from the foreground head: "
+                    "set model.foreground_head=true"
+                )
+            cell = oriented_foreground(torch.sigmoid(foreground.float()))
+            images, targets = paste_cells(images, targets, cell, share)
         output = model(images)
         loss = mct_loss(output, targets)
         extra = foreground_loss(output, targets, model.head, levers["foreground"])

@@ -11,11 +11,13 @@ from common.levers import (
     compactness_loss,
     contrast_loss,
     foreground_loss,
+    paste_cells,
     size_loss,
     suppression_loss,
 )
 from common.localization import fused_maps, oriented_foreground
 from common.model import create_mct_model
+from common.training import mct_objective
 
 CELL = (slice(None), slice(None), slice(1, 3), slice(1, 3))  # a 2x2 cell on a 4x4 grid
 
@@ -182,3 +184,61 @@ def test_the_foreground_head_trains_and_gives_class_agnostic_maps():
     assert torch.allclose(maps[:, 0], maps[:, 4])
     fused = fused_maps(output, 3) * maps
     assert torch.allclose(fused_maps(output, 3, source="fused_foreground"), fused)
+
+
+def _two_cells() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two 8x8 images (patch grid 4x4 of 2 px): image 0 red with a white cell top left, image 1
+    blue with a green cell bottom right; the cell sides mark one patch of each cell."""
+    images = torch.zeros(2, 3, 8, 8)
+    images[0, 0] = 1.0
+    images[0, :, 0:2, 0:2] = 1.0
+    images[1, 2] = 1.0
+    images[1, :, 6:8, 6:8] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+    cell = torch.zeros(2, 1, 4, 4)
+    cell[0, 0, 0, 0] = 0.9
+    cell[1, 0, 3, 3] = 0.9
+    return images, torch.eye(3)[:2], cell
+
+
+def test_a_pasted_cell_replaces_the_receivers_own_and_brings_its_label():
+    images, targets, cell = _two_cells()
+    torch.manual_seed(0)
+    pasted, labels = paste_cells(images, targets, cell, share=0.5)
+    receiver = int(torch.nonzero((pasted != images).flatten(1).any(dim=1))[0, 0])
+    donor = 1 - receiver
+    assert torch.equal(labels[receiver], targets[donor])
+    assert torch.equal(labels[donor], targets[donor]) and torch.equal(pasted[donor], images[donor])
+    # The donor's cell side grown by one patch (4x4 px at its corner) now lies on the receiver.
+    donor_region = (slice(0, 4), slice(0, 4)) if donor == 0 else (slice(4, 8), slice(4, 8))
+    assert torch.equal(
+        pasted[receiver][:, donor_region[0], donor_region[1]],
+        images[donor][:, donor_region[0], donor_region[1]],
+    )
+    # The receiver's own cell is gone: painted in its background colour (plain red or blue).
+    background = images[receiver][:, 3, 4] if receiver == 0 else images[receiver][:, 0, 4]
+    own = (slice(0, 2), slice(0, 2)) if receiver == 0 else (slice(6, 8), slice(6, 8))
+    assert torch.allclose(pasted[receiver][:, own[0], own[1]], background[:, None, None])
+    assert not torch.equal(images, pasted) and images[0, 0, 0, 0] == 1.0  # inputs untouched
+
+
+def test_no_share_or_no_cell_leaves_the_batch_as_it_was_and_a_bad_share_is_refused():
+    images, targets, cell = _two_cells()
+    assert paste_cells(images, targets, cell, share=0.0)[0] is images
+    same, labels = paste_cells(images, targets, torch.zeros_like(cell), share=1.0)
+    assert torch.equal(same, images) and torch.equal(labels, targets)
+    with pytest.raises(ValueError, match="copy_paste=1.5"):
+        paste_cells(images, targets, cell, share=1.5)
+
+
+def test_copy_paste_trains_on_pasted_batches_and_needs_the_head():
+    cfg = compose_config(["train.levers.copy_paste=1.0"])
+    model = create_mct_model(cfg.model, num_classes=5)
+    images, targets = torch.randn(4, 3, 96, 96), torch.eye(5)[:4]
+    torch.manual_seed(0)
+    with_paste = mct_objective(cfg.train.levers)(model, images, targets)
+    torch.manual_seed(0)
+    without = mct_objective({**cfg.train.levers, "copy_paste": 0.0})(model, images, targets)
+    assert torch.isfinite(with_paste) and with_paste != without
+    headless = create_mct_model(compose_config(["model.foreground_head=false"]).model, 5)
+    with pytest.raises(ValueError, match="model.foreground_head=true"):
+        mct_objective(cfg.train.levers)(headless, images, targets)

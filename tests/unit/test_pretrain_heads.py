@@ -60,10 +60,13 @@ def test_an_unwritable_folder_costs_a_warning_not_the_round(tmp_path, caplog):
 def test_forgetting_removes_the_hospitals_heads_and_the_run_folder_once_empty(tmp_path):
     cfg = config(tmp_path, "/runs/a")
     first, second = head_directory(cfg, "dataset1"), head_directory(cfg, "dataset2")
-    save_head(first, 1, {"weight": torch.ones(2)})
-    save_head(second, 1, {"weight": torch.ones(2)})
+    other_run = head_directory(config(tmp_path, "/runs/b"), "dataset1")
+    for directory in (first, second, other_run):
+        save_head(directory, 1, {"weight": torch.ones(2)})
     forget_heads(first)
     assert not first.exists() and second.exists()
     forget_heads(second)
-    assert not second.parent.exists()
+    assert not second.parent.exists() and other_run.exists()
     forget_heads(second)  # a later MCT round finds nothing to remove
+    forget_heads(other_run)
+    assert list((tmp_path / "site").iterdir()) == [], "the last run leaves no empty folder"
