@@ -155,6 +155,19 @@ def compactness_loss(mask: torch.Tensor) -> torch.Tensor:
     return (moment * 2.0 * math.pi / area**2 - 1.0).mean()
 
 
+def paste_share(value: Any) -> float:
+    """``train.levers.copy_paste`` as a float, or a ValueError that names the setting."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(
+            f"train.levers.copy_paste={value}: expected a share of the batch in [0, 1]"
+        )
+    return share
+
+
 def paste_cells(
     images: torch.Tensor, targets: torch.Tensor, cell: torch.Tensor, share: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,12 +198,8 @@ def paste_cells(
         New images and targets; the inputs are not modified. A donor whose cell side is empty
         leaves its receiver as it was.
     """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(
-            f"train.levers.copy_paste={share}: expected a share of the batch in [0, 1]"
-        )
     b = images.shape[0]
-    count = round(share * b)
+    count = round(paste_share(share) * b)
     if count == 0 or b < 2:
         return images, targets
     grown = F.max_pool2d((cell > 0.5).to(images.dtype), 3, stride=1, padding=1)

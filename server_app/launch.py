@@ -30,7 +30,7 @@ from common.cli import Command
 from common.config import CONF_DIR, compose_config
 from common.data import DataVerificationError, check_split, hospital_names, verify_data
 from common.errors import JobError
-from common.levers import LEVER_WEIGHTS, size_bounds
+from common.levers import LEVER_WEIGHTS, paste_share, size_bounds
 from common.localization import FOREGROUND_SOURCES
 from common.model import hospital_standardisation, mct_presets
 from common.network import free_port
@@ -257,28 +257,32 @@ def check_hospital_settings(cfg: DictConfig) -> None:
 def check_foreground_settings(cfg: DictConfig) -> None:
     """Refuse foreground settings that would fail every ClientApp at its first step.
 
-    Size bounds must be a share of the crop, at every hospital. A model without the foreground
-    head can neither train it nor give its maps; both are on by default, so
-    ``model.foreground_head=false`` alone would otherwise fail at the first training step or
-    evaluation.
+    Size bounds and the copy-paste share must be shares, at every hospital. A model without the
+    foreground head can neither train it nor give its maps nor the cells that copy-paste moves;
+    the head's training and maps are on by default, so ``model.foreground_head=false`` alone
+    would otherwise fail at the first training step or evaluation, after any pretraining.
     """
     own = {str(h): hospital_train_config(cfg, str(h)) for h in cfg.train.per_hospital}
     for where, train in [("", cfg.train), *((f"hospital {h}: ", t) for h, t in own.items())]:
         try:
             size_bounds(train.levers.foreground.size_bounds)
+            paste_share(train.levers.copy_paste)
         except ValueError as error:
             raise JobError(f"{where}{error}") from None
     trains = [cfg.train, *own.values()]
     if cfg.model.get("foreground_head"):
         return
-    weights = [(k, t.levers.foreground[k]) for t in trains for k in LEVER_WEIGHTS]
-    levers = {k: v for k, v in weights if float(v) != 0.0}
+    settings = [
+        *((f"foreground.{k}", t.levers.foreground[k]) for t in trains for k in LEVER_WEIGHTS),
+        *(("copy_paste", t.levers.copy_paste) for t in trains),
+    ]
+    levers = {k: v for k, v in settings if float(v) != 0.0}
     source = str(cfg.localization.source)
     if levers or source in FOREGROUND_SOURCES:
         raise JobError(
             "model.foreground_head=false, but "
             + ", ".join(
-                [f"train.levers.foreground.{k}={v}" for k, v in levers.items()]
+                [f"train.levers.{k}={v}" for k, v in levers.items()]
                 + ([f"localization.source={source}"] if source in FOREGROUND_SOURCES else [])
             )
             + " need the head; add localization=fused and set those levers to 0 "

@@ -70,6 +70,15 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             ["+train.per_hospital.hospital_b.levers.foreground.size_bounds=[0.2,1.5]"],
             r"hospital hospital_b: train.levers.foreground.size_bounds=\[0.2, 1.5\]",
         ),
+        (["train.levers.copy_paste=1.5"], r"train.levers.copy_paste=1.5: expected a share"),
+        (
+            ["+train.per_hospital.hospital_b.levers.copy_paste=-0.5"],
+            r"hospital hospital_b: train.levers.copy_paste=-0.5",
+        ),
+        (
+            ["experiment=paper", "train.levers.copy_paste=0.5"],
+            "train.levers.copy_paste=0.5 need the head",
+        ),
         (["pretrain=instance", "pretrain.method=jigsaw"], "pretrain.method=jigsaw: expected one"),
         (["pretrain=masked", "pretrain.mask_ratio=1.2"], r"pretrain=masked: mask_ratio=1.2 must"),
         (["pretrain=masked", "pretrain.mask_block=0"], "mask_block=0 be a whole number"),
