@@ -112,13 +112,12 @@ def score_maps(run_dir: Path, hospital: str, data_overrides: Sequence[str]) -> d
             *data_overrides,
             f"checkpoint={run_dir / 'final_model.pt'}",
             f"hospital={hospital}",
-            f"output_dir={run_dir / 'levers' / hospital}",
             "device=cpu",
         ],
         config_name="postprocess",
     )
     model, _ = load_model(cfg.checkpoint, list(cfg.data.classes), cfg.localization.source, hospital)
-    splits = make_maps(model, cfg, hospital, Path(cfg.output_dir), resolve_device(cfg.device))
+    splits = make_maps(model, cfg, hospital, resolve_device(cfg.device))
     evaluation = Evaluation(splits, len(cfg.data.classes) + 1, cfg.evaluation)
     maps, _ = seeds_stage(splits, evaluation, int(cfg.batch_size))
     disk = disk_stage(splits, evaluation)

@@ -190,6 +190,33 @@ def hospital_train_config(cfg: Any, hospital: str | None) -> Any:
         raise ValueError(f"train.per_hospital.{hospital}: {str(error).splitlines()[0]}") from None
 
 
+def fine_tune(
+    model: MCTFormerV2,
+    data: SplitTensors,
+    cfg: Mapping[str, Any],
+    *,
+    epochs: int,
+    lr_scale: float,
+    device: torch.device,
+    seed: int,
+) -> TrainResult:
+    """``epochs`` more epochs of local training from a trained model, in place.
+
+    No warmup and a learning rate of ``lr_scale`` x ``cfg['lr']`` decaying by the usual
+    cosine: the model is a trained starting point, and a full warmup from near zero would
+    spend the few epochs a site fine-tunes for.
+    """
+    tuned = {
+        **cfg,
+        "local_epochs": epochs,
+        "warmup_epochs": 0,
+        "lr": float(cfg["lr"]) * lr_scale,
+    }
+    return train_local(
+        model, data, tuned, start_epoch=0, total_epochs=epochs, device=device, seed=seed
+    )
+
+
 def train_round(
     model: MCTFormerV2,
     data: SplitTensors,

@@ -17,7 +17,7 @@ from common.augment import train_cache_size
 from common.data import SplitTensors, split_tensors
 from common.model import MCTFormerV2, create_mct_model
 from common.pretrain import pretrain_round
-from common.training import hospital_train_config, resolve_device, train_local, train_round
+from common.training import fine_tune, hospital_train_config, resolve_device, train_round
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def train_rounds(
     return model
 
 
-def fine_tune(
+def fine_tune_at(
     cfg: DictConfig,
     regime: DictConfig,
     model: MCTFormerV2,
@@ -105,23 +105,16 @@ def fine_tune(
 ) -> None:
     """Personalization: ``regime.finetune_epochs`` more epochs at one hospital, in place.
 
-    No warmup and a learning rate of ``regime.finetune_lr_scale`` x ``train.lr`` decaying by
-    the usual cosine: the global model is a trained starting point, not a fresh one.
+    At ``regime.finetune_lr_scale`` x ``train.lr`` with the hospital's own train settings.
     """
     epochs = int(regime.finetune_epochs)
-    own = hospital_train_config(cfg, hospital)
-    train_cfg = {
-        **OmegaConf.to_container(own, resolve=True),
-        "local_epochs": epochs,
-        "warmup_epochs": 0,
-        "lr": float(own.lr) * float(regime.finetune_lr_scale),
-    }
-    result = train_local(
+    own = OmegaConf.to_container(hospital_train_config(cfg, hospital), resolve=True)
+    result = fine_tune(
         model,
         data,
-        train_cfg,
-        start_epoch=0,
-        total_epochs=epochs,
+        own,
+        epochs=epochs,
+        lr_scale=float(regime.finetune_lr_scale),
         device=resolve_device(cfg.device),
         seed=cfg.seed * 100_003 + 999_983 + index,
     )

@@ -30,7 +30,7 @@ from common.config import compose_config
 from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
 from common.files import replaced_atomically
-from experiments.regimes import fine_tune, train_rounds, training_tensors
+from experiments.regimes import fine_tune_at, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
 from post_training.postprocess import run_postprocess
 from server_app import launch
@@ -206,7 +206,7 @@ def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
         own = {}
         for index, name in enumerate(hospitals):
             model, _ = load_model(global_model, list(cfg.data.classes), hospital=name)
-            fine_tune(cfg, run.regime, model, training_tensors(cfg, [name]), index, name)
+            fine_tune_at(cfg, run.regime, model, training_tensors(cfg, [name]), index, name)
             own[name] = save_model(
                 model.state_dict(),
                 cfg,

@@ -2,8 +2,9 @@
 
 One row per image of a split; columns: image, ground truth, class attention, patch-CAM, fused,
 refined, pseudo-mask, segmenter output. The four map columns are generated here from the
-checkpoint (the image's own class); the last two are read from the ``w3s-postprocess`` outputs
-of the same checkpoint and hospital (run it first; missing outputs are shown blank and logged).
+checkpoint (the image's own class), or from the hospital's fine-tuned copy where
+``w3s-postprocess`` kept one; the last two are read from the ``w3s-postprocess`` outputs of the
+same checkpoint and hospital (run it first; missing outputs are shown blank and logged).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from common.localization import MapSettings, generate_maps
 from common.metrics import class_aware_truth
 from common.training import resolve_device
 from post_training.artifacts import heatmap, overlay, read_label_png, sample_stem, save_grid
+from post_training.personalize import PERSONALIZED_MODEL
 from post_training.postprocess import (
     SITE_KEYS,
     check_hospital,
@@ -69,8 +71,11 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     hospital = check_hospital(cfg)
     split = str(cfg.grid.split)
-    model, _ = load_model(checkpoint, list(cfg.data.classes), cfg.localization.source, hospital)
     out = resolve_output_dir(cfg, checkpoint)
+    # The maps w3s-postprocess used: the hospital's fine-tuned copy where it kept one.
+    personal = out / PERSONALIZED_MODEL
+    model_file = personal if personal.is_file() else checkpoint
+    model, _ = load_model(model_file, list(cfg.data.classes), cfg.localization.source, hospital)
     data = hospital_split(cfg.data, hospital, split)
     count = min(int(cfg.grid.num_images), len(data))
     images, labels = list(data.images[:count]), np.asarray(data.labels[:count])

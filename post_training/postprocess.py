@@ -22,6 +22,7 @@ from common.localization import MapSettings
 from common.progress import Profile
 from common.pseudo import create_masker
 from common.training import resolve_device
+from post_training.personalize import SiteMaps, personalize_stage
 from post_training.report import markdown_table, save_figure, write_report
 from post_training.stages import (
     Evaluation,
@@ -30,6 +31,7 @@ from post_training.stages import (
     option_grid,
     otsu_stage,
     pseudo_stage,
+    save_split_maps,
     seeds_stage,
     segmenter_stage,
 )
@@ -91,12 +93,19 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
 
     profile = Profile()
     with profile.phase("data and maps"):
-        splits = make_maps(model, cfg, hospital, out, device)
+        splits = make_maps(model, cfg, hospital, device)
     evaluation = Evaluation(splits, len(classes) + 1, cfg.evaluation)
-    chunk = int(cfg.batch_size)
     with profile.phase("seeds"):
-        seeds, seed_labels = seeds_stage(splits, evaluation, chunk)
-    seeds.seconds += profile.seconds["data and maps"]
+        maps = SiteMaps(splits, *seeds_stage(splits, evaluation, int(cfg.batch_size)))
+    maps.seeds.seconds += profile.seconds["data and maps"]
+    personalized = None
+    if int(cfg.personalize.epochs) > 0:
+        with profile.phase("personalize"):
+            maps, personalized = personalize_stage(
+                model, payload, cfg, hospital, maps, evaluation, out, device
+            )
+    splits, seeds, seed_labels = maps.splits, maps.seeds, maps.labels
+    save_split_maps(splits, out)
     with profile.phase("pseudo-masks"):
         pseudo, pseudo_labels = pseudo_stage(cfg, splits, evaluation, out, device)
     segmenter, predicted = segmenter_stage(
@@ -127,6 +136,7 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
         "images": {name: len(split.data) for name, split in splits.items()},
         "absent": evaluation.absent,
         "select_by": evaluation.select_by,
+        "personalize": personalized,
         "seconds": profile.seconds,
     }
     metrics = write_report(out, summary, stages)
@@ -146,6 +156,12 @@ def check_postprocess_config(cfg: DictConfig) -> None:
         raise JobError(
             f"self_training.rounds={rounds}, self_training.confidence={confidence}: rounds must "
             "be >= 0 and confidence in [0, 1)"
+        )
+    epochs, lr_scale = cfg.personalize.epochs, cfg.personalize.lr_scale
+    if int(epochs) < 0 or not float(lr_scale) > 0.0:
+        raise JobError(
+            f"personalize.epochs={epochs}, personalize.lr_scale={lr_scale}: epochs must be "
+            ">= 0 (0: the global model as it is) and lr_scale > 0"
         )
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     if not checkpoint.is_file():

@@ -161,9 +161,9 @@ class Evaluation:
 
 
 def make_maps(
-    model: MCTFormerV2, cfg: DictConfig, hospital: str, out: Path, device: torch.device
+    model: MCTFormerV2, cfg: DictConfig, hospital: str, device: torch.device
 ) -> dict[str, Split]:
-    """Maps of every split, saved as ``maps/<split>/<stem>.npz``."""
+    """Maps of every split (written by :func:`save_split_maps` once the model is chosen)."""
     settings = MapSettings.from_config(OmegaConf.to_container(cfg.localization))
     splits = {}
     for split in SPLITS:
@@ -173,8 +173,6 @@ def make_maps(
             model, data.images, data.labels, settings, device=device, batch_size=cfg.batch_size
         )
         stems = [sample_stem(sample_id) for sample_id in data.sample_ids]
-        for stem, image_maps in zip(stems, maps, strict=True):
-            save_maps(out / "maps" / split / f"{stem}.npz", image_maps)
         truth = None
         if data.masks is not None:
             truth = [
@@ -189,6 +187,13 @@ def make_maps(
         ]
         splits[split] = Split(data, stems, truth, records)
     return splits
+
+
+def save_split_maps(splits: Mapping[str, Split], out: Path) -> None:
+    """Every split's maps as ``maps/<split>/<stem>.npz``."""
+    for split, part in splits.items():
+        for stem, record in zip(part.stems, part.records, strict=True):
+            save_maps(out / "maps" / split / f"{stem}.npz", record.maps)
 
 
 def _propagate(

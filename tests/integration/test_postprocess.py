@@ -136,6 +136,15 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
             assert 0 <= stage[split]["class_aware_miou"] <= 1
     seeds = metrics["stages"][0]
     assert seeds["choice"]["background"] in (0.2, 0.4, 0.6)
+    # the site fine-tuned the global model and kept whichever made the better validation maps
+    personal = metrics["personalize"]
+    assert personal["epochs"] == 10 and personal["images"] == images["train"]
+    kept, other = personal["kept"], {"global": "personalized", "personalized": "global"}
+    assert seeds["choice"]["model"] == kept
+    val = personal["val_maps"]
+    assert val[kept]["class_aware_miou"] >= val[other[kept]]["class_aware_miou"]
+    assert seeds["val"] == val[kept]
+    assert (out / "personalized_model.pt").is_file() == (kept == "personalized")
     pseudo = metrics["stages"][1]  # the shipped pseudo.tune list, chosen on validation
     assert pseudo["choice"]["cell_fraction"] in (0.15, 0.2, 0.25, 0.3)
     table = (out / "metrics.md").read_text()

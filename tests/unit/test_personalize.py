@@ -1,0 +1,94 @@
+"""post_training/personalize: the site's fine-tune settings, its refusals and the model it keeps."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from common.config import compose_config
+from common.errors import JobError
+from common.model import create_mct_model
+from post_training.personalize import SiteMaps, fine_tuned_model, kept_model, personal_train_config
+from post_training.stages import Evaluation, Split, Stage
+
+SYNTHETIC = [
+    "data.hospitals.hospital_a.num_images=12",
+    "data.hospitals.hospital_a.image_size=48",
+]
+
+
+def _run_payload(run_overrides: list[str]) -> dict:
+    run = compose_config([*SYNTHETIC, "model.img_size=32", *run_overrides])
+    return {"config": OmegaConf.to_yaml(run), "round": 3}
+
+
+def _job(*overrides: str):
+    return compose_config(
+        [*SYNTHETIC, "checkpoint=/x/final_model.pt", "hospital=hospital_a", *overrides],
+        config_name="postprocess",
+    )
+
+
+def test_the_fine_tune_takes_the_runs_settings_with_the_sites_own_and_personalize_train_over():
+    payload = _run_payload(
+        ["+train.per_hospital.hospital_a.lr=0.5", "train.augment.crop_scale=[0.3,1.0]"]
+    )
+    merged = personal_train_config(payload, _job("+personalize.train.batch_size=4"), "hospital_a")
+    assert merged["lr"] == 0.5  # the site's own setting in the run
+    assert merged["augment"]["crop_scale"] == [0.3, 1.0]  # the run's
+    assert merged["batch_size"] == 4  # personalize.train
+    assert merged["levers"]["foreground"]["compact"] == 1.0  # the shipped default
+    # another site of the same run trains with the shared settings
+    assert personal_train_config(payload, _job(), "hospital_b")["lr"] == 1.0e-3
+
+
+def test_the_fine_tune_refuses_unknown_keys_a_file_without_config_and_a_headless_model():
+    payload = _run_payload([])
+    with pytest.raises(JobError, match="personalize.train: .*not_a_key"):
+        personal_train_config(payload, _job("+personalize.train.not_a_key=1"), "hospital_a")
+    with pytest.raises(JobError, match="no training config.*personalize.epochs=0"):
+        personal_train_config({"round": 1}, _job(), "hospital_a")
+
+    cfg = _job("personalize.epochs=1")
+    run = OmegaConf.create(payload["config"])
+    headless = create_mct_model({**run.model, "foreground_head": False}, num_classes=5)
+    with pytest.raises(JobError, match="foreground_head.*personalize.epochs=0"):
+        fine_tuned_model(headless, payload, cfg, "hospital_a", torch.device("cpu"))
+
+
+def test_the_fine_tune_moves_a_copy_and_leaves_the_global_model():
+    payload = _run_payload([])
+    run = OmegaConf.create(payload["config"])
+    torch.manual_seed(0)
+    model = create_mct_model(run.model, num_classes=5).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _job("personalize.epochs=1", "+personalize.train.batch_size=4")
+    tuned, result = fine_tuned_model(model, payload, cfg, "hospital_a", torch.device("cpu"))
+    assert result.num_examples > 0 and np.isfinite(result.loss) and not tuned.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(tuned.fg_head.weight, model.fg_head.weight)
+
+
+def _maps(labels: list[np.ndarray]) -> SiteMaps:
+    return SiteMaps({}, Stage("maps", "maps", {}, {}, 0.0), {"val": labels})
+
+
+def _evaluation(truth: list[np.ndarray] | None) -> Evaluation:
+    val = Split(data=None, stems=[], truth=truth, records=[])  # type: ignore[arg-type]
+    return Evaluation({"val": val}, num_labels=2, cfg={"absent": "skip", "select_by": "binary"})
+
+
+def test_the_model_kept_is_the_one_whose_validation_maps_are_better():
+    truth = np.zeros((8, 8), np.uint8)
+    truth[2:6, 2:6] = 1
+    right, wrong = _maps([truth]), _maps([np.ones_like(truth)])
+    assert kept_model({"global": wrong, "personalized": right}, _evaluation([truth])) == (
+        "personalized"
+    )
+    assert kept_model({"global": right, "personalized": wrong}, _evaluation([truth])) == "global"
+    # a tie keeps the global model
+    assert kept_model({"global": right, "personalized": right}, _evaluation([truth])) == "global"
+    # without ground truth the configured fine-tune is used
+    assert kept_model({"global": right, "personalized": wrong}, _evaluation(None)) == (
+        "personalized"
+    )
