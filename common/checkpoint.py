@@ -303,7 +303,8 @@ def load_model(
         raise CheckpointError(
             f"{where} has no foreground head (trained with model.foreground_head=false), so it "
             f"has no localization.source={map_source} maps; use localization=fused for its "
-            "fused MCT maps"
+            "fused MCT maps (and, in w3s-postprocess, personalize.epochs=0: the site's "
+            "fine-tune trains the head)"
         )
     return model.eval(), payload
 
