@@ -9,7 +9,8 @@ from common.config import compose_config
 from common.errors import JobError
 from common.model import create_mct_model
 from post_training.personalize import SiteMaps, fine_tuned_model, kept_model, personal_train_config
-from post_training.stages import Evaluation, Split, Stage
+from post_training.stages import Stage
+from tests.unit.test_stages import val_evaluation
 
 SYNTHETIC = [
     "data.hospitals.hospital_a.num_images=12",
@@ -73,22 +74,17 @@ def _maps(labels: list[np.ndarray]) -> SiteMaps:
     return SiteMaps({}, Stage("maps", "maps", {}, {}, 0.0), {"val": labels})
 
 
-def _evaluation(truth: list[np.ndarray] | None) -> Evaluation:
-    val = Split(data=None, stems=[], truth=truth, records=[])  # type: ignore[arg-type]
-    return Evaluation({"val": val}, num_labels=2, cfg={"absent": "skip", "select_by": "binary"})
-
-
 def test_the_model_kept_is_the_one_whose_validation_maps_are_better():
     truth = np.zeros((8, 8), np.uint8)
     truth[2:6, 2:6] = 1
     right, wrong = _maps([truth]), _maps([np.ones_like(truth)])
-    assert kept_model({"global": wrong, "personalized": right}, _evaluation([truth])) == (
+    assert kept_model({"global": wrong, "personalized": right}, val_evaluation([truth])) == (
         "personalized"
     )
-    assert kept_model({"global": right, "personalized": wrong}, _evaluation([truth])) == "global"
+    assert kept_model({"global": right, "personalized": wrong}, val_evaluation([truth])) == "global"
     # a tie keeps the global model
-    assert kept_model({"global": right, "personalized": right}, _evaluation([truth])) == "global"
+    assert kept_model({"global": right, "personalized": right}, val_evaluation([truth])) == "global"
     # without ground truth the configured fine-tune is used
-    assert kept_model({"global": right, "personalized": wrong}, _evaluation(None)) == (
+    assert kept_model({"global": right, "personalized": wrong}, val_evaluation(None)) == (
         "personalized"
     )

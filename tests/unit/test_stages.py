@@ -6,7 +6,8 @@ import pytest
 from post_training.stages import Evaluation, Split, tuned_options
 
 
-def _evaluation(truth: list[np.ndarray] | None) -> Evaluation:
+def val_evaluation(truth: list[np.ndarray] | None) -> Evaluation:
+    """An evaluation that holds only a validation split's truth: all a choice on it reads."""
     val = Split(data=None, stems=[], truth=truth, records=[])  # type: ignore[arg-type]
     return Evaluation({"val": val}, num_labels=2, cfg={"absent": "skip", "select_by": "binary"})
 
@@ -19,14 +20,14 @@ def test_tuned_options_choose_on_validation_and_keep_the_value_without_truth():
     def label_val(options):  # only 0.15 reproduces the truth
         return [truth if options["cell_fraction"] == 0.15 else np.ones_like(truth)]
 
-    chosen = tuned_options(cfg, _evaluation([truth]), label_val)
+    chosen = tuned_options(cfg, val_evaluation([truth]), label_val)
     assert chosen == {"method": "stain_grow", "cell_fraction": 0.15}
-    assert tuned_options(cfg, _evaluation(None), label_val)["cell_fraction"] == 0.3
+    assert tuned_options(cfg, val_evaluation(None), label_val)["cell_fraction"] == 0.3
 
 
 def test_tuned_options_reject_what_the_method_does_not_have():
     with pytest.raises(ValueError, match="pseudo.tune.radius"):
-        tuned_options({"method": "stain_grow", "tune": {"radius": [1]}}, _evaluation(None), list)
+        tuned_options({"method": "stain_grow", "tune": {"radius": [1]}}, val_evaluation(None), list)
     with pytest.raises(ValueError, match="empty"):
         cfg = {"method": "stain_grow", "reach": 2.0, "tune": {"reach": []}}
-        tuned_options(cfg, _evaluation(None), list)
+        tuned_options(cfg, val_evaluation(None), list)
