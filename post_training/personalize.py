@@ -125,9 +125,8 @@ def personalize_stage(
 ) -> tuple[SiteMaps, dict[str, Any]]:
     """Fine-tune, and keep whichever model's maps score better on validation.
 
-    Ties keep the global model. The kept fine-tuned model is written to ``out``; a file left
-    there by an earlier run is removed when the global model wins, so the folder always holds
-    the model its maps came from.
+    Ties keep the global model. A kept fine-tuned model is written to ``out``, so that the
+    folder holds the model its maps came from.
     """
     tuned, result = fine_tuned_model(model, payload, cfg, hospital, device)
     splits = make_maps(tuned, cfg, hospital, device)
@@ -135,11 +134,9 @@ def personalize_stage(
     tuned_maps = SiteMaps(splits, seeds, labels)
     candidates = {"global": global_maps, "personalized": tuned_maps}
     kept = kept_model(candidates, evaluation)
-    path = out / PERSONALIZED_MODEL
     if kept == "personalized":
-        save_model(tuned.state_dict(), OmegaConf.create(payload["config"]), payload["round"], path)
-    else:
-        path.unlink(missing_ok=True)
+        trained = OmegaConf.create(payload["config"])
+        save_model(tuned.state_dict(), trained, payload["round"], out / PERSONALIZED_MODEL)
     summary = {
         "epochs": int(cfg.personalize.epochs),
         "images": result.num_examples,

@@ -22,7 +22,7 @@ from common.localization import MapSettings
 from common.progress import Profile
 from common.pseudo import create_masker
 from common.training import resolve_device
-from post_training.personalize import SiteMaps, personalize_stage
+from post_training.personalize import PERSONALIZED_MODEL, SiteMaps, personalize_stage
 from post_training.report import markdown_table, save_figure, write_report
 from post_training.stages import (
     Evaluation,
@@ -85,6 +85,8 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     check_same_split(payload, cfg.data, checkpoint)
     out = resolve_output_dir(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier run's fine-tuned copy would no longer be the model these maps come from.
+    (out / PERSONALIZED_MODEL).unlink(missing_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     log.info("hospital %s, model round %s, outputs in %s", hospital, payload.get("round"), out)
     torch.manual_seed(int(cfg.seed))

@@ -168,6 +168,29 @@ def test_postprocess_on_synthetic_data(synthetic_run):
     assert list(cwd.iterdir()) == []  # Hydra wrote nothing into the working directory
 
 
+def test_without_the_fine_tune_the_global_models_maps_are_used(synthetic_run, tmp_path):
+    _, _, _, root = synthetic_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "personalized_model.pt").write_bytes(b"an earlier run's copy")
+    result = run_job(
+        "post_training.postprocess",
+        [
+            f"checkpoint={root / 'run' / 'final_model.pt'}",
+            "hospital=hospital_a",
+            f"output_dir={out}",
+            "personalize.epochs=0",
+            *SYNTHETIC,
+            *TINY_JOB,
+        ],
+        tmp_path / "cwd",
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["personalize"] is None and "model" not in metrics["stages"][0]["choice"]
+    assert not (out / "personalized_model.pt").exists()  # not the model of these maps
+
+
 def test_predict_segments_new_images_and_names_corrupt_files(synthetic_run, tmp_path):
     _, out, _, _ = synthetic_run
     inputs = tmp_path / "in"
@@ -220,6 +243,14 @@ def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
     )
     assert result.returncode == 2
     assert "self_training.confidence=1.5" in result.stdout + result.stderr
+
+    result = run_job(
+        "post_training.postprocess",
+        [f"checkpoint={missing}", "hospital=hospital_a", "personalize.epochs=-1"],
+        tmp_path / "e",
+    )
+    assert result.returncode == 2
+    assert "personalize.epochs=-1" in result.stdout + result.stderr
 
     result = run_job(
         "post_training.predict",
