@@ -99,7 +99,6 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     evaluation = Evaluation(splits, len(classes) + 1, cfg.evaluation)
     with profile.phase("seeds"):
         maps = SiteMaps(splits, *seeds_stage(splits, evaluation, int(cfg.batch_size)))
-    maps.seeds.seconds += profile.seconds["data and maps"]
     personalized = None
     if int(cfg.personalize.epochs) > 0:
         with profile.phase("personalize"):
@@ -107,6 +106,8 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
                 model, payload, cfg, hospital, maps, evaluation, out, device
             )
     splits, seeds, seed_labels = maps.splits, maps.seeds, maps.labels
+    # The maps row's time includes making maps, whichever model's row was kept.
+    seeds.seconds += profile.seconds["data and maps"]
     save_split_maps(splits, out)
     with profile.phase("pseudo-masks"):
         pseudo, pseudo_labels = pseudo_stage(cfg, splits, evaluation, out, device)
