@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 from hydra import compose, initialize, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+
+from common.errors import JobError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -37,3 +41,19 @@ def compose_config(
         cfg = compose(config_name=config_name, overrides=list(overrides))
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def number_setting(cfg: DictConfig, key: str, *, whole: bool = False) -> float:
+    """The number at the dotted ``key``, or a :class:`JobError` that names the key and value.
+
+    Hydra keeps a mistyped number (``epochs=1O``, ``rounds=abc``) as a string, and ``int()`` on
+    it deep inside a job would end the run in a traceback instead of the command's one line.
+    """
+    value = OmegaConf.select(cfg, key)
+    number = math.nan
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            number = float(value)
+    if math.isnan(number) or (whole and not number.is_integer()):
+        raise JobError(f"{key}={value}: expected {'a whole number' if whole else 'a number'}")
+    return number

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_model
 from common.cli import Command
+from common.config import number_setting
 from common.data import SplitSpec, check_split, hospital_names
 from common.errors import JobError
 from common.localization import MapSettings
@@ -154,16 +155,21 @@ def check_postprocess_config(cfg: DictConfig) -> None:
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
     check_hospital(cfg)
     check_split(cfg.data)
-    rounds, confidence = cfg.self_training.rounds, cfg.self_training.confidence
-    if int(rounds) < 0 or not 0.0 <= float(confidence) < 1.0:
+    number_setting(cfg, "seed", whole=True)
+    if number_setting(cfg, "batch_size", whole=True) < 1:
+        raise JobError(f"batch_size={cfg.batch_size}: expected a whole number >= 1")
+    rounds = number_setting(cfg, "self_training.rounds", whole=True)
+    confidence = number_setting(cfg, "self_training.confidence")
+    if rounds < 0 or not 0.0 <= confidence < 1.0:
         raise JobError(
-            f"self_training.rounds={rounds}, self_training.confidence={confidence}: rounds must "
-            "be >= 0 and confidence in [0, 1)"
+            f"self_training.rounds={rounds:g}, self_training.confidence={confidence:g}: rounds "
+            "must be >= 0 and confidence in [0, 1)"
         )
-    epochs, lr_scale = cfg.personalize.epochs, cfg.personalize.lr_scale
-    if int(epochs) < 0 or not float(lr_scale) > 0.0:
+    epochs = number_setting(cfg, "personalize.epochs", whole=True)
+    lr_scale = number_setting(cfg, "personalize.lr_scale")
+    if epochs < 0 or not lr_scale > 0.0:
         raise JobError(
-            f"personalize.epochs={epochs}, personalize.lr_scale={lr_scale}: epochs must be "
+            f"personalize.epochs={epochs:g}, personalize.lr_scale={lr_scale:g}: epochs must be "
             ">= 0 (0: the global model as it is) and lr_scale > 0"
         )
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()

@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from common.cli import Command
-from common.config import CONF_DIR, compose_config
+from common.config import CONF_DIR, compose_config, number_setting
 from common.data import DataVerificationError, check_split, hospital_names, verify_data
 from common.errors import JobError
 from common.levers import LEVER_WEIGHTS, paste_share, size_bounds
@@ -184,7 +184,9 @@ def check_training_config(cfg: DictConfig) -> None:
     pretrained = cfg.model.get("pretrained_file")
     if pretrained and not Path(str(pretrained)).is_file():
         raise JobError(f"model.pretrained_file={pretrained}: file not found")
-    if int(cfg.federation.rounds) < 1 or int(cfg.train.local_epochs) < 1:
+    number_setting(cfg, "seed", whole=True)
+    rounds = ("federation.rounds", "train.local_epochs")
+    if min(number_setting(cfg, key, whole=True) for key in rounds) < 1:
         raise JobError("federation.rounds and train.local_epochs must be at least 1")
     if cfg.federation.min_replies is not None and not 1 <= cfg.federation.min_replies <= hospitals:
         raise JobError(f"federation.min_replies must be in 1..{hospitals} (data={cfg.data.name})")
@@ -204,16 +206,18 @@ def check_training_config(cfg: DictConfig) -> None:
             f"privacy={cfg.privacy.name} needs strategy=fedavg: the noise is calibrated for a mean"
         )
     for key, value in cfg.federation.guards.items():
-        if value is not None and not float(value) > 0:
-            raise JobError(f"federation.guards.{key}={value}: expected a positive number or null")
-    if int(cfg.pretrain.rounds) > 0:
+        guard = f"federation.guards.{key}"
+        if value is not None and not number_setting(cfg, guard) > 0:
+            raise JobError(f"{guard}={value}: expected a positive number or null")
+    if number_setting(cfg, "pretrain.rounds", whole=True) > 0:
         method = str(cfg.pretrain.method)
         if method not in PRETRAIN_METHODS:
             raise JobError(
                 f"pretrain.method={method}: expected one of {', '.join(PRETRAIN_METHODS)}"
             )
         if method == "masked" and not (
-            0 < float(cfg.pretrain.mask_ratio) < 1 and int(cfg.pretrain.mask_block) >= 1
+            0 < number_setting(cfg, "pretrain.mask_ratio") < 1
+            and number_setting(cfg, "pretrain.mask_block", whole=True) >= 1
         ):
             raise JobError(
                 f"pretrain=masked: mask_ratio={cfg.pretrain.mask_ratio} must lie in (0, 1) and "
@@ -224,7 +228,7 @@ def check_training_config(cfg: DictConfig) -> None:
                 "pretrain and privacy together: the privacy accounting covers the MCT rounds "
                 "only; run pretrain=none with privacy"
             )
-    if not float(cfg.federation.round_wait_for_nodes_s) >= 0:
+    if not number_setting(cfg, "federation.round_wait_for_nodes_s") >= 0:
         raise JobError("federation.round_wait_for_nodes_s must be >= 0")
     check_hospital_settings(cfg)
     check_foreground_settings(cfg)

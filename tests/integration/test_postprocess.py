@@ -237,11 +237,13 @@ def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
     assert "hospital=hospital_z is not in data.hospitals" in log and "hospital_a" in log
 
     # a bad setting is named before the checkpoint is even looked for
-    for bad in ("self_training.confidence=1.5", "personalize.epochs=-1"):
+    for index, bad in enumerate(
+        ("self_training.confidence=1.5", "personalize.epochs=-1", "personalize.epochs=abc")
+    ):
         result = run_job(
             "post_training.postprocess",
             [f"checkpoint={missing}", "hospital=hospital_a", bad],
-            tmp_path / bad.split(".")[0],
+            tmp_path / f"bad{index}",
         )
         assert result.returncode == 2
         assert bad in result.stdout + result.stderr

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from common.config import CONF_DIR, compose_config, parse_overrides
+from common.config import CONF_DIR, compose_config, number_setting, parse_overrides
 from common.data import hospital_names
+from common.errors import JobError
 
 
 def _options(group: str) -> list[str]:
@@ -45,3 +46,17 @@ def test_run_config_overrides_round_trip_through_shell_quoting():
         "data.root=/a path/with spaces",
         "federation.rounds=2",
     ]
+
+
+def test_a_setting_that_is_not_a_number_is_named():
+    cfg = compose_config(["federation.rounds=3", "train.lr=2e-4", "seed=1O"])
+    assert number_setting(cfg, "federation.rounds", whole=True) == 3
+    assert number_setting(cfg, "train.lr") == pytest.approx(2e-4)
+    with pytest.raises(JobError, match="seed=1O: expected a whole number"):
+        number_setting(cfg, "seed", whole=True)
+    refused = [("train.lr=true", False), ("train.lr=fast", False)]
+    refused += [("train.local_epochs=2.5", True), ("train.local_epochs=null", True)]
+    for override, whole in refused:
+        key = override.split("=")[0]
+        with pytest.raises(JobError, match=f"{key}=.*: expected a"):
+            number_setting(compose_config([override]), key, whole=whole)
