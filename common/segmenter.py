@@ -26,6 +26,7 @@ from common.checkpoint import SEGMENTER_FILE, CheckpointError, load_weights, rea
 from common.imaging import channel_argmax, resize_images, resize_labels
 from common.metrics import IGNORE_INDEX
 from common.progress import Progress
+from common.training import training_epochs
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +187,6 @@ def _to_model(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     LR-ASPP at 128 px 1.08 times (BENCHMARKS.md).
     """
     return normalise(images).to(device).contiguous(memory_format=torch.channels_last)
-
-
-def training_epochs(cfg: Mapping[str, Any], steps_per_epoch: int) -> int:
-    """``epochs``, raised until the run makes at least ``min_steps`` optimizer steps.
-
-    A hospital with 31 training images makes 3 steps per epoch at batch 8: a fixed epoch count
-    leaves a from-scratch segmenter untrained at small hospitals and wastes time at large ones.
-    """
-    floor = math.ceil(int(cfg.get("min_steps", 0)) / max(1, steps_per_epoch))
-    return max(int(cfg["epochs"]), floor)
 
 
 def train_segmenter(

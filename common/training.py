@@ -54,6 +54,7 @@ class TrainResult:
     loss: float
     num_examples: int
     seconds: float
+    epochs: int
 
 
 # What one optimizer step minimises: (model, images, targets) -> scalar loss.
@@ -86,6 +87,22 @@ def mct_objective(levers: Mapping[str, Any]) -> Objective:
         return loss if extra is None else loss + extra
 
     return objective
+
+
+def training_epochs(cfg: Mapping[str, Any], steps_per_epoch: int) -> int:
+    """``epochs``, raised until the run makes at least ``min_steps`` optimizer steps.
+
+    A hospital with 31 training images makes 3 steps per epoch at batch 8: a fixed epoch count
+    leaves a model untrained at small hospitals and wastes time at large ones (the segmenter
+    from scratch; the site's fine-tune, which makes 1 step per epoch there at batch 16).
+    """
+    floor = math.ceil(int(cfg.get("min_steps", 0)) / max(1, steps_per_epoch))
+    return max(int(cfg["epochs"]), floor)
+
+
+def local_steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch of :func:`train_local`; a split smaller than a batch is one step."""
+    return max(num_examples // batch_size, 1)
 
 
 def train_local(
@@ -134,7 +151,7 @@ def train_local(
     use_amp = bool(cfg["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     batch_size = min(cfg["batch_size"], n)
-    steps_per_epoch = max(n // batch_size, 1)
+    steps_per_epoch = local_steps_per_epoch(n, batch_size)
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     started = time.perf_counter()
@@ -166,6 +183,7 @@ def train_local(
         loss=float(np.mean(losses)),
         num_examples=n,
         seconds=time.perf_counter() - started,
+        epochs=int(cfg["local_epochs"]),
     )
 
 
@@ -199,13 +217,17 @@ def fine_tune(
     lr_scale: float,
     device: torch.device,
     seed: int,
+    min_steps: int = 0,
 ) -> TrainResult:
     """``epochs`` more epochs of local training from a trained model, in place.
 
     No warmup and a learning rate of ``lr_scale`` x ``cfg['lr']`` decaying by the usual
     cosine: the model is a trained starting point, and a full warmup from near zero would
-    spend the few epochs a site fine-tunes for.
+    spend the few epochs a site fine-tunes for. ``min_steps`` raises the epochs until that
+    many optimizer steps are made (:func:`training_epochs`).
     """
+    steps = local_steps_per_epoch(len(data.labels), int(cfg["batch_size"]))
+    epochs = training_epochs({"epochs": epochs, "min_steps": min_steps}, steps)
     tuned = {
         **cfg,
         "local_epochs": epochs,

@@ -85,6 +85,7 @@ def fine_tuned_model(
             lr_scale=float(cfg.personalize.lr_scale),
             device=device,
             seed=int(cfg.seed),
+            min_steps=int(cfg.personalize.min_steps),
         )
     except ValueError as error:
         raise JobError(
@@ -138,7 +139,7 @@ def personalize_stage(
         trained = OmegaConf.create(payload["config"])
         save_model(tuned.state_dict(), trained, payload["round"], out / PERSONALIZED_MODEL)
     summary = {
-        "epochs": int(cfg.personalize.epochs),
+        "epochs": result.epochs,
         "images": result.num_examples,
         "loss": round(result.loss, 4),
         "kept": kept,

@@ -63,9 +63,10 @@ def test_the_fine_tune_moves_a_copy_and_leaves_the_global_model():
     torch.manual_seed(0)
     model = create_mct_model(run.model, num_classes=5).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = _job("personalize.epochs=1", "+personalize.train.batch_size=4")
+    cfg = _job("personalize.epochs=1", "personalize.min_steps=5", "+personalize.train.batch_size=4")
     tuned, result = fine_tuned_model(model, payload, cfg, "hospital_a", torch.device("cpu"))
-    assert result.num_examples > 0 and np.isfinite(result.loss) and not tuned.training
+    assert result.num_examples == 8 and np.isfinite(result.loss) and not tuned.training
+    assert result.epochs == 3  # 2 steps per epoch: raised from 1 epoch to reach 5 steps
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not torch.equal(tuned.fg_head.weight, model.fg_head.weight)
 

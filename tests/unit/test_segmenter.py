@@ -22,9 +22,9 @@ from common.segmenter import (
     recalibrate_batchnorm,
     segmenter_payload,
     train_segmenter,
-    training_epochs,
     upsampled_strips,
 )
+from common.training import training_epochs
 
 TINY = {
     "arch": "lraspp_mobilenet_v3_large",
