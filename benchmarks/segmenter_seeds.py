@@ -79,8 +79,7 @@ def seed_spread(
     summed: dict[tuple[str, str], list[torch.Tensor]] = {}
     seconds = []
     for seed in seeds:
-        torch.manual_seed(seed)  # the initial weights, too, come from the seed
-        model = create_segmenter(seg_cfg, outputs)
+        model = create_segmenter(seg_cfg, outputs, seed=seed)
         started = time.perf_counter()
         train_segmenter(model, train.images, masks, seg_cfg, device=torch.device("cpu"), seed=seed)
         seconds.append(time.perf_counter() - started)

@@ -48,7 +48,9 @@ class GroundTruthLeakError(ValueError):
     """
 
 
-def create_segmenter(cfg: Mapping[str, Any], num_outputs: int) -> nn.Module:
+def create_segmenter(
+    cfg: Mapping[str, Any], num_outputs: int, seed: int | None = None
+) -> nn.Module:
     """Build the configured torchvision segmenter, never downloading anything.
 
     Parameters
@@ -58,6 +60,10 @@ def create_segmenter(cfg: Mapping[str, Any], num_outputs: int) -> nn.Module:
         ``backbone_weights_file`` (a local ImageNet classifier state dict for the backbone).
     num_outputs
         Background + C.
+    seed
+        Seeds the initial weights, so that a trained segmenter does not depend on how many
+        random numbers the job drew before it (a longer site fine-tune, say); ``None`` leaves
+        the global generator as it is (weights that are loaded next).
 
     Returns
     -------
@@ -70,6 +76,8 @@ def create_segmenter(cfg: Mapping[str, Any], num_outputs: int) -> nn.Module:
             f"segmenter.arch={arch!r} is unknown; expected one of {sorted(ARCHITECTURES)}"
         )
     extra = {"aux_loss": False} if arch.startswith("deeplabv3") else {}
+    if seed is not None:
+        torch.manual_seed(seed)
     model = ARCHITECTURES[arch](
         weights=None, weights_backbone=None, num_classes=num_outputs, **extra
     )

@@ -61,7 +61,7 @@ def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> tuple
     train = hospital_split(cfg.data, hospital, "train")
     seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
     classes = list(cfg.data.classes)
-    model = create_segmenter(seg_cfg, len(classes) + 1)
+    model = create_segmenter(seg_cfg, len(classes) + 1, seed=int(cfg.seed))
     losses = train_segmenter(
         model,
         train.images,

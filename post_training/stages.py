@@ -387,7 +387,7 @@ def segmenter_stage(
         )
 
     def trained(labels: Sequence[np.ndarray]) -> tuple[torch.nn.Module, list[float]]:
-        model = create_segmenter(seg_cfg, len(classes) + 1)
+        model = create_segmenter(seg_cfg, len(classes) + 1, seed=int(cfg.seed))
         with profile.phase("segmenter training"):
             losses = train_segmenter(
                 model,

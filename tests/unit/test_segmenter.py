@@ -71,6 +71,15 @@ def test_factory_rejects_unknown_arch_and_missing_weights_file(tmp_path):
         create_segmenter({**TINY, "backbone_weights_file": str(tmp_path / "x.pth")}, 3)
 
 
+def test_a_seeded_segmenter_starts_from_the_same_weights_whatever_ran_before():
+    first = create_segmenter(TINY, 3, seed=7).state_dict()
+    torch.rand(1000)  # a job that drew random numbers before (a longer fine-tune, say)
+    second = create_segmenter(TINY, 3, seed=7).state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    other = create_segmenter(TINY, 3, seed=8).state_dict()
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
 def test_factory_loads_a_local_backbone_file(tmp_path):
     from torchvision.models import mobilenet_v3_large
 
