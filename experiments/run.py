@@ -32,7 +32,7 @@ from common.errors import JobError
 from common.files import replaced_atomically
 from experiments.regimes import fine_tune_at, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
-from post_training.postprocess import run_postprocess
+from post_training.postprocess import foreground_head_settings, run_postprocess
 from server_app import launch
 
 log = logging.getLogger(__name__)
@@ -386,6 +386,24 @@ def planned_runs(
     return runs
 
 
+def check_postprocess_fits_model(run: SeedRun) -> None:
+    """Refuse post-training settings that the model to be trained cannot serve, before training.
+
+    A model without the foreground head (``experiment=paper``) would otherwise train for hours
+    and then fail in its first post-training job.
+    """
+    if run.regime.kind == "supervised" or run.cfg.model.get("foreground_head"):
+        return
+    needs = foreground_head_settings(
+        compose_config(run.postprocess_overrides, config_name="postprocess")
+    )
+    if needs:
+        raise JobError(
+            f"model.foreground_head=false, but the post-training settings {', '.join(needs)} "
+            "need the head; add 'postprocess=[localization=fused,personalize.epochs=0]'"
+        )
+
+
 def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     """One regime, every fold and seed, end to end; runs finished by an earlier call are kept."""
     command = f"w3s-experiment {shlex.join(overrides)}"
@@ -399,10 +417,13 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
         training.append(f"train.proximal_mu={cfg.regime.proximal_mu}")
     shared = [o for o in training if override_key(o).split(".")[0] in SHARED_WITH_POSTPROCESS]
     runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
+    runs = planned_runs(cfg, training, shared, runs_dir)
+    if runs:  # the runs differ only in split and seed
+        check_postprocess_fits_model(runs[0])
     out = runs_dir / str(cfg.label)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(f"# {command}\n{OmegaConf.to_yaml(cfg)}", encoding="utf-8")
-    for run in planned_runs(cfg, training, shared, runs_dir):
+    for run in runs:
         if (done := finished_results(run.out)) is not None:
             check_same_config(run, done)
             log.info("%s: skipped, finished before in %.0fs", run.out, done.get("seconds", 0))

@@ -19,7 +19,8 @@ from common.cli import Command
 from common.config import number_setting
 from common.data import SplitSpec, check_split, hospital_names
 from common.errors import JobError
-from common.localization import MapSettings
+from common.levers import LEVER_WEIGHTS
+from common.localization import FOREGROUND_SOURCES, MapSettings
 from common.progress import Profile
 from common.pseudo import create_masker
 from common.training import resolve_device
@@ -188,6 +189,29 @@ def check_postprocess_config(cfg: DictConfig) -> None:
             create_masker({**options, **values})
     except (ValueError, TypeError) as error:
         raise JobError(f"pseudo={pseudo.get('method', '?')}: {error}") from None
+
+
+def foreground_head_settings(cfg: DictConfig) -> list[str]:
+    """The post-training settings that need the model's foreground head, as ``key=value``.
+
+    Maps from the head, and a site fine-tune that trains it, fail on a model trained with
+    ``model.foreground_head=false`` (``experiment=paper``); a harness that trains the model
+    first can refuse them before the hours of training instead of after.
+    """
+    needs = []
+    if str(cfg.localization.source) in FOREGROUND_SOURCES:
+        needs.append(f"localization.source={cfg.localization.source}")
+    levers = cfg.personalize.train.get("levers") or {}
+    if int(cfg.personalize.epochs) > 0:
+        foreground = levers.get("foreground") or {}
+        needs += [
+            f"personalize.train.levers.foreground.{key}={foreground[key]}"
+            for key in LEVER_WEIGHTS
+            if float(foreground.get(key) or 0.0) != 0.0
+        ]
+        if float(levers.get("copy_paste") or 0.0) != 0.0:
+            needs.append(f"personalize.train.levers.copy_paste={levers.copy_paste}")
+    return needs
 
 
 def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path) -> None:

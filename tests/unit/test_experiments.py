@@ -521,3 +521,28 @@ def test_folds_and_shares_do_not_count_as_different_post_training_configs(tmp_pa
     assert post_training_variants(tmp_path) == 1
     scored("local_only", 0, input_size=192)
     assert post_training_variants(tmp_path) == 2
+
+
+def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before_training(
+    tmp_path,
+):
+    def seed_run(training: str, regime: str, *postprocess: str) -> SeedRun:
+        kind = compose_config([f"regime={regime}"], "w3s_experiment").regime
+        return SeedRun(compose_config([training]), kind, regime, [], list(postprocess), 0, tmp_path)
+
+    with pytest.raises(JobError) as refused:
+        runner.check_postprocess_fits_model(seed_run("experiment=paper", "fedavg"))
+    assert "localization.source=foreground" in str(refused.value)
+    assert "personalize.train.levers.foreground.compact=1.0" in str(refused.value)
+    assert "postprocess=[localization=fused,personalize.epochs=0]" in str(refused.value)
+    with pytest.raises(JobError, match="compact=1.0 need the head"):
+        runner.check_postprocess_fits_model(
+            seed_run("experiment=paper", "fedavg", "localization=fused")
+        )
+    for fitted in (
+        seed_run("experiment=paper", "fedavg", "localization=fused", "personalize.epochs=0"),
+        seed_run("experiment=paper", "fedavg", "localization=fused", "~personalize.train.levers"),
+        seed_run("experiment=paper", "supervised"),  # no MCT model to post-train
+        seed_run("seed=0", "fedavg"),  # the default model has the head
+    ):
+        runner.check_postprocess_fits_model(fitted)
