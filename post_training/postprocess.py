@@ -201,8 +201,8 @@ def foreground_head_settings(cfg: DictConfig) -> list[str]:
     needs = []
     if str(cfg.localization.source) in FOREGROUND_SOURCES:
         needs.append(f"localization.source={cfg.localization.source}")
-    levers = cfg.personalize.train.get("levers") or {}
     if int(cfg.personalize.epochs) > 0:
+        levers = cfg.personalize.train.get("levers") or {}
         foreground = levers.get("foreground") or {}
         needs += [
             f"personalize.train.levers.foreground.{key}={foreground[key]}"
