@@ -419,6 +419,7 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
     runs = planned_runs(cfg, training, shared, runs_dir)
     if runs:  # the runs differ only in split and seed
+        launch.check_training_config(runs[0].cfg)
         check_postprocess_fits_model(runs[0])
     out = runs_dir / str(cfg.label)
     out.mkdir(parents=True, exist_ok=True)

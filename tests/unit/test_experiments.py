@@ -546,3 +546,10 @@ def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before
         seed_run("seed=0", "fedavg"),  # the default model has the head
     ):
         runner.check_postprocess_fits_model(fitted)
+
+
+def test_a_bad_training_setting_stops_the_experiment_before_any_run(tmp_path, capsys):
+    status = runner.main(["regime=fedavg", "federation.rounds=abc", f"runs_dir={tmp_path}"])
+    assert status == 2
+    assert "federation.rounds=abc: expected a whole number" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no run folder, nothing trained
