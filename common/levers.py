@@ -96,6 +96,19 @@ def area_loss(mask: torch.Tensor) -> torch.Tensor:
 LEVER_WEIGHTS = ("suppression", "area", "contrast", "size", "compact")
 
 
+def head_levers(levers: Mapping[str, Any]) -> dict[str, Any]:
+    """The switched-on levers of a ``train.levers`` node that need the foreground head.
+
+    Keyed by their path under ``train.levers`` (``foreground.compact``, ``copy_paste``): the
+    foreground weights train the head and copy-paste moves the cells it marks. Keys the node
+    lacks (a partial override such as ``personalize.train.levers``) count as off.
+    """
+    foreground = levers.get("foreground") or {}
+    named = {f"foreground.{key}": foreground.get(key) for key in LEVER_WEIGHTS}
+    named["copy_paste"] = levers.get("copy_paste")
+    return {key: value for key, value in named.items() if value and float(value) != 0.0}
+
+
 def size_bounds(bounds: Sequence[float]) -> tuple[float, float]:
     """``(low, high)`` as floats, or a ValueError that names the setting."""
     try:

@@ -19,7 +19,7 @@ from common.cli import Command
 from common.config import number_setting
 from common.data import SplitSpec, check_split, hospital_names
 from common.errors import JobError
-from common.levers import LEVER_WEIGHTS
+from common.levers import head_levers
 from common.localization import FOREGROUND_SOURCES, MapSettings
 from common.progress import Profile
 from common.pseudo import create_masker
@@ -202,15 +202,8 @@ def foreground_head_settings(cfg: DictConfig) -> list[str]:
     if str(cfg.localization.source) in FOREGROUND_SOURCES:
         needs.append(f"localization.source={cfg.localization.source}")
     if int(cfg.personalize.epochs) > 0:
-        levers = cfg.personalize.train.get("levers") or {}
-        foreground = levers.get("foreground") or {}
-        needs += [
-            f"personalize.train.levers.foreground.{key}={foreground[key]}"
-            for key in LEVER_WEIGHTS
-            if float(foreground.get(key) or 0.0) != 0.0
-        ]
-        if float(levers.get("copy_paste") or 0.0) != 0.0:
-            needs.append(f"personalize.train.levers.copy_paste={levers.copy_paste}")
+        levers = head_levers(cfg.personalize.train.get("levers") or {})
+        needs += [f"personalize.train.levers.{key}={value}" for key, value in levers.items()]
     return needs
 
 

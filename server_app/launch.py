@@ -30,7 +30,7 @@ from common.cli import Command
 from common.config import CONF_DIR, compose_config, number_setting
 from common.data import DataVerificationError, check_split, hospital_names, verify_data
 from common.errors import JobError
-from common.levers import LEVER_WEIGHTS, paste_share, size_bounds
+from common.levers import head_levers, paste_share, size_bounds
 from common.localization import FOREGROUND_SOURCES
 from common.model import hospital_standardisation, mct_presets
 from common.network import free_port
@@ -276,11 +276,7 @@ def check_foreground_settings(cfg: DictConfig) -> None:
     trains = [cfg.train, *own.values()]
     if cfg.model.get("foreground_head"):
         return
-    settings = [
-        *((f"foreground.{k}", t.levers.foreground[k]) for t in trains for k in LEVER_WEIGHTS),
-        *(("copy_paste", t.levers.copy_paste) for t in trains),
-    ]
-    levers = {k: v for k, v in settings if float(v) != 0.0}
+    levers = {k: v for train in trains for k, v in head_levers(train.levers).items()}
     source = str(cfg.localization.source)
     if levers or source in FOREGROUND_SOURCES:
         raise JobError(

@@ -54,6 +54,14 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             ],
             "train.levers.foreground.area=0.1 need the head",
         ),
+        (  # switched off at one hospital, still on at the others
+            [
+                "experiment=paper",
+                "train.levers.foreground.compact=1",
+                "+train.per_hospital.hospital_a.levers.foreground.compact=0",
+            ],
+            "train.levers.foreground.compact=1 need the head",
+        ),
         (
             ["train.levers.foreground.size_bounds=[0.5,0.2]"],
             r"train.levers.foreground.size_bounds=\[0.5, 0.2\]: expected \[low, high\]",
