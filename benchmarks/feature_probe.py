@@ -8,7 +8,10 @@ foreground head's cell side (oriented as the maps are) and under the rest, and s
 validation. A probe at chance means the features, not the heads, limit the hospital; a
 background probe as good as the whole image's means the class is read from the context. The
 same probe on the pixels themselves (an 8x8 thumbnail, a colour histogram) says how much a
-model could get from the images without learning anything.
+model could get from the images without learning anything. Where the hospital has masks, one
+more probe reads what a haematologist reads, measured on the true masks (the nucleus's share of
+the cell, its lobes, its outline, the colours of nucleus and cytoplasm): how much of the class
+the cell's appearance carries at this site's size, with perfect localization and no learning.
 
 Run from the repository root, on a run of ``benchmarks.localization_levers``::
 
@@ -17,7 +20,7 @@ Run from the repository root, on a run of ``benchmarks.localization_levers``::
 
 (one command line). One JSON line per hospital: accuracies on validation (and test with
 ``--test``) of always answering the training split's most common class, of both heads, and of
-the five probes.
+the five probes (six with masks).
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from common.augment import normalise
 from common.checkpoint import load_model
 from common.config import compose_config
 from common.data import SplitTensors, hospital_names, split_tensors
+from common.imaging import connected_components
 from common.levers import pooled
 from common.localization import oriented_foreground
 from common.model import MCTFormerV2
@@ -41,6 +47,8 @@ from common.model import MCTFormerV2
 POOLS = ("all", "cell", "background")
 PROBED = (*POOLS, "pixels", "histogram")
 HISTOGRAM_BINS = 8  # per channel: 512 colour bins
+MORPHOLOGY = "morphology"
+LOBE_SHARE = 0.05  # a nucleus piece smaller than this share of the nucleus is not a lobe
 
 
 def pixel_features(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -61,11 +69,41 @@ def pixel_features(images: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def morphology_features(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B, 17) measurements of the true cell and nucleus of uint8 images (B, 3, H, W).
+
+    The nucleus's share of the cell, the cell's share of the image, the number of lobes and the
+    largest lobe's share of the nucleus, the nucleus's outline squared over its area (lobed and
+    kidney-shaped nuclei score high), and the mean and SD of each colour channel over the
+    nucleus and over the cytoplasm. ``masks`` are (B, H, W) codes: 1 cytoplasm, 2 nucleus.
+    """
+    rows = []
+    for image, mask in zip(images.float().numpy() / 255.0, masks.numpy(), strict=True):
+        nucleus, cell = mask == 2, mask >= 1
+        nucleus_area, cell_area = max(int(nucleus.sum()), 1), max(int(cell.sum()), 1)
+        pieces = np.bincount(connected_components(nucleus).numpy().ravel())[1:]
+        outline = int((nucleus & ~ndimage.binary_erosion(nucleus)).sum())
+        row = [
+            nucleus.sum() / cell_area,
+            cell.sum() / mask.size,
+            float((pieces >= LOBE_SHARE * nucleus_area).sum()),
+            pieces.max(initial=0) / nucleus_area,
+            outline**2 / nucleus_area,
+        ]
+        for region in (nucleus, cell & ~nucleus):
+            pixels = image[:, region] if region.any() else np.zeros((3, 1))
+            row += [*pixels.mean(axis=1), *pixels.std(axis=1)]
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 @torch.no_grad()
 def read_split(
     model: MCTFormerV2, data: SplitTensors, batch_size: int = 64
 ) -> dict[str, torch.Tensor]:
     """Features (B, D) per probed kind and both heads' predicted classes (B,) of one split.
+
+    The morphology features are there only for a split with masks.
 
     The cell side is oriented over the whole split at once, as one batch of maps would be.
     """
@@ -76,7 +114,7 @@ def read_split(
     features = torch.cat([o.patch_features for o in outputs])
     head = torch.cat([o.foreground for o in outputs])
     cell = oriented_foreground(torch.sigmoid(head))
-    return {
+    read = {
         "all": pooled(features, torch.ones_like(cell)),
         "cell": pooled(features, cell),
         "background": pooled(features, 1.0 - cell),
@@ -84,6 +122,9 @@ def read_split(
         "cam": torch.cat([o.patch_logits for o in outputs]).argmax(dim=1),
         **pixel_features(data.images),
     }
+    if data.masks is not None:
+        read[MORPHOLOGY] = morphology_features(data.images, data.masks)
+    return read
 
 
 def linear_probe(
@@ -94,12 +135,18 @@ def linear_probe(
     steps: int = 500,
     weight_decay: float = 1e-3,
     seed: int = 0,
+    standardise: bool = False,
 ) -> torch.nn.Linear:
     """A softmax classifier on ``features`` (N, D), classes weighted inversely to their count.
 
     The weighting keeps a probe on a few dozen skewed images from answering the majority
     class, the failure that the heads' accuracy cannot tell from having learnt nothing.
+    ``standardise`` scales each feature by its training mean and SD first, for features
+    measured in unlike units; the scaling is folded into the returned classifier's weights.
     """
+    mean = features.mean(dim=0) if standardise else torch.zeros(features.shape[1])
+    scale = features.std(dim=0).clamp_min(1e-6) if standardise else torch.ones(features.shape[1])
+    features = (features - mean) / scale
     torch.manual_seed(seed)
     probe = torch.nn.Linear(features.shape[1], num_classes)
     optimizer = torch.optim.Adam(probe.parameters(), lr=0.05, weight_decay=weight_decay)
@@ -109,6 +156,9 @@ def linear_probe(
         optimizer.zero_grad()
         F.cross_entropy(probe(features), labels, weight=weight).backward()
         optimizer.step()
+    with torch.no_grad():
+        probe.weight.div_(scale)
+        probe.bias.sub_(probe.weight @ mean)
     return probe.requires_grad_(False)
 
 
@@ -119,9 +169,16 @@ def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 def probe_hospital(
     model: MCTFormerV2, train: SplitTensors, evaluated: dict[str, SplitTensors]
 ) -> dict[str, float]:
-    """Accuracies per evaluated split: majority class, both heads and the five probes."""
+    """Accuracies per evaluated split: majority class, both heads and the five probes.
+
+    With masks in every split, the morphology probe too.
+    """
     fitted = read_split(model, train)
     probes = {p: linear_probe(fitted[p], train.labels, model.num_classes) for p in PROBED}
+    if all(data.masks is not None for data in (train, *evaluated.values())):
+        probes[MORPHOLOGY] = linear_probe(
+            fitted[MORPHOLOGY], train.labels, model.num_classes, standardise=True
+        )
     majority = torch.bincount(train.labels, minlength=model.num_classes).argmax()
     row: dict[str, float] = {}
     for split, data in evaluated.items():
@@ -134,12 +191,21 @@ def probe_hospital(
     return row
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; options may follow the run, as in ``<run> --test -- <overrides>``.
+
+    Intermixed parsing: plain parsing matches every positional at once, so overrides after
+    an option would be refused as unrecognised.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a training run folder with final_model.pt")
     parser.add_argument("--test", action="store_true", help="also score the test split")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run's data")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
 
     cfg = compose_config(list(args.overrides))
     classes = list(cfg.data.classes)

@@ -40,7 +40,8 @@ def head_contrast(model: MCTFormerV2, images: torch.Tensor, _: torch.Tensor) -> 
     return contrast_loss(output.patch_features, torch.sigmoid(output.foreground))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed intermixed so that ``--test`` may come before the overrides."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a training run folder with final_model.pt")
     parser.add_argument("hospital")
@@ -48,7 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--test", action="store_true", help="also print the test split")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run's data")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
 
     cfg = compose_config(list(args.overrides))
     model, payload = load_model(

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from benchmarks.feature_probe import PROBED, linear_probe, pixel_features, probe_hospital
+from benchmarks.feature_probe import (
+    MORPHOLOGY,
+    PROBED,
+    linear_probe,
+    morphology_features,
+    parse_arguments,
+    pixel_features,
+    probe_hospital,
+)
+from benchmarks.head_refit import parse_arguments as head_refit_arguments
 from common.config import compose_config
 from common.data import split_tensors
 from common.model import create_mct_model
@@ -31,7 +40,7 @@ def test_a_hospital_row_scores_both_heads_and_every_pool_on_each_split():
     row = probe_hospital(model, train, {"val": val})
     share = float((val.labels == common).float().mean())
     assert row["majority_val"] == row["cam_val"] == pytest.approx(share, abs=1e-3)
-    assert {f"probe_{p}_val" for p in PROBED} | {"tokens_val"} <= set(row)
+    assert {f"probe_{p}_val" for p in (*PROBED, MORPHOLOGY)} | {"tokens_val"} <= set(row)
     assert all(0.0 <= v <= 1.0 for v in row.values())
 
 
@@ -46,3 +55,44 @@ def test_pixel_features_tell_colours_apart_but_not_brightness():
     assert not torch.allclose(features["histogram"][0], features["histogram"][1])
     assert torch.allclose(features["pixels"][0], features["pixels"][1], atol=1e-6)
     assert not torch.allclose(features["pixels"][0], features["pixels"][2])
+
+
+def test_a_standardised_probe_reads_features_in_unlike_units_as_given():
+    torch.manual_seed(0)
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    informative = labels.float() + 0.1 * torch.randn(20)  # in tenths
+    features = torch.stack([informative, 1000.0 * torch.randn(20)], dim=1)  # noise in thousands
+    probe = linear_probe(features, labels, 2, standardise=True)
+    assert torch.equal(probe(features).argmax(1), labels)
+    # The scaling lives in the returned weights: raw held-out features go in unchanged.
+    held_out = torch.tensor([[0.0, 500.0], [1.0, -500.0]])
+    assert torch.equal(probe(held_out).argmax(1), torch.tensor([0, 1]))
+
+
+def test_morphology_counts_the_lobes_and_measures_the_nucleus_share():
+    masks = torch.ones(2, 40, 40, dtype=torch.uint8)  # all cytoplasm
+    masks[0, 10:30, 10:30] = 2  # one round nucleus: 400 px
+    masks[1, 10:30, 8:16] = 2  # two lobes of 160 px each
+    masks[1, 10:30, 24:32] = 2
+    images = torch.zeros(2, 3, 40, 40, dtype=torch.uint8)
+    images[:, 2][masks == 2] = 200  # blue nuclei in black cytoplasm
+    features = morphology_features(images, masks)
+    assert features.shape == (2, 17)
+    assert features[0, 0].item() == pytest.approx(400 / 1600)
+    assert features[1, 0].item() == pytest.approx(320 / 1600)
+    assert features[:, 2].tolist() == [1.0, 2.0]  # lobes
+    assert features[:, 3].tolist() == pytest.approx([1.0, 0.5])  # the largest lobe's share
+    assert features[1, 4] > features[0, 4]  # the lobed outline is longer for its area
+    assert features[0, 5:8].tolist() == pytest.approx([0.0, 0.0, 200 / 255])  # nucleus mean
+
+
+@pytest.mark.parametrize(
+    ("parse", "argv"),
+    [
+        (parse_arguments, ["run", "--test", "--", "data=wbc_zxaoyou"]),
+        (head_refit_arguments, ["run", "dataset2", "--test", "--", "data=wbc_zxaoyou"]),
+    ],
+)
+def test_overrides_may_follow_an_option(parse, argv):
+    args = parse(argv)
+    assert args.test and args.overrides == ["data=wbc_zxaoyou"]
