@@ -1,5 +1,7 @@
 """What crosses the network: state dict <-> Flower ArrayRecord, update checks, weighted averaging.
 
+The averaging also makes a site's weight soup of its fine-tuned copies (post-training).
+
 On the wire a model is packed into one flat array per kind of value (:func:`pack`): Flower
 stores and transfers every Array as separate objects, each costing the SuperLink an HTTPS round
 trip and several database commits, and with one Array per tensor (58 for the tiny preset, 154 for
@@ -16,12 +18,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 WEIGHT_KEY = "num-examples"
+
+
+class HasNumpy(Protocol):
+    """A Flower Array or a CPU tensor: both read out as a numpy array."""
+
+    def numpy(self) -> np.ndarray:
+        """The values, on the CPU."""
 
 
 @dataclass(frozen=True)
@@ -216,24 +226,48 @@ def check_update(content: RecordDict, reference: Mapping[str, ArraySpec]) -> str
     return check_metrics_reply(content) or _check_arrays(arrays, reference)
 
 
-def weighted_average(
-    contents: Sequence[RecordDict], reference: Mapping[str, ArraySpec]
-) -> ArrayRecord:
-    """Average checked replies weighted by num-examples, accumulating in float64.
+def average_arrays(
+    models: Sequence[Mapping[str, HasNumpy]],
+    weights: Sequence[float],
+    reference: Mapping[str, ArraySpec],
+) -> dict[str, np.ndarray]:
+    """Average ``models`` key by key, weighted by ``weights``, accumulating in float64.
 
-    The result keeps the global model's dtypes (Flower's in-place ``+=`` would promote or
-    truncate them), so the next round's check compares like with like.
+    The result keeps the reference's dtypes (Flower's in-place ``+=`` would promote or truncate
+    them) and rounds integer tensors. Each array is read out only when its key is averaged, so
+    no more than one tensor per model is held as float64 at a time.
     """
-    weights = [float(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
     total = sum(weights)
-    averaged: dict[str, Array] = {}
+    averaged: dict[str, np.ndarray] = {}
     for key, spec in reference.items():
         acc = np.zeros(spec.shape, dtype=np.float64)
-        for content, weight in zip(contents, weights, strict=True):
-            arrays = next(iter(content.array_records.values()))
-            acc += arrays[key].numpy().astype(np.float64) * (weight / total)
+        for model, weight in zip(models, weights, strict=True):
+            acc += model[key].numpy().astype(np.float64) * (weight / total)
         dtype = np.dtype(spec.dtype)
         if not np.issubdtype(dtype, np.floating):
             acc = np.rint(acc)
-        averaged[key] = Array(np.asarray(acc, dtype=dtype))
-    return ArrayRecord(averaged)
+        averaged[key] = np.asarray(acc, dtype=dtype)
+    return averaged
+
+
+def weighted_average(
+    contents: Sequence[RecordDict], reference: Mapping[str, ArraySpec]
+) -> ArrayRecord:
+    """Average checked replies weighted by num-examples (:func:`average_arrays`).
+
+    The result keeps the global model's dtypes, so the next round's check compares like with
+    like.
+    """
+    weights = [float(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
+    models = [next(iter(c.array_records.values())) for c in contents]
+    averaged = average_arrays(models, weights, reference)
+    return ArrayRecord({key: Array(value) for key, value in averaged.items()})
+
+
+def average_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """The uniform average of models of one architecture (a weight soup), on the CPU."""
+    cpu = [{key: value.detach().cpu() for key, value in s.items()} for s in state_dicts]
+    averaged = average_arrays(cpu, [1.0] * len(cpu), tensor_specs(cpu[0]))
+    return {key: torch.from_numpy(value) for key, value in averaged.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from common.arrays import average_state_dicts
 from common.augment import train_cache_size
 from common.checkpoint import save_model
 from common.data import split_tensors
@@ -67,6 +68,13 @@ def fine_tuned_model(
 ) -> tuple[MCTFormerV2, TrainResult]:
     """A copy of ``model`` fine-tuned on ``hospital``'s training split.
 
+    With ``personalize.copies`` > 1 that many copies are fine-tuned from the same start, each
+    with its own seed (the job's seed plus its index, so the first is the single fine-tune),
+    and their weights are averaged: a weight soup. A few dozen images make one fine-tune's maps
+    depend on its draw of batches and augmentations (Dataset 2's moved by 7 points between
+    seeds); fine-tunes of one starting model stay in one basin, so their average is one model
+    that scores about their mean (docs/localization.md).
+
     Raises
     ------
     JobError
@@ -75,22 +83,33 @@ def fine_tuned_model(
     """
     train_cfg = personal_train_config(payload, cfg, hospital)
     data = split_tensors(cfg.data, hospital, "train", train_cache_size(model.img_size))
-    tuned = copy.deepcopy(model)
-    try:
-        result = fine_tune(
-            tuned,
-            data,
-            train_cfg,
-            epochs=int(cfg.personalize.epochs),
-            lr_scale=float(cfg.personalize.lr_scale),
-            device=device,
-            seed=int(cfg.seed),
-            min_steps=int(cfg.personalize.min_steps),
+    copies = []
+    for index in range(int(cfg.personalize.copies)):
+        tuned = copy.deepcopy(model)
+        try:
+            result = fine_tune(
+                tuned,
+                data,
+                train_cfg,
+                epochs=int(cfg.personalize.epochs),
+                lr_scale=float(cfg.personalize.lr_scale),
+                device=device,
+                seed=int(cfg.seed) + index,
+                min_steps=int(cfg.personalize.min_steps),
+            )
+        except ValueError as error:
+            raise JobError(
+                f"personalize: {error}; personalize.epochs=0 uses the global model as it is"
+            ) from None
+        copies.append((tuned, result))
+    tuned, result = copies[0]
+    if len(copies) > 1:
+        tuned.load_state_dict(average_state_dicts([c.state_dict() for c, _ in copies]))
+        result = replace(
+            result,
+            loss=float(np.mean([r.loss for _, r in copies])),
+            seconds=sum(r.seconds for _, r in copies),
         )
-    except ValueError as error:
-        raise JobError(
-            f"personalize: {error}; personalize.epochs=0 uses the global model as it is"
-        ) from None
     return tuned.eval(), result
 
 
@@ -139,6 +158,7 @@ def personalize_stage(
         trained = OmegaConf.create(payload["config"])
         save_model(tuned.state_dict(), trained, payload["round"], out / PERSONALIZED_MODEL)
     summary = {
+        "copies": int(cfg.personalize.copies),
         "epochs": result.epochs,
         "images": result.num_examples,
         "loss": round(result.loss, 4),
@@ -149,8 +169,10 @@ def personalize_stage(
         },
     }
     log.info(
-        "personalized at %s: %d epochs on %d images (loss %.4f, %.1fs); maps of the %s model kept",
+        "personalized at %s: %d x %d epochs on %d images (loss %.4f, %.1fs); maps of the %s "
+        "model kept",
         hospital,
+        summary["copies"],
         summary["epochs"],
         result.num_examples,
         result.loss,

@@ -169,11 +169,13 @@ def check_postprocess_config(cfg: DictConfig) -> None:
     epochs = number_setting(cfg, "personalize.epochs", whole=True)
     min_steps = number_setting(cfg, "personalize.min_steps", whole=True)
     lr_scale = number_setting(cfg, "personalize.lr_scale")
-    if min(epochs, min_steps) < 0 or not lr_scale > 0.0:
+    copies = number_setting(cfg, "personalize.copies", whole=True)
+    if min(epochs, min_steps) < 0 or not lr_scale > 0.0 or copies < 1:
         raise JobError(
             f"personalize.epochs={epochs:g}, personalize.min_steps={min_steps:g}, "
-            f"personalize.lr_scale={lr_scale:g}: epochs and min_steps must be >= 0 (epochs 0: "
-            "the global model as it is) and lr_scale > 0"
+            f"personalize.lr_scale={lr_scale:g}, personalize.copies={copies:g}: epochs and "
+            "min_steps must be >= 0 (epochs 0: the global model as it is), lr_scale > 0 and "
+            "copies >= 1"
         )
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     if not checkpoint.is_file():

@@ -240,7 +240,12 @@ def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
 
     # a bad setting is named before the checkpoint is even looked for
     for index, bad in enumerate(
-        ("self_training.confidence=1.5", "personalize.epochs=-1", "personalize.epochs=abc")
+        (
+            "self_training.confidence=1.5",
+            "personalize.epochs=-1",
+            "personalize.epochs=abc",
+            "personalize.copies=0",
+        )
     ):
         result = run_job(
             "post_training.postprocess",

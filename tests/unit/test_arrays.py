@@ -5,6 +5,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from common.arrays import (
     array_specs,
+    average_state_dicts,
     cast_floating,
     check_update,
     pack,
@@ -129,3 +130,12 @@ def test_weighted_average_matches_hand_computation(reference):
     assert torch.allclose(avg["w"], torch.full((2, 3), (1 * 1 + 3 * 4) / 4))
     assert avg["w"].dtype == torch.float32
     assert avg["steps"].dtype == torch.int64 and int(avg["steps"]) == 7
+
+
+def test_a_weight_soup_is_the_uniform_average_in_the_models_dtypes():
+    first = {"w": torch.zeros(2, 3), "steps": torch.tensor(3)}
+    second = {"w": torch.ones(2, 3), "steps": torch.tensor(4)}
+    third = {"w": torch.full((2, 3), 5.0), "steps": torch.tensor(4)}
+    soup = average_state_dicts([first, second, third])
+    assert torch.equal(soup["w"], torch.full((2, 3), 2.0)) and soup["w"].dtype == torch.float32
+    assert soup["steps"].dtype == torch.int64 and int(soup["steps"]) == 4  # 11/3 rounded

@@ -71,6 +71,28 @@ def test_the_fine_tune_moves_a_copy_and_leaves_the_global_model():
     assert not torch.equal(tuned.fg_head.weight, model.fg_head.weight)
 
 
+def test_copies_fine_tune_with_their_own_seeds_and_average_into_one_model():
+    payload = _run_payload([])
+    run = OmegaConf.create(payload["config"])
+    torch.manual_seed(0)
+    model = create_mct_model(run.model, num_classes=5).eval()
+    short = ("personalize.epochs=1", "personalize.min_steps=0", "+personalize.train.batch_size=4")
+    cpu = torch.device("cpu")
+
+    def fine_tuned(*overrides: str):
+        return fine_tuned_model(model, payload, _job(*short, *overrides), "hospital_a", cpu)
+
+    first, second = (
+        fine_tuned(f"seed={seed}", "personalize.copies=1")[0].state_dict() for seed in (7, 8)
+    )
+    soup, result = fine_tuned("seed=7", "personalize.copies=2")
+    assert not torch.equal(first["fg_head.weight"], second["fg_head.weight"])  # seeds differ
+    for key, value in soup.state_dict().items():
+        expected = (first[key].double() + second[key].double()) / 2
+        assert torch.allclose(value.double(), expected, atol=1e-6), key
+    assert result.epochs == 1 and np.isfinite(result.loss) and not soup.training
+
+
 def _maps(labels: list[np.ndarray]) -> SiteMaps:
     return SiteMaps({}, Stage("maps", "maps", {}, {}, 0.0), {"val": labels})
 
