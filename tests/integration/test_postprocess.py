@@ -139,6 +139,7 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
     # the site fine-tuned the global model and kept whichever made the better validation maps
     personal = metrics["personalize"]
     assert personal["images"] == images["train"]
+    assert personal["copies"] == 3  # the shipped soup of three fine-tuned copies
     # 10 epochs, raised to make personalize.min_steps (50) steps of the run's batch (16)
     assert personal["epochs"] == max(10, -(-50 // max(images["train"] // 16, 1)))
     kept, other = personal["kept"], {"global": "personalized", "personalized": "global"}
