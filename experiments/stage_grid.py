@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_model
 from common.cli import Command
+from common.config import number_setting
 from common.data import hospital_split
+from common.data.splits import SPLITS
 from common.errors import JobError
 from common.localization import MapSettings, generate_maps
 from common.metrics import class_aware_truth
@@ -105,6 +107,21 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     return path
 
 
+def check_stage_grid_config(cfg: DictConfig) -> None:
+    """The grid's own settings, then the post-training job's (:func:`check_postprocess_config`).
+
+    Raises
+    ------
+    JobError
+        Naming ``grid.split`` or ``grid.num_images`` when it cannot make a grid.
+    """
+    if str(cfg.grid.split) not in SPLITS:
+        raise JobError(f"grid.split={cfg.grid.split}: expected one of {', '.join(SPLITS)}")
+    if number_setting(cfg, "grid.num_images", whole=True) < 1:
+        raise JobError(f"grid.num_images={cfg.grid.num_images}: expected a whole number >= 1")
+    check_postprocess_config(cfg)
+
+
 def _write_stage_grid(cfg: DictConfig, _: list[str]) -> Path:
     with torch.inference_mode():
         return write_stage_grid(cfg)
@@ -124,7 +141,7 @@ COMMAND = Command(
     examples=[
         "w3s-stages checkpoint=<run>/final_model.pt data=wbc_zxaoyou hospital=dataset1",
     ],
-    check=check_postprocess_config,
+    check=check_stage_grid_config,
 )
 
 
