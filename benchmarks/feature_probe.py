@@ -11,7 +11,9 @@ same probe on the pixels themselves (an 8x8 thumbnail, a colour histogram) says 
 model could get from the images without learning anything. Where the hospital has masks, one
 more probe reads what a haematologist reads, measured on the true masks (the nucleus's share of
 the cell, its lobes, its outline, the colours of nucleus and cytoplasm): how much of the class
-the cell's appearance carries at this site's size, with perfect localization and no learning.
+the cell's appearance carries at this site's size, with perfect localization and no learning;
+and where every hospital has masks, the same probe fitted on all hospitals' training images
+together says whether pooling them, as a federation could, helps a small hospital.
 
 Run from the repository root, on a run of ``benchmarks.localization_levers``::
 
@@ -20,7 +22,7 @@ Run from the repository root, on a run of ``benchmarks.localization_levers``::
 
 (one command line). One JSON line per hospital: accuracies on validation (and test with
 ``--test``) of always answering the training split's most common class, of both heads, and of
-the five probes (six with masks).
+the five probes (seven with masks).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ POOLS = ("all", "cell", "background")
 PROBED = (*POOLS, "pixels", "histogram")
 HISTOGRAM_BINS = 8  # per channel: 512 colour bins
 MORPHOLOGY = "morphology"
+POOLED_MORPHOLOGY = "morphology_pooled"
 LOBE_SHARE = 0.05  # a nucleus piece smaller than this share of the nucleus is not a lobe
 
 
@@ -127,6 +130,11 @@ def read_split(
     return read
 
 
+def training_scale(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and SD of training features (N, D); the SD floored for constant ones."""
+    return features.mean(dim=0), features.std(dim=0).clamp_min(1e-6)
+
+
 def linear_probe(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -144,8 +152,10 @@ def linear_probe(
     ``standardise`` scales each feature by its training mean and SD first, for features
     measured in unlike units; the scaling is folded into the returned classifier's weights.
     """
-    mean = features.mean(dim=0) if standardise else torch.zeros(features.shape[1])
-    scale = features.std(dim=0).clamp_min(1e-6) if standardise else torch.ones(features.shape[1])
+    if standardise:
+        mean, scale = training_scale(features)
+    else:
+        mean, scale = torch.zeros(features.shape[1]), torch.ones(features.shape[1])
     features = (features - mean) / scale
     torch.manual_seed(seed)
     probe = torch.nn.Linear(features.shape[1], num_classes)
@@ -191,6 +201,36 @@ def probe_hospital(
     return row
 
 
+def pooled_morphology_probe(
+    sites: dict[str, dict[str, SplitTensors]], num_classes: int
+) -> dict[str, dict[str, float]]:
+    """Accuracy per hospital and split of one morphology probe fitted on every training split.
+
+    ``sites`` maps each hospital to its splits, "train" among them, all with masks. Each
+    hospital scales the measurements by its own training mean and SD, as it could without
+    sharing them: a cell's share of the image, for one, depends on the site's magnification,
+    and only the standardised values can mean the same at two sites.
+    """
+    scaled: dict[str, dict[str, torch.Tensor]] = {}
+    for hospital, splits in sites.items():
+        measured = {s: morphology_features(d.images, d.masks) for s, d in splits.items()}
+        mean, scale = training_scale(measured["train"])
+        scaled[hospital] = {s: (m - mean) / scale for s, m in measured.items()}
+    probe = linear_probe(
+        torch.cat([scaled[h]["train"] for h in sites]),
+        torch.cat([splits["train"].labels for splits in sites.values()]),
+        num_classes,
+    )
+    return {
+        hospital: {
+            split: accuracy(probe(scaled[hospital][split]).argmax(1), data.labels)
+            for split, data in splits.items()
+            if split != "train"
+        }
+        for hospital, splits in sites.items()
+    }
+
+
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; options may follow the run, as in ``<run> --test -- <overrides>``.
 
@@ -209,13 +249,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = compose_config(list(args.overrides))
     classes = list(cfg.data.classes)
-    splits = ["val", "test"] if args.test else ["val"]
+    splits = ["train", "val", "test"] if args.test else ["train", "val"]
+    rows, sites = {}, {}
     for hospital in hospital_names(cfg.data):
         model, _ = load_model(args.run / "final_model.pt", classes, "foreground", hospital)
-        evaluated = {s: split_tensors(cfg.data, hospital, s, model.img_size) for s in splits}
-        train = split_tensors(cfg.data, hospital, "train", model.img_size)
-        row = {"run": str(args.run), "hospital": hospital}
-        print(json.dumps({**row, **probe_hospital(model, train, evaluated)}))
+        read = {s: split_tensors(cfg.data, hospital, s, model.img_size) for s in splits}
+        train, evaluated = read.pop("train"), read
+        rows[hospital] = {"run": str(args.run), "hospital": hospital}
+        rows[hospital].update(probe_hospital(model, train, evaluated))
+        sites[hospital] = {"train": train, **evaluated}
+    if all(d.masks is not None for splits in sites.values() for d in splits.values()):
+        for hospital, scores in pooled_morphology_probe(sites, len(classes)).items():
+            rows[hospital].update({f"probe_{POOLED_MORPHOLOGY}_{s}": a for s, a in scores.items()})
+    for row in rows.values():
+        print(json.dumps(row))
     return 0
 
 

@@ -10,11 +10,12 @@ from benchmarks.feature_probe import (
     morphology_features,
     parse_arguments,
     pixel_features,
+    pooled_morphology_probe,
     probe_hospital,
 )
 from benchmarks.head_refit import parse_arguments as head_refit_arguments
 from common.config import compose_config
-from common.data import split_tensors
+from common.data import SplitTensors, split_tensors
 from common.model import create_mct_model
 
 
@@ -84,6 +85,36 @@ def test_morphology_counts_the_lobes_and_measures_the_nucleus_share():
     assert features[:, 3].tolist() == pytest.approx([1.0, 0.5])  # the largest lobe's share
     assert features[1, 4] > features[0, 4]  # the lobed outline is longer for its area
     assert features[0, 5:8].tolist() == pytest.approx([0.0, 0.0, 200 / 255])  # nucleus mean
+
+
+def cells(nucleus_rows: list[int]) -> SplitTensors:
+    """40x40 all-cytoplasm cells whose nucleus is that many rows of 20 pixels."""
+    masks = torch.ones(len(nucleus_rows), 40, 40, dtype=torch.uint8)
+    for mask, rows in zip(masks, nucleus_rows, strict=True):
+        mask[10 : 10 + rows, 10:30] = 2
+    images = torch.zeros(len(nucleus_rows), 3, 40, 40, dtype=torch.uint8)
+    return SplitTensors(images, torch.zeros(len(nucleus_rows), dtype=torch.long), masks)
+
+
+def test_a_pooled_morphology_probe_compares_sites_on_their_own_scales():
+    # Class 1 has the larger nucleus at both sites, but the second site outlines every
+    # nucleus larger: its class 0 is larger than the first site's class 1.
+    sites = {}
+    for site, (small, large) in {"a": (8, 12), "b": (14, 18)}.items():
+        splits = {}
+        for split, repeats in (("train", 6), ("val", 2)):
+            data = cells([small, large] * repeats)
+            data.labels[1::2] = 1
+            splits[split] = data
+        sites[site] = splits
+    scores = pooled_morphology_probe(sites, 2)
+    assert scores == {"a": {"val": 1.0}, "b": {"val": 1.0}}
+    # Without each site's own scale, one boundary cannot separate both sites' classes.
+    train = [s["train"] for s in sites.values()]
+    raw = torch.cat([morphology_features(t.images, t.masks) for t in train])
+    labels = torch.cat([t.labels for t in train])
+    unscaled = linear_probe(raw, labels, 2, standardise=True)
+    assert (unscaled(raw).argmax(1) == labels).float().mean() < 1.0
 
 
 @pytest.mark.parametrize(
