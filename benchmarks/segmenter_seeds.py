@@ -30,7 +30,12 @@ from omegaconf import OmegaConf
 
 from common.data import hospital_split
 from common.metrics import class_aware_truth, score_label_maps
-from common.segmenter import create_segmenter, native_logits, train_segmenter
+from common.segmenter import (
+    create_segmenter,
+    native_logits,
+    predicts_turned_views,
+    train_segmenter,
+)
 from post_training.artifacts import read_label_png, sample_stem
 
 EVALUATED = ("val", "test")
@@ -91,6 +96,7 @@ def seed_spread(
                     side,
                     device=torch.device("cpu"),
                     one_cell=decoder == "one_cell",
+                    turned_views=predicts_turned_views(seg_cfg),
                 )
                 probabilities = [logit.softmax(0) for logit in logits]
                 for metric, value in miou(probabilities, truths[split]).items():

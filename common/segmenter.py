@@ -385,6 +385,32 @@ def label_map(scores: torch.Tensor, size: tuple[int, int], confidence: float = 0
     return labels
 
 
+def predicts_turned_views(cfg: Mapping[str, Any]) -> bool:
+    """Whether a ``segmenter`` config (or a saved segmenter's) averages the 8 turned views.
+
+    Segmenter files written before the option existed predict from the image as given.
+    """
+    return bool(cfg.get("test_time_augmentation", False))
+
+
+def dihedral_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Log of the class probabilities averaged over the 8 flips and quarter turns of ``batch``.
+
+    Training augments with exactly these views (a cell on a slide has no up or left), so each
+    is as valid as the image as given; one pass still depends on the orientation, and the
+    average removes that (test-time mirroring, nnU-Net's default). The log keeps the result a
+    valid input to the decoders, which take logits: ``log_softmax`` of it is itself.
+    """
+    total = torch.zeros((), device=batch.device)
+    for flipped in (False, True):
+        view = batch.flip(-1) if flipped else batch
+        for turns in range(4):
+            probabilities = model(view.rot90(turns, (-2, -1)))["out"].float().softmax(1)
+            probabilities = probabilities.rot90(-turns, (-2, -1))
+            total = total + (probabilities.flip(-1) if flipped else probabilities)
+    return (total / 8).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
 @torch.no_grad()
 def input_logits(
     model: nn.Module,
@@ -395,6 +421,7 @@ def input_logits(
     batch_size: int = 16,
     progress: Progress | None = None,
     one_cell: bool = False,
+    turned_views: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Class logits of every image at the segmenter's input size: one (K, S, S) tensor each.
 
@@ -414,13 +441,16 @@ def input_logits(
         Counts the images; by default a new "segmenter predictions" progress line.
     one_cell
         Give each image one cell class (:func:`one_cell_logits`).
+    turned_views
+        Average the 8 flipped and turned views (:func:`dihedral_logits`): 8 forward passes.
     """
     model.to(device, memory_format=torch.channels_last).eval()
     if progress is None:
         progress = Progress("segmenter predictions", len(images), log)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        logits = model(_to_model(resize_images(chunk, input_size), device))["out"]
+        batch = _to_model(resize_images(chunk, input_size), device)
+        logits = dihedral_logits(model, batch) if turned_views else model(batch)["out"]
         for scores in logits.float():  # on the device: the upsampling runs there too
             yield one_cell_logits(scores) if one_cell else scores
         progress.update(len(chunk))
@@ -465,6 +495,7 @@ def native_logits(
     device: torch.device,
     batch_size: int = 16,
     one_cell: bool = False,
+    turned_views: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Class logits of every image at its own size: resize to ``input_size``, upsample back.
 
@@ -475,7 +506,13 @@ def native_logits(
     for image, scores in zip(
         images,
         input_logits(
-            model, images, input_size, device=device, batch_size=batch_size, one_cell=one_cell
+            model,
+            images,
+            input_size,
+            device=device,
+            batch_size=batch_size,
+            one_cell=one_cell,
+            turned_views=turned_views,
         ),
         strict=True,
     ):
@@ -492,6 +529,7 @@ def predict(
     batch_size: int = 16,
     progress: Progress | None = None,
     one_cell: bool = False,
+    turned_views: bool = False,
     confidence: float = 0.0,
 ) -> list[np.ndarray]:
     """One HxW uint8 label map per image (0 background, k = class k - 1).
@@ -513,6 +551,7 @@ def predict(
                 batch_size=batch_size,
                 progress=progress,
                 one_cell=one_cell,
+                turned_views=turned_views,
             ),
             strict=True,
         )
@@ -529,6 +568,7 @@ def segmenter_payload(
             "arch": cfg["arch"],
             "input_size": int(cfg["input_size"]),
             "one_cell_per_image": one_cell_per_image(cfg),
+            "test_time_augmentation": predicts_turned_views(cfg),
             "backbone_weights_file": None,
         },
         "classes": list(classes),

@@ -22,6 +22,7 @@ from common.segmenter import (
     create_segmenter,
     one_cell_per_image,
     predict,
+    predicts_turned_views,
     segmenter_payload,
     train_segmenter,
 )
@@ -91,6 +92,7 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
         device=resolve_device(str(cfg.device)),
         batch_size=int(cfg.batch_size),
         one_cell=one_cell_per_image(cfg.segmenter),
+        turned_views=predicts_turned_views(cfg.segmenter),
     )
     for sample_id, labels in zip(test.sample_ids, predicted, strict=True):
         save_label_png(out / "predictions" / "test" / f"{sample_stem(sample_id)}.png", labels)

@@ -47,6 +47,7 @@ from common.segmenter import (
     create_segmenter,
     one_cell_per_image,
     predict,
+    predicts_turned_views,
     segmenter_payload,
     train_segmenter,
 )
@@ -383,6 +384,7 @@ def segmenter_stage(
             device=device,
             batch_size=int(cfg.batch_size),
             one_cell=one_cell_per_image(seg_cfg),
+            turned_views=predicts_turned_views(seg_cfg),
             confidence=confidence,
         )
 

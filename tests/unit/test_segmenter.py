@@ -13,6 +13,7 @@ from common.segmenter import (
     GroundTruthLeakError,
     check_not_ground_truth,
     create_segmenter,
+    input_logits,
     label_map,
     learning_rate_schedule,
     load_segmenter,
@@ -115,9 +116,37 @@ def test_training_on_pseudo_masks_learns_and_predicts_any_size(tmp_path):
     again = predict(loaded, odd, 32, device=torch.device("cpu"))
     for a, b in zip(labels, again, strict=True):
         np.testing.assert_array_equal(a, b)
-    voted = {**TINY, "one_cell_per_image": True}
+    assert cfg["test_time_augmentation"] is False
+    voted = {**TINY, "one_cell_per_image": True, "test_time_augmentation": True}
     path = save_atomic(segmenter_payload(model, voted, ["a", "b"]), tmp_path / "voted.pt")
     assert load_segmenter(path)[1]["one_cell_per_image"] is True
+    assert load_segmenter(path)[1]["test_time_augmentation"] is True
+
+
+class Lopsided(torch.nn.Module):
+    """A fixed "segmenter" that misses cell in an image's right quarter: it has an orientation."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cell = (x.mean(1, keepdim=True) > 0).float()
+        left = torch.zeros_like(cell)
+        left[..., : 3 * x.shape[-1] // 4] = 1.0
+        return {"out": torch.cat([1.0 - cell * left, cell * left], dim=1) * 4.0}
+
+
+def test_turned_views_make_a_prediction_turn_with_its_image():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[8:24, 4:28] = 250  # a bright cell across both halves
+    images = [image, np.ascontiguousarray(np.rot90(image)), np.ascontiguousarray(image[:, ::-1])]
+    # Every cell pixel lies left of the cut in at least 6 of the 8 views: the mean finds it all.
+    cpu = torch.device("cpu")
+    plain = predict(Lopsided(), images, 32, device=cpu)
+    assert plain[0][16, 6] == 1 and plain[0][16, 25] == 0  # the right quarter is lost
+    turned = predict(Lopsided(), images, 32, device=cpu, turned_views=True)
+    assert turned[0][8:24, 4:28].all() and not turned[0][:8].any()
+    np.testing.assert_array_equal(turned[1], np.rot90(turned[0]))
+    np.testing.assert_array_equal(turned[2], turned[0][:, ::-1])
+    logits = next(input_logits(Lopsided(), images[:1], 32, device=cpu, turned_views=True))
+    assert torch.allclose(logits.exp().sum(0), torch.ones(32, 32), atol=1e-5)
 
 
 def test_masks_without_a_labelled_pixel_add_no_loss_instead_of_nan():
