@@ -211,10 +211,13 @@ class MapSettings:
     refine
         Apply :func:`refine_maps` with the all-layer patch affinity.
     scales
-        Input scales relative to ``input_size``; each runs on the image and its flip (if
-        ``hflip``), and the upsampled maps are summed.
+        Input scales relative to ``input_size``; each runs on the image and its flips (if
+        ``hflip`` or ``vflip``), and the upsampled maps are summed.
     hflip
         Add the horizontally flipped pass of every scale (flipped back before the sum).
+    vflip
+        Add the vertically flipped pass of every pass above (with ``hflip``, four in all):
+        training flips both ways, since a cell on a slide has no up.
     input_size
         Side the images are resized to before the scales apply; ``None`` is the model's
         training size. The reference runs at full resolution; a model trained on resized crops
@@ -228,6 +231,7 @@ class MapSettings:
     refine: bool = True
     scales: tuple[float, ...] = (1.0,)
     hflip: bool = True
+    vflip: bool = False
     input_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -248,6 +252,15 @@ class MapSettings:
         values = {key: value for key, value in cfg.items() if key != "thresholds"}
         values["scales"] = tuple(float(s) for s in values.get("scales", cls.scales))
         return cls(**values)
+
+    def flips(self) -> list[tuple[int, ...]]:
+        """The dims each pass of a scale flips, the image as given first."""
+        passes: list[tuple[int, ...]] = [()]
+        if self.hflip:
+            passes.append((-1,))
+        if self.vflip:
+            passes += [(*dims, -2) for dims in passes]
+        return passes
 
     def side(self, model: MCTFormerV2, scale: float) -> int:
         """Input side for ``scale``, rounded to a multiple of the patch size (at least one)."""
@@ -311,7 +324,8 @@ def batch_maps(
         scaled = images
         if tuple(images.shape[-2:]) != (side, side):
             scaled = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-        batch = torch.cat([scaled, scaled.flip(-1)]) if settings.hflip else scaled
+        flips = settings.flips()
+        batch = torch.cat([scaled.flip(dims) if dims else scaled for dims in flips])
         output = model(batch, return_attention=True)
         maps = fused_maps(
             output,
@@ -323,9 +337,10 @@ def batch_maps(
         affinity = patch_affinity(output.attentions or [], model.num_classes, settings.reduce)
         if settings.refine:
             maps = refine_maps(maps, affinity)
-        if settings.hflip:
-            plain, flipped = maps.chunk(2)
-            maps = plain + flipped.flip(-1)
+        views = maps.chunk(len(flips))
+        maps = torch.stack(
+            [view.flip(dims) if dims else view for view, dims in zip(views, flips, strict=True)]
+        ).sum(0)
         per_scale.append(maps)
         affinities.append(affinity[: len(images)])
     grid = (per_scale[0].shape[-2], per_scale[0].shape[-1])
@@ -386,7 +401,7 @@ def generate_maps(
     device
         Where the model runs.
     batch_size
-        Images per forward pass (times two with flips, times the number of scales).
+        Images per forward pass (times the flip passes and the number of scales).
 
     Returns
     -------

@@ -107,6 +107,22 @@ def test_flip_pass_makes_maps_flip_equivariant(tiny_model):
     torch.testing.assert_close(flipped, plain.flip(-1), atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dims", [(-1,), (-2,), (-2, -1)])
+def test_four_flip_passes_make_maps_equivariant_to_both_flips(tiny_model, dims):
+    image = torch.randn(1, 3, 32, 32)
+    present = torch.tensor([[0.0, 1.0, 0.0]])
+    both = MapSettings(last_k_layers=2, scales=(1.0, 0.75), hflip=True, vflip=True)
+    assert both.flips() == [(), (-1,), (-2,), (-1, -2)]
+    plain = batch_maps(tiny_model, image, present, [(32, 32)], both).maps[0]
+    flipped = batch_maps(tiny_model, image.flip(dims), present, [(32, 32)], both).maps[0]
+    torch.testing.assert_close(flipped, plain.flip(dims), atol=2e-4, rtol=1e-3)
+    if -2 in dims:  # the horizontal pass alone does not see a cell upside down
+        across = MapSettings(last_k_layers=2, scales=(1.0, 0.75), hflip=True)
+        plain = batch_maps(tiny_model, image, present, [(32, 32)], across).maps[0]
+        flipped = batch_maps(tiny_model, image.flip(dims), present, [(32, 32)], across).maps[0]
+        assert not torch.allclose(flipped, plain.flip(dims), atol=2e-4, rtol=1e-3)
+
+
 def test_generate_maps_does_not_depend_on_batching(tiny_model):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (h, h, 3), dtype=np.uint8) for h in (30, 44, 30, 52)]
