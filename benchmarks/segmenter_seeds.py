@@ -29,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from common.data import hospital_split
-from common.metrics import class_aware_truth, score_label_maps
+from common.metrics import class_aware_truths, score_label_maps
 from common.segmenter import (
     create_segmenter,
     native_logits,
@@ -72,12 +72,7 @@ def seed_spread(
         for s in train.sample_ids
     ]
     evaluated = {split: hospital_split(cfg.data, cfg.hospital, split) for split in EVALUATED}
-    truths = {
-        split: [
-            class_aware_truth(m, int(label)) for m, label in zip(d.masks, d.labels, strict=True)
-        ]
-        for split, d in evaluated.items()
-    }
+    truths = {split: class_aware_truths(d.masks, d.labels) for split, d in evaluated.items()}
     outputs = len(cfg.data.classes) + 1
     side = int(seg_cfg["input_size"])
     scores = {split: {d: {m: [] for m in METRICS} for d in DECODERS} for split in EVALUATED}

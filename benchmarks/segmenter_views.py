@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from common.data import hospital_split
-from common.metrics import class_aware_truth, score_label_maps
+from common.metrics import class_aware_truths, score_label_maps
 from common.segmenter import load_segmenter, one_cell_per_image, predict
 
 EVALUATED = ("val", "test")
@@ -39,7 +39,7 @@ def score_views(folder: Path) -> dict[str, Any]:
         data = hospital_split(cfg.data, cfg.hospital, split)
         if data.masks is None:
             raise SystemExit(f"{folder}: hospital {cfg.hospital} has no masks to score against")
-        truth = [class_aware_truth(m, int(c)) for m, c in zip(data.masks, data.labels, strict=True)]
+        truth = class_aware_truths(data.masks, data.labels)
         for decoding, turned in DECODINGS.items():
             labels = predict(
                 model,

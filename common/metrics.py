@@ -152,6 +152,11 @@ def class_aware_truth(mask: np.ndarray, label: int) -> np.ndarray:
     return np.where(np.asarray(mask) > 0, label + 1, 0).astype(np.uint8)
 
 
+def class_aware_truths(masks: Sequence[np.ndarray], labels: Sequence[int]) -> list[np.ndarray]:
+    """:func:`class_aware_truth` of every image of a split, masks and labels in step."""
+    return [class_aware_truth(mask, int(label)) for mask, label in zip(masks, labels, strict=True)]
+
+
 @dataclass(frozen=True)
 class SegmentationScores:
     """mIoU of one set of predictions in both label spaces of docs/method.md section 5.

@@ -17,7 +17,7 @@ from torch import nn
 
 from common.checkpoint import save_atomic
 from common.data import HospitalData, hospital_split
-from common.metrics import class_aware_truth, score_label_maps
+from common.metrics import class_aware_truths, score_label_maps
 from common.segmenter import (
     create_segmenter,
     one_cell_per_image,
@@ -37,7 +37,7 @@ def true_labels(data: HospitalData) -> list[np.ndarray]:
     """Class-aware ground truth of a split (0 background, label + 1 for the cell)."""
     if data.masks is None:
         raise ValueError(f"hospital {data.name} has no ground-truth masks: no supervised ceiling")
-    return [class_aware_truth(m, int(c)) for m, c in zip(data.masks, data.labels, strict=True)]
+    return class_aware_truths(data.masks, data.labels)
 
 
 def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> tuple[nn.Module, float]:

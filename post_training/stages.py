@@ -25,7 +25,7 @@ from common.localization import MapSettings, generate_maps, save_maps
 from common.metrics import (
     IGNORE_INDEX,
     SegmentationScores,
-    class_aware_truth,
+    class_aware_truths,
     score_label_maps,
     select_on_validation,
 )
@@ -174,12 +174,7 @@ def make_maps(
             model, data.images, data.labels, settings, device=device, batch_size=cfg.batch_size
         )
         stems = [sample_stem(sample_id) for sample_id in data.sample_ids]
-        truth = None
-        if data.masks is not None:
-            truth = [
-                class_aware_truth(mask, int(label))
-                for mask, label in zip(data.masks, data.labels, strict=True)
-            ]
+        truth = None if data.masks is None else class_aware_truths(data.masks, data.labels)
         records = [
             MapRecord(image, int(label), image_maps, affinity, grid)
             for image, label, image_maps, affinity in zip(

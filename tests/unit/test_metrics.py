@@ -12,6 +12,7 @@ from common.metrics import (
     binary_confusion,
     binary_miou_sweep,
     class_aware_truth,
+    class_aware_truths,
     class_iou,
     confusion_matrix,
     mean_iou,
@@ -95,6 +96,11 @@ def test_to_dict_turns_nan_into_none():
 def test_class_aware_truth_gives_the_whole_cell_the_image_class():
     mask = np.array([[0, 1], [2, 0]], dtype=np.uint8)  # cytoplasm and nucleus
     np.testing.assert_array_equal(class_aware_truth(mask, 3), [[0, 4], [4, 0]])
+    truths = class_aware_truths([mask, mask], np.array([0, 2]))
+    np.testing.assert_array_equal(truths[0], [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(truths[1], [[0, 3], [3, 0]])
+    with pytest.raises(ValueError):  # a label missing for a mask is not skipped silently
+        class_aware_truths([mask, mask], [0])
 
 
 def test_select_on_validation_picks_the_best_and_keeps_the_first_of_ties():
