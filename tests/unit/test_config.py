@@ -60,3 +60,11 @@ def test_a_setting_that_is_not_a_number_is_named():
         key = override.split("=")[0]
         with pytest.raises(JobError, match=f"{key}=.*: expected a"):
             number_setting(compose_config([override]), key, whole=whole)
+
+
+def test_post_training_averages_flipped_views_where_that_was_measured():
+    cfg = compose_config([], config_name="postprocess")
+    assert cfg.segmenter.test_time_augmentation is True and cfg.localization.vflip is True
+    # The reference's maps and the paper-scale segmenter keep their single orientation.
+    paper = compose_config(["localization=fused", "segmenter=resnet50"], config_name="postprocess")
+    assert paper.segmenter.test_time_augmentation is False and paper.localization.vflip is False
