@@ -4,13 +4,17 @@ Each command composes ``conf/<config>.yaml`` with the Hydra overrides it is give
 compose API, so no command owns the working directory or writes ``.hydra/`` folders), checks
 the values it can check before any work starts, and runs its job. What a user can fix, a
 mistyped key, an unknown config option, a bad value, a missing file, is one line on stderr
-and exit status 2; anything else is a bug and keeps its traceback.
+and exit status 2; anything else is a bug and keeps its traceback. A job stopped by Ctrl-C,
+SIGTERM or SIGHUP runs its clean-up and exits with status 130.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hydra.errors import HydraException
@@ -23,6 +27,9 @@ from common.logs import setup_logging
 
 HELP_FLAGS = frozenset({"-h", "--help"})
 INPUT_ERROR = 2
+INTERRUPTED = 130  # the shell's status for a job ended by Ctrl-C
+# What a batch scheduler's time limit, ``docker stop``, ``kill`` or a closed terminal send.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 # A job gets the composed config and the overrides as given; an int it returns is the exit
 # status, anything else (a metrics dict, None) means success.
@@ -93,12 +100,27 @@ class Command:
         return cfg
 
     def main(self, argv: Sequence[str] | None = None) -> int:
-        """Run the command; returns the exit status (console scripts pass it to ``sys.exit``)."""
+        """Run the command; returns the exit status (console scripts pass it to ``sys.exit``).
+
+        Stopped by Ctrl-C or a stop signal, it raises ``SystemExit(130)`` after the job's
+        clean-up.
+        """
         args = list(sys.argv[1:] if argv is None else argv)
         if HELP_FLAGS & set(args):
             print(self.help_text())
             return 0
         setup_logging()
+        try:
+            with stop_signals_interrupt():
+                return self._run(args)
+        except KeyboardInterrupt as stop:
+            # SystemExit, not a return: a command run inside another (w3s-experiment trains
+            # through w3s-simulate) stops the outer one too, through its clean-up.
+            print(f"{self.name}: stopped ({stop or 'interrupted'})", file=sys.stderr, flush=True)
+            raise SystemExit(INTERRUPTED) from None
+
+    def _run(self, args: list[str]) -> int:
+        """The job's exit status; a problem the user can fix is one line and status 2."""
         try:
             options = [a for a in args if a.startswith("-")]
             if options:
@@ -112,6 +134,30 @@ class Command:
         except JobError as error:
             print(f"{self.name}: {error.brief()}", file=sys.stderr)
             return INPUT_ERROR
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does.
+
+    Python's default ends the process on the spot, past every ``finally``: a stopped
+    ``w3s-simulate`` left Flower's SuperLink, simulation and Ray workers training on into its
+    run directory, and its temporary files behind. Signal handlers belong to the main thread,
+    so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def one_line(error: BaseException) -> str:

@@ -11,6 +11,7 @@ user's working directory is known; the apps run from wherever the SuperLink star
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -154,24 +155,50 @@ def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
 RUN_MARKER = "W3S_SIMULATE_RUN"
 
 
-def stop_superlinks_marked(marker: str) -> list[int]:
-    """Stop the ``flower-superlink`` processes whose environment carries ``marker``.
-
-    ``flwr run`` leaves its local SuperLink running for later runs; a user who ran one
-    simulation should not find a server process left behind, and a SuperLink that another
-    user or run started in the meantime is not ours to stop (Linux ``/proc``; none elsewhere).
-    """
-    stopped = []
+def _live_processes() -> dict[int, tuple[int, bytes]]:
+    """Parent pid and environment of each running process (Linux ``/proc``; none elsewhere)."""
+    table = {}
     for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if b"flower-superlink" not in (entry / "cmdline").read_bytes():
-                continue
-            if f"{RUN_MARKER}={marker}".encode() not in (entry / "environ").read_bytes():
-                continue
-            os.kill(int(entry.name), signal.SIGTERM)
-        except (OSError, ProcessLookupError):
-            continue
-        stopped.append(int(entry.name))
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (name) state ppid ...": the name may hold spaces and parentheses.
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state != "Z":
+                table[int(entry.name)] = (int(ppid), (entry / "environ").read_bytes())
+    return table
+
+
+def stop_marked_processes(marker: str, grace_s: float = 10.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace_s``, the processes of the run marked ``marker``.
+
+    ``flwr run`` leaves its local SuperLink running for later runs, and a run stopped midway
+    leaves the simulation and its Ray workers too: they run in sessions of their own, so
+    neither Ctrl-C nor the SuperLink's end reaches them, and they would go on training into
+    the run directory. They inherit the marked environment, and the ones whose environment
+    Ray rewrites are their descendants. Processes that another user or run started carry
+    neither and are not ours to stop. Returns the processes signalled.
+    """
+    needle = f"{RUN_MARKER}={marker}".encode()
+    ours: set[int] = set()
+
+    def alive() -> list[int]:
+        table = _live_processes()
+        ours.update(pid for pid, (_, environ) in table.items() if needle in environ)
+        grown = True
+        while grown:  # a child of ours is ours, and its children too
+            found = {pid for pid, (ppid, _) in table.items() if ppid in ours} - ours
+            ours.update(found)
+            grown = bool(found)
+        ours.discard(os.getpid())
+        return sorted(pid for pid in ours if pid in table)
+
+    stopped = alive()
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, number)
+        deadline = time.monotonic() + grace_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
     return stopped
 
 
@@ -323,8 +350,16 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
         print("w3s-simulate:", shlex.join(command), flush=True)
         try:
             status = run_and_check(command, env)[0]
+        except KeyboardInterrupt:
+            print(
+                "w3s-simulate: stopping this run's Flower processes. Its checkpoints stay in the "
+                "run directory printed above; the same overrides with output_dir=<that "
+                "directory> resume=true continue it.",
+                flush=True,
+            )
+            raise
         finally:
-            stop_superlinks_marked(marker)
+            stop_marked_processes(marker)
             if status == 0:
                 shutil.rmtree(flwr_home, ignore_errors=True)
             else:

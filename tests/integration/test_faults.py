@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from support.flower_processes import (
     flower_env,
     kill_when,
     metrics_rows,
+    pids_mentioning,
     run,
     stop_processes,
 )
@@ -282,3 +286,47 @@ def test_a_run_killed_in_its_pretraining_resumes_there_and_matches_an_uninterrup
     assert phases == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("mct", 1)]
     # The MCT rounds removed the heads from the sites' disks.
     assert not list(site.rglob("*.pt"))
+
+
+def test_a_stopped_w3s_simulate_stops_its_whole_flower_run_and_resumes(tmp_path):
+    # A scheduler's time limit or `docker stop` sends SIGTERM to w3s-simulate alone: the
+    # SuperLink, the simulation and its Ray workers are in sessions of their own.
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    overrides = [*TINY, "federation.rounds=3"]
+    process = subprocess.Popen(
+        [str(BIN / "w3s-simulate"), *overrides, f"output_dir={run_dir}"],
+        env=one_thread_env(home),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "checkpoints" / "round_001.pt").exists():
+            assert process.poll() is None, process.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "no round 1 checkpoint in 600 s"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+        assert process.returncode == 130, output[-4000:]
+        assert "stopped (SIGTERM)" in output and "resume=true" in output
+        # Nothing of the run goes on: no process, no round after the stop, no staging files.
+        left = pids_mentioning(str(home))
+        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
+        rounds = [r["round"] for r in metrics_rows(run_dir)]
+        time.sleep(5)
+        assert [r["round"] for r in metrics_rows(run_dir)] == rounds
+        assert not (run_dir / "final_model.pt").exists()
+        staged = re.search(r"--run-config (\S+)", output)
+        assert staged and not Path(staged.group(1)).exists(), "its staging files stayed"
+    finally:
+        stop_processes(str(home))
+        process.kill()
+    log = simulate_in_home(
+        [*overrides, f"output_dir={run_dir}", "resume=true"], tmp_path / "home_again", tmp_path
+    )
+    assert "resuming from" in log
+    assert [r["round"] for r in metrics_rows(run_dir)] == [1, 2, 3]
+    assert (run_dir / "final_model.pt").exists()

@@ -6,6 +6,8 @@ No test here trains: each bad command line must be refused before any work start
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import INPUT_ERROR
+from common.cli import INPUT_ERROR, INTERRUPTED, Command
 from tests.unit.conftest import CHECKPOINT_FAULTS, SEGMENTER_FAULTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,3 +216,24 @@ def test_a_bad_model_file_is_one_line_naming_it_and_status_2(
     status, _, err = call(script, [f"{key}={path}", *extra], capsys)
     assert_one_line_error(script, status, err, f"{key}={path}")
     assert not (tmp_path / "masks").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_runs_the_jobs_clean_up_and_exits_130(stop, capsys):
+    # A job that a scheduler or `docker stop` ends while it works.
+    cleaned = []
+
+    def job(cfg, overrides):
+        try:
+            os.kill(os.getpid(), stop)
+            time.sleep(30)  # the signal interrupts this
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    command = Command(name="w3s-test", summary="a job", config="config", job=job)
+    with pytest.raises(SystemExit) as stopped:
+        command.main([])
+    assert stopped.value.code == INTERRUPTED and cleaned == [True]
+    assert capsys.readouterr().err.strip() == f"w3s-test: stopped ({stop.name})"
+    assert signal.getsignal(signal.SIGTERM) is before  # no handler outlives the job
