@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,7 @@ from omegaconf import OmegaConf
 
 from common.data import hospital_split
 from common.metrics import class_aware_truths, score_label_maps
-from common.segmenter import (
-    create_segmenter,
-    native_logits,
-    predicts_turned_views,
-    train_segmenter,
-)
+from common.segmenter import Decoding, create_segmenter, native_logits, train_segmenter
 from post_training.artifacts import read_label_png, sample_stem
 
 EVALUATED = ("val", "test")
@@ -90,8 +86,7 @@ def seed_spread(
                     data.images,
                     side,
                     device=torch.device("cpu"),
-                    one_cell=decoder == "one_cell",
-                    turned_views=predicts_turned_views(seg_cfg),
+                    decoding=replace(Decoding.of(seg_cfg), one_cell=decoder == "one_cell"),
                 )
                 probabilities = [logit.softmax(0) for logit in logits]
                 for metric, value in miou(probabilities, truths[split]).items():

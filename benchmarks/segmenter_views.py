@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from omegaconf import OmegaConf
 
 from common.data import hospital_split
 from common.metrics import class_aware_truths, score_label_maps
-from common.segmenter import load_segmenter, one_cell_per_image, predict
+from common.segmenter import Decoding, load_segmenter, predict
 
 EVALUATED = ("val", "test")
 DECODINGS = {"plain": False, "turned": True}
@@ -46,8 +47,7 @@ def score_views(folder: Path) -> dict[str, Any]:
                 data.images,
                 int(seg_cfg["input_size"]),
                 device=torch.device("cpu"),
-                one_cell=one_cell_per_image(seg_cfg),
-                turned_views=turned,
+                decoding=replace(Decoding.of(seg_cfg), turned_views=turned),
             )
             scores = score_label_maps(labels, truth, len(classes) + 1, cfg.evaluation.absent)
             row[f"{decoding}_{split}"] = round(100 * scores.binary_miou, 2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -385,12 +386,35 @@ def label_map(scores: torch.Tensor, size: tuple[int, int], confidence: float = 0
     return labels
 
 
-def predicts_turned_views(cfg: Mapping[str, Any]) -> bool:
-    """Whether a ``segmenter`` config (or a saved segmenter's) averages the 8 turned views.
+@dataclass(frozen=True)
+class Decoding:
+    """How a segmenter's class scores become label maps.
 
-    Segmenter files written before the option existed predict from the image as given.
+    Saved with the segmenter, so that ``w3s-predict`` decodes as the job that trained it did.
+
+    Attributes
+    ----------
+    one_cell
+        Every cell pixel gets the class that holds most of the cell's probability (a crop
+        shows one cell, :func:`one_cell_logits`); false: each pixel its own argmax class.
+    turned_views
+        Predict from the mean of the 8 flipped and turned views (:func:`dihedral_logits`):
+        8 forward passes.
     """
-    return bool(cfg.get("test_time_augmentation", False))
+
+    one_cell: bool = False
+    turned_views: bool = False
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> Decoding:
+        """The decoding of a ``segmenter`` config or of a saved segmenter's.
+
+        Configs and segmenter files written before an option existed decode without it.
+        """
+        return cls(
+            one_cell=bool(cfg.get("one_cell_per_image", False)),
+            turned_views=bool(cfg.get("test_time_augmentation", False)),
+        )
 
 
 def dihedral_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -420,8 +444,7 @@ def input_logits(
     device: torch.device,
     batch_size: int = 16,
     progress: Progress | None = None,
-    one_cell: bool = False,
-    turned_views: bool = False,
+    decoding: Decoding = Decoding(),
 ) -> Iterator[torch.Tensor]:
     """Class logits of every image at the segmenter's input size: one (K, S, S) tensor each.
 
@@ -439,10 +462,8 @@ def input_logits(
         Images per forward pass.
     progress
         Counts the images; by default a new "segmenter predictions" progress line.
-    one_cell
-        Give each image one cell class (:func:`one_cell_logits`).
-    turned_views
-        Average the 8 flipped and turned views (:func:`dihedral_logits`): 8 forward passes.
+    decoding
+        One cell class per image, the 8 turned views (:class:`Decoding`).
     """
     model.to(device, memory_format=torch.channels_last).eval()
     if progress is None:
@@ -450,18 +471,10 @@ def input_logits(
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         batch = _to_model(resize_images(chunk, input_size), device)
-        logits = dihedral_logits(model, batch) if turned_views else model(batch)["out"]
+        logits = dihedral_logits(model, batch) if decoding.turned_views else model(batch)["out"]
         for scores in logits.float():  # on the device: the upsampling runs there too
-            yield one_cell_logits(scores) if one_cell else scores
+            yield one_cell_logits(scores) if decoding.one_cell else scores
         progress.update(len(chunk))
-
-
-def one_cell_per_image(cfg: Mapping[str, Any]) -> bool:
-    """Whether a ``segmenter`` config (or a saved segmenter's) gives each cell one class.
-
-    Configs and segmenter files written before the option existed read per pixel.
-    """
-    return bool(cfg.get("one_cell_per_image", False))
 
 
 def one_cell_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -494,8 +507,7 @@ def native_logits(
     *,
     device: torch.device,
     batch_size: int = 16,
-    one_cell: bool = False,
-    turned_views: bool = False,
+    decoding: Decoding = Decoding(),
 ) -> Iterator[torch.Tensor]:
     """Class logits of every image at its own size: resize to ``input_size``, upsample back.
 
@@ -511,8 +523,7 @@ def native_logits(
             input_size,
             device=device,
             batch_size=batch_size,
-            one_cell=one_cell,
-            turned_views=turned_views,
+            decoding=decoding,
         ),
         strict=True,
     ):
@@ -528,8 +539,7 @@ def predict(
     device: torch.device,
     batch_size: int = 16,
     progress: Progress | None = None,
-    one_cell: bool = False,
-    turned_views: bool = False,
+    decoding: Decoding = Decoding(),
     confidence: float = 0.0,
 ) -> list[np.ndarray]:
     """One HxW uint8 label map per image (0 background, k = class k - 1).
@@ -550,8 +560,7 @@ def predict(
                 device=device,
                 batch_size=batch_size,
                 progress=progress,
-                one_cell=one_cell,
-                turned_views=turned_views,
+                decoding=decoding,
             ),
             strict=True,
         )
@@ -562,13 +571,14 @@ def segmenter_payload(
     model: nn.Module, cfg: Mapping[str, Any], classes: Sequence[str]
 ) -> dict[str, Any]:
     """Everything :func:`load_segmenter` needs, as tensors and plain values (no pickled objects)."""
+    decoding = Decoding.of(cfg)
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "segmenter": {
             "arch": cfg["arch"],
             "input_size": int(cfg["input_size"]),
-            "one_cell_per_image": one_cell_per_image(cfg),
-            "test_time_augmentation": predicts_turned_views(cfg),
+            "one_cell_per_image": decoding.one_cell,
+            "test_time_augmentation": decoding.turned_views,
             "backbone_weights_file": None,
         },
         "classes": list(classes),

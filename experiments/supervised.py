@@ -19,10 +19,9 @@ from common.checkpoint import save_atomic
 from common.data import HospitalData, hospital_split
 from common.metrics import class_aware_truths, score_label_maps
 from common.segmenter import (
+    Decoding,
     create_segmenter,
-    one_cell_per_image,
     predict,
-    predicts_turned_views,
     segmenter_payload,
     train_segmenter,
 )
@@ -91,8 +90,7 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
         int(cfg.segmenter.input_size),
         device=resolve_device(str(cfg.device)),
         batch_size=int(cfg.batch_size),
-        one_cell=one_cell_per_image(cfg.segmenter),
-        turned_views=predicts_turned_views(cfg.segmenter),
+        decoding=Decoding.of(cfg.segmenter),
     )
     for sample_id, labels in zip(test.sample_ids, predicted, strict=True):
         save_label_png(out / "predictions" / "test" / f"{sample_stem(sample_id)}.png", labels)

@@ -45,12 +45,7 @@ from PIL import Image
 from common.cli import Command
 from common.errors import JobError
 from common.progress import Progress
-from common.segmenter import (
-    load_segmenter,
-    one_cell_per_image,
-    predict,
-    predicts_turned_views,
-)
+from common.segmenter import Decoding, load_segmenter, predict
 from common.training import resolve_device
 from post_training.artifacts import rgb_array, save_label_png, save_overlay
 
@@ -218,8 +213,7 @@ class _Writer:
             device=self.device,
             batch_size=len(images),
             progress=self.progress,
-            one_cell=one_cell_per_image(self.seg_cfg),
-            turned_views=predicts_turned_views(self.seg_cfg),
+            decoding=Decoding.of(self.seg_cfg),
         )
         for (path, name, image), label_map in zip(batch, labels, strict=True):
             try:

@@ -44,10 +44,9 @@ from common.pseudo import (
     stack_background,
 )
 from common.segmenter import (
+    Decoding,
     create_segmenter,
-    one_cell_per_image,
     predict,
-    predicts_turned_views,
     segmenter_payload,
     train_segmenter,
 )
@@ -378,8 +377,7 @@ def segmenter_stage(
             int(seg_cfg["input_size"]),
             device=device,
             batch_size=int(cfg.batch_size),
-            one_cell=one_cell_per_image(seg_cfg),
-            turned_views=predicts_turned_views(seg_cfg),
+            decoding=Decoding.of(seg_cfg),
             confidence=confidence,
         )
 

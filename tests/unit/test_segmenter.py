@@ -10,6 +10,7 @@ from common.checkpoint import CheckpointError, save_atomic
 from common.metrics import IGNORE_INDEX
 from common.segmenter import (
     ARCHITECTURES,
+    Decoding,
     GroundTruthLeakError,
     check_not_ground_truth,
     create_segmenter,
@@ -121,6 +122,8 @@ def test_training_on_pseudo_masks_learns_and_predicts_any_size(tmp_path):
     path = save_atomic(segmenter_payload(model, voted, ["a", "b"]), tmp_path / "voted.pt")
     assert load_segmenter(path)[1]["one_cell_per_image"] is True
     assert load_segmenter(path)[1]["test_time_augmentation"] is True
+    assert Decoding.of(load_segmenter(path)[1]) == Decoding(one_cell=True, turned_views=True)
+    assert Decoding.of({"arch": TINY["arch"], "input_size": 32}) == Decoding()  # an older file
 
 
 class Lopsided(torch.nn.Module):
@@ -141,11 +144,13 @@ def test_turned_views_make_a_prediction_turn_with_its_image():
     cpu = torch.device("cpu")
     plain = predict(Lopsided(), images, 32, device=cpu)
     assert plain[0][16, 6] == 1 and plain[0][16, 25] == 0  # the right quarter is lost
-    turned = predict(Lopsided(), images, 32, device=cpu, turned_views=True)
+    turned = predict(Lopsided(), images, 32, device=cpu, decoding=Decoding(turned_views=True))
     assert turned[0][8:24, 4:28].all() and not turned[0][:8].any()
     np.testing.assert_array_equal(turned[1], np.rot90(turned[0]))
     np.testing.assert_array_equal(turned[2], turned[0][:, ::-1])
-    logits = next(input_logits(Lopsided(), images[:1], 32, device=cpu, turned_views=True))
+    logits = next(
+        input_logits(Lopsided(), images[:1], 32, device=cpu, decoding=Decoding(turned_views=True))
+    )
     assert torch.allclose(logits.exp().sum(0), torch.ones(32, 32), atol=1e-5)
 
 
@@ -311,7 +316,9 @@ class SplitCell(torch.nn.Module):
 def test_predict_with_one_cell_labels_each_image_with_a_single_class():
     images = [np.zeros((40, 48, 3), np.uint8), np.zeros((30, 30, 3), np.uint8)]
     plain = predict(SplitCell(), images, 32, device=torch.device("cpu"))
-    voted = predict(SplitCell(), images, 32, device=torch.device("cpu"), one_cell=True)
+    voted = predict(
+        SplitCell(), images, 32, device=torch.device("cpu"), decoding=Decoding(one_cell=True)
+    )
     for split, single in zip(plain, voted, strict=True):
         assert set(np.unique(split).tolist()) == {0, 1, 2}
         assert set(np.unique(single).tolist()) == {0, 1}
