@@ -49,6 +49,36 @@ class GroundTruthLeakError(ValueError):
     """
 
 
+def ensemble_members(cfg: Mapping[str, Any]) -> int:
+    """How many segmenters a ``segmenter`` config (or a saved segmenter's) trains and averages.
+
+    Configs and segmenter files written before the option existed hold one.
+    """
+    members = cfg.get("members", 1)
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+        raise ValueError(f"segmenter.members must be a whole number >= 1, got {members!r}")
+    return members
+
+
+class SegmenterEnsemble(nn.Module):
+    """Segmenters trained alike from different seeds; predicts their mean class probabilities.
+
+    On a hospital of a few dozen pseudo-masks one training draw can land points below the
+    others (Dataset 1, one fold: 80.3 binary mIoU against 90.1 and 89.2 for two other seeds);
+    the mean of a few draws does not depend on that luck. Its ``out`` is the log of the mean
+    probabilities: the decoders take logits, and ``log_softmax`` of it is itself.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"out": (B, K, H, W)}``, as each member's forward returns."""
+        mean = torch.stack([m(x)["out"].float().softmax(1) for m in self.members]).mean(0)
+        return {"out": mean.clamp_min(torch.finfo(torch.float32).tiny).log()}
+
+
 def create_segmenter(
     cfg: Mapping[str, Any], num_outputs: int, seed: int | None = None
 ) -> nn.Module:
@@ -57,20 +87,32 @@ def create_segmenter(
     Parameters
     ----------
     cfg
-        The ``segmenter`` config node: ``arch`` (a key of :data:`ARCHITECTURES`) and optional
-        ``backbone_weights_file`` (a local ImageNet classifier state dict for the backbone).
+        The ``segmenter`` config node: ``arch`` (a key of :data:`ARCHITECTURES`), optional
+        ``backbone_weights_file`` (a local ImageNet classifier state dict for the backbone)
+        and optional ``members`` (above 1: a :class:`SegmenterEnsemble` of that many).
     num_outputs
         Background + C.
     seed
         Seeds the initial weights, so that a trained segmenter does not depend on how many
         random numbers the job drew before it (a longer site fine-tune, say); ``None`` leaves
-        the global generator as it is (weights that are loaded next).
+        the global generator as it is (weights that are loaded next). Member i of an
+        ensemble starts from ``seed + i``.
 
     Returns
     -------
     torch.nn.Module
         The model; its forward returns ``{"out": (B, K, H, W)}`` at input size.
     """
+    members = ensemble_members(cfg)
+    if members > 1:
+        return SegmenterEnsemble(
+            [
+                create_segmenter(
+                    {**cfg, "members": 1}, num_outputs, None if seed is None else seed + i
+                )
+                for i in range(members)
+            ]
+        )
     arch = cfg["arch"]
     if arch not in ARCHITECTURES:
         raise ValueError(
@@ -213,7 +255,7 @@ def train_segmenter(
     Parameters
     ----------
     model
-        From :func:`create_segmenter`.
+        From :func:`create_segmenter`; an ensemble's member i trains with ``seed + i``.
     images
         Native HxWx3 uint8 training images.
     masks
@@ -231,7 +273,7 @@ def train_segmenter(
     Returns
     -------
     list[float]
-        Mean training loss of every epoch.
+        Mean training loss of every epoch (over the members, for an ensemble).
 
     Raises
     ------
@@ -240,6 +282,22 @@ def train_segmenter(
     ValueError
         When the batch size or the number of images is below two.
     """
+    if isinstance(model, SegmenterEnsemble):
+        member_losses = []
+        for i, member in enumerate(model.members):
+            log.info("segmenter %d of %d (seed %d)", i + 1, len(model.members), seed + i)
+            member_losses.append(
+                train_segmenter(
+                    member,
+                    images,
+                    masks,
+                    cfg,
+                    device=device,
+                    seed=seed + i,
+                    ground_truth=ground_truth,
+                )
+            )
+        return [float(np.mean(epoch)) for epoch in zip(*member_losses, strict=True)]
     check_not_ground_truth(masks, ground_truth)
     batch_size = int(cfg["batch_size"])
     if batch_size < 2:
@@ -579,6 +637,7 @@ def segmenter_payload(
             "input_size": int(cfg["input_size"]),
             "one_cell_per_image": decoding.one_cell,
             "test_time_augmentation": decoding.turned_views,
+            "members": ensemble_members(cfg),
             "backbone_weights_file": None,
         },
         "classes": list(classes),
@@ -611,6 +670,10 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any], list[st
             f"{', '.join(sorted(ARCHITECTURES))}"
         )
     cfg, classes = {**cfg, "backbone_weights_file": None}, list(classes)
+    try:
+        ensemble_members(cfg)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
     model = create_segmenter(cfg, len(classes) + 1)
     load_weights(model, payload["state_dict"], where, cfg["arch"])
     return model.eval(), cfg, classes

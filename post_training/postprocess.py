@@ -177,6 +177,8 @@ def check_postprocess_config(cfg: DictConfig) -> None:
             "min_steps must be >= 0 (epochs 0: the global model as it is), lr_scale > 0 and "
             "copies >= 1"
         )
+    if number_setting(cfg, "segmenter.members", whole=True) < 1:
+        raise JobError(f"segmenter.members={cfg.segmenter.members}: expected a whole number >= 1")
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     if not checkpoint.is_file():
         raise JobError(f"checkpoint={checkpoint}: file not found")

@@ -23,7 +23,7 @@ from common.config import compose_config
 from common.data import split_tensors
 from common.localization import load_maps
 from common.model import create_mct_model
-from common.segmenter import load_segmenter
+from common.segmenter import SegmenterEnsemble, load_segmenter
 from common.training import train_local
 from post_training.artifacts import read_label_png
 from tests.conftest import WBC_DEV
@@ -194,6 +194,31 @@ def test_without_the_fine_tune_the_global_models_maps_are_used(synthetic_run, tm
     assert not (out / "personalized_model.pt").exists()  # not the model of these maps
 
 
+def test_an_ensemble_of_segmenters_is_trained_and_saved_whole(synthetic_run, tmp_path):
+    _, _, _, root = synthetic_run
+    out = tmp_path / "out"
+    result = run_job(
+        "post_training.postprocess",
+        [
+            f"checkpoint={root / 'run' / 'final_model.pt'}",
+            "hospital=hospital_a",
+            f"output_dir={out}",
+            "personalize.epochs=0",
+            "segmenter.members=2",
+            *SYNTHETIC,
+            *TINY_JOB,
+        ],
+        tmp_path / "cwd",
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "segmenter 1 of 2 (seed 0)" in log and "segmenter 2 of 2 (seed 1)" in log
+    model, seg_cfg, _ = load_segmenter(out / "segmenter.pt")
+    assert isinstance(model, SegmenterEnsemble) and seg_cfg["members"] == 2
+    first, second = (member.state_dict() for member in model.members)
+    assert not all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_predict_segments_new_images_and_names_corrupt_files(synthetic_run, tmp_path):
     _, out, _, _ = synthetic_run
     inputs = tmp_path / "in"
@@ -246,6 +271,8 @@ def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
             "personalize.epochs=-1",
             "personalize.epochs=abc",
             "personalize.copies=0",
+            "segmenter.members=0",
+            "segmenter.members=two",
         )
     ):
         result = run_job(

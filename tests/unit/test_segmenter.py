@@ -12,6 +12,7 @@ from common.segmenter import (
     ARCHITECTURES,
     Decoding,
     GroundTruthLeakError,
+    SegmenterEnsemble,
     check_not_ground_truth,
     create_segmenter,
     input_logits,
@@ -334,3 +335,49 @@ def test_poly_and_one_cycle_learning_rates():
     assert rates[2:] == sorted(rates[2:], reverse=True) and rates[-1] < 0.001
     with pytest.raises(ValueError, match="segmenter.schedule"):
         learning_rate_schedule({"lr": 0.01, "schedule": "step"}, 10)
+
+
+def test_an_ensembles_members_are_the_segmenters_of_consecutive_seeds(tmp_path):
+    rng = np.random.default_rng(0)
+    images, masks = cells(4, rng)
+    cfg, cpu = {**TINY, "epochs": 1}, torch.device("cpu")
+    ensemble = create_segmenter({**cfg, "members": 2}, 3, seed=5)
+    assert isinstance(ensemble, SegmenterEnsemble) and len(ensemble.members) == 2
+    losses = train_segmenter(ensemble, images, masks, cfg, device=cpu, seed=5)
+    for i, member in enumerate(ensemble.members):
+        alone = create_segmenter(cfg, 3, seed=5 + i)
+        alone_losses = train_segmenter(alone, images, masks, cfg, device=cpu, seed=5 + i)
+        for key, value in alone.state_dict().items():
+            torch.testing.assert_close(member.state_dict()[key], value)
+        if i == 0:
+            first_losses = alone_losses
+    assert losses != first_losses  # the mean over both members, not the first one's
+    batch = torch.rand(2, 3, 32, 32)
+    ensemble.eval()
+    with torch.no_grad():
+        mean = torch.stack([m(batch)["out"].softmax(1) for m in ensemble.members]).mean(0)
+        out = ensemble(batch)["out"]
+    torch.testing.assert_close(out.exp(), mean)
+    # Saved and loaded, it is the same ensemble and predicts the same labels.
+    path = save_atomic(
+        segmenter_payload(ensemble, {**cfg, "members": 2}, ["a", "b"]), tmp_path / "e.pt"
+    )
+    loaded, saved_cfg, _ = load_segmenter(path)
+    assert isinstance(loaded, SegmenterEnsemble) and saved_cfg["members"] == 2
+    for a, b in zip(
+        predict(ensemble, images, 32, device=cpu),
+        predict(loaded, images, 32, device=cpu),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("members", [0, -1, 1.5, "two", True])
+def test_a_bad_member_count_is_refused_in_a_config_and_in_a_file(members, tmp_path):
+    with pytest.raises(ValueError, match="segmenter.members"):
+        create_segmenter({**TINY, "members": members}, 3)
+    payload = segmenter_payload(create_segmenter(TINY, 3), TINY, ["a", "b"])
+    payload["segmenter"]["members"] = members
+    path = save_atomic(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=f"segmenter={path}: segmenter.members"):
+        load_segmenter(path)
