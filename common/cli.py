@@ -152,7 +152,9 @@ def stop_signals_interrupt() -> Iterator[None]:
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
+    # A signal the process was started to ignore (nohup's SIGHUP) stays ignored.
+    handled = [n for n in STOP_SIGNALS if signal.getsignal(n) == signal.SIG_DFL]
+    previous = {number: signal.signal(number, interrupt) for number in handled}
     try:
         yield
     finally:

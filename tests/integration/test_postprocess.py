@@ -86,6 +86,23 @@ def run_job(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProc
     )
 
 
+def job_at_hospital_a(root: Path, out: Path, cwd: Path, *extra: str) -> tuple[int, str]:
+    """Status and log of ``w3s-postprocess`` on the synthetic run: the tiny job plus ``extra``."""
+    result = run_job(
+        "post_training.postprocess",
+        [
+            f"checkpoint={root / 'run' / 'final_model.pt'}",
+            "hospital=hospital_a",
+            f"output_dir={out}",
+            *SYNTHETIC,
+            *TINY_JOB,
+            *extra,
+        ],
+        cwd,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
@@ -176,19 +193,8 @@ def test_without_the_fine_tune_the_global_models_maps_are_used(synthetic_run, tm
     out = tmp_path / "out"
     out.mkdir()
     (out / "personalized_model.pt").write_bytes(b"an earlier run's copy")
-    result = run_job(
-        "post_training.postprocess",
-        [
-            f"checkpoint={root / 'run' / 'final_model.pt'}",
-            "hospital=hospital_a",
-            f"output_dir={out}",
-            "personalize.epochs=0",
-            *SYNTHETIC,
-            *TINY_JOB,
-        ],
-        tmp_path / "cwd",
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    status, log = job_at_hospital_a(root, out, tmp_path / "cwd", "personalize.epochs=0")
+    assert status == 0, log[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["personalize"] is None and "model" not in metrics["stages"][0]["choice"]
     assert not (out / "personalized_model.pt").exists()  # not the model of these maps
@@ -197,21 +203,10 @@ def test_without_the_fine_tune_the_global_models_maps_are_used(synthetic_run, tm
 def test_an_ensemble_of_segmenters_is_trained_and_saved_whole(synthetic_run, tmp_path):
     _, _, _, root = synthetic_run
     out = tmp_path / "out"
-    result = run_job(
-        "post_training.postprocess",
-        [
-            f"checkpoint={root / 'run' / 'final_model.pt'}",
-            "hospital=hospital_a",
-            f"output_dir={out}",
-            "personalize.epochs=0",
-            "segmenter.members=2",
-            *SYNTHETIC,
-            *TINY_JOB,
-        ],
-        tmp_path / "cwd",
+    status, log = job_at_hospital_a(
+        root, out, tmp_path / "cwd", "personalize.epochs=0", "segmenter.members=2"
     )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
+    assert status == 0, log[-4000:]
     assert "segmenter 1 of 2 (seed 0)" in log and "segmenter 2 of 2 (seed 1)" in log
     model, seg_cfg, _ = load_segmenter(out / "segmenter.pt")
     assert isinstance(model, SegmenterEnsemble) and seg_cfg["members"] == 2
@@ -295,20 +290,8 @@ def test_clear_errors_for_missing_checkpoint_and_unknown_hospital(tmp_path):
 def test_a_split_other_than_the_training_runs_is_refused(synthetic_run, tmp_path):
     root = synthetic_run[3]
     out = tmp_path / "out"
-    result = run_job(
-        "post_training.postprocess",
-        [
-            f"checkpoint={root / 'run' / 'final_model.pt'}",
-            "hospital=hospital_a",
-            f"output_dir={out}",
-            *SYNTHETIC,
-            *TINY_JOB,
-            "data.split.folds=5",
-        ],
-        tmp_path / "cwd",
-    )
-    log = result.stdout + result.stderr
-    assert result.returncode == 2, log[-2000:]
+    status, log = job_at_hospital_a(root, out, tmp_path / "cwd", "data.split.folds=5")
+    assert status == 2, log[-2000:]
     assert "was trained with data.split" in log and "folds=5" in log
     assert not out.exists()
 

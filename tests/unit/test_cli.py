@@ -230,10 +230,29 @@ def test_a_stop_signal_runs_the_jobs_clean_up_and_exits_130(stop, capsys):
         finally:
             cleaned.append(True)
 
-    before = signal.getsignal(signal.SIGTERM)
-    command = Command(name="w3s-test", summary="a job", config="config", job=job)
-    with pytest.raises(SystemExit) as stopped:
-        command.main([])
+    original = signal.signal(stop, signal.SIG_DFL)  # as a shell starts it (not under nohup)
+    try:
+        command = Command(name="w3s-test", summary="a job", config="config", job=job)
+        with pytest.raises(SystemExit) as stopped:
+            command.main([])
+        assert signal.getsignal(stop) == signal.SIG_DFL  # no handler outlives the job
+    finally:
+        signal.signal(stop, original)
     assert stopped.value.code == INTERRUPTED and cleaned == [True]
     assert capsys.readouterr().err.strip() == f"w3s-test: stopped ({stop.name})"
-    assert signal.getsignal(signal.SIGTERM) is before  # no handler outlives the job
+
+
+def test_a_signal_ignored_at_start_stays_ignored(capsys):
+    # nohup starts a job with SIGHUP ignored, so that closing the terminal does not stop it.
+    def job(cfg, overrides):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return 0
+
+    original = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        command = Command(name="w3s-test", summary="a job", config="config", job=job)
+        assert command.main([]) == 0
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, original)
+    assert "stopped" not in capsys.readouterr().err
