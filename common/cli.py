@@ -138,7 +138,7 @@ class Command:
 
 @contextlib.contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does.
+    """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, unless ignored.
 
     Python's default ends the process on the spot, past every ``finally``: a stopped
     ``w3s-simulate`` left Flower's SuperLink, simulation and Ray workers training on into its

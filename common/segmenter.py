@@ -55,9 +55,11 @@ def ensemble_members(cfg: Mapping[str, Any]) -> int:
     Configs and segmenter files written before the option existed hold one.
     """
     members = cfg.get("members", 1)
-    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+    whole = isinstance(members, int | float) and not isinstance(members, bool)
+    whole = whole and math.isfinite(members)
+    if not whole or members != int(members) or members < 1:
         raise ValueError(f"segmenter.members must be a whole number >= 1, got {members!r}")
-    return members
+    return int(members)
 
 
 class SegmenterEnsemble(nn.Module):

@@ -341,6 +341,7 @@ def test_an_ensembles_members_are_the_segmenters_of_consecutive_seeds(tmp_path):
     rng = np.random.default_rng(0)
     images, masks = cells(4, rng)
     cfg, cpu = {**TINY, "epochs": 1}, torch.device("cpu")
+    assert len(create_segmenter({**cfg, "members": 3.0}, 3).members) == 3  # as Hydra may give it
     ensemble = create_segmenter({**cfg, "members": 2}, 3, seed=5)
     assert isinstance(ensemble, SegmenterEnsemble) and len(ensemble.members) == 2
     losses = train_segmenter(ensemble, images, masks, cfg, device=cpu, seed=5)
@@ -372,7 +373,7 @@ def test_an_ensembles_members_are_the_segmenters_of_consecutive_seeds(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("members", [0, -1, 1.5, "two", True])
+@pytest.mark.parametrize("members", [0, -1, 1.5, float("nan"), float("inf"), "two", True])
 def test_a_bad_member_count_is_refused_in_a_config_and_in_a_file(members, tmp_path):
     with pytest.raises(ValueError, match="segmenter.members"):
         create_segmenter({**TINY, "members": members}, 3)
