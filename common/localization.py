@@ -319,12 +319,12 @@ def batch_maps(
     """
     per_scale: list[torch.Tensor] = []
     affinities: list[torch.Tensor] = []
+    flips = settings.flips()
     for scale in settings.scales:
         side = settings.side(model, scale)
         scaled = images
         if tuple(images.shape[-2:]) != (side, side):
             scaled = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-        flips = settings.flips()
         batch = torch.cat([scaled.flip(dims) if dims else scaled for dims in flips])
         output = model(batch, return_attention=True)
         maps = fused_maps(

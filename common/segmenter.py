@@ -58,7 +58,7 @@ def ensemble_members(cfg: Mapping[str, Any]) -> int:
     whole = isinstance(members, int | float) and not isinstance(members, bool)
     whole = whole and math.isfinite(members)
     if not whole or members != int(members) or members < 1:
-        raise ValueError(f"segmenter.members must be a whole number >= 1, got {members!r}")
+        raise ValueError(f"segmenter.members={members}: expected a whole number >= 1")
     return int(members)
 
 

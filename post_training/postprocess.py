@@ -23,6 +23,7 @@ from common.levers import head_levers
 from common.localization import FOREGROUND_SOURCES, MapSettings
 from common.progress import Profile
 from common.pseudo import create_masker
+from common.segmenter import ensemble_members
 from common.training import resolve_device
 from post_training.personalize import PERSONALIZED_MODEL, SiteMaps, personalize_stage
 from post_training.report import markdown_table, save_figure, write_report
@@ -177,8 +178,10 @@ def check_postprocess_config(cfg: DictConfig) -> None:
             "min_steps must be >= 0 (epochs 0: the global model as it is), lr_scale > 0 and "
             "copies >= 1"
         )
-    if number_setting(cfg, "segmenter.members", whole=True) < 1:
-        raise JobError(f"segmenter.members={cfg.segmenter.members}: expected a whole number >= 1")
+    try:
+        ensemble_members(cfg.segmenter)
+    except ValueError as error:
+        raise JobError(str(error)) from None
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
     if not checkpoint.is_file():
         raise JobError(f"checkpoint={checkpoint}: file not found")
