@@ -11,13 +11,11 @@ user's working directory is known; the apps run from wherever the SuperLink star
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from common.network import free_port
 from common.pretrain import PRETRAIN_METHODS
 from common.training import hospital_train_config
 from server_app.privacy import privacy_settings
+from server_app.run_processes import RUN_MARKER, guarded_run, stop_marked_processes
 from server_app.strategy import STRATEGIES
 
 APP_DIR = CONF_DIR.parent
@@ -149,57 +148,6 @@ def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     lines.append(f"w3s: run {started} {status}\n")
     print(lines[-1], end="", flush=True)
     return (0 if status == "finished:completed" else 1), "".join(lines)
-
-
-# flwr passes its environment to the SuperLink it starts: this variable marks a run's own.
-RUN_MARKER = "W3S_SIMULATE_RUN"
-
-
-def _live_processes() -> dict[int, tuple[int, bytes]]:
-    """Parent pid and environment of each running process (Linux ``/proc``; none elsewhere)."""
-    table = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # "pid (name) state ppid ...": the name may hold spaces and parentheses.
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            if state != "Z":
-                table[int(entry.name)] = (int(ppid), (entry / "environ").read_bytes())
-    return table
-
-
-def stop_marked_processes(marker: str, grace_s: float = 10.0) -> list[int]:
-    """SIGTERM, then SIGKILL after ``grace_s``, the processes of the run marked ``marker``.
-
-    ``flwr run`` leaves its local SuperLink running for later runs, and a run stopped midway
-    leaves the simulation and its Ray workers too: they run in sessions of their own, so
-    neither Ctrl-C nor the SuperLink's end reaches them, and they would go on training into
-    the run directory. They inherit the marked environment, and the ones whose environment
-    Ray rewrites are their descendants. Processes that another user or run started carry
-    neither and are not ours to stop. Returns the processes signalled.
-    """
-    needle = f"{RUN_MARKER}={marker}".encode()
-    ours: set[int] = set()
-
-    def alive() -> list[int]:
-        table = _live_processes()
-        ours.update(pid for pid, (_, environ) in table.items() if needle in environ)
-        grown = True
-        while grown:  # a child of ours is ours, and its children too
-            found = {pid for pid, (ppid, _) in table.items() if ppid in ours} - ours
-            ours.update(found)
-            grown = bool(found)
-        ours.discard(os.getpid())
-        return sorted(pid for pid in ours if pid in table)
-
-    stopped = alive()
-    for number in (signal.SIGTERM, signal.SIGKILL):
-        for pid in alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, number)
-        deadline = time.monotonic() + grace_s
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return stopped
 
 
 def check_training_config(cfg: DictConfig) -> None:
@@ -342,7 +290,10 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     flwr_home = Path(env.get("FLWR_HOME") or Path.home() / ".flwr") / "w3s-simulate" / marker
     env["FLWR_HOME"] = str(flwr_home)
     status = 1
-    with tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp,
+        guarded_run(marker, Path(tmp)),
+    ):
         run_config = Path(tmp) / "run_config.toml"
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")
         app_dir = flower_app_dir(Path(tmp) / "app")

@@ -288,9 +288,11 @@ def test_a_run_killed_in_its_pretraining_resumes_there_and_matches_an_uninterrup
     assert not list(site.rglob("*.pt"))
 
 
-def test_a_stopped_w3s_simulate_stops_its_whole_flower_run_and_resumes(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_w3s_simulate_stops_its_whole_flower_run_and_resumes(tmp_path, stop):
     # A scheduler's time limit or `docker stop` sends SIGTERM to w3s-simulate alone: the
-    # SuperLink, the simulation and its Ray workers are in sessions of their own.
+    # SuperLink, the simulation and its Ray workers are in sessions of their own. SIGKILL (the
+    # out-of-memory killer, `docker kill`) leaves it no clean-up: its guard process does it.
     home, run_dir = tmp_path / "home", tmp_path / "run"
     home.mkdir()
     overrides = [*TINY, "federation.rounds=3"]
@@ -308,10 +310,15 @@ def test_a_stopped_w3s_simulate_stops_its_whole_flower_run_and_resumes(tmp_path)
             assert process.poll() is None, process.communicate()[0][-4000:]
             assert time.monotonic() < deadline, "no round 1 checkpoint in 600 s"
             time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
+        # Its output closes when the last process sharing it, the guard included, has ended.
         output = process.communicate(timeout=60)[0]
-        assert process.returncode == 130, output[-4000:]
-        assert "stopped (SIGTERM)" in output and "resume=true" in output
+        if stop == signal.SIGTERM:
+            assert process.returncode == 130, output[-4000:]
+            assert "stopped (SIGTERM)" in output and "resume=true" in output
+        else:
+            assert process.returncode == -signal.SIGKILL, output[-4000:]
+            assert "its guard stopped the run's" in output, output[-4000:]
         # Nothing of the run goes on: no process, no round after the stop, no staging files.
         left = pids_mentioning(str(home))
         assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]

@@ -1,22 +1,14 @@
 """server_app/launch (w3s-simulate): relative paths pinned, one SuperNode per hospital."""
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from common.config import CONF_DIR, compose_config
 from common.errors import JobError
 from server_app.launch import (
-    RUN_MARKER,
     absolute_path_overrides,
     check_training_config,
     flwr_command,
     simulate,
-    stop_marked_processes,
 )
 
 PORTS = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
@@ -149,47 +141,3 @@ def test_each_run_gets_its_own_local_superlink_ports_unless_the_user_chose_them(
     monkeypatch.setenv(PORTS[0], "47001")
     simulate(cfg, [])
     assert seen[-1][PORTS[0]] == "47001"
-
-
-def has_ended(pid: int) -> bool:
-    """The process is gone or a zombie (its parent, killed, cannot reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-def test_a_runs_processes_are_stopped_with_their_descendants_and_no_one_elses():
-    # Stand-ins: one of ours that started a child without the marker (as Ray rewrites its
-    # workers' environment), one that ignores SIGTERM as a busy worker can, one of another run.
-    sleep = "import time; time.sleep(60)"
-    spawn = (
-        "import subprocess, sys, time; "
-        f"child = subprocess.Popen([sys.executable, '-c', {sleep!r}], env={{}}); "
-        "print(child.pid, flush=True); time.sleep(60)"
-    )
-    deaf = (
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(0, flush=True)"
-    )
-    started = [
-        subprocess.Popen(
-            [sys.executable, "-c", code],
-            env={**os.environ, RUN_MARKER: marker},
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for code, marker in ((spawn, "ours"), (f"{deaf}; {sleep}", "ours"), (sleep, "theirs"))
-    ]
-    parent, stubborn, theirs = started
-    try:
-        grandchild = int(parent.stdout.readline())
-        stubborn.stdout.readline()  # its handler is set
-        stopped = stop_marked_processes("ours", grace_s=2.0)
-        assert sorted(stopped) == sorted([parent.pid, grandchild, stubborn.pid])
-        assert parent.wait(timeout=10) == -signal.SIGTERM
-        assert stubborn.wait(timeout=10) == -signal.SIGKILL
-        assert has_ended(grandchild)
-        assert theirs.poll() is None
-    finally:
-        for process in started:
-            process.kill()
