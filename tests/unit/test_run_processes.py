@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -78,48 +79,57 @@ def test_a_killed_w3s_simulate_leaves_its_guard_to_stop_the_run_and_remove_its_f
     staging = tmp_path / "staging"
     staging.mkdir()
     (staging / "run_config.toml").write_text("overrides = ''\n")
+    marker = uuid.uuid4().hex
     stand_in = (
         "import os, subprocess, sys, time; from pathlib import Path; "
         "from server_app.run_processes import RUN_MARKER, guarded_run\n"
-        "with guarded_run('killed', Path(sys.argv[1])):\n"
-        "    worker = subprocess.Popen([sys.executable, '-c', sys.argv[2]], "
-        "env={**os.environ, RUN_MARKER: 'killed'}, start_new_session=True)\n"
+        "with guarded_run(sys.argv[1], Path(sys.argv[2])):\n"
+        "    worker = subprocess.Popen([sys.executable, '-c', sys.argv[3]], "
+        "env={**os.environ, RUN_MARKER: sys.argv[1]}, start_new_session=True)\n"
         "    print(worker.pid, flush=True); time.sleep(60)"
     )
     simulate = subprocess.Popen(
-        [sys.executable, "-c", stand_in, str(staging), SLEEP],
+        [sys.executable, "-c", stand_in, marker, str(staging), SLEEP],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    worker = int(simulate.stdout.readline())
-    simulate.kill()
-    # The guard shares the stand-in's stderr, which closes once the guard has done its work.
-    _, stderr = simulate.communicate(timeout=60)
-    assert wait_until_ended(worker)
-    assert not staging.exists()
-    assert "its guard stopped the run's 1 processes" in stderr, stderr
+    try:
+        worker = int(simulate.stdout.readline())
+        simulate.kill()
+        # The guard shares the stand-in's stderr, which closes once the guard has done its work.
+        _, stderr = simulate.communicate(timeout=60)
+        assert wait_until_ended(worker)
+        assert not staging.exists()
+        assert "its guard stopped the run's 1 processes" in stderr, stderr
+    finally:
+        simulate.kill()
+        stop_marked_processes(marker, grace_s=1.0)
 
 
 def test_a_run_that_ends_normally_dismisses_its_guard(tmp_path):
     # The caller has stopped its run itself; the guard must not touch what it left on purpose.
     staging = tmp_path / "staging"
     staging.mkdir()
-    with guarded_run("normal", staging):
-        kept = marked_sleeper("normal")
+    marker = uuid.uuid4().hex
+    with guarded_run(marker, staging):
+        kept = marked_sleeper(marker)
     try:
         time.sleep(1)
         assert kept.poll() is None and staging.is_dir()
     finally:
-        kept.kill()
-        kept.wait()
+        stop_marked_processes(marker, grace_s=1.0)
 
 
 def test_an_error_inside_has_the_guard_stop_what_was_left(tmp_path):
     staging = tmp_path / "staging"
     staging.mkdir()
-    with pytest.raises(RuntimeError, match="inside"), guarded_run("failed", staging):
-        left = marked_sleeper("failed")
-        raise RuntimeError("inside")
-    assert left.wait(timeout=30) == -signal.SIGTERM
-    assert not staging.exists()
+    marker = uuid.uuid4().hex
+    try:
+        with pytest.raises(RuntimeError, match="inside"), guarded_run(marker, staging):
+            left = marked_sleeper(marker)
+            raise RuntimeError("inside")
+        assert left.wait(timeout=30) == -signal.SIGTERM
+        assert not staging.exists()
+    finally:
+        stop_marked_processes(marker, grace_s=1.0)
