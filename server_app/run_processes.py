@@ -85,7 +85,8 @@ def guarded_run(marker: str, staging: Path) -> Iterator[None]:
         return
     read_end, write_end = os.pipe()
     guard = subprocess.Popen(
-        [sys.executable, "-m", __name__, str(read_end), marker, str(staging)],
+        # -P: this module as installed, not a same-named package in the working directory.
+        [sys.executable, "-P", "-m", __name__, str(read_end), marker, str(staging)],
         pass_fds=(read_end,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,  # it speaks, if at all, on stderr
