@@ -265,6 +265,12 @@ def check_foreground_settings(cfg: DictConfig) -> None:
         )
 
 
+RESUME_HINT = (
+    "Its checkpoints stay in the run directory printed above; the same overrides with "
+    "output_dir=<that directory> resume=true continue it."
+)
+
+
 def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     """Run the federated simulation; the exit status is 0 only when the run completed."""
     overrides = [*overrides, *absolute_path_overrides(cfg, Path.cwd())]
@@ -292,7 +298,7 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     status = 1
     with (
         tempfile.TemporaryDirectory(prefix="w3s-simulate-") as tmp,
-        guarded_run(marker, Path(tmp)),
+        guarded_run(marker, Path(tmp), f"Flower's logs of this run: {flwr_home}. {RESUME_HINT}"),
     ):
         run_config = Path(tmp) / "run_config.toml"
         run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")
@@ -302,12 +308,7 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
         try:
             status = run_and_check(command, env)[0]
         except KeyboardInterrupt:
-            print(
-                "w3s-simulate: stopping this run's Flower processes. Its checkpoints stay in the "
-                "run directory printed above; the same overrides with output_dir=<that "
-                "directory> resume=true continue it.",
-                flush=True,
-            )
+            print(f"w3s-simulate: stopping this run's Flower processes. {RESUME_HINT}", flush=True)
             raise
         finally:
             stop_marked_processes(marker)

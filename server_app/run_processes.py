@@ -70,7 +70,7 @@ def stop_marked_processes(marker: str, grace_s: float = 10.0) -> list[int]:
 
 
 @contextlib.contextmanager
-def guarded_run(marker: str, staging: Path) -> Iterator[None]:
+def guarded_run(marker: str, staging: Path, note: str = "") -> Iterator[None]:
     """Have a guard process stop the run and remove ``staging`` if this process dies inside.
 
     SIGKILL, the kernel's out-of-memory killer or a crashed interpreter end ``w3s-simulate``
@@ -78,6 +78,7 @@ def guarded_run(marker: str, staging: Path) -> Iterator[None]:
     training into the run directory. The guard, in a session of its own too, blocks on a pipe
     whose only writer is this process; the kernel closes it however this process ends. On a
     normal exit (the caller has stopped the run by then) it is told so and leaves at once.
+    ``note`` ends the guard's message, which says what it stopped, on this process's stderr.
     Without POSIX processes (Windows) the run has its own clean-up only.
     """
     if os.name != "posix":
@@ -86,7 +87,7 @@ def guarded_run(marker: str, staging: Path) -> Iterator[None]:
     read_end, write_end = os.pipe()
     guard = subprocess.Popen(
         # -P: this module as installed, not a same-named package in the working directory.
-        [sys.executable, "-P", "-m", __name__, str(read_end), marker, str(staging)],
+        [sys.executable, "-P", "-m", __name__, str(read_end), marker, str(staging), note],
         pass_fds=(read_end,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,  # it speaks, if at all, on stderr
@@ -102,7 +103,7 @@ def guarded_run(marker: str, staging: Path) -> Iterator[None]:
         guard.wait()  # on an error inside, until it has stopped what the caller may have left
 
 
-def guard(read_end: int, marker: str, staging: Path) -> None:
+def guard(read_end: int, marker: str, staging: Path, note: str) -> None:
     """Wait until ``w3s-simulate`` ends; unless it said it stopped its run, stop it here."""
 
     def stop_now(_signum: int, _frame: object) -> None:
@@ -120,11 +121,11 @@ def guard(read_end: int, marker: str, staging: Path) -> None:
         with contextlib.suppress(OSError):
             print(
                 f"w3s-simulate ended without stopping its run; its guard stopped the run's "
-                f"{len(stopped)} processes",
+                f"{len(stopped)} processes. {note}".strip(),
                 file=sys.stderr,
                 flush=True,
             )
 
 
 if __name__ == "__main__":
-    guard(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    guard(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4])

@@ -315,10 +315,11 @@ def test_a_stopped_w3s_simulate_stops_its_whole_flower_run_and_resumes(tmp_path,
         output = process.communicate(timeout=60)[0]
         if stop == signal.SIGTERM:
             assert process.returncode == 130, output[-4000:]
-            assert "stopped (SIGTERM)" in output and "resume=true" in output
+            assert "stopped (SIGTERM)" in output
         else:
             assert process.returncode == -signal.SIGKILL, output[-4000:]
             assert "its guard stopped the run's" in output, output[-4000:]
+        assert "resume=true" in output, output[-4000:]
         # Nothing of the run goes on: no process, no round after the stop, no staging files.
         left = pids_mentioning(str(home))
         assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]

@@ -83,7 +83,7 @@ def test_a_killed_w3s_simulate_leaves_its_guard_to_stop_the_run_and_remove_its_f
     stand_in = (
         "import os, subprocess, sys, time; from pathlib import Path; "
         "from server_app.run_processes import RUN_MARKER, guarded_run\n"
-        "with guarded_run(sys.argv[1], Path(sys.argv[2])):\n"
+        "with guarded_run(sys.argv[1], Path(sys.argv[2]), 'Resume it.'):\n"
         "    worker = subprocess.Popen([sys.executable, '-c', sys.argv[3]], "
         "env={**os.environ, RUN_MARKER: sys.argv[1]}, start_new_session=True)\n"
         "    print(worker.pid, flush=True); time.sleep(60)"
@@ -101,7 +101,7 @@ def test_a_killed_w3s_simulate_leaves_its_guard_to_stop_the_run_and_remove_its_f
         _, stderr = simulate.communicate(timeout=60)
         assert wait_until_ended(worker)
         assert not staging.exists()
-        assert "its guard stopped the run's 1 processes" in stderr, stderr
+        assert "its guard stopped the run's 1 processes. Resume it." in stderr, stderr
     finally:
         simulate.kill()
         stop_marked_processes(marker, grace_s=1.0)
