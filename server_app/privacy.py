@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +50,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from omegaconf import DictConfig
 
-from server_app.strategy import GuardedFedAvg
+from server_app.strategy import GuardedFedAvg, model_norm
 
 log = logging.getLogger(__name__)
 
@@ -90,55 +91,56 @@ def privacy_settings(privacy: DictConfig, num_hospitals: int) -> dict[str, Any]:
 class PrivacyLedger:
     """Every noisy release of the run, the ε spent so far, and ``privacy.json`` kept current.
 
-    Resuming re-reads the rounds of ``privacy.json`` up to the checkpoint resumed from, so ε
-    covers the whole run, not only the part since the restart.
+    A resumed run keeps every release ``privacy.json`` records, those after the checkpoint it
+    resumes from included: Flower sends a round's noisy model to the hospitals for evaluation
+    before that round's checkpoint is written, so a server stopped in between has released a
+    model, and the redone round releases another. ε therefore covers the whole run and never
+    shrinks. Each release is composed with its own noise multiplier, so a resume with another
+    ``privacy.noise_multiplier`` cannot re-price the releases made before it. A fresh run
+    starts an empty ledger, whatever an earlier run left in ``path``.
     """
 
-    def __init__(self, settings: dict[str, Any], path: Path, resumed_rounds: int = 0) -> None:
+    def __init__(self, settings: dict[str, Any], path: Path, resumed: bool = False) -> None:
         self.settings = settings
         self.path = path
         self.rounds: list[dict[str, Any]] = []
-        hospitals = int(settings["hospitals"])
-        self.accountant = None
-        if settings["noise_multiplier"] > 0:
-            self.accountant = RdpAccountant(
-                PrivacyConfig(
-                    target_delta=settings["delta"],
-                    population_size=hospitals,
-                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
-                )
-            )
-        if resumed_rounds and path.exists():
-            earlier = json.loads(path.read_text(encoding="utf-8")).get("rounds", [])
-            for row in earlier:
-                if row["round"] <= resumed_rounds:
-                    self._compose(row)
+        if resumed and path.exists():
+            self.rounds = _recorded_releases(path)
         self._write()
 
-    def _compose(self, row: dict[str, Any]) -> None:
-        self.rounds.append(row)
-        if self.accountant is not None:
-            hospitals = int(self.settings["hospitals"])
-            self.accountant.compose(
-                GaussianPrivacyEvent(
-                    noise_multiplier=self.settings["noise_multiplier"],
-                    sample_size=hospitals,
-                    population_size=hospitals,
-                )
-            )
-
     def epsilon(self) -> float | None:
-        """ε spent at ``delta`` by the releases so far; None when there is no noise (ε = ∞)."""
-        if self.accountant is None:
+        """ε spent at ``delta`` by the releases so far; None once one had no noise (ε = ∞)."""
+        multipliers = [float(row["noise_multiplier"]) for row in self.rounds]
+        if 0.0 in multipliers:
             return None
-        if not self.rounds:
+        if not multipliers:
             return 0.0
-        return float(self.accountant.get_privacy_spent().epsilon)
+        hospitals = int(self.settings["hospitals"])
+        accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=self.settings["delta"],
+                population_size=hospitals,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+        for multiplier, count in Counter(multipliers).items():
+            event = GaussianPrivacyEvent(
+                noise_multiplier=multiplier, sample_size=hospitals, population_size=hospitals
+            )
+            accountant.compose(event, count)
+        return float(accountant.get_privacy_spent().epsilon)
 
     def release(self, server_round: int, replies: int, noise_stdev: float) -> None:
         """Account one noisy global model; log the ε so far and rewrite ``privacy.json``."""
-        self._compose({"round": server_round, "replies": replies, "noise_stdev": noise_stdev})
+        self.rounds.append(
+            {
+                "round": server_round,
+                "replies": replies,
+                "noise_stdev": noise_stdev,
+                "noise_multiplier": self.settings["noise_multiplier"],
+            }
+        )
         epsilon = self.epsilon()
         shown = "inf (no noise)" if epsilon is None else f"{epsilon:.4g}"
         log.info(
@@ -156,6 +158,20 @@ class PrivacyLedger:
     def _write(self) -> None:
         record = {**self.settings, "epsilon": self.epsilon(), "rounds": self.rounds}
         self.path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _recorded_releases(path: Path) -> list[dict[str, Any]]:
+    """The releases ``path`` records, each with the noise multiplier it was made with.
+
+    Files written before releases carried their own multiplier had one for the whole run, at
+    the top level.
+    """
+    record = json.loads(path.read_text(encoding="utf-8"))
+    default = record.get("noise_multiplier")
+    return [
+        {**row, "noise_multiplier": row.get("noise_multiplier", default)}
+        for row in record.get("rounds", [])
+    ]
 
 
 def _clip_to(msg: Message, norm: float, clipping_norm: float, global_arrays: ArrayRecord) -> None:
@@ -202,7 +218,7 @@ class _PrivateAggregation:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen every reply, clip, average with equal weights and add the noise for m."""
         inner = self.strategy
-        max_norm = self.clipping_norm * CLIENT_CLIP_TOLERANCE if self.rejects_unclipped else None
+        max_norm = self._client_clip_bound() if self.rejects_unclipped else None
         good = inner.screen_train(server_round, replies, max_norm=max_norm)
         assert inner._global is not None
         for msg in good:
@@ -213,6 +229,20 @@ class _PrivateAggregation:
         arrays = _add_noise(arrays, stdev, self.rng)
         self.ledger.release(server_round + inner.round_offset, len(good), stdev)
         return inner.finish_train(server_round, good, arrays)
+
+    def _client_clip_bound(self) -> float:
+        """The largest update norm a hospital that clipped can send.
+
+        A float16 reply is rounded after the hospital clipped it: each weight by up to 2^-11 of
+        itself, so the update by up to 2^-11 of the reply's norm. Over the bound the reply is
+        refused; under it, it is clipped here anyway, so the slack costs no privacy.
+        """
+        inner = self.strategy
+        assert inner._global is not None
+        bound = self.clipping_norm * CLIENT_CLIP_TOLERANCE
+        if inner.transport_dtype == "float16":
+            bound += 2.0**-11 * (model_norm(inner._global) + self.clipping_norm)
+        return bound
 
 
 class GuardedClientSideClipping(_PrivateAggregation, DifferentialPrivacyClientSideFixedClipping):
@@ -236,12 +266,24 @@ def with_privacy(
     privacy: DictConfig,
     num_hospitals: int,
     run_dir: Path,
-    resumed_rounds: int = 0,
+    resumed: bool = False,
     rng: np.random.Generator | None = None,
 ) -> Strategy:
-    """Wrap ``strategy`` as ``privacy`` asks; log the parameters and write ``privacy.json``."""
+    """Wrap ``strategy`` as ``privacy`` asks; log the parameters and write ``privacy.json``.
+
+    A resume must keep the run's choice between privacy and none: rounds released without
+    noise have no ε to add, and a resume without privacy would overwrite the ledger of those
+    released with it.
+    """
     settings = privacy_settings(privacy, num_hospitals)
     path = run_dir / PRIVACY_FILE
+    if resumed and path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8")).get("name", "none")
+        if (earlier == "none") != (settings["name"] == "none"):
+            raise ValueError(
+                f"resume=true: {path} records privacy={earlier}, the config asks for "
+                f"privacy={settings['name']}; resume with privacy={earlier}, or start a fresh run"
+            )
     if settings["name"] == "none":
         path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         log.info("differential privacy: none")
@@ -252,7 +294,7 @@ def with_privacy(
     # one hospital's inclusion depend on another's update, which the accounting does not cover.
     strategy.uniform_weights = True
     strategy.guards = replace(strategy.guards, max_update_norm_ratio=None)
-    ledger = PrivacyLedger(settings, path, resumed_rounds)
+    ledger = PrivacyLedger(settings, path, resumed)
     log.info(
         "differential privacy: %s, noise multiplier %g, clipping norm %g, delta %g; updates "
         "averaged with equal weights, noise stdev noise_multiplier x clipping_norm / replies",

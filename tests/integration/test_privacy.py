@@ -115,8 +115,8 @@ def test_dp_with_a_hospital_failing_mid_run_calibrates_noise_to_the_survivors(fl
 
     record = json.loads((run_dir / "privacy.json").read_text())
     assert record["rounds"] == [
-        {"round": 1, "replies": 3, "noise_stdev": pytest.approx(CLIP / 3)},
-        {"round": 2, "replies": 2, "noise_stdev": pytest.approx(CLIP / 2)},
+        {"round": 1, "replies": 3, "noise_stdev": pytest.approx(CLIP / 3), "noise_multiplier": 1.0},
+        {"round": 2, "replies": 2, "noise_stdev": pytest.approx(CLIP / 2), "noise_multiplier": 1.0},
     ]
     ledger = PrivacyLedger(privacy_settings(_server_clip(), 3), tmp_path / "check.json")
     ledger.release(1, 3, CLIP / 3)

@@ -112,6 +112,31 @@ def test_client_clip_rejects_an_update_the_hospital_did_not_clip(tmp_path):
     assert "exceeds the clipping norm" in inner.report.rejected[2]
 
 
+def test_client_clip_allows_for_the_rounding_of_a_half_precision_reply(tmp_path):
+    rng = np.random.default_rng(0)
+    model = rng.normal(0.0, 1.0, (64, 64)).astype(np.float32)
+    update = rng.normal(0.0, 1.0, (64, 64))
+    clip = 0.01
+    sent = (model + clip * update / np.linalg.norm(update)).astype(np.float16)  # clipped, rounded
+    assert np.linalg.norm(sent.astype(np.float64) - model) > 1.01 * clip
+    for dtype in ("float32", "float16"):
+        inner = GuardedFedAvg(num_hospitals=1, min_replies=1, transport_dtype=dtype)
+        (tmp_path / dtype).mkdir()
+        wrapper = with_privacy(inner, _config("client_clip", 0.0, clip), 1, tmp_path / dtype)
+        prepare(inner, ArrayRecord({"w": Array(model)}))
+        wrapper.current_arrays = inner._global
+        content = reply(1, 0.0, 10).content
+        content["arrays"] = pack(ArrayRecord({"w": Array(sent.astype(dtype))}))
+        replies = [Message(content=content, reply_to=instruction(1))]
+        if dtype == "float32":  # full precision: over the bound, the hospital did not clip
+            with pytest.raises(TooFewRepliesError):
+                wrapper.aggregate_train(1, replies)
+            continue
+        arrays, _ = wrapper.aggregate_train(1, replies)
+        moved = to_state_dict(arrays)["w"].numpy().astype(np.float64) - model
+        assert np.linalg.norm(moved) == pytest.approx(clip, rel=1e-3)  # clipped here anyway
+
+
 def _noise_of(wrapper, replies: int) -> float:
     tiny = np.full((200, 200), 1e-6)
     arrays, _ = wrapper.aggregate_train(1, [_update_reply(i + 1, tiny, 10) for i in range(replies)])
@@ -124,7 +149,9 @@ def test_the_noise_is_scaled_to_the_replies_actually_averaged(tmp_path):
     _, wrapper = _wrapped("server_clip", 2, tmp_path, noise=2.0, clip=0.5, hospitals=4, model=zeros)
     assert _noise_of(wrapper, replies=2) == pytest.approx(2.0 * 0.5 / 2, rel=0.02)
     record = json.loads((tmp_path / "privacy.json").read_text())
-    assert record["rounds"] == [{"round": 1, "replies": 2, "noise_stdev": 0.5}]
+    assert record["rounds"] == [
+        {"round": 1, "replies": 2, "noise_stdev": 0.5, "noise_multiplier": 2.0}
+    ]
 
 
 def _gaussian_epsilon(mu: float, delta: float) -> float:
@@ -151,12 +178,81 @@ def test_epsilon_is_accounted_over_rounds_and_survives_a_resume(tmp_path):
     assert record["epsilon"] == pytest.approx(epsilon) and record["delta"] == 1e-5
     assert [r["replies"] for r in record["rounds"]] == [3, 3, 3, 2]
 
-    # Resumed from round 2's checkpoint: rounds 1-2 count, 3-4 are redone.
-    resumed = PrivacyLedger(settings, tmp_path / "privacy.json", resumed_rounds=2)
-    assert [r["round"] for r in resumed.rounds] == [1, 2]
-    resumed.release(3, 3, 0.1)
-    resumed.release(4, 3, 0.1)
+    # Resumed from round 2's checkpoint: every release already recorded still counts.
+    resumed = PrivacyLedger(settings, tmp_path / "privacy.json", resumed=True)
     assert resumed.epsilon() == pytest.approx(epsilon)
+
+
+def _ledger(tmp_path, noise: float, resumed: bool = False) -> PrivacyLedger:
+    settings = privacy_settings(_config("server_clip", noise=noise, clip=0.2), num_hospitals=3)
+    return PrivacyLedger(settings, tmp_path / "privacy.json", resumed)
+
+
+def test_a_round_redone_after_a_resume_counts_both_releases(tmp_path):
+    # Round 3's noisy model went to every hospital for evaluation, then the server died before
+    # round 3's checkpoint: the resumed run redoes round 3, and both models were seen.
+    ledger = _ledger(tmp_path, noise=0.5)
+    for server_round in (1, 2, 3):
+        ledger.release(server_round, 3, 0.5 * 0.2 / 3)
+    three = ledger.epsilon()
+    resumed = _ledger(tmp_path, noise=0.5, resumed=True)
+    assert resumed.epsilon() == pytest.approx(three)
+    resumed.release(3, 3, 0.5 * 0.2 / 3)
+    assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 3]
+    assert resumed.epsilon() > three
+    assert len(json.loads((tmp_path / "privacy.json").read_text())["rounds"]) == 4
+    # A fresh run in the same directory starts its own ledger.
+    assert _ledger(tmp_path, noise=0.5).rounds == []
+    assert json.loads((tmp_path / "privacy.json").read_text())["rounds"] == []
+
+
+def test_each_release_keeps_the_noise_multiplier_it_was_made_with(tmp_path):
+    ledger = _ledger(tmp_path, noise=0.5)
+    ledger.release(1, 3, 0.5 * 0.2 / 3)
+    ledger.release(2, 3, 0.5 * 0.2 / 3)
+    spent = ledger.epsilon()
+    # Resumed with more noise: the two releases at z = 0.5 keep their price.
+    resumed = _ledger(tmp_path, noise=5.0, resumed=True)
+    assert resumed.epsilon() == pytest.approx(spent)
+    resumed.release(3, 3, 5.0 * 0.2 / 3)
+    record = json.loads((tmp_path / "privacy.json").read_text())
+    assert [r["noise_multiplier"] for r in record["rounds"]] == [0.5, 0.5, 5.0]
+    assert record["noise_multiplier"] == 5.0 and record["epsilon"] > spent
+    # A release without noise has no finite ε, whatever came before or after.
+    unbounded = _ledger(tmp_path, noise=0.0, resumed=True)
+    unbounded.release(4, 3, 0.0)
+    assert unbounded.epsilon() is None
+    assert _ledger(tmp_path, noise=1.0, resumed=True).epsilon() is None
+
+
+def test_a_ledger_written_before_per_release_multipliers_reads_the_file_s_one(tmp_path):
+    old = {"noise_multiplier": 0.5, "rounds": [{"round": 1, "replies": 3, "noise_stdev": 0.03}]}
+    (tmp_path / "privacy.json").write_text(json.dumps(old))
+    resumed = _ledger(tmp_path, noise=5.0, resumed=True)
+    assert resumed.rounds[0]["noise_multiplier"] == 0.5
+    (tmp_path / "fresh").mkdir()
+    fresh = _ledger(tmp_path / "fresh", noise=0.5)
+    fresh.release(1, 3, 0.03)
+    assert resumed.epsilon() == pytest.approx(fresh.epsilon())
+
+
+@pytest.mark.parametrize(("before", "after"), [("none", "server_clip"), ("client_clip", "none")])
+def test_a_resume_cannot_switch_privacy_on_or_off(tmp_path, before, after):
+    with_privacy(
+        GuardedFedAvg(num_hospitals=3, min_replies=3), _config(before, 1.0, 0.2), 3, tmp_path
+    )
+    recorded = (tmp_path / "privacy.json").read_text()
+    with pytest.raises(ValueError, match=f"records privacy={before}, the config asks for"):
+        with_privacy(
+            GuardedFedAvg(num_hospitals=3, min_replies=3),
+            _config(after, 1.0, 0.2),
+            3,
+            tmp_path,
+            resumed=True,
+        )
+    assert (tmp_path / "privacy.json").read_text() == recorded
+    switched = _config("server_clip" if before == "client_clip" else before, 1.0, 0.2)
+    with_privacy(GuardedFedAvg(num_hospitals=3, min_replies=3), switched, 3, tmp_path, resumed=True)
 
 
 def test_no_noise_means_no_finite_epsilon(tmp_path):
