@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from common.checkpoint import load_checkpoint, save_atomic
+from common.checkpoint import load_checkpoint, prune_rounds, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def save_head(directory: Path, server_round: int, state: Mapping[str, torch.Tens
         save_atomic(
             {"round": server_round, "state_dict": dict(state)}, _path(directory, server_round)
         )
-        for old in sorted(directory.glob("round_*.pt"))[:-HEADS_KEPT]:
-            old.unlink()
+        prune_rounds(directory, "round_", server_round, HEADS_KEPT)
     except OSError as error:
         log.warning(
             "cannot keep the pretraining head on this site's disk (%s); a resumed run would "

@@ -317,16 +317,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def round_files(directory: Path, prefix: str = "round_") -> list[tuple[int, Path]]:
+    """The ``<prefix><round>.pt`` files in ``directory`` with their rounds, oldest first.
+
+    Ordered by the number, not the name, so ``round_1000.pt`` comes after ``round_999.pt``; a
+    name whose rest is not a number (``round_best.pt``) is not a round's file and is left out.
+    """
+    found = []
+    for path in directory.glob(f"{prefix}*.pt"):
+        number = path.name.removeprefix(prefix).removesuffix(".pt")
+        if number.isascii() and number.isdigit():
+            found.append((int(number), path))
+    return sorted(found)
+
+
+def prune_rounds(directory: Path, prefix: str, current: int, kept: int) -> None:
+    """Keep the ``kept`` newest round files up to round ``current``; remove every later one.
+
+    Within a run the rounds only grow and a resume starts from the newest file, so a later
+    round's file is an earlier run's in the same folder: left there, it would outlive this
+    run's files and be what the next resume starts from.
+    """
+    files = round_files(directory, prefix)
+    later = [path for number, path in files if number > current]
+    up_to_now = [path for number, path in files if number <= current]
+    for path in later + up_to_now[:-kept]:
+        path.unlink(missing_ok=True)
+
+
 def latest_checkpoint(
     directory: Path, prefix: str = "round_"
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest ``<prefix>*.pt`` in ``directory`` that loads, skipping unreadable ones.
+    """The newest ``<prefix><round>.pt`` in ``directory`` that loads, skipping unreadable ones.
 
     ``round_`` names the MCT rounds' checkpoints, ``pretrain_round_`` the pretraining phase's.
     A file cut short by a crash or a full disk (atomic writes make this rare, copies and
     restores do not) is logged and passed over for the one before it.
     """
-    for path in sorted(directory.glob(f"{prefix}*.pt"), reverse=True):
+    for _, path in reversed(round_files(directory, prefix)):
         try:
             return path, load_checkpoint(path)
         except Exception as error:  # torch raises several types for a damaged file

@@ -21,9 +21,30 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     temporary = Path(name)
+    # mkstemp makes the file its owner's alone (0600); the result should be readable as any
+    # other file its folder gets (masks read on the host, models shared by a team): the
+    # process's umask decides, as it does for a plain open().
+    temporary.chmod(0o666 & ~_umask())
     try:
         yield temporary
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's file-creation mask; reading it means setting it, so it is set back at once.
+
+    On Linux, ``/proc/self/status`` has it without the brief change (which another thread could
+    see), so that is read first.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -15,7 +17,14 @@ from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from common.arrays import to_array_record, to_state_dict
-from common.checkpoint import check_model_name, latest_checkpoint, save_model
+from common.checkpoint import (
+    CheckpointError,
+    check_model_name,
+    latest_checkpoint,
+    load_weights,
+    round_files,
+    save_model,
+)
 from common.config import compose_config, parse_overrides
 from common.data import federated_hospitals, hospital_names
 from common.logs import setup_logging
@@ -32,7 +41,10 @@ from server_app.strategy import (
 )
 
 log = logging.getLogger(__name__)
+
 app = ServerApp()
+
+FINAL_MODEL = "final_model.pt"
 
 # A simulation's SuperNodes are registered before the ServerApp starts; a short wait suffices.
 SIMULATION_WAIT_S = 10.0
@@ -102,7 +114,7 @@ class StartingPoint:
 
 
 def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
-    """Fresh, or the newest readable checkpoint of the MCT rounds, else of the pretraining.
+    """Fresh (an earlier run's model files removed), or the newest readable checkpoint.
 
     With ``resume=true`` the run continues in ``output_dir`` from its newest readable
     checkpoint; clients are told the true round numbers, so the learning-rate schedule and
@@ -119,12 +131,62 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
         if found is None:
             raise FileNotFoundError(f"resume=true but no readable checkpoint in {run_dir}")
         path, payload = found
-        check_model_name(payload, path, str(cfg.model.name))
+        check_resumable(cfg, path, payload)
+        if phase == "mct" and int(payload["round"]) > int(cfg.federation.rounds):
+            raise ValueError(
+                f"resume=true: {path} is of round {payload['round']}, past "
+                f"federation.rounds={cfg.federation.rounds}; its final model would be labelled "
+                "with a round it is not of (set federation.rounds to at least that round)"
+            )
         log.info("resuming from %s (%s round %d)", path, phase, payload["round"])
         return StartingPoint(phase, int(payload["round"]), to_array_record(payload["state_dict"]))
+    replace_earlier_run(run_dir)
     torch.manual_seed(cfg.seed)
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
     return StartingPoint(first_phase, 0, to_array_record(model.state_dict()))
+
+
+def check_resumable(cfg: DictConfig, path: Path, payload: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint the configured model cannot take, naming it, before a round starts.
+
+    Every hospital would otherwise fail to load it in its first round, and the run would stop
+    on too few replies without saying why.
+    """
+    check_model_name(payload, path, str(cfg.model.name))
+    if list(payload["classes"]) != list(cfg.data.classes):
+        raise CheckpointError(
+            f"resume=true: {path} was trained on classes {list(payload['classes'])}, the data "
+            f"config has {list(cfg.data.classes)}"
+        )
+    model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "pretrained_file": None}
+    with torch.random.fork_rng(devices=[]):  # a resumed run draws what it drew before
+        model = create_mct_model(model_cfg, num_classes=len(cfg.data.classes))
+    load_weights(model, payload["state_dict"], f"resume=true: {path}", str(cfg.model.name))
+
+
+def replace_earlier_run(run_dir: Path) -> None:
+    """Remove an earlier run's model files from ``run_dir`` before a fresh run writes there.
+
+    The fresh run's metrics rows replace the earlier run's, so its model files must go too: a
+    resume of the fresh run would otherwise start from the earlier run's newest checkpoint (of
+    either phase), and a fresh run that fails would leave the earlier ``final_model.pt``
+    beside its own rows.
+    """
+    earlier = [
+        path
+        for prefix in ("pretrain_round_", "round_")
+        for _, path in round_files(run_dir / "checkpoints", prefix)
+    ]
+    earlier += [path for path in (run_dir / FINAL_MODEL,) if path.exists()]
+    if not earlier:
+        return
+    log.warning(
+        "%s holds an earlier run (%s); this fresh run replaces it (resume=true continues a run)",
+        run_dir,
+        ", ".join(path.name for path in earlier),
+    )
+    for path in earlier:
+        path.unlink(missing_ok=True)
 
 
 def guards(cfg: DictConfig) -> Guards:
@@ -240,7 +302,7 @@ def main(grid: Grid, context: Context) -> None:
         min_replies,
         strategy.guards,
     )
-    federation = with_privacy(strategy, cfg.privacy, len(hospitals), run_dir, done)
+    federation = with_privacy(strategy, cfg.privacy, len(hospitals), run_dir, bool(cfg.resume))
     try:
         result = federation.start(
             grid=grid,
@@ -254,7 +316,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     final_arrays = result.arrays if len(result.arrays) else initial
     final = save_model(
-        to_state_dict(final_arrays), cfg, cfg.federation.rounds, run_dir / "final_model.pt"
+        to_state_dict(final_arrays), cfg, cfg.federation.rounds, run_dir / FINAL_MODEL
     )
     log.info("run directory: %s", run_dir)
     log.info("final model: %s", final)

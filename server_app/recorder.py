@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig
 
 from common.arrays import to_state_dict
-from common.checkpoint import save_model
+from common.checkpoint import prune_rounds, save_model
 from server_app.strategy import GuardedFedAvg
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class RoundRecorder:
         server_round = strategy_round + self.offset
         path = self.checkpoint_dir / f"{self.prefix}{server_round:03d}.pt"
         save_model(to_state_dict(arrays), self.cfg, server_round, path)
-        self._prune()
+        # Keep the newest only: a paper-scale run would otherwise write 4 GB.
+        prune_rounds(self.checkpoint_dir, self.prefix, server_round, CHECKPOINTS_KEPT)
         self._save_declared()
         seconds = time.perf_counter() - self._round_started
         if server_round > 0:
@@ -148,8 +149,3 @@ class RoundRecorder:
             _fmt(report.evaluate),
             seconds,
         )
-
-    def _prune(self) -> None:
-        """Keep the newest checkpoints only: a paper-scale run would otherwise write 4 GB."""
-        for old in sorted(self.checkpoint_dir.glob(f"{self.prefix}*.pt"))[:-CHECKPOINTS_KEPT]:
-            old.unlink()

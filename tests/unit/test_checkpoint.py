@@ -1,5 +1,8 @@
 """The model files (common/checkpoint.py): atomic writes, and one-line errors for bad files."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -8,6 +11,8 @@ from common.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model,
+    prune_rounds,
+    round_files,
     save_atomic,
     save_model,
 )
@@ -24,6 +29,19 @@ def test_atomic_save_round_trips_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_files_get_the_modes_the_umask_gives_a_plain_file(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+        saved = save_atomic({"round": 1}, tmp_path / "c.pt")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(saved.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o666 & ~umask
+
+
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     for r in (1, 2):
         save_atomic(
@@ -38,6 +56,35 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capl
 
 def test_no_checkpoint_at_all(tmp_path):
     assert latest_checkpoint(tmp_path) is None
+
+
+def _save_rounds(folder, rounds, prefix="round_"):
+    for r in rounds:
+        save_atomic(
+            {"round": r, "state_dict": {"w": torch.full((4,), r)}}, folder / f"{prefix}{r:03d}.pt"
+        )
+
+
+def test_rounds_are_ordered_by_number_past_999_and_other_names_are_not_rounds(tmp_path):
+    _save_rounds(tmp_path, (998, 999, 1000, 1001))
+    (tmp_path / "round_best.pt").write_bytes(b"not a round")
+    assert [r for r, _ in round_files(tmp_path)] == [998, 999, 1000, 1001]
+    path, payload = latest_checkpoint(tmp_path)
+    assert path.name == "round_1001.pt" and payload["round"] == 1001
+    prune_rounds(tmp_path, "round_", 1001, kept=2)
+    assert sorted(p.name for p in tmp_path.glob("round_*.pt")) == [
+        "round_1000.pt",
+        "round_1001.pt",
+        "round_best.pt",
+    ]
+
+
+def test_pruning_removes_an_earlier_runs_later_rounds_not_this_runs(tmp_path):
+    _save_rounds(tmp_path, (6, 7))  # an earlier run in the same folder
+    _save_rounds(tmp_path, (0, 1))
+    prune_rounds(tmp_path, "round_", 1, kept=2)
+    assert [r for r, _ in round_files(tmp_path)] == [0, 1]
+    assert latest_checkpoint(tmp_path)[1]["round"] == 1
 
 
 @pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
