@@ -35,12 +35,19 @@ def create_masker(cfg: Mapping[str, Any]) -> PseudoMasker:
     Raises
     ------
     ValueError
-        For a method name that is not registered.
+        For a method name that is not registered, or a ``background`` it cannot take.
     """
     name = cfg["method"]
     if name not in METHODS:
         raise ValueError(f"pseudo.method={name!r} is unknown; expected one of {sorted(METHODS)}")
-    return METHODS[name].from_config(cfg)
+    method = METHODS[name]
+    kind = Background.from_config(cfg.get("background")).kind
+    if kind not in method.backgrounds:
+        raise ValueError(
+            f"background.kind={kind!r} does not work with pseudo.method={name!r}; use "
+            + " or ".join(repr(k) for k in method.backgrounds)
+        )
+    return method.from_config(cfg)
 
 
 __all__ = [

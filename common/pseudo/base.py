@@ -86,6 +86,10 @@ class PseudoMasker(ABC):
     """A pseudo-mask method; register implementations in ``common.pseudo.METHODS``."""
 
     name: ClassVar[str]
+    # The background kinds whose scores :meth:`propagate` accepts: ``power`` stacks the
+    # background in front of the classes, so a method that builds its own class channels
+    # cannot take it.
+    backgrounds: ClassVar[tuple[str, ...]] = ("constant", "power")
 
     @classmethod
     @abstractmethod

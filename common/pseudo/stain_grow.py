@@ -94,6 +94,9 @@ class StainGrowMasker(PseudoMasker):
     """Colour-exact nucleus chosen by the maps, scored by distance relative to its radius."""
 
     name = "stain_grow"
+    # Its scores are closeness to the grown cell in the labelled class's channel, made to be
+    # cut by one constant; the maps' own (1 - max)^alpha background is not on that scale.
+    backgrounds = ("constant",)
 
     def __init__(
         self,

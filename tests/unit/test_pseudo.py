@@ -237,6 +237,16 @@ def test_registry_and_unknown_method():
         create_masker({"method": "crf"})
 
 
+def test_a_background_the_method_cannot_take_is_refused_when_it_is_built():
+    power = {"kind": "power", "alpha": 16}
+    walk = {"method": "attn_rw", "beta": 4, "logt": 1}
+    assert isinstance(create_masker({**walk, "background": power}), AttentionWalkMasker)
+    with pytest.raises(ValueError, match="background.kind='power'.*stain_grow.*'constant'"):
+        create_masker({"method": "stain_grow", "background": power})
+    with pytest.raises(ValueError, match="powr"):
+        create_masker({**walk, "background": {"kind": "powr"}})
+
+
 def _smear(size: int = 64, shift: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A pale background, a white cell (dark nucleus in a lilac ring) and a red cell."""
     ys, xs = np.mgrid[0:size, 0:size]
