@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from common.data import hospital_split
 from common.metrics import class_aware_truths, score_label_maps
 from common.segmenter import Decoding, create_segmenter, native_logits, train_segmenter
-from post_training.artifacts import read_label_png, sample_stem
+from post_training.artifacts import read_label_png, sample_stems
 
 EVALUATED = ("val", "test")
 METRICS = ("binary", "class_aware")
@@ -64,8 +64,8 @@ def seed_spread(
     seg_cfg = {**OmegaConf.to_container(cfg.segmenter, resolve=True), **overrides}
     train = hospital_split(cfg.data, cfg.hospital, "train")
     masks = [
-        read_label_png(folder / "pseudo_masks" / "train" / f"{sample_stem(s)}.png")
-        for s in train.sample_ids
+        read_label_png(folder / "pseudo_masks" / "train" / f"{stem}.png")
+        for stem in sample_stems(train.sample_ids)
     ]
     evaluated = {split: hospital_split(cfg.data, cfg.hospital, split) for split in EVALUATED}
     truths = {split: class_aware_truths(d.masks, d.labels) for split, d in evaluated.items()}

@@ -31,7 +31,7 @@ from common.data import hospital_split
 from common.errors import JobError
 from experiments.run import RESULTS
 from experiments.supervised import true_labels
-from post_training.artifacts import overlay, sample_stem, save_grid
+from post_training.artifacts import overlay, sample_stems, save_grid
 from post_training.stages import DISK, MAPS, OTSU, PSEUDO_MASKS, SEGMENTER
 
 log = logging.getLogger(__name__)
@@ -657,8 +657,9 @@ def plot_overlays(ds: Dataset, path: Path) -> None:
     for hospital in ds.hospitals:
         test = hospital_split(data, hospital, "test")
         truths = true_labels(test)
+        stems = sample_stems(test.sample_ids)
         for i in range(min(GRID_IMAGES, len(test))):
-            image, stem = test.images[i], sample_stem(test.sample_ids[i])
+            image, stem = test.images[i], stems[i]
             tiles = [image, overlay(image, truths[i])]
             for row in rows_order:
                 png = seed_dirs[row] / hospital / "predictions" / "test" / f"{stem}.png"

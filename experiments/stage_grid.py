@@ -26,7 +26,7 @@ from common.errors import JobError
 from common.localization import MapSettings, generate_maps
 from common.metrics import class_aware_truth
 from common.training import resolve_device
-from post_training.artifacts import heatmap, overlay, read_label_png, sample_stem, save_grid
+from post_training.artifacts import heatmap, overlay, read_label_png, sample_stems, save_grid
 from post_training.personalize import PERSONALIZED_MODEL
 from post_training.postprocess import (
     SITE_KEYS,
@@ -81,7 +81,7 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     data = hospital_split(cfg.data, hospital, split)
     count = min(int(cfg.grid.num_images), len(data))
     images, labels = list(data.images[:count]), np.asarray(data.labels[:count])
-    stems = [sample_stem(sample_id) for sample_id in data.sample_ids[:count]]
+    stems = sample_stems(data.sample_ids)[:count]
     settings = MapSettings.from_config(OmegaConf.to_container(cfg.localization))
     device = resolve_device(str(cfg.device))
     columns: dict[str, list[np.ndarray]] = {"image": images}

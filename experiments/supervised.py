@@ -26,7 +26,7 @@ from common.segmenter import (
     train_segmenter,
 )
 from common.training import resolve_device
-from post_training.artifacts import sample_stem, save_label_png
+from post_training.artifacts import sample_stems, save_label_png
 from post_training.stages import SEGMENTER
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
         batch_size=int(cfg.batch_size),
         decoding=Decoding.of(cfg.segmenter),
     )
-    for sample_id, labels in zip(test.sample_ids, predicted, strict=True):
-        save_label_png(out / "predictions" / "test" / f"{sample_stem(sample_id)}.png", labels)
+    for stem, labels in zip(sample_stems(test.sample_ids), predicted, strict=True):
+        save_label_png(out / "predictions" / "test" / f"{stem}.png", labels)
     scores = score_label_maps(
         predicted, true_labels(test), len(cfg.data.classes) + 1, cfg.evaluation.absent
     )

@@ -6,7 +6,9 @@ Label maps are single-channel PNGs holding the label itself (0 background, k = c
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -41,11 +43,25 @@ OVERLAY_STRIP_PIXELS = 1 << 18
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def sample_stem(sample_id: str) -> str:
-    """A file-name-safe stem for a sample id: ``Dataset 1/001.bmp`` -> ``Dataset_1__001``.
+def sample_stems(sample_ids: Sequence[str]) -> list[str]:
+    """File-name-safe stems of a split's sample ids, all different.
 
-    Folder separators become ``__`` so that ids from different folders stay distinct.
+    ``Dataset 1/001.bmp`` -> ``Dataset_1__001``: folder separators become ``__``; the
+    extension and unsafe characters go, so two ids can read alike (``a.jpg`` and ``a.png``,
+    ``a b`` and ``a_b``). Those each get a short hash of the whole id, so no image's file
+    replaces another's; read a split's files back by the stems of the whole split.
     """
+    readable = [_readable_stem(sample_id) for sample_id in sample_ids]
+    counts = Counter(readable)
+    return [
+        stem
+        if counts[stem] == 1
+        else f"{stem}-{hashlib.sha256(sample_id.encode()).hexdigest()[:8]}"
+        for stem, sample_id in zip(readable, sample_ids, strict=True)
+    ]
+
+
+def _readable_stem(sample_id: str) -> str:
     without_suffix = str(Path(sample_id).with_suffix("")) if Path(sample_id).suffix else sample_id
     parts = [_UNSAFE.sub("_", part) for part in Path(without_suffix).parts]
     return "__".join(part for part in parts if part) or "sample"

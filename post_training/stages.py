@@ -50,7 +50,7 @@ from common.segmenter import (
     segmenter_payload,
     train_segmenter,
 )
-from post_training.artifacts import sample_stem, save_label_png, save_overlay
+from post_training.artifacts import sample_stems, save_label_png, save_overlay
 from post_training.baselines import disk_mask, label_cells, otsu_mask
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def make_maps(
         maps, affinities, grid = generate_maps(
             model, data.images, data.labels, settings, device=device, batch_size=cfg.batch_size
         )
-        stems = [sample_stem(sample_id) for sample_id in data.sample_ids]
+        stems = sample_stems(data.sample_ids)
         truth = None if data.masks is None else class_aware_truths(data.masks, data.labels)
         records = [
             MapRecord(image, int(label), image_maps, affinity, grid)

@@ -1,4 +1,5 @@
-"""Files the jobs write (post_training/artifacts.py): strip-wise work equals whole-image work."""
+"""Files the jobs write (post_training/artifacts.py): their names, and strip-wise work equal to
+whole-image work."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from post_training.artifacts import (
     read_image,
     read_label_png,
     rgb_array,
+    sample_stems,
     save_label_png,
     save_overlay,
 )
@@ -74,3 +76,13 @@ def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary(tmp_path, mon
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
     np.testing.assert_array_equal(read_label_png(tmp_path / "a.png"), labels)
+
+
+def test_stems_are_readable_and_ids_that_read_alike_still_get_files_of_their_own():
+    ids = ["Dataset 1/001.bmp", "Neutrophil/a.jpg", "Neutrophil/a.png", "x/a b.jpg", "x/a_b.jpg"]
+    stems = sample_stems(ids)
+    assert stems[:1] == ["Dataset_1__001"]
+    assert len(set(stems)) == len(ids)
+    assert all(stem.startswith("Neutrophil__a-") for stem in stems[1:3])
+    assert all(stem.startswith("x__a_b-") for stem in stems[3:])
+    assert sample_stems(ids) == stems  # the same split gives the same names when read back
