@@ -14,6 +14,9 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """Mean over classes present in ``labels`` of the one-vs-rest average precision.
 
     Absent classes are skipped: a validation split without basophils says nothing about them.
+    Tied scores are one threshold (as in scikit-learn): ranked by their order in the split
+    instead, a classifier that gives every image the same score (saturated float32 sigmoids
+    do) would score above chance for the classes read first.
     """
     aps = []
     for c in range(scores.shape[1]):
@@ -21,9 +24,12 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
         if not positives.any():
             continue
         order = np.argsort(-scores[:, c], kind="stable")
-        hits = positives[order]
-        precision_at_hit = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
-        aps.append(float(precision_at_hit.mean()))
+        ranked, hits = scores[order, c], positives[order]
+        # The last rank of each group of equal scores: the thresholds.
+        ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
+        found = np.cumsum(hits)[ends]
+        recall_gained = np.diff(found, prepend=0) / positives.sum()
+        aps.append(float((recall_gained * found / (ends + 1)).sum()))
     return float(np.mean(aps)) if aps else float("nan")
 
 

@@ -132,6 +132,18 @@ def test_average_precision_perfect_and_hand_computed():
     assert average_precision(scores, labels) == pytest.approx((1.0 + (0.5 + 2 / 3) / 2) / 2)
 
 
+def test_average_precision_of_tied_scores_does_not_depend_on_the_order_of_the_images():
+    labels = np.repeat(np.arange(5), 10)  # read class folder by class folder
+    constant = np.full((50, 5), 1.0, dtype=np.float32)
+    assert average_precision(constant, labels) == pytest.approx(0.2)  # chance: the class share
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 3, size=(50, 5)).astype(np.float32)  # many ties
+    shuffled = rng.permutation(50)
+    assert average_precision(scores, labels) == pytest.approx(
+        average_precision(scores[shuffled], labels[shuffled])
+    )
+
+
 def test_average_precision_skips_an_absent_class_instead_of_scoring_0():
     labels = np.array([0, 0])
     scores = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0]])
