@@ -26,7 +26,7 @@ from common.arrays import (
     unpack,
 )
 from common.augment import train_cache_size
-from common.config import compose_config, parse_overrides
+from common.config import compose_config, override_value, parse_overrides
 from common.data import DataVerificationError, federated_hospitals, hospital_names, split_tensors
 from common.logs import setup_logging
 from common.model import MCTFormerV2, create_mct_model
@@ -109,7 +109,8 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
     index, name = _hospital(context, cfg)
     if "data-root" in context.node_config and "root" in cfg.data.hospitals[name]:
         root = str(context.node_config["data-root"])
-        cfg = _config(f"{overrides} {shlex.quote(f'data.hospitals.{name}.root={root}')}")
+        pinned = f"data.hospitals.{name}.root={override_value(root)}"
+        cfg = _config(f"{overrides} {shlex.quote(pinned)}")
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes), hospital=name)
     layout = tensor_specs(model.state_dict())
     model.load_state_dict(to_state_dict(unpack(msg.content["arrays"], layout)))

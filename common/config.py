@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,18 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def parse_overrides(text: str) -> list[str]:
     """Split the shell-quoted override string carried in Flower's run config."""
     return shlex.split(text)
+
+
+def override_value(text: str) -> str:
+    """``text`` quoted as a Hydra override value, whatever it holds.
+
+    Unquoted, Hydra's grammar refuses spaces, commas, brackets, quotes and non-ASCII letters,
+    all common in folder names (``data (copy)``, ``José``). Inside single quotes only a quote,
+    and backslashes before one or at the end, need escaping.
+    """
+    escaped = re.sub(r"(\\*)'", lambda match: match.group(1) * 2 + "\\'", text)
+    escaped = re.sub(r"(\\+)$", lambda match: match.group(1) * 2, escaped)
+    return f"'{escaped}'"
 
 
 def compose_config(

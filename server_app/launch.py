@@ -26,8 +26,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from common.cli import Command
-from common.config import CONF_DIR, compose_config, number_setting
-from common.data import DataVerificationError, check_split, hospital_names, verify_data
+from common.config import CONF_DIR, compose_config, number_setting, override_value
+from common.data import (
+    ROOT_KEYS,
+    DataVerificationError,
+    check_split,
+    hospital_names,
+    verify_data,
+)
 from common.errors import JobError
 from common.levers import head_levers, paste_share, size_bounds
 from common.localization import FOREGROUND_SOURCES
@@ -68,7 +74,10 @@ def flower_app_dir(staging: Path) -> Path:
 
 
 def absolute_path_overrides(cfg: DictConfig, cwd: Path) -> list[str]:
-    """Overrides that pin every relative path in ``cfg`` to ``cwd``."""
+    """Overrides that pin every relative path in ``cfg`` to ``cwd``, and ``~`` to the home.
+
+    The apps run wherever the SuperLink started, so a relative path would be read from there.
+    """
     candidates = {
         "data.root": cfg.data.get("root"),
         "model.pretrained_file": cfg.model.get("pretrained_file"),
@@ -76,12 +85,16 @@ def absolute_path_overrides(cfg: DictConfig, cwd: Path) -> list[str]:
         "output_dir": cfg.get("output_dir"),
     }
     for name, hospital in cfg.data.hospitals.items():
-        candidates[f"data.hospitals.{name}.root"] = hospital.get("root")
-    return [
-        f"{key}={(cwd / value).resolve()}"
-        for key, value in candidates.items()
-        if value and not Path(str(value)).is_absolute()
-    ]
+        for key in ROOT_KEYS:
+            candidates[f"data.hospitals.{name}.{key}"] = hospital.get(key)
+    pinned = []
+    for key, value in candidates.items():
+        if not value:
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() or str(path) != str(value):
+            pinned.append(f"{key}={override_value(str((cwd / path).resolve()))}")
+    return pinned
 
 
 def flwr_command(app_dir: Path, cfg: DictConfig, run_config_file: Path) -> list[str]:
@@ -163,7 +176,10 @@ def check_training_config(cfg: DictConfig) -> None:
     rounds = ("federation.rounds", "train.local_epochs")
     if min(number_setting(cfg, key, whole=True) for key in rounds) < 1:
         raise JobError("federation.rounds and train.local_epochs must be at least 1")
-    if cfg.federation.min_replies is not None and not 1 <= cfg.federation.min_replies <= hospitals:
+    if (
+        cfg.federation.min_replies is not None
+        and not 1 <= number_setting(cfg, "federation.min_replies", whole=True) <= hospitals
+    ):
         raise JobError(f"federation.min_replies must be in 1..{hospitals} (data={cfg.data.name})")
     if str(cfg.federation.transport_dtype) not in TRANSPORT_DTYPES:
         raise JobError(
@@ -241,7 +257,7 @@ def check_foreground_settings(cfg: DictConfig) -> None:
     the head's training and maps are on by default, so ``model.foreground_head=false`` alone
     would otherwise fail at the first training step or evaluation, after any pretraining.
     """
-    own = {str(h): hospital_train_config(cfg, str(h)) for h in cfg.train.per_hospital}
+    own = {str(h): hospital_train_config(cfg, str(h)) for h in cfg.train.per_hospital or {}}
     for where, train in [("", cfg.train), *((f"hospital {h}: ", t) for h, t in own.items())]:
         try:
             size_bounds(train.levers.foreground.size_bounds)
@@ -301,7 +317,10 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
         guarded_run(marker, Path(tmp), f"Flower's logs of this run: {flwr_home}. {RESUME_HINT}"),
     ):
         run_config = Path(tmp) / "run_config.toml"
-        run_config.write_text(f"overrides = {json.dumps(joined)}\n", encoding="utf-8")
+        # Not ASCII-escaped: TOML refuses the surrogate pairs JSON writes past U+FFFF.
+        run_config.write_text(
+            f"overrides = {json.dumps(joined, ensure_ascii=False)}\n", encoding="utf-8"
+        )
         app_dir = flower_app_dir(Path(tmp) / "app")
         command = flwr_command(app_dir, cfg, run_config)
         print("w3s-simulate:", shlex.join(command), flush=True)

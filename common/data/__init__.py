@@ -5,6 +5,7 @@ Everything a hospital holds stays on its machine; only the code in here touches 
 
 from common.data.readers import (
     FORMATS,
+    ROOT_KEYS,
     federated_hospitals,
     hospital_names,
     load_hospital,
@@ -27,6 +28,7 @@ __all__ = [
     "CYTOPLASM",
     "FORMATS",
     "NUCLEUS",
+    "ROOT_KEYS",
     "DataProblem",
     "DataVerificationError",
     "HospitalData",

@@ -171,9 +171,14 @@ class SplitSpec:
         if not 0.0 < self.train_share <= 1.0:
             raise ValueError(f"train_share must be in (0, 1], got {self.train_share}")
         if self.folds is None:
-            if len(self.fractions) != len(SPLITS) or not np.isclose(sum(self.fractions), 1.0):
+            if (
+                len(self.fractions) != len(SPLITS)
+                or not np.isclose(sum(self.fractions), 1.0)
+                or min(self.fractions) < 0
+            ):
                 raise ValueError(
-                    f"need three split fractions summing to 1, got {list(self.fractions)}"
+                    "need three non-negative split fractions summing to 1, got "
+                    f"{list(self.fractions)}"
                 )
         elif self.folds < 3:
             raise ValueError(f"cross-validation needs at least 3 folds, got folds={self.folds}")

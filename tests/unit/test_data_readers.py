@@ -237,7 +237,10 @@ def test_every_image_is_tested_once_over_the_folds_with_the_class_mix_kept():
     [
         ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 2, "fold": 0}, "at least 3 folds"),
         ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 5, "fold": 5}, "fold must be in 0..4"),
-        ({"seed": 0, "fractions": [0.5, 0.5], "folds": None, "fold": 0}, "three split fractions"),
+        (
+            {"seed": 0, "fractions": [0.5, 0.5], "folds": None, "fold": 0},
+            "three non-negative split fractions",
+        ),
         (
             {"seed": 0, "fractions": [0.6, 0.2, 0.2], "train_share": 0},
             r"train_share must be in \(0, 1\]",

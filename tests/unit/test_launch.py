@@ -14,15 +14,24 @@ from server_app.launch import (
 PORTS = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
 
 
-def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
-    cfg = compose_config(["data=wbc_zxaoyou", "data.root=rel/data", "output_root=runs"])
-    pinned = absolute_path_overrides(cfg, tmp_path)
-    assert f"data.root={tmp_path / 'rel/data'}" in pinned
-    assert f"data.hospitals.dataset1.root={tmp_path / 'rel/data'}" in pinned
-    assert f"output_root={tmp_path / 'runs'}" in pinned
+def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cwd = tmp_path / "José's data (copy), v=2"
+    overrides = [
+        "data=matek19",
+        "data.root=rel/data",
+        "+data.hospitals.matek.mask_root=rel/masks",
+        "output_root='~/runs'",
+    ]
+    cfg = compose_config(overrides)
+    pinned = compose_config([*overrides, *absolute_path_overrides(cfg, cwd)])
+    assert pinned.data.root == str(cwd / "rel/data")
+    assert pinned.data.hospitals.matek.root == str(cwd / "rel/data")
+    assert pinned.data.hospitals.matek.mask_root == str(cwd / "rel/masks")
+    assert pinned.output_root == str(tmp_path / "home" / "runs")
     command = flwr_command(CONF_DIR.parent, cfg, tmp_path / "rc.toml")
     assert command[1:3] == ["run", str(CONF_DIR.parent)]
-    assert "num-supernodes=2" in command[command.index("--federation-config") + 1]
+    assert "num-supernodes=1" in command[command.index("--federation-config") + 1]
 
 
 @pytest.mark.parametrize(
@@ -81,6 +90,8 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path):
             "train.levers.copy_paste=0.5 need the head",
         ),
         (["federation.rounds=abc"], "federation.rounds=abc: expected a whole number"),
+        (["federation.min_replies=2O"], "federation.min_replies=2O: expected a whole number"),
+        (["data.split.fractions=[1.2,-0.1,-0.1]"], "need three non-negative split fractions"),
         (["train.local_epochs=1.5"], "train.local_epochs=1.5: expected a whole number"),
         (["federation.guards.max_update_model_ratio=big"], "ratio=big: expected a number"),
         (["pretrain=masked", "pretrain.mask_ratio=half"], "pretrain.mask_ratio=half: expected"),
@@ -115,6 +126,7 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
     with pytest.raises(JobError, match=message):
         check_training_config(compose_config(overrides))
     check_training_config(compose_config(["strategy=fedtrimmedavg"]))
+    check_training_config(compose_config(["train.per_hospital=null"]))
     check_training_config(compose_config(["privacy=client_clip"]))
     check_training_config(compose_config(["experiment=paper"]))
     check_training_config(compose_config(["+train.per_hospital.hospital_a.augment.hflip=false"]))
