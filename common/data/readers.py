@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from common.data.types import (
     HospitalData,
     ProblemKind,
 )
+from common.errors import JobError
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,17 @@ def hospital_names(data_cfg: Any) -> list[str]:
     -------
     list[str]
         Hospital names; the simulated node's ``partition-id`` indexes this list.
+
+    Raises
+    ------
+    JobError
+        For a name YAML read as a number (``2019:``), which no text lookup would find.
     """
-    return [str(name) for name in (data_cfg.get("hospitals") or {})]
+    names = list(data_cfg.get("hospitals") or {})
+    for name in names:
+        if not isinstance(name, str):
+            raise JobError(f"data.hospitals: hospital name {name} must be text; quote it: '{name}'")
+    return names
 
 
 def federated_hospitals(data_cfg: Any, nodes: int) -> list[str]:
@@ -413,12 +424,18 @@ def _list_zxaoyou(source: Source) -> Listing:
         return listing
     images: dict[int, Path] = {}
     for path in _image_files(folder, (".bmp",), recursive=False):
-        if path.stem.isdigit():
-            images[int(path.stem)] = path
-        else:
+        if not _is_image_id(path.stem):
             detail = "file name is not a numeric image id, so it has no label row"
             listing.problems.append(source.problem("missing_label", path, detail))
+        elif int(path.stem) in images:
+            first = images[int(path.stem)].name
+            detail = f"{first} has the same image id {int(path.stem)}, and its label row"
+            listing.problems.append(source.problem("missing_label", path, detail))
+        else:
+            images[int(path.stem)] = path
     labels = _read_label_file(source, label_file, folder, images, listing)
+    if labels is None:
+        return listing
     for image_id in sorted(images.keys() | labels.keys()):
         path = images.get(image_id, folder / f"{image_id:03d}.bmp")
         if image_id not in labels:
@@ -433,23 +450,36 @@ def _list_zxaoyou(source: Source) -> Listing:
     return listing
 
 
+def _is_image_id(text: str) -> bool:
+    """Whether ``text`` is a numeric image id (``isdigit`` alone also takes ``²``)."""
+    return text.isascii() and text.isdigit()
+
+
 def _read_label_file(
     source: Source, label_file: Path, folder: Path, images: Mapping[int, Path], listing: Listing
-) -> dict[int, int | None]:
+) -> dict[int, int | None] | None:
     """Parse a zxaoyou label CSV into image id -> vocabulary index (``None``: bad label row).
 
     The header row ("image ID,class label" or "image ID,class") is recognised by its
-    non-numeric first cell. Bad rows become problems naming the image file and the CSV row.
+    non-numeric first cell. Bad rows become problems naming the image file and the CSV row;
+    a file that is not UTF-8 text (a spreadsheet saved in a legacy encoding) is one problem,
+    and None.
     """
     class_map = _class_map(source, ZXAOYOU_CLASSES)
     labels: dict[int, int | None] = {}
-    with label_file.open(newline="", encoding="utf-8-sig") as handle:
+    try:
+        text = label_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        detail = f"not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 CSV"
+        listing.problems.append(source.problem("missing_label", label_file, detail))
+        return None
+    with io.StringIO(text, newline="") as handle:
         for row_number, row in enumerate(csv.reader(handle), start=1):
             cells = [cell.strip() for cell in row]
-            if not any(cells) or (row_number == 1 and not cells[0].isdigit()):
+            if not any(cells) or (row_number == 1 and not _is_image_id(cells[0])):
                 continue
             where = f"{label_file.name} row {row_number}"
-            if len(cells) < 2 or not cells[0].isdigit():
+            if len(cells) < 2 or not _is_image_id(cells[0]):
                 detail = f"{where}: expected 'image id,class', got {row}"
                 listing.problems.append(source.problem("missing_label", label_file, detail))
                 continue
@@ -547,9 +577,13 @@ def _require_dir(source: Source, path: Path, listing: Listing) -> bool:
     return False
 
 
-def _visible(path: Path) -> bool:
-    """Skip hidden files and folders (``.DS_Store``, AppleDouble ``._x.jpg``)."""
-    return not path.name.startswith(".")
+def _visible(path: Path, below: Path | None = None) -> bool:
+    """Skip hidden files and folders (``.DS_Store``, AppleDouble ``._x.jpg``, ``.thumbnails/``).
+
+    With ``below``, every folder between it and ``path`` must be visible too.
+    """
+    parts = path.relative_to(below).parts if below is not None else (path.name,)
+    return not any(part.startswith(".") for part in parts)
 
 
 def _image_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
@@ -557,7 +591,9 @@ def _image_files(folder: Path, extensions: Sequence[str], recursive: bool) -> li
     wanted = {ext.casefold() if ext.startswith(".") else f".{ext.casefold()}" for ext in extensions}
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        p for p in candidates if p.suffix.casefold() in wanted and _visible(p) and p.is_file()
+        p
+        for p in candidates
+        if p.suffix.casefold() in wanted and _visible(p, folder) and p.is_file()
     )
 
 

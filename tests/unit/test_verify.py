@@ -12,6 +12,7 @@ from PIL import Image, ImageFile
 
 from common.config import compose_config
 from common.data import DataVerificationError, load_hospital, verify_data
+from common.errors import JobError
 from post_training.verify import main
 
 REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
@@ -37,6 +38,8 @@ def broken_tree(tmp_path):
     Image.open(target / f"{small_mask}.png").resize((50, 50)).save(target / f"{small_mask}.png")
     (target / f"{no_mask}.png").unlink()
     (target / f"{bad_mask}.png").write_bytes(b"not a png at all")
+    twin = f"{ids[7]}.bmp"  # the id of {ids[7]:03d}.bmp again, unpadded: whose label row?
+    shutil.copy(target / f"{ids[7]:03d}.bmp", target / twin)
     rows = [f"{i},{9 if f'{i:03d}' == class9 else 1}" for i in ids if f"{i:03d}" != unlabelled]
     rows.append("999,2")  # a label row whose image is missing
     labels = "image ID,class label\r\n" + "\r\n".join(rows) + "\r\n"
@@ -50,6 +53,7 @@ def broken_tree(tmp_path):
         (f"{no_mask}.bmp", "missing_mask"),
         (f"{bad_mask}.png", "unreadable_mask"),
         ("999.bmp", "unreadable_image"),
+        (twin, "missing_label"),
     }
     return tmp_path, expected
 
@@ -67,6 +71,31 @@ def test_verify_reports_every_problem_in_one_call(broken_tree):
     assert "'9'" in class9.detail and "row" in class9.detail
     missing = next(p for p in problems if Path(p.path).name == "999.bmp")
     assert "listed in labels but file missing" in missing.detail
+
+
+def test_a_label_file_in_a_legacy_encoding_is_one_problem_naming_it(broken_tree):
+    root, _ = broken_tree
+    labels = root / "Class Labels of Dataset 1.csv"
+    labels.write_bytes("image ID,class label\r\n1,n\xe9utrophil\r\n".encode("cp1252"))
+    problems = verify_data(zxaoyou_cfg(root), ["dataset1"])
+    [problem] = [p for p in problems if Path(p.path) == labels]  # not one per image
+    assert problem.kind == "missing_label"
+    assert not any("no row for image id" in p.detail for p in problems)
+    assert "not UTF-8 text" in problem.detail
+
+
+def test_files_in_hidden_folders_are_not_data(tmp_path):
+    for folder in ("Neutrophil/batch1", "Neutrophil/.thumbnails", ".trash/Neutrophil"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
+    data = load_hospital(class_folders_cfg(tmp_path), "h")
+    assert data.sample_ids == ["Neutrophil/batch1/a.png"]
+
+
+def test_a_hospital_name_read_as_a_number_is_named():
+    cfg = OmegaConf.create({"classes": FIVE, "hospitals": {2019: {"format": "synthetic"}}})
+    with pytest.raises(JobError, match="hospital name 2019 must be text; quote it: '2019'"):
+        verify_data(cfg)
 
 
 def test_truncation_is_reported_even_if_pil_was_told_to_pad(broken_tree, monkeypatch):
