@@ -219,6 +219,9 @@ def paste_cells(
     region = F.interpolate(grown, size=images.shape[2:], mode="nearest")
     receivers = torch.randperm(b)[:count]
     donors = (receivers + torch.randint(1, b, (count,))) % b
+    # Drawn on the CPU, so a seed gives the same draws on every device; used where the images
+    # are (a CPU index tensor cannot take a CUDA mask).
+    receivers, donors = receivers.to(images.device), donors.to(images.device)
     outside = 1.0 - region
     background = (images * outside).sum(dim=(2, 3)) / outside.sum(dim=(2, 3)).clamp_min(1.0)
     erased = images * outside + background[:, :, None, None] * region
@@ -261,20 +264,24 @@ def contrast_loss(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         Scalar loss; 0 only when every foreground is identical, every background is identical,
         and each foreground is opposite to each background.
     """
-    fg = pooled(features, mask)
-    bg = pooled(features, 1.0 - mask)
-    b = fg.shape[0]
-    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=fg.device)
+    # In float32 whatever the autocast: in float16 the clamp's 1 - 1e-4 rounds to 1, and two
+    # alike features (common at the first steps) make -log(1 - s) infinite. B x B products
+    # cost nothing next to the model.
+    with torch.autocast(features.device.type, enabled=False):
+        fg = pooled(features.float(), mask.float())
+        bg = pooled(features.float(), 1.0 - mask.float())
+        b = fg.shape[0]
+        off_diagonal = ~torch.eye(b, dtype=torch.bool, device=fg.device)
 
-    def similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ((1.0 + x @ y.T) / 2.0).clamp(1e-4, 1.0 - 1e-4)
+        def similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return ((1.0 + x @ y.T) / 2.0).clamp(1e-4, 1.0 - 1e-4)
 
-    negatives = -torch.log(1.0 - similarity(fg, bg)).mean()
-    if b < 2:
-        return negatives
-    positives = -torch.log(similarity(fg, fg)[off_diagonal]).mean()
-    positives = positives - torch.log(similarity(bg, bg)[off_diagonal]).mean()
-    return positives + negatives
+        negatives = -torch.log(1.0 - similarity(fg, bg)).mean()
+        if b < 2:
+            return negatives
+        positives = -torch.log(similarity(fg, fg)[off_diagonal]).mean()
+        positives = positives - torch.log(similarity(bg, bg)[off_diagonal]).mean()
+        return positives + negatives
 
 
 def foreground_loss(

@@ -84,6 +84,16 @@ def test_contrast_is_near_zero_for_perfect_masks_and_high_for_an_inverted_one():
     assert contrast_loss(features, flipped) > 1.0
 
 
+def test_contrast_of_alike_sides_stays_finite_under_half_precision_autocast():
+    # What CUDA's float16 autocast does to the matmul, on the CPU: with the products in float16
+    # the clamp's 1 - 1e-4 became 1 and the loss inf at the first step of many seeds.
+    features, masks = _pair(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.001]))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = contrast_loss(features, masks)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(contrast_loss(features, masks).item())
+
+
 def test_contrast_gradient_moves_the_mask_towards_the_cell():
     features, masks = _pair(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
     logits = torch.zeros(2, 1, 4, 4)
