@@ -1,10 +1,11 @@
-"""Files that appear whole or not at all."""
+"""Files, and sets of a job's outputs, that appear whole or not at all."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +32,32 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_outputs(out: Path, owned: Collection[str]) -> Iterator[Path]:
+    """A fresh folder in ``out`` for a job's outputs; they replace ``out``'s own at the end.
+
+    A job that fails or is stopped leaves ``out`` as the last complete run left it, not half
+    replaced, and a rerun's outputs never mix with an earlier run's (files of images no longer
+    in the split, overlays a rerun did not make). ``owned`` names the entries the job may
+    write: at the end the earlier run's go, written again or not, and what the job wrote
+    takes their place; other entries of ``out`` stay. Each moves by a rename within ``out``,
+    so one file system even where ``out`` is a mount point (a container's output volume).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        yield staging
+        earlier = Path(tempfile.mkdtemp(dir=out, prefix=".replaced-"))
+        for name in sorted({*owned, *(entry.name for entry in staging.iterdir())}):
+            if (out / name).exists() or (out / name).is_symlink():
+                (out / name).rename(earlier / name)
+            if (staging / name).exists():
+                (staging / name).rename(out / name)
+        shutil.rmtree(earlier)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _umask() -> int:

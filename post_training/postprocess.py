@@ -19,6 +19,7 @@ from common.cli import Command
 from common.config import number_setting
 from common.data import SplitSpec, check_split, hospital_names
 from common.errors import JobError
+from common.files import staged_outputs
 from common.levers import head_levers
 from common.localization import FOREGROUND_SOURCES, MapSettings
 from common.progress import Profile
@@ -40,6 +41,19 @@ from post_training.stages import (
 )
 
 log = logging.getLogger(__name__)
+
+# Everything the job writes under its output folder; a rerun replaces all of them.
+OUTPUTS = (
+    "config.yaml",
+    PERSONALIZED_MODEL,
+    "maps",
+    "pseudo_masks",
+    "predictions",
+    "segmenter.pt",
+    "figure.png",
+    "metrics.json",
+    "metrics.md",
+)
 
 
 def resolve_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
@@ -87,11 +101,20 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     )
     check_same_split(payload, cfg.data, checkpoint)
     out = resolve_output_dir(cfg, checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    # An earlier run's fine-tuned copy would no longer be the model these maps come from.
-    (out / PERSONALIZED_MODEL).unlink(missing_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     log.info("hospital %s, model round %s, outputs in %s", hospital, payload.get("round"), out)
+    # An earlier run's files (its fine-tuned copy, masks of images no longer in the split)
+    # would no longer be this run's; they stay until this run has written all of its own.
+    with staged_outputs(out, OUTPUTS) as staging:
+        metrics = post_train(model, payload, cfg, hospital, staging)
+    log.info("outputs in %s", out)
+    return metrics
+
+
+def post_train(
+    model: torch.nn.Module, payload: dict[str, Any], cfg: DictConfig, hospital: str, out: Path
+) -> dict[str, Any]:
+    """Every stage at ``hospital``, its outputs written under ``out``; return the metrics."""
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     classes = list(payload["classes"])
@@ -147,7 +170,6 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics = write_report(out, summary, stages)
     log.info("metrics of %s (test split):\n%s", hospital, markdown_table(stages))
-    log.info("outputs in %s", out)
     return metrics
 
 
