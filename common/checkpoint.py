@@ -73,9 +73,13 @@ MAX_DETAIL = 160
 def model_payload(
     state_dict: Mapping[str, torch.Tensor], cfg: DictConfig, server_round: int
 ) -> dict[str, Any]:
-    """Everything needed to rebuild the model later, without pickled objects."""
+    """Everything needed to rebuild the model later, without pickled objects.
+
+    The tensors are moved to the CPU: a file written on a GPU would otherwise load only where
+    one is, or with ``map_location``.
+    """
     return {
-        "state_dict": dict(state_dict),
+        "state_dict": {key: value.detach().cpu() for key, value in state_dict.items()},
         "round": server_round,
         "model": OmegaConf.to_container(cfg.model),
         "classes": list(cfg.data.classes),

@@ -127,7 +127,7 @@ def stack_background(maps: torch.Tensor, background: Background) -> torch.Tensor
     elif background.value is None:
         raise ValueError("a constant background needs a value; choose it on validation first")
     else:
-        bg = torch.full(maps.shape[1:], float(background.value), dtype=maps.dtype)
+        bg = maps.new_full(maps.shape[1:], float(background.value))
     return torch.cat([bg[None], maps])
 
 
