@@ -47,6 +47,8 @@ from server_app.strategy import STRATEGIES
 
 APP_DIR = CONF_DIR.parent
 TRANSPORT_DTYPES = ("float32", "float16")
+# Flower's telemetry and update check off (docker/ sets the same in every container).
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 # What a Flower app needs at run time: the two apps, the library they share, the configs.
 APP_PACKAGES = ("common", "server_app", "client_app", "conf")
 # A regular (non-editable) install ships the project's pyproject.toml here, for flower_app_dir.
@@ -298,6 +300,9 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     env = dict(os.environ)
     # Installing the app's dependencies per run (Flower's default) would re-download torch.
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # Flower reports usage to flower.ai and asks it for updates by default; a run on hospital
+    # data contacts no one (the user may set them back).
+    env.update({key: value for key, value in QUIET.items() if key not in env})
     # flwr starts flower-superlink by name: find this environment's even when not activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env[RUN_MARKER] = marker = uuid.uuid4().hex

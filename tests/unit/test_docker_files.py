@@ -212,6 +212,9 @@ def test_every_container_runs_hardened(where, name, service):
     assert "no-new-privileges:true" in service["security_opt"]
     assert any(m.split(":")[0] == "/tmp" for m in service["tmpfs"])
     assert re.fullmatch(r"\d+[mg]", str(service["mem_limit"]))
+    # Flower's telemetry and update check would reach flower.ai from any container with a route.
+    assert service["environment"]["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert service["environment"]["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert int(service["pids_limit"]) > 0
     if name.startswith(ONE_SHOT):
         assert service["profiles"] and service["healthcheck"] == {"disable": True}

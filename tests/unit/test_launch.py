@@ -153,3 +153,18 @@ def test_each_run_gets_its_own_local_superlink_ports_unless_the_user_chose_them(
     monkeypatch.setenv(PORTS[0], "47001")
     simulate(cfg, [])
     assert seen[-1][PORTS[0]] == "47001"
+
+
+def test_flower_contacts_no_one_unless_the_user_turned_it_back_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        "server_app.launch.run_and_check", lambda command, env: (seen.append(env), (0, ""))[1]
+    )
+    for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
+        monkeypatch.delenv(key, raising=False)
+    simulate(compose_config([]), [])
+    assert seen[-1]["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert seen[-1]["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    simulate(compose_config([]), [])
+    assert seen[-1]["FLWR_TELEMETRY_ENABLED"] == "1"
