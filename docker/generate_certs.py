@@ -2,7 +2,8 @@
 """Make the federation's TLS certificates, SuperNode keys and SuperExec secrets.
 
 Only what is missing is made (and a SuperLink certificate that lacks a requested name or comes
-from an older CA), so running it again is safe; delete a file to renew it.
+from an older CA, or expires within RENEW_DAYS days, or whose key is missing), so running it
+again is safe; the rotation steps of docker/README.md say which files to delete to renew.
 
   server                 the federation CA (its key and certificate -> CA_DIR, default OUT/ca/),
                          the SuperLink certificate, a copy of ca.crt and the ServerApp SuperExec
@@ -46,6 +47,8 @@ SUPERLINK_SANS = ("superlink", *DEFAULT_SANS)
 # The ClientApp SuperExec dials its SuperNode by this name on the hospital's own network.
 RUNTIME_SANS = ("supernode", *DEFAULT_SANS)
 CA_DAYS = 3650
+# A SuperLink certificate this close to its end is re-issued when the script runs again.
+RENEW_DAYS = 30
 
 
 def _now() -> datetime.datetime:
@@ -140,10 +143,15 @@ def make_server_cert(
 
 
 def cert_is_current(path: Path, ca_cert: x509.Certificate, names: Iterable[str]) -> bool:
-    """Whether ``path`` exists, was signed by ``ca_cert`` and is valid for every name."""
+    """Whether ``path`` exists, was signed by ``ca_cert`` and is valid for every name.
+
+    It must also stay valid RENEW_DAYS more days, so a run before the expiry renews it.
+    """
     if not path.exists():
         return False
     cert = x509.load_pem_x509_certificate(path.read_bytes())
+    if cert.not_valid_after_utc < _now() + datetime.timedelta(days=RENEW_DAYS):
+        return False
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
@@ -192,7 +200,7 @@ def server(out: Path, ca_dir: Path, extra_sans: Sequence[str], days: int) -> Non
 
     sans = _unique([*SUPERLINK_SANS, *extra_sans])
     cert_file = out / "superlink.crt"
-    if not cert_is_current(cert_file, ca_cert, sans):
+    if not (out / "superlink.key").exists() or not cert_is_current(cert_file, ca_cert, sans):
         ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
         key, cert = make_server_cert(ca_key, ca_cert, sans, days)
         _write(out / "superlink.key", _pem_key(key), private=True)

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_private_key,
+)
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
@@ -110,6 +113,28 @@ def test_a_new_name_or_a_new_ca_reissues_the_superlink_certificate_only(generate
     assert (federation / "hospitals/a/supernode.key").read_bytes() == key
     generate(["hospitals", f"--out={federation}", "--hospital=a"])
     assert cert(federation / "hospitals/a/ca.crt") == new_ca
+
+
+def test_a_missing_key_or_a_certificate_near_its_end_reissues_the_superlink_pair(
+    generate, federation
+):
+    server = federation / "server"
+    (server / "superlink.key").unlink()
+    generate(["server", f"--out={federation}", "--san=fl.org"])
+    assert (server / "superlink.key").is_file()
+    reissued = cert(server / "superlink.crt")
+    assert (
+        reissued.public_key()
+        == load_pem_private_key((server / "superlink.key").read_bytes(), password=None).public_key()
+    )
+
+    generate(["server", f"--out={federation}", "--san=fl.org", "--days=10"])  # still current
+    assert cert(server / "superlink.crt") == reissued
+    (server / "superlink.crt").unlink()
+    generate(["server", f"--out={federation}", "--san=fl.org", "--days=10"])
+    short = cert(server / "superlink.crt")
+    generate(["server", f"--out={federation}", "--san=fl.org"])  # 10 days left: renewed
+    assert cert(server / "superlink.crt").not_valid_after_utc > short.not_valid_after_utc
 
 
 def test_a_ca_without_its_key_is_refused(generate, federation):
