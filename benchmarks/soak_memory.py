@@ -153,7 +153,9 @@ def _count_rows(metrics: Path) -> int:
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ``ys`` over ``xs``."""
+    """Least-squares slope of ``ys`` over ``xs``; NaN from fewer than two rounds (no trend)."""
+    if len(set(xs)) < 2:
+        return float("nan")
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
         (x - mx) ** 2 for x in xs

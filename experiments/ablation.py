@@ -95,7 +95,13 @@ def _cell(scores: Mapping[str, Any], stage: str, split: str) -> str:
 
 def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one row per variant, the validation winner in bold."""
-    best = max(rows, key=lambda r: r["scores"][SEGMENTER]["val"]["binary"])["title"]
+    # A hospital without masks scores nothing, so no variant is bold.
+    scored = [r for r in rows if r["scores"].get(SEGMENTER, {}).get("val")]
+    best = (
+        max(scored, key=lambda r: r["scores"][SEGMENTER]["val"]["binary"])["title"]
+        if scored
+        else None
+    )
     lines = [
         "| variant | accuracy val / test | maps val | pseudo val | segmenter val "
         "| maps test | pseudo test | segmenter test |",

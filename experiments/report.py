@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Row order of the tables: the paper's comparison first, the ceiling last.
 REGIME_ORDER = ("local_only", "centralized", "fedavg", "fedprox", "personalized", "supervised")
+# Regimes with a row per hospital, named "<regime> (<hospital>)": one label each per runs dir.
+BY_HOSPITAL = ("local_only", "supervised")
 FEDERATED = ("fedavg", "fedprox")
 # Regimes whose model a hospital could use instead of its own: paired against local-only.
 PAIRED = ("centralized", *FEDERATED, "personalized")
@@ -179,9 +181,18 @@ def load_dataset(runs_dir: Path) -> Dataset:
             hospitals = result["hospitals"]
             results.append(result)
     assert data is not None
-    pipelines = post_training_variants(runs_dir)
     whole = [r for r in results if train_share(r) == 1.0]
     curve = [r for r in results if train_share(r) != 1.0]
+    labels: dict[str, set[str]] = {}
+    for result in whole:  # a learning curve's rows stay out of the matrix
+        labels.setdefault(result["regime"], set()).add(result["label"])
+    for regime in BY_HOSPITAL:
+        if len(labels.get(regime, ())) > 1:
+            raise ValueError(
+                f"{runs_dir}: labels {', '.join(sorted(labels[regime]))} all ran regime={regime}, "
+                "whose rows are named and paired by hospital; report them from separate runs dirs"
+            )
+    pipelines = post_training_variants(runs_dir)
     return Dataset(runs_dir, data, hospitals, commands, whole, pipelines, postprocess, curve)
 
 
@@ -436,16 +447,17 @@ def learning_curve_table(ds: Dataset) -> str | None:
     """Segmenter binary mIoU per training share, on the folds and seeds the curve ran.
 
     A local-only row is scored at its own hospital's test split (the question is what more of
-    a hospital's own images buys it), a shared model at every hospital's. The full share is
-    restricted to the (fold, seed) runs of the curve, so every column tests the same images.
+    a hospital's own images buys it), a shared model at every hospital's. Every column,
+    the full share's too, takes only the (fold, seed) runs that every share ran, so every
+    column tests the same images.
     A share with several rows of one regime (two labels) is left blank rather than guessed.
     ``None`` without curve runs.
     """
     if not ds.curve:
         return None
     shares = sorted({train_share(r) for r in ds.curve} | {1.0})
-    keys = {run_key(r) for r in ds.curve}
     by_share = {share: ds.at_share(share) for share in shares}
+    keys = set.intersection(*({run_key(r) for r in sub.results} for sub in by_share.values()))
     named = {share: rows_by_curve_key(sub) for share, sub in by_share.items()}
     lines = [
         "| row | test split | " + " | ".join(f"share {s:g}" for s in shares) + " |",
@@ -548,6 +560,14 @@ def round_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def trained_rounds(ds: Dataset, label: str) -> list[list[dict[str, Any]]]:
+    """The round rows of each run of ``label`` that trained.
+
+    A run that reused another label's model has none, and would count as zero rounds and bytes.
+    """
+    return [rows for rows in map(round_rows, ds.runs(label)) if rows]
+
+
 def federated_labels(ds: Dataset) -> list[str]:
     """Labels whose runs went through Flower (they have metrics.jsonl)."""
     return sorted({r["label"] for r in ds.results if r.get("metrics_jsonl")})
@@ -574,7 +594,7 @@ def convergence_figure(ds: Dataset, labels: Sequence[str]) -> Figure:
         for index, label in enumerate(labels):
             curves = [
                 [row["hospitals"].get(hospital, {}).get("val-loc-miou", math.nan) for row in rows]
-                for rows in map(round_rows, ds.runs(label))
+                for rows in trained_rounds(ds, label)
             ]
             length = min(len(c) for c in curves)
             values = np.array([c[:length] for c in curves], dtype=float)
@@ -614,7 +634,7 @@ def communication_table(ds: Dataset) -> str:
         row_name = next(x["row"] for r in ds.runs(label) for x in r["rows"])
         for hospital in ds.hospitals:
             sent, received, totals, rounds = [], [], [], []
-            for rows in map(round_rows, ds.runs(label)):
+            for rows in trained_rounds(ds, label):
                 per_round = [r["hospitals"].get(hospital, {}) for r in rows]
                 sent += [h.get("bytes-sent", math.nan) for h in per_round]
                 received += [h.get("bytes-received", math.nan) for h in per_round]
@@ -656,11 +676,11 @@ def plot_overlays(ds: Dataset, path: Path) -> None:
     grid = []
     for hospital in ds.hospitals:
         test = hospital_split(data, hospital, "test")
-        truths = true_labels(test)
+        truths = None if test.masks is None else true_labels(test)  # a hospital without masks
         stems = sample_stems(test.sample_ids)
         for i in range(min(GRID_IMAGES, len(test))):
             image, stem = test.images[i], stems[i]
-            tiles = [image, overlay(image, truths[i])]
+            tiles = [image, image * 0 if truths is None else overlay(image, truths[i])]
             for row in rows_order:
                 png = seed_dirs[row] / hospital / "predictions" / "test" / f"{stem}.png"
                 predicted = np.asarray(Image.open(png)) if png.exists() else None

@@ -257,12 +257,26 @@ def finished_results(out: Path) -> dict[str, Any] | None:
 
 
 def run_config(run: SeedRun) -> dict[str, Any]:
-    """What a finished run was made with: its training config and post-training overrides."""
-    return {"training": comparable(run.cfg), "postprocess": list(run.postprocess_overrides)}
+    """What a finished run was made with: its training config, regime, post-training overrides."""
+    return {
+        "training": comparable(run.cfg),
+        "regime": OmegaConf.to_container(run.regime, resolve=True),
+        "postprocess": list(run.postprocess_overrides),
+    }
 
 
-def check_same_config(run: SeedRun, finished: dict[str, Any]) -> None:
+# What differs between the runs of one label by design.
+PER_RUN_KEYS = ("seed", "data.split.fold")
+
+
+def check_same_config(
+    run: SeedRun, finished: dict[str, Any], where: Path | None = None, per_run: bool = False
+) -> None:
     """Refuse to keep a finished run that another config made: the rerun would mix the two.
+
+    ``where`` is the finished run's folder when it is not ``run``'s own: another seed or fold
+    of the same label, which the report pools with this one, so it must differ only in
+    :data:`PER_RUN_KEYS` (``per_run``).
 
     Raises
     ------
@@ -272,15 +286,33 @@ def check_same_config(run: SeedRun, finished: dict[str, Any]) -> None:
     before = finished.get("config")
     if before is None:
         return  # runs written before configs were recorded cannot be checked
+    skipped = PER_RUN_KEYS if per_run else ()
     old, new = (
-        {**_flat(c["training"]), "postprocess": c["postprocess"]} for c in (before, run_config(run))
+        {
+            **_flat(c["training"]),
+            # Runs recorded before the regime was cannot be checked on it.
+            **(_flat(c["regime"], "regime.") if "regime" in before else {}),
+            "postprocess": [o for o in c["postprocess"] if override_key(o) not in skipped],
+        }
+        for c in (before, run_config(run))
     )
+    for key in skipped:
+        old.pop(key, None)
+        new.pop(key, None)
     if not (changed := config_changes(old, new)):
         return
     raise JobError(
-        f"{run.out} finished with another config ({', '.join(changed[:4])} differ); "
+        f"{where or run.out} finished with another config ({', '.join(changed[:4])} differ); "
         "give this config its own label=... or runs_dir=..., or delete that folder to redo it"
     )
+
+
+def check_label_config(runs: list[SeedRun], label_dir: Path) -> None:
+    """Refuse new seeds or folds under a label whose finished runs another config made."""
+    planned = {run.out for run in runs}
+    for results in sorted(label_dir.glob(f"**/{RESULTS}")):
+        if results.parent not in planned and (done := finished_results(results.parent)):
+            check_same_config(runs[0], done, results.parent, per_run=True)
 
 
 def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -314,10 +346,30 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def clear_unfinished(out: Path) -> None:
+    """Remove what a half-finished run left, but a federated model it finished training.
+
+    A run is redone whole and never mixes two runs' files, except that a run stopped while
+    scoring keeps ``train/global`` once its ``final_model.pt`` exists (a fresh training there
+    removes it first): :meth:`SeedRun.federated` reuses it when its config still matches,
+    instead of training it again.
+    """
+    kept = out / "train" / "global"
+    if not (kept / "final_model.pt").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in [*out.iterdir(), *kept.parent.iterdir()]:
+        if entry in (kept, kept.parent):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def run_seed(run: SeedRun) -> dict[str, Any]:
     """Train and score one seed (and fold); return (and write) its ``results.json``."""
-    if run.out.exists():
-        shutil.rmtree(run.out)  # a half-finished run is redone whole, never mixes two runs' files
+    clear_unfinished(run.out)
     started = time.perf_counter()
     if str(run.regime.kind) == "supervised":
         rows = supervised_rows(run)
@@ -422,6 +474,8 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
         launch.check_training_config(runs[0].cfg)
         check_postprocess_fits_model(runs[0])
     out = runs_dir / str(cfg.label)
+    if runs:
+        check_label_config(runs, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(f"# {command}\n{OmegaConf.to_yaml(cfg)}", encoding="utf-8")
     for run in runs:

@@ -67,3 +67,13 @@ def test_unknown_variants_name_lists_the_known_ones() -> None:
 
 def test_slug_is_a_safe_folder_name() -> None:
     assert slug("min-max factors, mean (FL-W3S)") == "min_max_factors_mean_fl_w3s"
+
+
+def test_a_hospital_without_masks_gets_a_table_without_a_winner() -> None:
+    unscored = {"stages": [{"key": k, "title": k} for k in ("maps", "pseudo_masks", "segmenter")]}
+    rows = [
+        {"title": t, "accuracy": {"val": 0.5, "test": 0.5}, "scores": _stage_scores(unscored)}
+        for t in ("a", "b")
+    ]
+    table = ablation_table(rows)
+    assert "**" not in table and "| a | 0.50 / 0.50 | – |" in table

@@ -442,6 +442,47 @@ def test_a_rerun_with_another_config_is_refused_and_keeps_the_finished_runs(
     assert results.read_text() == before
 
 
+def test_another_regime_under_a_label_is_refused(tmp_path, fake_training):
+    assert _experiment(tmp_path, "local_only", "label=mine") == 0
+    with pytest.raises(JobError, match=r"finished with another config \(regime.kind"):
+        _experiment(tmp_path, "centralized", "label=mine")
+
+
+def test_new_seeds_under_a_label_must_share_its_finished_runs_config(tmp_path, fake_training):
+    assert _experiment(tmp_path) == 0
+    with pytest.raises(JobError, match=r"fold_0/seed_0 finished with another config \(train.lr"):
+        _experiment(tmp_path, "centralized", "seeds=[5]", "train.lr=0.5")
+    assert not (tmp_path / "runs" / "centralized" / "fold_0" / "seed_5").exists()
+    assert _experiment(tmp_path, "centralized", "seeds=[5]") == 0  # same config: pooled
+
+
+def test_a_report_refuses_two_labels_of_a_regime_whose_rows_are_per_hospital(
+    tmp_path, fake_training
+):
+    assert _experiment(tmp_path, "local_only") == 0
+    assert _experiment(tmp_path, "local_only", "label=local_long", "federation.rounds=4") == 0
+    with pytest.raises(ValueError, match="labels local_long, local_only all ran regime=local_only"):
+        write_report([tmp_path / "runs"], tmp_path / "E.md", tmp_path / "figures", None)
+
+
+def test_a_half_finished_run_keeps_only_a_federated_model_it_finished(tmp_path):
+    out = tmp_path / "seed_0"
+    for name in ("train/global/final_model.pt", "train/global/config.yaml", "train/a/x.pt", "e"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("")
+    runner.clear_unfinished(out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "train",
+        "train/global",
+        "train/global/config.yaml",
+        "train/global/final_model.pt",
+    ]
+    (out / "train/global/final_model.pt").unlink()  # killed while training: nothing to keep
+    runner.clear_unfinished(out)
+    assert not out.exists()
+    runner.clear_unfinished(out)  # nothing there: nothing to do
+
+
 def test_a_run_counts_as_finished_only_with_a_readable_results_file(tmp_path):
     assert finished_results(tmp_path) is None
     (tmp_path / "results.json").write_text('{"rows": [')  # cut short
@@ -486,6 +527,17 @@ def test_a_learning_curve_stays_out_of_the_matrix_and_pairs_its_regimes_per_shar
     assert "| fedavg | hospital_b | 52.0 ± 1.6 (4) | 62.0 ± 1.6 (4) |" in text
     paired = text.split("Paired at share 0.5")[1]
     assert "| fedavg_half | hospital_b | segmenter | binary | 4 | +10.0 |" in paired
+
+
+def test_a_curve_on_fewer_folds_compares_every_share_on_those_folds_only(tmp_path, fake_training):
+    assert _experiment(tmp_path, "local_only") == 0  # folds 0 and 2
+    half = ("label=local_only_half", "data.split.train_share=0.5")  # folds 0 and 2
+    assert _experiment(tmp_path, "local_only", *half) == 0
+    quarter = ("label=local_only_quarter", "data.split.train_share=0.25", "folds=[0]")
+    assert _experiment(tmp_path, "local_only", *quarter) == 0
+    text = write_report([tmp_path / "runs"], tmp_path / "E.md", tmp_path / "figures", None)
+    curve = text.split("| local_only (hospital_a) | hospital_a |")[1].splitlines()[0]
+    assert curve.count("(2)") == 3  # every share on fold 0's two seeds, none on 4 runs
 
 
 def test_two_chains_on_one_dataset_keep_their_figures_and_name_their_post_training(
