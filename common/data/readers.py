@@ -512,6 +512,8 @@ def _list_class_folders(source: Source) -> Listing:
     root = Path(source.spec["root"])
     mask_root = source.spec.get("mask_root")
     extensions = source.spec.get("extensions") or IMAGE_EXTENSIONS
+    if isinstance(extensions, str):  # `extensions: .png` means one, not its four characters
+        extensions = [extensions]
     return _list_class_tree(
         source, root, root, Path(mask_root) if mask_root else None, tuple(extensions)
     )

@@ -90,6 +90,10 @@ def test_files_in_hidden_folders_are_not_data(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
     data = load_hospital(class_folders_cfg(tmp_path), "h")
     assert data.sample_ids == ["Neutrophil/batch1/a.png"]
+    # One extension may be given as text, not only as a list.
+    assert load_hospital(class_folders_cfg(tmp_path, extensions=".png"), "h").sample_ids == [
+        "Neutrophil/batch1/a.png"
+    ]
 
 
 def test_a_hospital_name_read_as_a_number_is_named():
