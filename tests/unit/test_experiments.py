@@ -388,8 +388,10 @@ def _experiment(tmp_path: Path, regime: str = "centralized", *extra: str) -> int
 
 
 def test_folds_get_their_folder_and_their_split_in_training_and_post_training(
-    tmp_path, fake_training
+    tmp_path, fake_training, monkeypatch
 ):
+    ticks = iter(range(0, 1000, 5))  # each run starts and ends: 5 s apart
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(ticks)))
     assert _experiment(tmp_path) == 0
     runs = tmp_path / "runs" / "centralized"
     for fold in (0, 2):
@@ -398,7 +400,7 @@ def test_folds_get_their_folder_and_their_split_in_training_and_post_training(
                 (runs / f"fold_{fold}" / f"seed_{seed}" / "results.json").read_text()
             )
             assert (results["fold"], results["seed"]) == (fold, seed)
-            assert results["seconds"] >= 0
+            assert results["seconds"] == 5.0  # the run's own wall time
     trained = [call[:4] for call in fake_training["train"]]
     assert trained == [(0, 0, 3, 0), (0, 1, 3, 0), (2, 0, 3, 2), (2, 1, 3, 2)]
     # The federated regimes launch flwr with these overrides, not with the composed config.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import re
 import stat
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_private_files_are_readable_by_their_owner_only(federation):
 
 def test_superexec_secret_is_exact_bytes_without_a_newline(federation):
     secret = (federation / "server/superexec.secret").read_bytes()
-    assert len(secret) == 64 and int(secret, 16) >= 0
+    assert re.fullmatch(rb"[0-9a-f]{64}", secret), secret  # no newline, no whitespace
 
 
 def test_running_again_changes_nothing(generate, federation):

@@ -1,8 +1,5 @@
 """server_app/strategy: GuardedFedAvg drops failed and bad replies, guards, waits, aggregators."""
 
-import threading
-import time
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -183,24 +180,29 @@ class _Grid:
         return list(self.nodes)
 
 
-def test_a_round_short_of_nodes_stops_after_the_wait_instead_of_hanging():
-    strategy = GuardedFedAvg(num_hospitals=3, min_replies=2, round_wait_for_nodes_s=0.5)
-    outcome = {}
+class _Clock:
+    """Stands in for the strategy's ``time``: sleeping moves the clock, nothing waits."""
 
-    def configure():
-        try:
-            strategy.configure_train(3, ONES, ConfigRecord(), _Grid([7]))
-        except TooFewNodesError as error:
-            outcome["error"] = str(error)
+    def __init__(self) -> None:
+        self.now, self.slept = 100.0, []
 
-    worker = threading.Thread(target=configure, daemon=True)
-    started = time.monotonic()
-    worker.start()
-    worker.join(timeout=20)
-    assert not worker.is_alive(), "configure_train still waiting for nodes after 20 s"
-    assert time.monotonic() - started >= 0.5
-    assert "round 3 training: 1 SuperNodes online" in outcome["error"]
-    assert "resume=true" in outcome["error"]
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_a_round_short_of_nodes_stops_after_the_wait_instead_of_hanging(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr("server_app.strategy.time", clock)
+    strategy = GuardedFedAvg(num_hospitals=3, min_replies=2, round_wait_for_nodes_s=2.0)
+    with pytest.raises(TooFewNodesError) as error:
+        strategy.configure_train(3, ONES, ConfigRecord(), _Grid([7]))
+    assert sum(clock.slept) == pytest.approx(2.0)  # the whole wait, and not a poll more
+    assert "round 3 training: 1 SuperNodes online" in str(error.value)
+    assert "resume=true" in str(error.value)
 
 
 def test_a_round_starts_on_every_online_node_and_evaluation_goes_on_with_fewer():
