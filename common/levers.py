@@ -268,8 +268,9 @@ def contrast_loss(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # alike features (common at the first steps) make -log(1 - s) infinite. B x B products
     # cost nothing next to the model.
     with torch.autocast(features.device.type, enabled=False):
-        fg = pooled(features.float(), mask.float())
-        bg = pooled(features.float(), 1.0 - mask.float())
+        features, mask = features.float(), mask.float()
+        fg = pooled(features, mask)
+        bg = pooled(features, 1.0 - mask)
         b = fg.shape[0]
         off_diagonal = ~torch.eye(b, dtype=torch.bool, device=fg.device)
 

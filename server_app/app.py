@@ -31,7 +31,7 @@ from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.launch import check_training_config
 from server_app.privacy import with_privacy
-from server_app.recorder import DECLARED_FILE, RoundRecorder
+from server_app.recorder import DECLARED_FILE, PHASES, RoundRecorder, checkpoint_prefix
 from server_app.strategy import (
     GuardedFedAvg,
     Guards,
@@ -127,7 +127,7 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
         checkpoints = run_dir / "checkpoints"
         phase, found = "mct", latest_checkpoint(checkpoints)
         if found is None and first_phase == "pretrain":
-            phase, found = "pretrain", latest_checkpoint(checkpoints, "pretrain_round_")
+            phase, found = "pretrain", latest_checkpoint(checkpoints, checkpoint_prefix("pretrain"))
         if found is None:
             raise FileNotFoundError(f"resume=true but no readable checkpoint in {run_dir}")
         path, payload = found
@@ -174,8 +174,8 @@ def replace_earlier_run(run_dir: Path) -> None:
     """
     earlier = [
         path
-        for prefix in ("pretrain_round_", "round_")
-        for _, path in round_files(run_dir / "checkpoints", prefix)
+        for phase in PHASES
+        for _, path in round_files(run_dir / "checkpoints", checkpoint_prefix(phase))
     ]
     earlier += [path for path in (run_dir / FINAL_MODEL,) if path.exists()]
     if not earlier:

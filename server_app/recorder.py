@@ -18,6 +18,8 @@ from server_app.strategy import GuardedFedAvg
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_KEPT = 2
+# A run's phases, in order: the pretraining rounds (if any), then the MCT rounds.
+PHASES = ("pretrain", "mct")
 # num-examples each hospital declared in its first round (the cap's base), kept for resume.
 DECLARED_FILE = "declared_examples.json"
 
@@ -45,6 +47,11 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(shown) or "-"
 
 
+def checkpoint_prefix(phase: str) -> str:
+    """How a phase's checkpoints are named: ``round_NNN.pt``, ``pretrain_round_NNN.pt``."""
+    return "round_" if phase == "mct" else f"{phase}_round_"
+
+
 class RoundRecorder:
     """The strategy's ``evaluate_fn``: runs at round 0 and after each round."""
 
@@ -60,7 +67,7 @@ class RoundRecorder:
         # A phase before the MCT rounds (pretrain) numbers its rounds from 1 too: its rows carry
         # the phase and its checkpoints a prefix, so resuming and post-training never mix them up.
         self.phase = phase
-        self.prefix = "round_" if phase == "mct" else f"{phase}_round_"
+        self.prefix = checkpoint_prefix(phase)
         self.total_rounds = int(cfg.federation.rounds if phase == "mct" else cfg[phase]["rounds"])
         self.offset = strategy.round_offset
         self.cfg = cfg

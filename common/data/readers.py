@@ -427,12 +427,11 @@ def _list_zxaoyou(source: Source) -> Listing:
         if not _is_image_id(path.stem):
             detail = "file name is not a numeric image id, so it has no label row"
             listing.problems.append(source.problem("missing_label", path, detail))
-        elif int(path.stem) in images:
-            first = images[int(path.stem)].name
-            detail = f"{first} has the same image id {int(path.stem)}, and its label row"
+        elif (image_id := int(path.stem)) in images:
+            detail = f"{images[image_id].name} has the same image id {image_id}, and its label row"
             listing.problems.append(source.problem("missing_label", path, detail))
         else:
-            images[int(path.stem)] = path
+            images[image_id] = path
     labels = _read_label_file(source, label_file, folder, images, listing)
     if labels is None:
         return listing
