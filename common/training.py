@@ -299,7 +299,11 @@ def evaluate_local(
         cam_scores.append(output.patch_logits.cpu())
         if data.masks is not None:
             raw = fused_maps(
-                output, localization["last_k_layers"], source=localization.get("source", "fused")
+                output,
+                localization["last_k_layers"],
+                source=localization.get("source", "fused"),
+                reduce=localization.get("reduce", "sum"),
+                minmax_factors=bool(localization.get("minmax_factors", False)),
             )
             maps = normalise_maps(raw, images.shape[-2:], targets)
             foreground.append(maps.amax(dim=1).cpu())

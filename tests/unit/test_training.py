@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from common.augment import build_train_transform, train_cache_size
 from common.config import compose_config
@@ -67,6 +68,24 @@ def test_local_training_lowers_the_loss_and_validation_reports_every_score():
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["val-loc-miou"] <= 1.0
     assert metrics["val-loc-threshold"] in list(cfg.localization.thresholds)
+
+
+def test_validation_maps_follow_the_configured_factor_normalisation():
+    cfg = compose_config([*SMALL, "localization=fused"])
+    torch.manual_seed(0)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    val = split_tensors(cfg.data, "hospital_a", "val", cfg.model.img_size)
+    scores = [
+        evaluate_local(
+            model,
+            val,
+            OmegaConf.merge(cfg.localization, {"minmax_factors": minmax}),
+            device=torch.device("cpu"),
+        )["val-loc-miou"]
+        for minmax in (False, True)
+    ]
+    # The same model, other maps: min-maxing each factor before their product moves the score.
+    assert scores[0] != pytest.approx(scores[1], abs=1e-3)
 
 
 def test_the_cam_accuracy_is_the_patch_cam_heads_and_the_accuracy_the_class_tokens():
