@@ -122,13 +122,17 @@ class Dataset:
         ]
 
     def baseline_values(self, column: str, stage: str, metric: str) -> list[float | None]:
-        """A training-free baseline's score over runs (the same in every row of a run)."""
-        out = []
+        """A training-free baseline's score per test split, by (fold, seed).
+
+        It is the same in every row of a run, and in every label's run on the same split: counted
+        once per split, or its SD and count would grow with the number of labels.
+        """
+        by_split: dict[tuple[int, int], float | None] = {}
         for result in self.results:
             scored = [x for x in result["rows"] if stage in x["cells"].get(column, {})]
             if scored:
-                out.append(scored[0]["cells"][column][stage][metric])
-        return out
+                by_split.setdefault(run_key(result), scored[0]["cells"][column][stage][metric])
+        return list(by_split.values())
 
     def at_share(self, share: float) -> Dataset:
         """The same dataset with only the runs trained on ``share`` of the training images."""
