@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from client_app.pretrain_heads import forget_heads, head_directory, load_head, save_head
 from client_app.privacy import privacy_mod
 from common.arrays import (
+    SPLIT_KEY,
     WEIGHT_KEY,
     cast_floating,
     pack,
@@ -27,7 +28,13 @@ from common.arrays import (
 )
 from common.augment import train_cache_size
 from common.config import compose_config, override_value, parse_overrides
-from common.data import DataVerificationError, federated_hospitals, hospital_names, split_tensors
+from common.data import (
+    DataVerificationError,
+    federated_hospitals,
+    hospital_names,
+    split_digest,
+    split_tensors,
+)
 from common.logs import setup_logging
 from common.model import MCTFormerV2, create_mct_model
 from common.pretrain import pretrain_round
@@ -220,6 +227,7 @@ def train(msg: Message, context: Context) -> Message:
             "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             WEIGHT_KEY: result.num_examples,
             "hospital-index": index,
+            SPLIT_KEY: split_digest(cfg.data, name),
         }
     )
     arrays = pack(

@@ -25,6 +25,8 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 WEIGHT_KEY = "num-examples"
+# A training reply's fingerprint of the hospital's split (common.data.split_digest).
+SPLIT_KEY = "split-digest"
 
 
 class HasNumpy(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,12 +71,17 @@ MAX_DETAIL = 160
 
 
 def model_payload(
-    state_dict: Mapping[str, torch.Tensor], cfg: DictConfig, server_round: int
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: DictConfig,
+    server_round: int,
+    splits: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rebuild the model later, without pickled objects.
 
     The tensors are moved to the CPU: a file written on a GPU would otherwise load only where
-    one is, or with ``map_location``.
+    one is, or with ``map_location``. ``splits`` holds each hospital's split fingerprints
+    (``common.data.split_digest``) of the rounds that trained the model; post-training checks
+    its own split against them.
     """
     return {
         "state_dict": {key: value.detach().cpu() for key, value in state_dict.items()},
@@ -84,14 +89,19 @@ def model_payload(
         "model": OmegaConf.to_container(cfg.model),
         "classes": list(cfg.data.classes),
         "config": OmegaConf.to_yaml(cfg),
+        "splits": {name: [int(d) for d in digests] for name, digests in (splits or {}).items()},
     }
 
 
 def save_model(
-    state_dict: Mapping[str, torch.Tensor], cfg: DictConfig, server_round: int, path: Path
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: DictConfig,
+    server_round: int,
+    path: Path,
+    splits: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
     """Write a model file (a round checkpoint or ``final_model.pt``) atomically."""
-    return save_atomic(model_payload(state_dict, cfg, server_round), path)
+    return save_atomic(model_payload(state_dict, cfg, server_round, splits), path)
 
 
 def first_line(error: BaseException) -> str:

@@ -156,7 +156,13 @@ def personalize_stage(
     kept = kept_model(candidates, evaluation)
     if kept == "personalized":
         trained = OmegaConf.create(payload["config"])
-        save_model(tuned.state_dict(), trained, payload["round"], out / PERSONALIZED_MODEL)
+        save_model(
+            tuned.state_dict(),
+            trained,
+            payload["round"],
+            out / PERSONALIZED_MODEL,
+            payload.get("splits"),
+        )
     summary = {
         "copies": int(cfg.personalize.copies),
         "epochs": result.epochs,

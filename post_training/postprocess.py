@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.checkpoint import load_model
 from common.cli import Command
 from common.config import number_setting
-from common.data import SplitSpec, check_split, hospital_names
+from common.data import SplitSpec, check_split, hospital_names, split_digest
 from common.errors import JobError
 from common.files import staged_outputs
 from common.levers import head_levers
@@ -99,7 +99,7 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     model, payload = load_model(
         checkpoint, list(cfg.data.classes), cfg.localization.source, hospital
     )
-    check_same_split(payload, cfg.data, checkpoint)
+    check_same_split(payload, cfg.data, checkpoint, hospital)
     out = resolve_output_dir(cfg, checkpoint)
     log.info("hospital %s, model round %s, outputs in %s", hospital, payload.get("round"), out)
     # An earlier run's files (its fine-tuned copy, masks of images no longer in the split)
@@ -236,10 +236,15 @@ def foreground_head_settings(cfg: DictConfig) -> list[str]:
     return needs
 
 
-def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path) -> None:
+def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path, hospital: str) -> None:
     """Refuse a split other than the training run's: its test images could be training images.
 
-    Model files carry their run's config; files without one are taken as they are.
+    The split settings must be the run's, and the hospital's images must still fall into the
+    splits they trained in: the model file keeps the fingerprint each hospital sent with its
+    training replies (``common.data.split_digest``), and an image added, removed or renamed
+    since then redraws the splits. Model files without a config or a fingerprint for this
+    hospital (files of earlier versions, a hospital outside the federation) are taken as
+    they are.
     """
     if not isinstance(payload.get("config"), str):
         return
@@ -249,6 +254,24 @@ def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path) -> N
         raise JobError(
             f"checkpoint={checkpoint} was trained with data.split {trained}, this job has "
             f"{used}: its test images could be training images; use the training run's split"
+        )
+    recorded = list((payload.get("splits") or {}).get(hospital) or [])
+    if not recorded:
+        return
+    if len(recorded) > 1:
+        raise JobError(
+            f"checkpoint={checkpoint}: hospital {hospital}'s images changed while the model "
+            f"trained (its split had {len(recorded)} different fingerprints over the rounds), "
+            "so images it trained on may be among its test images; train again on a fixed "
+            "image set (w3s-predict makes masks for any images without scoring them)"
+        )
+    if split_digest(data_cfg, hospital) != recorded[0]:
+        raise JobError(
+            f"checkpoint={checkpoint}: hospital {hospital}'s images are not the ones the model "
+            "trained on (an image was added, removed or renamed since), which redraws its "
+            "splits and could put training images in its test split; restore the image set "
+            "of the training run, or train again (w3s-predict makes masks for any images "
+            "without scoring them)"
         )
 
 

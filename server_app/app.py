@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +106,15 @@ def run_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
 
 @dataclass(frozen=True)
 class StartingPoint:
-    """Where a run starts: its phase, the rounds of that phase already done, and the model."""
+    """Where a run starts: its phase, the rounds of that phase already done, and the model.
+
+    ``splits`` holds the split fingerprints the hospitals sent in the rounds behind the model.
+    """
 
     phase: str  # "pretrain" or "mct"
     done: int
     arrays: ArrayRecord
+    splits: Mapping[str, Sequence[int]] = field(default_factory=dict)
 
 
 def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
@@ -139,7 +143,12 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
                 "with a round it is not of (set federation.rounds to at least that round)"
             )
         log.info("resuming from %s (%s round %d)", path, phase, payload["round"])
-        return StartingPoint(phase, int(payload["round"]), to_array_record(payload["state_dict"]))
+        return StartingPoint(
+            phase,
+            int(payload["round"]),
+            to_array_record(payload["state_dict"]),
+            dict(payload.get("splits") or {}),
+        )
     replace_earlier_run(run_dir)
     torch.manual_seed(cfg.seed)
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
@@ -215,26 +224,27 @@ def declared_examples(run_dir: Path, hospitals: list[str], resumed: bool) -> dic
 
 
 def federation_strategy(
-    cfg: DictConfig, hospitals: list[str], run_dir: Path, done: int
+    cfg: DictConfig, hospitals: list[str], run_dir: Path, start: StartingPoint
 ) -> GuardedFedAvg:
-    """The configured strategy with its guards, for the rounds after ``done``, of any phase."""
+    """The configured strategy with its guards, for the rounds after ``start``, of any phase."""
     return build_strategy(
         cfg.strategy,
         num_hospitals=len(hospitals),
         min_replies=cfg.federation.min_replies or len(hospitals),
-        round_offset=done,
+        round_offset=start.done,
         transport_dtype=str(cfg.federation.transport_dtype),
         hospitals=hospitals,
         guards=guards(cfg),
         round_wait_for_nodes_s=float(cfg.federation.round_wait_for_nodes_s),
         declared_examples=declared_examples(run_dir, hospitals, bool(cfg.resume)),
+        split_digests=start.splits,
     )
 
 
 def pretrain(
     cfg: DictConfig, grid: Grid, hospitals: list[str], run_dir: Path, start: StartingPoint
-) -> ArrayRecord:
-    """Run the ``pretrain`` phase's rounds after ``start``; return the model the MCT rounds use.
+) -> StartingPoint:
+    """Run the ``pretrain`` phase's rounds after ``start``; return where the MCT rounds start.
 
     The same strategy, guards, checkpoints and metrics rows as the MCT rounds; the training
     messages carry ``phase=pretrain``, so each ClientApp runs ``cfg.pretrain.method`` instead
@@ -243,8 +253,8 @@ def pretrain(
     rounds = int(cfg.pretrain.rounds)
     if start.done >= rounds:
         log.info("pretraining: all %d rounds done before", rounds)
-        return start.arrays
-    strategy = federation_strategy(cfg, hospitals, run_dir, start.done)
+        return StartingPoint("mct", 0, start.arrays, start.splits)
+    strategy = federation_strategy(cfg, hospitals, run_dir, start)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals, phase="pretrain")
     recorder.forget_rounds_after(start.done)
     log.info(
@@ -262,7 +272,8 @@ def pretrain(
         train_config=ConfigRecord({"phase": "pretrain"}),
         evaluate_fn=recorder,
     )
-    return result.arrays if len(result.arrays) else start.arrays
+    arrays = result.arrays if len(result.arrays) else start.arrays
+    return StartingPoint("mct", 0, arrays, strategy.split_digests)
 
 
 @app.main()
@@ -284,10 +295,9 @@ def main(grid: Grid, context: Context) -> None:
     min_replies = cfg.federation.min_replies or len(hospitals)
     start = starting_point(cfg, run_dir)
     if start.phase == "pretrain":
-        done, initial = 0, pretrain(cfg, grid, hospitals, run_dir, start)
-    else:
-        done, initial = start.done, start.arrays
-    strategy = federation_strategy(cfg, hospitals, run_dir, done)
+        start = pretrain(cfg, grid, hospitals, run_dir, start)
+    done = start.done
+    strategy = federation_strategy(cfg, hospitals, run_dir, start)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
     recorder.forget_rounds_after(done)
     log.info(
@@ -306,7 +316,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         result = federation.start(
             grid=grid,
-            initial_arrays=initial,
+            initial_arrays=start.arrays,
             num_rounds=cfg.federation.rounds - done,
             timeout=cfg.federation.round_timeout_s,
             evaluate_fn=recorder,
@@ -314,9 +324,13 @@ def main(grid: Grid, context: Context) -> None:
     except RunStoppedError as error:
         log.error("run stopped: %s", error)
         raise
-    final_arrays = result.arrays if len(result.arrays) else initial
+    final_arrays = result.arrays if len(result.arrays) else start.arrays
     final = save_model(
-        to_state_dict(final_arrays), cfg, cfg.federation.rounds, run_dir / FINAL_MODEL
+        to_state_dict(final_arrays),
+        cfg,
+        cfg.federation.rounds,
+        run_dir / FINAL_MODEL,
+        strategy.split_digests,
     )
     log.info("run directory: %s", run_dir)
     log.info("final model: %s", final)

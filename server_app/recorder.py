@@ -84,7 +84,7 @@ class RoundRecorder:
             return None  # resuming: the checkpoint of this model is the one we started from
         server_round = strategy_round + self.offset
         path = self.checkpoint_dir / f"{self.prefix}{server_round:03d}.pt"
-        save_model(to_state_dict(arrays), self.cfg, server_round, path)
+        save_model(to_state_dict(arrays), self.cfg, server_round, path, self.strategy.split_digests)
         # Keep the newest only: a paper-scale run would otherwise write 4 GB.
         prune_rounds(self.checkpoint_dir, self.prefix, server_round, CHECKPOINTS_KEPT)
         self._save_declared()

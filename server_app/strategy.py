@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from common.arrays import (
+    SPLIT_KEY,
     WEIGHT_KEY,
     ArraySpec,
     array_bytes,
@@ -115,11 +116,11 @@ def _arrays_of(msg: Message) -> ArrayRecord:
 
 
 def _scores(metrics: MetricRecord) -> dict[str, float]:
-    """A reply's numeric scores, without the bookkeeping keys (weight, hospital index)."""
+    """A reply's numeric scores, without the bookkeeping keys (weight, hospital, split)."""
     return {
         key: float(value)
         for key, value in metrics.items()
-        if key not in (WEIGHT_KEY, INDEX_KEY) and isinstance(value, int | float)
+        if key not in (WEIGHT_KEY, INDEX_KEY, SPLIT_KEY) and isinstance(value, int | float)
     }
 
 
@@ -187,6 +188,7 @@ class GuardedFedAvg(FedAvg):
         guards: Guards | None = None,
         round_wait_for_nodes_s: float = 300.0,
         declared_examples: dict[int, float] | None = None,
+        split_digests: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         if not 1 <= min_replies <= num_hospitals:
             raise ValueError(f"min_replies must be in 1..{num_hospitals}, got {min_replies}")
@@ -214,6 +216,10 @@ class GuardedFedAvg(FedAvg):
         self.uniform_weights = False
         # num-examples of each hospital (by index) in the first round it answered.
         self.declared_examples: dict[int, float] = dict(declared_examples or {})
+        # Each hospital's split fingerprints so far, in the order they first came.
+        self.split_digests: dict[str, list[int]] = {
+            name: list(digests) for name, digests in (split_digests or {}).items()
+        }
         self.report = RoundReport()
         self._reference: dict[str, ArraySpec] = {}
         self._global: ArrayRecord | None = None
@@ -475,7 +481,37 @@ class GuardedFedAvg(FedAvg):
         """Record the round's train metrics (weighted by num-examples) next to ``arrays``."""
         self.report.train = weighted_metrics(good)
         self._record_hospitals(good)
+        self._note_splits(server_round, good)
         return arrays, MetricRecord(self.report.train)
+
+    def _note_splits(self, server_round: int, good: list[Message]) -> None:
+        """Keep each hospital's split fingerprint; warn when one changes during the run.
+
+        A new fingerprint means the site's images were added, removed or renamed between
+        rounds: its splits were redrawn, so images the model trained on may now be test
+        images. The model files keep every fingerprint, and post-training refuses a hospital
+        whose split is not the one (and only one) it trained on. Replies without one (clients
+        of earlier versions) are taken as they are.
+        """
+        for msg in good:
+            metrics = _metrics_of(msg)
+            digest = metrics.get(SPLIT_KEY)
+            if not isinstance(digest, int) or isinstance(digest, bool):
+                continue
+            name = self.hospitals[int(metrics[INDEX_KEY])]
+            seen = self.split_digests.setdefault(name, [])
+            if digest in seen:
+                continue
+            if seen:
+                log.warning(
+                    "round %d: hospital '%s' trains on other splits than in its earlier rounds "
+                    "(images added, removed or renamed at the site); images the model trained "
+                    "on may now be among its test images, and post-training will refuse this "
+                    "model there",
+                    server_round + self.round_offset,
+                    name,
+                )
+            seen.append(digest)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

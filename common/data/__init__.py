@@ -13,7 +13,7 @@ from common.data.readers import (
 )
 from common.data.splits import SplitSpec, check_split, fold_indices, split_indices
 from common.data.synthetic import generate_hospital
-from common.data.tensors import SplitTensors, hospital_split, split_tensors
+from common.data.tensors import SplitTensors, hospital_split, split_digest, split_tensors
 from common.data.types import (
     BACKGROUND,
     CYTOPLASM,
@@ -41,6 +41,7 @@ __all__ = [
     "hospital_names",
     "hospital_split",
     "load_hospital",
+    "split_digest",
     "split_indices",
     "split_tensors",
     "verify_data",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -66,6 +67,24 @@ def hospital_split(data_cfg: Any, name: str, split: str) -> HospitalData:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     data = load_hospital(data_cfg, name)
     return data.subset(SplitSpec.of(data_cfg).indices(data.labels)[split])
+
+
+def split_digest(data_cfg: Any, name: str) -> int:
+    """A 48-bit fingerprint of which image (id and label) lies in which split at this hospital.
+
+    Splits are drawn over the images in listing order, so an image added, removed or renamed
+    after training redraws them, and post-training could then score the model on images it
+    trained on. Each hospital sends this number with its training replies; the model file keeps
+    it, and post-training refuses a split whose fingerprint differs. It names no file: a
+    truncated hash of every id of the hospital together.
+    """
+    data = load_hospital(data_cfg, name)
+    parts = SplitSpec.of(data_cfg).indices(data.labels)
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for index in parts[split]:
+            digest.update(f"{split}\t{data.labels[index]}\t{data.sample_ids[index]}\n".encode())
+    return int.from_bytes(digest.digest()[:6], "big")
 
 
 def split_tensors(data_cfg: Any, name: str, split: str, size: int) -> SplitTensors:

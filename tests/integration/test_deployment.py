@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
+from common.config import compose_config
+from common.data import split_digest
 from support.flower_processes import (
     BIN,
     flower_env,
@@ -273,6 +275,13 @@ def test_three_hospitals_train_two_rounds_over_tls(federation, tmp_path):
     for key, tensor in final["state_dict"].items():
         assert torch.equal(tensor, latest["state_dict"][key])
         assert torch.isfinite(tensor).all()
+    # Each site's split fingerprint, sent from its SuperNode's data-root, is the one that
+    # post-training at the site computes from its data config (w3s-postprocess checks it).
+    for hospital in HOSPITALS:
+        disk = federation.root / "disks" / hospital
+        pinned = [f"data.hospitals.{hospital}.root={disk}"] if hospital in REAL else []
+        data = compose_config([*OVERRIDES, *pinned]).data
+        assert final["splits"][hospital] == [split_digest(data, hospital)], hospital
 
 
 def _try_to_join(link, certs: Path, *extra: str) -> subprocess.CompletedProcess:

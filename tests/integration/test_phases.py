@@ -88,7 +88,10 @@ def test_masked_pretraining_phase_keeps_its_decoder_at_each_hospital(flwr_home, 
     # The MCT rounds start from the pretrained backbone, not from the seeded initialisation.
     checkpoints = run_dir / "checkpoints"
     start, pretrained = (
-        load_checkpoint(checkpoints / name)["state_dict"]
-        for name in ("round_000.pt", "pretrain_round_002.pt")
+        load_checkpoint(checkpoints / name) for name in ("round_000.pt", "pretrain_round_002.pt")
     )
-    assert all(torch.equal(start[k], pretrained[k]) for k in pretrained)
+    assert all(torch.equal(start["state_dict"][k], v) for k, v in pretrained["state_dict"].items())
+    # The hospitals' split fingerprints of the pretraining rounds go on with the MCT rounds.
+    assert set(start["splits"]) == {"hospital_a", "hospital_b", "hospital_c"}
+    assert start["splits"] == pretrained["splits"]
+    assert all(len(digests) == 1 for digests in start["splits"].values())

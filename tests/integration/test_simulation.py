@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
+from common.config import compose_config
+from common.data import split_digest
 from support.flower_processes import metrics_rows, simulate
 
 pytestmark = pytest.mark.integration
@@ -41,6 +43,11 @@ def test_simulated_federation_trains_checkpoints_and_records(flwr_home, tmp_path
     for key, tensor in final["state_dict"].items():
         assert torch.equal(tensor, latest["state_dict"][key])
         assert torch.isfinite(tensor).all()
+    # Each hospital's split fingerprint, one per hospital, as post-training computes it there.
+    data = compose_config(TINY).data
+    assert final["splits"] == {
+        name: [split_digest(data, name)] for name in ("hospital_a", "hospital_b", "hospital_c")
+    }
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "round_001.pt",
         "round_002.pt",

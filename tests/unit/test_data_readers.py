@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from common.data import (
     hospital_names,
     hospital_split,
     load_hospital,
+    split_digest,
     split_indices,
     split_tensors,
     verify_data,
@@ -322,6 +324,23 @@ def test_split_tensors_mixed_sizes_real(real_cfg):
     test = split_tensors(real_cfg, "dataset1", "test", 64)
     assert test.images.shape[1:] == (3, 64, 64) and test.masks.shape[1:] == (64, 64)
     assert set(test.masks.unique().tolist()) <= {0, 1, 2}
+
+
+def test_split_digest_follows_the_images_not_the_folder_they_lie_in(tmp_path):
+    for cls in FIVE:
+        for i in range(4):
+            write_image(tmp_path / "a" / cls / f"{i}.png", 20, 24, seed=i)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    (tmp_path / "c" / "lymphocyte" / "2.png").unlink()
+
+    def digest(folder: str, seed: int = 0) -> int:
+        hospital = {"h": {"format": "class_folders", "root": str(tmp_path / folder)}}
+        return split_digest(data_cfg(hospital, seed=seed), "h")
+
+    assert digest("a") == digest("b") and 0 <= digest("a") < 2**48
+    assert digest("c") != digest("a")  # one image fewer redraws the split
+    assert digest("a", seed=1) != digest("a")
 
 
 def test_split_tensors_without_masks(tmp_path):

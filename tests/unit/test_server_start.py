@@ -16,7 +16,8 @@ def _run_dir_with_an_earlier_run(tmp_path, cfg):
     run_dir = tmp_path / "run"
     state = create_mct_model(cfg.model, len(cfg.data.classes)).state_dict()
     for name, server_round in (("pretrain_round_020", 20), ("round_006", 6), ("round_007", 7)):
-        save_model(state, cfg, server_round, run_dir / "checkpoints" / f"{name}.pt")
+        splits = {"hospital_a": [server_round]}  # a stand-in fingerprint: which file was read
+        save_model(state, cfg, server_round, run_dir / "checkpoints" / f"{name}.pt", splits)
     save_model(state, cfg, 7, run_dir / "final_model.pt")
     return run_dir
 
@@ -37,6 +38,7 @@ def test_a_resume_starts_from_the_newest_mct_checkpoint_and_removes_nothing(tmp_
     run_dir = _run_dir_with_an_earlier_run(tmp_path, cfg)
     start = starting_point(cfg, run_dir)
     assert (start.phase, start.done) == ("mct", 7)
+    assert start.splits == {"hospital_a": [7]}
     assert len(list((run_dir / "checkpoints").iterdir())) == 3
     newest = load_checkpoint(run_dir / "checkpoints" / "round_007.pt")["state_dict"]
     first = next(iter(newest))

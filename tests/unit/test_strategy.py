@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from omegaconf import OmegaConf
 
 import server_app.strategy
-from common.arrays import to_state_dict
+from common.arrays import SPLIT_KEY, to_state_dict
 from common.config import compose_config
 from server_app.strategy import (
     GuardedFedAvg,
@@ -146,6 +146,25 @@ def test_num_examples_is_capped_at_the_first_declaration():
         to_state_dict(arrays)["w"].numpy(), (1.1 * 10 + 1.2 * 30) / 40, rtol=1e-6
     )
     assert strategy.report.capped == {1: (1e15, 10.0)}
+
+
+def test_split_fingerprints_are_kept_per_hospital_and_a_change_is_named(caplog):
+    strategy = _strategy(min_replies=2, hospitals=["a", "b", "c", "d"])
+
+    def split(msg, digest):
+        msg.content["metrics"][SPLIT_KEY] = digest
+        return msg
+
+    _, metrics = strategy.aggregate_train(
+        1, [split(reply(1, 1.0, 10), 7), split(reply(2, 2, 10), 9)]
+    )
+    # A fingerprint is no score: it is neither averaged nor in the hospitals' rows.
+    assert SPLIT_KEY not in metrics and SPLIT_KEY not in strategy.report.per_hospital[1]
+    assert "trains on other splits" not in caplog.text
+    prepare(strategy)
+    strategy.aggregate_train(2, [split(reply(1, 1.0, 10), 7), split(reply(2, 2.0, 10), 11)])
+    assert strategy.split_digests == {"a": [7], "b": [9, 11]}
+    assert "round 2: hospital 'b' trains on other splits" in caplog.text
 
 
 def test_a_second_node_claiming_the_same_hospital_is_rejected_by_name():

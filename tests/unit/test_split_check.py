@@ -1,0 +1,60 @@
+"""Post-training refuses a hospital whose images no longer fall into the splits they trained in."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from common.data import split_digest
+from common.errors import JobError
+from post_training.postprocess import check_same_split
+from tests.unit.test_data_readers import FIVE, data_cfg, write_image
+
+CHECKPOINT = Path("/runs/r/final_model.pt")
+
+
+@pytest.fixture
+def hospital(tmp_path):
+    """A class-folder hospital of 20 real image files, and its data config."""
+    for cls in FIVE:
+        for i in range(4):
+            write_image(tmp_path / cls / f"{i}.png", 20, 24, seed=i)
+    return tmp_path, data_cfg({"h": {"format": "class_folders", "root": str(tmp_path)}})
+
+
+def trained_on(data, splits):
+    """A model file's payload as the training run wrote it: its config and fingerprints."""
+    return {"config": OmegaConf.to_yaml(OmegaConf.create({"data": data})), "splits": splits}
+
+
+def test_the_images_the_model_trained_on_pass(hospital):
+    _, data = hospital
+    check_same_split(trained_on(data, {"h": [split_digest(data, "h")]}), data, CHECKPOINT, "h")
+
+
+def test_an_image_removed_since_training_is_refused_naming_the_hospital(hospital, tmp_path):
+    root, data = hospital
+    payload = trained_on(data, {"h": [split_digest(data, "h")]})
+    # The site's folder later, one image fewer (another path: this process read the first).
+    later = shutil.copytree(root, tmp_path.parent / f"{tmp_path.name}-later")
+    (later / "monocyte" / "1.png").unlink()
+    changed = data_cfg({"h": {"format": "class_folders", "root": str(later)}})
+    with pytest.raises(JobError, match="hospital h's images are not the ones the model trained"):
+        check_same_split(payload, changed, CHECKPOINT, "h")
+
+
+def test_a_split_that_changed_during_training_is_refused(hospital):
+    _, data = hospital
+    digest = split_digest(data, "h")
+    with pytest.raises(JobError, match="hospital h's images changed while the model trained"):
+        check_same_split(trained_on(data, {"h": [digest, digest + 1]}), data, CHECKPOINT, "h")
+
+
+def test_a_model_file_without_this_hospitals_fingerprint_is_taken_as_it_is(hospital):
+    root, data = hospital
+    (root / "monocyte" / "1.png").unlink()
+    check_same_split(trained_on(data, {"other": [1]}), data, CHECKPOINT, "h")
+    check_same_split(trained_on(data, {}) | {"splits": None}, data, CHECKPOINT, "h")
