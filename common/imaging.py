@@ -11,11 +11,38 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 from torchvision.transforms.v2 import functional as tvf
 
 # scipy's structuring element for 8-connectivity (diagonal neighbours join a component).
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+# Pillow's 16-bit grey modes: its ``convert`` clips them at 255 instead of scaling them.
+SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` with values in 0..255, so that ``convert`` keeps what it shows.
+
+    Pillow's ``convert`` clips wider grey values at 255: a 16-bit microscope image came out
+    nearly white and trained as such. 16-bit grey is scaled onto 0..255 instead, also when
+    Pillow opens it as 32-bit integers (mode ``I``, values up to 65535); other integer or float
+    pixels outside 0..255 have no known range and are refused, naming their values.
+    """
+    low, high = image.getextrema() if image.mode in ("I", "F") else (0, 0)
+    sixteen_bit_as_int = image.mode == "I" and low >= 0 and 255 < high <= 65535
+    if image.mode in SIXTEEN_BIT_GREY or sixteen_bit_as_int:
+        values = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode in ("I", "F") and (low < 0 or high > 255):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise ValueError(
+            f"{kind} pixels from {low:g} to {high:g} have no known range to scale to 8 "
+            "bits; save the image with 8 or 16 bits per channel"
+        )
+    return image
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

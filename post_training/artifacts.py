@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from common.files import replaced_atomically
+from common.imaging import eight_bit
 
 # Background is never painted; class k uses PALETTE[(k - 1) % len(PALETTE)].
 PALETTE = np.array(
@@ -98,7 +99,7 @@ def rgb_array(image: Image.Image) -> np.ndarray:
     it joins them; strips keep a large image's conversion to the array itself.
     """
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = eight_bit(image).convert("RGB")
     width, height = image.size
     out = np.empty((height, width, 3), dtype=np.uint8)
     step = max(1, OVERLAY_STRIP_PIXELS // max(1, width))

@@ -38,6 +38,7 @@ from common.data.types import (
     ProblemKind,
 )
 from common.errors import JobError
+from common.imaging import eight_bit
 
 log = logging.getLogger(__name__)
 
@@ -682,7 +683,7 @@ def _decode(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            return np.asarray(image.convert(mode), dtype=np.uint8)
+            return np.asarray(eight_bit(image).convert(mode), dtype=np.uint8)
     # PIL signals corrupt data with many exception types (OSError, SyntaxError, ValueError,
     # struct.error, ...); any of them makes the file unusable, and the report must go on.
     except Exception as error:

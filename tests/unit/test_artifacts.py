@@ -49,7 +49,7 @@ def test_overlay_in_strips_equals_the_whole_image_overlay(strip_pixels, monkeypa
         np.testing.assert_array_equal(np.asarray(written), expected)
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
 def test_rgb_array_equals_the_converted_image(mode, monkeypatch, tmp_path):
     monkeypatch.setattr(artifacts, "OVERLAY_STRIP_PIXELS", 50)  # strips of 2 rows
     rng = np.random.default_rng(1)
@@ -59,6 +59,20 @@ def test_rgb_array_equals_the_converted_image(mode, monkeypatch, tmp_path):
     assert array.dtype == np.uint8 and array.flags.writeable
     picture.save(tmp_path / "p.png")
     np.testing.assert_array_equal(read_image(tmp_path / "p.png"), array)
+
+
+def test_a_sixteen_bit_grey_image_is_scaled_onto_eight_bits(tmp_path):
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
+    picture = Image.fromarray(ramp)
+    assert picture.mode == "I;16"
+    expected = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(rgb_array(picture), expected)
+    picture.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), expected)
+    # The same values as 32-bit integers, as Pillow opens some 16-bit files.
+    np.testing.assert_array_equal(rgb_array(picture.convert("I")), expected)
+    with pytest.raises(ValueError, match="32-bit integer pixels from 0 to 70000"):
+        rgb_array(Image.fromarray(np.array([[0, 70000]], dtype=np.int32), "I"))
 
 
 def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary(tmp_path, monkeypatch):

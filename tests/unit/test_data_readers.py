@@ -158,6 +158,26 @@ def test_class_folders_matek_rgba_tiff(tmp_path):
     assert names == {"basophil": 2, "neutrophil": 2, "myeloblast": 2}
 
 
+def test_sixteen_bit_images_are_scaled_not_clipped_and_float_images_refused(tmp_path):
+    ramp = np.linspace(0, 65535, 20 * 24).reshape(20, 24).astype(np.uint16)
+    for cls in FIVE:
+        (tmp_path / "h" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(ramp).save(tmp_path / "h" / cls / f"{i}.png")
+    shutil.copytree(tmp_path / "h", tmp_path / "f")
+    Image.fromarray(ramp.astype(np.float32) / 7).save(tmp_path / "f" / "monocyte" / "f.tif")
+
+    def hospital(folder: str):
+        spec = {"format": "class_folders", "root": str(tmp_path / folder)}
+        return load_hospital(data_cfg({"h": spec}), "h")
+
+    image = hospital("h").images[0]
+    # Scaled onto 0..255 (Pillow's convert clipped at 255: a nearly white image, mean 254).
+    assert image.min() == 0 and image.max() == 255 and abs(float(image.mean()) - 127.5) < 1
+    with pytest.raises(DataVerificationError, match="floating-point pixels from 0 to 9362"):
+        hospital("f")
+
+
 def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     for cls in ["Neutrophil", "mono"]:
