@@ -77,7 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out = args.run.with_name(f"{args.run.name}_head_{args.hospital}")
     trained_cfg = OmegaConf.create(payload["config"])
-    save_model(model.state_dict(), trained_cfg, int(payload["round"]), out / "final_model.pt")
+    save_model(
+        model.state_dict(),
+        trained_cfg,
+        int(payload["round"]),
+        out / "final_model.pt",
+        payload.get("splits"),
+    )
     scores = score_maps(out, args.hospital, scoring_overrides(args.overrides))
     if not args.test:
         scores = {k: v for k, v in scores.items() if not k.endswith("_test")}

@@ -27,22 +27,27 @@ def eight_bit(image: Image.Image) -> Image.Image:
     """``image`` with values in 0..255, so that ``convert`` keeps what it shows.
 
     Pillow's ``convert`` clips wider grey values at 255: a 16-bit microscope image came out
-    nearly white and trained as such. 16-bit grey is scaled onto 0..255 instead, also when
-    Pillow opens it as 32-bit integers (mode ``I``, values up to 65535); other integer or float
-    pixels outside 0..255 have no known range and are refused, naming their values.
+    nearly white and trained as such. Grey values above 255 in a 16-bit image (or one Pillow
+    opens as 32-bit integers, up to 65535) are scaled from 0..65535 onto 0..255, and float
+    values within 0..1 onto 0..255; values that already fit 0..255 (a mask saved as 16-bit)
+    are kept. Other pixels have no known range and are refused, naming their values.
     """
-    low, high = image.getextrema() if image.mode in ("I", "F") else (0, 0)
-    sixteen_bit_as_int = image.mode == "I" and low >= 0 and 255 < high <= 65535
-    if image.mode in SIXTEEN_BIT_GREY or sixteen_bit_as_int:
-        values = np.asarray(image).astype(np.uint32)
-        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
-    if image.mode in ("I", "F") and (low < 0 or high > 255):
-        kind = "32-bit integer" if image.mode == "I" else "floating-point"
-        raise ValueError(
-            f"{kind} pixels from {low:g} to {high:g} have no known range to scale to 8 "
-            "bits; save the image with 8 or 16 bits per channel"
-        )
-    return image
+    if image.mode not in SIXTEEN_BIT_GREY and image.mode not in ("I", "F"):
+        return image
+    values = np.asarray(image)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F" and low >= 0 and high <= 1:
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8), "L")
+    if low >= 0 and high <= 255:
+        return Image.fromarray(values.astype(np.uint8), "L")
+    if image.mode != "F" and low >= 0 and high <= 65535:
+        scaled = (values.astype(np.uint32) * 255 + 32767) // 65535
+        return Image.fromarray(scaled.astype(np.uint8), "L")
+    kind = "floating-point" if image.mode == "F" else "32-bit integer"
+    raise ValueError(
+        f"{kind} pixels from {low:g} to {high:g} have no known range to scale to 8 bits; "
+        "save the image with 8 or 16 bits per channel"
+    )
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

@@ -205,13 +205,14 @@ def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:
         global_model = run.federated("global")
         own = {}
         for index, name in enumerate(hospitals):
-            model, _ = load_model(global_model, list(cfg.data.classes), hospital=name)
+            model, payload = load_model(global_model, list(cfg.data.classes), hospital=name)
             fine_tune_at(cfg, run.regime, model, training_tensors(cfg, [name]), index, name)
             own[name] = save_model(
                 model.state_dict(),
                 cfg,
                 int(cfg.federation.rounds),
                 train_dir / name / "final_model.pt",
+                payload.get("splits"),
             )
         return {run.label: own}
     raise ValueError(f"regime.kind={kind!r} is not one of local, centralized, federated, ...")

@@ -31,7 +31,13 @@ from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.launch import check_training_config
 from server_app.privacy import with_privacy
-from server_app.recorder import DECLARED_FILE, PHASES, RoundRecorder, checkpoint_prefix
+from server_app.recorder import (
+    DECLARED_FILE,
+    PHASES,
+    RoundRecorder,
+    checkpoint_prefix,
+    released_splits,
+)
 from server_app.strategy import (
     GuardedFedAvg,
     Guards,
@@ -330,7 +336,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg,
         cfg.federation.rounds,
         run_dir / FINAL_MODEL,
-        strategy.split_digests,
+        released_splits(cfg, strategy),
     )
     log.info("run directory: %s", run_dir)
     log.info("final model: %s", final)

@@ -47,6 +47,16 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(shown) or "-"
 
 
+def released_splits(cfg: DictConfig, strategy: GuardedFedAvg) -> dict[str, list[int]]:
+    """The split fingerprints that model files keep: none in a run with differential privacy.
+
+    A fingerprint tells apart two image sets that differ by one image, which is what the
+    privacy guarantee hides from whoever receives the models; such a run's post-training
+    cannot check its split (docs/privacy.md).
+    """
+    return {} if str(cfg.privacy.name) != "none" else strategy.split_digests
+
+
 def checkpoint_prefix(phase: str) -> str:
     """How a phase's checkpoints are named: ``round_NNN.pt``, ``pretrain_round_NNN.pt``."""
     return "round_" if phase == "mct" else f"{phase}_round_"
@@ -84,7 +94,8 @@ class RoundRecorder:
             return None  # resuming: the checkpoint of this model is the one we started from
         server_round = strategy_round + self.offset
         path = self.checkpoint_dir / f"{self.prefix}{server_round:03d}.pt"
-        save_model(to_state_dict(arrays), self.cfg, server_round, path, self.strategy.split_digests)
+        splits = released_splits(self.cfg, self.strategy)
+        save_model(to_state_dict(arrays), self.cfg, server_round, path, splits)
         # Keep the newest only: a paper-scale run would otherwise write 4 GB.
         prune_rounds(self.checkpoint_dir, self.prefix, server_round, CHECKPOINTS_KEPT)
         self._save_declared()

@@ -116,11 +116,11 @@ def _arrays_of(msg: Message) -> ArrayRecord:
 
 
 def _scores(metrics: MetricRecord) -> dict[str, float]:
-    """A reply's numeric scores, without the bookkeeping keys (weight, hospital, split)."""
+    """A reply's numeric scores, without the bookkeeping keys (weight, hospital index)."""
     return {
         key: float(value)
         for key, value in metrics.items()
-        if key not in (WEIGHT_KEY, INDEX_KEY, SPLIT_KEY) and isinstance(value, int | float)
+        if key not in (WEIGHT_KEY, INDEX_KEY) and isinstance(value, int | float)
     }
 
 
@@ -449,6 +449,7 @@ class GuardedFedAvg(FedAvg):
         # Only accepted replies declare (or are held to) a hospital's num-examples.
         for msg in good:
             self._cap_examples(self._node_of(msg), _metrics_of(msg))
+        self._note_splits(server_round, good)
         self.report.good = len(good)
         if len(good) < self.min_replies:
             raise TooFewRepliesError(
@@ -481,21 +482,21 @@ class GuardedFedAvg(FedAvg):
         """Record the round's train metrics (weighted by num-examples) next to ``arrays``."""
         self.report.train = weighted_metrics(good)
         self._record_hospitals(good)
-        self._note_splits(server_round, good)
         return arrays, MetricRecord(self.report.train)
 
     def _note_splits(self, server_round: int, good: list[Message]) -> None:
-        """Keep each hospital's split fingerprint; warn when one changes during the run.
+        """Keep each hospital's split fingerprint, out of its metrics; warn when one changes.
 
         A new fingerprint means the site's images were added, removed or renamed between
         rounds: its splits were redrawn, so images the model trained on may now be test
         images. The model files keep every fingerprint, and post-training refuses a hospital
-        whose split is not the one (and only one) it trained on. Replies without one (clients
-        of earlier versions) are taken as they are.
+        whose split is not the one (and only one) it trained on. Taken out of the metrics, it
+        is neither a score nor a key that Flower's aggregators would find in some replies and
+        not in others (clients of earlier versions send none; they are taken as they are).
         """
         for msg in good:
             metrics = _metrics_of(msg)
-            digest = metrics.get(SPLIT_KEY)
+            digest = metrics.pop(SPLIT_KEY, None)
             if not isinstance(digest, int) or isinstance(digest, bool):
                 continue
             name = self.hospitals[int(metrics[INDEX_KEY])]

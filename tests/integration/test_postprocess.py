@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from common.augment import train_cache_size
-from common.checkpoint import save_atomic
+from common.checkpoint import load_checkpoint, save_atomic
 from common.config import compose_config
-from common.data import split_tensors
+from common.data import split_digest, split_tensors
 from common.localization import load_maps
 from common.model import create_mct_model
 from common.segmenter import SegmenterEnsemble, load_segmenter
@@ -69,6 +69,8 @@ def make_checkpoint(path: Path, data_overrides: list[str], hospital: str) -> Pat
         "model": OmegaConf.to_container(cfg.model),
         "classes": list(cfg.data.classes),
         "config": OmegaConf.to_yaml(cfg),
+        # What the hospital sent with its training replies: post-training checks it.
+        "splits": {hospital: [split_digest(cfg.data, hospital)]},
     }
     return save_atomic(payload, path)
 
@@ -165,6 +167,9 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
     assert val[kept]["class_aware_miou"] >= val[other[kept]]["class_aware_miou"]
     assert seeds["val"] == val[kept]
     assert (out / "personalized_model.pt").is_file() == (kept == "personalized")
+    if kept == "personalized":  # the fine-tune keeps the split it was trained on
+        splits = load_checkpoint(out / "personalized_model.pt")["splits"]
+        assert list(splits) == [metrics["hospital"]] and len(splits[metrics["hospital"]]) == 1
     pseudo = metrics["stages"][1]  # the shipped pseudo.tune list, chosen on validation
     assert pseudo["choice"]["cell_fraction"] in (0.15, 0.2, 0.25, 0.3)
     table = (out / "metrics.md").read_text()

@@ -32,8 +32,11 @@ def _simulate(flwr_home, tmp_path, *overrides: str) -> dict:
     rows = metrics_rows(run_dir)
     assert [r["replies"] for r in rows] == [3, 3]
     before = load_checkpoint(run_dir / "checkpoints" / "round_001.pt")["state_dict"]
-    after = load_checkpoint(run_dir / "final_model.pt")["state_dict"]
+    final = load_checkpoint(run_dir / "final_model.pt")
+    after = final["state_dict"]
     squares = sum(((after[k].double() - before[k].double()) ** 2).sum() for k in after)
+    # The split fingerprints would tell apart image sets one image apart: not released.
+    assert final["splits"] == {}
     return {
         "privacy": json.loads((run_dir / "privacy.json").read_text()),
         "update_norm": math.sqrt(float(squares)),

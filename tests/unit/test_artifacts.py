@@ -73,6 +73,11 @@ def test_a_sixteen_bit_grey_image_is_scaled_onto_eight_bits(tmp_path):
     np.testing.assert_array_equal(rgb_array(picture.convert("I")), expected)
     with pytest.raises(ValueError, match="32-bit integer pixels from 0 to 70000"):
         rgb_array(Image.fromarray(np.array([[0, 70000]], dtype=np.int32), "I"))
+    # 8-bit values saved in 16 bits (a mask, say) are kept; float values in 0..1 are scaled.
+    small = np.array([[0, 128, 255]], dtype=np.uint16)
+    np.testing.assert_array_equal(rgb_array(Image.fromarray(small))[..., 0], small)
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    np.testing.assert_array_equal(rgb_array(unit)[..., 0], [[0, 128, 255]])
 
 
 def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary(tmp_path, monkeypatch):
