@@ -290,7 +290,7 @@ COMMAND = Command(
     keys={
         **SITE_KEYS,
         "pseudo": "pseudo-mask method: stain_grow (default), attn_rw, threshold, psa, psa_cpu",
-        "segmenter": "segmenter preset: mobilenet (default), lraspp, resnet50",
+        "segmenter": "segmenter preset: cpu (default, LR-ASPP), mobilenet, lraspp, resnet50",
         "output_dir": "where outputs go (default: <run dir>/postprocess/<hospital>)",
     },
     examples=[

@@ -421,7 +421,10 @@ class GuardedFedAvg(FedAvg):
             else:
                 kept.append(msg)
         ratio = self.guards.max_update_norm_ratio
-        if ratio is None or len(kept) < 2:
+        # Two replies cannot tell which one is out of line: Dataset 2's single step at the
+        # warm-up rate made an update 1600 times smaller than Dataset 1's, and the guard threw
+        # out the honest site. The bound on the global model's norm still holds for both.
+        if ratio is None or len(kept) < 3:
             return kept
         final = []
         for msg in kept:

@@ -129,10 +129,15 @@ def test_a_reply_larger_than_the_model_is_refused_before_it_is_decoded(monkeypat
     assert len(decoded) == 1  # only the honest reply reached the array checks
 
 
-def test_the_peer_guard_compares_with_the_others_even_with_two_replies():
-    strategy = prepare(_strategy(min_replies=1, guards=Guards(max_update_norm_ratio=10.0)), ONES)
-    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1e6, 10)])
-    assert list(strategy.report.rejected) == [2]
+def test_the_peer_guard_stands_aside_with_two_replies_where_it_cannot_tell_the_outlier():
+    # A hospital of one step at the warm-up rate sends a tiny update: the other one, honest and
+    # 1000 times larger, stays. Three replies have a majority to compare with.
+    strategy = prepare(_strategy(min_replies=2, guards=Guards(max_update_norm_ratio=10.0)), ONES)
+    strategy.aggregate_train(1, [reply(1, 1.0001, 10), reply(2, 1.1, 10)])
+    assert not strategy.report.rejected
+    prepare(strategy, ONES)
+    strategy.aggregate_train(2, [reply(1, 1.0001, 10), reply(2, 1.0002, 10), reply(3, 1.1, 10)])
+    assert list(strategy.report.rejected) == [3]
 
 
 def test_num_examples_is_capped_at_the_first_declaration():
