@@ -74,9 +74,9 @@ def split_digest(data_cfg: Any, name: str) -> int:
 
     Splits are drawn over the images in listing order, so an image added, removed or renamed
     after training redraws them, and post-training could then score the model on images it
-    trained on. Each hospital sends this number with its training replies; the model file keeps
-    it, and post-training refuses a split whose fingerprint differs. It names no file: a
-    truncated hash of every id of the hospital together.
+    trained on. Each hospital sends this number with its training replies; the model files of
+    a run without differential privacy keep it, and post-training refuses a split whose
+    fingerprint differs. It names no file: a truncated hash of every id of the hospital together.
     """
     data = load_hospital(data_cfg, name)
     parts = SplitSpec.of(data_cfg).indices(data.labels)
