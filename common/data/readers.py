@@ -591,12 +591,30 @@ def _visible(path: Path, below: Path | None = None) -> bool:
 def _image_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
     """Image files in ``folder`` with one of ``extensions`` (case-insensitive), sorted."""
     wanted = {ext.casefold() if ext.startswith(".") else f".{ext.casefold()}" for ext in extensions}
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    candidates = _entries_below(folder) if recursive else folder.iterdir()
     return sorted(
         p
         for p in candidates
         if p.suffix.casefold() in wanted and _visible(p, folder) and p.is_file()
     )
+
+
+def _entries_below(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, through symlinked sub-folders too, each real folder once.
+
+    Sites link a scanner's export folder into a class folder; ``Path.rglob`` does not follow
+    such links (before Python 3.13), so their images were left out without a word. A link back
+    to a folder already walked is skipped, so a loop ends.
+    """
+    walked: set[str] = set()
+    for top, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in walked:
+            subfolders.clear()
+            continue
+        walked.add(real)
+        subfolders.sort()  # which of two links to one folder names its images: the first
+        yield from (Path(top, name) for name in files)
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:

@@ -197,6 +197,25 @@ def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
     assert data.masks is not None and all(m.shape == (30, 36) for m in data.masks)
 
 
+def test_symlinked_sub_folders_are_read_once_and_a_link_loop_ends(tmp_path):
+    export = tmp_path / "scanner_export"
+    for i in range(2):
+        write_image(export / f"{i}.png", 20, 20, seed=i)
+    images = tmp_path / "images"
+    write_image(images / "neutrophil" / "own.png", 20, 20)
+    (images / "neutrophil" / "batch2").symlink_to(export, target_is_directory=True)
+    (images / "neutrophil" / "batch2_again").symlink_to(export, target_is_directory=True)
+    (export / "loop").symlink_to(images, target_is_directory=True)
+    spec = {"format": "class_folders", "root": str(images)}
+    data = load_hospital(data_cfg({"site": spec}), "site")
+    assert sorted(data.sample_ids) == [
+        "neutrophil/batch2/0.png",
+        "neutrophil/batch2/1.png",
+        "neutrophil/own.png",
+    ]
+    assert [data.classes[i] for i in data.labels] == ["neutrophil"] * 3
+
+
 # ---- splits ----
 
 
