@@ -12,11 +12,14 @@ Adding a format is one function registered in :data:`FORMATS`.
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import io
 import json
 import logging
 import os
+import stat
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -424,7 +427,7 @@ def _list_zxaoyou(source: Source) -> Listing:
         listing.problems.append(source.problem("missing_label", label_file, "label file not found"))
         return listing
     images: dict[int, Path] = {}
-    for path in _image_files(folder, (".bmp",), recursive=False):
+    for path in _image_files(source, listing, folder, (".bmp",), recursive=False):
         if not _is_image_id(path.stem):
             detail = "file name is not a numeric image id, so it has no label row"
             listing.problems.append(source.problem("missing_label", path, detail))
@@ -538,25 +541,27 @@ def _list_class_tree(
     if not all([_require_dir(source, folder, listing) for folder in inner]):  # report each one
         return listing
     class_map = _class_map(source, {})
-    for path in _image_files(image_root, extensions, recursive=False):
+    files, class_folders = _scan(source, listing, image_root)
+    for path in _with_extension(files, extensions):
         detail = "image outside any class folder has no label"
         listing.problems.append(source.problem("missing_label", path, detail))
-    for folder in sorted(p for p in image_root.iterdir() if p.is_dir() and _visible(p)):
-        files = _image_files(folder, extensions, recursive=True)
+    masks: dict[Path, dict[str, Path]] = {}
+    for folder in class_folders:
+        files = _image_files(source, listing, folder, extensions, recursive=True)
         index = _class_index(folder.name, class_map, source.classes)
         if index is None and files:
             detail = _unknown_class_detail(folder.name, class_map, source.classes)
             listing.problems.append(source.problem("unknown_class", folder, detail))
             continue
-        masks: dict[Path, dict[str, Path]] = {}
         for path in files:
             mask = None
             if mask_root is not None:
                 mask_dir = mask_root / path.parent.relative_to(image_root)
                 if mask_dir not in masks:
-                    masks[mask_dir] = _files_by_stem(mask_dir)
+                    masks[mask_dir] = _files_by_stem(source, listing, mask_dir)
                 mask = masks[mask_dir].get(path.stem)
             _add_entry(source, listing, path, index, mask)
+    _drop_repeated_files(source, listing)
     return listing
 
 
@@ -571,6 +576,21 @@ def _add_entry(
     listing.entries.append(Entry(image, label, mask))
 
 
+def _drop_repeated_files(source: Source, listing: Listing) -> None:
+    """Report a file listed twice through links: once in train and once in test, or two labels."""
+    first: dict[str, Path] = {}
+    kept = []
+    for entry in listing.entries:
+        real = os.path.realpath(entry.image)
+        if real in first:
+            detail = f"the same file as {first[real]}, reached through a link"
+            listing.problems.append(source.problem("repeated_image", entry.image, detail))
+        else:
+            first[real] = entry.image
+            kept.append(entry)
+    listing.entries = kept
+
+
 def _require_dir(source: Source, path: Path, listing: Listing) -> bool:
     """Report a missing folder as missing_root; return whether it exists."""
     if path.is_dir():
@@ -579,49 +599,87 @@ def _require_dir(source: Source, path: Path, listing: Listing) -> bool:
     return False
 
 
-def _visible(path: Path, below: Path | None = None) -> bool:
-    """Skip hidden files and folders (``.DS_Store``, AppleDouble ``._x.jpg``, ``.thumbnails/``).
+def _image_files(
+    source: Source, listing: Listing, folder: Path, extensions: Sequence[str], recursive: bool
+) -> list[Path]:
+    """Image files in ``folder`` (below it with ``recursive``), sorted; see :func:`_scan`."""
+    if not recursive:
+        return _with_extension(_scan(source, listing, folder)[0], extensions)
+    return sorted(_with_extension(_files_below(source, listing, folder), extensions))
 
-    With ``below``, every folder between it and ``path`` must be visible too.
-    """
-    parts = path.relative_to(below).parts if below is not None else (path.name,)
-    return not any(part.startswith(".") for part in parts)
 
-
-def _image_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
-    """Image files in ``folder`` with one of ``extensions`` (case-insensitive), sorted."""
+def _with_extension(files: Sequence[Path], extensions: Sequence[str]) -> list[Path]:
+    """The files with one of ``extensions``, compared case-insensitively."""
     wanted = {ext.casefold() if ext.startswith(".") else f".{ext.casefold()}" for ext in extensions}
-    candidates = _entries_below(folder) if recursive else folder.iterdir()
-    return sorted(
-        p
-        for p in candidates
-        if p.suffix.casefold() in wanted and _visible(p, folder) and p.is_file()
-    )
+    return [path for path in files if path.suffix.casefold() in wanted]
 
 
-def _entries_below(folder: Path) -> Iterator[Path]:
-    """Every file below ``folder``, through symlinked sub-folders too, each real folder once.
+def _files_below(source: Source, listing: Listing, folder: Path) -> list[Path]:
+    """Every file below ``folder``: its own folders first, then linked ones, each real one once.
 
-    Sites link a scanner's export folder into a class folder; ``Path.rglob`` does not follow
-    such links (before Python 3.13), so their images were left out without a word. A link back
-    to a folder already walked is skipped, so a loop ends.
+    Sites link a scanner's export folder into a class folder, so links are followed. A folder
+    reached both ways takes its images' ids (and so its masks' place) from its own path, not a
+    convenience link to it (``latest -> patient3``); a link up to a folder holding ``folder``
+    is not followed, so a loop ends and no other class is read under this one.
     """
-    walked: set[str] = set()
-    for top, subfolders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in walked:
-            subfolders.clear()
+    start = Path(os.path.realpath(folder))
+    walked: set[Path] = set()
+    pending = deque([folder])
+    files: list[Path] = []
+    while pending:
+        current = pending.popleft()
+        real = Path(os.path.realpath(current))
+        if real in walked or real in start.parents:
             continue
         walked.add(real)
-        subfolders.sort()  # which of two links to one folder names its images: the first
-        yield from (Path(top, name) for name in files)
+        found, subfolders = _scan(source, listing, current)
+        files += found
+        pending.extendleft(reversed([path for path in subfolders if not path.is_symlink()]))
+        pending.extend(path for path in subfolders if path.is_symlink())
+    return files
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
+def _scan(source: Source, listing: Listing, folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files and the sub-folders in ``folder``, sorted, links followed; hidden ones skipped.
+
+    Hidden names are not data (``.DS_Store``, AppleDouble ``._x.jpg``, ``.thumbnails/``). What
+    cannot be read is reported, not skipped, so no image is left out without a word: a folder
+    that cannot be listed or searched (permissions), a link whose target is gone (an unmounted
+    share) or loops.
+    """
+    try:
+        names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    except OSError as error:
+        listing.problems.append(source.problem("unreadable_folder", folder, _reason(error)))
+        return [], []
+    files, folders = [], []
+    for path in (folder / name for name in names):
+        try:
+            mode = path.stat().st_mode
+        except OSError as error:
+            if error.errno == errno.EACCES or not path.is_symlink():
+                listing.problems.append(source.problem("unreadable_folder", folder, _reason(error)))
+                return [], []
+            detail = f"a link to {os.readlink(path)} that cannot be followed ({_reason(error)})"
+            listing.problems.append(source.problem("broken_link", path, detail))
+            continue
+        if stat.S_ISDIR(mode):
+            folders.append(path)
+        elif stat.S_ISREG(mode):
+            files.append(path)
+    return files, folders
+
+
+def _reason(error: OSError) -> str:
+    """An OSError's own words (``Permission denied``), without the path the problem names."""
+    return error.strerror or str(error)
+
+
+def _files_by_stem(source: Source, listing: Listing, folder: Path) -> dict[str, Path]:
     """Index the image files of a mask folder by stem (mask extensions may differ from images)."""
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in _image_files(folder, IMAGE_EXTENSIONS, recursive=False)}
+    return {p.stem: p for p in _image_files(source, listing, folder, IMAGE_EXTENSIONS, False)}
 
 
 # ---- file formats: decoding ----

@@ -83,7 +83,8 @@ def split_digest(data_cfg: Any, name: str) -> int:
     digest = hashlib.sha256()
     for split in SPLITS:
         for index in parts[split]:
-            digest.update(f"{split}\t{data.labels[index]}\t{data.sample_ids[index]}\n".encode())
+            line = f"{split}\t{data.labels[index]}\t{data.sample_ids[index]}\n"
+            digest.update(line.encode("utf-8", "surrogateescape"))  # names not in UTF-8, as on disk
     return int.from_bytes(digest.digest()[:6], "big")
 
 

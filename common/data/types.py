@@ -23,6 +23,9 @@ ProblemKind = Literal[
     "missing_mask",
     "empty_hospital",
     "missing_root",
+    "unreadable_folder",
+    "broken_link",
+    "repeated_image",
     "bad_config",
 ]
 

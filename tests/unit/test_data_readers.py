@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -197,23 +198,75 @@ def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
     assert data.masks is not None and all(m.shape == (30, 36) for m in data.masks)
 
 
-def test_symlinked_sub_folders_are_read_once_and_a_link_loop_ends(tmp_path):
+def test_linked_folders_are_read_once_under_their_own_path_and_a_loop_ends(tmp_path):
     export = tmp_path / "scanner_export"
     for i in range(2):
         write_image(export / f"{i}.png", 20, 20, seed=i)
     images = tmp_path / "images"
     write_image(images / "neutrophil" / "own.png", 20, 20)
-    (images / "neutrophil" / "batch2").symlink_to(export, target_is_directory=True)
-    (images / "neutrophil" / "batch2_again").symlink_to(export, target_is_directory=True)
-    (export / "loop").symlink_to(images, target_is_directory=True)
+    write_image(images / "neutrophil" / "patient3" / "p.png", 20, 20)
+    write_image(images / "lymphocyte" / "l.png", 20, 20)
+    neutrophil = images / "neutrophil"
+    (neutrophil / "batch2").symlink_to(export, target_is_directory=True)
+    (neutrophil / "batch2_again").symlink_to(export, target_is_directory=True)
+    (neutrophil / "latest").symlink_to("patient3", target_is_directory=True)  # sorts first
+    (neutrophil / ".current").symlink_to("patient3", target_is_directory=True)  # hidden
+    (export / "up").symlink_to(images, target_is_directory=True)  # would read lymphocyte/l.png
     spec = {"format": "class_folders", "root": str(images)}
     data = load_hospital(data_cfg({"site": spec}), "site")
-    assert sorted(data.sample_ids) == [
-        "neutrophil/batch2/0.png",
-        "neutrophil/batch2/1.png",
-        "neutrophil/own.png",
+    labelled = sorted(zip(data.sample_ids, (data.classes[i] for i in data.labels), strict=True))
+    assert labelled == [
+        ("lymphocyte/l.png", "lymphocyte"),
+        ("neutrophil/batch2/0.png", "neutrophil"),
+        ("neutrophil/batch2/1.png", "neutrophil"),
+        ("neutrophil/own.png", "neutrophil"),
+        ("neutrophil/patient3/p.png", "neutrophil"),  # its own path: masks are looked up there
     ]
-    assert [data.classes[i] for i in data.labels] == ["neutrophil"] * 3
+
+
+def test_links_that_cannot_be_followed_and_files_reached_twice_are_reported(tmp_path):
+    images = tmp_path / "images"
+    write_image(images / "neutrophil" / "n.png", 20, 20)
+    write_image(images / "lymphocyte" / "l.png", 20, 20)
+    write_image(tmp_path / "export" / "e.png", 20, 20)
+    (images / "neutrophil" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (images / "neutrophil" / "batch2").symlink_to(tmp_path / "unmounted" / "share")
+    (images / "neutrophil" / "self.png").symlink_to("self.png")
+    (images / "monocyte").symlink_to(tmp_path / "unmounted" / "monocyte")
+    for cls in ("neutrophil", "lymphocyte"):
+        (images / cls / "scan").symlink_to(tmp_path / "export", target_is_directory=True)
+    spec = {"format": "class_folders", "root": str(images)}
+    problems = verify_data(data_cfg({"site": spec}))
+    found = {(p.kind, Path(p.path).relative_to(images).as_posix()) for p in problems}
+    assert found == {
+        ("broken_link", "neutrophil/gone.png"),
+        ("broken_link", "neutrophil/batch2"),
+        ("broken_link", "neutrophil/self.png"),
+        ("broken_link", "monocyte"),
+        ("repeated_image", "neutrophil/scan/e.png"),
+    }
+    repeated = next(p for p in problems if p.kind == "repeated_image")
+    assert str(images / "lymphocyte" / "scan" / "e.png") in repeated.detail
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    write_image(images / "neutrophil" / "n.png", 20, 20)
+    write_image(images / "neutrophil" / "patient2" / "p.png", 20, 20)
+    locked = images / "neutrophil" / "patient2"
+    listdir = os.listdir
+
+    def denied_at_locked(path):  # as for a folder of mode 000 (root, who runs CI, reads all)
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", denied_at_locked)
+    spec = {"format": "class_folders", "root": str(images)}
+    problems = verify_data(data_cfg({"site": spec}))
+    assert [(p.kind, p.path, p.detail) for p in problems] == [
+        ("unreadable_folder", str(locked), "Permission denied")
+    ]
 
 
 # ---- splits ----
@@ -380,6 +433,11 @@ def test_split_digest_follows_the_images_not_the_folder_they_lie_in(tmp_path):
     assert digest("a") == digest("b") and 0 <= digest("a") < 2**48
     assert digest("c") != digest("a")  # one image fewer redraws the split
     assert digest("a", seed=1) != digest("a")
+    # a name that is not UTF-8 (an old Windows share) is hashed as the bytes on disk
+    shutil.copytree(tmp_path / "a", tmp_path / "d")
+    latin1 = os.fsdecode(bytes(tmp_path / "d" / "lymphocyte") + b"/caf\xe9.png")
+    os.rename(tmp_path / "d" / "lymphocyte" / "1.png", latin1)
+    assert digest("d") not in (digest("a"), digest("c"))
 
 
 def test_split_tensors_without_masks(tmp_path):
