@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from common.data import id_bytes
 from common.files import replaced_atomically
 from common.imaging import eight_bit
 
@@ -57,7 +58,7 @@ def sample_stems(sample_ids: Sequence[str]) -> list[str]:
     return [
         stem
         if counts[stem] == 1
-        else f"{stem}-{hashlib.sha256(sample_id.encode()).hexdigest()[:8]}"
+        else f"{stem}-{hashlib.sha256(id_bytes(sample_id)).hexdigest()[:8]}"
         for stem, sample_id in zip(readable, sample_ids, strict=True)
     ]
 

@@ -21,6 +21,7 @@ from common.data.types import (
     DataProblem,
     DataVerificationError,
     HospitalData,
+    id_bytes,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "fold_indices",
     "hospital_names",
     "hospital_split",
+    "id_bytes",
     "load_hospital",
     "split_digest",
     "split_indices",

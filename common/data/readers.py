@@ -12,7 +12,6 @@ Adding a format is one function registered in :data:`FORMATS`.
 from __future__ import annotations
 
 import csv
-import errno
 import functools
 import io
 import json
@@ -577,24 +576,40 @@ def _add_entry(
 
 
 def _drop_repeated_files(source: Source, listing: Listing) -> None:
-    """Report a file listed twice through links: once in train and once in test, or two labels."""
-    first: dict[str, Path] = {}
+    """Report a file listed twice through links: once in train and once in test, or two labels.
+
+    The path without a link in it is kept and the others are named, so the message never
+    sends anyone to delete the real image.
+    """
+    by_file: dict[str, list[Entry]] = {}
+    for entry in listing.entries:
+        by_file.setdefault(os.path.realpath(entry.image), []).append(entry)
     kept = []
     for entry in listing.entries:
-        real = os.path.realpath(entry.image)
-        if real in first:
-            detail = f"the same file as {first[real]}, reached through a link"
-            listing.problems.append(source.problem("repeated_image", entry.image, detail))
-        else:
-            first[real] = entry.image
+        group = by_file[os.path.realpath(entry.image)]
+        own = next((e for e in group if not _through_link(e.image, listing.root)), group[0])
+        if entry is own:
             kept.append(entry)
+        else:
+            detail = f"the same file as {own.image}, reached through a link"
+            listing.problems.append(source.problem("repeated_image", entry.image, detail))
     listing.entries = kept
+
+
+def _through_link(path: Path, root: Path) -> bool:
+    """Whether ``path`` or a folder on its way down from ``root`` is a link."""
+    parts = path.relative_to(root).parts
+    return any(root.joinpath(*parts[:n]).is_symlink() for n in range(1, len(parts) + 1))
 
 
 def _require_dir(source: Source, path: Path, listing: Listing) -> bool:
     """Report a missing folder as missing_root; return whether it exists."""
-    if path.is_dir():
-        return True
+    try:
+        if path.is_dir():
+            return True
+    except OSError as error:  # a folder above it this user cannot search
+        listing.problems.append(source.problem("unreadable_folder", path, _reason(error)))
+        return False
     listing.problems.append(source.problem("missing_root", path, "folder not found"))
     return False
 
@@ -619,8 +634,8 @@ def _files_below(source: Source, listing: Listing, folder: Path) -> list[Path]:
 
     Sites link a scanner's export folder into a class folder, so links are followed. A folder
     reached both ways takes its images' ids (and so its masks' place) from its own path, not a
-    convenience link to it (``latest -> patient3``); a link up to a folder holding ``folder``
-    is not followed, so a loop ends and no other class is read under this one.
+    convenience link to it (``latest -> patient3``). A link up to a folder holding ``folder``
+    would read other classes under this one: it is reported, not followed, so a loop ends.
     """
     start = Path(os.path.realpath(folder))
     walked: set[Path] = set()
@@ -629,7 +644,11 @@ def _files_below(source: Source, listing: Listing, folder: Path) -> list[Path]:
     while pending:
         current = pending.popleft()
         real = Path(os.path.realpath(current))
-        if real in walked or real in start.parents:
+        if real in start.parents:
+            detail = f"a link up to {real}, which holds this class folder: not followed"
+            listing.problems.append(source.problem("bad_link", current, detail))
+            continue
+        if real in walked:
             continue
         walked.add(real)
         found, subfolders = _scan(source, listing, current)
@@ -657,11 +676,15 @@ def _scan(source: Source, listing: Listing, folder: Path) -> tuple[list[Path], l
         try:
             mode = path.stat().st_mode
         except OSError as error:
-            if error.errno == errno.EACCES or not path.is_symlink():
+            try:
+                linked = path.is_symlink()
+            except OSError:  # the folder lists its names but cannot be searched
+                linked = False
+            if not linked:
                 listing.problems.append(source.problem("unreadable_folder", folder, _reason(error)))
                 return [], []
             detail = f"a link to {os.readlink(path)} that cannot be followed ({_reason(error)})"
-            listing.problems.append(source.problem("broken_link", path, detail))
+            listing.problems.append(source.problem("bad_link", path, detail))
             continue
         if stat.S_ISDIR(mode):
             folders.append(path)
@@ -677,7 +700,11 @@ def _reason(error: OSError) -> str:
 
 def _files_by_stem(source: Source, listing: Listing, folder: Path) -> dict[str, Path]:
     """Index the image files of a mask folder by stem (mask extensions may differ from images)."""
-    if not folder.is_dir():
+    try:
+        if not folder.is_dir():
+            return {}  # no masks here: each image's missing_mask says so
+    except OSError as error:  # a folder above it this user cannot search
+        listing.problems.append(source.problem("unreadable_folder", folder, _reason(error)))
         return {}
     return {p.stem: p for p in _image_files(source, listing, folder, IMAGE_EXTENSIONS, False)}
 

@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from common.data.readers import hospital_key, load_hospital
 from common.data.splits import SPLITS, SplitSpec
-from common.data.types import HospitalData
+from common.data.types import HospitalData, id_bytes
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ def split_digest(data_cfg: Any, name: str) -> int:
     digest = hashlib.sha256()
     for split in SPLITS:
         for index in parts[split]:
-            line = f"{split}\t{data.labels[index]}\t{data.sample_ids[index]}\n"
-            digest.update(line.encode("utf-8", "surrogateescape"))  # names not in UTF-8, as on disk
+            digest.update(id_bytes(f"{split}\t{data.labels[index]}\t{data.sample_ids[index]}\n"))
     return int.from_bytes(digest.digest()[:6], "big")
 
 

@@ -24,10 +24,18 @@ ProblemKind = Literal[
     "empty_hospital",
     "missing_root",
     "unreadable_folder",
-    "broken_link",
+    "bad_link",
     "repeated_image",
     "bad_config",
 ]
+
+
+def id_bytes(sample_id: str) -> bytes:
+    """A sample id as bytes, a name that is not UTF-8 (an old share's Latin-1) as it lies on disk.
+
+    Python decodes such names with surrogates, which plain ``str.encode`` refuses.
+    """
+    return sample_id.encode("utf-8", "surrogateescape")
 
 
 @dataclass

@@ -3,6 +3,8 @@ whole-image work."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -105,3 +107,10 @@ def test_stems_are_readable_and_ids_that_read_alike_still_get_files_of_their_own
     assert all(stem.startswith("Neutrophil__a-") for stem in stems[1:3])
     assert all(stem.startswith("x__a_b-") for stem in stems[3:])
     assert sample_stems(ids) == stems  # the same split gives the same names when read back
+
+
+def test_names_that_are_not_utf8_get_stems_of_their_own():
+    # Latin-1 names from an old share, as Python lists them: Zelle_ä1.png and Zelle_ö1.png
+    ids = [os.fsdecode(b"n/Zelle_\xe41.png"), os.fsdecode(b"n/Zelle_\xf61.png")]
+    stems = sample_stems(ids)
+    assert len(set(stems)) == 2 and all(stem.startswith("n__Zelle__1-") for stem in stems)

@@ -198,7 +198,7 @@ def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
     assert data.masks is not None and all(m.shape == (30, 36) for m in data.masks)
 
 
-def test_linked_folders_are_read_once_under_their_own_path_and_a_loop_ends(tmp_path):
+def test_linked_folders_are_read_once_and_under_their_own_path(tmp_path):
     export = tmp_path / "scanner_export"
     for i in range(2):
         write_image(export / f"{i}.png", 20, 20, seed=i)
@@ -211,7 +211,6 @@ def test_linked_folders_are_read_once_under_their_own_path_and_a_loop_ends(tmp_p
     (neutrophil / "batch2_again").symlink_to(export, target_is_directory=True)
     (neutrophil / "latest").symlink_to("patient3", target_is_directory=True)  # sorts first
     (neutrophil / ".current").symlink_to("patient3", target_is_directory=True)  # hidden
-    (export / "up").symlink_to(images, target_is_directory=True)  # would read lymphocyte/l.png
     spec = {"format": "class_folders", "root": str(images)}
     data = load_hospital(data_cfg({"site": spec}), "site")
     labelled = sorted(zip(data.sample_ids, (data.classes[i] for i in data.labels), strict=True))
@@ -235,18 +234,25 @@ def test_links_that_cannot_be_followed_and_files_reached_twice_are_reported(tmp_
     (images / "monocyte").symlink_to(tmp_path / "unmounted" / "monocyte")
     for cls in ("neutrophil", "lymphocyte"):
         (images / cls / "scan").symlink_to(tmp_path / "export", target_is_directory=True)
+    (tmp_path / "export" / "up").symlink_to(images, target_is_directory=True)  # other classes
+    write_image(images / "neutrophil" / "p1" / "n1.png", 20, 20)
+    (images / "lymphocyte" / "more").symlink_to(images / "neutrophil" / "p1")  # listed first
     spec = {"format": "class_folders", "root": str(images)}
     problems = verify_data(data_cfg({"site": spec}))
     found = {(p.kind, Path(p.path).relative_to(images).as_posix()) for p in problems}
     assert found == {
-        ("broken_link", "neutrophil/gone.png"),
-        ("broken_link", "neutrophil/batch2"),
-        ("broken_link", "neutrophil/self.png"),
-        ("broken_link", "monocyte"),
+        ("bad_link", "neutrophil/gone.png"),
+        ("bad_link", "neutrophil/batch2"),
+        ("bad_link", "neutrophil/self.png"),
+        ("bad_link", "monocyte"),
+        ("bad_link", "lymphocyte/scan/up"),
+        ("bad_link", "neutrophil/scan/up"),
         ("repeated_image", "neutrophil/scan/e.png"),
+        ("repeated_image", "lymphocyte/more/n1.png"),  # the real file is kept, the link named
     }
-    repeated = next(p for p in problems if p.kind == "repeated_image")
-    assert str(images / "lymphocyte" / "scan" / "e.png") in repeated.detail
+    repeated = {Path(p.path).name: p.detail for p in problems if p.kind == "repeated_image"}
+    assert str(images / "lymphocyte" / "scan" / "e.png") in repeated["e.png"]
+    assert str(images / "neutrophil" / "p1" / "n1.png") in repeated["n1.png"]
 
 
 def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, monkeypatch):
