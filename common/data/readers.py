@@ -560,7 +560,7 @@ def _list_class_tree(
                     masks[mask_dir] = _files_by_stem(source, listing, mask_dir)
                 mask = masks[mask_dir].get(path.stem)
             _add_entry(source, listing, path, index, mask)
-    _drop_repeated_files(source, listing)
+    _drop_repeated_files(source, listing, image_root)
     return listing
 
 
@@ -575,7 +575,7 @@ def _add_entry(
     listing.entries.append(Entry(image, label, mask))
 
 
-def _drop_repeated_files(source: Source, listing: Listing) -> None:
+def _drop_repeated_files(source: Source, listing: Listing, image_root: Path) -> None:
     """Report a file listed twice through links: once in train and once in test, or two labels.
 
     The path without a link in it is kept and the others are named, so the message never
@@ -587,7 +587,7 @@ def _drop_repeated_files(source: Source, listing: Listing) -> None:
     kept = []
     for entry in listing.entries:
         group = by_file[os.path.realpath(entry.image)]
-        own = next((e for e in group if not _through_link(e.image, listing.root)), group[0])
+        own = next((e for e in group if not _link_in_class(e.image, image_root)), group[0])
         if entry is own:
             kept.append(entry)
         else:
@@ -596,10 +596,15 @@ def _drop_repeated_files(source: Source, listing: Listing) -> None:
     listing.entries = kept
 
 
-def _through_link(path: Path, root: Path) -> bool:
-    """Whether ``path`` or a folder on its way down from ``root`` is a link."""
-    parts = path.relative_to(root).parts
-    return any(root.joinpath(*parts[:n]).is_symlink() for n in range(1, len(parts) + 1))
+def _link_in_class(path: Path, image_root: Path) -> bool:
+    """Whether ``path`` or a folder between it and its class folder is a link.
+
+    A class folder that is a link itself (or a data root on a linked disk) leads to the real
+    file as much as a plain folder does.
+    """
+    class_folder, *below = path.relative_to(image_root).parts
+    inside = image_root / class_folder
+    return any(inside.joinpath(*below[:n]).is_symlink() for n in range(1, len(below) + 1))
 
 
 def _require_dir(source: Source, path: Path, listing: Listing) -> bool:
@@ -635,17 +640,19 @@ def _files_below(source: Source, listing: Listing, folder: Path) -> list[Path]:
     Sites link a scanner's export folder into a class folder, so links are followed. A folder
     reached both ways takes its images' ids (and so its masks' place) from its own path, not a
     convenience link to it (``latest -> patient3``). A link up to a folder holding ``folder``
+    or the class folders beside it (the data root, wherever a linked class folder really lies)
     would read other classes under this one: it is reported, not followed, so a loop ends.
     """
-    start = Path(os.path.realpath(folder))
+    start, data = Path(os.path.realpath(folder)), Path(os.path.realpath(folder.parent))
+    holders = {*start.parents, data, *data.parents}
     walked: set[Path] = set()
     pending = deque([folder])
     files: list[Path] = []
     while pending:
         current = pending.popleft()
         real = Path(os.path.realpath(current))
-        if real in start.parents:
-            detail = f"a link up to {real}, which holds this class folder: not followed"
+        if real in holders:
+            detail = f"a link up to {real}, which holds the class folders: not followed"
             listing.problems.append(source.problem("bad_link", current, detail))
             continue
         if real in walked:

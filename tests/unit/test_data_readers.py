@@ -237,6 +237,12 @@ def test_links_that_cannot_be_followed_and_files_reached_twice_are_reported(tmp_
     (tmp_path / "export" / "up").symlink_to(images, target_is_directory=True)  # other classes
     write_image(images / "neutrophil" / "p1" / "n1.png", 20, 20)
     (images / "lymphocyte" / "more").symlink_to(images / "neutrophil" / "p1")  # listed first
+    # a class folder that is itself a link is as real as a plain one
+    write_image(tmp_path / "store" / "eos" / "x.png", 20, 20)
+    (images / "eosinophil").symlink_to(tmp_path / "store" / "eos", target_is_directory=True)
+    (images / "basophil").mkdir()
+    (images / "basophil" / "b").symlink_to(tmp_path / "store" / "eos")  # listed first
+    (tmp_path / "store" / "eos" / "back").symlink_to(images)  # up from where it really lies
     spec = {"format": "class_folders", "root": str(images)}
     problems = verify_data(data_cfg({"site": spec}))
     found = {(p.kind, Path(p.path).relative_to(images).as_posix()) for p in problems}
@@ -249,6 +255,9 @@ def test_links_that_cannot_be_followed_and_files_reached_twice_are_reported(tmp_
         ("bad_link", "neutrophil/scan/up"),
         ("repeated_image", "neutrophil/scan/e.png"),
         ("repeated_image", "lymphocyte/more/n1.png"),  # the real file is kept, the link named
+        ("repeated_image", "basophil/b/x.png"),
+        ("bad_link", "basophil/b/back"),
+        ("bad_link", "eosinophil/back"),
     }
     repeated = {Path(p.path).name: p.detail for p in problems if p.kind == "repeated_image"}
     assert str(images / "lymphocyte" / "scan" / "e.png") in repeated["e.png"]
