@@ -584,16 +584,15 @@ def _drop_repeated_files(source: Source, listing: Listing, image_root: Path) -> 
     by_file: dict[str, list[Entry]] = {}
     for entry in listing.entries:
         by_file.setdefault(os.path.realpath(entry.image), []).append(entry)
-    kept = []
-    for entry in listing.entries:
-        group = by_file[os.path.realpath(entry.image)]
+    repeats: set[Path] = set()
+    for group in (group for group in by_file.values() if len(group) > 1):
         own = next((e for e in group if not _link_in_class(e.image, image_root)), group[0])
-        if entry is own:
-            kept.append(entry)
-        else:
-            detail = f"the same file as {own.image}, reached through a link"
-            listing.problems.append(source.problem("repeated_image", entry.image, detail))
-    listing.entries = kept
+        for entry in group:
+            if entry is not own:
+                detail = f"the same file as {own.image}, reached through a link"
+                listing.problems.append(source.problem("repeated_image", entry.image, detail))
+                repeats.add(entry.image)
+    listing.entries = [entry for entry in listing.entries if entry.image not in repeats]
 
 
 def _link_in_class(path: Path, image_root: Path) -> bool:
