@@ -545,6 +545,10 @@ def _list_class_tree(
         detail = "image outside any class folder has no label"
         listing.problems.append(source.problem("missing_label", path, detail))
     masks: dict[Path, dict[str, Path]] = {}
+    masked: dict[tuple[Path, str], Path] = {}  # the image each mask serves
+    # Masks beside their images (mask_root = root) are the files of the other extensions.
+    mask_kinds = sorted(_suffixes(IMAGE_EXTENSIONS) - _suffixes(extensions))
+    mask_extensions = mask_kinds if mask_root == image_root else IMAGE_EXTENSIONS
     for folder in class_folders:
         files = _image_files(source, listing, folder, extensions, recursive=True)
         index = _class_index(folder.name, class_map, source.classes)
@@ -557,8 +561,14 @@ def _list_class_tree(
             if mask_root is not None:
                 mask_dir = mask_root / path.parent.relative_to(image_root)
                 if mask_dir not in masks:
-                    masks[mask_dir] = _files_by_stem(source, listing, mask_dir)
+                    masks[mask_dir] = _files_by_stem(source, listing, mask_dir, mask_extensions)
                 mask = masks[mask_dir].get(path.stem)
+                if (mask_dir, path.stem) in masked:
+                    other = masked[mask_dir, path.stem].name
+                    detail = f"named like {other}, so one mask would serve both"
+                    listing.problems.append(source.problem("ambiguous_mask", path, detail))
+                    continue
+                masked[mask_dir, path.stem] = path
             _add_entry(source, listing, path, index, mask)
     _drop_repeated_files(source, listing, image_root)
     return listing
@@ -629,8 +639,13 @@ def _image_files(
 
 def _with_extension(files: Sequence[Path], extensions: Sequence[str]) -> list[Path]:
     """The files with one of ``extensions``, compared case-insensitively."""
-    wanted = {ext.casefold() if ext.startswith(".") else f".{ext.casefold()}" for ext in extensions}
+    wanted = _suffixes(extensions)
     return [path for path in files if path.suffix.casefold() in wanted]
+
+
+def _suffixes(extensions: Sequence[str]) -> set[str]:
+    """``extensions`` as lower-case suffixes with their dot (``JPG`` -> ``.jpg``)."""
+    return {ext.casefold() if ext.startswith(".") else f".{ext.casefold()}" for ext in extensions}
 
 
 def _files_below(source: Source, listing: Listing, folder: Path) -> list[Path]:
@@ -704,7 +719,9 @@ def _reason(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def _files_by_stem(source: Source, listing: Listing, folder: Path) -> dict[str, Path]:
+def _files_by_stem(
+    source: Source, listing: Listing, folder: Path, extensions: Sequence[str]
+) -> dict[str, Path]:
     """Index the image files of a mask folder by stem (mask extensions may differ from images)."""
     try:
         if not folder.is_dir():
@@ -712,7 +729,16 @@ def _files_by_stem(source: Source, listing: Listing, folder: Path) -> dict[str, 
     except OSError as error:  # a folder above it this user cannot search
         listing.problems.append(source.problem("unreadable_folder", folder, _reason(error)))
         return {}
-    return {p.stem: p for p in _image_files(source, listing, folder, IMAGE_EXTENSIONS, False)}
+    by_stem: dict[str, Path] = {}
+    for path in _image_files(source, listing, folder, extensions, recursive=False):
+        if path.stem in by_stem:
+            detail = (
+                f"a second mask for the images named {path.stem}, beside {by_stem[path.stem].name}"
+            )
+            listing.problems.append(source.problem("ambiguous_mask", path, detail))
+        else:
+            by_stem[path.stem] = path
+    return by_stem
 
 
 # ---- file formats: decoding ----

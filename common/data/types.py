@@ -26,6 +26,7 @@ ProblemKind = Literal[
     "unreadable_folder",
     "bad_link",
     "repeated_image",
+    "ambiguous_mask",
     "bad_config",
 ]
 

@@ -284,6 +284,38 @@ def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, monkey
     ]
 
 
+def test_one_mask_for_two_images_or_two_masks_for_one_are_reported(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    write_image(images / "neutrophil" / "1.png", 30, 36)
+    write_image(images / "neutrophil" / "1.jpg", 30, 36)  # a second image named 1
+    write_image(images / "neutrophil" / "2.png", 30, 36)
+    for name in ("1.png", "2.png", "2.bmp"):  # a second mask named 2
+        (masks / "neutrophil").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grey_mask(30, 36)).save(masks / "neutrophil" / name)
+    spec = {"format": "class_folders", "root": str(images), "mask_root": str(masks)}
+    problems = verify_data(data_cfg({"site": spec}))
+    assert [(p.kind, Path(p.path).relative_to(tmp_path).as_posix()) for p in problems] == [
+        ("ambiguous_mask", "images/neutrophil/1.png"),
+        ("ambiguous_mask", "masks/neutrophil/2.png"),
+    ]
+    assert "1.jpg" in problems[0].detail and "2.bmp" in problems[1].detail
+
+
+def test_masks_beside_their_images_are_the_other_extensions(tmp_path):
+    for i in range(2):
+        write_image(tmp_path / "neutrophil" / f"{i}.jpg", 30, 36, seed=i)
+        Image.fromarray(grey_mask(30, 36)).save(tmp_path / "neutrophil" / f"{i}.png")
+    spec = {
+        "format": "class_folders",
+        "root": str(tmp_path),
+        "mask_root": str(tmp_path),
+        "extensions": [".jpg"],
+    }
+    data = load_hospital(data_cfg({"site": spec}), "site")
+    assert data.sample_ids == ["neutrophil/0.jpg", "neutrophil/1.jpg"]
+    assert data.masks is not None and all(set(np.unique(m)) == {0, 1, 2} for m in data.masks)
+
+
 # ---- splits ----
 
 
