@@ -618,14 +618,19 @@ def _link_in_class(path: Path, image_root: Path) -> bool:
 
 def _require_dir(source: Source, path: Path, listing: Listing) -> bool:
     """Report a missing folder as missing_root; return whether it exists."""
+    found = _is_folder(source, listing, path)
+    if found is False:
+        listing.problems.append(source.problem("missing_root", path, "folder not found"))
+    return bool(found)
+
+
+def _is_folder(source: Source, listing: Listing, path: Path) -> bool | None:
+    """Whether ``path`` is a folder; None, reported, when a folder above it cannot be searched."""
     try:
-        if path.is_dir():
-            return True
-    except OSError as error:  # a folder above it this user cannot search
+        return path.is_dir()
+    except OSError as error:
         listing.problems.append(source.problem("unreadable_folder", path, _reason(error)))
-        return False
-    listing.problems.append(source.problem("missing_root", path, "folder not found"))
-    return False
+        return None
 
 
 def _image_files(
@@ -674,8 +679,11 @@ def _files_below(source: Source, listing: Listing, folder: Path) -> list[Path]:
         walked.add(real)
         found, subfolders = _scan(source, listing, current)
         files += found
-        pending.extendleft(reversed([path for path in subfolders if not path.is_symlink()]))
-        pending.extend(path for path in subfolders if path.is_symlink())
+        own, linked = [], []
+        for path in subfolders:
+            (linked if path.is_symlink() else own).append(path)
+        pending.extendleft(reversed(own))
+        pending.extend(linked)
     return files
 
 
@@ -723,12 +731,8 @@ def _files_by_stem(
     source: Source, listing: Listing, folder: Path, extensions: Sequence[str]
 ) -> dict[str, Path]:
     """Index the image files of a mask folder by stem (mask extensions may differ from images)."""
-    try:
-        if not folder.is_dir():
-            return {}  # no masks here: each image's missing_mask says so
-    except OSError as error:  # a folder above it this user cannot search
-        listing.problems.append(source.problem("unreadable_folder", folder, _reason(error)))
-        return {}
+    if not _is_folder(source, listing, folder):
+        return {}  # no masks here: each image's missing_mask says so
     by_stem: dict[str, Path] = {}
     for path in _image_files(source, listing, folder, extensions, recursive=False):
         if path.stem in by_stem:
