@@ -237,14 +237,18 @@ def average_arrays(
 
     The result keeps the reference's dtypes (Flower's in-place ``+=`` would promote or truncate
     them) and rounds integer tensors. Each array is read out only when its key is averaged, so
-    no more than one tensor per model is held as float64 at a time.
+    no more than one tensor per model is held as float64 at a time. The weights are shares of
+    the largest before they are summed: two finite weights near the float maximum (a hostile
+    num-examples) would otherwise sum to inf and average every model to zero.
     """
-    total = sum(weights)
+    largest = max(weights)
+    shares = [weight / largest for weight in weights]
+    total = sum(shares)
     averaged: dict[str, np.ndarray] = {}
     for key, spec in reference.items():
         acc = np.zeros(spec.shape, dtype=np.float64)
-        for model, weight in zip(models, weights, strict=True):
-            acc += model[key].numpy().astype(np.float64) * (weight / total)
+        for model, share in zip(models, shares, strict=True):
+            acc += model[key].numpy().astype(np.float64) * (share / total)
         dtype = np.dtype(spec.dtype)
         if not np.issubdtype(dtype, np.floating):
             acc = np.rint(acc)

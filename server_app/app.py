@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -27,12 +26,14 @@ from common.checkpoint import (
 )
 from common.config import compose_config, parse_overrides
 from common.data import federated_hospitals, hospital_names
+from common.files import read_json
 from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.launch import check_training_config
 from server_app.privacy import with_privacy
 from server_app.recorder import (
     DECLARED_FILE,
+    METRICS_FILE,
     PHASES,
     RoundRecorder,
     checkpoint_prefix,
@@ -114,13 +115,17 @@ def run_hospitals(cfg: DictConfig, grid: Grid) -> list[str]:
 class StartingPoint:
     """Where a run starts: its phase, the rounds of that phase already done, and the model.
 
-    ``splits`` holds the split fingerprints the hospitals sent in the rounds behind the model.
+    ``splits`` holds the split fingerprints the hospitals sent in the rounds behind the model,
+    ``declared`` the num-examples each hospital declared in its first round of the run (the
+    cap's base, by hospital name): both carry over from the pretraining rounds to the MCT
+    rounds, in one process or across a resume alike.
     """
 
     phase: str  # "pretrain" or "mct"
     done: int
     arrays: ArrayRecord
     splits: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    declared: Mapping[str, float] = field(default_factory=dict)
 
 
 def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
@@ -154,6 +159,7 @@ def starting_point(cfg: DictConfig, run_dir: Path) -> StartingPoint:
             int(payload["round"]),
             to_array_record(payload["state_dict"]),
             dict(payload.get("splits") or {}),
+            declared_examples(run_dir),
         )
     replace_earlier_run(run_dir)
     torch.manual_seed(cfg.seed)
@@ -180,19 +186,23 @@ def check_resumable(cfg: DictConfig, path: Path, payload: Mapping[str, Any]) -> 
 
 
 def replace_earlier_run(run_dir: Path) -> None:
-    """Remove an earlier run's model files from ``run_dir`` before a fresh run writes there.
+    """Remove an earlier run's model files and rows from ``run_dir`` before a fresh run.
 
-    The fresh run's metrics rows replace the earlier run's, so its model files must go too: a
-    resume of the fresh run would otherwise start from the earlier run's newest checkpoint (of
-    either phase), and a fresh run that fails would leave the earlier ``final_model.pt``
-    beside its own rows.
+    A resume of the fresh run would otherwise start from the earlier run's newest checkpoint
+    (of either phase) and cap its hospitals by the earlier declarations, a fresh run that fails
+    would leave the earlier ``final_model.pt``, and the earlier rows of the phase the fresh run
+    has not reached would stay among its own.
     """
     earlier = [
         path
         for phase in PHASES
         for _, path in round_files(run_dir / "checkpoints", checkpoint_prefix(phase))
     ]
-    earlier += [path for path in (run_dir / FINAL_MODEL,) if path.exists()]
+    earlier += [
+        path
+        for path in (run_dir / FINAL_MODEL, run_dir / METRICS_FILE, run_dir / DECLARED_FILE)
+        if path.exists()
+    ]
     if not earlier:
         return
     log.warning(
@@ -220,17 +230,21 @@ def guards(cfg: DictConfig) -> Guards:
     )
 
 
-def declared_examples(run_dir: Path, hospitals: list[str], resumed: bool) -> dict[int, float]:
-    """What each hospital declared in its first round, when resuming (the num-examples cap)."""
+def declared_examples(run_dir: Path) -> dict[str, float]:
+    """What each hospital declared in its first round of a run being resumed, by name."""
     path = run_dir / DECLARED_FILE
-    if not resumed or not path.exists():
+    if not path.exists():
         return {}
-    declared = json.loads(path.read_text(encoding="utf-8"))
-    return {hospitals.index(name): float(n) for name, n in declared.items() if name in hospitals}
+    declared = read_json(path)
+    if not isinstance(declared, dict) or not all(
+        isinstance(n, int | float) and not isinstance(n, bool) for n in declared.values()
+    ):
+        raise ValueError(f"{path} should map hospital names to numbers of examples: {declared}")
+    return {str(name): float(n) for name, n in declared.items()}
 
 
 def federation_strategy(
-    cfg: DictConfig, hospitals: list[str], run_dir: Path, start: StartingPoint
+    cfg: DictConfig, hospitals: list[str], start: StartingPoint
 ) -> GuardedFedAvg:
     """The configured strategy with its guards, for the rounds after ``start``, of any phase."""
     return build_strategy(
@@ -242,7 +256,9 @@ def federation_strategy(
         hospitals=hospitals,
         guards=guards(cfg),
         round_wait_for_nodes_s=float(cfg.federation.round_wait_for_nodes_s),
-        declared_examples=declared_examples(run_dir, hospitals, bool(cfg.resume)),
+        declared_examples={
+            hospitals.index(name): n for name, n in start.declared.items() if name in hospitals
+        },
         split_digests=start.splits,
     )
 
@@ -259,8 +275,8 @@ def pretrain(
     rounds = int(cfg.pretrain.rounds)
     if start.done >= rounds:
         log.info("pretraining: all %d rounds done before", rounds)
-        return StartingPoint("mct", 0, start.arrays, start.splits)
-    strategy = federation_strategy(cfg, hospitals, run_dir, start)
+        return StartingPoint("mct", 0, start.arrays, start.splits, start.declared)
+    strategy = federation_strategy(cfg, hospitals, start)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals, phase="pretrain")
     recorder.forget_rounds_after(start.done)
     log.info(
@@ -279,7 +295,7 @@ def pretrain(
         evaluate_fn=recorder,
     )
     arrays = result.arrays if len(result.arrays) else start.arrays
-    return StartingPoint("mct", 0, arrays, strategy.split_digests)
+    return StartingPoint("mct", 0, arrays, strategy.split_digests, recorder.declared())
 
 
 @app.main()
@@ -303,7 +319,7 @@ def main(grid: Grid, context: Context) -> None:
     if start.phase == "pretrain":
         start = pretrain(cfg, grid, hospitals, run_dir, start)
     done = start.done
-    strategy = federation_strategy(cfg, hospitals, run_dir, start)
+    strategy = federation_strategy(cfg, hospitals, start)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
     recorder.forget_rounds_after(done)
     log.info(

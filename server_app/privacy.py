@@ -29,7 +29,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from omegaconf import DictConfig
 
+from common.files import read_json, write_text_atomically
 from server_app.strategy import GuardedFedAvg, model_norm
 
 log = logging.getLogger(__name__)
@@ -91,21 +92,21 @@ def privacy_settings(privacy: DictConfig, num_hospitals: int) -> dict[str, Any]:
 class PrivacyLedger:
     """Every noisy release of the run, the ε spent so far, and ``privacy.json`` kept current.
 
-    A resumed run keeps every release ``privacy.json`` records, those after the checkpoint it
-    resumes from included: Flower sends a round's noisy model to the hospitals for evaluation
-    before that round's checkpoint is written, so a server stopped in between has released a
-    model, and the redone round releases another. ε therefore covers the whole run and never
-    shrinks. Each release is composed with its own noise multiplier, so a resume with another
-    ``privacy.noise_multiplier`` cannot re-price the releases made before it. A fresh run
-    starts an empty ledger, whatever an earlier run left in ``path``.
+    A resumed run keeps every release ``earlier`` (what ``privacy.json`` held) records, those
+    after the checkpoint it resumes from included: Flower sends a round's noisy model to the
+    hospitals for evaluation before that round's checkpoint is written, so a server stopped in
+    between has released a model, and the redone round releases another. ε therefore covers
+    the whole run and never shrinks. Each release is composed with its own noise multiplier, so
+    a resume with another ``privacy.noise_multiplier`` cannot re-price the releases made before
+    it. A fresh run starts an empty ledger, whatever an earlier run left in ``path``.
     """
 
-    def __init__(self, settings: dict[str, Any], path: Path, resumed: bool = False) -> None:
+    def __init__(
+        self, settings: dict[str, Any], path: Path, earlier: Mapping[str, Any] | None = None
+    ) -> None:
         self.settings = settings
         self.path = path
-        self.rounds: list[dict[str, Any]] = []
-        if resumed and path.exists():
-            self.rounds = _recorded_releases(path)
+        self.rounds: list[dict[str, Any]] = _recorded_releases(earlier or {})
         self._write()
 
     def epsilon(self) -> float | None:
@@ -157,16 +158,15 @@ class PrivacyLedger:
 
     def _write(self) -> None:
         record = {**self.settings, "epsilon": self.epsilon(), "rounds": self.rounds}
-        self.path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(self.path, json.dumps(record, indent=2) + "\n")
 
 
-def _recorded_releases(path: Path) -> list[dict[str, Any]]:
-    """The releases ``path`` records, each with the noise multiplier it was made with.
+def _recorded_releases(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The releases a ``privacy.json`` record holds, each with its own noise multiplier.
 
     Files written before releases carried their own multiplier had one for the whole run, at
     the top level.
     """
-    record = json.loads(path.read_text(encoding="utf-8"))
     default = record.get("noise_multiplier")
     return [
         {**row, "noise_multiplier": row.get("noise_multiplier", default)}
@@ -277,15 +277,17 @@ def with_privacy(
     """
     settings = privacy_settings(privacy, num_hospitals)
     path = run_dir / PRIVACY_FILE
-    if resumed and path.exists():
-        earlier = json.loads(path.read_text(encoding="utf-8")).get("name", "none")
-        if (earlier == "none") != (settings["name"] == "none"):
-            raise ValueError(
-                f"resume=true: {path} records privacy={earlier}, the config asks for "
-                f"privacy={settings['name']}; resume with privacy={earlier}, or start a fresh run"
-            )
+    earlier = read_json(path) if resumed and path.exists() else {}
+    if not isinstance(earlier, dict):
+        raise ValueError(f"{path} should hold one JSON object, not {type(earlier).__name__}")
+    if earlier and (earlier.get("name", "none") == "none") != (settings["name"] == "none"):
+        raise ValueError(
+            f"resume=true: {path} records privacy={earlier.get('name', 'none')}, the config "
+            f"asks for privacy={settings['name']}; resume with privacy="
+            f"{earlier.get('name', 'none')}, or start a fresh run"
+        )
     if settings["name"] == "none":
-        path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(path, json.dumps(settings, indent=2) + "\n")
         log.info("differential privacy: none")
         return strategy
     if strategy.name != GuardedFedAvg.name:
@@ -294,7 +296,7 @@ def with_privacy(
     # one hospital's inclusion depend on another's update, which the accounting does not cover.
     strategy.uniform_weights = True
     strategy.guards = replace(strategy.guards, max_update_norm_ratio=None)
-    ledger = PrivacyLedger(settings, path, resumed)
+    ledger = PrivacyLedger(settings, path, earlier)
     log.info(
         "differential privacy: %s, noise multiplier %g, clipping norm %g, delta %g; updates "
         "averaged with equal weights, noise stdev noise_multiplier x clipping_norm / replies",

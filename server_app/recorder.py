@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from common.arrays import to_state_dict
 from common.checkpoint import prune_rounds, save_model
+from common.files import write_text_atomically
 from server_app.strategy import GuardedFedAvg
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ CHECKPOINTS_KEPT = 2
 PHASES = ("pretrain", "mct")
 # num-examples each hospital declared in its first round (the cap's base), kept for resume.
 DECLARED_FILE = "declared_examples.json"
+# One JSON row per round of either phase.
+METRICS_FILE = "metrics.jsonl"
 
 
 LOGGED_METRICS = (
@@ -83,48 +86,58 @@ class RoundRecorder:
         self.cfg = cfg
         self.strategy = strategy
         self.hospitals = list(hospitals)
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS_FILE
         self.checkpoint_dir = run_dir / "checkpoints"
         self._round_started = time.perf_counter()
 
     def __call__(self, strategy_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Checkpoint the global model after ``strategy_round`` and append its metrics row."""
+        """Append the metrics row of ``strategy_round``, then checkpoint the global model.
+
+        In that order, a run stopped between the two resumes from the round before, whose
+        redone row replaces the one written (:meth:`forget_rounds_after`); the other way round,
+        the round's row would be lost for good.
+        """
         if strategy_round == 0 and self.offset > 0:
             self._round_started = time.perf_counter()
             return None  # resuming: the checkpoint of this model is the one we started from
         server_round = strategy_round + self.offset
+        seconds = time.perf_counter() - self._round_started
+        declared = json.dumps(self.declared(), indent=2) + "\n"
+        write_text_atomically(self.run_dir / DECLARED_FILE, declared)
+        if server_round > 0:
+            self._write_row(server_round, seconds)
         path = self.checkpoint_dir / f"{self.prefix}{server_round:03d}.pt"
         splits = released_splits(self.cfg, self.strategy)
         save_model(to_state_dict(arrays), self.cfg, server_round, path, splits)
         # Keep the newest only: a paper-scale run would otherwise write 4 GB.
         prune_rounds(self.checkpoint_dir, self.prefix, server_round, CHECKPOINTS_KEPT)
-        self._save_declared()
-        seconds = time.perf_counter() - self._round_started
-        if server_round > 0:
-            self._write_row(server_round, seconds)
         self._round_started = time.perf_counter()
         return None
 
-    def _save_declared(self) -> None:
-        declared = {
-            self.hospitals[i]: n for i, n in sorted(self.strategy.declared_examples.items())
-        }
-        (self.run_dir / DECLARED_FILE).write_text(json.dumps(declared, indent=2) + "\n")
+    def declared(self) -> dict[str, float]:
+        """The num-examples each hospital declared in its first round, by name."""
+        return {self.hospitals[i]: n for i, n in sorted(self.strategy.declared_examples.items())}
+
+    def _rows(self) -> list[str]:
+        """The rows of ``metrics.jsonl`` as written, in order; none before the first round."""
+        if not self.metrics_path.exists():
+            return []
+        return [line for line in self.metrics_path.read_text("utf-8").splitlines() if line.strip()]
 
     def forget_rounds_after(self, server_round: int) -> None:
-        """Drop metrics rows of rounds a resumed run will redo (written after their checkpoint)."""
-        if not self.metrics_path.exists():
-            return
-        kept = [
-            line
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-            and (
-                json.loads(line).get("phase", "mct") != self.phase
-                or json.loads(line)["round"] <= server_round
-            )
-        ]
-        self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        """Drop this phase's rows of the rounds a resumed run will redo."""
+        kept = []
+        for number, line in enumerate(self._rows(), start=1):
+            try:
+                row = json.loads(line)
+                redone = row.get("phase", "mct") == self.phase and row["round"] > server_round
+            except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+                raise ValueError(
+                    f"{self.metrics_path} line {number} is not a round's row: {line[:80]!r}"
+                ) from None
+            if not redone:
+                kept.append(line)
+        write_text_atomically(self.metrics_path, "".join(f"{line}\n" for line in kept))
 
     def _write_row(self, server_round: int, seconds: float) -> None:
         report = self.strategy.report
@@ -152,8 +165,8 @@ class RoundRecorder:
             },
             "server-rss-mb": current_rss_mb(),
         }
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        rows = [*self._rows(), json.dumps(row)]
+        write_text_atomically(self.metrics_path, "".join(f"{line}\n" for line in rows))
         log.info(
             "%s round %d/%d | replies %d/%d (failed %d, rejected %d) | train %s | val %s | %.1fs",
             self.phase,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +32,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.arrays import (
     SPLIT_KEY,
@@ -129,12 +130,14 @@ def weighted_metrics(replies: list[Message]) -> dict[str, float]:
 
     Hospitals without masks report no localization score; Flower's default aggregation would
     reject the round for inconsistent keys, this averages each score over those that have it.
+    Weights are taken as shares of the largest, as the models' average takes them.
     """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
+    largest = max((float(_metrics_of(msg)[WEIGHT_KEY]) for msg in replies), default=1.0)
     for msg in replies:
         metrics = _metrics_of(msg)
-        weight = float(metrics[WEIGHT_KEY])
+        weight = float(metrics[WEIGHT_KEY]) / largest
         for key, value in _scores(metrics).items():
             if not math.isfinite(value):
                 continue
@@ -542,16 +545,25 @@ def _with_weight(content: RecordDict, weight: float) -> RecordDict:
     return RecordDict({"arrays": next(iter(content.array_records.values())), "metrics": metrics})
 
 
-def _restore_dtypes(arrays: ArrayRecord, reference: dict[str, ArraySpec]) -> ArrayRecord:
-    """Flower's robust aggregators return float64 (or promoted) arrays: cast back, in order."""
-    restored = {}
+def _coordinate_wise(
+    good: list[Message],
+    reference: dict[str, ArraySpec],
+    statistic: Callable[[np.ndarray], np.ndarray],
+) -> ArrayRecord:
+    """``statistic`` of the replies' arrays stacked on axis 0, in the global model's dtypes.
+
+    Not through Flower's ``aggregate_train``: it checks the replies once more and stops the
+    run, naming no one, when their metric names differ (a hospital on another version, one
+    score more), which FedAvg's per-name average takes; the screening has checked the arrays.
+    """
+    combined = {}
     for key, spec in reference.items():
-        values = arrays[key].numpy()
+        values = statistic(np.stack([_arrays_of(msg)[key].numpy() for msg in good]))
         dtype = np.dtype(spec.dtype)
         if not np.issubdtype(dtype, np.floating):
             values = np.rint(values)
-        restored[key] = Array(np.asarray(values, dtype=dtype))
-    return ArrayRecord(restored)
+        combined[key] = Array(np.asarray(values, dtype=dtype))
+    return ArrayRecord(combined)
 
 
 class GuardedFedTrimmedAvg(GuardedFedAvg, FedTrimmedAvg):
@@ -567,8 +579,7 @@ class GuardedFedTrimmedAvg(GuardedFedAvg, FedTrimmedAvg):
 
     def combine(self, server_round: int, good: list[Message]) -> ArrayRecord:
         """Flower's trimmed mean of the screened replies, in the global model's dtypes."""
-        arrays, _ = FedTrimmedAvg.aggregate_train(self, server_round, good)
-        return _restore_dtypes(arrays, self._reference)
+        return _coordinate_wise(good, self._reference, lambda stack: trim_mean(stack, self.beta))
 
 
 class GuardedFedMedian(GuardedFedAvg, FedMedian):
@@ -577,9 +588,8 @@ class GuardedFedMedian(GuardedFedAvg, FedMedian):
     name = "fedmedian"
 
     def combine(self, server_round: int, good: list[Message]) -> ArrayRecord:
-        """Flower's coordinate-wise median of the screened replies, in the model's dtypes."""
-        arrays, _ = FedMedian.aggregate_train(self, server_round, good)
-        return _restore_dtypes(arrays, self._reference)
+        """The coordinate-wise median of the screened replies, in the model's dtypes."""
+        return _coordinate_wise(good, self._reference, lambda stack: np.median(stack, axis=0))
 
 
 STRATEGIES: dict[str, type[GuardedFedAvg]] = {

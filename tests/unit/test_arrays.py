@@ -132,6 +132,14 @@ def test_weighted_average_matches_hand_computation(reference):
     assert avg["steps"].dtype == torch.int64 and int(avg["steps"]) == 7
 
 
+def test_weights_near_the_float_maximum_average_as_their_shares(reference):
+    a, b = _good(), _good()
+    b["w"] = np.full((2, 3), 4.0, np.float32)
+    huge = np.finfo(np.float64).max / 1.5  # two of them sum to inf
+    avg = to_state_dict(weighted_average([_reply(a, huge), _reply(b, huge)], reference))
+    assert torch.allclose(avg["w"], torch.full((2, 3), (1 + 4) / 2))
+
+
 def test_a_weight_soup_is_the_uniform_average_in_the_models_dtypes():
     first = {"w": torch.zeros(2, 3), "steps": torch.tensor(3)}
     second = {"w": torch.ones(2, 3), "steps": torch.tensor(4)}

@@ -1,8 +1,10 @@
-"""A job's outputs (common/files.py): replaced whole at the end, untouched when the job fails."""
+"""Files and a job's outputs (common/files.py): replaced whole, untouched when a write fails."""
+
+from pathlib import Path
 
 import pytest
 
-from common.files import staged_outputs
+from common.files import read_json, staged_outputs, write_text_atomically
 
 OWNED = ("metrics.json", "masks", "personalized_model.pt")
 
@@ -45,3 +47,27 @@ def test_the_first_run_creates_the_folder(tmp_path):
     with staged_outputs(out, OWNED) as staging:
         (staging / "metrics.json").write_text("{}")
     assert [p.name for p in out.iterdir()] == ["metrics.json"]
+
+
+def test_a_file_written_whole_keeps_its_old_text_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "privacy.json"
+    write_text_atomically(path, '{"rounds": [1, 2]}\n')
+
+    def cut_short(self, text, encoding=None):
+        with open(self, "w", encoding=encoding) as handle:
+            handle.write(text[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomically(path, '{"rounds": [1, 2, 3]}\n')
+    monkeypatch.undo()
+    assert read_json(path) == {"rounds": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["privacy.json"]
+
+
+def test_a_json_file_that_does_not_parse_is_named(tmp_path):
+    path = tmp_path / "declared_examples.json"
+    path.write_text('{"hospital_a": 9')
+    with pytest.raises(ValueError, match=r"declared_examples.json is not valid JSON"):
+        read_json(path)

@@ -179,13 +179,15 @@ def test_epsilon_is_accounted_over_rounds_and_survives_a_resume(tmp_path):
     assert [r["replies"] for r in record["rounds"]] == [3, 3, 3, 2]
 
     # Resumed from round 2's checkpoint: every release already recorded still counts.
-    resumed = PrivacyLedger(settings, tmp_path / "privacy.json", resumed=True)
+    recorded = json.loads((tmp_path / "privacy.json").read_text())
+    resumed = PrivacyLedger(settings, tmp_path / "privacy.json", recorded)
     assert resumed.epsilon() == pytest.approx(epsilon)
 
 
 def _ledger(tmp_path, noise: float, resumed: bool = False) -> PrivacyLedger:
     settings = privacy_settings(_config("server_clip", noise=noise, clip=0.2), num_hospitals=3)
-    return PrivacyLedger(settings, tmp_path / "privacy.json", resumed)
+    path = tmp_path / "privacy.json"
+    return PrivacyLedger(settings, path, json.loads(path.read_text()) if resumed else None)
 
 
 def test_a_round_redone_after_a_resume_counts_both_releases(tmp_path):
@@ -282,3 +284,16 @@ def test_privacy_settings_are_written_and_validated(tmp_path):
     client = _config("client_clip", noise=1.0, clip=0.3)
     wrapped = with_privacy(GuardedFedAvg(num_hospitals=3, min_replies=3), client, 3, tmp_path)
     assert isinstance(wrapped, GuardedClientSideClipping)
+
+
+def test_a_resume_refuses_a_damaged_ledger_naming_it_and_keeps_it(tmp_path):
+    (tmp_path / "privacy.json").write_text('{"name": "server_clip", "rounds": [{"round": 1')
+    with pytest.raises(ValueError, match="privacy.json is not valid JSON"):
+        with_privacy(
+            GuardedFedAvg(num_hospitals=3, min_replies=3),
+            _config("server_clip", 1.0, 0.2),
+            3,
+            tmp_path,
+            resumed=True,
+        )
+    assert (tmp_path / "privacy.json").read_text().endswith('"round": 1')

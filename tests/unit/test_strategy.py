@@ -81,6 +81,16 @@ def test_weighted_metrics_skip_missing_and_nan_scores():
     assert "hospital-index" not in merged and "num-examples" not in merged
 
 
+def test_num_examples_near_the_float_maximum_weigh_models_and_scores_as_shares():
+    huge = np.finfo(np.float64).max / 1.5  # two of them sum to inf
+    strategy = prepare(GuardedFedAvg(num_hospitals=3, min_replies=3), ONES)
+    replies = [reply(1, 1.0, huge), reply(2, 2.0, huge), reply(3, 3.0, huge / 2)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = (1.0 + 2.0 + 1.5) / 2.5
+    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), expected, rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx(expected)
+
+
 # --- update guards: one participant must not take the model over ----------------------------
 
 
@@ -262,6 +272,18 @@ def test_fedtrimmedavg_drops_the_tails_unweighted():
     arrays, metrics = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 3.0)
     assert "train-loss" in metrics
+
+
+@pytest.mark.parametrize("kind", [GuardedFedAvg, GuardedFedMedian, GuardedFedTrimmedAvg])
+def test_replies_with_other_metric_names_are_combined_by_every_aggregator(kind):
+    strategy = prepare(kind(num_hospitals=3, min_replies=3), ONES)
+    replies = [reply(1, 1.0, 10), reply(2, 1.2, 10), reply(3, 1.4, 10)]
+    replies[2].content["metrics"]["val-extra"] = 0.5  # a hospital on a newer version
+    del replies[1].content["metrics"]["train-loss"]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 1.2, rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx(1.2) and metrics["val-extra"] == 0.5
+    assert strategy.report.rejected == {}
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedtrimmedavg", "fedmedian"])

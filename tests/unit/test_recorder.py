@@ -1,0 +1,71 @@
+"""server_app/recorder: one row and one checkpoint per round, kept in step across a resume."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+import server_app.recorder
+from common.config import compose_config
+from server_app.recorder import RoundRecorder
+from server_app.strategy import GuardedFedAvg
+from tests.replies import prepare
+
+HOSPITALS = ["hospital_a", "hospital_b", "hospital_c"]
+MODEL = ArrayRecord({"w": Array(np.ones((2, 2), np.float32))})
+
+
+def _recorder(run_dir, done: int = 0) -> RoundRecorder:
+    """The MCT recorder of a run whose newest checkpoint is of round ``done``."""
+    cfg = compose_config(["model.img_size=32", "federation.rounds=5"])
+    strategy = prepare(GuardedFedAvg(num_hospitals=3, min_replies=3, round_offset=done), MODEL)
+    recorder = RoundRecorder(run_dir, cfg, strategy, HOSPITALS)
+    recorder.forget_rounds_after(done)
+    return recorder
+
+
+def _rounds(run_dir) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["round"] for line in lines]
+
+
+def test_a_run_stopped_between_a_rounds_row_and_its_checkpoint_keeps_every_row(
+    tmp_path, monkeypatch
+):
+    recorder = _recorder(tmp_path)
+    for strategy_round in (0, 1, 2):
+        recorder(strategy_round, MODEL)
+    saved = server_app.recorder.save_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the server stops while writing round 3's checkpoint
+
+    monkeypatch.setattr(server_app.recorder, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        recorder(3, MODEL)
+    monkeypatch.setattr(server_app.recorder, "save_model", saved)
+    assert _rounds(tmp_path) == [1, 2, 3]
+
+    resumed = _recorder(tmp_path, done=2)  # round 2's checkpoint is the newest
+    assert _rounds(tmp_path) == [1, 2]
+    for strategy_round in (0, 1, 2, 3):
+        resumed(strategy_round, MODEL)
+    assert _rounds(tmp_path) == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "round_004.pt",
+        "round_005.pt",
+    ]
+
+
+def test_a_resume_keeps_the_other_phases_rows(tmp_path):
+    rows = [{"phase": "pretrain", "round": r} for r in (1, 2, 3)] + [{"phase": "mct", "round": 1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _recorder(tmp_path, done=0)
+    assert _rounds(tmp_path) == [1, 2, 3]
+
+
+def test_a_rows_file_with_a_line_that_is_no_row_is_refused_naming_the_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"phase": "mct", "round": 1}\n{"phase": "mc\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a round's row"):
+        _recorder(tmp_path, done=1)
