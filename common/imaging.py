@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import ndimage
 from torchvision.transforms.v2 import functional as tvf
 
@@ -21,16 +21,22 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 # Pillow's 16-bit grey modes: its ``convert`` clips them at 255 instead of scaling them.
 SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# The bits per pixel that cameras store in 16-bit files, narrowest first.
+CAMERA_BIT_DEPTHS = (8, 10, 12, 14, 16)
+# EXIF's orientation tag; 1 is upright.
+EXIF_ORIENTATION = 0x0112
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
     """``image`` with values in 0..255, so that ``convert`` keeps what it shows.
 
     Pillow's ``convert`` clips wider grey values at 255: a 16-bit microscope image came out
-    nearly white and trained as such. Grey values above 255 in a 16-bit image (or one Pillow
-    opens as 32-bit integers, up to 65535) are scaled from 0..65535 onto 0..255, and float
-    values within 0..1 onto 0..255; values that already fit 0..255 (a mask saved as 16-bit)
-    are kept. Other pixels have no known range and are refused, naming their values.
+    nearly white and trained as such. A 16-bit file (or one Pillow opens as 32-bit integers,
+    up to 65535) rarely holds 16 bits: a 12-bit camera's values stop at 4095, which scaled
+    from 0..65535 came out nearly black. Its values are scaled from the narrowest of 8, 10,
+    12, 14 or 16 bits that holds its brightest pixel onto 0..255, so values that fit 0..255
+    (a mask saved as 16-bit) are kept. Float values within 0..1 are scaled onto 0..255. Other
+    pixels have no known range and are refused, naming their values.
     """
     if image.mode not in SIXTEEN_BIT_GREY and image.mode not in ("I", "F"):
         return image
@@ -38,16 +44,29 @@ def eight_bit(image: Image.Image) -> Image.Image:
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if image.mode == "F" and low >= 0 and high <= 1:
         return Image.fromarray(np.rint(values * 255).astype(np.uint8), "L")
-    if low >= 0 and high <= 255:
+    if image.mode == "F" and low >= 0 and high <= 255:
         return Image.fromarray(values.astype(np.uint8), "L")
     if image.mode != "F" and low >= 0 and high <= 65535:
-        scaled = (values.astype(np.uint32) * 255 + 32767) // 65535
+        top = next(2**bits - 1 for bits in CAMERA_BIT_DEPTHS if high <= 2**bits - 1)
+        scaled = (values.astype(np.uint32) * 255 + top // 2) // top
         return Image.fromarray(scaled.astype(np.uint8), "L")
     kind = "floating-point" if image.mode == "F" else "32-bit integer"
     raise ValueError(
         f"{kind} pixels from {low:g} to {high:g} have no known range to scale to 8 bits; "
         "save the image with 8 or 16 bits per channel"
     )
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says, as viewers and ``cv2.imread`` show it.
+
+    A camera held sideways stores its pixels unturned and the turn in a tag; masks made from
+    the stored order would not lie on the image everyone sees. An image without the tag is
+    returned as it is (Pillow's ``exif_transpose`` would copy it).
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common.data import id_bytes
 from common.files import replaced_atomically
-from common.imaging import eight_bit
+from common.imaging import eight_bit, upright
 
 # Background is never painted; class k uses PALETTE[(k - 1) % len(PALETTE)].
 PALETTE = np.array(
@@ -86,19 +86,14 @@ def read_label_png(path: Path) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Fully decode an image file into HxWx3 uint8 RGB; PIL raises on corrupt or truncated data."""
-    with Image.open(path) as image:
-        image.load()
-        return rgb_array(image)
-
-
 def rgb_array(image: Image.Image) -> np.ndarray:
     """A decoded PIL image as a writable HxWx3 uint8 RGB array, copied a strip at a time.
 
     ``np.asarray(image)`` goes through ``tobytes()``, which holds the pixels twice more while
-    it joins them; strips keep a large image's conversion to the array itself.
+    it joins them; strips keep a large image's conversion to the array itself. The array is
+    the image as viewers show it (:func:`common.imaging.upright`), as in training.
     """
+    image = upright(image)
     if image.mode != "RGB":
         image = eight_bit(image).convert("RGB")
     width, height = image.size

@@ -40,7 +40,7 @@ from common.data.types import (
     ProblemKind,
 )
 from common.errors import JobError
-from common.imaging import eight_bit
+from common.imaging import eight_bit, upright
 
 log = logging.getLogger(__name__)
 
@@ -812,6 +812,9 @@ def _strict_decoding() -> Iterator[None]:
 def _decode(path: Path, mode: str) -> np.ndarray:
     """Fully decode an image file into a uint8 array in ``mode`` (RGBA drops alpha, as Matek's).
 
+    The array is the image as viewers show it, turned as its EXIF orientation says: masks are
+    drawn on that image, and ``w3s-predict`` reads new images the same way.
+
     Raises
     ------
     _BadFile
@@ -822,7 +825,7 @@ def _decode(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            return np.asarray(eight_bit(image).convert(mode), dtype=np.uint8)
+            return np.asarray(eight_bit(upright(image)).convert(mode), dtype=np.uint8)
     # PIL signals corrupt data with many exception types (OSError, SyntaxError, ValueError,
     # struct.error, ...); any of them makes the file unusable, and the report must go on.
     except Exception as error:

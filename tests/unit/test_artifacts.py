@@ -7,14 +7,13 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from post_training import artifacts
 from post_training.artifacts import (
     PALETTE,
     UNCERTAIN_COLOUR,
     overlay,
-    read_image,
     read_label_png,
     rgb_array,
     sample_stems,
@@ -60,7 +59,8 @@ def test_rgb_array_equals_the_converted_image(mode, monkeypatch, tmp_path):
     np.testing.assert_array_equal(array, np.asarray(picture.convert("RGB")))
     assert array.dtype == np.uint8 and array.flags.writeable
     picture.save(tmp_path / "p.png")
-    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), array)
+    with Image.open(tmp_path / "p.png") as reread:
+        np.testing.assert_array_equal(rgb_array(reread), array)
 
 
 def test_a_sixteen_bit_grey_image_is_scaled_onto_eight_bits(tmp_path):
@@ -70,7 +70,8 @@ def test_a_sixteen_bit_grey_image_is_scaled_onto_eight_bits(tmp_path):
     expected = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None], 3, axis=2)
     np.testing.assert_array_equal(rgb_array(picture), expected)
     picture.save(tmp_path / "p.png")
-    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), expected)
+    with Image.open(tmp_path / "p.png") as reread:
+        np.testing.assert_array_equal(rgb_array(reread), expected)
     # The same values as 32-bit integers, as Pillow opens some 16-bit files.
     np.testing.assert_array_equal(rgb_array(picture.convert("I")), expected)
     with pytest.raises(ValueError, match="32-bit integer pixels from 0 to 70000"):
@@ -80,6 +81,28 @@ def test_a_sixteen_bit_grey_image_is_scaled_onto_eight_bits(tmp_path):
     np.testing.assert_array_equal(rgb_array(Image.fromarray(small))[..., 0], small)
     unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
     np.testing.assert_array_equal(rgb_array(unit)[..., 0], [[0, 128, 255]])
+
+
+@pytest.mark.parametrize(("bits", "brightest"), [(10, 1000), (12, 4095), (12, 3000), (14, 9000)])
+def test_a_camera_image_of_fewer_than_16_bits_is_scaled_from_its_own_bit_depth(bits, brightest):
+    values = np.array([[0, brightest // 3, brightest]], dtype=np.uint16)
+    grey = rgb_array(Image.fromarray(values))[..., 0]
+    top = 2**bits - 1
+    np.testing.assert_array_equal(grey, np.rint(values.astype(float) * 255 / top).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_an_image_is_read_as_its_exif_orientation_shows_it(tmp_path, orientation):
+    pixels = np.zeros((4, 6, 3), dtype=np.uint8)
+    pixels[0, 0] = 255  # a mark in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "sideways.png", exif=exif)
+    with Image.open(tmp_path / "sideways.png") as image:
+        shown = np.asarray(ImageOps.exif_transpose(image))
+        array = rgb_array(image)
+    np.testing.assert_array_equal(array, shown)
+    assert array.shape == ((4, 6, 3) if orientation == 3 else (6, 4, 3))
 
 
 def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary(tmp_path, monkeypatch):

@@ -179,6 +179,18 @@ def test_sixteen_bit_images_are_scaled_not_clipped_and_float_images_refused(tmp_
         hospital("f")
 
 
+def test_images_are_read_turned_as_their_exif_orientation_shows_them(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # shown turned a quarter anticlockwise
+    for cls in FIVE:
+        (tmp_path / "h" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (24, 20), "white").save(tmp_path / "h" / cls / f"{i}.jpg", exif=exif)
+    spec = {"format": "class_folders", "root": str(tmp_path / "h")}
+    data = load_hospital(data_cfg({"h": spec}), "h")
+    assert {image.shape for image in data.images} == {(24, 20, 3)}
+
+
 def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     for cls in ["Neutrophil", "mono"]:
