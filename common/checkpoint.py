@@ -68,6 +68,9 @@ SEGMENTER_FILE = FileKind(
 )
 # Of a message torch gives for a damaged file, at most this much of its first line is shown.
 MAX_DETAIL = 160
+# How a torch.save file begins: a zip archive, or (before torch 1.6) a pickle stream.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
 
 
 def model_payload(
@@ -133,10 +136,17 @@ def read_torch_file(path: str | Path, key: str) -> Any:
         raise CheckpointError(f"{where} is not a file")
     try:
         size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(len(ZIP_MAGIC))
     except OSError as error:
         raise CheckpointError(f"{where} cannot be read: {first_line(error)}") from None
     if size == 0:
         raise CheckpointError(f"{where} is empty (0 bytes): a copy or a save that did not finish")
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise CheckpointError(
+            f"{where} is not a PyTorch file: torch.save writes a zip archive, this file begins "
+            f"{head!r} (a web page, an image or a text saved under the name?)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,6 +26,11 @@ from common.errors import JobError
 from common.logs import setup_logging
 
 HELP_FLAGS = frozenset({"-h", "--help"})
+# Hydra's grammar takes a folder name such as "Scans (2024)" or "Müller" only quoted.
+QUOTING_HINT = (
+    "a value with spaces, brackets, # or letters beyond ASCII goes in quotes: "
+    "\"input='/data/Scans (2024)'\""
+)
 INPUT_ERROR = 2
 INTERRUPTED = 130  # the shell's status for a job ended by Ctrl-C
 # What a batch scheduler's time limit, ``docker stop``, ``kill`` or a closed terminal send.
@@ -95,6 +100,8 @@ class Command:
             cfg = compose_config(overrides, config_name=self.config, conf_dir=conf_dir)
             if self.check is not None:
                 self.check(cfg)  # reading a missing mandatory key raises OmegaConf's error
+        except OverrideParseException as error:
+            raise JobError(f"{one_line(error)} ({QUOTING_HINT})") from None
         except (HydraException, OmegaConfBaseException) as error:
             raise JobError(one_line(error)) from None
         return cfg

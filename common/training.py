@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from common.augment import build_train_transform, normalise
 from common.batches import BatchBuilder, one_hot
 from common.data import SplitTensors
+from common.errors import JobError
 from common.levers import foreground_loss, paste_cells
 from common.localization import fused_maps, normalise_maps, oriented_foreground
 from common.metrics import average_precision, binary_miou_sweep
@@ -26,10 +27,32 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given.
+
+    Anything else, or CUDA where there is none, is refused in one line naming the value:
+    torch's own errors came as tracebacks, some only once the job had begun writing.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name}: expected auto, cpu, cuda or cuda:<index>")
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        found = f"{count} CUDA device(s)" if count else "no CUDA device (device=auto or cpu)"
+        raise ValueError(f"device={name}: this machine has {found}")
+    return device
+
+
+def check_device(cfg: DictConfig) -> None:
+    """Refuse ``cfg.device`` before a job starts, with the reason :func:`resolve_device` gives."""
+    try:
+        resolve_device(str(cfg.device))
+    except ValueError as error:
+        raise JobError(str(error)) from None
 
 
 def learning_rate(cfg: Mapping[str, Any], epoch: float, total_epochs: int) -> float:

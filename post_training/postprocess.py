@@ -25,7 +25,7 @@ from common.localization import FOREGROUND_SOURCES, MapSettings
 from common.progress import Profile
 from common.pseudo import create_masker
 from common.segmenter import ensemble_members
-from common.training import resolve_device
+from common.training import check_device, resolve_device
 from post_training.personalize import PERSONALIZED_MODEL, SiteMaps, personalize_stage
 from post_training.report import markdown_table, save_figure, write_report
 from post_training.stages import (
@@ -179,6 +179,7 @@ def check_postprocess_config(cfg: DictConfig) -> None:
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
     check_hospital(cfg)
     check_split(cfg.data)
+    check_device(cfg)
     number_setting(cfg, "seed", whole=True)
     if number_setting(cfg, "batch_size", whole=True) < 1:
         raise JobError(f"batch_size={cfg.batch_size}: expected a whole number >= 1")

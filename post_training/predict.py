@@ -46,7 +46,7 @@ from common.cli import Command
 from common.errors import JobError
 from common.progress import Progress
 from common.segmenter import Decoding, load_segmenter, predict
-from common.training import resolve_device
+from common.training import check_device, resolve_device
 from post_training.artifacts import rgb_array, save_label_png, save_overlay
 
 # Named, not __name__: run as ``python -m post_training.predict`` the module is __main__, whose
@@ -182,6 +182,7 @@ def check_predict_config(cfg: DictConfig) -> None:
     for key in ("overlays", "overwrite"):
         if not isinstance(cfg[key], bool):
             raise JobError(f"{key}={cfg[key]} must be true or false")
+    check_device(cfg)
 
 
 class _Writer:
@@ -197,6 +198,7 @@ class _Writer:
         self.model, self.seg_cfg, self.classes = model
         self.out = out
         self.overlays = bool(cfg.overlays)
+        self.overwrite = bool(cfg.overwrite)
         self.device = resolve_device(str(cfg.device))
         self.progress = Progress("segmenter predictions", total, log)
         self.written = 0
@@ -216,15 +218,41 @@ class _Writer:
             decoding=Decoding.of(self.seg_cfg),
         )
         for (path, name, image), label_map in zip(batch, labels, strict=True):
+            unwritten = self.outputs(name)
             try:
-                save_label_png(self.out / name, label_map)
+                save_label_png(unwritten.pop(0), label_map)
                 if self.overlays:
-                    save_overlay(self.out / OVERLAYS / name, image, label_map)
+                    save_overlay(unwritten.pop(0), image, label_map)
             except OSError as error:
                 log.error("skipping %s: cannot write its mask (%s)", path, error)
-                self.failed.append(path)
+                self.skip(path, unwritten)
                 continue
+            self.remove_earlier(path, unwritten)
             self.written += 1
+
+    def outputs(self, name: str) -> list[Path]:
+        """The files a run may hold for the input file ``name``: its mask, then its overlay."""
+        return [self.out / name, self.out / OVERLAYS / name]
+
+    def skip(self, path: Path, unwritten: list[Path]) -> None:
+        """Count ``path`` as skipped; an earlier run's files for it go (see remove_earlier)."""
+        self.failed.append(path)
+        self.remove_earlier(path, unwritten)
+
+    def remove_earlier(self, path: Path, unwritten: list[Path]) -> None:
+        """Remove the files an earlier run wrote for ``path`` that this run did not replace.
+
+        Only with ``overwrite=true``; without it they are refused before any work, or are the
+        user's to keep. There, an earlier mask of an image that has since changed or cannot be
+        read, or the overlay of an earlier mask (a rerun with ``overlays=false``), would pass
+        for this run's.
+        """
+        if not self.overwrite:
+            return
+        for earlier in unwritten:
+            if earlier.exists():
+                earlier.unlink()
+                log.warning("removed %s: written for %s by an earlier run", earlier, path)
 
 
 def run_predict(cfg: DictConfig) -> int:
@@ -264,7 +292,7 @@ def run_predict(cfg: DictConfig) -> int:
     for path, name in zip(paths, names, strict=True):
         image = read_input(path, max_side)
         if image is None:
-            writer.failed.append(path)
+            writer.skip(path, writer.outputs(name))
             writer.progress.update()
             continue
         batch.append((path, name, image))

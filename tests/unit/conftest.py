@@ -23,6 +23,7 @@ CHECKPOINT_FAULTS = {
     "truncated": "truncated",
     "bare_tensor": "bare tensor",
     "pickled_object": "pickled Python objects",
+    "not_torch": "not a PyTorch file",
     "bare_state_dict": "bare state dict",
     "mismatched_weights": "do not fit",
     "other_preset": "do not fit a mct_deit_small_patch16_224",
@@ -35,6 +36,7 @@ SEGMENTER_FAULTS = {
     "truncated": "truncated",
     "bare_tensor": "bare tensor",
     "pickled_object": "pickled Python objects",
+    "not_torch": "not a PyTorch file",
     "bare_state_dict": "bare state dict",
     "mismatched_weights": "do not fit",
     "unknown_arch": "unknown architecture",
@@ -74,12 +76,15 @@ def model_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
         truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
         empty = folder / f"{prefix}_empty.pt"
         empty.write_bytes(b"")
+        web_page = folder / f"{prefix}_not_torch.pt"  # a download that got a login page
+        web_page.write_text("<!DOCTYPE html><html><body>Sign in</body></html>\n" * 40)
         return {
             "missing": folder / f"{prefix}_missing.pt",
             "empty": empty,
             "truncated": truncated,
             "bare_tensor": write(f"{prefix}_bare_tensor", torch.ones(3)),
             "pickled_object": write(f"{prefix}_pickled_object", torch.nn.Linear(2, 2)),
+            "not_torch": web_page,
             "bare_state_dict": write(f"{prefix}_bare_state_dict", state),
         }
 

@@ -118,6 +118,12 @@ def test_misspelled_key_is_one_line_and_status_2(script, capsys):
     assert_one_line_error(script, status, err, override.split("=")[0])
 
 
+@pytest.mark.parametrize("folder", ["/data/Scans (2024)", "/data/Zellbilder_Müller", "/d/slide#3"])
+def test_a_folder_name_the_grammar_takes_only_quoted_says_to_quote_it(folder, capsys):
+    status, _, err = call("w3s-predict", [f"input={folder}"], capsys)
+    assert_one_line_error("w3s-predict", status, err, "goes in quotes", "input='/data/Scans")
+
+
 @pytest.mark.parametrize("flag", ["--flag", "-x", "--rounds=3"])
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_unknown_dash_option_is_one_line_and_status_2(script, flag, capsys):

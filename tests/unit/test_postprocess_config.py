@@ -18,6 +18,8 @@ from post_training.postprocess import check_postprocess_config
         "personalize.copies=0",
         "segmenter.members=0",
         "segmenter.members=two",
+        "device=gpu",
+        "device=cuda:64",
     ],
 )
 def test_a_bad_setting_is_named_before_the_checkpoint_is_looked_for(tmp_path, bad):

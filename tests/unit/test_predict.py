@@ -137,6 +137,19 @@ def test_earlier_outputs_are_kept_unless_overwrite_is_true(run, tmp_path):
     assert read_label_png(out / "b.png.png").shape == (40, 50)
 
 
+def test_a_rerun_with_overwrite_leaves_no_earlier_file_that_passes_for_its_own(run, tmp_path):
+    source, out = tmp_path / "images", tmp_path / "masks"
+    write_images(source, ["a.png", "b.png", "c.png"])
+    assert run(source, out)[0] == 0
+    (source / "b.png").write_bytes(b"replaced by a file that is not an image")
+    status, err = run(source, out, "overwrite=true", "overlays=false")
+    assert status == 1, err
+    # b's mask and overlay were made from the image it no longer is; a's and c's overlays
+    # show the earlier masks, not the ones written now.
+    assert sorted(snapshot(out)) == ["a.png.png", "c.png.png"]
+    assert "removed " + str(out / "b.png.png") in "\n".join(err)
+
+
 def test_an_existing_overlay_alone_blocks_the_run(run, tmp_path):
     source, out = tmp_path / "images", tmp_path / "masks"
     write_images(source, ["a.png"])
@@ -203,6 +216,29 @@ def test_a_bad_value_is_one_line_and_status_2(override, run, tmp_path):
     status, err = run(tmp_path / "images", tmp_path / "masks", override)
     assert_refused(status, err, override.split("=")[0])
     assert not (tmp_path / "masks").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [("gpu", "expected auto, cpu, cuda or cuda:<index>"), ("cuda:64", "this machine has")],
+)
+def test_a_device_the_machine_lacks_is_one_line_before_any_work(device, reason, run, tmp_path):
+    write_images(tmp_path / "images", ["a.png"])
+    status, err = run(tmp_path / "images", tmp_path / "masks", f"device={device}")
+    assert_refused(status, err, f"device={device}: {reason}")
+    assert not (tmp_path / "masks").exists()
+
+
+def test_a_mask_lies_on_the_image_as_viewers_show_it(run, tmp_path):
+    source, out = tmp_path / "images", tmp_path / "masks"
+    source.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored unturned, shown turned a quarter clockwise
+    Image.new("RGB", (50, 30), "white").save(source / "sideways.jpg", exif=exif)
+    assert run(source, out)[0] == 0
+    assert read_label_png(out / "sideways.jpg.png").shape == (50, 30)
+    with Image.open(out / "overlays" / "sideways.jpg.png") as overlay:
+        assert overlay.size == (30, 50)
 
 
 def test_help_documents_the_exit_statuses_and_the_new_keys():
