@@ -4,8 +4,10 @@ Each command composes ``conf/<config>.yaml`` with the Hydra overrides it is give
 compose API, so no command owns the working directory or writes ``.hydra/`` folders), checks
 the values it can check before any work starts, and runs its job. What a user can fix, a
 mistyped key, an unknown config option, a bad value, a missing file, is one line on stderr
-and exit status 2; anything else is a bug and keeps its traceback. A job stopped by Ctrl-C,
-SIGTERM or SIGHUP runs its clean-up and exits with status 130.
+and exit status 2; anything else is a bug, printed with its traceback, and exits with status 70
+(Python's own 1 is what ``w3s-predict`` and ``w3s-verify`` answer when some files were
+skipped). A job stopped by Ctrl-C, SIGTERM or SIGHUP runs its clean-up and exits with status
+130.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +35,7 @@ QUOTING_HINT = (
     "\"input='/data/Scans (2024)'\""
 )
 INPUT_ERROR = 2
+UNEXPECTED_ERROR = 70  # sysexits.h's EX_SOFTWARE
 INTERRUPTED = 130  # the shell's status for a job ended by Ctrl-C
 # What a batch scheduler's time limit, ``docker stop``, ``kill`` or a closed terminal send.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -125,6 +129,15 @@ class Command:
             # through w3s-simulate) stops the outer one too, through its clean-up.
             print(f"{self.name}: stopped ({stop or 'interrupted'})", file=sys.stderr, flush=True)
             raise SystemExit(INTERRUPTED) from None
+        except Exception:
+            traceback.print_exc()
+            print(
+                f"{self.name}: stopped by an unexpected error (exit status {UNEXPECTED_ERROR}); "
+                "the traceback above says where",
+                file=sys.stderr,
+                flush=True,
+            )
+            return UNEXPECTED_ERROR
 
     def _run(self, args: list[str]) -> int:
         """The job's exit status; a problem the user can fix is one line and status 2."""

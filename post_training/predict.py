@@ -20,7 +20,8 @@ refusing it bounds the memory (about 0.8 GB at 8192 x 8192).
 Exit status: 0 every file was segmented and written; 1 some input files were skipped (each is
 named in the log: undecodable, larger than max_side or not written), the others were written;
 2 nothing ran (a bad command line, a missing or unreadable segmenter file, a missing or empty
-input folder, an output folder that is unwritable, overlaps input or holds earlier outputs).
+input folder, an output folder that is unwritable, overlaps input or holds earlier outputs, a
+device the machine lacks); 70 an unexpected error, printed with its traceback.
 
 The key ``segmenter`` names a file here, while ``w3s-postprocess`` uses a config group of that
 name, so this command's config lives in Hydra's config store instead of ``conf/``.

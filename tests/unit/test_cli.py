@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common.cli import INPUT_ERROR, INTERRUPTED, Command
+from common.cli import INPUT_ERROR, INTERRUPTED, UNEXPECTED_ERROR, Command
 from tests.unit.conftest import CHECKPOINT_FAULTS, SEGMENTER_FAULTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,6 +251,18 @@ def test_a_stop_signal_runs_the_jobs_clean_up_and_exits_130(stop, capsys):
         signal.signal(stop, original)
     assert stopped.value.code == INTERRUPTED and cleaned == [True]
     assert capsys.readouterr().err.strip() == f"w3s-test: stopped ({stop.name})"
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_an_exit_status_of_its_own(capsys):
+    # Python's own status for it, 1, is what w3s-predict answers when some files were skipped.
+    def job(cfg, overrides):
+        raise RuntimeError("a bug deep inside the job")
+
+    command = Command(name="w3s-test", summary="a job", config="config", job=job)
+    assert command.main([]) == UNEXPECTED_ERROR != 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug deep inside the job" in err
+    assert err.splitlines()[-1].startswith("w3s-test: stopped by an unexpected error")
 
 
 def test_a_signal_ignored_at_start_stays_ignored(capsys):
