@@ -38,13 +38,15 @@ from server_app import launch
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "w3s_experiment"
-# Keys of conf/w3s_experiment.yaml that the training config (conf/config.yaml) does not know.
 # Stands for a setting a config does not have (None is a setting).
 _ABSENT = object()
+# Keys of conf/w3s_experiment.yaml that the training config (conf/config.yaml) does not know.
 EXPERIMENT_KEYS = ("seeds", "folds", "runs_dir", "label", "postprocess", "regime")
 # Training overrides that the post-training job needs as well (which data, which device).
 SHARED_WITH_POSTPROCESS = ("data", "device")
 RESULTS = "results.json"
+# The data config's mapping of hospital name to its reader settings.
+HOSPITALS = "data.hospitals"
 
 
 def override_key(override: str) -> str:
@@ -322,13 +324,25 @@ def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     A key the earlier config lacks counts as unchanged when this config holds its default:
     settings are added with defaults that keep the earlier behaviour, so a run made before a
     key existed was made with that default, and adding a key must not orphan finished runs.
+    A hospital is data, not a setting added later: one that only one config has (removed with
+    ``~data.hospitals.<name>``, all its keys at their defaults in the other) changes
+    ``data.hospitals``.
     """
     defaults = default_settings()
-    return sorted(
+    changed = {
         key
         for key in before.keys() | now.keys()
         if before.get(key, defaults.get(key, _ABSENT)) != now.get(key, _ABSENT)
-    )
+    }
+    if hospitals_of(before) != hospitals_of(now):
+        changed.add(HOSPITALS)
+    return sorted(changed)
+
+
+def hospitals_of(flat: dict[str, Any]) -> set[str]:
+    """The hospital names of a flat config: ``data.hospitals.hospital_a.seed`` -> ``hospital_a``."""
+    prefix = f"{HOSPITALS}."
+    return {key[len(prefix) :].split(".", 1)[0] for key in flat if key.startswith(prefix)}
 
 
 @functools.cache

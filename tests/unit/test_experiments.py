@@ -268,6 +268,10 @@ def test_a_federated_model_is_reused_only_when_trained_with_the_same_config(tmp_
     assert seed_run("model.standardise_input=image").same_training() is None
     own = "+model.per_hospital.hospital_a.standardise_input=channels"
     assert seed_run(own).same_training() is None
+    # A hospital left out is no setting added since: its keys' defaults do not stand in.
+    two_hospitals = trained_model("fedavg_2h", "~data.hospitals.hospital_c")
+    assert seed_run().same_training() == fedavg
+    assert seed_run("~data.hospitals.hospital_c").same_training() == two_hospitals
 
 
 def test_pooled_training_refuses_a_standardisation_per_hospital(tmp_path):
