@@ -311,10 +311,19 @@ def check_same_config(
 
 
 def check_label_config(runs: list[SeedRun], label_dir: Path) -> None:
-    """Refuse new seeds or folds under a label whose finished runs another config made."""
-    planned = {run.out for run in runs}
+    """Refuse a rerun, or new seeds or folds, under a label whose finished runs another config made.
+
+    Every finished run is checked before anything runs or is written: a refusal found on the
+    way would leave the runs before it made with the new config, pooled into the label's row
+    with the old ones, and ``experiment.yaml`` naming the new config.
+    """
+    planned = {run.out: run for run in runs}
     for results in sorted(label_dir.glob(f"**/{RESULTS}")):
-        if results.parent not in planned and (done := finished_results(results.parent)):
+        if (done := finished_results(results.parent)) is None:
+            continue
+        if (own := planned.get(results.parent)) is not None:
+            check_same_config(own, done)
+        else:
             check_same_config(runs[0], done, results.parent, per_run=True)
 
 
@@ -495,7 +504,6 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     (out / "experiment.yaml").write_text(f"# {command}\n{OmegaConf.to_yaml(cfg)}", encoding="utf-8")
     for run in runs:
         if (done := finished_results(run.out)) is not None:
-            check_same_config(run, done)
             log.info("%s: skipped, finished before in %.0fs", run.out, done.get("seconds", 0))
             continue
         results = run_seed(run)

@@ -446,17 +446,21 @@ def test_rerun_skips_finished_runs_and_redoes_a_half_finished_one(
     assert len(skipped) == 3 and str(runs / "fold_0" / "seed_0") in skipped[0]
 
 
-def test_a_rerun_with_another_config_is_refused_and_keeps_the_finished_runs(
+def test_a_rerun_with_another_config_is_refused_before_it_runs_or_writes_anything(
     tmp_path, fake_training
 ):
-    assert _experiment(tmp_path) == 0
-    results = tmp_path / "runs" / "centralized" / "fold_0" / "seed_0" / "results.json"
-    before = results.read_text()
+    assert _experiment(tmp_path, "centralized", "seeds=[1]") == 0
+    label = tmp_path / "runs" / "centralized"
+    results = label / "fold_0" / "seed_1" / "results.json"
+    before = results.read_text(), (label / "experiment.yaml").read_text()
+    fake_training["train"].clear()
+    # Seed 0 comes first and has no results: it must not be trained with the new config.
     overrides = [*TINY_EXPERIMENT, "regime=centralized", f"runs_dir={tmp_path / 'runs'}"]
     overrides.append("train.lr=0.5")
-    with pytest.raises(JobError, match=r"fold_0/seed_0 finished with another config \(train.lr"):
+    with pytest.raises(JobError, match=r"fold_0/seed_1 finished with another config \(train.lr"):
         runner.run_experiment(compose_config(overrides, "w3s_experiment"), overrides)
-    assert results.read_text() == before
+    assert (results.read_text(), (label / "experiment.yaml").read_text()) == before
+    assert fake_training["train"] == [] and not (label / "fold_0" / "seed_0").exists()
 
 
 def test_another_regime_under_a_label_is_refused(tmp_path, fake_training):
