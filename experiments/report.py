@@ -33,6 +33,7 @@ from experiments.run import RESULTS
 from experiments.supervised import true_labels
 from post_training.artifacts import overlay, sample_stems, save_grid
 from post_training.stages import DISK, MAPS, OTSU, PSEUDO_MASKS, SEGMENTER
+from server_app.recorder import PHASES
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ RUN_GLOBS = ("seed_*", "fold_*/seed_*")
 # Line styles of the convergence curves, cycled with the colours: tell regimes apart in print.
 LINE_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"))
 CONFIDENCE = 0.95
+# How the communication table names the phases of metrics.jsonl (server_app/recorder.py).
+PHASE_TITLES = {"pretrain": "pretraining", "mct": "MCT"}
 
 
 def mean_sd(values: Iterable[float | None]) -> tuple[float, float, int]:
@@ -564,6 +567,22 @@ def round_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def phase_of(row: dict[str, Any]) -> str:
+    """The training phase a ``metrics.jsonl`` row belongs to.
+
+    Runs made before the pretraining phase existed wrote rows without one: all MCT rounds.
+    """
+    return str(row.get("phase", "mct"))
+
+
+def phase_rounds(runs: Sequence[Sequence[dict[str, Any]]]) -> str:
+    """The rounds of each phase, the most any run trained: ``20 pretraining + 10 MCT``."""
+    counts = {
+        phase: max(sum(phase_of(r) == phase for r in rows) for rows in runs) for phase in PHASES
+    }
+    return " + ".join(f"{n} {PHASE_TITLES[phase]}" for phase, n in counts.items() if n)
+
+
 def trained_rounds(ds: Dataset, label: str) -> list[list[dict[str, Any]]]:
     """The round rows of each run of ``label`` that trained.
 
@@ -587,17 +606,23 @@ def plot_convergence(ds: Dataset, path: Path) -> bool:
 
 
 def convergence_figure(ds: Dataset, labels: Sequence[str]) -> Figure:
-    """Validation localization mIoU per round and hospital (Fig. 4), mean ± SD over runs.
+    """Validation localization mIoU per MCT round and hospital (Fig. 4), mean ± SD over runs.
 
-    Each label gets its own colour and line style (legible in grey print), SD bands are faint
-    and drawn under every line, and every subplot has its legend so none is read by guessing.
+    The pretraining rounds before them learn another task (no class labels) and number their
+    rounds from 1 too, so their rows are left out: the x axis is the MCT round. Each label gets
+    its own colour and line style (legible in grey print), SD bands are faint and drawn under
+    every line, and every subplot has its legend so none is read by guessing.
     """
     fig = Figure(figsize=(3.6 * len(ds.hospitals), 3.2))
     axes = fig.subplots(1, len(ds.hospitals), squeeze=False)
     for ax, hospital in zip(axes[0], ds.hospitals, strict=True):
         for index, label in enumerate(labels):
             curves = [
-                [row["hospitals"].get(hospital, {}).get("val-loc-miou", math.nan) for row in rows]
+                [
+                    row["hospitals"].get(hospital, {}).get("val-loc-miou", math.nan)
+                    for row in rows
+                    if phase_of(row) == "mct"
+                ]
                 for rows in trained_rounds(ds, label)
             ]
             length = min(len(c) for c in curves)
@@ -618,7 +643,7 @@ def convergence_figure(ds: Dataset, labels: Sequence[str]) -> Figure:
                 zorder=3,
             )
         ax.set_title(f"{hospital} (validation)", fontsize=9)
-        ax.set_xlabel("round")
+        ax.set_xlabel("MCT round")
         ax.grid(alpha=0.3, zorder=0)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("localization mIoU (%)")
@@ -627,7 +652,11 @@ def convergence_figure(ds: Dataset, labels: Sequence[str]) -> Figure:
 
 
 def communication_table(ds: Dataset) -> str:
-    """Bytes per hospital and round (mean over rounds and runs) and the final mIoU effect."""
+    """Bytes per hospital and round (mean over rounds and runs) and the final mIoU effect.
+
+    Both phases ship weights, so the bytes cover the pretraining rounds as well as the MCT
+    rounds, and the rounds column counts each phase apart.
+    """
     lines = [
         "| run | hospital | sent per round (MB) | received per round (MB) "
         "| total over the run (MB) | rounds "
@@ -637,22 +666,22 @@ def communication_table(ds: Dataset) -> str:
     for label in federated_labels(ds):
         row_name = next(x["row"] for r in ds.runs(label) for x in r["rows"])
         for hospital in ds.hospitals:
-            sent, received, totals, rounds = [], [], [], []
-            for rows in trained_rounds(ds, label):
+            sent, received, totals = [], [], []
+            runs = trained_rounds(ds, label)
+            for rows in runs:
                 per_round = [r["hospitals"].get(hospital, {}) for r in rows]
                 sent += [h.get("bytes-sent", math.nan) for h in per_round]
                 received += [h.get("bytes-received", math.nan) for h in per_round]
                 totals.append(
                     sum(h.get("bytes-sent", 0) + h.get("bytes-received", 0) for h in per_round)
                 )
-                rounds.append(len(rows))
             score = " / ".join(
                 fmt_percent(ds.values(row_name, hospital, SEGMENTER, m)) for m in METRICS
             )
             lines.append(
                 f"| {label} | {hospital} | {np.nanmean(sent) / MB:.3f} "
                 f"| {np.nanmean(received) / MB:.3f} | {np.mean(totals) / MB:.2f} "
-                f"| {max(rounds)} | {score} |"
+                f"| {phase_rounds(runs)} | {score} |"
             )
     return "\n".join(lines)
 
@@ -743,11 +772,12 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
     ]
     if has_curves:
         parts += [
-            "### Convergence: validation localization mIoU per round (server's metrics.jsonl)",
+            "### Convergence: validation localization mIoU per MCT round (server's metrics.jsonl)",
             f"![convergence]({rel / curves_png.name})",
         ]
     parts += [
-        "### Communication (array bytes per message, train and evaluate, per hospital)",
+        "### Communication (array bytes per message, train and evaluate, per hospital; per "
+        "round: the mean over the rounds of every phase)",
         communication_table(ds),
         f"### Overlays (seed {first_seed}{f', fold {first_fold}' if first_fold >= 0 else ''}; "
         f"{GRID_IMAGES} test images per hospital, top to bottom "

@@ -24,6 +24,7 @@ from experiments import run as runner
 from experiments.regimes import initial_model, train_rounds
 from experiments.report import (
     Dataset,
+    communication_table,
     convergence_figure,
     fmt_percent,
     matrix_table,
@@ -326,6 +327,15 @@ def test_paired_table_pairs_fedavg_with_local_only_of_the_same_fold_and_seed():
     assert "| centralized | a | segmenter | binary | 1 | -10.0 | - |" in paired_table(with_pooled)
 
 
+def _federated_result(tmp_path: Path, label: str, seed: int, rounds: list[dict]) -> dict:
+    """A federated run's results whose ``metrics.jsonl`` holds ``rounds``, one row each."""
+    run_dir = tmp_path / label / f"seed_{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    result = _result(label, "fedavg", seed, {label: {"a": (0.1, 0.2)}})
+    return {**result, "dir": str(run_dir), "metrics_jsonl": "metrics.jsonl"}
+
+
 def test_convergence_figure_has_a_legend_on_every_subplot_and_distinct_line_styles(tmp_path):
     results = []
     for label, level in (("fedavg", 0.5), ("fedavg_fp16", 0.4)):
@@ -334,11 +344,7 @@ def test_convergence_figure_has_a_legend_on_every_subplot_and_distinct_line_styl
                 {"round": r, "hospitals": {h: {"val-loc-miou": level + 0.01 * r} for h in "ab"}}
                 for r in (1, 2, 3)
             ]
-            run_dir = tmp_path / label / f"seed_{seed}"
-            run_dir.mkdir(parents=True)
-            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
-            result = _result(label, "fedavg", seed, {label: {"a": (0.1, 0.2)}})
-            results.append({**result, "dir": str(run_dir), "metrics_jsonl": "metrics.jsonl"})
+            results.append(_federated_result(tmp_path, label, seed, rounds))
     ds = Dataset(tmp_path, OmegaConf.create({"name": "toy"}), ["a", "b"], [], results)
     figure = convergence_figure(ds, ["fedavg", "fedavg_fp16"])
     assert len(figure.axes) == 2
@@ -352,6 +358,26 @@ def test_convergence_figure_has_a_legend_on_every_subplot_and_distinct_line_styl
         band = ax.collections[0]
         assert band.get_alpha() == pytest.approx(0.15)
         assert band.get_zorder() < min(line.get_zorder() for line in lines)
+
+
+def test_pretraining_rows_are_no_mct_rounds_of_the_curve_but_count_in_the_bytes(tmp_path):
+    def row(phase: str | None, number: int, miou: float) -> dict:
+        scores = {"val-loc-miou": miou, "bytes-sent": 2e6, "bytes-received": 1e6}
+        # A run from before the pretraining phase wrote no phase: all MCT rounds.
+        return {"round": number, "hospitals": {"a": scores}} | ({"phase": phase} if phase else {})
+
+    pretrained = [row("pretrain", r, 0.2) for r in (1, 2, 3)] + [row("mct", 1, 0.6)]
+    older = [row(None, r, 0.6) for r in (1, 2)]
+    results = [
+        *(_federated_result(tmp_path, "fedavg", seed, pretrained) for seed in (0, 1)),
+        _federated_result(tmp_path, "fedavg_old", 0, older),
+    ]
+    ds = Dataset(tmp_path, OmegaConf.create({"name": "toy"}), ["a"], [], results)
+    curve = convergence_figure(ds, ["fedavg"]).axes[0].get_lines()[0]
+    assert list(curve.get_xdata()) == [1] and list(curve.get_ydata()) == [pytest.approx(60.0)]
+    table = communication_table(ds).splitlines()
+    assert table[2].startswith("| fedavg | a | 2.000 | 1.000 | 12.00 | 3 pretraining + 1 MCT |")
+    assert table[3].startswith("| fedavg_old | a | 2.000 | 1.000 | 6.00 | 2 MCT |")
 
 
 # Two tiny synthetic hospitals and a 3-fold split: composing and verifying them stays cheap.
