@@ -125,16 +125,18 @@ class Dataset:
         ]
 
     def baseline_values(self, column: str, stage: str, metric: str) -> list[float | None]:
-        """A training-free baseline's score per test split, by (fold, seed).
+        """A training-free baseline's score per test split, by fold (-1: the fixed split).
 
-        It is the same in every row of a run, and in every label's run on the same split: counted
-        once per split, or its SD and count would grow with the number of labels.
+        It depends on the test images only, so it is the same in every row of a run, in every
+        seed of a fold and in every label's run on that fold: counted once per split, or its SD
+        and count would grow with the number of seeds and labels.
         """
-        by_split: dict[tuple[int, int], float | None] = {}
+        by_split: dict[int, float | None] = {}
         for result in self.results:
             scored = [x for x in result["rows"] if stage in x["cells"].get(column, {})]
             if scored:
-                by_split.setdefault(run_key(result), scored[0]["cells"][column][stage][metric])
+                fold = run_key(result)[0]
+                by_split.setdefault(fold, scored[0]["cells"][column][stage][metric])
         return list(by_split.values())
 
     def at_share(self, share: float) -> Dataset:
@@ -809,7 +811,8 @@ def write_report(runs_dirs: Sequence[Path], output: Path, figures: Path, notes: 
         "trained on X's true masks). Columns: the test split of each hospital, where the "
         "post-training job (maps -> pseudo-masks -> segmenter, `w3s-postprocess` with the "
         "overrides each section names) ran with that model. Cells: class-aware / binary mIoU "
-        "in %, mean ± sample SD over runs (seeds, times folds when cross-validated).",
+        "in %, mean ± sample SD over runs (seeds, times folds when cross-validated); a "
+        "baseline's over test splits (folds), which it alone depends on.",
     ]
     if notes is not None:
         head.append(notes.read_text(encoding="utf-8").strip())

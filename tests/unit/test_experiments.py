@@ -213,13 +213,14 @@ def test_matrix_table_and_verdicts_from_seed_results():
     ) in lines
 
 
-def test_a_baseline_counts_once_per_test_split_whatever_the_labels_that_scored_it():
+def test_a_baseline_counts_once_per_test_split_whatever_the_seeds_and_labels_that_scored_it():
     results = []
-    for seed, disk in ((0, 0.6), (1, 0.8)):
-        for label in ("fedavg", "fedprox"):
-            result = _result(label, label, seed, {label: {"a": (0.4, 0.6)}})
-            result["rows"][0]["cells"]["a"]["disk"] = {"class_aware": disk, "binary": disk}
-            results.append(result)
+    for fold, disk in ((0, 0.6), (1, 0.8)):
+        for seed in (0, 1):
+            for label in ("fedavg", "fedprox"):
+                result = _result(label, label, seed, {label: {"a": (0.4, 0.6)}}, fold)
+                result["rows"][0]["cells"]["a"]["disk"] = {"class_aware": disk, "binary": disk}
+                results.append(result)
     ds = Dataset(Path("."), OmegaConf.create({"name": "toy"}), ["a", "b"], [], results)
     assert ds.baseline_values("a", "disk", "binary") == [0.6, 0.8]
 
