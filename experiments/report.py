@@ -174,7 +174,7 @@ def load_dataset(runs_dir: Path) -> Dataset:
     configs = sorted(runs_dir.glob("*/experiment.yaml"))
     if not configs:
         raise FileNotFoundError(f"no w3s-experiment runs (*/experiment.yaml) in {runs_dir}")
-    data, hospitals, commands, results, postprocess = None, [], [], [], {}
+    data, commands, results, postprocess = None, [], [], {}
     for path in configs:
         text = path.read_text(encoding="utf-8")
         commands.append(text.splitlines()[0].lstrip("# "))
@@ -187,22 +187,62 @@ def load_dataset(runs_dir: Path) -> Dataset:
         for file in sorted(f for g in RUN_GLOBS for f in path.parent.glob(f"{g}/{RESULTS}")):
             result = json.loads(file.read_text(encoding="utf-8"))
             result["dir"] = str(file.parent)
-            hospitals = result["hospitals"]
             results.append(result)
     assert data is not None
+    hospitals = shared_hospitals(runs_dir, results)
+    check_one_label_per_hospital_row(runs_dir, results)
     whole = [r for r in results if train_share(r) == 1.0]
-    curve = [r for r in results if train_share(r) != 1.0]
-    labels: dict[str, set[str]] = {}
-    for result in whole:  # a learning curve's rows stay out of the matrix
-        labels.setdefault(result["regime"], set()).add(result["label"])
-    for regime in BY_HOSPITAL:
-        if len(labels.get(regime, ())) > 1:
-            raise ValueError(
-                f"{runs_dir}: labels {', '.join(sorted(labels[regime]))} all ran regime={regime}, "
-                "whose rows are named and paired by hospital; report them from separate runs dirs"
-            )
+    curve = [r for r in results if train_share(r) != 1.0]  # kept out of the matrix
     pipelines = post_training_variants(runs_dir)
     return Dataset(runs_dir, data, hospitals, commands, whole, pipelines, postprocess, curve)
+
+
+def shared_hospitals(runs_dir: Path, results: Sequence[dict[str, Any]]) -> list[str]:
+    """The hospitals every run was scored at: the columns of every table.
+
+    Labels run at different hospitals (one left out with ``~data.hospitals.<name>``) would lose
+    a column or leave one blank unseen, so they are refused.
+
+    Raises
+    ------
+    JobError
+        Naming two labels and their hospitals.
+    """
+    by_hospitals: dict[frozenset[str], dict[str, Any]] = {}
+    for result in results:
+        by_hospitals.setdefault(frozenset(result["hospitals"]), result)
+    if len(by_hospitals) > 1:
+        first, second = (
+            f"{r['label']} ({', '.join(r['hospitals'])})" for r in list(by_hospitals.values())[:2]
+        )
+        raise JobError(
+            f"{runs_dir}: labels {first} and {second} ran at different hospitals; "
+            "report them from separate runs dirs"
+        )
+    return list(results[0]["hospitals"]) if results else []
+
+
+def check_one_label_per_hospital_row(runs_dir: Path, results: Sequence[dict[str, Any]]) -> None:
+    """Refuse two labels of a regime whose rows are named by hospital, at one training share.
+
+    Both name their rows ``local_only (hospital_a)``: the matrix, or the learning curve at a
+    share, would pool them into one row or keep one of them unseen.
+
+    Raises
+    ------
+    JobError
+        Naming the labels, the regime and the share.
+    """
+    labels: dict[tuple[str, float], set[str]] = {}
+    for result in results:
+        labels.setdefault((result["regime"], train_share(result)), set()).add(result["label"])
+    for (regime, share), names in sorted(labels.items()):
+        if regime in BY_HOSPITAL and len(names) > 1:
+            at = "" if share == 1.0 else f" at data.split.train_share={share:g}"
+            raise JobError(
+                f"{runs_dir}: labels {', '.join(sorted(names))} all ran regime={regime}{at}, "
+                "whose rows are named and paired by hospital; report them from separate runs dirs"
+            )
 
 
 def post_training_variants(runs_dir: Path) -> int:

@@ -504,13 +504,38 @@ def test_new_seeds_under_a_label_must_share_its_finished_runs_config(tmp_path, f
     assert _experiment(tmp_path, "centralized", "seeds=[5]") == 0  # same config: pooled
 
 
-def test_a_report_refuses_two_labels_of_a_regime_whose_rows_are_per_hospital(
+def test_a_report_refuses_labels_whose_rows_or_columns_it_cannot_tell_apart(
     tmp_path, fake_training
 ):
-    assert _experiment(tmp_path, "local_only") == 0
-    assert _experiment(tmp_path, "local_only", "label=local_long", "federation.rounds=4") == 0
-    with pytest.raises(ValueError, match="labels local_long, local_only all ran regime=local_only"):
-        write_report([tmp_path / "runs"], tmp_path / "E.md", tmp_path / "figures", None)
+    def refused(runs: str, *experiments: tuple[str, ...]) -> str:
+        for regime, *extra in experiments:
+            quick = ("folds=[0]", "seeds=[0]", f"runs_dir={tmp_path / runs}")
+            assert _experiment(tmp_path, regime, *extra, *quick) == 0
+        with pytest.raises(JobError) as error:
+            write_report([tmp_path / runs], tmp_path / "E.md", tmp_path / "figures", None)
+        return str(error.value)
+
+    long = ("label=local_long", "federation.rounds=4")
+    assert "labels local_long, local_only all ran regime=local_only, whose rows" in refused(
+        "two", ("local_only",), ("local_only", *long)
+    )
+    # At one share of a learning curve too: its row would show one label's runs.
+    half = "data.split.train_share=0.5"
+    assert "labels local_long, local_short all ran regime=local_only at data.split" in refused(
+        "curve",
+        ("local_only",),
+        ("local_only", "label=local_short", half),
+        ("local_only", *long, half),
+    )
+    # TINY_EXPERIMENT leaves hospital_c out; this label puts it back.
+    third = (
+        "+data.hospitals.hospital_c={format:synthetic,domain:c,num_images:30,image_size:48,seed:3}"
+    )
+    assert (
+        "labels fedavg_3h (hospital_a, hospital_b, hospital_c) and local_only (hospital_a, "
+        "hospital_b) ran at different hospitals"
+        in refused("hospitals", ("local_only",), ("fedavg", "label=fedavg_3h", third))
+    )
 
 
 def test_a_half_finished_run_keeps_only_a_federated_model_it_finished(tmp_path):
