@@ -19,6 +19,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig
@@ -99,16 +100,8 @@ class Command:
 
     def compose(self, overrides: Sequence[str]) -> DictConfig:
         """The composed, checked config; a :class:`JobError` names what is wrong."""
-        try:
-            conf_dir = None if self.own_store else CONF_DIR
-            cfg = compose_config(overrides, config_name=self.config, conf_dir=conf_dir)
-            if self.check is not None:
-                self.check(cfg)  # reading a missing mandatory key raises OmegaConf's error
-        except OverrideParseException as error:
-            raise JobError(f"{one_line(error)} ({QUOTING_HINT})") from None
-        except (HydraException, OmegaConfBaseException) as error:
-            raise JobError(one_line(error)) from None
-        return cfg
+        conf_dir = None if self.own_store else CONF_DIR
+        return compose_checked(overrides, self.config, self.check, conf_dir)
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """Run the command; returns the exit status (console scripts pass it to ``sys.exit``).
@@ -180,6 +173,29 @@ def stop_signals_interrupt() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def compose_checked(
+    overrides: Sequence[str],
+    config_name: str,
+    check: Callable[[DictConfig], None] | None = None,
+    conf_dir: Path | None = CONF_DIR,
+) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides``, checked by ``check``.
+
+    For a command's own config and for the configs a job composes before its work starts
+    (a harness's post-training job, each ablation variant): what Hydra or OmegaConf refuses,
+    a mistyped key or a missing mandatory one, becomes a :class:`JobError` in one line.
+    """
+    try:
+        cfg = compose_config(overrides, config_name=config_name, conf_dir=conf_dir)
+        if check is not None:
+            check(cfg)  # reading a missing mandatory key raises OmegaConf's error
+    except OverrideParseException as error:
+        raise JobError(f"{one_line(error)} ({QUOTING_HINT})") from None
+    except (HydraException, OmegaConfBaseException) as error:
+        raise JobError(one_line(error)) from None
+    return cfg
 
 
 def one_line(error: BaseException) -> str:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_model
-from common.cli import Command
+from common.cli import Command, compose_checked
 from common.config import CONF_DIR, compose_config
 from common.data import split_tensors
 from common.errors import JobError
@@ -126,6 +126,31 @@ def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant_configs(
+    variants: Mapping[str, Sequence[str]], overrides: Sequence[str], out: Path
+) -> dict[str, DictConfig]:
+    """Every variant's post-training config, composed and checked before the first one runs.
+
+    A mistyped override in a later variant would otherwise be found after every variant before
+    it had run, minutes each.
+
+    Raises
+    ------
+    JobError
+        Naming the variant and what is wrong with it.
+    """
+    configs = {}
+    for title, changes in variants.items():
+        folder = f"output_dir={out.resolve() / slug(title)}"
+        try:
+            configs[title] = compose_checked(
+                [*overrides, *changes, folder], "postprocess", check_postprocess_config
+            )
+        except JobError as error:
+            raise JobError(f"variant {title!r}: {error.brief()}") from None
+    return configs
+
+
 def run_ablation(variants: Mapping[str, Sequence[str]], overrides: Sequence[str]) -> Path:
     """Run every variant and write ``ablation.md`` and ``ablation.json``; return the folder."""
     base = compose_config(overrides, "postprocess")
@@ -135,10 +160,10 @@ def run_ablation(variants: Mapping[str, Sequence[str]], overrides: Sequence[str]
         out = Path(str(base.output_dir))
     else:
         out = Path(str(base.checkpoint)).resolve().parent / "ablation" / str(base.hospital)
+    configs = variant_configs(variants, overrides, out)
     rows = []
     for index, (title, changes) in enumerate(variants.items(), start=1):
-        folder = out.resolve() / slug(title)
-        cfg = compose_config([*overrides, *changes, f"output_dir={folder}"], "postprocess")
+        cfg = configs[title]
         log.info("variant %d/%d %r: %s", index, len(variants), title, " ".join(changes))
         metrics = run_postprocess(cfg)
         scores = _stage_scores(metrics)

@@ -25,14 +25,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_model, save_model
-from common.cli import Command
-from common.config import compose_config
+from common.cli import Command, compose_checked
+from common.config import compose_config, number_setting
 from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
 from common.files import replaced_atomically
 from experiments.regimes import fine_tune_at, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
-from post_training.postprocess import foreground_head_settings, run_postprocess
+from post_training.postprocess import (
+    check_postprocess_settings,
+    foreground_head_settings,
+    run_postprocess,
+)
 from server_app import launch
 
 log = logging.getLogger(__name__)
@@ -462,6 +466,47 @@ def planned_runs(
     return runs
 
 
+def check_experiment_values(cfg: DictConfig) -> None:
+    """Refuse a regime value, or a ``postprocess`` that is no list, before any run starts.
+
+    The training would fail on the one, the first scoring on the other, hours in.
+
+    Raises
+    ------
+    JobError
+        Naming the key and its value.
+    """
+    if not OmegaConf.is_list(cfg.postprocess):
+        raise JobError(
+            f"postprocess={cfg.postprocess}: expected a list of overrides of the post-training "
+            "job, e.g. postprocess=[segmenter.epochs=3]"
+        )
+    if number_setting(cfg, "regime.proximal_mu") < 0:
+        raise JobError(f"regime.proximal_mu={cfg.regime.proximal_mu}: expected a number >= 0")
+    if str(cfg.regime.kind) != "personalized":
+        return
+    if number_setting(cfg, "regime.finetune_epochs", whole=True) < 0:
+        raise JobError(f"regime.finetune_epochs={cfg.regime.finetune_epochs}: expected >= 0")
+    if not number_setting(cfg, "regime.finetune_lr_scale") > 0:
+        raise JobError(f"regime.finetune_lr_scale={cfg.regime.finetune_lr_scale}: expected > 0")
+
+
+def check_postprocess_overrides(run: SeedRun) -> None:
+    """Compose and check the post-training job at every hospital before any training.
+
+    A mistyped ``postprocess=[...]`` override would otherwise end the first scoring, after the
+    training, in a traceback. The checkpoint is left out: the training makes it.
+
+    Raises
+    ------
+    JobError
+        Naming the override or setting that is wrong.
+    """
+    for hospital in run.hospitals:
+        overrides = [*run.postprocess_overrides, f"hospital={hospital}"]
+        compose_checked(overrides, "postprocess", check_postprocess_settings)
+
+
 def check_postprocess_fits_model(run: SeedRun) -> None:
     """Refuse post-training settings that the model to be trained cannot serve, before training.
 
@@ -485,7 +530,8 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     command = f"w3s-experiment {shlex.join(overrides)}"
     overrides = [*overrides, *launch.absolute_path_overrides(cfg, Path.cwd())]
     cfg = compose_config(overrides, config_name=CONFIG_NAME)
-    experiment_folds(cfg)  # a wrong fold list fails before the data is read
+    experiment_folds(cfg)  # a wrong fold list or value fails before the data is read
+    check_experiment_values(cfg)
     if problems := verify_data(cfg.data):
         raise DataVerificationError(problems)
     training = [o for o in overrides if override_key(o).split(".")[0] not in EXPERIMENT_KEYS]
@@ -496,6 +542,7 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     runs = planned_runs(cfg, training, shared, runs_dir)
     if runs:  # the runs differ only in split and seed
         launch.check_training_config(runs[0].cfg)
+        check_postprocess_overrides(runs[0])
         check_postprocess_fits_model(runs[0])
     out = runs_dir / str(cfg.label)
     if runs:

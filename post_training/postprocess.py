@@ -177,6 +177,17 @@ def check_postprocess_config(cfg: DictConfig) -> None:
     """Refuse what would fail mid-run: a missing checkpoint or hospital, a bad method option."""
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise JobError("checkpoint=... is required: the final_model.pt of a training run")
+    check_postprocess_settings(cfg)
+    checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
+    if not checkpoint.is_file():
+        raise JobError(f"checkpoint={checkpoint}: file not found")
+
+
+def check_postprocess_settings(cfg: DictConfig) -> None:
+    """Every check of :func:`check_postprocess_config` but the checkpoint's.
+
+    A harness that trains the checkpoint first checks the job's settings before the training.
+    """
     check_hospital(cfg)
     check_split(cfg.data)
     check_device(cfg)
@@ -205,9 +216,6 @@ def check_postprocess_config(cfg: DictConfig) -> None:
         ensemble_members(cfg.segmenter)
     except ValueError as error:
         raise JobError(str(error)) from None
-    checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
-    if not checkpoint.is_file():
-        raise JobError(f"checkpoint={checkpoint}: file not found")
     pseudo = OmegaConf.to_container(cfg.pseudo, resolve=True)
     try:
         MapSettings.from_config(OmegaConf.to_container(cfg.localization))

@@ -6,6 +6,7 @@ import pytest
 
 from common.config import compose_config
 from common.errors import JobError
+from experiments import ablation
 from experiments.ablation import _stage_scores, ablation_table, load_variants, slug
 
 
@@ -77,3 +78,21 @@ def test_a_hospital_without_masks_gets_a_table_without_a_winner() -> None:
     ]
     table = ablation_table(rows)
     assert "**" not in table and "| a | 0.50 / 0.50 | – |" in table
+
+
+def test_a_bad_variant_is_named_before_any_variant_runs(tmp_path, monkeypatch, capsys) -> None:
+    ran = []
+    monkeypatch.setattr(ablation, "run_postprocess", ran.append)
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(
+        "variants:\n  threshold: [pseudo=threshold]\n  typo: [pseudo.cell_fractoin=0.3]\n"
+    )
+    checkpoint = tmp_path / "final_model.pt"
+    checkpoint.write_bytes(b"")
+    status = ablation.main(
+        [f"variants={variants}", f"checkpoint={checkpoint}", "hospital=hospital_a"]
+    )
+    assert status == 2 and ran == []
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("w3s-ablate: variant 'typo': Could not override 'pseudo.cell_fractoin'")
+    assert len(error.splitlines()) == 1

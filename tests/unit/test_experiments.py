@@ -673,6 +673,27 @@ def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before
         runner.check_postprocess_fits_model(fitted)
 
 
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        (["postprocess=['segmenter.epochz=3']"], "Could not override 'segmenter.epochz'"),
+        (["postprocess=['pseudo=nope']"], "Could not find 'pseudo/nope'"),
+        (["postprocess=['segmenter.members=two']"], "segmenter.members=two: expected a whole"),
+        (["postprocess=abc"], "postprocess=abc: expected a list of overrides"),
+        (["regime.proximal_mu=abc"], "regime.proximal_mu=abc: expected a number"),
+        (["regime=personalized", "regime.finetune_lr_scale=0"], "regime.finetune_lr_scale=0"),
+    ],
+)
+def test_a_bad_post_training_override_or_regime_value_stops_the_experiment_before_any_run(
+    tmp_path, fake_training, capsys, bad, said
+):
+    overrides = [*TINY_EXPERIMENT, "regime=fedprox", f"runs_dir={tmp_path}", *bad]
+    assert runner.main(overrides) == 2
+    error = capsys.readouterr().err.strip()
+    assert said in error and len(error.splitlines()) == 1
+    assert fake_training["train"] == [] and list(tmp_path.iterdir()) == []
+
+
 def test_a_bad_training_setting_stops_the_experiment_before_any_run(tmp_path, capsys):
     status = runner.main(["regime=fedavg", "federation.rounds=abc", f"runs_dir={tmp_path}"])
     assert status == 2
