@@ -26,6 +26,7 @@ from common.cli import Command, compose_checked
 from common.config import CONF_DIR, compose_config
 from common.data import split_tensors
 from common.errors import JobError
+from common.files import write_text_atomically
 from common.training import evaluate_local, resolve_device
 from post_training.postprocess import SITE_KEYS, check_postprocess_config, run_postprocess
 from post_training.stages import BASELINES, MAPS, PSEUDO_MASKS, SEGMENTER
@@ -93,10 +94,15 @@ def _cell(scores: Mapping[str, Any], stage: str, split: str) -> str:
     return f"{100 * values['binary']:.1f} / {100 * values['class_aware']:.1f}"
 
 
-def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one row per variant, the validation winner in bold."""
+def ablation_table(rows: Sequence[Mapping[str, Any]], planned: int) -> str:
+    """Markdown: one row per variant, the validation winner in bold once all ``planned`` ran.
+
+    The table is written after every variant; one stopped part-way would otherwise crown the
+    best of the variants that happened to run first.
+    """
+    complete = len(rows) >= planned
     # A hospital without masks scores nothing, so no variant is bold.
-    scored = [r for r in rows if r["scores"].get(SEGMENTER, {}).get("val")]
+    scored = [r for r in rows if complete and r["scores"].get(SEGMENTER, {}).get("val")]
     best = (
         max(scored, key=lambda r: r["scores"][SEGMENTER]["val"]["binary"])["title"]
         if scored
@@ -123,6 +129,11 @@ def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "Cells: binary / class-aware mIoU %. Bold: best validation segmenter binary mIoU "
         "(the choice); test numbers are reported only."
     )
+    if not complete:
+        lines.append(
+            f"Partial: {len(rows)} of {planned} variants ran (the job stopped before the "
+            "others), so none is chosen; run w3s-ablate again for the whole table."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -176,9 +187,9 @@ def run_ablation(variants: Mapping[str, Sequence[str]], overrides: Sequence[str]
             }
         )
         # Written after every variant, so a failure later loses nothing already measured.
-        (out / "ablation.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-        (out / "ablation.md").write_text(ablation_table(rows), encoding="utf-8")
-    log.info("ablation of %s:\n%s", base.hospital, ablation_table(rows))
+        write_text_atomically(out / "ablation.json", json.dumps(rows, indent=1))
+        write_text_atomically(out / "ablation.md", ablation_table(rows, len(variants)))
+    log.info("ablation of %s:\n%s", base.hospital, ablation_table(rows, len(variants)))
     log.info("table: %s", out / "ablation.md")
     return out
 

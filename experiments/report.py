@@ -164,16 +164,20 @@ class Dataset:
 
 
 def train_share(result: dict[str, Any]) -> float:
-    """The share of each hospital's training split that a run trained on (1 before the key)."""
-    split = result["config"]["training"]["data"]["split"]
-    return float(split.get("train_share", 1.0))
+    """The share of each hospital's training split that a run trained on.
+
+    1 for runs made before the key, and before runs recorded their config at all (which
+    w3s-experiment still accepts).
+    """
+    training = result.get("config", {}).get("training", {})
+    return float(training.get("data", {}).get("split", {}).get("train_share", 1.0))
 
 
 def load_dataset(runs_dir: Path) -> Dataset:
     """Read every ``<label>/experiment.yaml`` and ``<label>/[fold_*/]seed_*/results.json``."""
     configs = sorted(runs_dir.glob("*/experiment.yaml"))
     if not configs:
-        raise FileNotFoundError(f"no w3s-experiment runs (*/experiment.yaml) in {runs_dir}")
+        raise JobError(f"no w3s-experiment runs (*/experiment.yaml) in {runs_dir}")
     data, commands, results, postprocess = None, [], [], {}
     for path in configs:
         text = path.read_text(encoding="utf-8")
@@ -183,12 +187,17 @@ def load_dataset(runs_dir: Path) -> Dataset:
         if data is None:
             data = cfg.data
         elif cfg.data.name != data.name:
-            raise ValueError(f"{runs_dir} mixes data={data.name} and data={cfg.data.name}")
+            raise JobError(f"{runs_dir} mixes data={data.name} and data={cfg.data.name}")
         for file in sorted(f for g in RUN_GLOBS for f in path.parent.glob(f"{g}/{RESULTS}")):
             result = json.loads(file.read_text(encoding="utf-8"))
             result["dir"] = str(file.parent)
             results.append(result)
     assert data is not None
+    if not results:
+        raise JobError(
+            f"{runs_dir}: no finished run (<label>/[fold_*/]seed_*/{RESULTS}); runs stopped "
+            "before their scoring finish when w3s-experiment is run again"
+        )
     hospitals = shared_hospitals(runs_dir, results)
     check_one_label_per_hospital_row(runs_dir, results)
     whole = [r for r in results if train_share(r) == 1.0]
@@ -219,7 +228,7 @@ def shared_hospitals(runs_dir: Path, results: Sequence[dict[str, Any]]) -> list[
             f"{runs_dir}: labels {first} and {second} ran at different hospitals; "
             "report them from separate runs dirs"
         )
-    return list(results[0]["hospitals"]) if results else []
+    return list(results[0]["hospitals"])
 
 
 def check_one_label_per_hospital_row(runs_dir: Path, results: Sequence[dict[str, Any]]) -> None:

@@ -428,13 +428,26 @@ def experiment_folds(cfg: DictConfig) -> list[int | None]:
     """The folds to run: ``[None]`` (the fixed split) unless ``folds`` lists fold indices."""
     if not cfg.folds:
         return [None]
-    count = cfg.data.split.get("folds")
-    if count is None:
-        raise JobError(f"folds={list(cfg.folds)} needs data.split.folds=K (K-fold splits, K >= 3)")
-    folds = [int(f) for f in cfg.folds]
-    if bad := [f for f in folds if not 0 <= f < int(count)]:
-        raise JobError(f"folds {bad} are not in 0..{int(count) - 1} (data.split.folds={count})")
+    folds = whole_numbers(cfg, "folds")
+    if cfg.data.split.get("folds") is None:
+        raise JobError(f"folds={folds} needs data.split.folds=K (K-fold splits, K >= 3)")
+    count = int(number_setting(cfg, "data.split.folds", whole=True))
+    if bad := [f for f in folds if not 0 <= f < count]:
+        raise JobError(f"folds {bad} are not in 0..{count - 1} (data.split.folds={count})")
     return folds
+
+
+def whole_numbers(cfg: DictConfig, key: str) -> list[int]:
+    """The whole numbers >= 0 that the list ``cfg[key]`` holds, or a one-line refusal.
+
+    Hydra keeps ``seeds=abc`` a string and ``seeds=0`` a number, and iterating over either
+    deep in the job ended in a traceback (or, for an empty list, in a run that did nothing).
+    """
+    value = OmegaConf.select(cfg, key)
+    items = list(value) if OmegaConf.is_list(value) else []
+    if not items or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in items):
+        raise JobError(f"{key}={value}: expected a list of whole numbers >= 0, e.g. {key}=[0,1,2]")
+    return items
 
 
 def planned_runs(
@@ -467,15 +480,23 @@ def planned_runs(
 
 
 def check_experiment_values(cfg: DictConfig) -> None:
-    """Refuse a regime value, or a ``postprocess`` that is no list, before any run starts.
+    """Refuse bad seeds or label, a regime value or a non-list ``postprocess``, before any run.
 
-    The training would fail on the one, the first scoring on the other, hours in.
+    The training would fail on some, the first scoring on others, hours in; a label such as
+    ``a/b`` or ``..`` wrote runs where ``w3s-report`` never looks.
 
     Raises
     ------
     JobError
         Naming the key and its value.
     """
+    whole_numbers(cfg, "seeds")
+    label = str(cfg.label)
+    if not label or label in (".", "..") or "/" in label or "\\" in label:
+        raise JobError(
+            f"label={label}: expected a folder name of its own under runs_dir (w3s-report finds "
+            "a label's runs at <runs_dir>/<label>/)"
+        )
     if not OmegaConf.is_list(cfg.postprocess):
         raise JobError(
             f"postprocess={cfg.postprocess}: expected a list of overrides of the post-training "
@@ -529,9 +550,11 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     """One regime, every fold and seed, end to end; runs finished by an earlier call are kept."""
     command = f"w3s-experiment {shlex.join(overrides)}"
     overrides = [*overrides, *launch.absolute_path_overrides(cfg, Path.cwd())]
+    if any(override_key(o) == "seed" for o in overrides):
+        raise JobError("seed= is set per run by w3s-experiment: give the seeds as seeds=[...]")
     cfg = compose_config(overrides, config_name=CONFIG_NAME)
-    experiment_folds(cfg)  # a wrong fold list or value fails before the data is read
     check_experiment_values(cfg)
+    experiment_folds(cfg)  # a wrong fold list or value fails before the data is read
     if problems := verify_data(cfg.data):
         raise DataVerificationError(problems)
     training = [o for o in overrides if override_key(o).split(".")[0] not in EXPERIMENT_KEYS]

@@ -43,9 +43,10 @@ def test_the_winner_is_chosen_on_validation_not_test() -> None:
             "scores": _stage_scores(_metrics(0.70, 0.10)),
         },
     ]
-    table = ablation_table(rows)
+    table = ablation_table(rows, 2)
     assert "| **good on val** |" in table
     assert "| good on test |" in table
+    assert "Partial" not in table
     # segmenter test cell of the second row: binary / class-aware in percent
     assert "10.0 / 5.0" in table.splitlines()[3]
     assert "baseline: centred disk" in table
@@ -76,8 +77,15 @@ def test_a_hospital_without_masks_gets_a_table_without_a_winner() -> None:
         {"title": t, "accuracy": {"val": 0.5, "test": 0.5}, "scores": _stage_scores(unscored)}
         for t in ("a", "b")
     ]
-    table = ablation_table(rows)
+    table = ablation_table(rows, 2)
     assert "**" not in table and "| a | 0.50 / 0.50 | – |" in table
+
+
+def test_a_table_of_an_ablation_stopped_part_way_says_so_and_chooses_nothing() -> None:
+    row = {"title": "ran", "accuracy": {"val": 0.5, "test": 0.5}}
+    table = ablation_table([{**row, "scores": _stage_scores(_metrics(0.70, 0.10))}], 3)
+    assert "**" not in table and "| ran |" in table
+    assert "Partial: 1 of 3 variants ran" in table
 
 
 def test_a_bad_variant_is_named_before_any_variant_runs(tmp_path, monkeypatch, capsys) -> None:

@@ -538,6 +538,28 @@ def test_a_report_refuses_labels_whose_rows_or_columns_it_cannot_tell_apart(
     )
 
 
+def test_a_report_of_runs_dirs_without_finished_runs_is_one_line(tmp_path, fake_training):
+    def refused(runs: Path) -> str:
+        with pytest.raises(JobError) as error:
+            write_report([runs], tmp_path / "E.md", tmp_path / "figures", None)
+        return str(error.value)
+
+    assert "no w3s-experiment runs" in refused(tmp_path / "empty")
+    assert _experiment(tmp_path, "local_only", "folds=[0]", "seeds=[0]") == 0
+    (tmp_path / "runs" / "local_only" / "fold_0" / "seed_0" / "results.json").unlink()  # stopped
+    assert "no finished run" in refused(tmp_path / "runs")
+
+
+def test_a_report_reads_runs_made_before_runs_recorded_their_config(tmp_path, fake_training):
+    assert _experiment(tmp_path, "local_only", "folds=[0]", "seeds=[0]") == 0
+    results = tmp_path / "runs" / "local_only" / "fold_0" / "seed_0" / "results.json"
+    older = json.loads(results.read_text())
+    del older["config"]
+    results.write_text(json.dumps(older))
+    text = write_report([tmp_path / "runs"], tmp_path / "E.md", tmp_path / "figures", None)
+    assert "| local_only (hospital_a) |" in text
+
+
 def test_a_half_finished_run_keeps_only_a_federated_model_it_finished(tmp_path):
     out = tmp_path / "seed_0"
     for name in ("train/global/final_model.pt", "train/global/config.yaml", "train/a/x.pt", "e"):
@@ -682,6 +704,16 @@ def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before
         (["postprocess=abc"], "postprocess=abc: expected a list of overrides"),
         (["regime.proximal_mu=abc"], "regime.proximal_mu=abc: expected a number"),
         (["regime=personalized", "regime.finetune_lr_scale=0"], "regime.finetune_lr_scale=0"),
+        (["seeds=abc"], "seeds=abc: expected a list of whole numbers"),
+        (["seeds=0"], "seeds=0: expected a list of whole numbers"),
+        (["seeds=[]"], "seeds=[]: expected a list of whole numbers"),
+        (["seeds=[a]"], "seeds=['a']: expected a list of whole numbers"),
+        (["folds=[0]", "data.split.folds=abc"], "data.split.folds=abc: expected a whole number"),
+        (["folds=[x]", "data.split.folds=5"], "folds=['x']: expected a list of whole numbers"),
+        (["label=fedavg/fp16"], "label=fedavg/fp16: expected a folder name"),
+        (["label=.."], "label=..: expected a folder name"),
+        (["label="], "label=: expected a folder name"),
+        (["seed=7"], "give the seeds as seeds=[...]"),
     ],
 )
 def test_a_bad_post_training_override_or_regime_value_stops_the_experiment_before_any_run(
