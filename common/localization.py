@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -58,6 +58,7 @@ def fused_maps(
     source: MapSource = "fused",
     reduce: LayerReduce = "sum",
     minmax_factors: bool = False,
+    flip: bool | None = None,
 ) -> torch.Tensor:
     """Class-to-patch attention over the last K layers times ReLU(patch-CAM), (B, C, h, w).
 
@@ -79,6 +80,9 @@ def fused_maps(
     minmax_factors
         Min-max each factor per image and class before the product, as the FL-W3S text
         describes; the reference code multiplies the raw factors.
+    flip
+        The foreground head's orientation for every image of a split, decided once by
+        :func:`foreground_flip`; None: by this batch (:func:`oriented_foreground`).
 
     Returns
     -------
@@ -106,11 +110,11 @@ def fused_maps(
         return fused
     if output.foreground is None:
         raise ValueError(f"localization.source={source} needs model.foreground_head=true")
-    foreground = oriented_foreground(torch.sigmoid(output.foreground)).expand_as(fused)
+    foreground = oriented_foreground(torch.sigmoid(output.foreground), flip).expand_as(fused)
     return foreground if source == "foreground" else fused * foreground
 
 
-def oriented_foreground(mask: torch.Tensor) -> torch.Tensor:
+def oriented_foreground(mask: torch.Tensor, flip: bool | None = None) -> torch.Tensor:
     """M or 1 - M for the whole batch: the side that covers less than half of a typical image.
 
     The foreground head's contrastive split has no sign: it can, and from the first round did,
@@ -127,14 +131,37 @@ def oriented_foreground(mask: torch.Tensor) -> torch.Tensor:
     ----------
     mask
         (B, 1, h, w) foreground probabilities of the head.
+    flip
+        Whether to take 1 - M, decided beforehand over more images than this batch
+        (:func:`foreground_flip`); None decides by this batch.
 
     Returns
     -------
     torch.Tensor
         (B, 1, h, w) oriented foreground probabilities.
     """
-    flip = bool(mask.mean(dim=(1, 2, 3)).median() > 0.5)
+    if flip is None:
+        flip = larger_side_is_cell(mask.mean(dim=(1, 2, 3)))
     return 1 - mask if flip else mask
+
+
+def larger_side_is_cell(areas: torch.Tensor) -> bool:
+    """Whether the median of the head's per-image areas is past half: then 1 - M is the cell."""
+    return bool(areas.median() > 0.5)
+
+
+def foreground_flip(model: MCTFormerV2, batches: Iterable[torch.Tensor]) -> bool:
+    """The foreground head's orientation for a whole split, decided once from all its images.
+
+    The maps of a split are made in chunks of a batch size; deciding per chunk, as a training
+    batch does, made an image's map depend on which images shared its chunk, and a last chunk
+    of one or two images decided alone, the other way round (inverted maps, reproduced).
+    """
+    areas = [
+        torch.sigmoid(model(batch).foreground.float()).mean(dim=(1, 2, 3)).cpu()
+        for batch in batches
+    ]
+    return larger_side_is_cell(torch.cat(areas))
 
 
 def patch_affinity(
@@ -296,6 +323,7 @@ def batch_maps(
     present: torch.Tensor,
     sizes: Sequence[tuple[int, int]],
     settings: MapSettings,
+    flip: bool | None = None,
 ) -> MapBatch:
     """Generate the maps of a batch, vectorised over images, scales and flips.
 
@@ -311,6 +339,8 @@ def batch_maps(
         Native (H, W) of each image, the size its maps are returned at.
     settings
         Generation options.
+    flip
+        The foreground head's orientation over the split (:func:`fused_maps`).
 
     Returns
     -------
@@ -333,6 +363,7 @@ def batch_maps(
             source=settings.source,
             reduce=settings.reduce,
             minmax_factors=settings.minmax_factors,
+            flip=flip,
         )
         affinity = patch_affinity(output.attentions or [], model.num_classes, settings.reduce)
         if settings.refine:
@@ -410,17 +441,22 @@ def generate_maps(
     """
     model.to(device).eval()
     side = settings.side(model, 1.0)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(images), batch_size):
+            yield normalise(resize_images(images[start : start + batch_size], side)).to(device)
+
+    flip = foreground_flip(model, batches()) if settings.source in FOREGROUND_SOURCES else None
     all_maps: list[torch.Tensor] = []
     affinities: list[torch.Tensor] = []
     grid = (0, 0)
     progress = Progress("maps", len(images), log)
-    for start in range(0, len(images), batch_size):
+    for start, batch in zip(range(0, len(images), batch_size), batches(), strict=True):
         chunk = images[start : start + batch_size]
-        batch = normalise(resize_images(chunk, side)).to(device)
         classes = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
         present = F.one_hot(classes, model.num_classes).float()
         sizes = [(image.shape[0], image.shape[1]) for image in chunk]
-        result = batch_maps(model, batch, present, sizes, settings)
+        result = batch_maps(model, batch, present, sizes, settings, flip)
         all_maps += result.maps
         affinities += list(result.affinity)
         grid = result.grid

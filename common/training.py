@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,13 @@ from common.batches import BatchBuilder, one_hot
 from common.data import SplitTensors
 from common.errors import JobError
 from common.levers import foreground_loss, paste_cells
-from common.localization import fused_maps, normalise_maps, oriented_foreground
+from common.localization import (
+    FOREGROUND_SOURCES,
+    foreground_flip,
+    fused_maps,
+    normalise_maps,
+    oriented_foreground,
+)
 from common.metrics import average_precision, binary_miou_sweep
 from common.model import MCTFormerV2, mct_loss
 
@@ -311,9 +317,17 @@ def evaluate_local(
     """
     model.to(device).eval()
     n = len(data.labels)
+    source = localization.get("source", "fused")
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, n, batch_size):
+            yield normalise(data.images[start : start + batch_size]).to(device)
+
+    flip = None
+    if data.masks is not None and source in FOREGROUND_SOURCES:
+        flip = foreground_flip(model, batches())
     losses, scores, cam_scores, foreground = [], [], [], []
-    for start in range(0, n, batch_size):
-        images = normalise(data.images[start : start + batch_size]).to(device)
+    for start, images in zip(range(0, n, batch_size), batches(), strict=True):
         labels = data.labels[start : start + batch_size].to(device)
         targets = one_hot(labels, model.num_classes)
         output = model(images, return_attention=data.masks is not None)
@@ -324,9 +338,10 @@ def evaluate_local(
             raw = fused_maps(
                 output,
                 localization["last_k_layers"],
-                source=localization.get("source", "fused"),
+                source=source,
                 reduce=localization.get("reduce", "sum"),
                 minmax_factors=bool(localization.get("minmax_factors", False)),
+                flip=flip,
             )
             maps = normalise_maps(raw, images.shape[-2:], targets)
             foreground.append(maps.amax(dim=1).cpu())

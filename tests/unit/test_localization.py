@@ -3,6 +3,8 @@ import pytest
 import timm
 import torch
 
+from common.augment import normalise
+from common.imaging import resize_images
 from common.localization import (
     MapSettings,
     batch_maps,
@@ -137,6 +139,34 @@ def test_generate_maps_does_not_depend_on_batching(tiny_model):
     assert grid == (4, 4)
     for a, b in zip(one + affinity_one, four + affinity_four, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
+    """The head's sign is decided over the whole split, not per chunk of ``batch_size``."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "mct_tiny_patch8_96", num_classes=3, img_size=32, foreground_head=True
+    ).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+    batch = normalise(resize_images(images, 32))
+    with torch.no_grad():
+        logits = model(batch).foreground.flatten(1) - model.fg_head.bias
+        # A bias that puts the images' head areas on both sides of one half: 2 above, 3 below.
+        middle = (logits.mean(1).sort().values[2] + logits.mean(1).sort().values[3]) / 2
+        model.fg_head.bias.fill_(-float(middle))
+    areas = torch.sigmoid(model(batch).foreground.detach()).mean(dim=(1, 2, 3))
+    assert 0 < int((areas > 0.5).sum()) < 5
+    settings = MapSettings(last_k_layers=2, input_size=32, source="foreground", refine=False)
+
+    def maps(batch_size: int) -> list[torch.Tensor]:
+        made = generate_maps(
+            model, images, [0] * 5, settings, device=torch.device("cpu"), batch_size=batch_size
+        )
+        return made[0]
+
+    for alone, together in zip(maps(1), maps(5), strict=True):
+        torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
 
 
 def test_settings_from_config_and_validation(tiny_model):
