@@ -87,10 +87,13 @@ def confusion_matrix(
         ``(K, K)`` int64 counts, rows = truth, columns = prediction; add them over images for the
         dataset-level matrix of docs/method.md section 5.
     """
+    if tuple(prediction.shape) != tuple(truth.shape):
+        raise ValueError(
+            f"prediction is {tuple(prediction.shape)} but truth {tuple(truth.shape)}: a map "
+            "turned or resized against its truth cannot be scored"
+        )
     pred = np.asarray(prediction).astype(np.int64).ravel()
     true = np.asarray(truth).astype(np.int64).ravel()
-    if pred.shape != true.shape:
-        raise ValueError(f"prediction has {pred.size} pixels but truth has {true.size}")
     keep = (true != ignore_index) & (true >= 0) & (true < num_labels)
     if ((pred[keep] < 0) | (pred[keep] >= num_labels)).any():
         raise ValueError(f"prediction holds labels outside [0, {num_labels})")

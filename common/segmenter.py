@@ -37,6 +37,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3_mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
     "lraspp_mobilenet_v3_large": segmentation.lraspp_mobilenet_v3_large,
 }
+# The segmenter's optimizers and learning-rate schedules; the first of each is the default.
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("poly", "one_cycle")
 # Share of training images whose mask foreground may equal the ground truth pixel for pixel
 # before training is refused: weak labels never reproduce an expert's mask exactly.
 GROUND_TRUTH_SHARE_LIMIT = 0.5
@@ -190,6 +193,33 @@ def _augment(
             images, labels = images.flip(dim), labels.flip(dim)
     turns = int(torch.randint(4, (), generator=generator))
     return images.rot90(turns, (-2, -1)), labels.rot90(turns, (-2, -1))
+
+
+def check_segmenter_settings(cfg: Mapping[str, Any]) -> None:
+    """Refuse settings the segmenter's training would fail on, naming the key and value.
+
+    The segmenter trains after the maps, the fine-tune and the pseudo-masks: a wrong value
+    found there, as a traceback, cost every stage before it.
+
+    Raises
+    ------
+    ValueError
+        ``segmenter.<key>=<value>: ...``.
+    """
+    ensemble_members(cfg)
+    if cfg["arch"] not in ARCHITECTURES:
+        raise ValueError(
+            f"segmenter.arch={cfg['arch']}: expected one of {', '.join(sorted(ARCHITECTURES))}"
+        )
+    for key, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if cfg.get(key, known[0]) not in known:
+            raise ValueError(f"segmenter.{key}={cfg[key]}: expected one of {', '.join(known)}")
+    batch = cfg["batch_size"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
+        raise ValueError(
+            f"segmenter.batch_size={batch}: expected a whole number >= 2 (batch normalisation "
+            "needs two images a step)"
+        )
 
 
 def _optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:

@@ -17,19 +17,22 @@ from omegaconf import DictConfig, OmegaConf
 from common.checkpoint import load_model
 from common.cli import Command
 from common.config import number_setting
-from common.data import SplitSpec, check_split, hospital_names, split_digest
+from common.data import SplitSpec, check_split, hospital_names, load_hospital, split_digest
+from common.data.splits import SPLITS
 from common.errors import JobError
 from common.files import staged_outputs
 from common.levers import head_levers
 from common.localization import FOREGROUND_SOURCES, MapSettings
+from common.model import MCTFormerV2
 from common.progress import Profile
 from common.pseudo import create_masker
-from common.segmenter import ensemble_members
+from common.segmenter import check_segmenter_settings
 from common.training import check_device, resolve_device
 from post_training.personalize import PERSONALIZED_MODEL, SiteMaps, personalize_stage
 from post_training.report import markdown_table, save_figure, write_report
 from post_training.stages import (
     Evaluation,
+    check_evaluation_settings,
     disk_stage,
     make_maps,
     option_grid,
@@ -100,6 +103,8 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
         checkpoint, list(cfg.data.classes), cfg.localization.source, hospital
     )
     check_same_split(payload, cfg.data, checkpoint, hospital)
+    check_split_sizes(cfg.data, hospital)
+    check_layers(cfg, model)
     out = resolve_output_dir(cfg, checkpoint)
     log.info("hospital %s, model round %s, outputs in %s", hospital, payload.get("round"), out)
     # An earlier run's files (its fine-tuned copy, masks of images no longer in the split)
@@ -165,11 +170,14 @@ def post_train(
         "images": {name: len(split.data) for name, split in splits.items()},
         "absent": evaluation.absent,
         "select_by": evaluation.select_by,
+        "scored": evaluation.has_truth,
         "personalize": personalized,
         "seconds": profile.seconds,
     }
     metrics = write_report(out, summary, stages)
-    log.info("metrics of %s (test split):\n%s", hospital, markdown_table(stages))
+    log.info(
+        "metrics of %s (test split):\n%s", hospital, markdown_table(stages, evaluation.has_truth)
+    )
     return metrics
 
 
@@ -213,7 +221,8 @@ def check_postprocess_settings(cfg: DictConfig) -> None:
             "copies >= 1"
         )
     try:
-        ensemble_members(cfg.segmenter)
+        check_segmenter_settings(OmegaConf.to_container(cfg.segmenter, resolve=True))
+        check_evaluation_settings(OmegaConf.to_container(cfg.evaluation, resolve=True))
     except ValueError as error:
         raise JobError(str(error)) from None
     pseudo = OmegaConf.to_container(cfg.pseudo, resolve=True)
@@ -223,10 +232,37 @@ def check_postprocess_settings(cfg: DictConfig) -> None:
         raise JobError(str(error)) from None
     try:
         options, grid = option_grid(pseudo)
-        for values in grid or [{}]:
+        for values in [{}, *grid]:  # its own values too: a site without masks uses them
             create_masker({**options, **values})
     except (ValueError, TypeError) as error:
         raise JobError(f"pseudo={pseudo.get('method', '?')}: {error}") from None
+
+
+def check_split_sizes(data_cfg: DictConfig, hospital: str) -> None:
+    """Refuse a hospital whose splits the job cannot use, before any stage runs.
+
+    The segmenter trains on at least two images, and the choices and the scores need a
+    validation and a test image: with fewer, the job ran every costly stage, then failed on
+    the segmenter or the test figure in a traceback.
+    """
+    labels = load_hospital(data_cfg, hospital).labels
+    sizes = [len(SplitSpec.of(data_cfg).indices(labels)[split]) for split in SPLITS]
+    if sizes[0] < 2 or min(sizes[1:]) < 1:
+        raise JobError(
+            f"hospital={hospital}: its {' / '.join(SPLITS)} splits hold "
+            f"{' / '.join(map(str, sizes))} images, the job needs at least 2 / 1 / 1 (more "
+            "images, or other data.split.fractions)"
+        )
+
+
+def check_layers(cfg: DictConfig, model: MCTFormerV2) -> None:
+    """Refuse ``localization.last_k_layers`` beyond the loaded model's depth, naming both."""
+    depth = len(model.blocks)
+    if not 1 <= int(cfg.localization.last_k_layers) <= depth:
+        raise JobError(
+            f"localization.last_k_layers={cfg.localization.last_k_layers}: the model has "
+            f"{depth} layers"
+        )
 
 
 def foreground_head_settings(cfg: DictConfig) -> list[str]:

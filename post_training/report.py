@@ -52,10 +52,15 @@ def _percent(scores: SegmentationScores | None, key: str) -> str:
     return "-" if value is None or np.isnan(value) else f"{100 * value:.1f}"
 
 
-def markdown_table(stages: Sequence[Stage]) -> str:
-    """The metrics table: one row per stage, test-split mIoU in percent."""
+def markdown_table(stages: Sequence[Stage], tuned: bool = True) -> str:
+    """The metrics table: one row per stage, test-split mIoU in percent.
+
+    ``tuned``: the settings were chosen on validation; at a hospital without ground-truth
+    masks they are the configured ones.
+    """
+    setting = "setting (tuned on val)" if tuned else "setting (as configured)"
     lines = [
-        "| stage | setting (tuned on val) | class-aware mIoU (test) | binary mIoU (test) "
+        f"| stage | {setting} | class-aware mIoU (test) | binary mIoU (test) "
         "| class-aware mIoU (val) | binary mIoU (val) |",
         "|---|---|---|---|---|---|",
     ]
@@ -74,12 +79,20 @@ def write_report(out: Path, summary: dict[str, Any], stages: Sequence[Stage]) ->
     """``metrics.json`` (everything) and ``metrics.md`` (the table); no paths, no sample ids."""
     metrics = {**summary, "stages": [stage.to_dict() for stage in stages]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    scored = summary["scored"]
+    choices = (
+        f"choices by {summary['select_by']} mIoU on val"
+        if scored
+        else "no ground-truth masks at this hospital: nothing scored, nothing chosen on val "
+        "(every setting, and the fine-tuned model's use, as configured)"
+    )
     header = (
         f"# {summary['hospital']}: post-training metrics\n\n"
         f"Model round {summary['round']}; splits train/val/test = "
         f"{'/'.join(str(summary['images'][s]) for s in SPLITS)} images; class-aware mIoU over "
         f"background + {len(summary['classes'])} classes, absent classes: {summary['absent']}; "
-        f"choices by {summary['select_by']} mIoU on val.\n\n"
+        f"{choices}.\n\n"
     )
-    (out / "metrics.md").write_text(header + markdown_table(stages) + "\n", encoding="utf-8")
+    table = markdown_table(stages, tuned=scored)
+    (out / "metrics.md").write_text(header + table + "\n", encoding="utf-8")
     return metrics

@@ -7,12 +7,13 @@ ever chosen on the validation split; scores are reported on validation and test.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ from common.data.splits import SPLITS
 from common.localization import MapSettings, generate_maps, save_maps
 from common.metrics import (
     IGNORE_INDEX,
+    AbsentPolicy,
     SegmentationScores,
+    SelectBy,
     class_aware_truths,
     score_label_maps,
     select_on_validation,
@@ -33,6 +36,7 @@ from common.model import MCTFormerV2
 from common.progress import Profile
 from common.pseudo import (
     MCT_BACKGROUND,
+    METHODS,
     Background,
     MapRecord,
     PseudoMasker,
@@ -51,7 +55,7 @@ from common.segmenter import (
     train_segmenter,
 )
 from post_training.artifacts import sample_stems, save_label_png, save_overlay
-from post_training.baselines import disk_mask, label_cells, otsu_mask
+from post_training.baselines import STAIN_CHANNELS, disk_mask, label_cells, otsu_mask
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,40 @@ class Stage:
             **{split: scores.to_dict() for split, scores in self.scores.items()},
             "seconds": round(self.seconds, 2),
         }
+
+
+def check_evaluation_settings(cfg: Mapping[str, Any]) -> None:
+    """Refuse ``evaluation`` values the scoring would fail on, naming the key and value.
+
+    The baselines are scored last: an empty ``disk_radii`` or a mistyped Otsu channel found
+    there, as a traceback, cost the maps, the fine-tune and the segmenter before it.
+
+    Raises
+    ------
+    ValueError
+        ``evaluation.<key>=<value>: ...``.
+    """
+    for key, known in (("absent", get_args(AbsentPolicy)), ("select_by", get_args(SelectBy))):
+        if cfg[key] not in known:
+            raise ValueError(f"evaluation.{key}={cfg[key]}: expected one of {', '.join(known)}")
+    for key, top in (("thresholds", 1.0), ("disk_radii", math.inf)):
+        values = list(cfg[key])
+        if not values or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= top for v in values
+        ):
+            within = "in (0, 1]" if top == 1.0 else "> 0"
+            raise ValueError(f"evaluation.{key}={_listed(values)}: expected numbers {within}")
+    channels = list(cfg["otsu_channels"])
+    if not channels or not set(channels) <= set(STAIN_CHANNELS):
+        raise ValueError(
+            f"evaluation.otsu_channels={_listed(channels)}: expected some of "
+            f"{', '.join(STAIN_CHANNELS)}"
+        )
+
+
+def _listed(values: Sequence[Any]) -> str:
+    """A list as an override writes it: ``[a,b]``."""
+    return f"[{','.join(map(str, values))}]"
 
 
 class Evaluation:
@@ -261,6 +299,10 @@ def save_label_maps(
 def option_grid(pseudo_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The method's own options and every combination of the values listed under ``tune``.
 
+    An option the other settings leave unread (``cell_fraction`` when ``stain_grow`` grows by
+    a radius) is not tuned: its candidates would all give the same masks, and the report would
+    name a choice that changed nothing. Without any option to tune the grid is ``[{}]``.
+
     Raises
     ------
     ValueError
@@ -275,6 +317,9 @@ def option_grid(pseudo_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], list[dic
             )
         if not values:
             raise ValueError(f"pseudo.tune.{key}: the list of values to try is empty")
+    method = METHODS.get(options["method"])
+    unused = method.unused_options(options) if method is not None else frozenset()
+    tune = {key: values for key, values in tune.items() if key not in unused}
     grid = [dict(zip(tune, values, strict=True)) for values in product(*tune.values())]
     return options, grid
 
@@ -293,7 +338,7 @@ def tuned_options(
     serve every hospital.
     """
     options, grid = option_grid(pseudo_cfg)
-    if not pseudo_cfg.get("tune") or not evaluation.has_truth:
+    if grid == [{}] or not evaluation.has_truth:
         return options
     best = evaluation.select(grid, lambda values: label_val({**options, **values}))
     log.info("pseudo-mask options chosen on validation: %s", best)
@@ -341,7 +386,7 @@ def pseudo_stage(
     options = tuned_options(pseudo_cfg, evaluation, label_val)
     masker = fitted(options)
     labels, choice = label_splits(masker, background, splits, evaluation, chunk)
-    choice.update({key: options[key] for key in pseudo_cfg.get("tune") or {}})
+    choice.update({key: options[key] for key in option_grid(pseudo_cfg)[1][0]})
     save_label_maps(out, "pseudo_masks", splits, labels, bool(cfg.overlays))
     title = f"pseudo-masks ({masker.name})"
     seconds = time.perf_counter() - started

@@ -96,6 +96,14 @@ class PseudoMasker(ABC):
     def from_config(cls, cfg: Mapping[str, Any]) -> PseudoMasker:
         """Build the method from its ``pseudo`` config node."""
 
+    @classmethod
+    def unused_options(cls, cfg: Mapping[str, Any]) -> frozenset[str]:
+        """The options that the settings ``cfg`` leave unread.
+
+        Tuning one would try equal candidates and report a choice that changed nothing.
+        """
+        return frozenset()
+
     def fit(self, records: Sequence[MapRecord], *, device: torch.device, seed: int) -> None:
         """Learn from the training split's maps; methods without a network learn nothing."""
         return None

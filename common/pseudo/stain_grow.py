@@ -150,6 +150,12 @@ class StainGrowMasker(PseudoMasker):
         )
         return cls(**{key: cfg[key] for key in keys if key in cfg})
 
+    @classmethod
+    def unused_options(cls, cfg: Mapping[str, Any]) -> frozenset[str]:
+        """``cell_fraction`` when the nucleus grows by a radius, not through its region."""
+        grows_by_radius = cfg.get("grow", "radius") == "radius"
+        return frozenset({"cell_fraction"}) if grows_by_radius else frozenset()
+
     def _background_pixels(self, record: MapRecord, colour: torch.Tensor) -> torch.Tensor:
         height, width = colour.shape[:2]
         if self.background_seeds == "border":

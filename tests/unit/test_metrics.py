@@ -37,8 +37,11 @@ def test_confusion_counts_rows_truth_columns_prediction_and_ignores_255():
 
 
 def test_confusion_rejects_mismatched_shapes_and_out_of_range_predictions():
-    with pytest.raises(ValueError, match="pixels"):
+    with pytest.raises(ValueError, match=r"prediction is \(3,\) but truth \(4,\)"):
         confusion_matrix(np.zeros(3), np.zeros(4), 2)
+    # As many pixels, turned: scored, it would compare pixels that do not lie on each other.
+    with pytest.raises(ValueError, match=r"prediction is \(3, 2\) but truth \(2, 3\)"):
+        confusion_matrix(np.zeros((3, 2)), np.zeros((2, 3)), 2)
     with pytest.raises(ValueError, match="outside"):
         confusion_matrix(np.array([3]), np.array([0]), 2)
 

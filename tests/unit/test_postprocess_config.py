@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from common.config import compose_config
 from common.errors import JobError
-from post_training.postprocess import check_postprocess_config
+from common.model import create_mct_model
+from post_training.postprocess import check_layers, check_postprocess_config, check_split_sizes
 
 
 @pytest.mark.parametrize(
@@ -20,6 +22,15 @@ from post_training.postprocess import check_postprocess_config
         "segmenter.members=two",
         "device=gpu",
         "device=cuda:64",
+        "evaluation.otsu_channels=[inverted_gren]",
+        "evaluation.disk_radii=[]",
+        "evaluation.thresholds=[0.5,1.5]",
+        "evaluation.select_by=binry",
+        "evaluation.absent=skipp",
+        "segmenter.batch_size=1",
+        "segmenter.optimizer=adam",
+        "segmenter.schedule=cosine",
+        "segmenter.arch=unet",
     ],
 )
 def test_a_bad_setting_is_named_before_the_checkpoint_is_looked_for(tmp_path, bad):
@@ -36,3 +47,36 @@ def test_with_good_settings_the_missing_checkpoint_is_what_is_named(tmp_path):
     cfg = compose_config([f"checkpoint={missing}", "hospital=hospital_a"], "postprocess")
     with pytest.raises(JobError, match="file not found"):
         check_postprocess_config(cfg)
+
+
+def test_a_hospital_too_small_for_the_job_is_named_with_its_split_sizes(tmp_path):
+    named = ["checkpoint=x.pt", "hospital=hospital_a"]
+    six = compose_config([*named, "data.hospitals.hospital_a.num_images=6"], "postprocess")
+    with pytest.raises(JobError, match="hospital_a: its train / val / test splits hold 5 / 1 / 0"):
+        check_split_sizes(six.data, "hospital_a")
+    # Three images of one cell type: one training image.
+    (tmp_path / "neutrophil").mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (20, 20), "white").save(tmp_path / "neutrophil" / f"{name}.png")
+    site = f"+data.hospitals.site={{format:class_folders,root:'{tmp_path}'}}"
+    three = compose_config(["checkpoint=x.pt", "hospital=site", site], "postprocess")
+    with pytest.raises(JobError, match="site: its train / val / test splits hold 1 / 1 / 1"):
+        check_split_sizes(three.data, "site")
+    check_split_sizes(compose_config(named, "postprocess").data, "hospital_a")
+
+
+def test_last_k_layers_beyond_the_models_depth_is_named():
+    cfg = compose_config(["checkpoint=x.pt", "hospital=hospital_a"], "postprocess")
+    trained = compose_config(["model.img_size=32"])
+    model = create_mct_model(trained.model, len(trained.data.classes))
+    check_layers(cfg, model)
+    cfg.localization.last_k_layers = len(model.blocks) + 1
+    with pytest.raises(JobError, match=f"last_k_layers={len(model.blocks) + 1}: the model has"):
+        check_layers(cfg, model)
+
+
+def test_the_methods_own_value_is_checked_where_a_tune_list_covers_it():
+    # A site without masks uses it: there it failed, mid-job, in a traceback.
+    named = ["checkpoint=x.pt", "hospital=hospital_a", "pseudo.cell_fraction=1.5"]
+    with pytest.raises(JobError, match="pseudo=stain_grow: cell_fraction must be in"):
+        check_postprocess_config(compose_config(named, "postprocess"))

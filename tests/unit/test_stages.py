@@ -15,13 +15,18 @@ def val_evaluation(truth: list[np.ndarray] | None) -> Evaluation:
 def test_tuned_options_choose_on_validation_and_keep_the_value_without_truth():
     truth = np.zeros((8, 8), np.uint8)
     truth[2:6, 2:6] = 1
-    cfg = {"method": "stain_grow", "cell_fraction": 0.3, "tune": {"cell_fraction": [0.3, 0.15]}}
+    cfg = {
+        "method": "stain_grow",
+        "grow": "region",
+        "cell_fraction": 0.3,
+        "tune": {"cell_fraction": [0.3, 0.15]},
+    }
 
     def label_val(options):  # only 0.15 reproduces the truth
         return [truth if options["cell_fraction"] == 0.15 else np.ones_like(truth)]
 
     chosen = tuned_options(cfg, val_evaluation([truth]), label_val)
-    assert chosen == {"method": "stain_grow", "cell_fraction": 0.15}
+    assert chosen == {"method": "stain_grow", "grow": "region", "cell_fraction": 0.15}
     assert tuned_options(cfg, val_evaluation(None), label_val)["cell_fraction"] == 0.3
 
 
@@ -31,3 +36,18 @@ def test_tuned_options_reject_what_the_method_does_not_have():
     with pytest.raises(ValueError, match="empty"):
         cfg = {"method": "stain_grow", "reach": 2.0, "tune": {"reach": []}}
         tuned_options(cfg, val_evaluation(None), list)
+
+
+def test_an_option_the_other_settings_leave_unread_is_not_tuned():
+    truth = np.ones((8, 8), np.uint8)
+    cfg = {
+        "method": "stain_grow",
+        "grow": "radius",  # cell_fraction is read only when the region grows
+        "cell_fraction": 0.3,
+        "tune": {"cell_fraction": [0.3, 0.15]},
+    }
+
+    def label_val(options):
+        raise AssertionError(f"tried {options}: every candidate gives the same masks")
+
+    assert tuned_options(cfg, val_evaluation([truth]), label_val)["cell_fraction"] == 0.3
