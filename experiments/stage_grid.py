@@ -74,9 +74,7 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     hospital = check_hospital(cfg)
     split = str(cfg.grid.split)
     out = resolve_output_dir(cfg, checkpoint)
-    # The maps w3s-postprocess used: the hospital's fine-tuned copy where it kept one.
-    personal = out / PERSONALIZED_MODEL
-    model_file = personal if personal.is_file() else checkpoint
+    model_file = maps_model(out, checkpoint)
     model, _ = load_model(model_file, list(cfg.data.classes), cfg.localization.source, hospital)
     data = hospital_split(cfg.data, hospital, split)
     count = min(int(cfg.grid.num_images), len(data))
@@ -105,6 +103,31 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     save_grid(path, rows, list(columns))
     log.info("stage grid of %d %s images: %s", count, split, path)
     return path
+
+
+def maps_model(out: Path, checkpoint: Path) -> Path:
+    """The model whose maps ``w3s-postprocess`` used: its fine-tuned copy where it kept one.
+
+    Only a job of this very checkpoint: a round checkpoint's output folder is its run's, which
+    may hold the job (and the fine-tuned copy) of the final model, whose maps would otherwise
+    be shown as this checkpoint's.
+    """
+    job = out / "config.yaml"
+    ran_on = OmegaConf.load(job).get("checkpoint") if job.is_file() else None
+    if ran_on is None or Path(str(ran_on)).expanduser().resolve() != checkpoint:
+        if job.is_file():
+            log.warning(
+                "%s holds the w3s-postprocess job of %s, not of %s: the maps are %s's own, the "
+                "label columns that job's (run w3s-postprocess checkpoint=%s for its own)",
+                out,
+                ran_on,
+                checkpoint,
+                checkpoint.name,
+                checkpoint,
+            )
+        return checkpoint
+    personal = out / PERSONALIZED_MODEL
+    return personal if personal.is_file() else checkpoint
 
 
 def check_stage_grid_config(cfg: DictConfig) -> None:

@@ -119,7 +119,11 @@ def post_train(
     model: torch.nn.Module, payload: dict[str, Any], cfg: DictConfig, hospital: str, out: Path
 ) -> dict[str, Any]:
     """Every stage at ``hospital``, its outputs written under ``out``; return the metrics."""
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    # The checkpoint as an absolute path: w3s-stages tells by it whose job the folder holds.
+    recorded = OmegaConf.merge(
+        cfg, {"checkpoint": str(Path(str(cfg.checkpoint)).expanduser().resolve())}
+    )
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(recorded), encoding="utf-8")
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     classes = list(payload["classes"])

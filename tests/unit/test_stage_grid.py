@@ -4,7 +4,7 @@ import pytest
 
 from common.config import compose_config
 from common.errors import JobError
-from experiments.stage_grid import check_stage_grid_config
+from experiments.stage_grid import check_stage_grid_config, maps_model
 
 
 @pytest.mark.parametrize(
@@ -31,3 +31,15 @@ def test_good_grid_settings_go_on_to_the_post_training_checks():
     )
     with pytest.raises(JobError, match="checkpoint=.*file not found"):
         check_stage_grid_config(cfg)
+
+
+def test_the_fine_tuned_copy_is_shown_only_for_the_checkpoint_its_job_ran_on(tmp_path, caplog):
+    final, round_five = tmp_path / "final_model.pt", tmp_path / "checkpoints" / "round_005.pt"
+    out = tmp_path / "postprocess" / "hospital_a"
+    out.mkdir(parents=True)
+    (out / "personalized_model.pt").write_bytes(b"the fine-tune of final_model.pt")
+    assert maps_model(out, final) == final  # no job recorded: nothing says whose copy it is
+    (out / "config.yaml").write_text(f"checkpoint: {final}\n")
+    assert maps_model(out, final) == out / "personalized_model.pt"
+    assert maps_model(out, round_five) == round_five
+    assert "holds the w3s-postprocess job of" in caplog.text
