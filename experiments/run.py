@@ -18,6 +18,7 @@ import logging
 import shlex
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,10 +145,15 @@ class SeedRun:
         return None
 
 
+# Where a training writes, not what it trains: output_dir differs between FedAvg and
+# personalization, and the other two follow the user's environment (W3S_OUTPUT_ROOT, HOME).
+WHERE_KEYS = ("output_dir", "output_root", "site_state_dir")
+
+
 def comparable(cfg: DictConfig) -> dict[str, Any]:
-    """A training config without the key that differs between FedAvg and personalization."""
+    """A training config without the keys that say where it writes (:data:`WHERE_KEYS`)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("output_dir",):
+    for key in WHERE_KEYS:
         plain.pop(key, None)
     return plain
 
@@ -276,6 +282,15 @@ def run_config(run: SeedRun) -> dict[str, Any]:
 PER_RUN_KEYS = ("seed", "data.split.fold")
 
 
+def same_overrides(overrides: Sequence[str], skipped: Sequence[str]) -> list[str]:
+    """Overrides in an order of their own: the last of each key (as Hydra takes it), sorted.
+
+    The same settings typed in another order on the command line are the same job.
+    """
+    last = {override_key(o): o for o in overrides if override_key(o) not in skipped}
+    return sorted(last.values())
+
+
 def check_same_config(
     run: SeedRun, finished: dict[str, Any], where: Path | None = None, per_run: bool = False
 ) -> None:
@@ -299,7 +314,7 @@ def check_same_config(
             **_flat(c["training"]),
             # Runs recorded before the regime was cannot be checked on it.
             **(_flat(c["regime"], "regime.") if "regime" in before else {}),
-            "postprocess": [o for o in c["postprocess"] if override_key(o) not in skipped],
+            "postprocess": same_overrides(c["postprocess"], skipped),
         }
         for c in (before, run_config(run))
     )

@@ -490,6 +490,27 @@ def test_a_rerun_with_another_config_is_refused_before_it_runs_or_writes_anythin
     assert fake_training["train"] == [] and not (label / "fold_0" / "seed_0").exists()
 
 
+def test_new_seeds_from_another_shell_environment_join_the_label(
+    tmp_path, fake_training, monkeypatch
+):
+    assert _experiment(tmp_path, "fedavg", "seeds=[0]") == 0
+    # Where runs would go outside an experiment, and the sites' state: not what is trained.
+    monkeypatch.setenv("W3S_OUTPUT_ROOT", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("W3S_SITE_STATE", str(tmp_path / "state"))
+    assert _experiment(tmp_path, "fedavg", "seeds=[1]") == 0
+
+
+def test_new_seeds_with_the_same_overrides_in_another_order_join_the_label(tmp_path, fake_training):
+    overrides = ("postprocess=['segmenter.epochs=1','pseudo.reach=1.5']", "train.lr=0.002")
+    assert _experiment(tmp_path, "fedavg", "seeds=[0]", *overrides) == 0
+    reordered = ("train.lr=0.002", "postprocess=['pseudo.reach=1.5','segmenter.epochs=1']")
+    assert _experiment(tmp_path, "fedavg", "seeds=[1]", *reordered) == 0
+    with pytest.raises(JobError, match=r"\(postprocess differ\)"):
+        _experiment(
+            tmp_path, "fedavg", "seeds=[2]", "train.lr=0.002", "postprocess=['pseudo.reach=1.0']"
+        )
+
+
 def test_another_regime_under_a_label_is_refused(tmp_path, fake_training):
     assert _experiment(tmp_path, "local_only", "label=mine") == 0
     with pytest.raises(JobError, match=r"finished with another config \(regime.kind"):
