@@ -150,6 +150,7 @@ def larger_side_is_cell(areas: torch.Tensor) -> bool:
     return bool(areas.median() > 0.5)
 
 
+@torch.no_grad()
 def foreground_flip(model: MCTFormerV2, batches: Iterable[torch.Tensor]) -> bool:
     """The foreground head's orientation for a whole split, decided once from all its images.
 

@@ -219,28 +219,33 @@ class _Writer:
             decoding=Decoding.of(self.seg_cfg),
         )
         for (path, name, image), label_map in zip(batch, labels, strict=True):
-            unwritten = self.outputs(name)
+            mask, overlay = self.outputs(name)
+            written: list[Path] = []
             try:
-                save_label_png(unwritten.pop(0), label_map)
+                save_label_png(mask, label_map)
+                written.append(mask)
                 if self.overlays:
-                    save_overlay(unwritten.pop(0), image, label_map)
+                    save_overlay(overlay, image, label_map)
+                    written.append(overlay)
             except OSError as error:
-                log.error("skipping %s: cannot write its mask (%s)", path, error)
-                self.skip(path, unwritten)
+                log.error("skipping %s: cannot write its outputs (%s)", path, error)
+                for partial in written:  # a skipped file has no outputs of this run
+                    partial.unlink()
+                self.skip(path, [mask, overlay])
                 continue
-            self.remove_earlier(path, unwritten)
+            self.remove_earlier(path, [mask, overlay][len(written) :])
             self.written += 1
 
-    def outputs(self, name: str) -> list[Path]:
-        """The files a run may hold for the input file ``name``: its mask, then its overlay."""
-        return [self.out / name, self.out / OVERLAYS / name]
+    def outputs(self, name: str) -> tuple[Path, Path]:
+        """The files a run may hold for the input file ``name``: its mask and its overlay."""
+        return self.out / name, self.out / OVERLAYS / name
 
-    def skip(self, path: Path, unwritten: list[Path]) -> None:
+    def skip(self, path: Path, unwritten: Sequence[Path]) -> None:
         """Count ``path`` as skipped; an earlier run's files for it go (see remove_earlier)."""
         self.failed.append(path)
         self.remove_earlier(path, unwritten)
 
-    def remove_earlier(self, path: Path, unwritten: list[Path]) -> None:
+    def remove_earlier(self, path: Path, unwritten: Sequence[Path]) -> None:
         """Remove the files an earlier run wrote for ``path`` that this run did not replace.
 
         Only with ``overwrite=true``; without it they are refused before any work, or are the

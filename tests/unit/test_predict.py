@@ -150,6 +150,25 @@ def test_a_rerun_with_overwrite_leaves_no_earlier_file_that_passes_for_its_own(r
     assert "removed " + str(out / "b.png.png") in "\n".join(err)
 
 
+@pytest.mark.parametrize("failing", ["save_label_png", "save_overlay"])
+def test_a_rerun_whose_write_fails_leaves_no_earlier_file_of_that_image(
+    failing, run, tmp_path, monkeypatch
+):
+    source, out = tmp_path / "images", tmp_path / "masks"
+    write_images(source, ["a.png", "b.png"])
+    assert run(source, out)[0] == 0
+    write = getattr(predict_module, failing)
+
+    def disk_full_for_b(path, *args):
+        if path.name == "b.png.png":
+            raise OSError(28, "No space left on device")
+        return write(path, *args)
+
+    monkeypatch.setattr(predict_module, failing, disk_full_for_b)
+    assert run(source, out, "overwrite=true")[0] == 1
+    assert sorted(snapshot(out)) == ["a.png.png", "overlays/a.png.png"]
+
+
 def test_an_existing_overlay_alone_blocks_the_run(run, tmp_path):
     source, out = tmp_path / "images", tmp_path / "masks"
     write_images(source, ["a.png"])
