@@ -299,9 +299,10 @@ def save_label_maps(
 def option_grid(pseudo_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The method's own options and every combination of the values listed under ``tune``.
 
-    An option the other settings leave unread (``cell_fraction`` when ``stain_grow`` grows by
-    a radius) is not tuned: its candidates would all give the same masks, and the report would
-    name a choice that changed nothing. Without any option to tune the grid is ``[{}]``.
+    An option that a candidate's other settings leave unread (``cell_fraction`` where
+    ``stain_grow`` grows by a radius) is not varied in that candidate: its values would all
+    give the same masks, and the report would name a choice that changed nothing. Without any
+    option to tune the grid is ``[{}]``.
 
     Raises
     ------
@@ -317,11 +318,20 @@ def option_grid(pseudo_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], list[dic
             )
         if not values:
             raise ValueError(f"pseudo.tune.{key}: the list of values to try is empty")
-    method = METHODS.get(options["method"])
-    unused = method.unused_options(options) if method is not None else frozenset()
-    tune = {key: values for key, values in tune.items() if key not in unused}
-    grid = [dict(zip(tune, values, strict=True)) for values in product(*tune.values())]
+    grid: list[dict[str, Any]] = []
+    for values in product(*tune.values()):
+        candidate = dict(zip(tune, values, strict=True))
+        unread = unused_options({**options, **candidate})
+        read = {key: value for key, value in candidate.items() if key not in unread}
+        if read not in grid:
+            grid.append(read)
     return options, grid
+
+
+def unused_options(options: Mapping[str, Any]) -> frozenset[str]:
+    """The options of the pseudo-mask settings ``options`` that their method leaves unread."""
+    method = METHODS.get(options["method"])
+    return method.unused_options(options) if method is not None else frozenset()
 
 
 def tuned_options(
@@ -386,7 +396,8 @@ def pseudo_stage(
     options = tuned_options(pseudo_cfg, evaluation, label_val)
     masker = fitted(options)
     labels, choice = label_splits(masker, background, splits, evaluation, chunk)
-    choice.update({key: options[key] for key in option_grid(pseudo_cfg)[1][0]})
+    unread = unused_options(options)
+    choice.update({key: options[key] for key in pseudo_cfg.get("tune") or {} if key not in unread})
     save_label_maps(out, "pseudo_masks", splits, labels, bool(cfg.overlays))
     title = f"pseudo-masks ({masker.name})"
     seconds = time.perf_counter() - started

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from post_training.stages import Evaluation, Split, tuned_options
+from post_training.stages import Evaluation, Split, option_grid, tuned_options
 
 
 def val_evaluation(truth: list[np.ndarray] | None) -> Evaluation:
@@ -51,3 +51,17 @@ def test_an_option_the_other_settings_leave_unread_is_not_tuned():
         raise AssertionError(f"tried {options}: every candidate gives the same masks")
 
     assert tuned_options(cfg, val_evaluation([truth]), label_val)["cell_fraction"] == 0.3
+
+
+def test_an_option_read_by_some_candidates_is_tuned_in_those():
+    cfg = {
+        "method": "stain_grow",
+        "grow": "radius",
+        "cell_fraction": 0.2,
+        "tune": {"grow": ["radius", "region"], "cell_fraction": [0.15, 0.3]},
+    }
+    assert option_grid(cfg)[1] == [
+        {"grow": "radius"},  # one candidate: cell_fraction changes nothing there
+        {"grow": "region", "cell_fraction": 0.15},
+        {"grow": "region", "cell_fraction": 0.3},
+    ]
