@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy import ndimage
 from torchvision.transforms.v2 import functional as tvf
 
@@ -23,8 +23,17 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # The bits per pixel that cameras store in 16-bit files, narrowest first.
 CAMERA_BIT_DEPTHS = (8, 10, 12, 14, 16)
-# EXIF's orientation tag; 1 is upright.
+# EXIF's orientation tag; 1 is upright. Each other value's turn, as Pillow's exif_transpose.
 EXIF_ORIENTATION = 0x0112
+ORIENTATION_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
@@ -61,12 +70,20 @@ def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says, as viewers and ``cv2.imread`` show it.
 
     A camera held sideways stores its pixels unturned and the turn in a tag; masks made from
-    the stored order would not lie on the image everyone sees. An image without the tag is
-    returned as it is (Pillow's ``exif_transpose`` would copy it).
+    the stored order would not lie on the image everyone sees.
     """
-    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
-        return image
-    return ImageOps.exif_transpose(image)
+    return turned(image, exif_orientation(image))
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of ``image``: 1 (upright) when it has none."""
+    return int(image.getexif().get(EXIF_ORIENTATION) or 1)
+
+
+def turned(image: Image.Image, orientation: int) -> Image.Image:
+    """``image`` turned as the EXIF orientation ``orientation`` says (1: as it is, not copied)."""
+    method = ORIENTATION_TURNS.get(orientation)
+    return image if method is None else image.transpose(method)
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

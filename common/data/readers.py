@@ -40,7 +40,7 @@ from common.data.types import (
     ProblemKind,
 )
 from common.errors import JobError
-from common.imaging import eight_bit, upright
+from common.imaging import eight_bit, exif_orientation, turned
 
 log = logging.getLogger(__name__)
 
@@ -774,7 +774,7 @@ def _read_files(lister: Callable[[Source], Listing]) -> Callable[[Source], ReadR
 def _decode_entry(source: Source, listing: Listing, entry: Entry, result: ReadResult) -> None:
     """Decode one sample's image and mask, check they agree, and add it to ``result`` if usable."""
     try:
-        image = _decode(entry.image, "RGB")
+        image, stored = _decode(entry.image, "RGB")
     except _BadFile as error:
         kind: ProblemKind = "truncated_image" if error.truncated else "unreadable_image"
         result.problems.append(source.problem(kind, entry.image, str(error)))
@@ -782,7 +782,7 @@ def _decode_entry(source: Source, listing: Listing, entry: Entry, result: ReadRe
     mask = None
     if entry.mask is not None:
         try:
-            mask = _grey_to_classes(_decode(entry.mask, "L"))
+            mask = _grey_to_classes(_decode(entry.mask, "L", stored)[0])
         except _BadFile as error:
             result.problems.append(source.problem("unreadable_mask", entry.mask, str(error)))
             return
@@ -809,11 +809,26 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _decode(path: Path, mode: str) -> np.ndarray:
+@dataclass(frozen=True)
+class StoredFrame:
+    """How a file stores its pixels: its (width, height) and its EXIF orientation (1: upright)."""
+
+    size: tuple[int, int]
+    orientation: int
+
+
+def _decode(
+    path: Path, mode: str, image: StoredFrame | None = None
+) -> tuple[np.ndarray, StoredFrame]:
     """Fully decode an image file into a uint8 array in ``mode`` (RGBA drops alpha, as Matek's).
 
-    The array is the image as viewers show it, turned as its EXIF orientation says: masks are
-    drawn on that image, and ``w3s-predict`` reads new images the same way.
+    The array is the file as viewers show it, turned as its EXIF orientation says, as
+    ``w3s-predict`` reads new images. A mask without a tag of its own, given its ``image``'s
+    stored frame, is turned with its image when it is stored as the image is (same size): a
+    tool that ignored the tag drew it on the stored pixels. One already of the turned size was
+    drawn on the image as shown and stays. (A square mask drawn on the shown image of a turned
+    square image cannot be told apart, and is taken as stored.) Returns the file's stored frame
+    too.
 
     Raises
     ------
@@ -823,9 +838,14 @@ def _decode(path: Path, mode: str) -> np.ndarray:
     if path.stat().st_size == 0:
         raise _BadFile("empty file (0 bytes)", truncated=False)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(eight_bit(upright(image)).convert(mode), dtype=np.uint8)
+        with Image.open(path) as picture:
+            picture.load()
+            stored = StoredFrame(picture.size, exif_orientation(picture))
+            turn = stored.orientation
+            if turn == 1 and image is not None and picture.size == image.size:
+                turn = image.orientation
+            array = np.asarray(eight_bit(turned(picture, turn)).convert(mode), dtype=np.uint8)
+            return array, stored
     # PIL signals corrupt data with many exception types (OSError, SyntaxError, ValueError,
     # struct.error, ...); any of them makes the file unusable, and the report must go on.
     except Exception as error:

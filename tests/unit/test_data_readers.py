@@ -191,6 +191,30 @@ def test_images_are_read_turned_as_their_exif_orientation_shows_them(tmp_path):
     assert {image.shape for image in data.images} == {(24, 20, 3)}
 
 
+@pytest.mark.parametrize("drawn_on", ["stored pixels", "image as shown"])
+def test_a_mask_without_a_tag_lies_on_its_turned_image(tmp_path, drawn_on):
+    """Turned with its image when stored as the image is; kept when drawn on the shown image."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 36 wide and 30 high, shown turned a quarter clockwise
+    stored = np.full((30, 36, 3), 255, np.uint8)
+    stored[:8, :6] = (90, 40, 120)  # a nucleus in the stored top-left corner
+    mask = np.zeros((30, 36), np.uint8)
+    mask[:8, :6] = 255
+    if drawn_on == "image as shown":
+        mask = np.rot90(mask, -1)  # where a tool that shows the turned image drew it
+    for cls in FIVE:
+        for folder in ("images", "masks"):
+            (tmp_path / folder / cls).mkdir(parents=True)
+        Image.fromarray(stored).save(tmp_path / "images" / cls / "0.jpg", exif=exif, quality=100)
+        Image.fromarray(np.ascontiguousarray(mask)).save(tmp_path / "masks" / cls / "0.png")
+    spec = {"format": "class_folders", "root": str(tmp_path / "images")}
+    data = load_hospital(data_cfg({"h": {**spec, "mask_root": str(tmp_path / "masks")}}), "h")
+    image, truth = data.images[0], data.masks[0]
+    assert image.shape[:2] == truth.shape == (36, 30)
+    nucleus = image.mean(axis=2) < 200
+    assert (truth[nucleus] > 0).mean() > 0.9 and (nucleus[truth > 0]).mean() > 0.9
+
+
 def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     for cls in ["Neutrophil", "mono"]:
