@@ -141,12 +141,20 @@ def test_generate_maps_does_not_depend_on_batching(tiny_model):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
-    """The head's sign is decided over the whole split, not per chunk of ``batch_size``."""
+FOREGROUND_MAPS = MapSettings(last_k_layers=2, input_size=32, source="foreground", refine=False)
+
+
+def model_with_head() -> torch.nn.Module:
+    """A fresh tiny model with the foreground head (a test may change its weights)."""
     torch.manual_seed(0)
-    model = timm.create_model(
+    return timm.create_model(
         "mct_tiny_patch8_96", num_classes=3, img_size=32, foreground_head=True
     ).eval()
+
+
+def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
+    """The head's sign is decided over the whole split, not per chunk of ``batch_size``."""
+    model = model_with_head()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
     batch = normalise(resize_images(images, 32))
@@ -157,13 +165,12 @@ def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
         model.fg_head.bias.fill_(-float(middle))
     areas = torch.sigmoid(model(batch).foreground.detach()).mean(dim=(1, 2, 3))
     assert 0 < int((areas > 0.5).sum()) < 5
-    settings = MapSettings(last_k_layers=2, input_size=32, source="foreground", refine=False)
 
     def maps(batch_size: int) -> list[torch.Tensor]:
-        made = generate_maps(
-            model, images, [0] * 5, settings, device=torch.device("cpu"), batch_size=batch_size
-        )
-        return made[0]
+        cpu = torch.device("cpu")
+        return generate_maps(
+            model, images, [0] * 5, FOREGROUND_MAPS, device=cpu, batch_size=batch_size
+        )[0]
 
     for alone, together in zip(maps(1), maps(5), strict=True):
         torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
@@ -172,15 +179,12 @@ def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
 def test_the_split_wide_orientation_keeps_no_autograd_graph():
     # w3s-postprocess makes its maps outside no_grad: each batch's graph held until the
     # decision made memory grow with the split (2.1 GB for 512 small images, measured).
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "mct_tiny_patch8_96", num_classes=3, img_size=32, foreground_head=True
-    ).eval()
+    model = model_with_head()
     graphs = []
     model.register_forward_hook(lambda module, args, output: graphs.append(torch.is_grad_enabled()))
     images = [np.zeros((32, 32, 3), dtype=np.uint8)] * 3
-    settings = MapSettings(last_k_layers=2, input_size=32, source="foreground", refine=False)
-    generate_maps(model, images, [0, 1, 2], settings, device=torch.device("cpu"), batch_size=2)
+    cpu = torch.device("cpu")
+    generate_maps(model, images, [0, 1, 2], FOREGROUND_MAPS, device=cpu, batch_size=2)
     assert graphs and not any(graphs)
 
 
