@@ -71,13 +71,30 @@ def site_private(handler: Callable[[Message, Context], Message]) -> Callable[...
         except HospitalDataError:
             raise
         except Exception as error:
-            log.exception("%s failed at this site", handler.__name__)
+            where = _message_of(msg, context)
+            log.exception("%s failed at this site (%s)", handler.__name__, where)
             raise SiteFailure(
                 f"{handler.__name__} failed with {type(error).__name__}; "
                 "details are in this hospital's log"
             ) from None
 
     return guarded
+
+
+def _message_of(msg: Message, context: Context) -> str:
+    """Which hospital, phase and round a message was for, as far as a failure lets it be told.
+
+    Simulated hospitals share processes and one console, and the only other line naming the
+    hospital is logged once per process: a failure line must say whose it is.
+    """
+    name, phase, server_round = "?", "?", "?"
+    try:  # the failure may lie in reading these very things
+        config = msg.content.config_records.get("config", {})
+        phase, server_round = config.get("phase", "mct"), config.get("server-round", "?")
+        name = _hospital(context, _config(str(context.run_config["overrides"])))[1]
+    except Exception:
+        pass
+    return f"hospital {name}, {phase} round {server_round}"
 
 
 @functools.cache
@@ -138,12 +155,20 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
     answered.
     """
     try:
-        return split_tensors(cfg.data, name, split, size)
+        tensors = split_tensors(cfg.data, name, split, size)
     except DataVerificationError as error:
         log.error("%s", error)
         raise HospitalDataError(
             f"{error.redacted()}; run w3s-verify at this site for the list"
         ) from None
+    if len(tensors.labels) == 0:
+        # A class of one or two images goes to training whole, so a small hospital can have
+        # no validation image at all; each round's evaluation failed on it without a word.
+        raise HospitalDataError(
+            f"hospital {name}: its {split} split holds no image (too few images per class; "
+            "add images, or set data.split.fractions)"
+        )
+    return tensors
 
 
 def previous_head(

@@ -1,8 +1,14 @@
 """client_app/app: site_private keeps file paths and patient ids out of the server's error."""
 
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client_app.app import SiteFailure, site_private
+from client_app.app import HospitalDataError, SiteFailure, evaluate, site_private
+from common.arrays import pack, to_array_record
+from common.config import compose_config, parse_overrides
+from common.model import create_mct_model
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_site_private_keeps_paths_and_ids_out_of_the_error(caplog):
@@ -17,3 +23,37 @@ def test_site_private_keeps_paths_and_ids_out_of_the_error(caplog):
     assert "JaneRoe" not in text and "/data" not in text
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
     assert "patient_JaneRoe_77.bmp" in caplog.text  # the full story stays in the site's log
+
+
+def _evaluate_message(overrides: str, server_round: int) -> tuple[Message, Context]:
+    cfg = compose_config(parse_overrides(overrides))
+    model = to_array_record(create_mct_model(cfg.model, len(cfg.data.classes)).state_dict())
+    config = ConfigRecord({"server-round": server_round})
+    message = Message(
+        content=RecordDict({"arrays": pack(model), "config": config}),
+        dst_node_id=1,
+        message_type="evaluate",
+    )
+    node = {"partition-id": 1, "num-partitions": 3}
+    context = Context(1, 1, node, RecordDict(), {"overrides": overrides})
+    return message, context
+
+
+def test_a_hospital_without_a_validation_image_is_named_with_the_reason():
+    # One image per class: all five go to training.
+    message, context = _evaluate_message(
+        "model.img_size=32 data.hospitals.hospital_b.num_images=5", 3
+    )
+    with pytest.raises(HospitalDataError, match="hospital hospital_b: its val split holds no"):
+        evaluate(message, context)
+
+
+def test_a_failure_at_a_site_names_the_hospital_phase_and_round_in_its_log(caplog, monkeypatch):
+    def diverged(*args, **kwargs):
+        raise FloatingPointError("training loss became nan")
+
+    monkeypatch.setattr("client_app.app.evaluate_local", diverged)
+    message, context = _evaluate_message("model.img_size=32", 4)
+    with pytest.raises(SiteFailure):
+        evaluate(message, context)
+    assert "evaluate failed at this site (hospital hospital_b, mct round 4)" in caplog.text
