@@ -46,6 +46,7 @@ from common.config import compose_config
 from common.data import hospital_names
 from common.training import resolve_device
 from post_training.stages import Evaluation, disk_stage, make_maps, seeds_stage
+from server_app.recorder import phase_of
 
 SIMULATE = Path(sys.executable).with_name("w3s-simulate")
 
@@ -77,7 +78,7 @@ def round_metrics(run_dir: Path) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        if row.get("phase", "mct") != "mct":
+        if phase_of(row) != "mct":
             continue
         for name, metrics in row.get("hospitals", {}).items():
             per = out.setdefault(

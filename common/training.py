@@ -46,8 +46,7 @@ def resolve_device(name: str) -> torch.device:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={name}: expected auto, cpu, cuda or cuda:<index>")
-    count = torch.cuda.device_count()
-    if device.type == "cuda" and (device.index or 0) >= count:
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
         found = f"{count} CUDA device(s)" if count else "no CUDA device (device=auto or cpu)"
         raise ValueError(f"device={name}: this machine has {found}")
     return device

@@ -33,7 +33,7 @@ from experiments.run import RESULTS
 from experiments.supervised import true_labels
 from post_training.artifacts import overlay, sample_stems, save_grid
 from post_training.stages import DISK, MAPS, OTSU, PSEUDO_MASKS, SEGMENTER
-from server_app.recorder import PHASES
+from server_app.recorder import PHASES, phase_of
 
 log = logging.getLogger(__name__)
 
@@ -618,14 +618,6 @@ def round_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def phase_of(row: dict[str, Any]) -> str:
-    """The training phase a ``metrics.jsonl`` row belongs to.
-
-    Runs made before the pretraining phase existed wrote rows without one: all MCT rounds.
-    """
-    return str(row.get("phase", "mct"))
-
-
 def phase_rounds(runs: Sequence[Sequence[dict[str, Any]]]) -> str:
     """The rounds of each phase, the most any run trained: ``20 pretraining + 10 MCT``."""
     counts = {
@@ -716,9 +708,9 @@ def communication_table(ds: Dataset) -> str:
     ]
     for label in federated_labels(ds):
         row_name = next(x["row"] for r in ds.runs(label) for x in r["rows"])
+        runs = trained_rounds(ds, label)  # read once, not once per hospital
         for hospital in ds.hospitals:
             sent, received, totals = [], [], []
-            runs = trained_rounds(ds, label)
             for rows in runs:
                 per_round = [r["hospitals"].get(hospital, {}) for r in rows]
                 sent += [h.get("bytes-sent", math.nan) for h in per_round]

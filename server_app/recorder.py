@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig
@@ -43,6 +44,14 @@ def current_rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def phase_of(row: dict[str, Any]) -> str:
+    """The phase a ``metrics.jsonl`` row belongs to.
+
+    Runs made before the pretraining phase existed wrote rows without one: all MCT rounds.
+    """
+    return str(row.get("phase", "mct"))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -130,7 +139,7 @@ class RoundRecorder:
         for number, line in enumerate(self._rows(), start=1):
             try:
                 row = json.loads(line)
-                redone = row.get("phase", "mct") == self.phase and row["round"] > server_round
+                redone = phase_of(row) == self.phase and row["round"] > server_round
             except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
                 raise ValueError(
                     f"{self.metrics_path} line {number} is not a round's row: {line[:80]!r}"
