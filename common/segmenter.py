@@ -461,17 +461,28 @@ def upsampled_strips(
         yield first, strip.addcmul_(rows[:, bottom[band]], bottom_weight[band, None])
 
 
-def label_map(scores: torch.Tensor, size: tuple[int, int], confidence: float = 0.0) -> np.ndarray:
+def label_map(
+    scores: torch.Tensor,
+    size: tuple[int, int],
+    confidence: float = 0.0,
+    *,
+    one_cell: bool = False,
+) -> np.ndarray:
     """The HxW uint8 argmax of (K, h, w) scores upsampled to ``size``, strip by strip.
 
     Pixels whose winning probability is below ``confidence`` get the ignore label, so a
-    segmenter trained on the map learns only from what its predecessor was sure of.
+    segmenter trained on the map learns only from what its predecessor was sure of. With
+    ``one_cell`` the scores are :func:`one_cell_logits`, log-probabilities that keep only
+    background and each pixel's best class: the winning probability is the exp of the top
+    score (what made the pixel cell or background); their softmax would renormalise the two
+    and pass pixels the segmenter was not sure of.
     """
     labels = np.empty(size, dtype=np.uint8)
     for first, strip in upsampled_strips(scores, size):
         label = channel_argmax(strip).to(torch.uint8)
         if confidence > 0.0:
-            label[strip.softmax(0).amax(0) < confidence] = IGNORE_INDEX
+            winning = strip.amax(0).exp() if one_cell else strip.softmax(0).amax(0)
+            label[winning < confidence] = IGNORE_INDEX
         labels[first : first + strip.shape[1]] = label.cpu().numpy()
     return labels
 
@@ -640,7 +651,7 @@ def predict(
     of :func:`input_logits`.
     """
     return [
-        label_map(scores, (image.shape[0], image.shape[1]), confidence)
+        label_map(scores, (image.shape[0], image.shape[1]), confidence, one_cell=decoding.one_cell)
         for image, scores in zip(
             images,
             input_logits(

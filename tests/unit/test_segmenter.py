@@ -291,6 +291,19 @@ def test_one_cell_logits_give_the_cell_the_class_with_most_probability():
     torch.testing.assert_close(voted[0], logits.log_softmax(0)[0])
 
 
+def test_one_cell_confidence_is_the_probability_that_decided_the_pixel():
+    probabilities = torch.tensor([0.1, 0.7, 0.2]).repeat(2, 2, 1).permute(2, 0, 1).clone()
+    probabilities[:, 0, 0] = torch.tensor([0.5, 0.3, 0.2])  # background, at 0.5 only
+    probabilities[:, 1, 1] = torch.tensor([0.35, 0.05, 0.6])  # cell: class 2 at 0.6 beats 0.35
+    voted = one_cell_logits(probabilities.log())
+    plain = label_map(voted, (2, 2))
+    assert plain.tolist() == [[0, 1], [1, 1]]  # class 1 holds most of the cell
+    # Renormalised over background and the best class, the two would read 0.625 and 0.63.
+    sure = label_map(voted, (2, 2), confidence=0.62, one_cell=True)
+    assert sure.tolist() == [[IGNORE_INDEX, 1], [1, IGNORE_INDEX]]
+    assert label_map(voted, (2, 2), confidence=0.45, one_cell=True).tolist() == plain.tolist()
+
+
 def test_one_cell_logits_of_an_image_without_cell_pick_a_class_and_keep_background():
     logits = torch.zeros(4, 5, 5)
     logits[0] = 5.0
