@@ -126,12 +126,13 @@ def resize_labels(labels: Sequence[np.ndarray], side: int) -> torch.Tensor:
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold: the histogram cut that maximises the between-class variance.
 
-    Returns the left edge of the first bin of the upper class, so ``values >= t`` is that class.
+    Returns the left edge of the first bin of the upper class, so ``values >= t`` is that class;
+    ``inf`` for values all alike, which hold no upper class (a blank image has no stained cell).
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     low, high = float(values.min()), float(values.max())
     if high <= low:
-        return high
+        return float("inf")
     counts, edges = np.histogram(values, bins=bins, range=(low, high))
     centres = (edges[:-1] + edges[1:]) / 2
     weight_below = np.cumsum(counts)[:-1]

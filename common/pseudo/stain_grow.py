@@ -222,6 +222,10 @@ class StainGrowMasker(PseudoMasker):
         if not merged.any():
             return stained
         no_maps = float(record.maps.max()) <= 0
+        if self.pick == "maps" and no_maps:
+            # Maps that point nowhere choose no blob: the first in scan order would be a
+            # hidden top-left prior in the one setting that claims to use none.
+            return torch.zeros_like(stained)
         if self.pick == "centre" or (self.pick == "maps_else_centre" and no_maps):
             chosen = torch.as_tensor(blob_nearest_centre(merged.numpy()))
         else:

@@ -18,6 +18,10 @@ import torch.nn.functional as F
 def transition_matrix(affinity: torch.Tensor, beta: float, logt: int) -> torch.Tensor:
     """T^(2^logt) of the column-normalised W = affinity^beta.
 
+    Each column is scaled to a maximum of 1 before the power: the scale cancels in the
+    normalisation, and a node whose affinities are all small (a patch that attends mostly to
+    the class tokens) would otherwise underflow to a column that no longer sums to one.
+
     Parameters
     ----------
     affinity
@@ -34,7 +38,8 @@ def transition_matrix(affinity: torch.Tensor, beta: float, logt: int) -> torch.T
     """
     if logt < 0:
         raise ValueError(f"logt must be >= 0, got {logt}")
-    weights = affinity.clamp(min=0) ** beta
+    affinity = affinity.clamp(min=0)
+    weights = (affinity / affinity.amax(dim=-2, keepdim=True).clamp(min=1e-30)) ** beta
     transition = weights / weights.sum(dim=-2, keepdim=True).clamp(min=1e-30)
     for _ in range(logt):
         transition = transition @ transition

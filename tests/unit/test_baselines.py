@@ -21,6 +21,12 @@ def test_otsu_mask_finds_the_central_cell_among_distractors():
         stain_channel(image, "hue")
 
 
+def test_otsu_mask_of_a_blank_image_is_empty():
+    for size in [(60, 60), (3, 5), (1, 1)]:
+        blank = np.full((*size, 3), (240, 225, 170), np.uint8)
+        assert not otsu_mask(blank, "inverted_green").any()
+
+
 def test_disk_mask_and_labels():
     disk = disk_mask(21, 31, 0.5)  # radius 0.5 * 21 / 2 = 5.25
     assert disk[10, 15] and not disk[10, 21] and disk[10, 20]

@@ -60,6 +60,16 @@ def test_walk_keeps_a_constant_background_and_spreads_classes():
     torch.testing.assert_close(walked[1, 0], torch.tensor([101 / 150, 11 / 45, 1 / 30]))
 
 
+def test_transition_matrix_keeps_a_node_of_faint_affinities_a_walk():
+    faint = CHAIN.clone()
+    faint[:, 2] = torch.tensor([0.0, 5e-5, 1e-4])  # node 2 attends to almost nothing
+    transition = transition_matrix(faint, beta=8, logt=0)
+    # (1e-4)^8 underflows float32; the column still sums to one and keeps its shape.
+    torch.testing.assert_close(transition.sum(0), torch.ones(3))
+    torch.testing.assert_close(transition[:, 2], torch.tensor([0.0, 1 / 257, 256 / 257]))
+    torch.testing.assert_close(transition[:, :2], transition_matrix(CHAIN, 8, 0)[:, :2])
+
+
 def test_transition_matrix_rejects_negative_logt():
     with pytest.raises(ValueError, match="logt"):
         transition_matrix(CHAIN, beta=1, logt=-1)
@@ -175,10 +185,9 @@ def test_threshold_is_identity_and_attn_rw_keeps_constants():
     assert AttentionWalkMasker().propagate([], []) == []
 
 
-def test_symmetric_affinity_is_symmetric_and_scaled():
+def test_symmetric_affinity_is_symmetric():
     p = torch.tensor([[[0.9, 0.1], [0.3, 0.7]]])
-    sym = symmetric_affinity(p)
-    torch.testing.assert_close(sym, torch.tensor([[[1.0, 0.2 / 0.9], [0.2 / 0.9, 0.7 / 0.9]]]))
+    torch.testing.assert_close(symmetric_affinity(p), torch.tensor([[[0.9, 0.2], [0.2, 0.7]]]))
 
 
 def tiny_psa_config() -> dict:
@@ -300,6 +309,12 @@ def test_stain_grow_falls_back_to_the_centre_only_where_the_maps_are_empty():
     assert _iou(masker.nucleus(empty).numpy(), central) > 0.7
     (scores,) = masker.propagate([empty], [empty.maps])  # the weak label says which class grows
     assert scores[0][32, 32] == 1 and scores[1:].abs().max() == 0
+    # Without the centre to fall back on, maps that point nowhere choose no blob.
+    for grow in ("radius", "region"):
+        maps_only = StainGrowMasker(background_seeds="border", pick="maps", grow=grow)
+        assert not maps_only.nucleus(empty).any()
+        (scores,) = maps_only.propagate([empty], [empty.maps])
+        assert scores.abs().max() == 0
 
 
 def test_stain_grow_region_reaches_the_cytoplasm_but_not_a_bridged_red_cell():
