@@ -120,7 +120,9 @@ class Command:
         except KeyboardInterrupt as stop:
             # SystemExit, not a return: a command run inside another (w3s-experiment trains
             # through w3s-simulate) stops the outer one too, through its clean-up.
-            print(f"{self.name}: stopped ({stop or 'interrupted'})", file=sys.stderr, flush=True)
+            print(
+                f"{self.name}: stopped ({str(stop) or 'interrupted'})", file=sys.stderr, flush=True
+            )
             raise SystemExit(INTERRUPTED) from None
         except Exception:
             traceback.print_exc()

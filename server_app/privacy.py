@@ -8,14 +8,17 @@
   clipping norm, re-clips the rest (idempotent, it only absorbs rounding) and adds the noise;
 - ``server_clip``: the server clips each update, averages and adds the noise.
 
-Calibration (docs/privacy.md): the round's ``m`` screened replies, each update clipped to
-``C = clipping_norm``, are averaged with equal weights (not by num-examples, which would let a
-hospital with more images, or one that claims more, move the average by more than ``C / m``),
-and Gaussian noise of standard deviation ``noise_multiplier * C / m`` is added to every
-parameter, ``m`` being the replies actually averaged, not the hospitals configured. Each round is
-therefore one Gaussian mechanism of noise multiplier ``noise_multiplier`` on a sum of
-sensitivity ``C``; Flower's RDP accountant (``flwr.serverapp.RdpAccountant``, Google's
-dp-accounting underneath) composes the rounds and reports ε at ``privacy.delta``.
+Calibration (docs/privacy.md): the updates of the round's screened replies, each clipped to
+``C = clipping_norm``, are summed with equal weights (not by num-examples, which would let a
+hospital with more images, or one that claims more, move the model by more than its share) and
+divided by ``n``, the hospitals asked, whether or not all replied: DP-FedAvg's fixed
+denominator (McMahan et al., ICLR 2018). Gaussian noise of standard deviation
+``noise_multiplier * C / n`` is added to every parameter. Adding or removing one hospital moves
+the release by at most ``C / n`` and leaves its noise as it was, so each round is one Gaussian
+mechanism of multiplier ``noise_multiplier`` for that relation; dividing by the replies instead
+would let the noise scale reveal how many took part and double the reach of one hospital's
+update. Flower's RDP accountant (``flwr.serverapp.RdpAccountant``, Google's dp-accounting
+underneath) composes the rounds and reports ε at ``privacy.delta``.
 
 Flower's wrapper classes are kept for configuring rounds (the client-side one sends the clipping
 norm); their ``aggregate_train`` is replaced: Flower's skips a round with any error reply,
@@ -82,8 +85,8 @@ def privacy_settings(privacy: DictConfig, num_hospitals: int) -> dict[str, Any]:
         "clipping_norm": clipping_norm,
         "delta": delta,
         "hospitals": num_hospitals,
-        "aggregation": "uniform mean of the clipped updates of the replies averaged",
-        "noise": "stdev noise_multiplier * clipping_norm / replies averaged, per parameter",
+        "aggregation": "sum of the clipped updates of the replies / hospitals asked",
+        "noise": "stdev noise_multiplier * clipping_norm / hospitals asked, per parameter",
         "accountant": "RDP (flwr.serverapp.RdpAccountant on dp-accounting), no sampling "
         "amplification, add-or-remove-one hospital",
     }
@@ -145,10 +148,11 @@ class PrivacyLedger:
         epsilon = self.epsilon()
         shown = "inf (no noise)" if epsilon is None else f"{epsilon:.4g}"
         log.info(
-            "differential privacy: round %d averaged %d clipped updates with equal weights, "
-            "noise stdev %.4g per parameter; epsilon %s at delta %g after %d rounds",
+            "differential privacy: round %d summed %d clipped updates with equal weights over "
+            "%d hospitals, noise stdev %.4g per parameter; epsilon %s at delta %g after %d rounds",
             server_round,
             replies,
+            int(self.settings["hospitals"]),
             noise_stdev,
             shown,
             self.settings["delta"],
@@ -174,6 +178,16 @@ def _recorded_releases(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _scaled_update(record: ArrayRecord, global_arrays: ArrayRecord, scale: float) -> ArrayRecord:
+    """``global + scale * (record - global)``, in float64, kept in ``record``'s dtypes."""
+    moved = {}
+    for key, array in record.items():
+        base = global_arrays[key].numpy().astype(np.float64)
+        values = base + scale * (array.numpy().astype(np.float64) - base)
+        moved[key] = Array(np.asarray(values, dtype=array.numpy().dtype))
+    return ArrayRecord(moved)
+
+
 def _clip_to(msg: Message, norm: float, clipping_norm: float, global_arrays: ArrayRecord) -> None:
     """Scale ``msg``'s update (reply - global) to an L2 norm of at most ``clipping_norm``.
 
@@ -181,12 +195,7 @@ def _clip_to(msg: Message, norm: float, clipping_norm: float, global_arrays: Arr
     """
     scale = 1.0 if norm <= clipping_norm else clipping_norm / norm
     for name, record in list(msg.content.array_records.items()):
-        clipped = {}
-        for key, array in record.items():
-            base = global_arrays[key].numpy().astype(np.float64)
-            values = base + scale * (array.numpy().astype(np.float64) - base)
-            clipped[key] = Array(np.asarray(values, dtype=array.numpy().dtype))
-        msg.content[name] = ArrayRecord(clipped)
+        msg.content[name] = _scaled_update(record, global_arrays, scale)
 
 
 def _add_noise(arrays: ArrayRecord, stdev: float, rng: np.random.Generator) -> ArrayRecord:
@@ -203,9 +212,10 @@ def _add_noise(arrays: ArrayRecord, stdev: float, rng: np.random.Generator) -> A
 
 
 class _PrivateAggregation:
-    """Mixin for a Flower DP wrapper: screen, clip, average uniformly, add calibrated noise."""
+    """Mixin for a Flower DP wrapper: screen, clip, sum over the hospitals asked, add noise."""
 
     strategy: GuardedFedAvg
+    num_sampled_clients: int  # Flower's name for the hospitals asked each round
     noise_multiplier: float
     clipping_norm: float
     ledger: PrivacyLedger
@@ -216,7 +226,7 @@ class _PrivateAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen every reply, clip, average with equal weights and add the noise for m."""
+        """Screen every reply, clip, sum with equal weights over the ``n`` asked, add the noise."""
         inner = self.strategy
         max_norm = self._client_clip_bound() if self.rejects_unclipped else None
         good = inner.screen_train(server_round, replies, max_norm=max_norm)
@@ -224,8 +234,10 @@ class _PrivateAggregation:
         for msg in good:
             norm = inner.update_norms[inner._node_of(msg)]
             _clip_to(msg, norm, self.clipping_norm, inner._global)
-        arrays = inner.combine(server_round, good)
-        stdev = self.noise_multiplier * self.clipping_norm / len(good)
+        # The mean of the m replies times m / n: their summed updates over the n asked.
+        asked = self.num_sampled_clients
+        arrays = _scaled_update(inner.combine(server_round, good), inner._global, len(good) / asked)
+        stdev = self.noise_multiplier * self.clipping_norm / asked
         arrays = _add_noise(arrays, stdev, self.rng)
         self.ledger.release(server_round + inner.round_offset, len(good), stdev)
         return inner.finish_train(server_round, good, arrays)
@@ -299,11 +311,14 @@ def with_privacy(
     ledger = PrivacyLedger(settings, path, earlier)
     log.info(
         "differential privacy: %s, noise multiplier %g, clipping norm %g, delta %g; updates "
-        "averaged with equal weights, noise stdev noise_multiplier x clipping_norm / replies",
+        "summed with equal weights over the %d hospitals asked (a fixed denominator), noise "
+        "stdev noise_multiplier x clipping_norm / %d",
         settings["name"],
         settings["noise_multiplier"],
         settings["clipping_norm"],
         settings["delta"],
+        num_hospitals,
+        num_hospitals,
     )
     wrapper = WRAPPERS[settings["name"]](
         strategy,

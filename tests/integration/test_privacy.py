@@ -81,10 +81,13 @@ def _zxaoyou_disk(root: Path) -> Path:
     return labels
 
 
-def test_dp_with_a_hospital_failing_mid_run_calibrates_noise_to_the_survivors(flwr_home, tmp_path):
+def test_dp_with_a_hospital_failing_mid_run_keeps_the_noise_of_the_hospitals_asked(
+    flwr_home, tmp_path
+):
     # Server-side clipping; in round 2 the third hospital's label file loses a row (a missing
-    # label appears mid-run), so it fails and the round closes on the other two. The noise must
-    # be that of an average of 2 clipped updates, and privacy.json must account both rounds.
+    # label appears mid-run), so it fails and the round closes on the other two. The two
+    # clipped updates are summed over the 3 asked and the noise stays that of 3 (it must not
+    # tell how many took part); privacy.json must account both rounds.
     labels = _zxaoyou_disk(tmp_path / "hospital_files")
     run_dir = tmp_path / "run"
     overrides = [
@@ -119,21 +122,22 @@ def test_dp_with_a_hospital_failing_mid_run_calibrates_noise_to_the_survivors(fl
     record = json.loads((run_dir / "privacy.json").read_text())
     assert record["rounds"] == [
         {"round": 1, "replies": 3, "noise_stdev": pytest.approx(CLIP / 3), "noise_multiplier": 1.0},
-        {"round": 2, "replies": 2, "noise_stdev": pytest.approx(CLIP / 2), "noise_multiplier": 1.0},
+        {"round": 2, "replies": 2, "noise_stdev": pytest.approx(CLIP / 3), "noise_multiplier": 1.0},
     ]
     ledger = PrivacyLedger(privacy_settings(_server_clip(), 3), tmp_path / "check.json")
     ledger.release(1, 3, CLIP / 3)
-    ledger.release(2, 2, CLIP / 2)
+    ledger.release(2, 2, CLIP / 3)
     assert record["epsilon"] == pytest.approx(ledger.epsilon()) and record["delta"] == 1e-5
     assert f"epsilon {ledger.epsilon():.4g} at delta 1e-05 after 2 rounds" in log
 
-    # Round 2's update is the clipped average (norm <= CLIP) plus noise of stdev CLIP / 2 per
-    # parameter, whose norm over this many parameters is stdev * sqrt(parameters) within 1%.
+    # Round 2's update is the two clipped updates over 3 (norm <= 2 CLIP / 3) plus noise of
+    # stdev CLIP / 3 per parameter, whose norm over this many parameters is stdev *
+    # sqrt(parameters) within 1%.
     before = load_checkpoint(run_dir / "checkpoints" / "round_001.pt")["state_dict"]
     after = load_checkpoint(run_dir / "final_model.pt")["state_dict"]
     squares = sum(((after[k].double() - before[k].double()) ** 2).sum() for k in after)
-    noise_norm = CLIP / 2 * math.sqrt(sum(t.numel() for t in after.values()))
-    assert abs(math.sqrt(float(squares)) - noise_norm) <= CLIP + 0.01 * noise_norm
+    noise_norm = CLIP / 3 * math.sqrt(sum(t.numel() for t in after.values()))
+    assert abs(math.sqrt(float(squares)) - noise_norm) <= 2 * CLIP / 3 + 0.01 * noise_norm
 
 
 def _server_clip():

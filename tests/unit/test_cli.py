@@ -253,6 +253,17 @@ def test_a_stop_signal_runs_the_jobs_clean_up_and_exits_130(stop, capsys):
     assert capsys.readouterr().err.strip() == f"w3s-test: stopped ({stop.name})"
 
 
+def test_ctrl_c_says_the_job_was_interrupted(capsys):
+    def job(cfg, overrides):
+        raise KeyboardInterrupt  # what Python raises on Ctrl-C: no message
+
+    command = Command(name="w3s-test", summary="a job", config="config", job=job)
+    with pytest.raises(SystemExit) as stopped:
+        command.main([])
+    assert stopped.value.code == INTERRUPTED
+    assert capsys.readouterr().err.strip() == "w3s-test: stopped (interrupted)"
+
+
 def test_an_unexpected_error_keeps_its_traceback_and_an_exit_status_of_its_own(capsys):
     # Python's own status for it, 1, is what w3s-predict answers when some files were skipped.
     def job(cfg, overrides):

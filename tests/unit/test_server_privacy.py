@@ -48,7 +48,7 @@ def _update_reply(node: int, update: np.ndarray, weight) -> Message:
 
 @pytest.mark.parametrize("name", ["client_clip", "server_clip"])
 def test_failed_and_bad_replies_are_dropped_before_clipping(name, tmp_path, caplog):
-    inner, wrapper = _wrapped(name, min_replies=2, tmp_path=tmp_path, clip=100.0)
+    inner, wrapper = _wrapped(name, min_replies=2, tmp_path=tmp_path, clip=100.0, hospitals=5)
     replies = [
         reply(1, 1.0, 10),
         reply(2, 4.0, 30),
@@ -59,8 +59,8 @@ def test_failed_and_bad_replies_are_dropped_before_clipping(name, tmp_path, capl
     arrays, metrics = wrapper.aggregate_train(1, replies)
     # Flower's own wrapper returns (None, None) here and keeps the old model.
     assert arrays is not None
-    # Equal weights under DP: (1 + 4) / 2, not the num-examples-weighted 3.25.
-    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 2.5)
+    # Equal weights over the 5 asked: (1 + 4) / 5, not the num-examples-weighted 3.25.
+    np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 1.0)
     assert metrics["train-loss"] == pytest.approx((1 * 10 + 4 * 30) / 40)
     assert inner.report.good == 2
     assert sorted(inner.report.failed) == [3]
@@ -80,29 +80,33 @@ def test_a_round_short_of_min_replies_stops_the_run(name, tmp_path):
 
 def test_server_side_clipping_bounds_each_update(tmp_path):
     # Updates of norm 2 * 1 = 2 (four entries of 1.0) and 2 * 3 = 6, clipped to norm 1.
-    _, wrapper = _wrapped("server_clip", min_replies=2, tmp_path=tmp_path, clip=1.0)
+    _, wrapper = _wrapped("server_clip", min_replies=2, tmp_path=tmp_path, clip=1.0, hospitals=2)
     arrays, _ = wrapper.aggregate_train(1, [reply(1, 1.0, 10), reply(2, 3.0, 10)])
     np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 0.5, rtol=1e-6)
 
 
 def test_an_update_equal_to_the_global_model_is_no_division_by_zero(tmp_path):
     # Flower's clipping divided by the update's norm: ZeroDivisionError out of aggregate_train.
-    _, wrapper = _wrapped("server_clip", min_replies=2, tmp_path=tmp_path, clip=1.0)
+    _, wrapper = _wrapped("server_clip", min_replies=2, tmp_path=tmp_path, clip=1.0, hospitals=2)
     arrays, _ = wrapper.aggregate_train(1, [reply(1, 0.0, 10), reply(2, 1.0, 10)])
     np.testing.assert_allclose(to_state_dict(arrays)["w"].numpy(), 0.25, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["client_clip", "server_clip"])
-def test_one_hospital_moves_the_average_by_at_most_clip_over_replies(name, tmp_path):
-    # 91 and 31 images: weighted by num-examples the first would move the average by 0.746 C.
-    clip = 1.0
-    _, wrapper = _wrapped(name, min_replies=2, tmp_path=tmp_path, clip=clip)
+def test_one_hospital_moves_the_release_by_at_most_clip_over_the_hospitals_asked(name, tmp_path):
+    # Neighbouring runs: with and without the first hospital (add or remove one). Its update
+    # points against the other's; 91 and 31 images would give it 0.746 of a weighted mean.
+    clip, hospitals = 1.0, 3
     first = np.full((2, 2), 0.5)  # norm 1.0 = C: within the bound at both options
-    arrays, _ = wrapper.aggregate_train(
-        1, [_update_reply(1, first, 91), _update_reply(2, np.zeros((2, 2)), 31)]
-    )
-    moved = float(np.linalg.norm(to_state_dict(arrays)["w"].numpy()))
-    assert moved == pytest.approx(clip / 2, rel=1e-6)
+    released = []
+    for with_first in (True, False):
+        replies = [_update_reply(1, first, 91)] if with_first else []
+        _, wrapper = _wrapped(name, 1, tmp_path, clip=clip, hospitals=hospitals)
+        arrays, _ = wrapper.aggregate_train(1, [*replies, _update_reply(2, -first, 31)])
+        released.append(to_state_dict(arrays)["w"].numpy().astype(np.float64))
+    # Dividing by the replies instead: 0 with both, -C / 1 without the first, a distance of C.
+    moved = float(np.linalg.norm(released[0] - released[1]))
+    assert moved == pytest.approx(clip / hospitals, rel=1e-6)
 
 
 def test_client_clip_rejects_an_update_the_hospital_did_not_clip(tmp_path):
@@ -143,14 +147,15 @@ def _noise_of(wrapper, replies: int) -> float:
     return float(to_state_dict(arrays)["w"].numpy().std())
 
 
-def test_the_noise_is_scaled_to_the_replies_actually_averaged(tmp_path):
+def test_the_noise_is_that_of_the_hospitals_asked_however_many_reply(tmp_path):
     zeros = ArrayRecord({"w": Array(np.zeros((200, 200), np.float32))})
-    # 4 hospitals configured, 2 reply: the noise is for an average of 2, not of 4.
-    _, wrapper = _wrapped("server_clip", 2, tmp_path, noise=2.0, clip=0.5, hospitals=4, model=zeros)
-    assert _noise_of(wrapper, replies=2) == pytest.approx(2.0 * 0.5 / 2, rel=0.02)
+    # 4 hospitals asked, 2 reply: the noise must not tell how many took part.
+    for replies in (2, 4):
+        _, wrapper = _wrapped("server_clip", 2, tmp_path, noise=2.0, clip=0.5, model=zeros)
+        assert _noise_of(wrapper, replies) == pytest.approx(2.0 * 0.5 / 4, rel=0.02)
     record = json.loads((tmp_path / "privacy.json").read_text())
     assert record["rounds"] == [
-        {"round": 1, "replies": 2, "noise_stdev": 0.5, "noise_multiplier": 2.0}
+        {"round": 1, "replies": 4, "noise_stdev": 0.25, "noise_multiplier": 2.0}
     ]
 
 
