@@ -14,7 +14,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from client_app.pretrain_heads import forget_heads, head_directory, load_head, save_head
+from client_app.pretrain_heads import forget_heads, head_directory, latest_head, save_head
 from client_app.privacy import privacy_mod
 from common.arrays import (
     SPLIT_KEY,
@@ -135,7 +135,7 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
         root = str(context.node_config["data-root"])
         pinned = f"data.hospitals.{name}.root={override_value(root)}"
         cfg = _config(f"{overrides} {shlex.quote(pinned)}")
-    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes), hospital=name)
+    model = create_mct_model(cfg.model, len(cfg.data.classes), hospital=name, load_pretrained=False)
     layout = tensor_specs(model.state_dict())
     model.load_state_dict(to_state_dict(unpack(msg.content["arrays"], layout)))
     return cfg, index, name, model
@@ -174,23 +174,21 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
 def previous_head(
     heads: Path | None, name: str, server_round: int
 ) -> dict[str, torch.Tensor] | None:
-    """The head of round ``server_round - 1`` from this site's disk, when the node state lost it.
+    """The site's newest head before ``server_round`` from its disk, when the node state lost it.
 
     That happens when a killed run is resumed (new processes) or this SuperNode restarted.
     """
-    head = None if heads is None else load_head(heads, server_round - 1)
-    if head is None:
+    found = None if heads is None else latest_head(heads, server_round - 1)
+    if found is None:
         log.warning(
-            "hospital %s pretrain round %d: its pretraining head of round %d is neither in "
-            "this node's state nor on its disk; starting a fresh one",
+            "hospital %s pretrain round %d: no pretraining head of an earlier round is in "
+            "this node's state or on its disk; starting a fresh one",
             name,
             server_round,
-            server_round - 1,
         )
-    else:
-        log.info(
-            "hospital %s: pretraining head of round %d read from %s", name, server_round - 1, heads
-        )
+        return None
+    head_round, head = found
+    log.info("hospital %s: pretraining head of round %d read from %s", name, head_round, heads)
     return head
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from common.checkpoint import load_checkpoint, prune_rounds, save_atomic
+from common.checkpoint import load_checkpoint, prune_rounds, round_files, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,21 @@ def save_head(directory: Path, server_round: int, state: Mapping[str, torch.Tens
         )
 
 
-def load_head(directory: Path, server_round: int) -> dict[str, torch.Tensor] | None:
-    """The head this hospital had after ``server_round``, or None when it is not on disk."""
-    path = _path(directory, server_round)
-    if not path.is_file():
-        return None
-    try:
-        return dict(load_checkpoint(path)["state_dict"])
-    except Exception as error:  # torch raises several types for a damaged file
-        log.warning("pretraining head %s is unreadable (%s)", path, error)
-        return None
+def latest_head(directory: Path, up_to: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """The newest readable head this hospital kept up to round ``up_to``, with its round.
+
+    A hospital that failed the round before a resume has no head of that round: its last is
+    older, and is what its node state would have held. A later head belongs to a round the
+    resumed run redoes. A damaged file is logged and passed over for the one before it.
+    """
+    for server_round, path in reversed(round_files(directory)):
+        if server_round > up_to:
+            continue
+        try:
+            return server_round, dict(load_checkpoint(path)["state_dict"])
+        except Exception as error:  # torch raises several types for a damaged file
+            log.warning("pretraining head %s is unreadable (%s)", path, error)
+    return None
 
 
 def forget_heads(directory: Path) -> None:

@@ -314,10 +314,11 @@ def load_model(
             f"{where} was trained on classes {trained_on} but the data config has "
             f"{list(classes)}; pick the data config the model was trained with"
         )
-    model_cfg = {**payload["model"], "pretrained_file": None}  # the weights come from the file
-    name = model_cfg["name"]
+    name = payload["model"]["name"]
     try:
-        model = create_mct_model(model_cfg, num_classes=len(trained_on), hospital=hospital)
+        model = create_mct_model(
+            payload["model"], len(trained_on), hospital=hospital, load_pretrained=False
+        )
     except Exception as error:  # timm and the constructors raise several types
         raise CheckpointError(
             f"{where}: its model preset {name!r} cannot be built: {first_line(error)}"

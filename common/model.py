@@ -503,7 +503,11 @@ def hospital_standardisation(model_cfg: Mapping[str, Any], hospital: str | None)
 
 
 def create_mct_model(
-    model_cfg: Mapping[str, Any], num_classes: int, hospital: str | None = None
+    model_cfg: Mapping[str, Any],
+    num_classes: int,
+    hospital: str | None = None,
+    *,
+    load_pretrained: bool = True,
 ) -> MCTFormerV2:
     """Build the configured preset and optionally load a local DeiT checkpoint.
 
@@ -518,6 +522,10 @@ def create_mct_model(
     hospital : str | None
         The hospital whose images the model will see, for its own input standardisation
         (:func:`hospital_standardisation`); None (the server, pooled training) uses the shared one.
+    load_pretrained : bool
+        Load ``pretrained_file`` (the run's starting point, read where the run starts). False
+        where the weights come from elsewhere (a model file, the global model a hospital
+        receives): a hospital need not hold the file that the server started from.
 
     Returns
     -------
@@ -538,7 +546,7 @@ def create_mct_model(
     )
     if not isinstance(model, MCTFormerV2):
         raise TypeError(f"model.name={model_cfg['name']!r} is not an MCTFormerV2 preset")
-    if model_cfg.get("pretrained_file"):
+    if load_pretrained and model_cfg.get("pretrained_file"):
         load_deit_weights(model, model_cfg["pretrained_file"])
     return model
 

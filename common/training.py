@@ -94,14 +94,17 @@ def mct_objective(levers: Mapping[str, Any]) -> Objective:
 
     With ``levers['copy_paste']`` > 0 a first pass without gradients reads the cells from the
     model's own foreground head, and the step trains on the batch with cells moved between
-    images (:func:`common.levers.paste_cells`).
+    images (:func:`common.levers.paste_cells`). That pass runs in eval mode: with dropout and
+    stochastic depth on, the cells would be those of one random subnetwork, not the model's.
     """
     share = float(levers["copy_paste"])
 
     def objective(model: MCTFormerV2, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if share > 0:
+            training = model.training
             with torch.no_grad():
-                foreground = model(images).foreground
+                foreground = model.eval()(images).foreground
+            model.train(training)
             if foreground is None:
                 raise ValueError(
                     "train.levers.copy_paste takes the cells from the foreground head: "

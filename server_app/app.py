@@ -179,9 +179,8 @@ def check_resumable(cfg: DictConfig, path: Path, payload: Mapping[str, Any]) -> 
             f"resume=true: {path} was trained on classes {list(payload['classes'])}, the data "
             f"config has {list(cfg.data.classes)}"
         )
-    model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "pretrained_file": None}
     with torch.random.fork_rng(devices=[]):  # a resumed run draws what it drew before
-        model = create_mct_model(model_cfg, num_classes=len(cfg.data.classes))
+        model = create_mct_model(cfg.model, len(cfg.data.classes), load_pretrained=False)
     load_weights(model, payload["state_dict"], f"resume=true: {path}", str(cfg.model.name))
 
 

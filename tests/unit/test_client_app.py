@@ -27,7 +27,8 @@ def test_site_private_keeps_paths_and_ids_out_of_the_error(caplog):
 
 def _evaluate_message(overrides: str, server_round: int) -> tuple[Message, Context]:
     cfg = compose_config(parse_overrides(overrides))
-    model = to_array_record(create_mct_model(cfg.model, len(cfg.data.classes)).state_dict())
+    built = create_mct_model(cfg.model, len(cfg.data.classes), load_pretrained=False)
+    model = to_array_record(built.state_dict())
     config = ConfigRecord({"server-round": server_round})
     message = Message(
         content=RecordDict({"arrays": pack(model), "config": config}),
@@ -46,6 +47,14 @@ def test_a_hospital_without_a_validation_image_is_named_with_the_reason():
     )
     with pytest.raises(HospitalDataError, match="hospital hospital_b: its val split holds no"):
         evaluate(message, context)
+
+
+def test_a_hospital_needs_no_copy_of_the_weights_file_the_server_started_from(tmp_path):
+    # The run's config names the server's DeiT file; the hospital receives the global model.
+    elsewhere = tmp_path / "on-the-server" / "deit_small.pth"
+    message, context = _evaluate_message(f"model.img_size=32 model.pretrained_file={elsewhere}", 2)
+    reply = evaluate(message, context)
+    assert "val-accuracy" in reply.content["metrics"]
 
 
 def test_a_failure_at_a_site_names_the_hospital_phase_and_round_in_its_log(caplog, monkeypatch):

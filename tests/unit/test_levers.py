@@ -252,3 +252,12 @@ def test_copy_paste_trains_on_pasted_batches_and_needs_the_head():
     headless = create_mct_model(compose_config(["model.foreground_head=false"]).model, 5)
     with pytest.raises(ValueError, match="model.foreground_head=true"):
         mct_objective(cfg.train.levers)(headless, images, targets)
+
+
+def test_copy_paste_reads_the_cells_in_eval_mode_and_trains_in_train_mode():
+    cfg = compose_config(["train.levers.copy_paste=1.0"])
+    model = create_mct_model(cfg.model, num_classes=5).train()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    mct_objective(cfg.train.levers)(model, torch.randn(2, 3, 96, 96), torch.eye(5)[:2])
+    assert modes == [False, True] and model.training

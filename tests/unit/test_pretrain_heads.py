@@ -9,7 +9,7 @@ from client_app.pretrain_heads import (
     HEADS_KEPT,
     forget_heads,
     head_directory,
-    load_head,
+    latest_head,
     save_head,
 )
 
@@ -34,19 +34,31 @@ def test_a_saved_head_comes_back_exactly_and_only_the_newest_are_kept(tmp_path):
     kept = range(6 - HEADS_KEPT, 6)
     assert sorted(p.name for p in folder.iterdir()) == [f"round_{r:03d}.pt" for r in kept]
     for server_round in kept:
-        back = load_head(folder, server_round)
-        assert back.keys() == heads[server_round].keys()
+        found_round, back = latest_head(folder, server_round)
+        assert found_round == server_round and back.keys() == heads[server_round].keys()
         assert all(torch.equal(back[k], heads[server_round][k]) for k in back)
-    assert load_head(folder, 1) is None
+    assert latest_head(folder, 1) is None
 
 
-def test_a_damaged_head_reads_as_none_with_a_warning(tmp_path, caplog):
+def test_a_resume_reads_the_newest_head_up_to_the_round_before_it(tmp_path):
+    folder = tmp_path / "heads"
+    for server_round in (1, 2, 4):  # round 3 failed at this site; round 4 is being redone
+        save_head(folder, server_round, {"weight": torch.full((2,), float(server_round))})
+    assert latest_head(folder, 3)[0] == 2  # what the node state would have held
+    assert latest_head(folder, 4)[0] == 4
+    assert latest_head(folder, 0) is None
+
+
+def test_a_damaged_head_is_passed_over_with_a_warning(tmp_path, caplog):
     folder = tmp_path / "heads"
     save_head(folder, 1, {"weight": torch.ones(2)})
-    (folder / "round_001.pt").write_bytes(b"cut short")
+    save_head(folder, 2, {"weight": torch.ones(2)})
+    (folder / "round_002.pt").write_bytes(b"cut short")
     with caplog.at_level(logging.WARNING):
-        assert load_head(folder, 1) is None
-    assert "round_001.pt is unreadable" in caplog.text
+        assert latest_head(folder, 2)[0] == 1
+    assert "round_002.pt is unreadable" in caplog.text
+    (folder / "round_001.pt").write_bytes(b"cut short")
+    assert latest_head(folder, 2) is None
 
 
 def test_an_unwritable_folder_costs_a_warning_not_the_round(tmp_path, caplog):
