@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from common.cli import Command
 from common.data.readers import ReadResult, read_hospitals
+from common.data.splits import check_split
 from common.data.types import format_problems
 
 
@@ -40,6 +41,11 @@ def summarize(result: ReadResult) -> list[str]:
     return lines
 
 
+def check_verify_config(cfg: DictConfig) -> None:
+    """The split must be one training would take: verified data under it must be trainable."""
+    check_split(cfg.data)
+
+
 def verify_hospitals(cfg: DictConfig, _: list[str] | None = None) -> int:
     """Read every hospital without keeping arrays and print the report; 1 if any problem."""
     results = read_hospitals(cfg.data, keep_arrays=False)
@@ -60,6 +66,7 @@ COMMAND = Command(
     summary=__doc__,
     config="config",
     job=verify_hospitals,
+    check=check_verify_config,
     keys={
         "data": "synthetic (default), wbc_zxaoyou, raabin, matek19, or your own conf/data/*.yaml",
         "data.root": "where the real data set lies",

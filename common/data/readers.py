@@ -464,8 +464,8 @@ def _read_label_file(
 
     The header row ("image ID,class label" or "image ID,class") is recognised by its
     non-numeric first cell. Bad rows become problems naming the image file and the CSV row;
-    a file that is not UTF-8 text (a spreadsheet saved in a legacy encoding) is one problem,
-    and None.
+    a file that cannot be read (no permission, an I/O error on a share) or is not UTF-8 text
+    (a spreadsheet saved in a legacy encoding) is one problem, and None.
     """
     class_map = _class_map(source, ZXAOYOU_CLASSES)
     labels: dict[int, int | None] = {}
@@ -475,28 +475,37 @@ def _read_label_file(
         detail = f"not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 CSV"
         listing.problems.append(source.problem("missing_label", label_file, detail))
         return None
-    with io.StringIO(text, newline="") as handle:
-        for row_number, row in enumerate(csv.reader(handle), start=1):
-            cells = [cell.strip() for cell in row]
-            if not any(cells) or (row_number == 1 and not _is_image_id(cells[0])):
-                continue
-            where = f"{label_file.name} row {row_number}"
-            if len(cells) < 2 or not _is_image_id(cells[0]):
-                detail = f"{where}: expected 'image id,class', got {row}"
-                listing.problems.append(source.problem("missing_label", label_file, detail))
-                continue
-            image_id, raw = int(cells[0]), cells[1]
-            index = _class_index(raw, class_map, source.classes)
-            path = images.get(image_id, folder / f"{image_id:03d}.bmp")
-            if index is None:
-                detail = f"{where}: {_unknown_class_detail(raw, class_map, source.classes)}"
-                listing.problems.append(source.problem("unknown_class", path, detail))
-            elif labels.setdefault(image_id, index) != index:
-                detail = f"{where}: another row gives image id {image_id} a different class"
-                listing.problems.append(source.problem("missing_label", path, detail))
-                index = None
-            if index is None:
-                labels[image_id] = None
+    except OSError as error:
+        detail = f"the label file cannot be read: {error.strerror or error}"
+        listing.problems.append(source.problem("missing_label", label_file, detail))
+        return None
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as error:  # a field over csv's size limit: a binary file named .csv
+        detail = f"not a CSV label file ({error})"
+        listing.problems.append(source.problem("missing_label", label_file, detail))
+        return None
+    for row_number, row in enumerate(rows, start=1):
+        cells = [cell.strip() for cell in row]
+        if not any(cells) or (row_number == 1 and not _is_image_id(cells[0])):
+            continue
+        where = f"{label_file.name} row {row_number}"
+        if len(cells) < 2 or not _is_image_id(cells[0]):
+            detail = f"{where}: expected 'image id,class', got {row}"
+            listing.problems.append(source.problem("missing_label", label_file, detail))
+            continue
+        image_id, raw = int(cells[0]), cells[1]
+        index = _class_index(raw, class_map, source.classes)
+        path = images.get(image_id, folder / f"{image_id:03d}.bmp")
+        if index is None:
+            detail = f"{where}: {_unknown_class_detail(raw, class_map, source.classes)}"
+            listing.problems.append(source.problem("unknown_class", path, detail))
+        elif labels.setdefault(image_id, index) != index:
+            detail = f"{where}: another row gives image id {image_id} a different class"
+            listing.problems.append(source.problem("missing_label", path, detail))
+            index = None
+        if index is None:
+            labels[image_id] = None
     return labels
 
 

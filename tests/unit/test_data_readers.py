@@ -409,6 +409,22 @@ def test_every_image_is_tested_once_over_the_folds_with_the_class_mix_kept():
     assert all(np.array_equal(again[k], folds[2][k]) for k in again)
 
 
+def test_every_fold_trains_on_each_class_of_two_images_or_more():
+    # Dataset 2's mix: 2 basophils and 1 image of a rarer class still.
+    labels = np.repeat(np.arange(5), [19, 15, 10, 2, 1])
+    for seed in range(10):
+        folds = [fold_indices(labels, seed=seed, folds=5, fold=f) for f in range(5)]
+        tested = np.concatenate([f["test"] for f in folds])
+        assert sorted(tested) == list(range(len(labels))), "every image still tested once"
+        for f, split in enumerate(folds):
+            joined = np.concatenate(list(split.values()))
+            assert sorted(joined) == list(range(len(labels))), "disjoint and covering"
+            assert set(labels[split["train"]]) >= {0, 1, 2, 3}
+            assert set(split["val"]) <= set(folds[(f + 1) % 5]["test"])
+        # The image of one cannot be helped: two folds test or validate it.
+        assert sum(4 not in set(labels[split["train"]]) for split in folds) == 2
+
+
 @pytest.mark.parametrize(
     ("split", "message"),
     [

@@ -84,6 +84,26 @@ def test_a_label_file_in_a_legacy_encoding_is_one_problem_naming_it(broken_tree)
     assert "not UTF-8 text" in problem.detail
 
 
+def test_a_label_file_that_cannot_be_read_or_parsed_is_one_problem_naming_it(
+    broken_tree, monkeypatch
+):
+    root, _ = broken_tree
+    labels = root / "Class Labels of Dataset 1.csv"
+    labels.write_text("image ID,class label\n1," + "x" * 200_000 + "\n", encoding="utf-8")
+    [problem] = [p for p in verify_data(zxaoyou_cfg(root), ["dataset1"]) if Path(p.path) == labels]
+    assert problem.kind == "missing_label" and "not a CSV label file" in problem.detail
+    read_text = Path.read_text
+
+    def denied(path, *args, **kwargs):
+        if path == labels:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    [problem] = [p for p in verify_data(zxaoyou_cfg(root), ["dataset1"]) if Path(p.path) == labels]
+    assert problem.detail == "the label file cannot be read: Permission denied"
+
+
 def test_files_in_hidden_folders_are_not_data(tmp_path):
     for folder in ("Neutrophil/batch1", "Neutrophil/.thumbnails", ".trash/Neutrophil"):
         (tmp_path / folder).mkdir(parents=True)
@@ -153,6 +173,20 @@ def test_main_bad_override_returns_2(capsys):
     assert main(["data=no_such_dataset"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("w3s-verify: ") and "no_such_dataset" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("split", "named"),
+    [
+        (["data.split.folds=5", "data.split.fold=7"], "fold must be in 0..4"),
+        (["data.split.fractions=[0.5,0.5,0.5]"], "fractions"),
+    ],
+)
+def test_a_split_training_would_refuse_is_refused_before_reading(split, named, capsys):
+    assert main(split) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("w3s-verify: data.split: ") and named in err
     assert len(err.splitlines()) == 1
 
 
