@@ -449,6 +449,7 @@ def _list_zxaoyou(source: Source) -> Listing:
         elif labels[image_id] is not None:
             mask = path.with_suffix(".png")
             _add_entry(source, listing, path, labels[image_id], mask if mask.is_file() else None)
+    _drop_repeated_files(source, listing, root)
     return listing
 
 
@@ -597,12 +598,13 @@ def _add_entry(
 def _drop_repeated_files(source: Source, listing: Listing, image_root: Path) -> None:
     """Report a file listed twice through links: once in train and once in test, or two labels.
 
-    The path without a link in it is kept and the others are named, so the message never
-    sends anyone to delete the real image.
+    One file is one (device, inode): a symbolic link resolves to it, and a hard link is it
+    under a second name. The path without a symbolic link in it is kept and the others are
+    named, so the message never sends anyone to delete the real image.
     """
-    by_file: dict[str, list[Entry]] = {}
+    by_file: dict[tuple[int, int] | str, list[Entry]] = {}
     for entry in listing.entries:
-        by_file.setdefault(os.path.realpath(entry.image), []).append(entry)
+        by_file.setdefault(_file_identity(entry.image), []).append(entry)
     repeats: set[Path] = set()
     for group in (group for group in by_file.values() if len(group) > 1):
         own = next((e for e in group if not _link_in_class(e.image, image_root)), group[0])
@@ -612,6 +614,15 @@ def _drop_repeated_files(source: Source, listing: Listing, image_root: Path) -> 
                 listing.problems.append(source.problem("repeated_image", entry.image, detail))
                 repeats.add(entry.image)
     listing.entries = [entry for entry in listing.entries if entry.image not in repeats]
+
+
+def _file_identity(path: Path) -> tuple[int, int] | str:
+    """The file behind ``path``: its (device, inode), or its real path where stat fails."""
+    try:
+        status = path.stat()
+    except OSError:  # reported when the image is decoded
+        return os.path.realpath(path)
+    return status.st_dev, status.st_ino
 
 
 def _link_in_class(path: Path, image_root: Path) -> bool:

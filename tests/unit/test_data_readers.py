@@ -300,6 +300,36 @@ def test_links_that_cannot_be_followed_and_files_reached_twice_are_reported(tmp_
     assert str(images / "neutrophil" / "p1" / "n1.png") in repeated["n1.png"]
 
 
+def test_a_hard_link_is_the_same_file_under_another_name(tmp_path):
+    images = tmp_path / "images"
+    write_image(images / "neutrophil" / "n.png", 20, 20)
+    write_image(images / "lymphocyte" / "l.png", 20, 20)
+    (images / "lymphocyte" / "scan.png").hardlink_to(images / "neutrophil" / "n.png")
+    spec = {"format": "class_folders", "root": str(images)}
+    [problem] = verify_data(data_cfg({"site": spec}))
+    assert problem.kind == "repeated_image" and problem.path.endswith("neutrophil/n.png")
+    assert str(images / "lymphocyte" / "scan.png") in problem.detail
+
+
+def test_a_zxaoyou_image_linked_under_a_second_id_is_reported(tmp_path):
+    folder = tmp_path / "Dataset 1"
+    for image_id in (1, 2):
+        write_image(folder / f"{image_id:03d}.bmp", 20, 20, seed=image_id)
+        Image.fromarray(grey_mask(20, 20)).save(folder / f"{image_id:03d}.png")
+    for image_id, target in ((900, 1), (901, 2)):
+        (folder / f"{image_id}.png").symlink_to(folder / f"{target:03d}.png")
+    (folder / "900.bmp").symlink_to(folder / "001.bmp")
+    (folder / "901.bmp").hardlink_to(folder / "002.bmp")
+    rows = "image ID,class label\n1,1\n2,2\n900,3\n901,4\n"
+    (tmp_path / "Class Labels of Dataset 1.csv").write_text(rows, encoding="utf-8")
+    spec = {"format": "zxaoyou", "root": str(tmp_path), "subset": "Dataset 1"}
+    problems = verify_data(data_cfg({"site": spec}))
+    assert {(p.kind, Path(p.path).name) for p in problems} == {
+        ("repeated_image", "900.bmp"),  # the symbolic link is named, not the file it points at
+        ("repeated_image", "901.bmp"),  # of a hard link's two names, the later id
+    }
+
+
 def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, monkeypatch):
     images = tmp_path / "images"
     write_image(images / "neutrophil" / "n.png", 20, 20)
