@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import stat
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -384,13 +385,22 @@ def _class_map(source: Source, default: Mapping[str, str]) -> dict[str, str]:
     """Return the format's default class map updated by the hospital's ``class_map`` key.
 
     ``class_map`` is either the name of a built-in map (``matek19``) or a mapping whose entries
-    override the default's. Keys are compared case-insensitively.
+    override the default's. Keys are compared as :func:`_folded` names.
     """
     override = source.spec.get("class_map") or {}
     if isinstance(override, str):
         override = NAMED_CLASS_MAPS[override.casefold()]
     merged = {**default, **override}
-    return {str(key).casefold(): str(value) for key, value in merged.items()}
+    return {_folded(str(key)): str(value) for key, value in merged.items()}
+
+
+def _folded(name: str) -> str:
+    """A class name as compared: case-insensitive and in one Unicode form.
+
+    macOS file systems store folder names decomposed (``e`` + a combining accent, U+0301) and
+    YAML typed elsewhere holds them composed (U+00E9): two names that print alike.
+    """
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
 
 
 def _class_index(raw: str, class_map: Mapping[str, str], classes: Sequence[str]) -> int | None:
@@ -399,14 +409,14 @@ def _class_index(raw: str, class_map: Mapping[str, str], classes: Sequence[str])
     Names missing from the map are looked up in the vocabulary directly, case-insensitively, so
     folders already named after the vocabulary need no map.
     """
-    name = class_map.get(raw.casefold(), raw).casefold()
-    vocabulary = [c.casefold() for c in classes]
+    name = _folded(class_map.get(_folded(raw), raw))
+    vocabulary = [_folded(c) for c in classes]
     return vocabulary.index(name) if name in vocabulary else None
 
 
 def _unknown_class_detail(raw: str, class_map: Mapping[str, str], classes: Sequence[str]) -> str:
     """Explain why a raw class could not be placed in the vocabulary."""
-    mapped = class_map.get(raw.casefold(), raw)
+    mapped = class_map.get(_folded(raw), raw)
     via = f" (mapped to {mapped!r})" if mapped != raw else ""
     return f"class {raw!r}{via} is not in the vocabulary {list(classes)}"
 

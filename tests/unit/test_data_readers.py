@@ -300,6 +300,17 @@ def test_links_that_cannot_be_followed_and_files_reached_twice_are_reported(tmp_
     assert str(images / "neutrophil" / "p1" / "n1.png") in repeated["n1.png"]
 
 
+def test_class_names_match_whichever_unicode_form_they_are_written_in(tmp_path):
+    composed, decomposed = "\u00e9osinophile", "e\u0301osinophile"
+    write_image(tmp_path / "images" / decomposed / "a.png", 20, 20)  # as macOS names it
+    spec = {"format": "class_folders", "root": str(tmp_path / "images")}
+    data = load_hospital(data_cfg({"site": spec}, classes=["neutrophil", composed]), "site")
+    assert [data.classes[i] for i in data.labels] == [composed]
+    mapped = {**spec, "class_map": {composed.upper(): "neutrophil"}}
+    data = load_hospital(data_cfg({"site": mapped}, classes=["neutrophil"]), "site")
+    assert [data.classes[i] for i in data.labels] == ["neutrophil"]
+
+
 def test_a_hard_link_is_the_same_file_under_another_name(tmp_path):
     images = tmp_path / "images"
     write_image(images / "neutrophil" / "n.png", 20, 20)
