@@ -49,6 +49,9 @@ IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # Grey-level thresholds of ground-truth masks: <64 background, 64..191 cytoplasm, >=192 nucleus.
 # Thresholds rather than exact values tolerate JPEG noise and stray values in real masks.
 CYTOPLASM_MIN_GREY, NUCLEUS_MIN_GREY = 64, 192
+# A mask pixel whose channels differ by more than this is coloured (JPEG noise on a grey mask
+# stays far below it); a mask with more than MAX_COLOURED_SHARE of them is a colour mask.
+MAX_GREY_SPREAD, MAX_COLOURED_SHARE = 48, 0.01
 
 ZXAOYOU_CLASSES = {
     "1": "neutrophil",
@@ -812,9 +815,12 @@ def _decode_entry(source: Source, listing: Listing, entry: Entry, result: ReadRe
     mask = None
     if entry.mask is not None:
         try:
-            mask = _grey_to_classes(_decode(entry.mask, "L", stored)[0])
+            mask = _grey_to_classes(_grey_mask(entry.mask, stored))
         except _BadFile as error:
             result.problems.append(source.problem("unreadable_mask", entry.mask, str(error)))
+            return
+        except _NotGreyMask as error:
+            result.problems.append(source.problem("bad_mask", entry.mask, str(error)))
             return
         if mask.shape != image.shape[:2]:
             detail = f"mask is {_size(mask)} but its image {entry.image.name} is {_size(image)}"
@@ -881,6 +887,34 @@ def _decode(
     except Exception as error:
         detail = f"cannot decode: {type(error).__name__}: {error}"
         raise _BadFile(detail, truncated="truncat" in str(error).casefold()) from error
+
+
+class _NotGreyMask(Exception):
+    """A mask that decodes but does not say background / cytoplasm / nucleus in grey levels."""
+
+
+MASK_FORM = "masks are grey: 0 background, 128 cytoplasm, 255 nucleus (docs/data.md)"
+
+
+def _grey_mask(path: Path, image: StoredFrame) -> np.ndarray:
+    """A mask file as a uint8 grey array, or :class:`_NotGreyMask` for another kind of mask.
+
+    The grey levels are the classes, so a mask in colours (a red nucleus and a green cytoplasm
+    have about one brightness) or in class codes (0, 1, 2: all below the cytoplasm's level)
+    would be read as the wrong classes, silently; each is refused by name instead.
+    """
+    colour = _decode(path, "RGB", image)[0]
+    spread = colour.max(axis=2).astype(np.int16) - colour.min(axis=2)
+    coloured = float((spread > MAX_GREY_SPREAD).mean())
+    if coloured > MAX_COLOURED_SHARE:
+        raise _NotGreyMask(f"a colour mask ({coloured:.0%} of its pixels coloured); {MASK_FORM}")
+    grey = np.asarray(Image.fromarray(colour).convert("L"))
+    if 0 < int(grey.max()) < CYTOPLASM_MIN_GREY:
+        raise _NotGreyMask(
+            f"its values run 0..{int(grey.max())}, all below the cytoplasm's grey (a mask of "
+            f"class codes or of 0 and 1?); {MASK_FORM}"
+        )
+    return grey
 
 
 def _grey_to_classes(grey: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ ProblemKind = Literal[
     "bad_link",
     "repeated_image",
     "ambiguous_mask",
+    "bad_mask",
     "bad_config",
 ]
 

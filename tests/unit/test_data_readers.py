@@ -341,6 +341,59 @@ def test_a_zxaoyou_image_linked_under_a_second_id_is_reported(tmp_path):
     }
 
 
+def _zxaoyou_with_masks(root: Path, masks: dict[int, Image.Image]) -> dict:
+    folder = root / "Dataset 1"
+    for image_id, mask in masks.items():
+        write_image(folder / f"{image_id:03d}.bmp", 20, 20, seed=image_id)
+        mask.save(folder / f"{image_id:03d}.png")
+    rows = "".join(f"{image_id},1\n" for image_id in masks)
+    (root / "Class Labels of Dataset 1.csv").write_text("image ID,class label\n" + rows)
+    return {"format": "zxaoyou", "root": str(root), "subset": "Dataset 1"}
+
+
+def test_masks_in_colours_or_class_codes_are_refused_by_name_not_misread(tmp_path):
+    grey = grey_mask(20, 20)
+    codes = grey // 100  # 0, 1, 2
+    colours = np.zeros((20, 20, 3), np.uint8)
+    colours[grey == 128] = (0, 255, 0)  # green cytoplasm, red nucleus: alike in grey
+    colours[grey == 255] = (255, 0, 0)
+    palette = Image.fromarray(codes, "P")
+    palette.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0])  # VOC's first colours
+    grey_palette = Image.fromarray(codes, "P")
+    grey_palette.putpalette([0, 0, 0, 128, 128, 128, 255, 255, 255])
+    masks = {
+        1: Image.fromarray(grey),
+        2: Image.fromarray(codes),
+        3: Image.fromarray((grey > 0).astype(np.uint8)),
+        4: Image.fromarray(colours),
+        5: palette,
+        6: grey_palette,  # a palette of greys is a grey mask
+        7: Image.fromarray(np.zeros((20, 20), np.uint8)),  # no cell drawn: all background
+        8: Image.fromarray(np.repeat(grey[..., None], 3, axis=2)),  # grey saved as RGB
+    }
+    spec = _zxaoyou_with_masks(tmp_path, masks)
+    problems = verify_data(data_cfg({"site": spec}))
+    assert {(p.kind, Path(p.path).name) for p in problems} == {
+        ("bad_mask", "002.png"),
+        ("bad_mask", "003.png"),
+        ("bad_mask", "004.png"),
+        ("bad_mask", "005.png"),
+    }
+    details = {Path(p.path).name: p.detail for p in problems}
+    assert "values run 0..2" in details["002.png"] and "colour mask" in details["004.png"]
+    assert all("0 background, 128 cytoplasm, 255 nucleus" in d for d in details.values())
+
+
+def test_a_grey_mask_saved_as_a_colour_jpeg_is_read_as_grey(tmp_path):
+    grey = np.repeat(grey_mask(40, 40)[..., None], 3, axis=2)
+    folder = tmp_path / "GrTh"
+    write_image(folder / "Original" / "Neutrophil" / "0.jpg", 40, 40)
+    (folder / "Ground Truth" / "Neutrophil").mkdir(parents=True)
+    Image.fromarray(grey).save(folder / "Ground Truth" / "Neutrophil" / "0.jpg", quality=75)
+    data = load_hospital(data_cfg({"r": {"format": "raabin", "root": str(tmp_path)}}), "r")
+    assert (data.masks[0] == grey_mask(40, 40) // 100).mean() > 0.97
+
+
 def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, monkeypatch):
     images = tmp_path / "images"
     write_image(images / "neutrophil" / "n.png", 20, 20)
