@@ -66,6 +66,30 @@ def eight_bit(image: Image.Image) -> Image.Image:
     )
 
 
+def load_checked(image: Image.Image) -> Image.Image:
+    """Decode ``image`` (opened, not loaded), refusing a colour file Pillow would read too dark.
+
+    Pillow decodes 16 bits per colour channel (48-bit PNG and TIFF) to the top 8 bits of each
+    value. That is right for values that use 16 bits, but a 12-bit colour camera's 0..4095
+    keep 0..15 of 255 and the image trains nearly black. The low bits cannot be had through
+    Pillow, so a file whose brightest value fits 14 bits (what :func:`eight_bit` would scale up
+    were it grey) is refused by name.
+    """
+    raw_modes = [
+        tile.args if isinstance(tile.args, str) else str(tile.args[0] if tile.args else "")
+        for tile in image.tile
+    ]
+    wide = image.mode in ("RGB", "RGBA") and any(";16" in raw for raw in raw_modes)
+    image.load()
+    if wide and (brightest := int(np.asarray(image).max(initial=0))) < 2 ** (14 - 8):
+        raise ValueError(
+            f"16 bits per colour channel, all values below {256 * (brightest + 1)} (a camera "
+            "of 14 bits or fewer): Pillow keeps the top 8 bits of each, so it would read at "
+            "least 4 times too dark; save it with 8 bits per channel"
+        )
+    return image
+
+
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says, as viewers and ``cv2.imread`` show it.
 

@@ -45,6 +45,7 @@ from PIL import Image
 
 from common.cli import Command
 from common.errors import JobError
+from common.imaging import load_checked
 from common.progress import Progress
 from common.segmenter import Decoding, load_segmenter, predict
 from common.training import check_device, resolve_device
@@ -158,8 +159,7 @@ def read_input(path: Path, max_side: int) -> np.ndarray | None:
                         max_side,
                     )
                     return None
-                image.load()
-                return rgb_array(image)
+                return rgb_array(load_checked(image))
     # PIL reports corrupt data with many exception types; any makes the file unusable.
     except Exception as error:
         log.error(

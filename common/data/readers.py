@@ -41,7 +41,7 @@ from common.data.types import (
     ProblemKind,
 )
 from common.errors import JobError
-from common.imaging import eight_bit, exif_orientation, turned
+from common.imaging import eight_bit, exif_orientation, load_checked, turned
 
 log = logging.getLogger(__name__)
 
@@ -875,7 +875,7 @@ def _decode(
         raise _BadFile("empty file (0 bytes)", truncated=False)
     try:
         with Image.open(path) as picture:
-            picture.load()
+            load_checked(picture)
             stored = StoredFrame(picture.size, exif_orientation(picture))
             turn = stored.orientation
             if turn == 1 and image is not None and picture.size == image.size:

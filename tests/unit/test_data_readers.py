@@ -32,6 +32,7 @@ from common.data import (
 )
 from common.data.readers import MATEK19_CLASSES
 from common.errors import JobError
+from tests.image_files import write_rgb48_png
 
 REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
 FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
@@ -177,6 +178,22 @@ def test_sixteen_bit_images_are_scaled_not_clipped_and_float_images_refused(tmp_
     assert image.min() == 0 and image.max() == 255 and abs(float(image.mean()) - 127.5) < 1
     with pytest.raises(DataVerificationError, match="floating-point pixels from 0 to 9362"):
         hospital("f")
+
+
+def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_refused_not_read_dark(tmp_path):
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (20, 24, 3)).astype(np.uint16)
+    for cls in FIVE:
+        for i in range(3):
+            write_rgb48_png(tmp_path / "h" / cls / f"{i}.png", eight * 257)  # all 16 bits
+    write_rgb48_png(tmp_path / "h" / "monocyte" / "cam12.png", eight * 16)  # 0..4080
+    spec = {"format": "class_folders", "root": str(tmp_path / "h")}
+    [problem] = verify_data(data_cfg({"h": spec}))
+    assert problem.kind == "unreadable_image" and problem.path.endswith("cam12.png")
+    assert "16 bits per colour channel, all values below 4096" in problem.detail
+    (tmp_path / "h" / "monocyte" / "cam12.png").unlink()
+    data = load_hospital(data_cfg({"h": spec}), "h")
+    np.testing.assert_array_equal(data.images[0], eight)  # the top bytes of full 16 bits
 
 
 def test_images_are_read_turned_as_their_exif_orientation_shows_them(tmp_path):

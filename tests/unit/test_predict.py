@@ -26,6 +26,7 @@ from common.segmenter import create_segmenter, segmenter_payload
 from post_training import predict as predict_module
 from post_training.artifacts import read_label_png
 from post_training.predict import COMMAND, main, output_names
+from tests.image_files import write_rgb48_png
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"arch": "lraspp_mobilenet_v3_large", "input_size": 32}
@@ -225,6 +226,18 @@ def test_skipped_files_are_named_and_the_status_is_1(run, tmp_path):
     assert "3 file(s) skipped: broken.png, empty.bmp, huge.png" in log
     written = sorted(p.name for p in (tmp_path / "masks").glob("*.png"))
     assert written == ["good.png.png", "wide.png.png"]
+
+
+def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_skipped_not_read_dark(run, tmp_path):
+    source = tmp_path / "images"
+    write_images(source, ["good.png"])
+    camera = np.random.default_rng(0).integers(0, 4096, (40, 50, 3))
+    write_rgb48_png(source / "cam12.png", camera)
+    status, err = run(source, tmp_path / "masks")
+    assert status == 1, err
+    assert "cam12.png: cannot decode it as an image (ValueError: 16 bits per colour" in "\n".join(
+        err
+    )
 
 
 @pytest.mark.parametrize(
