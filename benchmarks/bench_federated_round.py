@@ -39,7 +39,7 @@ class RoundTiming:
 
     seconds: float
     train_seconds: float
-    train_images: int  # images seen in training, summed over hospitals and local epochs
+    train_images: int  # images stepped on, summed over hospitals and local epochs
 
 
 def in_process(
@@ -56,7 +56,6 @@ def in_process(
     """
     rounds_key = "pretrain.rounds" if phase == "pretrain" else "federation.rounds"
     cfg = compose_config([*overrides, f"{rounds_key}={rounds}"])
-    local_epochs = int(cfg.pretrain.local_epochs if phase == "pretrain" else cfg.train.local_epochs)
     names = hospital_names(cfg.data)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -77,7 +76,7 @@ def in_process(
             else:
                 result = train_round(model, data, cfg, **where)
             train_seconds += result.seconds
-            train_images += result.num_examples * local_epochs
+            train_images += result.images
             replies.append(
                 RecordDict(
                     {

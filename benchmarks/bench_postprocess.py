@@ -144,7 +144,7 @@ def main() -> None:
         ("bare forward (images/s)", f"{bare:.1f}"),
         ("maps, 1 scale, no flip (images/s)", f"{maps:.1f}"),
         ("maps / bare forward", f"{maps / bare:.2f} (target >= 0.70)"),
-        ("maps, 1 scale + flip, default (images/s)", f"{maps_flip:.1f}"),
+        ("fused maps, 1 scale + horizontal flip (images/s)", f"{maps_flip:.1f}"),
         (
             f"attn_rw pseudo-mask, {grid}x{grid} grid, t=4 (ms/image)",
             f"{1000 * attn_rw_seconds(model, args.native, args.batch, args.repeats):.1f}",

@@ -37,8 +37,11 @@ from support.flower_processes import (
     stop_processes,
 )
 
-# Small hospitals and one local epoch: the soak measures memory over rounds, not training.
+# Small hospitals and one local epoch: the soak measures memory over rounds, not training. The
+# MCT rounds only: a pretraining phase numbers its own rounds from 1, and its rows would not be
+# the rounds asked for (the run was refused after its 20 pretraining rounds and the rest).
 DEFAULT_OVERRIDES = [
+    "pretrain=none",
     "train.local_epochs=1",
     "data.hospitals.hospital_a.num_images=40",
     "data.hospitals.hospital_b.num_images=40",

@@ -356,11 +356,15 @@ def train_segmenter(
         for first in range(0, steps_per_epoch * batch_size, batch_size):
             index = order[first : first + batch_size]
             batch, labels = _augment(inputs[index], targets[index], generator)
+            if not (labels != IGNORE_INDEX).any():
+                # A confidence-filtered self-training mask can be all "ignore": no step, as
+                # AdamW's momentum and weight decay would move the weights on no evidence.
+                step += 1
+                progress.update()
+                continue
             logits = model(_to_model(batch, device))["out"]
             batch_labels = labels.long().to(device)
-            # The mean over the labelled pixels; a batch without any (a confidence-filtered
-            # self-training mask can be all "ignore") adds nothing instead of 0/0.
-            labelled = (batch_labels != IGNORE_INDEX).sum().clamp(min=1)
+            labelled = (batch_labels != IGNORE_INDEX).sum()
             loss = (
                 F.cross_entropy(logits, batch_labels, ignore_index=IGNORE_INDEX, reduction="sum")
                 / labelled

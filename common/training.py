@@ -83,6 +83,7 @@ class TrainResult:
     num_examples: int
     seconds: float
     epochs: int
+    images: int  # images stepped on over the epochs: a last partial batch is left out
 
 
 # What one optimizer step minimises: (model, images, targets) -> scalar loss.
@@ -215,6 +216,7 @@ def train_local(
         num_examples=n,
         seconds=time.perf_counter() - started,
         epochs=int(cfg["local_epochs"]),
+        images=len(losses) * batch_size,
     )
 
 
