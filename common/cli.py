@@ -13,6 +13,8 @@ skipped). A job stopped by Ctrl-C, SIGTERM or SIGHUP runs its clean-up and exits
 from __future__ import annotations
 
 import contextlib
+import difflib
+import re
 import signal
 import sys
 import threading
@@ -35,6 +37,17 @@ QUOTING_HINT = (
     "a value with spaces, brackets, # or letters beyond ASCII goes in quotes: "
     "\"input='/data/Scans (2024)'\""
 )
+# The mappings whose keys are the user's own (hospital names, options to tune): the only places
+# a ``+key=value`` override adds a key that something reads.
+OPEN_MAPPINGS = (
+    "data.hospitals",
+    "train.per_hospital",
+    "model.per_hospital",
+    "personalize.train",
+    "pseudo.tune",
+)
+# Hydra's answer to a key the config lacks, which suggests adding it with "+".
+UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'.*To append to your config use", re.DOTALL)
 INPUT_ERROR = 2
 UNEXPECTED_ERROR = 70  # sysexits.h's EX_SOFTWARE
 INTERRUPTED = 130  # the shell's status for a job ended by Ctrl-C
@@ -191,13 +204,70 @@ def compose_checked(
     """
     try:
         cfg = compose_config(overrides, config_name=config_name, conf_dir=conf_dir)
+        check_added_keys(cfg, overrides)
         if check is not None:
             check(cfg)  # reading a missing mandatory key raises OmegaConf's error
     except OverrideParseException as error:
         raise JobError(f"{one_line(error)} ({QUOTING_HINT})") from None
     except (HydraException, OmegaConfBaseException) as error:
-        raise JobError(one_line(error)) from None
+        unknown = UNKNOWN_KEY.search(str(error))
+        if unknown is None:
+            raise JobError(one_line(error)) from None
+        # Hydra suggests "+key=..." here, which would add a key that nothing reads.
+        key = unknown.group(1)
+        given = [o for o in overrides if override_key(o) == key]
+        others = [o for o in overrides if override_key(o) != key]
+        try:
+            base = compose_config(others, config_name=config_name, conf_dir=conf_dir)
+        except (HydraException, OmegaConfBaseException):
+            base = None
+        named = given[-1] if given else key
+        raise JobError(f"{named}: no such setting{_did_you_mean(base, key)}") from None
     return cfg
+
+
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a ``+key=value`` that adds a key outside :data:`OPEN_MAPPINGS`: nothing reads it.
+
+    Hydra itself suggests the ``+`` for a mistyped key (``+federation.round=5``), and the job
+    would then run with its default, the typo kept in ``config.yaml`` without a word.
+    """
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override_key(override)
+        if any(key == open_ or key.startswith(f"{open_}.") for open_ in OPEN_MAPPINGS):
+            continue
+        raise JobError(
+            f"+{key}: adds a setting that nothing reads{_did_you_mean(cfg, key)}; new keys "
+            f"go only under {', '.join(OPEN_MAPPINGS)} (docs/configuration.md)"
+        )
+
+
+def override_key(override: str) -> str:
+    """``+data.root=/x`` -> ``data.root``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _did_you_mean(cfg: DictConfig | None, key: str) -> str:
+    """``" (did you mean federation.rounds?)"`` for a key that ``cfg`` lacks, or ``""``.
+
+    The first part of the dotted key that ``cfg`` lacks (or the last, which a ``+`` added) is
+    replaced by the nearest of the keys beside it (``fedration.rounds`` -> ``federation.rounds``).
+    """
+    parts, node = key.split("."), cfg
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return ""
+        last = depth == len(parts) - 1
+        if part in node and not last:
+            node = node[part]
+            continue
+        close = difflib.get_close_matches(part, [str(k) for k in node if k != part], n=1)
+        if not close:
+            return ""
+        return f" (did you mean {'.'.join([*parts[:depth], close[0], *parts[depth + 1 :]])}?)"
+    return ""
 
 
 def one_line(error: BaseException) -> str:

@@ -66,6 +66,10 @@ def eight_bit(image: Image.Image) -> Image.Image:
     )
 
 
+# Pillow's raw modes of 16-bit samples.
+WIDE_SAMPLES = (";16B", ";16L", ";16N")
+
+
 def load_checked(image: Image.Image) -> Image.Image:
     """Decode ``image`` (opened, not loaded), refusing a colour file Pillow would read too dark.
 
@@ -79,9 +83,13 @@ def load_checked(image: Image.Image) -> Image.Image:
         tile.args if isinstance(tile.args, str) else str(tile.args[0] if tile.args else "")
         for tile in image.tile
     ]
-    wide = image.mode in ("RGB", "RGBA") and any(";16" in raw for raw in raw_modes)
+    # 16 bits per sample, big- or little-endian or native (a 5-6-5 BMP is "BGR;16": 8 bits).
+    wide = image.mode in ("RGB", "RGBA") and any(raw.endswith(WIDE_SAMPLES) for raw in raw_modes)
     image.load()
-    if wide and (brightest := int(np.asarray(image).max(initial=0))) < 2 ** (14 - 8):
+    if not wide:
+        return image
+    brightest = int(np.asarray(image)[..., :3].max(initial=0))  # an opaque alpha is 255
+    if 0 < brightest < 2 ** (14 - 8):
         raise ValueError(
             f"16 bits per colour channel, all values below {256 * (brightest + 1)} (a camera "
             "of 14 bits or fewer): Pillow keeps the top 8 bits of each, so it would read at "

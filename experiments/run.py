@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import load_model, save_model
-from common.cli import Command, compose_checked
+from common.cli import Command, compose_checked, override_key
 from common.config import compose_config, number_setting
 from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
@@ -52,11 +52,6 @@ SHARED_WITH_POSTPROCESS = ("data", "device")
 RESULTS = "results.json"
 # The data config's mapping of hospital name to its reader settings.
 HOSPITALS = "data.hospitals"
-
-
-def override_key(override: str) -> str:
-    """``+data.root=/x`` -> ``data.root``."""
-    return override.lstrip("+~").split("=", 1)[0]
 
 
 def run_folder(fold: int | None, seed: int) -> Path:

@@ -482,7 +482,9 @@ def segmenter_stage(
     save_label_maps(
         out, "predictions", {n: splits[n] for n in EVALUATED}, labels, bool(cfg.overlays)
     )
-    choice = {"epochs": len(losses), "train loss": round(losses[-1], 3) if losses else None}
+    # No loss (None) when the last epoch had no labelled pixel to learn from.
+    last = losses[-1] if losses and math.isfinite(losses[-1]) else None
+    choice = {"epochs": len(losses), "train loss": None if last is None else round(last, 3)}
     if rounds:
         choice["self-training rounds"] = completed
     stage = Stage(

@@ -6,7 +6,7 @@
 - ``client_clip``: each hospital clips its update with Flower's ``fixedclipping_mod``
   (client_app/privacy.py applies it); the server rejects a reply whose update is over the
   clipping norm, re-clips the rest (idempotent, it only absorbs rounding) and adds the noise;
-- ``server_clip``: the server clips each update, averages and adds the noise.
+- ``server_clip``: the server clips each update, sums over the hospitals asked and adds noise.
 
 Calibration (docs/privacy.md): the updates of the round's screened replies, each clipped to
 ``C = clipping_norm``, are summed with equal weights (not by num-examples, which would let a
@@ -264,7 +264,7 @@ class GuardedClientSideClipping(_PrivateAggregation, DifferentialPrivacyClientSi
 
 
 class GuardedServerSideClipping(_PrivateAggregation, DifferentialPrivacyServerSideFixedClipping):
-    """The server clips each screened update, averages them uniformly and adds the noise."""
+    """The server clips each screened update, sums them over the hospitals asked, adds noise."""
 
 
 WRAPPERS: dict[str, type[_PrivateAggregation]] = {

@@ -630,10 +630,16 @@ def _drop_repeated_files(source: Source, listing: Listing, image_root: Path) -> 
 
 
 def _file_identity(path: Path) -> tuple[int, int] | str:
-    """The file behind ``path``: its (device, inode), or its real path where stat fails."""
+    """The file behind ``path``: its (device, inode) when it has hard links, else its real path.
+
+    The inode tells only a file with several names apart (``st_nlink`` > 1); some network
+    shares and FUSE mounts report inode 0 for every file, which would make all one file.
+    """
     try:
         status = path.stat()
     except OSError:  # reported when the image is decoded
+        return os.path.realpath(path)
+    if status.st_ino == 0 or status.st_nlink < 2:
         return os.path.realpath(path)
     return status.st_dev, status.st_ino
 

@@ -101,8 +101,9 @@ def fold_indices(labels: np.ndarray, seed: int, folds: int, fold: int) -> dict[s
 
     A class's images fall in neighbouring folds, so one of two images would be tested and the
     other validated, leaving the fold to train without a class it is scored on (Dataset 2's
-    basophils in fold 0): such a class keeps its validation images for training. A class of
-    one image cannot be helped; its two folds train without it.
+    basophils in fold 0): such a class keeps its validation images for training, unless that
+    would leave no validation image at all (a hospital of a few images), which evaluation
+    cannot do without. A class of one image cannot be helped; its two folds train without it.
     """
     if folds < 3:
         raise ValueError(f"cross-validation needs at least 3 folds (train, val, test), got {folds}")
@@ -119,8 +120,13 @@ def fold_indices(labels: np.ndarray, seed: int, folds: int, fold: int) -> dict[s
     split = np.where(assigned == fold, 2, np.where(assigned == (fold + 1) % folds, 1, 0))
     for cls in np.unique(labels):
         members = labels == cls
-        if members.sum() > 1 and not (split[members] == 0).any():
-            split[members & (split == 1)] = 0
+        moved = members & (split == 1)
+        if (
+            members.sum() > 1
+            and not (split[members] == 0).any()
+            and (split == 1).sum() > moved.sum()
+        ):
+            split[moved] = 0
     return {name: np.flatnonzero(split == code) for code, name in enumerate(SPLITS)}
 
 

@@ -221,20 +221,20 @@ class StainGrowMasker(PseudoMasker):
         merged = dilated(stained, reach)
         if not merged.any():
             return stained
-        no_maps = float(record.maps.max()) <= 0
-        if self.pick == "maps" and no_maps:
-            # Maps that point nowhere choose no blob: the first in scan order would be a
-            # hidden top-left prior in the one setting that claims to use none.
+        if self.pick == "centre":
+            return stained & torch.as_tensor(blob_nearest_centre(merged.numpy()))
+        labels = connected_components(merged)
+        cell_map = record.maps.amax(0).flatten()
+        mass = torch.zeros(int(labels.max()) + 1).index_add_(0, labels.flatten(), cell_map)
+        if float(mass[1:].max()) <= 0:
+            # The maps point at no blob (all zero, say). Without the centre to fall back on
+            # they choose none: the first blob in scan order would be a hidden top-left prior
+            # in the one setting that claims to use none.
+            if self.pick == "maps_else_centre":
+                return stained & torch.as_tensor(blob_nearest_centre(merged.numpy()))
             return torch.zeros_like(stained)
-        if self.pick == "centre" or (self.pick == "maps_else_centre" and no_maps):
-            chosen = torch.as_tensor(blob_nearest_centre(merged.numpy()))
-        else:
-            labels = connected_components(merged)
-            cell_map = record.maps.amax(0).flatten()
-            mass = torch.zeros(int(labels.max()) + 1).index_add_(0, labels.flatten(), cell_map)
-            mass[0] = -1.0
-            chosen = labels == int(mass.argmax())
-        return stained & chosen
+        mass[0] = -1.0
+        return stained & (labels == int(mass.argmax()))
 
     def propagate(
         self, records: Sequence[MapRecord], scores: Sequence[torch.Tensor]

@@ -102,5 +102,8 @@ def test_a_bad_variant_is_named_before_any_variant_runs(tmp_path, monkeypatch, c
     )
     assert status == 2 and ran == []
     error = capsys.readouterr().err.strip()
-    assert error.startswith("w3s-ablate: variant 'typo': Could not override 'pseudo.cell_fractoin'")
+    assert error.startswith(
+        "w3s-ablate: variant 'typo': pseudo.cell_fractoin=0.3: no such setting (did you mean "
+        "pseudo.cell_fraction?)"
+    )
     assert len(error.splitlines()) == 1

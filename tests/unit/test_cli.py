@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common.cli import INPUT_ERROR, INTERRUPTED, UNEXPECTED_ERROR, Command
+from common.cli import INPUT_ERROR, INTERRUPTED, UNEXPECTED_ERROR, Command, compose_checked
 from tests.unit.conftest import CHECKPOINT_FAULTS, SEGMENTER_FAULTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,6 +251,42 @@ def test_a_stop_signal_runs_the_jobs_clean_up_and_exits_130(stop, capsys):
         signal.signal(stop, original)
     assert stopped.value.code == INTERRUPTED and cleaned == [True]
     assert capsys.readouterr().err.strip() == f"w3s-test: stopped ({stop.name})"
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        (
+            "federation.round=5",
+            "federation.round=5: no such setting (did you mean federation.rounds?)",
+        ),
+        (
+            "fedration.rounds=5",
+            "fedration.rounds=5: no such setting (did you mean federation.rounds?)",
+        ),
+        ("+federation.round=5", "+federation.round: adds a setting that nothing reads (did you "),
+        (
+            "+zzz=1",
+            "+zzz: adds a setting that nothing reads; new keys go only under data.hospitals",
+        ),
+    ],
+)
+def test_a_mistyped_key_is_named_with_the_nearest_and_never_added(override, said, capsys):
+    # Hydra's own answer to the first suggests "+federation.round=5", which ran the default.
+    status, out, err = call("w3s-simulate", [override], capsys)
+    assert status == INPUT_ERROR and out == ""
+    assert err.startswith(f"w3s-simulate: {said}") and len(err.strip().splitlines()) == 1
+
+
+def test_keys_added_where_the_user_names_them_are_taken():
+    cfg = compose_checked(
+        [
+            "+train.per_hospital.hospital_a.local_epochs=1",
+            "+data.hospitals.extra={format:synthetic}",
+        ],
+        "config",
+    )
+    assert cfg.train.per_hospital.hospital_a.local_epochs == 1 and "extra" in cfg.data.hospitals
 
 
 def test_ctrl_c_says_the_job_was_interrupted(capsys):

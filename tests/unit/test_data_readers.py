@@ -32,7 +32,8 @@ from common.data import (
 )
 from common.data.readers import MATEK19_CLASSES
 from common.errors import JobError
-from tests.image_files import write_rgb48_png
+from common.imaging import load_checked
+from tests.image_files import write_rgb48_png, write_rgb565_bmp
 
 REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
 FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
@@ -196,6 +197,28 @@ def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_refused_not_read_dark(t
     np.testing.assert_array_equal(data.images[0], eight)  # the top bytes of full 16 bits
 
 
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [("rgba12.png", True), ("black48.png", False), ("dark565.bmp", False)],
+)
+def test_the_16_bit_colour_check_reads_colours_of_16_bit_samples_only(name, refused, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / name
+    if name == "rgba12.png":  # a 12-bit camera's colours behind an opaque alpha of 65535
+        camera = rng.integers(0, 4096, (8, 8, 3))
+        write_rgb48_png(path, np.concatenate([camera, np.full((8, 8, 1), 65535)], axis=2))
+    elif name == "black48.png":  # nothing to read too dark
+        write_rgb48_png(path, np.zeros((8, 8, 3), np.uint16))
+    else:  # 16 bits a pixel, 5-6-5: Pillow's raw mode "BGR;16" is 8 bits a sample
+        write_rgb565_bmp(path, rng.integers(0, 4, (8, 8), dtype=np.uint16))
+    with Image.open(path) as image:
+        if refused:
+            with pytest.raises(ValueError, match="16 bits per colour channel"):
+                load_checked(image)
+        else:
+            assert load_checked(image).size == (8, 8)
+
+
 def test_images_are_read_turned_as_their_exif_orientation_shows_them(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 8  # shown turned a quarter anticlockwise
@@ -337,6 +360,21 @@ def test_a_hard_link_is_the_same_file_under_another_name(tmp_path):
     [problem] = verify_data(data_cfg({"site": spec}))
     assert problem.kind == "repeated_image" and problem.path.endswith("neutrophil/n.png")
     assert str(images / "lymphocyte" / "scan.png") in problem.detail
+
+
+def test_a_share_that_reports_inode_0_for_every_file_keeps_its_images(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    for i in range(3):
+        write_image(images / "neutrophil" / f"n{i}.png", 20, 20, seed=i)
+    stat = Path.stat
+
+    def inode_zero(path, *args, **kwargs):
+        status = stat(path, *args, **kwargs)
+        return os.stat_result((status.st_mode, 0, *tuple(status)[2:]))
+
+    monkeypatch.setattr(Path, "stat", inode_zero)
+    spec = {"format": "class_folders", "root": str(images)}
+    assert verify_data(data_cfg({"site": spec})) == []
 
 
 def test_a_zxaoyou_image_linked_under_a_second_id_is_reported(tmp_path):
@@ -534,6 +572,9 @@ def test_every_fold_trains_on_each_class_of_two_images_or_more():
             assert set(split["val"]) <= set(folds[(f + 1) % 5]["test"])
         # The image of one cannot be helped: two folds test or validate it.
         assert sum(4 not in set(labels[split["train"]]) for split in folds) == 2
+    # A hospital of pairs: moving every pair's validation image would leave none to validate.
+    for fold in range(5):
+        assert len(fold_indices(np.repeat(np.arange(3), 2), seed=0, folds=5, fold=fold)["val"])
 
 
 @pytest.mark.parametrize(

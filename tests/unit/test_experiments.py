@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from common.arrays import cast_floating, pack, record_bytes, to_array_record
 from common.augment import train_cache_size
+from common.cli import override_key
 from common.config import compose_config
 from common.data import split_tensors
 from common.errors import JobError
@@ -35,7 +36,7 @@ from experiments.report import (
     verdicts,
     write_report,
 )
-from experiments.run import SeedRun, cell_scores, finished_results, override_key, row_folder
+from experiments.run import SeedRun, cell_scores, finished_results, row_folder
 from server_app.strategy import GuardedFedAvg
 from tests.replies import prepare
 
@@ -719,7 +720,10 @@ def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before
 @pytest.mark.parametrize(
     ("bad", "said"),
     [
-        (["postprocess=['segmenter.epochz=3']"], "Could not override 'segmenter.epochz'"),
+        (
+            ["postprocess=['segmenter.epochz=3']"],
+            "segmenter.epochz=3: no such setting (did you mean",
+        ),
         (["postprocess=['pseudo=nope']"], "Could not find 'pseudo/nope'"),
         (["postprocess=['segmenter.members=two']"], "segmenter.members=two: expected a whole"),
         (["postprocess=abc"], "postprocess=abc: expected a list of overrides"),

@@ -309,12 +309,17 @@ def test_stain_grow_falls_back_to_the_centre_only_where_the_maps_are_empty():
     assert _iou(masker.nucleus(empty).numpy(), central) > 0.7
     (scores,) = masker.propagate([empty], [empty.maps])  # the weak label says which class grows
     assert scores[0][32, 32] == 1 and scores[1:].abs().max() == 0
-    # Without the centre to fall back on, maps that point nowhere choose no blob.
+    # Without the centre to fall back on, maps that point at no blob choose none.
+    in_a_corner = torch.zeros(3, 64, 64)
+    in_a_corner[0, :4, :4] = 1.0  # background only
+    beside = MapRecord(image, 0, in_a_corner, torch.zeros(1), (1, 1))
+    assert _iou(masker.nucleus(beside).numpy(), central) > 0.7
     for grow in ("radius", "region"):
         maps_only = StainGrowMasker(background_seeds="border", pick="maps", grow=grow)
-        assert not maps_only.nucleus(empty).any()
-        (scores,) = maps_only.propagate([empty], [empty.maps])
-        assert scores.abs().max() == 0
+        for record in (empty, beside):
+            assert not maps_only.nucleus(record).any()
+            (scores,) = maps_only.propagate([record], [record.maps])
+            assert scores.abs().max() == 0
 
 
 def test_stain_grow_region_reaches_the_cytoplasm_but_not_a_bridged_red_cell():
