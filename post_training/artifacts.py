@@ -36,6 +36,16 @@ PALETTE = np.array(
     dtype=np.float64,
 )
 UNCERTAIN_COLOUR = np.array((128, 128, 128), dtype=np.float64)
+
+
+def class_colours(classes: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """Each class's colour in the overlays, in the order of ``classes`` (label k = class k - 1)."""
+    return {
+        name: tuple(int(c) for c in PALETTE[index % len(PALETTE)])
+        for index, name in enumerate(classes)
+    }
+
+
 # zlib level of the PNGs written per image: hundreds per hospital, and level 1 writes them
 # several times faster than the default 6 at a few percent more bytes.
 PNG_LEVEL = 1
@@ -179,6 +189,23 @@ def save_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
     save_png(path, picture)
 
 
+# The legend under a figure: a coloured square and the class name per entry, lines of this height.
+LEGEND_SWATCH, LEGEND_LINE = 10, 16
+
+
+def _legend_places(names: Sequence[str], width: int) -> list[tuple[int, int]]:
+    """(x, line) of each legend entry, wrapped to lines ``width`` px wide."""
+    font = ImageFont.load_default()
+    places, x, line = [], 3, 0
+    for name in names:
+        entry = LEGEND_SWATCH + 4 + int(font.getlength(name)) + 12
+        if x + entry > width and x > 3:
+            x, line = 3, line + 1
+        places.append((x, line))
+        x += entry
+    return places
+
+
 def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend a [0, 1] map over an image in a blue-to-red ramp, for looking at raw maps."""
     v = np.clip(np.asarray(values, dtype=np.float64), 0, 1)[..., None]
@@ -188,21 +215,38 @@ def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.nda
 
 
 def save_grid(
-    path: Path, rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], tile: int = 128
+    path: Path,
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    tile: int = 128,
+    legend: dict[str, tuple[int, int, int]] | None = None,
 ) -> None:
-    """Write a grid of RGB tiles (each resized to ``tile`` px) under a row of column titles."""
+    """Write a grid of RGB tiles (each resized to ``tile`` px) under a row of column titles.
+
+    ``legend`` (name -> colour, :func:`class_colours`) adds a line of coloured squares and
+    names under the grid, so that the overlays can be read without the code.
+    """
     if not rows or not rows[0]:
         raise ValueError("a grid needs at least one tile")
     gap, header = 2, 16
     columns = max(len(row) for row in rows)
-    height = header + len(rows) * (tile + gap) - gap
-    canvas = Image.new("RGB", (columns * (tile + gap) - gap, height), (255, 255, 255))
+    width = columns * (tile + gap) - gap
+    legend = legend or {}
+    places = _legend_places(list(legend), width)
+    footer = 4 + (places[-1][1] + 1) * LEGEND_LINE if places else 0
+    height = header + len(rows) * (tile + gap) - gap + footer
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
     for c, title in enumerate(titles):
-        draw.text((c * (tile + gap) + 3, 2), title, fill=(0, 0, 0), font=ImageFont.load_default())
+        draw.text((c * (tile + gap) + 3, 2), title, fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
         for c, picture in enumerate(row):
             resized = Image.fromarray(picture).resize((tile, tile), Image.Resampling.NEAREST)
             canvas.paste(resized, (c * (tile + gap), header + r * (tile + gap)))
+    for (name, colour), (x, line) in zip(legend.items(), places, strict=True):
+        y = height - footer + 4 + line * LEGEND_LINE
+        draw.rectangle((x, y, x + LEGEND_SWATCH, y + LEGEND_SWATCH), fill=colour)
+        draw.text((x + LEGEND_SWATCH + 4, y), name, fill=(0, 0, 0), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -29,6 +29,7 @@ name, so this command's config lives in Hydra's config store instead of ``conf/`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -45,11 +46,12 @@ from PIL import Image
 
 from common.cli import Command
 from common.errors import JobError
+from common.files import write_text_atomically
 from common.imaging import load_checked
 from common.progress import Progress
 from common.segmenter import Decoding, load_segmenter, predict
 from common.training import check_device, resolve_device
-from post_training.artifacts import rgb_array, save_label_png, save_overlay
+from post_training.artifacts import class_colours, rgb_array, save_label_png, save_overlay
 
 # Named, not __name__: run as ``python -m post_training.predict`` the module is __main__, whose
 # logger has no handler, and the names of skipped files must reach the log.
@@ -58,6 +60,8 @@ USAGE = "w3s-predict segmenter=<out>/segmenter.pt input=<folder> output=<folder>
 # Decoded pixels held at once by a batch of small images (a larger image is a batch alone).
 BATCH_PIXELS = 1 << 24
 OVERLAYS = "overlays"
+# What each value of the masks means and its colour in the overlays, beside the masks.
+LEGEND = "classes.json"
 
 ConfigStore.instance().store(
     name="w3s_predict",
@@ -118,6 +122,31 @@ def check_no_overwrite(out: Path, files: Sequence[Path]) -> None:
             f"output={out} already holds {len(existing)} of the {len(files)} files this run "
             f"would write (first: {existing[0].relative_to(out)}); choose another folder or "
             "pass overwrite=true to replace them"
+        )
+
+
+def legend_text(classes: Sequence[str]) -> str:
+    """``classes.json``: each mask value's class, and each class's colour in the overlays."""
+    legend = {
+        "mask values": {"0": "background", **{str(k + 1): c for k, c in enumerate(classes)}},
+        "overlay colours": {name: list(rgb) for name, rgb in class_colours(classes).items()},
+    }
+    return json.dumps(legend, indent=2) + "\n"
+
+
+def check_legend(out: Path, text: str) -> None:
+    """Refuse to add masks of other classes beside earlier ones (``overwrite=true`` allows it)."""
+    path = out / LEGEND
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        same = path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same:
+        raise JobError(
+            f"output={out} holds masks of another class list ({LEGEND} differs); choose another "
+            "folder or pass overwrite=true to replace it"
         )
 
 
@@ -282,9 +311,12 @@ def run_predict(cfg: DictConfig) -> int:
     paths = list_inputs(source)
     names = output_names(paths)
     writer = _Writer(cfg, model, out, len(paths))
+    legend = legend_text(writer.classes)
     if not cfg.overwrite:
         check_no_overwrite(out, planned_files(out, names, bool(cfg.overlays)))
+        check_legend(out, legend)
     prepare_output(out, bool(cfg.overlays))
+    write_text_atomically(out / LEGEND, legend)
     log.info(
         "segmenting %d files with %s (classes %s) into %s",
         len(paths),

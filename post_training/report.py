@@ -14,7 +14,7 @@ import numpy as np
 
 from common.data.splits import SPLITS
 from common.metrics import SegmentationScores
-from post_training.artifacts import heatmap, overlay, save_grid
+from post_training.artifacts import class_colours, heatmap, overlay, save_grid
 from post_training.stages import Split, Stage
 
 FIGURE_ROWS = 4
@@ -44,7 +44,7 @@ def save_figure(
             overlay(image, predicted[i]),
         ]
         rows.append(row)
-    save_grid(path, rows, titles)
+    save_grid(path, rows, titles, legend=class_colours(split.data.classes))
 
 
 def _percent(scores: SegmentationScores | None, key: str) -> str:

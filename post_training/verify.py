@@ -30,7 +30,7 @@ def summarize(result: ReadResult) -> list[str]:
         Lines with the image count, masks yes/no and the class counts.
     """
     counts = Counter(result.labels)
-    masks = "yes" if result.has_masks else "no"
+    masks = "none read" if not result.labels else "yes" if result.has_masks else "no"
     status = "ok" if not result.problems else f"{len(result.problems)} problem(s)"
     lines = [f"{result.hospital}: {len(result.labels)} usable images, masks: {masks}, {status}"]
     if counts:

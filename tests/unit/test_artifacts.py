@@ -13,10 +13,12 @@ from post_training import artifacts
 from post_training.artifacts import (
     PALETTE,
     UNCERTAIN_COLOUR,
+    class_colours,
     overlay,
     read_label_png,
     rgb_array,
     sample_stems,
+    save_grid,
     save_label_png,
     save_overlay,
 )
@@ -137,3 +139,19 @@ def test_names_that_are_not_utf8_get_stems_of_their_own():
     ids = [os.fsdecode(b"n/Zelle_\xe41.png"), os.fsdecode(b"n/Zelle_\xf61.png")]
     stems = sample_stems(ids)
     assert len(set(stems)) == 2 and all(stem.startswith("n__Zelle__1-") for stem in stems)
+
+
+def test_a_figure_names_the_class_of_each_overlay_colour(tmp_path):
+    classes = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+    colours = class_colours(classes)
+    image = np.full((32, 32, 3), 200, np.uint8)
+    labels = np.zeros((32, 32), np.uint8)
+    labels[8:24, 8:24] = 2  # label k is class k - 1: lymphocyte
+    painted = overlay(image, labels)
+    save_grid(tmp_path / "plain.png", [[image, painted]], ["image", "overlay"], tile=64)
+    save_grid(tmp_path / "key.png", [[image, painted]], ["image", "overlay"], 64, colours)
+    plain, key = (np.asarray(Image.open(tmp_path / n)) for n in ("plain.png", "key.png"))
+    assert key.shape[1] == plain.shape[1] and key.shape[0] > plain.shape[0]
+    footer = key[plain.shape[0] :].reshape(-1, 3)
+    found = {tuple(int(c) for c in pixel) for pixel in footer}
+    assert all(colour in found for colour in colours.values())  # a square of each, lines wrapped

@@ -147,7 +147,7 @@ def test_a_rerun_with_overwrite_leaves_no_earlier_file_that_passes_for_its_own(r
     assert status == 1, err
     # b's mask and overlay were made from the image it no longer is; a's and c's overlays
     # show the earlier masks, not the ones written now.
-    assert sorted(snapshot(out)) == ["a.png.png", "c.png.png"]
+    assert sorted(snapshot(out)) == ["a.png.png", "c.png.png", "classes.json"]
     assert "removed " + str(out / "b.png.png") in "\n".join(err)
 
 
@@ -167,7 +167,7 @@ def test_a_rerun_whose_write_fails_leaves_no_earlier_file_of_that_image(
 
     monkeypatch.setattr(predict_module, failing, disk_full_for_b)
     assert run(source, out, "overwrite=true")[0] == 1
-    assert sorted(snapshot(out)) == ["a.png.png", "overlays/a.png.png"]
+    assert sorted(snapshot(out)) == ["a.png.png", "classes.json", "overlays/a.png.png"]
 
 
 def test_an_existing_overlay_alone_blocks_the_run(run, tmp_path):
@@ -226,6 +226,24 @@ def test_skipped_files_are_named_and_the_status_is_1(run, tmp_path):
     assert "3 file(s) skipped: broken.png, empty.bmp, huge.png" in log
     written = sorted(p.name for p in (tmp_path / "masks").glob("*.png"))
     assert written == ["good.png.png", "wide.png.png"]
+
+
+def test_the_masks_come_with_their_classes_and_colours(run, tmp_path, capsys):
+    write_images(tmp_path / "first", ["a.png"])
+    assert run(tmp_path / "first", tmp_path / "masks")[0] == 0
+    legend = json.loads((tmp_path / "masks" / "classes.json").read_text())
+    assert legend["mask values"] == {"0": "background", "1": "a", "2": "b"}
+    assert set(legend["overlay colours"]) == {"a", "b"}
+    write_images(tmp_path / "second", ["b.png"])  # more masks of the same classes may join
+    assert run(tmp_path / "second", tmp_path / "masks")[0] == 0
+    other = create_segmenter(TINY, 4)
+    others = save_atomic(segmenter_payload(other, TINY, ["x", "y", "z"]), tmp_path / "other.pt")
+    write_images(tmp_path / "third", ["c.png"])
+    capsys.readouterr()
+    arguments = [f"input={tmp_path / 'third'}", f"output={tmp_path / 'masks'}"]
+    assert main([f"segmenter={others}", *arguments]) == INPUT_ERROR
+    assert "another class list (classes.json differs)" in capsys.readouterr().err
+    assert not (tmp_path / "masks" / "c.png.png").exists()
 
 
 def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_skipped_not_read_dark(run, tmp_path):

@@ -164,9 +164,11 @@ def test_main_on_default_synthetic_returns_0(capsys):
     assert "hospital_c: 160 usable images" in capsys.readouterr().out
 
 
-def test_main_without_argv_reads_sys_argv(monkeypatch, tmp_path):
+def test_main_without_argv_reads_sys_argv(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("sys.argv", ["w3s-verify", "data=wbc_zxaoyou", f"data.root={tmp_path}"])
     assert main() == 1
+    # A folder that is not there has no masks to speak of, not "masks: yes".
+    assert "dataset1: 0 usable images, masks: none read, 1 problem(s)" in capsys.readouterr().out
 
 
 def test_main_bad_override_returns_2(capsys):
