@@ -221,20 +221,19 @@ class StainGrowMasker(PseudoMasker):
         merged = dilated(stained, reach)
         if not merged.any():
             return stained
-        if self.pick == "centre":
-            return stained & torch.as_tensor(blob_nearest_centre(merged.numpy()))
-        labels = connected_components(merged)
-        cell_map = record.maps.amax(0).flatten()
-        mass = torch.zeros(int(labels.max()) + 1).index_add_(0, labels.flatten(), cell_map)
-        if float(mass[1:].max()) <= 0:
+        if self.pick != "centre":
+            labels = connected_components(merged)
+            cell_map = record.maps.amax(0).flatten()
+            mass = torch.zeros(int(labels.max()) + 1).index_add_(0, labels.flatten(), cell_map)
+            if float(mass[1:].max()) > 0:
+                mass[0] = -1.0
+                return stained & (labels == int(mass.argmax()))
             # The maps point at no blob (all zero, say). Without the centre to fall back on
             # they choose none: the first blob in scan order would be a hidden top-left prior
             # in the one setting that claims to use none.
-            if self.pick == "maps_else_centre":
-                return stained & torch.as_tensor(blob_nearest_centre(merged.numpy()))
-            return torch.zeros_like(stained)
-        mass[0] = -1.0
-        return stained & (labels == int(mass.argmax()))
+            if self.pick == "maps":
+                return torch.zeros_like(stained)
+        return stained & torch.as_tensor(blob_nearest_centre(merged.numpy()))
 
     def propagate(
         self, records: Sequence[MapRecord], scores: Sequence[torch.Tensor]
