@@ -40,6 +40,14 @@ def test_negatives_are_appended_with_no_class():
 
 
 def test_mosaics_carry_the_union_of_their_tiles_labels():
-    images, targets = _builder(_data(n=3), mosaic_p=1.0).batch(torch.tensor([0, 1]))
-    assert images.shape == (2, 3, 16, 16)
-    assert ((targets == 0) | (targets == 1)).all() and (targets.sum(dim=1) >= 1).all()
+    n = 6
+    images = (torch.arange(n, dtype=torch.uint8) * 40).view(n, 1, 1, 1).expand(n, 3, 16, 16)
+    data = SplitTensors(images.contiguous(), torch.arange(n) % 3, None)  # image i is 40 * i
+    mosaics, targets = _builder(data, mosaic_p=1.0).batch(torch.tensor([0, 1, 2, 3]))
+    assert mosaics.shape == (4, 3, 16, 16)
+    for mosaic, target in zip(mosaics, targets, strict=True):
+        tiles = [mosaic[:, r : r + 8, c : c + 8] for r in (0, 8) for c in (0, 8)]
+        assert all((tile == tile[0, 0, 0]).all() for tile in tiles)  # each quarter one image
+        sources = [int(tile[0, 0, 0]) // 40 for tile in tiles]
+        assert torch.equal(target, torch.eye(3)[torch.tensor(sources) % 3].amax(dim=0))
+    assert (targets.sum(dim=1) >= 2).any()  # some mosaic holds two classes

@@ -42,7 +42,7 @@ def test_privacy_mod_clips_only_in_client_clip_runs(overrides, expected):
 
 def test_client_clip_without_a_clipping_norm_is_an_error_not_an_unclipped_update():
     answer = privacy_mod(_train_message(None), _context("privacy=client_clip"), _train)
-    assert answer.has_error()
+    assert answer.has_error() and "'clipping_norm'" in answer.error.reason
 
 
 def test_a_clipped_half_precision_reply_stays_half_precision():

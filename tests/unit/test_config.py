@@ -14,11 +14,15 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "data", "train", "federation", "strategy"])
-def test_every_option_of_every_group_composes(group):
-    for option in _options(group):
-        cfg = compose_config([f"{group}={option}"])
-        assert cfg[group] is not None
+@pytest.mark.parametrize(
+    "group",
+    ["model", "data", "train", "pretrain", "federation", "strategy", "localization", "privacy"],
+)
+def test_every_option_of_every_group_composes_to_its_own_settings(group):
+    composed = [compose_config([f"{group}={option}"])[group] for option in _options(group)]
+    assert composed and all(
+        composed[i] != composed[j] for i in range(len(composed)) for j in range(i)
+    )
 
 
 def test_default_is_three_synthetic_hospitals_on_the_tiny_model():

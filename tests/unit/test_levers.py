@@ -244,11 +244,18 @@ def test_copy_paste_trains_on_pasted_batches_and_needs_the_head():
     cfg = compose_config(["train.levers.copy_paste=1.0"])
     model = create_mct_model(cfg.model, num_classes=5)
     images, targets = torch.randn(4, 3, 96, 96), torch.eye(5)[:4]
+    trained_on = []
+    model.register_forward_pre_hook(
+        lambda module, args: trained_on.append(args[0]) if module.training else None
+    )
     torch.manual_seed(0)
-    with_paste = mct_objective(cfg.train.levers)(model, images, targets)
-    torch.manual_seed(0)
-    without = mct_objective({**cfg.train.levers, "copy_paste": 0.0})(model, images, targets)
-    assert torch.isfinite(with_paste) and with_paste != without
+    loss = mct_objective(cfg.train.levers)(model, images, targets)
+    with torch.no_grad():
+        cell = oriented_foreground(torch.sigmoid(model.eval()(images).foreground.float()))
+    torch.manual_seed(0)  # the eval pass draws nothing: the paste's draws come first
+    pasted, _ = paste_cells(images, targets, cell, 1.0)
+    assert torch.isfinite(loss) and not torch.equal(pasted, images)
+    assert len(trained_on) == 1 and torch.equal(trained_on[0], pasted)
     headless = create_mct_model(compose_config(["model.foreground_head=false"]).model, 5)
     with pytest.raises(ValueError, match="model.foreground_head=true"):
         mct_objective(cfg.train.levers)(headless, images, targets)

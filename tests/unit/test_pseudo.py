@@ -185,6 +185,24 @@ def test_threshold_is_identity_and_attn_rw_keeps_constants():
     assert AttentionWalkMasker().propagate([], []) == []
 
 
+@pytest.mark.parametrize(
+    ("beta", "logt", "walked_class"),
+    [
+        # (P + P^T) / 2 = [[1, .5], [.5, 1]]; columns normalised: [[2/3, 1/3], [1/3, 2/3]]
+        (1.0, 0, [2 / 3, 1 / 3]),
+        (1.0, 1, [5 / 9, 4 / 9]),  # two steps: the same matrix squared
+        (2.0, 0, [0.8, 0.2]),  # squared affinities [[1, .25], [.25, 1]]
+    ],
+)
+def test_attn_rw_walks_on_the_symmetrised_patch_attention(beta, logt, walked_class):
+    attention = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # not symmetric: P alone walks elsewhere
+    maps = torch.tensor([[[1.0, 0.0]]])  # one class on the left patch of a 1 x 2 grid
+    rec = MapRecord(np.zeros((1, 2, 3), np.uint8), 0, maps, attention, (1, 2))
+    scores = [torch.cat([torch.full((1, 1, 2), 0.4), maps])]
+    (walked,) = AttentionWalkMasker(beta=beta, logt=logt).propagate([rec], scores)
+    torch.testing.assert_close(walked, torch.tensor([[[0.4, 0.4]], [walked_class]]))
+
+
 def test_symmetric_affinity_is_symmetric():
     p = torch.tensor([[[0.9, 0.1], [0.3, 0.7]]])
     torch.testing.assert_close(symmetric_affinity(p), torch.tensor([[[0.9, 0.2], [0.2, 0.7]]]))
@@ -228,8 +246,9 @@ def test_psa_fits_and_walks_on_tiny_images():
     transitions = masker.transitions(records)
     assert transitions.shape == (4, 16, 16)
     torch.testing.assert_close(transitions.sum(1), torch.ones(4, 16))
-    for w in walked:
-        assert w.shape == (4, 32, 32) and torch.isfinite(w).all()
+    for score, transition, w in zip(scores, transitions, walked, strict=True):
+        torch.testing.assert_close(w, walk_on_grid(score, transition, (4, 4), (32, 32)))
+        assert not torch.allclose(w, score, atol=1e-3)
 
 
 def test_psa_rejects_an_input_size_off_the_stride():
