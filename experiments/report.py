@@ -29,6 +29,7 @@ from scipy import stats
 from common.cli import Command
 from common.data import hospital_split
 from common.errors import JobError
+from common.files import staged_outputs, write_text_atomically
 from experiments.run import RESULTS
 from experiments.supervised import true_labels
 from post_training.artifacts import overlay, sample_stems, save_grid
@@ -162,6 +163,18 @@ class Dataset:
                     out[run_key(result)] = float(value)
         return out
 
+    def on_shared_runs(
+        self, rows: Sequence[str], column: str, metric: str
+    ) -> list[tuple[float, float, int]]:
+        """Each row's segmenter mean, SD and count on the (fold, seed) runs all of them have.
+
+        A label that stopped part-way, or ran other folds, would otherwise be compared with
+        another over different test splits, where an easy fold can outweigh the regime.
+        """
+        scored = [self.cells_by_run(row, column, metric) for row in rows]
+        keys = set.intersection(*(set(scores) for scores in scored))
+        return [mean_sd(scores[k] for k in keys) for scores in scored]
+
 
 def train_share(result: dict[str, Any]) -> float:
     """The share of each hospital's training split that a run trained on.
@@ -181,13 +194,19 @@ def load_dataset(runs_dir: Path) -> Dataset:
     data, commands, results, postprocess = None, [], [], {}
     for path in configs:
         text = path.read_text(encoding="utf-8")
-        commands.append(text.splitlines()[0].lstrip("# "))
+        commands += [line[2:] for line in text.splitlines() if line.startswith("# w3s-")]
         cfg = OmegaConf.create(text)
         postprocess[str(cfg.label)] = [str(o) for o in cfg.get("postprocess") or []]
         if data is None:
-            data = cfg.data
+            data, first = cfg.data, cfg.label
         elif cfg.data.name != data.name:
             raise JobError(f"{runs_dir} mixes data={data.name} and data={cfg.data.name}")
+        elif (split := split_design(cfg.data)) != split_design(data):
+            raise JobError(
+                f"{runs_dir}: labels {first} and {cfg.label} split the data differently "
+                f"(data.split {split_design(data)} and {split}): their folds test different "
+                "images; report them from separate runs dirs"
+            )
         for file in sorted(f for g in RUN_GLOBS for f in path.parent.glob(f"{g}/{RESULTS}")):
             result = json.loads(file.read_text(encoding="utf-8"))
             result["dir"] = str(file.parent)
@@ -202,8 +221,17 @@ def load_dataset(runs_dir: Path) -> Dataset:
     check_one_label_per_hospital_row(runs_dir, results)
     whole = [r for r in results if train_share(r) == 1.0]
     curve = [r for r in results if train_share(r) != 1.0]  # kept out of the matrix
-    pipelines = post_training_variants(runs_dir)
+    pipelines = post_training_variants(runs_dir, postprocess)
     return Dataset(runs_dir, data, hospitals, commands, whole, pipelines, postprocess, curve)
+
+
+def split_design(data: DictConfig) -> dict[str, Any]:
+    """A label's ``data.split`` without the fold and the training share.
+
+    Those differ between a label's runs and between a learning curve's labels by design.
+    """
+    split = OmegaConf.to_container(data.split, resolve=True)
+    return {key: value for key, value in split.items() if key not in ("fold", "train_share")}
 
 
 def shared_hospitals(runs_dir: Path, results: Sequence[dict[str, Any]]) -> list[str]:
@@ -254,15 +282,18 @@ def check_one_label_per_hospital_row(runs_dir: Path, results: Sequence[dict[str,
             )
 
 
-def post_training_variants(runs_dir: Path) -> int:
-    """How many different post-training configs the runs used (1 unless defaults changed).
+def post_training_variants(runs_dir: Path, postprocess: dict[str, list[str]]) -> int:
+    """How many post-training configs one chain was run with (1 unless defaults changed).
 
     The job runs with its defaults, which may be improved between two ``w3s-experiment`` calls;
-    rows scored with different pipelines are not comparable, and the report says so.
+    rows scored with different pipelines are not comparable, and the report says so. Labels
+    given other ``postprocess=[...]`` overrides (``postprocess``, by label) are another chain
+    on purpose: their configs are compared with their own chain's only.
     """
     variants = set()
     paths = (p for g in RUN_GLOBS for p in runs_dir.glob(f"*/{g}/eval/*/*/config.yaml"))
     for path in paths:
+        chain = sorted(postprocess.get(path.relative_to(runs_dir).parts[0], []))
         cfg = OmegaConf.to_container(OmegaConf.load(path))
         for key in ("checkpoint", "hospital", "output_dir", "seed"):
             cfg.pop(key, None)
@@ -270,8 +301,9 @@ def post_training_variants(runs_dir: Path) -> int:
         split = cfg.get("data", {}).get("split", {})
         for key in ("fold", "train_share"):
             split.pop(key, None)
-        variants.add(json.dumps(cfg, sort_keys=True))
-    return max(len(variants), 1)
+        variants.add((tuple(chain), json.dumps(cfg, sort_keys=True)))
+    chains = [chain for chain, _ in variants]
+    return max((chains.count(chain) for chain in chains), default=1)
 
 
 def matrix_table(ds: Dataset, stage: str, with_baselines: bool) -> str:
@@ -309,16 +341,16 @@ def trained_at(row: str) -> str:
 def summary(ds: Dataset, fed: str, local: Sequence[str]) -> str:
     """How often a federated row beat local-only, in-domain and across domains, per metric.
 
-    A win counts as clear when the means differ by more than the larger of the two SDs.
+    Each comparison is on the runs both rows have; a win counts as clear when the means differ
+    by more than the larger of the two SDs.
     """
     parts = []
     for metric in METRICS:
         tallies = {True: [0, 0, 0], False: [0, 0, 0]}  # in-domain?: [wins, clear wins, pairs]
         for column in ds.hospitals:
-            fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, SEGMENTER, metric))
             for row in local:
-                mean, sd, _ = mean_sd(ds.values(row, column, SEGMENTER, metric))
-                if math.isnan(fed_mean) or math.isnan(mean):
+                (fed_mean, fed_sd, n), (mean, sd, _) = ds.on_shared_runs([fed, row], column, metric)
+                if n == 0:
                     continue
                 tally = tallies[trained_at(row) == column]
                 tally[0] += fed_mean > mean
@@ -335,7 +367,10 @@ def summary(ds: Dataset, fed: str, local: Sequence[str]) -> str:
 
 
 def verdicts(ds: Dataset) -> list[str]:
-    """Plain sentences: did federated beat local-only per test split; the supervised gap."""
+    """Plain sentences: did federated beat local-only per test split; the supervised gap.
+
+    Every comparison is on the (fold, seed) runs both rows have (:meth:`Dataset.on_shared_runs`).
+    """
     rows = ds.rows()
     federated = [r for r in rows if ds.regime_of(r) in FEDERATED]
     local = {r: trained_at(r) for r in rows if ds.regime_of(r) == "local_only"}
@@ -343,22 +378,26 @@ def verdicts(ds: Dataset) -> list[str]:
     for column in ds.hospitals:
         for fed in federated:
             for metric in METRICS:
-                fed_mean, fed_sd, _ = mean_sd(ds.values(fed, column, SEGMENTER, metric))
-                if not local or math.isnan(fed_mean):
-                    continue
                 parts = []
                 for row, home in local.items():
-                    mean, sd, _ = mean_sd(ds.values(row, column, SEGMENTER, metric))
-                    if math.isnan(mean):
+                    (fed_mean, fed_sd, n), (mean, sd, _) = ds.on_shared_runs(
+                        [fed, row], column, metric
+                    )
+                    if n == 0:
                         continue
                     where = "here" if home == column else f"at {home}"
                     verdict = "beat" if fed_mean > mean else "did NOT beat"
-                    noise = " (within one SD)" if abs(fed_mean - mean) < max(fed_sd, sd) else ""
-                    parts.append(f"{verdict} local-only trained {where} ({100 * mean:.1f}){noise}")
-                lines.append(
-                    f"- **{column} test, {metric.replace('_', '-')} mIoU:** {fed} "
-                    f"({100 * fed_mean:.1f}) " + "; ".join(parts) + "."
-                )
+                    noise = ", within one SD" if abs(fed_mean - mean) < max(fed_sd, sd) else ""
+                    parts.append(
+                        f"{verdict} local-only trained {where} ({100 * fed_mean:.1f} vs "
+                        f"{100 * mean:.1f} on {n} shared runs{noise})"
+                    )
+                if parts:
+                    lines.append(
+                        f"- **{column} test, {metric.replace('_', '-')} mIoU:** {fed} "
+                        + "; ".join(parts)
+                        + "."
+                    )
     ceiling = {trained_at(r): r for r in rows if ds.regime_of(r) == "supervised"}
     for column in ds.hospitals:
         if column in ceiling:
@@ -396,13 +435,15 @@ def ceiling_line(ds: Dataset, row: str, column: str) -> str:
 
 
 def weak_to_ceiling(ds: Dataset, fed: str, ceiling: str, column: str) -> str:
-    """The weakly supervised segmenter's scores as a share of the ceiling's."""
+    """The weakly supervised segmenter's scores as a share of the ceiling's, on shared runs."""
     gaps = []
     for metric in METRICS:
-        top, weak = _mean(ds, ceiling, column, metric), _mean(ds, fed, column, metric)
+        (weak, _, n), (top, _, _) = ds.on_shared_runs([fed, ceiling], column, metric)
         gaps.append(
-            f"{metric.replace('_', '-')} {100 * weak:.1f} vs {100 * top:.1f} "
-            f"({weak / top:.0%} of the ceiling)"
+            "no shared runs"
+            if n == 0
+            else f"{metric.replace('_', '-')} {100 * weak:.1f} vs {100 * top:.1f} "
+            f"({weak / top:.0%} of the ceiling, {n} shared runs)"
         )
     return f"  - {fed} (weak labels): " + "; ".join(gaps) + "."
 
@@ -448,8 +489,26 @@ def paired_difference(differences: Sequence[float], confidence: float = CONFIDEN
     return Paired(n, mean, mean - float(half), mean + float(half), identical)
 
 
+def paired_units(
+    ours: dict[tuple[int, int], float], theirs: dict[tuple[int, int], float]
+) -> list[float]:
+    """The differences a paired interval takes: one per fold, or one per seed of one split.
+
+    The seeds of a fold share its test images and its training split, so they are not
+    independent pairs: counting each would narrow the interval by the number of seeds. With
+    several folds, a fold's seeds are averaged into one difference; on one split (the fixed
+    one) the seeds are the units, and the interval is about training draws on that test set.
+    """
+    by_fold: dict[int, list[float]] = {}
+    for key in sorted(ours.keys() & theirs.keys()):
+        by_fold.setdefault(key[0], []).append(ours[key] - theirs[key])
+    if len(by_fold) == 1:
+        return next(iter(by_fold.values()))
+    return [float(np.mean(differences)) for differences in by_fold.values()]
+
+
 def paired_table(ds: Dataset) -> str | None:
-    """Each shared regime minus local-only at each hospital's test split, paired by (fold, seed).
+    """Each shared regime minus local-only at each hospital's test split, paired by fold.
 
     The local-only model is the one trained at that hospital: the question a hospital asks is
     whether joining the federation (or pooling, or personalizing) beats training alone on its
@@ -470,10 +529,11 @@ def paired_table(ds: Dataset) -> str | None:
         for column in (h for h in ds.hospitals if h in local):
             for stage in (MAPS, SEGMENTER):
                 for metric in METRICS:
-                    ours = ds.cells_by_run(row, column, metric, stage)
-                    theirs = ds.cells_by_run(local[column], column, metric, stage)
                     paired = paired_difference(
-                        [ours[k] - theirs[k] for k in sorted(ours) if k in theirs]
+                        paired_units(
+                            ds.cells_by_run(row, column, metric, stage),
+                            ds.cells_by_run(local[column], column, metric, stage),
+                        )
                     )
                     if paired.n == 0:
                         continue
@@ -490,48 +550,52 @@ def paired_table(ds: Dataset) -> str | None:
 
 
 def rows_by_curve_key(ds: Dataset) -> dict[str, list[str]]:
-    """Rows by what they are across shares: the regime, and for local-only the hospital.
+    """Rows by what they are across shares: the regime, or the row for those named by hospital.
 
-    A shared model's row is named by its label (``fedavg_share25``), which differs per share.
+    Local-only and the ceiling have a row per hospital. A shared model's row is named by its
+    label (``fedavg_share25``), which differs per share.
     """
     out: dict[str, list[str]] = {}
     for row in ds.rows():
         regime = ds.regime_of(row)
-        out.setdefault(row if regime == "local_only" else regime, []).append(row)
+        out.setdefault(row if regime in BY_HOSPITAL else regime, []).append(row)
     return out
 
 
 def learning_curve_table(ds: Dataset) -> str | None:
     """Segmenter binary mIoU per training share, on the folds and seeds the curve ran.
 
-    A local-only row is scored at its own hospital's test split (the question is what more of
-    a hospital's own images buys it), a shared model at every hospital's. Every column,
-    the full share's too, takes only the (fold, seed) runs that every share ran, so every
-    column tests the same images.
-    A share with several rows of one regime (two labels) is left blank rather than guessed.
-    ``None`` without curve runs.
+    A local-only row (and the ceiling) is scored at its own hospital's test split (the
+    question is what more of a hospital's own images buys it), a shared model at every
+    hospital's. Every column of a row, the full share's too, takes only the (fold, seed) runs
+    that the row has at every share, so a row's columns test the same images. A share with
+    several rows of one regime (two labels) is left blank rather than guessed. ``None``
+    without curve runs.
     """
     if not ds.curve:
         return None
     shares = sorted({train_share(r) for r in ds.curve} | {1.0})
     by_share = {share: ds.at_share(share) for share in shares}
-    keys = set.intersection(*({run_key(r) for r in sub.results} for sub in by_share.values()))
     named = {share: rows_by_curve_key(sub) for share, sub in by_share.items()}
     lines = [
         "| row | test split | " + " | ".join(f"share {s:g}" for s in shares) + " |",
         "|---|---|" + "---|" * len(shares),
     ]
-    for key in named[shares[0]]:
+    for key in dict.fromkeys(k for rows in named.values() for k in rows):
         for column in ds.hospitals if key in PAIRED else [trained_at(key)]:
-            cells = []
+            scores = []
             for share in shares:
                 rows = named[share].get(key, [])
-                scores = (
+                scores.append(
                     by_share[share].cells_by_run(rows[0], column, "binary")
                     if len(rows) == 1
                     else {}
                 )
-                mean, sd, n = mean_sd(v for k, v in scores.items() if k in keys)
+            ran = [set(by_run) for by_run in scores if by_run]  # a blank share takes no part
+            keys = set.intersection(*ran) if ran else set()
+            cells = []
+            for by_run in scores:
+                mean, sd, n = mean_sd(v for k, v in by_run.items() if k in keys)
                 cells.append("-" if n == 0 else f"{100 * mean:.1f} ± {100 * sd:.1f} ({n})")
             lines.append(f"| {key} | {column} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -765,12 +829,15 @@ def plot_overlays(ds: Dataset, path: Path) -> None:
     save_grid(path, grid, ["image", "truth", *map(short_title, rows_order)], tile=112)
 
 
-def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
-    """The markdown section of one dataset, with its figures ``<stem>_*.png`` under ``figures``."""
-    figures.mkdir(parents=True, exist_ok=True)
+def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str, staging: Path) -> str:
+    """The markdown section of one dataset, with its figures ``<stem>_*.png`` under ``figures``.
+
+    The figures are drawn into ``staging``, which takes their place in ``figures`` only once
+    the whole report is made.
+    """
     rel = Path(os.path.relpath(figures, output.parent))
     matrix_png, curves_png, grid_png = (
-        figures / f"{stem}_{kind}.png" for kind in ("matrix", "convergence", "overlays")
+        staging / f"{stem}_{kind}.png" for kind in ("matrix", "convergence", "overlays")
     )
     plot_matrix(ds, matrix_png)
     has_curves = plot_convergence(ds, curves_png)
@@ -787,8 +854,9 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
         f"{compute_line(ds)} Commands:",
         *(
             [
-                f"**Warning:** the rows were scored with {ds.pipelines} different post-training "
-                "configs (its defaults changed between runs): rerun the regimes to compare them."
+                f"**Warning:** rows of one post-training chain were scored with {ds.pipelines} "
+                "different configs (the job's defaults changed between runs): rerun the regimes "
+                "to compare them."
             ]
             if ds.pipelines > 1
             else []
@@ -800,7 +868,8 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
             [
                 "### Paired: each regime − local-only trained at the test hospital (maps and "
                 f"segmenter, same fold and seed, {100 * CONFIDENCE:.0f}% Student t interval, "
-                "points of mIoU)",
+                "points of mIoU; a pair per fold, its seeds averaged, as they share its test "
+                "images; on the fixed split a pair per seed)",
                 paired,
             ]
             if paired
@@ -831,16 +900,39 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str) -> str:
 
 
 def write_report(runs_dirs: Sequence[Path], output: Path, figures: Path, notes: Path | None) -> str:
-    """Regenerate ``output`` from the runs; return its text."""
+    """Regenerate ``output`` and its figures from the runs; return its text.
+
+    A report that fails part-way (a run's files removed since it finished) leaves the earlier
+    report and its figures as they were, never new figures beside old text.
+    """
     datasets = [load_dataset(d) for d in runs_dirs]
     names = [ds.name for ds in datasets]
-    sections = [
-        # Two comparisons on one dataset (e.g. two post-training chains) keep their own figures.
-        dataset_section(
-            ds, figures, output, ds.name if names.count(ds.name) == 1 else f"{ds.name}_{d.name}"
-        )
-        for ds, d in zip(datasets, runs_dirs, strict=True)
-    ]
+    with staged_outputs(figures, owned=()) as staging:
+        sections = [
+            # Two comparisons on one dataset (e.g. two post-training chains) keep their own
+            # figures.
+            dataset_section(
+                ds,
+                figures,
+                output,
+                ds.name if names.count(ds.name) == 1 else f"{ds.name}_{d.name}",
+                staging,
+            )
+            for ds, d in zip(datasets, runs_dirs, strict=True)
+        ]
+        text = report_text(runs_dirs, output, figures, notes, sections)
+        write_text_atomically(output, text)
+    return text
+
+
+def report_text(
+    runs_dirs: Sequence[Path],
+    output: Path,
+    figures: Path,
+    notes: Path | None,
+    sections: Sequence[str],
+) -> str:
+    """The whole markdown: how it was made, what its tables hold, then one section per dataset."""
     head = [
         "# Experiments: local-only vs centralized vs FedAvg vs FedProx vs personalized",
         "Generated by `w3s-report runs=["
@@ -857,9 +949,7 @@ def write_report(runs_dirs: Sequence[Path], output: Path, figures: Path, notes: 
     ]
     if notes is not None:
         head.append(notes.read_text(encoding="utf-8").strip())
-    text = "\n\n".join([*head, *sections]) + "\n"
-    output.write_text(text, encoding="utf-8")
-    return text
+    return "\n\n".join([*head, *sections]) + "\n"
 
 
 def _write(cfg: DictConfig, _: list[str]) -> None:

@@ -1,6 +1,6 @@
 """``w3s-experiment``: train one regime per seed (and fold), then score it with post-training.
 
-Writes ``<runs_dir>/<label>/experiment.yaml`` (the composed config and the command) and, per
+Writes ``<runs_dir>/<label>/experiment.yaml`` (the composed config and the commands) and, per
 run, ``seed_<s>/train/`` (models; ``metrics.jsonl`` of federated runs), ``seed_<s>/eval/``
 (the post-training job's outputs per row and hospital) and ``seed_<s>/results.json`` (the
 matrix cells). With ``folds=[...]`` (cross-validation, ``data.split.folds=K``) every fold gets
@@ -30,7 +30,7 @@ from common.cli import Command, compose_checked, override_key
 from common.config import compose_config, number_setting
 from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
-from common.files import replaced_atomically
+from common.files import replaced_atomically, write_text_atomically
 from experiments.regimes import fine_tune_at, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
 from post_training.postprocess import (
@@ -556,6 +556,21 @@ def check_postprocess_fits_model(run: SeedRun) -> None:
         )
 
 
+def write_experiment_file(path: Path, command: str, cfg: DictConfig) -> None:
+    """The label's config, under a comment line for every command that ran under it.
+
+    New seeds or folds join a label by another call: keeping only the last command would show
+    a report's reader a command that never ran the runs it pools.
+    """
+    try:
+        earlier = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        earlier = []
+    commands = [line for line in earlier if line.startswith("# w3s-experiment")]
+    lines = dict.fromkeys([*commands, f"# {command}"])
+    write_text_atomically(path, "\n".join(lines) + "\n" + OmegaConf.to_yaml(cfg))
+
+
 def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     """One regime, every fold and seed, end to end; runs finished by an earlier call are kept."""
     command = f"w3s-experiment {shlex.join(overrides)}"
@@ -581,7 +596,7 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     if runs:
         check_label_config(runs, out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.yaml").write_text(f"# {command}\n{OmegaConf.to_yaml(cfg)}", encoding="utf-8")
+    write_experiment_file(out / "experiment.yaml", command, cfg)
     for run in runs:
         if (done := finished_results(run.out)) is not None:
             log.info("%s: skipped, finished before in %.0fs", run.out, done.get("seconds", 0))

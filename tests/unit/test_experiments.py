@@ -21,6 +21,7 @@ from common.errors import JobError
 from common.model import create_mct_model
 from common.pretrain import pretrain_round
 from common.training import train_local
+from experiments import report
 from experiments import run as runner
 from experiments.regimes import initial_model, train_rounds
 from experiments.report import (
@@ -28,6 +29,7 @@ from experiments.report import (
     communication_table,
     convergence_figure,
     fmt_percent,
+    learning_curve_table,
     matrix_table,
     mean_sd,
     paired_difference,
@@ -198,15 +200,19 @@ def test_matrix_table_and_verdicts_from_seed_results():
     assert table[2] == "| local_only (a) | 55.0 ± 7.1 / 70.0 ± 0.0 | 10.0 ± 0.0 / 30.0 ± 0.0 | 2 |"
     lines = "\n".join(verdicts(ds))
     assert (
-        "**a test, class-aware mIoU:** fedavg (40.0) did NOT beat local-only trained here" in lines
+        "**a test, class-aware mIoU:** fedavg did NOT beat local-only trained here (40.0 vs "
+        "55.0 on 2 shared runs); beat local-only trained at b (40.0 vs 20.0 on "
+        "2 shared runs)." in lines
     )
-    assert "beat local-only trained at b (20.0)" in lines
     assert (
         "- **Ceiling, a test:** supervised (a), class-aware 90.0: beats centred disk (70.0), "
         "does NOT beat Otsu (92.0); binary 95.0: beats centred disk (80.0), does NOT beat Otsu "
         "(97.0); final training loss 0.100 (the baselines"
     ) in lines
-    assert "  - fedavg (weak labels): class-aware 40.0 vs 90.0 (44% of the ceiling)" in lines
+    assert (
+        "  - fedavg (weak labels): class-aware 40.0 vs 90.0 (44% of the ceiling, 2 shared runs)"
+        in lines
+    )
     assert (
         "class-aware mIoU: beat the local-only model trained at the test hospital on 0 of 2 "
         "test splits (0 by more than one SD), and local-only models trained at another "
@@ -307,18 +313,23 @@ def test_paired_table_pairs_fedavg_with_local_only_of_the_same_fold_and_seed():
     results.append(_result("fedavg", "fedavg", 2, {"fedavg": {"a": (0.3, 0.99)}}, 1))
     ds = Dataset(Path("."), OmegaConf.create({"name": "toy"}), ["a", "b"], [], results)
     lines = paired_table(ds).splitlines()
-    # binary differences 0.10, 0.05, 0.02: mean 0.0567, SD 0.0404, t(0.975, 2) = 4.3027
-    half = 4.302653 * float(np.std([0.10, 0.05, 0.02], ddof=1)) / math.sqrt(3)
-    mean = (0.10 + 0.05 + 0.02) / 3
+    # binary differences 0.10 and 0.05 at fold 0 (one pair: its seeds share its test images),
+    # 0.02 at fold 1: pairs 0.075 and 0.02, mean 0.0475, t(0.975, 1) = 12.7062
+    half = 12.706205 * float(np.std([0.075, 0.02], ddof=1)) / math.sqrt(2)
+    mean = (0.075 + 0.02) / 2
     assert lines[3] == (
-        f"| fedavg | a | segmenter | binary | 3 | {100 * mean:+.1f} "
+        f"| fedavg | a | segmenter | binary | 2 | {100 * mean:+.1f} "
         f"| [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] "
         "| no detectable difference at this scale |"
     )
     assert lines[2] == (
-        "| fedavg | a | segmenter | class-aware | 3 | +0.0 | [+0.0, +0.0] "
+        "| fedavg | a | segmenter | class-aware | 2 | +0.0 | [+0.0, +0.0] "
         "| identical in every pair: this stage did not depend on the model |"
     )
+    # On one split (the fixed one) the seeds are the pairs.
+    fixed = [r for r in results if r["fold"] == 0]
+    one_split = Dataset(Path("."), ds.data, ["a", "b"], [], fixed)
+    assert "| fedavg | a | segmenter | binary | 2 | +7.5 |" in paired_table(one_split)
     assert len(lines) == 4  # no maps scores; at b fedavg has none: no pairs, no line
     local_runs = [r for r in results if r["regime"] == "local_only"]
     only_local = Dataset(Path("."), ds.data, ["a"], [], local_runs)
@@ -558,6 +569,96 @@ def test_a_report_refuses_labels_whose_rows_or_columns_it_cannot_tell_apart(
         "hospital_b) ran at different hospitals"
         in refused("hospitals", ("local_only",), ("fedavg", "label=fedavg_3h", third))
     )
+    # Fold 0 of another split tests other images: pairing it with this fold 0 would mislead.
+    assert "labels fedavg and local_only split the data differently" in refused(
+        "splits", ("local_only",), ("fedavg", "data.split.seed=7")
+    )
+
+
+def _scored(label: str, regime: str, fold: int, rows: dict, share: float = 1.0) -> dict:
+    """A finished run of one seed at hospital a: its rows' segmenter score, both metrics."""
+    return {
+        "label": label,
+        "regime": regime,
+        "fold": fold,
+        "seed": 0,
+        "hospitals": ["a"],
+        "config": {"training": {"data": {"split": {"train_share": share}}}},
+        "rows": [
+            {"row": row, "cells": {"a": {"segmenter": {"class_aware": v, "binary": v}}}}
+            for row, v in rows.items()
+        ],
+    }
+
+
+# Folds 0-2 are hard, 3-4 easy: a row averaged over other folds than another's moves by 10+.
+FOLD_SCORES = {0: 0.50, 1: 0.52, 2: 0.54, 3: 0.80, 4: 0.82}
+
+
+def test_verdicts_compare_rows_on_the_runs_both_have():
+    # FedAvg is 2 points above local-only on every fold but finished folds 0-2 only.
+    results = [
+        _scored("local_only", "local_only", f, {"local_only (a)": v})
+        for f, v in FOLD_SCORES.items()
+    ]
+    results += [
+        _scored("fedavg", "fedavg", f, {"fedavg": FOLD_SCORES[f] + 0.02}) for f in (0, 1, 2)
+    ]
+    ds = Dataset(Path("."), OmegaConf.create({"name": "toy"}), ["a"], [], results)
+    lines = "\n".join(verdicts(ds))
+    assert "fedavg beat local-only trained here (54.0 vs 52.0 on 3 shared runs)." in lines
+    assert "on 1 of 1 test splits" in lines
+
+
+def test_a_learning_curve_row_compares_its_shares_on_the_runs_it_has_at_every_share():
+    whole = [
+        _scored("local_only", "local_only", f, {"local_only (a)": v})
+        for f, v in FOLD_SCORES.items()
+    ]
+    whole += [_scored("fedavg", "fedavg", f, {"fedavg": v}) for f, v in FOLD_SCORES.items()]
+    whole += [_scored("supervised", "supervised", f, {"supervised (a)": 0.9}) for f in FOLD_SCORES]
+    # FedAvg on a quarter of the images is as good as on all, but finished folds 0 and 1 only;
+    # the ceiling at a quarter is the one row of its regime named by a hospital.
+    curve = [
+        _scored("local_only_q", "local_only", f, {"local_only (a)": v - 0.01}, 0.25)
+        for f, v in FOLD_SCORES.items()
+    ]
+    curve += [_scored("fedavg_q", "fedavg", f, {"fedavg_q": FOLD_SCORES[f]}, 0.25) for f in (0, 1)]
+    curve += [_scored("supervised_q", "supervised", 0, {"supervised (a)": 0.8}, 0.25)]
+    ds = Dataset(Path("."), OmegaConf.create({"name": "toy"}), ["a"], [], whole, curve=curve)
+    table = learning_curve_table(ds)
+    assert "| fedavg | a | 51.0 ± 1.4 (2) | 51.0 ± 1.4 (2) |" in table
+    assert "| local_only (a) | a | 62.6 ± 16.0 (5) | 63.6 ± 16.0 (5) |" in table
+    assert "| supervised (a) | a | 80.0 ± 0.0 (1) | 90.0 ± 0.0 (1) |" in table
+    assert "| supervised | supervised |" not in table
+
+
+def test_a_label_keeps_every_command_that_ran_under_it(tmp_path, fake_training):
+    assert _experiment(tmp_path, "local_only", "seeds=[0]") == 0
+    assert _experiment(tmp_path, "local_only", "seeds=[1]") == 0
+    assert _experiment(tmp_path, "local_only", "seeds=[1]") == 0  # a rerun adds no line
+    text = write_report([tmp_path / "runs"], tmp_path / "E.md", tmp_path / "figures", None)
+    commands = text.split("```bash\n")[1].split("\n```")[0].splitlines()
+    assert len(commands) == 2
+    assert commands[0].endswith("'seeds=[0]'") and commands[1].endswith("'seeds=[1]'")
+
+
+def test_a_report_that_fails_part_way_leaves_the_earlier_report_and_figures(
+    tmp_path, fake_training, monkeypatch
+):
+    assert _experiment(tmp_path, "local_only") == 0
+    output, figures = tmp_path / "E.md", tmp_path / "figures"
+    write_report([tmp_path / "runs"], output, figures, None)
+    before = {p.name: p.read_bytes() for p in [output, *figures.iterdir()]}
+    assert _experiment(tmp_path, "local_only", "seeds=[5]") == 0  # new scores: a new matrix
+
+    def overlays_of_a_removed_run(ds, path):
+        raise FileNotFoundError("a run's files were removed since it finished")
+
+    monkeypatch.setattr(report, "plot_overlays", overlays_of_a_removed_run)
+    with pytest.raises(FileNotFoundError):  # drawn after the matrix and the curves
+        write_report([tmp_path / "runs"], output, figures, None)
+    assert {p.name: p.read_bytes() for p in [output, *figures.iterdir()]} == before
 
 
 def test_a_report_of_runs_dirs_without_finished_runs_is_one_line(tmp_path, fake_training):
@@ -617,7 +718,7 @@ def test_report_reads_folds_and_pairs_fedavg_with_local_only(tmp_path, fake_trai
     assert "Compute: 8 runs," in text and "fedavg: 4 runs" in text
     for hospital in ("hospital_a", "hospital_b"):
         assert (
-            f"| fedavg | {hospital} | segmenter | binary | 4 | +10.0 | [+10.0, +10.0] "
+            f"| fedavg | {hospital} | segmenter | binary | 2 | +10.0 | [+10.0, +10.0] "
             "| fedavg better |" in text
         )
     assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
@@ -636,14 +737,14 @@ def test_a_learning_curve_stays_out_of_the_matrix_and_pairs_its_regimes_per_shar
     assert "Compute: 16 runs," in text and "fedavg_half: 4 runs" in text
     # The matrix and its pairs hold the full-share runs only, as without the curve.
     assert "| local_only (hospital_a) | 30.0 ± 0.0 / 52.0 ± 1.6 |" in text
-    assert "| fedavg | hospital_a | segmenter | binary | 4 | +10.0 |" in text
+    assert "| fedavg | hospital_a | segmenter | binary | 2 | +10.0 |" in text
     # The curve: a local-only model at its own hospital, the shared model (named by its
     # regime, its labels differ per share) at both.
     assert "| local_only (hospital_a) | hospital_a | 42.0 ± 1.6 (4) | 52.0 ± 1.6 (4) |" in text
     assert "| local_only (hospital_a) | hospital_b |" not in text
     assert "| fedavg | hospital_b | 52.0 ± 1.6 (4) | 62.0 ± 1.6 (4) |" in text
     paired = text.split("Paired at share 0.5")[1]
-    assert "| fedavg_half | hospital_b | segmenter | binary | 4 | +10.0 |" in paired
+    assert "| fedavg_half | hospital_b | segmenter | binary | 2 | +10.0 |" in paired
 
 
 def test_a_curve_on_fewer_folds_compares_every_share_on_those_folds_only(tmp_path, fake_training):
@@ -687,9 +788,11 @@ def test_folds_and_shares_do_not_count_as_different_post_training_configs(tmp_pa
         scored("fedavg", fold, input_size=128)
     scored("fedavg_share25", 0, share=0.25, input_size=128)
     scored("fedavg_share100", 0, share=1.0, input_size=128)
-    assert post_training_variants(tmp_path) == 1
+    assert post_training_variants(tmp_path, {}) == 1
     scored("local_only", 0, input_size=192)
-    assert post_training_variants(tmp_path) == 2
+    assert post_training_variants(tmp_path, {}) == 2
+    # Another chain on purpose (w3s-experiment's postprocess=[...]) is compared with itself.
+    assert post_training_variants(tmp_path, {"local_only": ["segmenter.input_size=192"]}) == 1
 
 
 def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before_training(
