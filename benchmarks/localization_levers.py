@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,8 +86,8 @@ def round_metrics(run_dir: Path) -> dict[str, dict[str, list[float]]]:
                 name, {"val-loc-miou": [], "val-accuracy": [], "val-cam-accuracy": []}
             )
             for key in per:
-                if key in metrics:
-                    per[key].append(float(metrics[key]))
+                if key in metrics:  # null: a score its split left undefined
+                    per[key].append(math.nan if metrics[key] is None else float(metrics[key]))
     return out
 
 

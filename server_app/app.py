@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from common.checkpoint import (
 )
 from common.config import compose_config, parse_overrides
 from common.data import federated_hospitals, hospital_names
+from common.errors import JobError
 from common.files import read_json
 from common.logs import setup_logging
 from common.model import create_mct_model
@@ -224,6 +226,7 @@ def guards(cfg: DictConfig) -> Guards:
     return Guards(
         max_update_model_ratio=number("max_update_model_ratio"),
         max_update_norm_ratio=number("max_update_norm_ratio"),
+        peer_norm_floor=number("peer_norm_floor"),
         max_examples_growth=number("max_examples_growth"),
         max_reply_model_ratio=number("max_reply_model_ratio"),
     )
@@ -297,6 +300,16 @@ def pretrain(
     return StartingPoint("mct", 0, arrays, strategy.split_digests, recorder.declared())
 
 
+@contextmanager
+def stop_logged(phase: str) -> Iterator[None]:
+    """One ``run stopped:`` line for a phase the strategy stops (too few replies or nodes)."""
+    try:
+        yield
+    except RunStoppedError as error:
+        log.error("run stopped: %s%s", phase, error)
+        raise
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the config from the run's overrides, run the rounds, save the final model."""
@@ -311,12 +324,18 @@ def main(grid: Grid, context: Context) -> None:
     with open_dict(cfg):
         for dropped in set(hospital_names(cfg.data)) - set(hospitals):
             del cfg.data.hospitals[dropped]
+    min_replies = cfg.federation.min_replies or len(hospitals)
+    if min_replies > len(hospitals):  # before an earlier run in run_dir is replaced
+        raise JobError(
+            f"federation.min_replies={min_replies}, but {len(hospitals)} hospitals joined "
+            f"the run ({', '.join(hospitals)})"
+        )
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
 
-    min_replies = cfg.federation.min_replies or len(hospitals)
     start = starting_point(cfg, run_dir)
     if start.phase == "pretrain":
-        start = pretrain(cfg, grid, hospitals, run_dir, start)
+        with stop_logged("pretraining "):
+            start = pretrain(cfg, grid, hospitals, run_dir, start)
     done = start.done
     strategy = federation_strategy(cfg, hospitals, start)
     recorder = RoundRecorder(run_dir, cfg, strategy, hospitals)
@@ -334,7 +353,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.guards,
     )
     federation = with_privacy(strategy, cfg.privacy, len(hospitals), run_dir, bool(cfg.resume))
-    try:
+    with stop_logged(""):
         result = federation.start(
             grid=grid,
             initial_arrays=start.arrays,
@@ -342,9 +361,6 @@ def main(grid: Grid, context: Context) -> None:
             timeout=cfg.federation.round_timeout_s,
             evaluate_fn=recorder,
         )
-    except RunStoppedError as error:
-        log.error("run stopped: %s", error)
-        raise
     final_arrays = result.arrays if len(result.arrays) else start.arrays
     final = save_model(
         to_state_dict(final_arrays),

@@ -85,6 +85,8 @@ def absolute_path_overrides(cfg: DictConfig, cwd: Path) -> list[str]:
         "model.pretrained_file": cfg.model.get("pretrained_file"),
         "output_root": cfg.get("output_root"),
         "output_dir": cfg.get("output_dir"),
+        # In simulation every site is this machine: its state folder is read from cwd too.
+        "site_state_dir": cfg.get("site_state_dir"),
     }
     for name, hospital in cfg.data.hospitals.items():
         for key in ROOT_KEYS:
@@ -175,6 +177,8 @@ def check_training_config(cfg: DictConfig) -> None:
     if pretrained and not Path(str(pretrained)).is_file():
         raise JobError(f"model.pretrained_file={pretrained}: file not found")
     number_setting(cfg, "seed", whole=True)
+    if cfg.resume and not cfg.output_dir:
+        raise JobError("resume=true continues a run: give its folder as output_dir=<run dir>")
     rounds = ("federation.rounds", "train.local_epochs")
     if min(number_setting(cfg, key, whole=True) for key in rounds) < 1:
         raise JobError("federation.rounds and train.local_epochs must be at least 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,26 @@ def phase_of(row: dict[str, Any]) -> str:
 def _fmt(metrics: dict[str, float]) -> str:
     shown = [f"{k} {v:.4f}" for k, v in metrics.items() if k in LOGGED_METRICS]
     return " ".join(shown) or "-"
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as null, which strict JSON readers (jq, JavaScript) take.
+
+    A hospital scores NaN where its validation split leaves a score undefined (mAP without a
+    positive image); JSON has no such number.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _missing(failed: dict[int, str], rejected: dict[int, str]) -> str:
+    """`` (failed 1, rejected 0)`` after the validation scores when some hospital gave none."""
+    return f" (failed {len(failed)}, rejected {len(rejected)})" if failed or rejected else ""
 
 
 def released_splits(cfg: DictConfig, strategy: GuardedFedAvg) -> dict[str, list[int]]:
@@ -159,6 +180,9 @@ class RoundRecorder:
             # What the server received from failing hospitals, as it received it.
             "failures": {str(k): v for k, v in report.failed.items()},
             "rejected": {str(k): v for k, v in report.rejected.items()},
+            # Evaluation replies that failed or were left out: their hospitals have no val row.
+            "evaluate_failures": {str(k): v for k, v in report.evaluate_failed.items()},
+            "evaluate_rejected": {str(k): v for k, v in report.evaluate_rejected.items()},
             # num-examples over the hospital's cap: [claimed, used] per node.
             "capped": {str(k): list(v) for k, v in report.capped.items()},
             # L2 norm of each screened update (reply - global model), to tune federation.guards.
@@ -174,7 +198,7 @@ class RoundRecorder:
             },
             "server-rss-mb": current_rss_mb(),
         }
-        rows = [*self._rows(), json.dumps(row)]
+        rows = [*self._rows(), json.dumps(_json_safe(row), allow_nan=False)]
         write_text_atomically(self.metrics_path, "".join(f"{line}\n" for line in rows))
         log.info(
             "%s round %d/%d | replies %d/%d (failed %d, rejected %d) | train %s | val %s | %.1fs",
@@ -186,6 +210,6 @@ class RoundRecorder:
             len(report.failed),
             len(report.rejected),
             _fmt(report.train),
-            _fmt(report.evaluate),
+            _fmt(report.evaluate) + _missing(report.evaluate_failed, report.evaluate_rejected),
             seconds,
         )

@@ -73,7 +73,10 @@ class Guards:
     - ``max_update_model_ratio``: an update (reply minus global model) whose L2 norm exceeds
       this many times the global model's own norm is rejected.
     - ``max_update_norm_ratio``: an update whose norm exceeds this many times the median update
-      norm of the *other* good replies of the round is rejected (needs one other reply).
+      norm of the *other* good replies of the round is rejected (from three replies up).
+    - ``peer_norm_floor``: that median is taken as at least this many times the global model's
+      norm. Sites of one step at the warm-up rate send updates near zero, next to which the
+      honest update of a larger site looks out of line.
     - ``max_examples_growth``: a hospital's ``num-examples`` is capped at this many times what it
       declared in its first round.
     - ``max_reply_model_ratio``: a train reply whose arrays take more bytes than this many times
@@ -83,6 +86,7 @@ class Guards:
 
     max_update_model_ratio: float | None = None
     max_update_norm_ratio: float | None = None
+    peer_norm_floor: float | None = None
     max_examples_growth: float | None = None
     max_reply_model_ratio: float | None = None
 
@@ -92,8 +96,12 @@ class RoundReport:
     """What the last round's replies said, for the per-round log line and metrics row."""
 
     good: int = 0
+    # Training replies: which hospitals the new model leaves out, and why.
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    # Evaluation replies, kept apart: a hospital whose update was averaged may fail to score.
+    evaluate_failed: dict[int, str] = field(default_factory=dict)
+    evaluate_rejected: dict[int, str] = field(default_factory=dict)
     # num-examples claimed above the cap, per node: (claimed, used).
     capped: dict[int, tuple[float, float]] = field(default_factory=dict)
     # Update norms of the replies that reached the norm guards, and the global model's norm.
@@ -306,10 +314,14 @@ class GuardedFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ screening
 
-    def reject(self, node: int, reason: str) -> None:
+    def reject(self, node: int, reason: str, evaluation: bool = False) -> None:
         """Leave ``node``'s reply out of this round, named in the log and the metrics row."""
-        self.report.rejected[node] = reason
-        log.warning("node %d: reply rejected before averaging: %s", node, reason)
+        if evaluation:
+            self.report.evaluate_rejected[node] = reason
+            log.warning("node %d: evaluation reply left out of the scores: %s", node, reason)
+        else:
+            self.report.rejected[node] = reason
+            log.warning("node %d: reply rejected before averaging: %s", node, reason)
 
     def _check_claim(self, node: int, metrics: MetricRecord) -> str | None:
         """One node per hospital: the hospital-index must be valid and not yet claimed."""
@@ -359,8 +371,10 @@ class GuardedFedAvg(FedAvg):
         for msg in replies:
             node = self._node_of(msg)
             if msg.has_error():
-                self.report.failed[node] = msg.error.reason
-                log.warning("node %d failed: %s", node, msg.error.reason)
+                failed = self.report.failed if check_arrays else self.report.evaluate_failed
+                failed[node] = msg.error.reason
+                stage = "training" if check_arrays else "evaluation"
+                log.warning("node %d failed in %s: %s", node, stage, msg.error.reason)
                 continue
             size = record_bytes(msg.content)
             received = self.report.bytes_received
@@ -378,7 +392,7 @@ class GuardedFedAvg(FedAvg):
                 else check_metrics_reply(msg.content)
             ) or self._check_claim(node, _metrics_of(msg))
             if reason is not None:
-                self.reject(node, reason)
+                self.reject(node, reason, evaluation=not check_arrays)
                 continue
             good.append(msg)
         return good
@@ -426,12 +440,14 @@ class GuardedFedAvg(FedAvg):
         ratio = self.guards.max_update_norm_ratio
         # Two replies cannot tell which one is out of line: Dataset 2's single step at the
         # warm-up rate made an update 1600 times smaller than Dataset 1's, and the guard threw
-        # out the honest site. The bound on the global model's norm still holds for both.
+        # out the honest site. The bound on the global model's norm still holds for both. With
+        # more replies, the floor keeps two such small sites from doing the same to a third.
         if ratio is None or len(kept) < 3:
             return kept
+        floor = (self.guards.peer_norm_floor or 0.0) * self.report.global_norm
         final = []
         for msg in kept:
-            others = float(np.median([norms[id(m)] for m in kept if m is not msg]))
+            others = max(float(np.median([norms[id(m)] for m in kept if m is not msg])), floor)
             norm = norms[id(msg)]
             if norm > ratio * others:
                 self.reject(

@@ -7,7 +7,8 @@
 - real data on the wrong number of SuperNodes fails within seconds, not after the deployment
   wait (``federation.wait_for_nodes_s``, 120 s);
 - a setting that ``w3s-simulate`` would refuse fails the ServerApp before any round, since a
-  bare or deployed ``flwr run`` skips ``w3s-simulate``;
+  bare or deployed ``flwr run`` skips ``w3s-simulate``; so does a minimum of replies above the
+  hospitals that joined, before an earlier run in ``output_dir`` is replaced;
 - ``w3s-simulate`` (``python -m server_app.launch``) works from a non-editable install, outside
   the checkout.
 """
@@ -102,6 +103,22 @@ def test_a_setting_for_no_such_hospital_fails_the_server_before_round_1(flwr_hom
     assert "model.per_hospital.hospital_z: no such hospital" in log, log[-4000:]
     # Refused before the run directory, so no round ran and nothing was left to clean up.
     assert not output_root.exists(), list(output_root.rglob("*"))
+
+
+def test_more_replies_than_joined_hospitals_fails_before_an_earlier_run_is_replaced(
+    flwr_home, tmp_path
+):
+    # Flower's 2 SuperNodes take 2 of the 3 synthetic hospitals; 3 replies cannot come.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "final_model.pt").write_bytes(b"an earlier run's model")
+    env = flower_env(flwr_home)
+    result = run_with_overrides(env, f"federation.min_replies=3 output_dir={run_dir}")
+    log = result.stdout + result.stderr
+
+    assert final_status(log, env) == "finished:failed", log[-4000:]
+    assert "federation.min_replies=3, but 2 hospitals joined the run" in log, log[-4000:]
+    assert (run_dir / "final_model.pt").read_bytes() == b"an earlier run's model"
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
         "data.root=rel/data",
         "+data.hospitals.matek.mask_root=rel/masks",
         "output_root='~/runs'",
+        "site_state_dir=rel/state",
     ]
     cfg = compose_config(overrides)
     pinned = compose_config([*overrides, *absolute_path_overrides(cfg, cwd)])
@@ -29,6 +30,7 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
     assert pinned.data.hospitals.matek.root == str(cwd / "rel/data")
     assert pinned.data.hospitals.matek.mask_root == str(cwd / "rel/masks")
     assert pinned.output_root == str(tmp_path / "home" / "runs")
+    assert pinned.site_state_dir == str(cwd / "rel/state")
     command = flwr_command(CONF_DIR.parent, cfg, tmp_path / "rc.toml")
     assert command[1:3] == ["run", str(CONF_DIR.parent)]
     assert "num-supernodes=1" in command[command.index("--federation-config") + 1]
@@ -40,6 +42,7 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
         (["privacy=server_clip", "strategy=fedmedian"], "needs strategy=fedavg"),
         (["federation.guards.max_update_norm_ratio=0"], "federation.guards.max_update_norm_ratio"),
         (["federation.round_wait_for_nodes_s=-1"], "round_wait_for_nodes_s"),
+        (["resume=true"], "resume=true continues a run: give its folder as output_dir"),
         (["data.split.folds=5", "data.split.fold=5"], "data.split: fold must be in 0..4"),
         (
             ["model.foreground_head=false"],

@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 import server_app.recorder
 from common.config import compose_config
 from server_app.recorder import RoundRecorder
 from server_app.strategy import GuardedFedAvg
-from tests.replies import prepare
+from tests.replies import failed, instruction, prepare, reply
 
 HOSPITALS = ["hospital_a", "hospital_b", "hospital_c"]
 MODEL = ArrayRecord({"w": Array(np.ones((2, 2), np.float32))})
@@ -69,3 +69,28 @@ def test_a_rows_file_with_a_line_that_is_no_row_is_refused_naming_the_line(tmp_p
     (tmp_path / "metrics.jsonl").write_text('{"phase": "mct", "round": 1}\n{"phase": "mc\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a round's row"):
         _recorder(tmp_path, done=1)
+
+
+def _scores(node: int, loss: float) -> Message:
+    """``node``'s evaluation reply for hospital ``node - 1``."""
+    metrics = MetricRecord({"num-examples": 5, "val-loss": loss, "hospital-index": node - 1})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=instruction(node))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_row_names_evaluation_failures_apart_and_holds_no_nan(tmp_path, caplog):
+    recorder = _recorder(tmp_path)
+    strategy = recorder.strategy
+    strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 10), reply(3, 1.3, 10)])
+    # Hospital c's update was averaged; its evaluation fails. Hospital a's loss is undefined.
+    strategy.aggregate_evaluate(1, [_scores(1, float("nan")), _scores(2, 0.5), failed(3, "oom")])
+    with caplog.at_level("INFO", logger="server_app"):
+        recorder(1, MODEL)
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[-1]
+    row = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is no JSON"))
+    assert row["replies"] == 3 and row["failed_nodes"] == [] and row["failures"] == {}
+    assert row["evaluate_failures"] == {"3": "oom"} and row["evaluate_rejected"] == {}
+    assert row["hospitals"]["hospital_a"]["val-loss"] is None
+    assert row["hospitals"]["hospital_b"]["val-loss"] == 0.5
+    assert "replies 3/3 (failed 0, rejected 0)" in caplog.text
+    assert "(failed 1, rejected 0) |" in caplog.text  # after the validation scores

@@ -150,6 +150,20 @@ def test_the_peer_guard_stands_aside_with_two_replies_where_it_cannot_tell_the_o
     assert list(strategy.report.rejected) == [3]
 
 
+def test_sites_of_one_warm_up_step_do_not_make_an_honest_larger_site_an_outlier():
+    # Round 1 at local_epochs=1: two small sites took one step at the warm-up rate (updates of
+    # norm 2e-4), a larger one several (0.1: 5 % of the model's norm of 2). The median of the
+    # others is raised to 1 % of the model's norm, so only an update above 10 % is out of line.
+    guards = Guards(max_update_norm_ratio=10.0, peer_norm_floor=0.01)
+    strategy = prepare(_strategy(min_replies=2, guards=guards), ONES)
+    strategy.aggregate_train(1, [reply(1, 1.0001, 10), reply(2, 1.0001, 10), reply(3, 1.05, 40)])
+    assert not strategy.report.rejected
+    prepare(strategy, ONES)
+    strategy.aggregate_train(2, [reply(1, 1.0001, 10), reply(2, 1.0001, 10), reply(3, 1.5, 40)])
+    assert list(strategy.report.rejected) == [3]
+    assert "other replies (0.02;" in strategy.report.rejected[3]
+
+
 def test_num_examples_is_capped_at_the_first_declaration():
     strategy = prepare(_strategy(min_replies=2, guards=GUARDS), ONES)
     strategy.aggregate_train(1, [reply(1, 1.1, 10), reply(2, 1.2, 30)])
