@@ -28,6 +28,31 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+# RandAugment's magnitude on the reference's scale: timm (``rand-m9``, which DeiT and MCT use)
+# reads it in tenths of each operation's maximum, so 9 is 0.9 of it. torchvision's default 31
+# bins would make 9 a weak 0.3 (9 degrees of rotation instead of 27).
+RANDAUGMENT_LEVELS = 10
+
+
+def magnitude_problem(magnitude: float) -> str | None:
+    """Why ``train.augment.randaugment_magnitude`` cannot be used, or None."""
+    if float(magnitude).is_integer() and 0 <= magnitude <= RANDAUGMENT_LEVELS:
+        return None
+    return (
+        f"train.augment.randaugment_magnitude={magnitude:g}: expected a whole number in "
+        f"0..{RANDAUGMENT_LEVELS} (tenths of each operation's maximum, as timm's rand-m9)"
+    )
+
+
+def rand_augment(ops: int, magnitude: int) -> v2.RandAugment:
+    """``ops`` RandAugment operations at ``magnitude`` out of :data:`RANDAUGMENT_LEVELS`."""
+    if problem := magnitude_problem(magnitude):
+        raise ValueError(problem)
+    return v2.RandAugment(
+        num_ops=ops, magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_LEVELS + 1
+    )
+
+
 def build_train_transform(
     augment: Mapping[str, Any], img_size: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -49,12 +74,15 @@ def build_train_transform(
         steps.append(v2.RandomGrayscale(p=augment["grayscale_p"]))
     if augment["randaugment_ops"] > 0:
         steps.append(
-            v2.RandAugment(
-                num_ops=augment["randaugment_ops"], magnitude=augment["randaugment_magnitude"]
-            )
+            rand_augment(int(augment["randaugment_ops"]), int(augment["randaugment_magnitude"]))
         )
     pixel = v2.Compose(steps)
-    erase = v2.RandomErasing(p=augment["erasing_p"], value=0) if augment["erasing_p"] > 0 else None
+    # Per-pixel normal noise in the normalised image, as timm's erasing (mode "pixel").
+    erase = (
+        v2.RandomErasing(p=augment["erasing_p"], value="random")
+        if augment["erasing_p"] > 0
+        else None
+    )
 
     def transform(image: torch.Tensor) -> torch.Tensor:
         out = normalise(pixel(image)[None])[0]

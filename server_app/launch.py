@@ -25,6 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from common.augment import magnitude_problem
 from common.cli import Command
 from common.config import CONF_DIR, compose_config, number_setting, override_value
 from common.data import (
@@ -179,6 +180,8 @@ def check_training_config(cfg: DictConfig) -> None:
     number_setting(cfg, "seed", whole=True)
     if cfg.resume and not cfg.output_dir:
         raise JobError("resume=true continues a run: give its folder as output_dir=<run dir>")
+    if problem := magnitude_problem(number_setting(cfg, "train.augment.randaugment_magnitude")):
+        raise JobError(problem)
     rounds = ("federation.rounds", "train.local_epochs")
     if min(number_setting(cfg, key, whole=True) for key in rounds) < 1:
         raise JobError("federation.rounds and train.local_epochs must be at least 1")

@@ -43,6 +43,7 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
         (["federation.guards.max_update_norm_ratio=0"], "federation.guards.max_update_norm_ratio"),
         (["federation.round_wait_for_nodes_s=-1"], "round_wait_for_nodes_s"),
         (["resume=true"], "resume=true continues a run: give its folder as output_dir"),
+        (["train.augment.randaugment_magnitude=15"], "randaugment_magnitude=15: expected"),
         (["data.split.folds=5", "data.split.fold=5"], "data.split: fold must be in 0..4"),
         (
             ["model.foreground_head=false"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from common.augment import build_train_transform, train_cache_size
+from common.augment import build_train_transform, rand_augment, train_cache_size
 from common.config import compose_config
 from common.data import split_tensors
 from common.model import create_mct_model
@@ -41,6 +41,33 @@ def test_train_transform_gives_normalised_model_sized_crops():
     out = transform(image)
     assert out.shape == (3, 96, 96) and out.dtype == torch.float32
     assert out.min() < 0 < out.max()
+
+
+def test_randaugment_magnitude_is_in_tenths_of_each_operations_maximum_as_timm_reads_it():
+    # timm's rand-m9 (DeiT, MCT): 0.9 of 30 degrees, 0.3 shear and 0.9 enhancement.
+    augment = rand_augment(2, 9)
+    space = augment._AUGMENTATION_SPACE
+    level = {
+        op: float(space[op][0](augment.num_magnitude_bins, 96, 96)[augment.magnitude])
+        for op in ("Rotate", "ShearX", "Brightness")
+    }
+    assert level["Rotate"] == pytest.approx(27.0)
+    assert level["ShearX"] == pytest.approx(0.27)
+    assert level["Brightness"] == pytest.approx(0.81)
+    with pytest.raises(ValueError, match="randaugment_magnitude=12: expected a whole number"):
+        rand_augment(2, 12)
+
+
+def test_the_paper_transform_erases_with_noise_and_keeps_the_model_size():
+    cfg = compose_config(["experiment=paper", "train.augment.erasing_p=1.0"])
+    assert list(cfg.train.augment.crop_scale) == [0.08, 1.0] and not cfg.train.augment.vflip
+    transform = build_train_transform(cfg.train.augment, 64)
+    torch.manual_seed(0)
+    out = transform(torch.full((3, 73, 73), 128, dtype=torch.uint8))
+    assert out.shape == (3, 64, 64)
+    # A flat grey image stays flat under crops, flips and RandAugment's geometry up to its
+    # fill; only erasing's noise gives it many distinct values.
+    assert out.unique().numel() > 500
 
 
 def test_local_training_lowers_the_loss_and_validation_reports_every_score():
