@@ -147,8 +147,12 @@ def compactness_loss(mask: torch.Tensor) -> torch.Tensor:
 
     For any mask with values in [0, 1] the disk of the same area has the smallest second
     moment about the centroid (A^2 / 2 pi), so the ratio is at least 1 and grows as the mask
-    spreads or splits; it does not change with the mask's size or position. Each patch counts
-    as a unit square (its own moment 1/6), so a single patch is not more compact than a disk.
+    spreads or splits. For a mask of 0 and 1 it does not change with the mask's size or
+    position; a soft one scores higher the fainter it is (a disk at probability p scores about
+    1/p), so the term also asks for a confident mask, and an image without a cell side (a
+    cell-free crop) would dominate it: :func:`foreground_loss` leaves those out. Each patch
+    counts as a unit square (its own moment 1/6), so a single patch is not more compact than a
+    disk.
 
     Parameters
     ----------
@@ -319,8 +323,10 @@ def foreground_loss(
         total = total + area * area_loss(mask)
     if contrast:
         total = total + contrast * contrast_loss(features, mask)
-    if size:
-        total = total + size * size_loss(mask, weights["size_bounds"])
-    if compact:
-        total = total + compact * compactness_loss(mask)
+    # The shape levers speak of a cell; a cell-free crop (negatives) has none to shape.
+    cells = mask[targets.sum(dim=1) > 0]
+    if size and len(cells):
+        total = total + size * size_loss(cells, weights["size_bounds"])
+    if compact and len(cells):
+        total = total + compact * compactness_loss(cells)
     return total

@@ -1,5 +1,7 @@
 """The foreground levers: each loss rewards the mask that covers the cell, and only that."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -168,6 +170,27 @@ def test_the_default_trains_the_foreground_head_by_contrast_and_the_paper_does_n
     assert not paper.model.foreground_head
     assert float(paper.train.levers.foreground.contrast) == 0.0
     assert paper.localization.source == "fused" and paper.localization.refine
+
+
+def test_the_shape_levers_leave_cell_free_crops_out():
+    cells = torch.zeros(3, 1, 12, 12)
+    cells[:, :, 4:8, 4:8] = 1.0
+    cell_logits = 8.0 * (2.0 * cells - 1.0)
+    faint = torch.full((1, 1, 12, 12), -4.6)  # a cell-free crop's head at p = 0.01, as it should
+    weights = {**dict.fromkeys(LEVER_WEIGHTS, 0.0), "size": 1.0, "compact": 1.0}
+    weights["size_bounds"] = [0.15, 0.5]
+    targets = torch.cat([torch.eye(5)[:3], torch.zeros(1, 5)])
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        output = SimpleNamespace(
+            foreground=logits, patch_features=torch.zeros(len(logits), 4, 12, 12)
+        )
+        return foreground_loss(output, targets, nn.Identity(), weights)
+
+    # Alone, the faint crop's compactness is about 1/p = 100: it would outweigh the cells.
+    with_crop = loss(torch.cat([cell_logits, faint]), targets)
+    assert torch.isclose(with_crop, loss(cell_logits, targets[:3]))
+    assert loss(faint, targets[3:]) == 0.0
 
 
 def test_foreground_levers_need_the_head():
