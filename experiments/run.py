@@ -583,8 +583,14 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     if problems := verify_data(cfg.data):
         raise DataVerificationError(problems)
     training = [o for o in overrides if override_key(o).split(".")[0] not in EXPERIMENT_KEYS]
-    if not any(override_key(o) == "train.proximal_mu" for o in training):
-        training.append(f"train.proximal_mu={cfg.regime.proximal_mu}")
+    if any(override_key(o) == "train.proximal_mu" for o in training):
+        # It would train FedProx under regime=fedavg, and results.json would record the
+        # regime's value, not the one trained with.
+        raise JobError(
+            "train.proximal_mu is the regime's setting in w3s-experiment: give "
+            "regime.proximal_mu=<mu> (regime=fedprox)"
+        )
+    training.append(f"train.proximal_mu={cfg.regime.proximal_mu}")
     shared = [o for o in training if override_key(o).split(".")[0] in SHARED_WITH_POSTPROCESS]
     runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
     runs = planned_runs(cfg, training, shared, runs_dir)

@@ -831,6 +831,7 @@ def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before
         (["postprocess=['segmenter.members=two']"], "segmenter.members=two: expected a whole"),
         (["postprocess=abc"], "postprocess=abc: expected a list of overrides"),
         (["regime.proximal_mu=abc"], "regime.proximal_mu=abc: expected a number"),
+        (["train.proximal_mu=0.1"], "train.proximal_mu is the regime's setting"),
         (["regime=personalized", "regime.finetune_lr_scale=0"], "regime.finetune_lr_scale=0"),
         (["seeds=abc"], "seeds=abc: expected a list of whole numbers"),
         (["seeds=0"], "seeds=0: expected a list of whole numbers"),
