@@ -164,9 +164,14 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
     if len(tensors.labels) == 0:
         # A class of one or two images goes to training whole, so a small hospital can have
         # no validation image at all; each round's evaluation failed on it without a word.
+        remedy = (
+            "data.split.fractions"
+            if cfg.data.split.get("folds") is None
+            else "fewer data.split.folds"
+        )
         raise HospitalDataError(
             f"hospital {name}: its {split} split holds no image (too few images per class; "
-            "add images, or set data.split.fractions)"
+            f"add images, or set {remedy})"
         )
     return tensors
 

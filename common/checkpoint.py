@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from common.errors import JobError
+from common.data.splits import SplitSpec
 from common.files import replaced_atomically
 from common.localization import FOREGROUND_SOURCES
 from common.model import MCTFormerV2, create_mct_model
+from common.torch_files import CheckpointError, first_line, read_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,6 @@ def save_atomic(payload: Mapping[str, Any], path: Path) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     return path
-
-
-class CheckpointError(JobError):
-    """A model file that is missing, unreadable or does not fit: one line naming the file.
-
-    Raised for the MCT model file (``checkpoint=``) and the segmenter file (``segmenter=``)
-    alike; commands show it as one line and exit with status 2.
-    """
 
 
 @dataclass(frozen=True)
@@ -66,11 +60,6 @@ SEGMENTER_FILE = FileKind(
     title="a segmenter file (segmenter.pt written by w3s-postprocess)",
     hint="w3s-predict takes it as segmenter=",
 )
-# Of a message torch gives for a damaged file, at most this much of its first line is shown.
-MAX_DETAIL = 160
-# How a torch.save file begins: a zip archive, or (before torch 1.6) a pickle stream.
-ZIP_MAGIC = b"PK\x03\x04"
-PICKLE_MAGIC = b"\x80"
 
 
 def model_payload(
@@ -105,66 +94,6 @@ def save_model(
 ) -> Path:
     """Write a model file (a round checkpoint or ``final_model.pt``) atomically."""
     return save_atomic(model_payload(state_dict, cfg, server_round, splits), path)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, shortened: torch's advice runs to paragraphs."""
-    lines = str(error).strip().splitlines()
-    text = " ".join(lines[0].split()) if lines else ""
-    text = text or type(error).__name__
-    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
-
-
-def read_torch_file(path: str | Path, key: str) -> Any:
-    """What a file written with ``torch.save`` holds, or a one-line :class:`CheckpointError`.
-
-    Only tensors and plain values are loaded (``weights_only``); a file holding pickled
-    objects is refused unread.
-
-    Parameters
-    ----------
-    path
-        The file.
-    key
-        The config key that named it (``checkpoint``, ``segmenter``), for the message.
-    """
-    path = Path(path)
-    where = f"{key}={path}"
-    if not path.exists():
-        raise CheckpointError(f"{where}: file not found")
-    if not path.is_file():
-        raise CheckpointError(f"{where} is not a file")
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            head = handle.read(len(ZIP_MAGIC))
-    except OSError as error:
-        raise CheckpointError(f"{where} cannot be read: {first_line(error)}") from None
-    if size == 0:
-        raise CheckpointError(f"{where} is empty (0 bytes): a copy or a save that did not finish")
-    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
-        raise CheckpointError(
-            f"{where} is not a PyTorch file: torch.save writes a zip archive, this file begins "
-            f"{head!r} (a web page, an image or a text saved under the name?)"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower():
-            raise CheckpointError(
-                f"{where} holds pickled Python objects, not only tensors and plain values: "
-                "not a file this project wrote (refused unread, for safety)"
-            ) from None
-        raise CheckpointError(f"{where} is unreadable: {first_line(error)}") from None
-    except OSError as error:
-        raise CheckpointError(f"{where} cannot be read: {first_line(error)}") from None
-    except Exception as error:  # torch raises several types for a damaged or foreign file
-        if "central directory" in str(error) or isinstance(error, EOFError):
-            raise CheckpointError(
-                f"{where} is truncated or not a PyTorch file ({size} bytes that torch.load "
-                "cannot read to the end)"
-            ) from None
-        raise CheckpointError(f"{where} is unreadable: {first_line(error)}") from None
 
 
 def describe_payload(payload: Any) -> str:
@@ -276,7 +205,32 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint={path}: its model settings name no MCT preset ({model!r:.80})"
         )
+    run_config(payload, path)
     return payload
+
+
+def run_config(payload: Mapping[str, Any], path: str | Path) -> DictConfig | None:
+    """The training run's config that a model file carries; None in files of early versions.
+
+    Post-training reads its split and training settings; a damaged or hand-made one (no YAML,
+    no mapping, a split it cannot draw, an interpolation it cannot resolve) is a one-line
+    :class:`CheckpointError` naming the file, not a traceback mid-job.
+    """
+    text = payload.get("config")
+    if not isinstance(text, str):
+        return None
+    try:
+        cfg = OmegaConf.create(text)
+        if not isinstance(cfg, DictConfig):
+            raise ValueError(f"it holds a {type(cfg).__name__}, not the run's settings")
+        SplitSpec.of(cfg.data)
+        if "train" in cfg:  # the site's fine-tune reads it
+            OmegaConf.to_container(cfg.train, resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint={path}: its training config cannot be read: {first_line(error)}"
+        ) from None
+    return cfg
 
 
 def check_model_name(payload: Mapping[str, Any], path: Path, expected: str) -> None:
@@ -315,6 +269,7 @@ def load_model(
             f"{list(classes)}; pick the data config the model was trained with"
         )
     name = payload["model"]["name"]
+    check_token_count(payload, where)
     try:
         model = create_mct_model(
             payload["model"], len(trained_on), hospital=hospital, load_pretrained=False
@@ -332,6 +287,34 @@ def load_model(
             "fine-tune trains the head)"
         )
     return model.eval(), payload
+
+
+def check_token_count(payload: Mapping[str, Any], where: str) -> None:
+    """Refuse settings that do not fit the file's own weights, before the model is built.
+
+    The model is built from the file's ``img_size`` and class list, then its weights are
+    compared; a file naming a huge image (position embeddings grow with its square) or class
+    list would take that memory first. The weights hold the token count those settings imply:
+    the class tokens plus (img_size / patch)^2 patches.
+    """
+    state = payload["state_dict"]
+    pos = state.get("pos_embed") if isinstance(state, Mapping) else None
+    proj = state.get("patch_embed.proj.weight") if isinstance(state, Mapping) else None
+    if not (isinstance(pos, torch.Tensor) and pos.ndim == 3):
+        raise CheckpointError(f"{where}: its weights hold no position embedding of an MCT model")
+    if not (isinstance(proj, torch.Tensor) and proj.ndim == 4 and proj.shape[-1] > 0):
+        raise CheckpointError(f"{where}: its weights hold no patch embedding of an MCT model")
+    size = payload["model"].get("img_size")
+    patch = int(proj.shape[-1])
+    if isinstance(size, bool) or not isinstance(size, int) or size < patch:
+        raise CheckpointError(f"{where}: its model settings hold no image size ({size!r:.40})")
+    tokens = len(payload["classes"]) + (size // patch) ** 2
+    if pos.shape[1] != tokens:
+        raise CheckpointError(
+            f"{where}: the weights do not fit its settings: img_size={size} and "
+            f"{len(payload['classes'])} classes make {tokens} tokens, the weights hold "
+            f"{pos.shape[1]}"
+        )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import register_model
 from torch import nn
+
+from common.torch_files import CheckpointError, read_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -374,6 +375,34 @@ def mct_loss(output: MCTOutput, targets: torch.Tensor) -> torch.Tensor:
     return class_loss + F.multilabel_soft_margin_loss(output.patch_logits, targets)
 
 
+def read_deit_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a DeiT release file, checked to hold one class token and a square grid.
+
+    Raises
+    ------
+    common.torch_files.CheckpointError
+        One line naming the file: missing, not a PyTorch file, truncated, pickled objects, no
+        DeiT state dict, or a class token or position grid of another form.
+    """
+    where = f"model.pretrained_file={path}"
+    checkpoint = read_torch_file(path, "model.pretrained_file")
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping) or "cls_token" not in state or "pos_embed" not in state:
+        raise CheckpointError(f"{where} holds no DeiT state dict with cls_token and pos_embed")
+    cls_token, pos = state["cls_token"], state["pos_embed"]
+    if not isinstance(cls_token, torch.Tensor) or cls_token.ndim != 3 or cls_token.shape[1] != 1:
+        raise CheckpointError(
+            f"{where}: expected one DeiT class token, got cls_token {cls_token!r:.60}"
+        )
+    num_prefix = 2 if "dist_token" in state else 1
+    grid = pos.shape[1] - num_prefix if isinstance(pos, torch.Tensor) and pos.ndim == 3 else 0
+    side = math.isqrt(max(grid, 0))
+    if not side or side * side != grid:
+        shape = tuple(pos.shape) if isinstance(pos, torch.Tensor) else repr(pos)[:40]
+        raise CheckpointError(f"{where}: pos_embed {shape} has no square patch grid")
+    return dict(state)
+
+
 def load_deit_weights(model: MCTFormerV2, path: str | Path) -> None:
     """Initialise the backbone from a local ImageNet DeiT checkpoint, as MCT's ``--finetune``.
 
@@ -391,35 +420,19 @@ def load_deit_weights(model: MCTFormerV2, path: str | Path) -> None:
 
     Raises
     ------
-    FileNotFoundError
-        If ``path`` does not exist.
+    common.torch_files.CheckpointError
+        If the file is missing or is no DeiT release (:func:`read_deit_state`).
     ValueError
-        If the file is not a plain tensor state dict, lacks backbone weights, or its shapes do
-        not fit the model (e.g. another embedding dim). The model is left untouched then.
+        If it lacks backbone weights or its shapes do not fit the model (e.g. another
+        embedding dim). The model is left untouched then.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeiT checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{path} holds objects other than tensors, which weights_only loading refuses; "
-            f"re-save just its state dict: {exc}"
-        ) from exc
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping) or "cls_token" not in state or "pos_embed" not in state:
-        raise ValueError(f"{path} holds no DeiT state dict with cls_token and pos_embed")
-
+    state = read_deit_state(path)
     num_prefix = 2 if "dist_token" in state else 1
     skipped = sorted(k for k in state if k.startswith(_DROPPED_PREFIXES) or k == "dist_token")
     state = {k: v for k, v in state.items() if k not in skipped}
     cls_token, pos = state["cls_token"], state["pos_embed"]
-    if cls_token.ndim != 3 or cls_token.shape[1] != 1:
-        raise ValueError(f"{path}: expected one DeiT class token, got cls_token {cls_token.shape}")
     old_side = math.isqrt(pos.shape[1] - num_prefix)
-    if old_side * old_side != pos.shape[1] - num_prefix:
-        raise ValueError(f"{path}: pos_embed {tuple(pos.shape)} has no square patch grid")
 
     c = model.num_classes
     state["cls_token"] = cls_token.repeat(1, c, 1)

@@ -65,6 +65,27 @@ def ensemble_members(cfg: Mapping[str, Any]) -> int:
     return int(members)
 
 
+# The side images are resized to for the segmenter; beyond these a value is a typo (or a
+# crafted file asking for memory), not a setting.
+INPUT_SIZES = (16, 4096)
+
+
+def checked_input_size(cfg: Mapping[str, Any]) -> int:
+    """The ``input_size`` of a ``segmenter`` config (or a saved segmenter's), checked."""
+    value = cfg.get("input_size")
+    low, high = INPUT_SIZES
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"segmenter.input_size={value}: expected a whole number in {low}..{high}")
+    return value
+
+
+def stored_members(state_dict: Any) -> int:
+    """How many ensemble members a saved segmenter's weights hold (``members.<i>.`` keys)."""
+    keys = state_dict.keys() if isinstance(state_dict, Mapping) else ()
+    members = {key.split(".")[1] for key in keys if str(key).startswith("members.")}
+    return len(members) or 1
+
+
 class SegmenterEnsemble(nn.Module):
     """Segmenters trained alike from different seeds; predicts their mean class probabilities.
 
@@ -207,6 +228,7 @@ def check_segmenter_settings(cfg: Mapping[str, Any]) -> None:
         ``segmenter.<key>=<value>: ...``.
     """
     ensemble_members(cfg)
+    checked_input_size(cfg)
     if cfg["arch"] not in ARCHITECTURES:
         raise ValueError(
             f"segmenter.arch={cfg['arch']}: expected one of {', '.join(sorted(ARCHITECTURES))}"
@@ -709,7 +731,7 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any], list[st
     where = f"segmenter={path}"
     payload = read_payload(path, SEGMENTER_FILE)
     cfg, classes = payload["segmenter"], payload["classes"]
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("input_size"), int):
+    if not isinstance(cfg, dict) or "input_size" not in cfg:
         raise CheckpointError(f"{where}: its segmenter settings lack an input_size ({cfg!r:.80})")
     if cfg.get("arch") not in ARCHITECTURES:
         raise CheckpointError(
@@ -718,9 +740,15 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, Any], list[st
         )
     cfg, classes = {**cfg, "backbone_weights_file": None}, list(classes)
     try:
-        ensemble_members(cfg)
+        checked_input_size(cfg)
+        members = ensemble_members(cfg)
     except ValueError as error:
         raise CheckpointError(f"{where}: {error}") from None
+    # Checked before the networks are built: a file naming 10^5 members would take the memory.
+    if members != (held := stored_members(payload["state_dict"])):
+        raise CheckpointError(
+            f"{where}: its settings name {members} ensemble members, its weights hold {held}"
+        )
     model = create_segmenter(cfg, len(classes) + 1)
     load_weights(model, payload["state_dict"], where, cfg["arch"])
     return model.eval(), cfg, classes

@@ -366,6 +366,11 @@ def summary(ds: Dataset, fed: str, local: Sequence[str]) -> str:
     return f"- **{fed}, in short:** " + "; ".join(parts) + "."
 
 
+def shared_runs(n: int) -> str:
+    """``1 shared run`` / ``3 shared runs``: how many runs a comparison stands on."""
+    return f"{n} shared run{'' if n == 1 else 's'}"
+
+
 def verdicts(ds: Dataset) -> list[str]:
     """Plain sentences: did federated beat local-only per test split; the supervised gap.
 
@@ -390,7 +395,7 @@ def verdicts(ds: Dataset) -> list[str]:
                     noise = ", within one SD" if abs(fed_mean - mean) < max(fed_sd, sd) else ""
                     parts.append(
                         f"{verdict} local-only trained {where} ({100 * fed_mean:.1f} vs "
-                        f"{100 * mean:.1f} on {n} shared runs{noise})"
+                        f"{100 * mean:.1f} on {shared_runs(n)}{noise})"
                     )
                 if parts:
                     lines.append(
@@ -443,7 +448,7 @@ def weak_to_ceiling(ds: Dataset, fed: str, ceiling: str, column: str) -> str:
             "no shared runs"
             if n == 0
             else f"{metric.replace('_', '-')} {100 * weak:.1f} vs {100 * top:.1f} "
-            f"({weak / top:.0%} of the ceiling, {n} shared runs)"
+            f"({weak / top:.0%} of the ceiling, {shared_runs(n)})"
         )
     return f"  - {fed} (weak labels): " + "; ".join(gaps) + "."
 

@@ -23,7 +23,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from common.arrays import average_state_dicts
 from common.augment import train_cache_size
-from common.checkpoint import save_model
+from common.checkpoint import run_config, save_model
 from common.data import split_tensors
 from common.errors import JobError
 from common.model import MCTFormerV2
@@ -45,12 +45,11 @@ def personal_train_config(payload: dict[str, Any], cfg: DictConfig, hospital: st
         For a model file without its run's config, or a ``personalize.train`` key that the
         training settings do not have.
     """
-    if not isinstance(payload.get("config"), str):
+    if (trained := run_config(payload, str(cfg.checkpoint))) is None:
         raise JobError(
             f"checkpoint={cfg.checkpoint} carries no training config to fine-tune with; "
             "pass personalize.epochs=0"
         )
-    trained = OmegaConf.create(payload["config"])
     OmegaConf.set_struct(trained, True)  # as composed: a key the run did not have is refused
     try:
         merged = OmegaConf.merge(hospital_train_config(trained, hospital), cfg.personalize.train)
@@ -155,7 +154,7 @@ def personalize_stage(
     candidates = {"global": global_maps, "personalized": tuned_maps}
     kept = kept_model(candidates, evaluation)
     if kept == "personalized":
-        trained = OmegaConf.create(payload["config"])
+        trained = run_config(payload, str(cfg.checkpoint))
         save_model(
             tuned.state_dict(),
             trained,

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from common.checkpoint import load_model
+from common.checkpoint import load_model, run_config
 from common.cli import Command
 from common.config import number_setting
 from common.data import SplitSpec, check_split, hospital_names, load_hospital, split_digest
@@ -73,6 +75,27 @@ def resolve_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
     return run_dir / "postprocess" / str(cfg.hospital)
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse a folder whose entries of the job's names no ``w3s-postprocess`` run wrote.
+
+    A rerun replaces the job's outputs by name (``OUTPUTS``). In a folder of the user's own
+    (``output_dir=~/project``) a ``config.yaml`` or ``maps/`` of theirs would be gone for
+    good; the job's own ``config.yaml`` names the checkpoint and the hospital it ran with.
+    """
+    taken = [name for name in OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    if not taken:
+        return
+    try:
+        job = OmegaConf.load(out / "config.yaml")
+    except (OSError, yaml.YAMLError, OmegaConfBaseException):
+        job = None
+    if not (isinstance(job, DictConfig) and "checkpoint" in job and "hospital" in job):
+        raise JobError(
+            f"output_dir={out} holds {', '.join(taken)}, which no w3s-postprocess run wrote and "
+            "a run would replace; choose a new or empty output_dir"
+        )
+
+
 def check_hospital(cfg: DictConfig) -> str:
     """The configured hospital name, or a clear error listing the ones that exist."""
     names = hospital_names(cfg.data)
@@ -106,6 +129,7 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     check_split_sizes(cfg.data, hospital)
     check_layers(cfg, model)
     out = resolve_output_dir(cfg, checkpoint)
+    check_output_folder(out)
     log.info("hospital %s, model round %s, outputs in %s", hospital, payload.get("round"), out)
     # An earlier run's files (its fine-tuned copy, masks of images no longer in the split)
     # would no longer be this run's; they stay until this run has written all of its own.
@@ -295,9 +319,9 @@ def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path, hosp
     hospital (files of earlier versions, a hospital outside the federation) are taken as
     they are.
     """
-    if not isinstance(payload.get("config"), str):
+    if (run := run_config(payload, checkpoint)) is None:
         return
-    trained = SplitSpec.of(OmegaConf.create(payload["config"]).data)
+    trained = SplitSpec.of(run.data)
     used = check_split(data_cfg)
     if trained != used:
         raise JobError(

@@ -38,7 +38,7 @@ from common.data import (
 from common.errors import JobError
 from common.levers import head_levers, paste_share, size_bounds
 from common.localization import FOREGROUND_SOURCES
-from common.model import hospital_standardisation, mct_presets
+from common.model import hospital_standardisation, mct_presets, read_deit_state
 from common.network import free_port
 from common.pretrain import PRETRAIN_METHODS
 from common.training import hospital_train_config
@@ -174,9 +174,9 @@ def check_training_config(cfg: DictConfig) -> None:
     check_split(cfg.data)
     if str(cfg.model.name) not in mct_presets():
         raise JobError(f"model.name={cfg.model.name}: expected one of {', '.join(mct_presets())}")
-    pretrained = cfg.model.get("pretrained_file")
-    if pretrained and not Path(str(pretrained)).is_file():
-        raise JobError(f"model.pretrained_file={pretrained}: file not found")
+    if pretrained := cfg.model.get("pretrained_file"):
+        # Read here too: where the run starts (the ServerApp), a damaged file failed the run.
+        read_deit_state(Path(str(pretrained)))
     number_setting(cfg, "seed", whole=True)
     if cfg.resume and not cfg.output_dir:
         raise JobError("resume=true continues a run: give its folder as output_dir=<run dir>")

@@ -174,12 +174,19 @@ def hospital_names(data_cfg: Any) -> list[str]:
     Raises
     ------
     JobError
-        For a name YAML read as a number (``2019:``), which no text lookup would find.
+        For a name YAML read as a number (``2019:``), which no text lookup would find, or one
+        that is no folder name of its own (``a/b``, ``..``): a hospital's name names its
+        folders (its pretraining heads, its post-training outputs).
     """
     names = list(data_cfg.get("hospitals") or {})
     for name in names:
         if not isinstance(name, str):
             raise JobError(f"data.hospitals: hospital name {name} must be text; quote it: '{name}'")
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise JobError(
+                f"data.hospitals: hospital name '{name}' must be a folder name of its own "
+                "(no '/', '\\', '.' or '..')"
+            )
     return names
 
 

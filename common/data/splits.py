@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,17 @@ def train_subset(labels: np.ndarray, train: np.ndarray, share: float, seed: int)
     return np.sort(np.concatenate(kept or [np.empty(0, np.int64)])).astype(np.int64)
 
 
+def _count(value: Any, key: str) -> int:
+    """A whole number >= 0: ``int()`` would cut 1.7 to 1, and a negative seed fails late."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer() or number < 0:
+        raise ValueError(f"{key} must be a whole number >= 0, got {key}={value}")
+    return int(number)
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """How a hospital's images are split: fixed fractions, or one fold of a cross-validation."""
@@ -202,10 +214,10 @@ class SplitSpec:
         split = data_cfg.split
         folds = split.get("folds")
         return cls(
-            seed=int(split.seed),
+            seed=_count(split.seed, "seed"),
             fractions=tuple(float(f) for f in split.fractions),
-            folds=None if folds is None else int(folds),
-            fold=int(split.get("fold") or 0),
+            folds=None if folds is None else _count(folds, "folds"),
+            fold=_count(split.get("fold") or 0, "fold"),
             train_share=float(split.get("train_share", 1.0)),
         )
 

@@ -97,7 +97,7 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
         "| fedavg_fp16 |",
         "| supervised (hospital_a) |",
         "local-only trained here",
-        "of the ceiling)",
+        "of the ceiling, 1 shared run)",
         "final training loss",
         "| fedavg_fp16 | hospital_a | segmenter | binary | 1 |",
         "Compute: 3 runs,",

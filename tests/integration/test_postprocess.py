@@ -198,6 +198,7 @@ def test_without_the_fine_tune_the_global_models_maps_are_used(synthetic_run, tm
     out = tmp_path / "out"
     out.mkdir()
     (out / "personalized_model.pt").write_bytes(b"an earlier run's copy")
+    (out / "config.yaml").write_text(f"checkpoint: {root}/final_model.pt\nhospital: hospital_a\n")
     status, log = job_at_hospital_a(root, out, tmp_path / "cwd", "personalize.epochs=0")
     assert status == 0, log[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())

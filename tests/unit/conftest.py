@@ -29,6 +29,10 @@ CHECKPOINT_FAULTS = {
     "other_preset": "do not fit a mct_deit_small_patch16_224",
     "unknown_preset": "cannot be built",
     "segmenter_file": "segmenter file",
+    "config_not_yaml": "its training config cannot be read",
+    "config_a_list": "its training config cannot be read: it holds a ListConfig",
+    "config_seed_from_env": "its training config cannot be read: seed must be a whole number",
+    "huge_image": "img_size=4800 and 5 classes make 360005 tokens, the weights hold 21",
 }
 SEGMENTER_FAULTS = {
     "missing": "file not found",
@@ -41,6 +45,8 @@ SEGMENTER_FAULTS = {
     "mismatched_weights": "do not fit",
     "unknown_arch": "unknown architecture",
     "mct_file": "MCT model file",
+    "input_size_zero": "segmenter.input_size=0: expected a whole number in 16..4096",
+    "members_not_in_weights": "its settings name 100000 ensemble members, its weights hold 1",
 }
 TINY_SEGMENTER = {"arch": "lraspp_mobilenet_v3_large", "input_size": 32}
 
@@ -49,6 +55,7 @@ TINY_SEGMENTER = {"arch": "lraspp_mobilenet_v3_large", "input_size": 32}
 def model_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """``{"checkpoint": {fault: path}, "segmenter": {fault: path}, "good": {...}}``."""
     import torch
+    from omegaconf import OmegaConf
 
     from common.checkpoint import model_payload, save_atomic, save_model
     from common.config import compose_config
@@ -93,12 +100,27 @@ def model_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
     deit["model"] = {**deit["model"], "name": "mct_deit_small_patch16_224"}
     unknown = model_payload(mct.state_dict(), cfg, 1)
     unknown["model"] = {**unknown["model"], "name": "resnet18"}
+
+    def payload_with(**changes: object) -> dict:
+        """The good model file's payload with some of its entries replaced."""
+        payload = model_payload(mct.state_dict(), cfg, 1)
+        return {**payload, **changes}
+
+    seed_from_env = compose_config(["model.img_size=32", "data.split.seed=${oc.env:HOME}"])
+    huge = payload_with()
+    huge["model"] = {**huge["model"], "img_size": 4800}  # position embeddings of 360000 tokens
     checkpoint = {
         **common_faults("mct", good_mct, mct.state_dict()),
         "mismatched_weights": save_model(other_classes, cfg, 1, folder / "mct_mismatch.pt"),
         "other_preset": write("mct_other_preset", deit),
         "unknown_preset": write("mct_unknown_preset", unknown),
         "segmenter_file": good_segmenter,
+        "config_not_yaml": write("mct_config_not_yaml", payload_with(config="data: [\n")),
+        "config_a_list": write("mct_config_a_list", payload_with(config="- a\n- b\n")),
+        "config_seed_from_env": write(
+            "mct_config_seed_from_env", payload_with(config=OmegaConf.to_yaml(seed_from_env))
+        ),
+        "huge_image": write("mct_huge_image", huge),
     }
     wider = create_segmenter(TINY_SEGMENTER, len(classes) + 3)
     unknown_arch = segmenter_payload(segmenter, {**TINY_SEGMENTER, "arch": "unet"}, classes)
@@ -109,6 +131,17 @@ def model_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
         ),
         "unknown_arch": write("seg_unknown_arch", unknown_arch),
         "mct_file": good_mct,
+        "input_size_zero": write(
+            "seg_input_size_zero",
+            segmenter_payload(segmenter, {**TINY_SEGMENTER, "input_size": 0}, classes),
+        ),
+        "members_not_in_weights": write(
+            "seg_members",
+            {
+                **segmenter_payload(segmenter, TINY_SEGMENTER, classes),
+                "segmenter": {**TINY_SEGMENTER, "members": 100000},
+            },
+        ),
     }
     assert checkpoint.keys() == CHECKPOINT_FAULTS.keys()
     assert segmenter_files.keys() == SEGMENTER_FAULTS.keys()

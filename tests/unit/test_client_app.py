@@ -49,6 +49,14 @@ def test_a_hospital_without_a_validation_image_is_named_with_the_reason():
         evaluate(message, context)
 
 
+def test_an_empty_split_of_a_cross_validation_names_the_folds_as_the_remedy():
+    # Ten folds of six images: fold 7 validates on fold 8, which gets no image.
+    overrides = "model.img_size=32 data.hospitals.hospital_b.num_images=6 data.split.folds=10"
+    message, context = _evaluate_message(f"{overrides} data.split.fold=7", 3)
+    with pytest.raises(HospitalDataError, match="or set fewer data.split.folds"):
+        evaluate(message, context)
+
+
 def test_a_hospital_needs_no_copy_of_the_weights_file_the_server_started_from(tmp_path):
     # The run's config names the server's DeiT file; the hospital receives the global model.
     elsewhere = tmp_path / "on-the-server" / "deit_small.pth"

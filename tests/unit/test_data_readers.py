@@ -591,6 +591,10 @@ def test_every_fold_trains_on_each_class_of_two_images_or_more():
             r"train_share must be in \(0, 1\]",
         ),
         ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "train_share": 1.5}, "got 1.5"),
+        ({"seed": -1, "fractions": [0.6, 0.2, 0.2]}, "seed must be a whole number >= 0"),
+        ({"seed": 1.7, "fractions": [0.6, 0.2, 0.2]}, "got seed=1.7"),
+        ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 5.9, "fold": 0}, "got folds=5.9"),
+        ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 5, "fold": 4.99}, "got fold=4.99"),
     ],
 )
 def test_a_bad_split_is_one_line_naming_data_split(split, message):

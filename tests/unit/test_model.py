@@ -16,6 +16,8 @@ from common.model import (
     load_deit_weights,
     mct_loss,
 )
+from common.torch_files import CheckpointError
+from server_app.launch import check_training_config
 
 NUM_CLASSES = 5
 TINY = dict(img_size=96, patch_size=8, embed_dim=96, depth=4, num_heads=3)
@@ -281,12 +283,41 @@ def test_load_deit_weights_maps_timm_deit_small_keys(tmp_path: Path) -> None:
 def test_load_deit_weights_rejects_pickled_objects(tmp_path: Path) -> None:
     path = tmp_path / "with_args.pth"
     torch.save({"model": deit_state(), "args": argparse.Namespace(lr=5e-4)}, path)
-    with pytest.raises(ValueError, match="with_args.pth"):
+    with pytest.raises(CheckpointError, match="with_args.pth holds pickled Python objects"):
         load_deit_weights(tiny(), path)
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncated", "truncated or not a PyTorch file"),
+        ("text", "is not a PyTorch file"),
+        ("cls_token_int", "expected one DeiT class token"),
+        ("pos_embed_1d", "has no square patch grid"),
+    ],
+)
+def test_a_damaged_deit_file_is_one_line_naming_it_also_before_a_run(
+    tmp_path: Path, damage: str, message: str
+) -> None:
+    path = tmp_path / "deit.pth"
+    state = deit_state()
+    if damage == "cls_token_int":
+        state["cls_token"] = 3
+    if damage == "pos_embed_1d":
+        state["pos_embed"] = torch.zeros(10)
+    torch.save({"model": state}, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    if damage == "text":
+        path.write_text("<html>Sign in</html>")
+    with pytest.raises(CheckpointError, match=f"model.pretrained_file=.*deit.pth.*{message}"):
+        load_deit_weights(tiny(), path)
+    with pytest.raises(CheckpointError, match=f"model.pretrained_file=.*deit.pth.*{message}"):
+        check_training_config(compose_config([f"model.pretrained_file={path}"]))
+
+
 def test_load_deit_weights_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(CheckpointError, match="nope.pth: file not found"):
         load_deit_weights(tiny(), tmp_path / "nope.pth")
 
 

@@ -8,7 +8,12 @@ from PIL import Image
 from common.config import compose_config
 from common.errors import JobError
 from common.model import create_mct_model
-from post_training.postprocess import check_layers, check_postprocess_config, check_split_sizes
+from post_training.postprocess import (
+    check_layers,
+    check_output_folder,
+    check_postprocess_config,
+    check_split_sizes,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,3 +85,19 @@ def test_the_methods_own_value_is_checked_where_a_tune_list_covers_it():
     named = ["checkpoint=x.pt", "hospital=hospital_a", "pseudo.cell_fraction=1.5"]
     with pytest.raises(JobError, match="pseudo=stain_grow: cell_fraction must be in"):
         check_postprocess_config(compose_config(named, "postprocess"))
+
+
+def test_a_folder_of_the_users_own_is_not_replaced_by_name(tmp_path):
+    check_output_folder(tmp_path / "new")  # nothing there: nothing to replace
+    (tmp_path / "notes.txt").write_text("mine")
+    check_output_folder(tmp_path)  # no entry of the job's names
+    (tmp_path / "config.yaml").write_text("project: mine\n")
+    (tmp_path / "maps").mkdir()
+    with pytest.raises(JobError, match="holds config.yaml, maps, which no w3s-postprocess run"):
+        check_output_folder(tmp_path)
+    (tmp_path / "config.yaml").write_text(": [\n")  # nor one that is no YAML
+    with pytest.raises(JobError, match="holds config.yaml, maps"):
+        check_output_folder(tmp_path)
+    # An earlier run's folder: its config.yaml names the checkpoint and hospital it ran with.
+    (tmp_path / "config.yaml").write_text("checkpoint: /runs/final_model.pt\nhospital: a\n")
+    check_output_folder(tmp_path)

@@ -122,6 +122,15 @@ def test_a_hospital_name_read_as_a_number_is_named():
         verify_data(cfg)
 
 
+@pytest.mark.parametrize("name", ["..", ".", "site/a", "site\\a", ""])
+def test_a_hospital_name_that_is_no_folder_name_of_its_own_is_named(name):
+    # A hospital's name names its folders: '..' would put its pretraining heads (removed when
+    # the MCT rounds start) outside the site's state folder.
+    cfg = OmegaConf.create({"classes": FIVE, "hospitals": {name: {"format": "synthetic"}}})
+    with pytest.raises(JobError, match="must be a folder name of its own"):
+        verify_data(cfg)
+
+
 def test_truncation_is_reported_even_if_pil_was_told_to_pad(broken_tree, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries do
     root, expected = broken_tree
