@@ -34,22 +34,32 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 RANDAUGMENT_LEVELS = 10
 
 
-def magnitude_problem(magnitude: float) -> str | None:
-    """Why ``train.augment.randaugment_magnitude`` cannot be used, or None."""
-    if float(magnitude).is_integer() and 0 <= magnitude <= RANDAUGMENT_LEVELS:
+def magnitude_problem(augment: Mapping[str, Any]) -> str | None:
+    """Why a ``train.augment`` node's RandAugment magnitude cannot be used, or None.
+
+    Only where RandAugment is on (``randaugment_ops`` > 0). Model files trained before the
+    magnitude was read on timm's scale may hold values up to 30 (torchvision's levels).
+    """
+    magnitude = augment["randaugment_magnitude"]
+    try:
+        whole = float(magnitude).is_integer() and 0 <= float(magnitude) <= RANDAUGMENT_LEVELS
+    except (TypeError, ValueError):
+        whole = False
+    if whole or not float(augment["randaugment_ops"]) > 0:
         return None
     return (
-        f"train.augment.randaugment_magnitude={magnitude:g}: expected a whole number in "
+        f"train.augment.randaugment_magnitude={magnitude}: expected a whole number in "
         f"0..{RANDAUGMENT_LEVELS} (tenths of each operation's maximum, as timm's rand-m9)"
     )
 
 
-def rand_augment(ops: int, magnitude: int) -> v2.RandAugment:
+def rand_augment(ops: int, magnitude: float) -> v2.RandAugment:
     """``ops`` RandAugment operations at ``magnitude`` out of :data:`RANDAUGMENT_LEVELS`."""
-    if problem := magnitude_problem(magnitude):
+    augment = {"randaugment_ops": ops, "randaugment_magnitude": magnitude}
+    if problem := magnitude_problem(augment):
         raise ValueError(problem)
     return v2.RandAugment(
-        num_ops=ops, magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_LEVELS + 1
+        num_ops=ops, magnitude=int(magnitude), num_magnitude_bins=RANDAUGMENT_LEVELS + 1
     )
 
 
@@ -74,7 +84,7 @@ def build_train_transform(
         steps.append(v2.RandomGrayscale(p=augment["grayscale_p"]))
     if augment["randaugment_ops"] > 0:
         steps.append(
-            rand_augment(int(augment["randaugment_ops"]), int(augment["randaugment_magnitude"]))
+            rand_augment(int(augment["randaugment_ops"]), augment["randaugment_magnitude"])
         )
     pixel = v2.Compose(steps)
     # Per-pixel normal noise in the normalised image, as timm's erasing (mode "pixel").

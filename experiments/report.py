@@ -226,12 +226,18 @@ def load_dataset(runs_dir: Path) -> Dataset:
 
 
 def split_design(data: DictConfig) -> dict[str, Any]:
-    """A label's ``data.split`` without the fold and the training share.
+    """A label's ``data.split`` without the fold and the training share, as it draws images.
 
-    Those differ between a label's runs and between a learning curve's labels by design.
+    The fold and the share differ between a label's runs and between a learning curve's
+    labels by design. Cross-validation ignores the fractions, and a label written before
+    ``folds`` existed split by the fractions (``folds: null``).
     """
     split = OmegaConf.to_container(data.split, resolve=True)
-    return {key: value for key, value in split.items() if key not in ("fold", "train_share")}
+    design = {key: value for key, value in split.items() if key not in ("fold", "train_share")}
+    design.setdefault("folds", None)
+    if design["folds"] is not None:
+        design.pop("fractions", None)
+    return design
 
 
 def shared_hospitals(runs_dir: Path, results: Sequence[dict[str, Any]]) -> list[str]:

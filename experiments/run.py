@@ -583,12 +583,16 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     if problems := verify_data(cfg.data):
         raise DataVerificationError(problems)
     training = [o for o in overrides if override_key(o).split(".")[0] not in EXPERIMENT_KEYS]
-    if any(override_key(o) == "train.proximal_mu" for o in training):
-        # It would train FedProx under regime=fedavg, and results.json would record the
-        # regime's value, not the one trained with.
+    per_hospital = cfg.train.get("per_hospital") or {}
+    own_mu = [
+        f"train.per_hospital.{h}" for h, own in per_hospital.items() if "proximal_mu" in (own or {})
+    ]
+    if any(override_key(o) == "train.proximal_mu" for o in training) or own_mu:
+        # It would train FedProx under regime=fedavg (at one hospital, or all), and
+        # results.json would record the regime's value, not the one trained with.
         raise JobError(
-            "train.proximal_mu is the regime's setting in w3s-experiment: give "
-            "regime.proximal_mu=<mu> (regime=fedprox)"
+            f"{(own_mu or ['train'])[0]}.proximal_mu: the regime's setting in w3s-experiment: "
+            "give regime.proximal_mu=<mu> (regime=fedprox)"
         )
     training.append(f"train.proximal_mu={cfg.regime.proximal_mu}")
     shared = [o for o in training if override_key(o).split(".")[0] in SHARED_WITH_POSTPROCESS]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from common.arrays import average_state_dicts
-from common.augment import train_cache_size
+from common.augment import magnitude_problem, train_cache_size
 from common.checkpoint import run_config, save_model
 from common.data import split_tensors
 from common.errors import JobError
@@ -42,8 +42,8 @@ def personal_train_config(payload: dict[str, Any], cfg: DictConfig, hospital: st
     Raises
     ------
     JobError
-        For a model file without its run's config, or a ``personalize.train`` key that the
-        training settings do not have.
+        For a model file without its run's config, a ``personalize.train`` key that the
+        training settings do not have, or a RandAugment magnitude off timm's scale.
     """
     if (trained := run_config(payload, str(cfg.checkpoint))) is None:
         raise JobError(
@@ -55,7 +55,14 @@ def personal_train_config(payload: dict[str, Any], cfg: DictConfig, hospital: st
         merged = OmegaConf.merge(hospital_train_config(trained, hospital), cfg.personalize.train)
     except (ConfigKeyError, ValidationError) as error:
         raise JobError(f"personalize.train: {str(error).splitlines()[0]}") from None
-    return OmegaConf.to_container(merged, resolve=True)
+    settings = OmegaConf.to_container(merged, resolve=True)
+    # A model file of a run that read the magnitude on torchvision's 31 levels may hold up to 30.
+    if problem := magnitude_problem(settings["augment"]):
+        raise JobError(
+            f"personalize: the fine-tune takes the run's {problem}; set "
+            "personalize.train.augment.randaugment_magnitude, or personalize.epochs=0"
+        )
+    return settings
 
 
 def fine_tuned_model(

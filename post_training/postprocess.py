@@ -30,7 +30,12 @@ from common.progress import Profile
 from common.pseudo import create_masker
 from common.segmenter import check_segmenter_settings
 from common.training import check_device, resolve_device
-from post_training.personalize import PERSONALIZED_MODEL, SiteMaps, personalize_stage
+from post_training.personalize import (
+    PERSONALIZED_MODEL,
+    SiteMaps,
+    personal_train_config,
+    personalize_stage,
+)
 from post_training.report import markdown_table, save_figure, write_report
 from post_training.stages import (
     Evaluation,
@@ -87,7 +92,7 @@ def check_output_folder(out: Path) -> None:
         return
     try:
         job = OmegaConf.load(out / "config.yaml")
-    except (OSError, yaml.YAMLError, OmegaConfBaseException):
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException):  # not UTF-8 text too
         job = None
     if not (isinstance(job, DictConfig) and "checkpoint" in job and "hospital" in job):
         raise JobError(
@@ -128,6 +133,8 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     check_same_split(payload, cfg.data, checkpoint, hospital)
     check_split_sizes(cfg.data, hospital)
     check_layers(cfg, model)
+    if int(cfg.personalize.epochs) > 0:
+        personal_train_config(payload, cfg, hospital)  # refused now, not after the maps
     out = resolve_output_dir(cfg, checkpoint)
     check_output_folder(out)
     log.info("hospital %s, model round %s, outputs in %s", hospital, payload.get("round"), out)

@@ -180,8 +180,6 @@ def check_training_config(cfg: DictConfig) -> None:
     number_setting(cfg, "seed", whole=True)
     if cfg.resume and not cfg.output_dir:
         raise JobError("resume=true continues a run: give its folder as output_dir=<run dir>")
-    if problem := magnitude_problem(number_setting(cfg, "train.augment.randaugment_magnitude")):
-        raise JobError(problem)
     rounds = ("federation.rounds", "train.local_epochs")
     if min(number_setting(cfg, key, whole=True) for key in rounds) < 1:
         raise JobError("federation.rounds and train.local_epochs must be at least 1")
@@ -256,6 +254,10 @@ def check_hospital_settings(cfg: DictConfig) -> None:
                 check(cfg, str(hospital))
             except ValueError as error:
                 raise JobError(str(error)) from None
+    # Each hospital's augmentation as its ClientApp will build it.
+    for train in [cfg.train, *(hospital_train_config(cfg, h) for h in names)]:
+        if problem := magnitude_problem(train["augment"]):
+            raise JobError(problem)
 
 
 def check_foreground_settings(cfg: DictConfig) -> None:

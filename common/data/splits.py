@@ -170,9 +170,14 @@ def train_subset(labels: np.ndarray, train: np.ndarray, share: float, seed: int)
 
 
 def _count(value: Any, key: str) -> int:
-    """A whole number >= 0: ``int()`` would cut 1.7 to 1, and a negative seed fails late."""
+    """A whole number >= 0: ``int()`` would cut 1.7 to 1, and a negative seed fails late.
+
+    An int is taken exactly (a float would round a seed above 2^53 to another split).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
     try:
-        number = float(value)
+        number = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not number.is_integer() or number < 0:

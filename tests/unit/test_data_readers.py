@@ -595,11 +595,19 @@ def test_every_fold_trains_on_each_class_of_two_images_or_more():
         ({"seed": 1.7, "fractions": [0.6, 0.2, 0.2]}, "got seed=1.7"),
         ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 5.9, "fold": 0}, "got folds=5.9"),
         ({"seed": 0, "fractions": [0.6, 0.2, 0.2], "folds": 5, "fold": 4.99}, "got fold=4.99"),
+        ({"seed": True, "fractions": [0.6, 0.2, 0.2]}, "got seed=True"),
     ],
 )
 def test_a_bad_split_is_one_line_naming_data_split(split, message):
     with pytest.raises(JobError, match=f"data.split: .*{message}"):
         check_split(OmegaConf.create({"split": split}))
+
+
+def test_a_large_split_seed_is_kept_exactly():
+    seed = 2**53 + 1  # a float would make it 2**53, another split
+    split = {"seed": seed, "fractions": [0.6, 0.2, 0.2], "folds": 5, "fold": 2.0}
+    spec = check_split(OmegaConf.create({"split": split}))
+    assert (spec.seed, spec.fold) == (seed, 2)
 
 
 def test_hospital_split_takes_the_configured_fold(real_cfg):

@@ -35,6 +35,7 @@ from experiments.report import (
     paired_difference,
     paired_table,
     post_training_variants,
+    split_design,
     verdicts,
     write_report,
 )
@@ -575,6 +576,22 @@ def test_a_report_refuses_labels_whose_rows_or_columns_it_cannot_tell_apart(
     )
 
 
+def test_labels_that_draw_the_same_images_have_one_split_design():
+    def design(**split) -> dict:
+        return split_design(OmegaConf.create({"split": split}))
+
+    fixed = {"seed": 0, "fractions": [0.6, 0.2, 0.2]}
+    # A label written before data.split.folds existed split by the fractions.
+    assert design(**fixed) == design(**fixed, folds=None, fold=0, train_share=0.5)
+    # Cross-validation ignores the fractions; the seed and the number of folds it does not.
+    crossed = {"seed": 0, "folds": 5, "fold": 1}
+    assert design(**crossed, fractions=[0.6, 0.2, 0.2]) == design(
+        **crossed, fractions=[0.8, 0.1, 0.1]
+    )
+    assert design(**crossed) != design(**{**crossed, "folds": 3})
+    assert design(**fixed) != design(**{**fixed, "seed": 1})
+
+
 def _scored(label: str, regime: str, fold: int, rows: dict, share: float = 1.0) -> dict:
     """A finished run of one seed at hospital a: its rows' segmenter score, both metrics."""
     return {
@@ -831,7 +848,11 @@ def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before
         (["postprocess=['segmenter.members=two']"], "segmenter.members=two: expected a whole"),
         (["postprocess=abc"], "postprocess=abc: expected a list of overrides"),
         (["regime.proximal_mu=abc"], "regime.proximal_mu=abc: expected a number"),
-        (["train.proximal_mu=0.1"], "train.proximal_mu is the regime's setting"),
+        (["train.proximal_mu=0.1"], "train.proximal_mu: the regime's setting"),
+        (
+            ["+train.per_hospital.hospital_a.proximal_mu=0.1"],
+            "train.per_hospital.hospital_a.proximal_mu: the regime's setting",
+        ),
         (["regime=personalized", "regime.finetune_lr_scale=0"], "regime.finetune_lr_scale=0"),
         (["seeds=abc"], "seeds=abc: expected a list of whole numbers"),
         (["seeds=0"], "seeds=0: expected a list of whole numbers"),

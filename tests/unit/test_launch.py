@@ -43,7 +43,17 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
         (["federation.guards.max_update_norm_ratio=0"], "federation.guards.max_update_norm_ratio"),
         (["federation.round_wait_for_nodes_s=-1"], "round_wait_for_nodes_s"),
         (["resume=true"], "resume=true continues a run: give its folder as output_dir"),
-        (["train.augment.randaugment_magnitude=15"], "randaugment_magnitude=15: expected"),
+        (
+            ["train.augment.randaugment_ops=2", "train.augment.randaugment_magnitude=15"],
+            "randaugment_magnitude=15: expected",
+        ),
+        (  # at one hospital, as its ClientApp would build it
+            [
+                "train.augment.randaugment_ops=2",
+                "+train.per_hospital.hospital_a.augment.randaugment_magnitude=9.5",
+            ],
+            "randaugment_magnitude=9.5: expected a whole number",
+        ),
         (["data.split.folds=5", "data.split.fold=5"], "data.split: fold must be in 0..4"),
         (
             ["model.foreground_head=false"],

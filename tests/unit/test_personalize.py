@@ -43,6 +43,16 @@ def test_the_fine_tune_takes_the_runs_settings_with_the_sites_own_and_personaliz
     assert personal_train_config(payload, _job(), "hospital_b")["lr"] == 1.0e-3
 
 
+def test_a_run_of_the_old_randaugment_scale_is_named_before_the_fine_tune():
+    # Trained when the magnitude was read on torchvision's 31 levels (15 was valid then).
+    old = ["train.augment.randaugment_ops=2", "train.augment.randaugment_magnitude=15"]
+    payload = _run_payload(old)
+    with pytest.raises(JobError, match="personalize: the fine-tune takes the run's .*=15"):
+        personal_train_config(payload, _job(), "hospital_a")
+    fixed = _job("+personalize.train.augment.randaugment_magnitude=9")
+    assert personal_train_config(payload, fixed, "hospital_a")["augment"]["randaugment_ops"] == 2
+
+
 def test_the_fine_tune_refuses_unknown_keys_a_file_without_config_and_a_headless_model():
     payload = _run_payload([])
     with pytest.raises(JobError, match="personalize.train: .*not_a_key"):

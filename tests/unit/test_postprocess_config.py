@@ -95,9 +95,10 @@ def test_a_folder_of_the_users_own_is_not_replaced_by_name(tmp_path):
     (tmp_path / "maps").mkdir()
     with pytest.raises(JobError, match="holds config.yaml, maps, which no w3s-postprocess run"):
         check_output_folder(tmp_path)
-    (tmp_path / "config.yaml").write_text(": [\n")  # nor one that is no YAML
-    with pytest.raises(JobError, match="holds config.yaml, maps"):
-        check_output_folder(tmp_path)
+    for other in (b": [\n", "project: ü\n".encode("utf-16")):  # no YAML, no UTF-8
+        (tmp_path / "config.yaml").write_bytes(other)
+        with pytest.raises(JobError, match="holds config.yaml, maps"):
+            check_output_folder(tmp_path)
     # An earlier run's folder: its config.yaml names the checkpoint and hospital it ran with.
     (tmp_path / "config.yaml").write_text("checkpoint: /runs/final_model.pt\nhospital: a\n")
     check_output_folder(tmp_path)
