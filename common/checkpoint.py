@@ -344,12 +344,15 @@ def prune_rounds(directory: Path, prefix: str, current: int, kept: int) -> None:
 
     Within a run the rounds only grow and a resume starts from the newest file, so a later
     round's file is an earlier run's in the same folder: left there, it would outlive this
-    run's files and be what the next resume starts from.
+    run's files and be what the next resume starts from. The temporary file of a write that
+    was killed (``.round_003.pt.*.tmp``, a model's size each) goes too: the round's own write
+    has finished when this runs, and no other process writes this phase's files.
     """
     files = round_files(directory, prefix)
     later = [path for number, path in files if number > current]
     up_to_now = [path for number, path in files if number <= current]
-    for path in later + up_to_now[:-kept]:
+    killed = list(directory.glob(f".{prefix}*.pt.*.tmp"))
+    for path in later + up_to_now[:-kept] + killed:
         path.unlink(missing_ok=True)
 
 

@@ -2,6 +2,8 @@
 
 import os
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +87,18 @@ def test_pruning_removes_an_earlier_runs_later_rounds_not_this_runs(tmp_path):
     prune_rounds(tmp_path, "round_", 1, kept=2)
     assert [r for r, _ in round_files(tmp_path)] == [0, 1]
     assert latest_checkpoint(tmp_path)[1]["round"] == 1
+
+
+def test_pruning_removes_the_temporaries_of_killed_writes_of_its_phase(tmp_path):
+    # As replaced_atomically names them; a SIGKILL mid-write leaves one behind, a model's size.
+    killed = [
+        Path(tempfile.mkstemp(dir=tmp_path, prefix=f".{name}.", suffix=".tmp")[1])
+        for name in ("round_002.pt", "pretrain_round_004.pt")
+    ]
+    _save_rounds(tmp_path, (1, 2, 3))
+    prune_rounds(tmp_path, "round_", 3, kept=2)
+    assert not killed[0].exists() and killed[1].exists()  # the other phase prunes its own
+    assert [r for r, _ in round_files(tmp_path)] == [2, 3]
 
 
 @pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
