@@ -40,10 +40,14 @@ def write_text_atomically(path: Path, text: str) -> None:
     """``path`` holds ``text`` whole, or what it held before: never a file cut short.
 
     For files a later run reads back (a resumed run's ledger and rows): ``write_text`` empties
-    the file first, so a kill or a full disk in between leaves nothing to resume from.
+    the file first, so a kill or a full disk in between leaves nothing to resume from. The
+    text reaches the disk before the rename, or a power loss could keep the rename and not the
+    text: an empty file in place of the old one.
     """
-    with replaced_atomically(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
+    with replaced_atomically(path) as temporary, temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_json(path: Path) -> Any:

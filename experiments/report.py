@@ -30,7 +30,7 @@ from common.cli import Command
 from common.data import hospital_split
 from common.errors import JobError
 from common.files import staged_outputs, write_text_atomically
-from experiments.run import RESULTS
+from experiments.run import COMMAND_LINE, RESULTS
 from experiments.supervised import true_labels
 from post_training.artifacts import overlay, sample_stems, save_grid
 from post_training.stages import DISK, MAPS, OTSU, PSEUDO_MASKS, SEGMENTER
@@ -171,9 +171,15 @@ class Dataset:
         A label that stopped part-way, or ran other folds, would otherwise be compared with
         another over different test splits, where an easy fold can outweigh the regime.
         """
-        scored = [self.cells_by_run(row, column, metric) for row in rows]
-        keys = set.intersection(*(set(scores) for scores in scored))
-        return [mean_sd(scores[k] for k in keys) for scores in scored]
+        return on_shared_keys([self.cells_by_run(row, column, metric) for row in rows])
+
+
+def on_shared_keys(
+    scored: Sequence[dict[tuple[int, int], float]],
+) -> list[tuple[float, float, int]]:
+    """Mean, SD and count of each by-run score dict over the (fold, seed) keys all of them have."""
+    keys = set.intersection(*(set(scores) for scores in scored)) if scored else set()
+    return [mean_sd(scores[k] for k in keys) for scores in scored]
 
 
 def train_share(result: dict[str, Any]) -> float:
@@ -194,7 +200,7 @@ def load_dataset(runs_dir: Path) -> Dataset:
     data, commands, results, postprocess = None, [], [], {}
     for path in configs:
         text = path.read_text(encoding="utf-8")
-        commands += [line[2:] for line in text.splitlines() if line.startswith("# w3s-")]
+        commands += [line[2:] for line in text.splitlines() if line.startswith(COMMAND_LINE)]
         cfg = OmegaConf.create(text)
         postprocess[str(cfg.label)] = [str(o) for o in cfg.get("postprocess") or []]
         if data is None:
@@ -602,11 +608,11 @@ def learning_curve_table(ds: Dataset) -> str | None:
                     if len(rows) == 1
                     else {}
                 )
-            ran = [set(by_run) for by_run in scores if by_run]  # a blank share takes no part
-            keys = set.intersection(*ran) if ran else set()
+            # A blank share takes no part.
+            shared = iter(on_shared_keys([by_run for by_run in scores if by_run]))
             cells = []
             for by_run in scores:
-                mean, sd, n = mean_sd(v for k, v in by_run.items() if k in keys)
+                mean, sd, n = next(shared) if by_run else mean_sd(())
                 cells.append("-" if n == 0 else f"{100 * mean:.1f} ± {100 * sd:.1f} ({n})")
             lines.append(f"| {key} | {column} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

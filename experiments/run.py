@@ -50,6 +50,8 @@ EXPERIMENT_KEYS = ("seeds", "folds", "runs_dir", "label", "postprocess", "regime
 # Training overrides that the post-training job needs as well (which data, which device).
 SHARED_WITH_POSTPROCESS = ("data", "device")
 RESULTS = "results.json"
+# How experiment.yaml keeps each command that ran under a label: w3s-report reads them back.
+COMMAND_LINE = "# w3s-experiment "
 # The data config's mapping of hospital name to its reader settings.
 HOSPITALS = "data.hospitals"
 
@@ -556,7 +558,7 @@ def check_postprocess_fits_model(run: SeedRun) -> None:
         )
 
 
-def write_experiment_file(path: Path, command: str, cfg: DictConfig) -> None:
+def write_experiment_file(path: Path, overrides: Sequence[str], cfg: DictConfig) -> None:
     """The label's config, under a comment line for every command that ran under it.
 
     New seeds or folds join a label by another call: keeping only the last command would show
@@ -566,14 +568,14 @@ def write_experiment_file(path: Path, command: str, cfg: DictConfig) -> None:
         earlier = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         earlier = []
-    commands = [line for line in earlier if line.startswith("# w3s-experiment")]
-    lines = dict.fromkeys([*commands, f"# {command}"])
+    commands = [line for line in earlier if line.startswith(COMMAND_LINE)]
+    lines = dict.fromkeys([*commands, COMMAND_LINE + shlex.join(overrides)])
     write_text_atomically(path, "\n".join(lines) + "\n" + OmegaConf.to_yaml(cfg))
 
 
 def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     """One regime, every fold and seed, end to end; runs finished by an earlier call are kept."""
-    command = f"w3s-experiment {shlex.join(overrides)}"
+    typed = list(overrides)
     overrides = [*overrides, *launch.absolute_path_overrides(cfg, Path.cwd())]
     if any(override_key(o) == "seed" for o in overrides):
         raise JobError("seed= is set per run by w3s-experiment: give the seeds as seeds=[...]")
@@ -606,7 +608,7 @@ def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     if runs:
         check_label_config(runs, out)
     out.mkdir(parents=True, exist_ok=True)
-    write_experiment_file(out / "experiment.yaml", command, cfg)
+    write_experiment_file(out / "experiment.yaml", typed, cfg)
     for run in runs:
         if (done := finished_results(run.out)) is not None:
             log.info("%s: skipped, finished before in %.0fs", run.out, done.get("seconds", 0))

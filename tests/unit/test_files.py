@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from common import files
 from common.files import read_json, staged_outputs, write_text_atomically
 
 OWNED = ("metrics.json", "masks", "personalized_model.pt")
@@ -53,17 +54,34 @@ def test_a_file_written_whole_keeps_its_old_text_when_the_write_fails(tmp_path, 
     path = tmp_path / "privacy.json"
     write_text_atomically(path, '{"rounds": [1, 2]}\n')
 
-    def cut_short(self, text, encoding=None):
-        with open(self, "w", encoding=encoding) as handle:
-            handle.write(text[:5])
+    def disk_full(descriptor):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", cut_short)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_text_atomically(path, '{"rounds": [1, 2, 3]}\n')
     monkeypatch.undo()
     assert read_json(path) == {"rounds": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["privacy.json"]
+
+
+def test_a_file_written_whole_reaches_the_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    steps = []
+    real_fsync, real_replace = files.os.fsync, files.os.replace
+
+    def fsync(descriptor):
+        steps.append(("fsync", Path(f"/proc/self/fd/{descriptor}").read_text(encoding="utf-8")))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        steps.append(("replace", Path(target).name))
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    write_text_atomically(path, '{"round": 1}\n')
+    assert steps == [("fsync", '{"round": 1}\n'), ("replace", "metrics.jsonl")]
 
 
 def test_a_json_file_that_does_not_parse_is_named(tmp_path):
