@@ -80,13 +80,22 @@ def resolve_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
     return run_dir / "postprocess" / str(cfg.hospital)
 
 
-def check_output_folder(out: Path) -> None:
+def check_output_folder(out: Path, checkpoint: Path) -> None:
     """Refuse a folder whose entries of the job's names no ``w3s-postprocess`` run wrote.
 
     A rerun replaces the job's outputs by name (``OUTPUTS``). In a folder of the user's own
     (``output_dir=~/project``) a ``config.yaml`` or ``maps/`` of theirs would be gone for
     good; the job's own ``config.yaml`` names the checkpoint and the hospital it ran with.
+    The model the run reads is refused among them too: a run from an earlier run's
+    ``personalized_model.pt`` into the same folder would replace it, and keep no model in
+    its place where the global model wins.
     """
+    for name in OUTPUTS:
+        if checkpoint.is_relative_to(out / name):
+            raise JobError(
+                f"checkpoint={checkpoint} is this run's output {name} in output_dir={out}, "
+                "which the run replaces; copy it out of the folder or choose another output_dir"
+            )
     taken = [name for name in OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
     if not taken:
         return
@@ -136,7 +145,7 @@ def run_postprocess(cfg: DictConfig) -> dict[str, Any]:
     if int(cfg.personalize.epochs) > 0:
         personal_train_config(payload, cfg, hospital)  # refused now, not after the maps
     out = resolve_output_dir(cfg, checkpoint)
-    check_output_folder(out)
+    check_output_folder(out, checkpoint)
     log.info("hospital %s, model round %s, outputs in %s", hospital, payload.get("round"), out)
     # An earlier run's files (its fine-tuned copy, masks of images no longer in the split)
     # would no longer be this run's; they stay until this run has written all of its own.

@@ -9,6 +9,7 @@ after it (walks keep constants) and tuned on validation without walking again.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,13 +74,30 @@ class Background:
     alpha: float = 16.0
 
     def __post_init__(self) -> None:
+        # Checked here, before the maps: a mistyped value failed at the pseudo-mask stage.
         if self.kind not in ("constant", "power"):
             raise ValueError(f"background.kind must be 'constant' or 'power', got {self.kind!r}")
+        if self.value is not None and not _is_score(self.value):
+            raise ValueError(
+                f"background.value must be null (chosen on validation) or a number in [0, 1] "
+                f"(the maps' scale), got {self.value!r}"
+            )
+        if not _is_number(self.alpha) or not self.alpha > 0:
+            raise ValueError(f"background.alpha must be a number > 0, got {self.alpha!r}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> Background:
         """Build from a ``background`` config node (missing: a constant tuned on validation)."""
         return cls(**dict(cfg or {}))
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number; a bool is not one (YAML reads ``true`` as one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_score(value: Any) -> bool:
+    return _is_number(value) and 0 <= value <= 1
 
 
 class PseudoMasker(ABC):

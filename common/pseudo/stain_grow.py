@@ -50,6 +50,10 @@ BackgroundSeeds = Literal["maps", "border"]
 Pick = Literal["maps", "centre", "maps_else_centre"]
 Grow = Literal["radius", "region"]
 ColourSpace = Literal["rgb", "lab"]
+# Colour distances (RGB in [0, 1], Lab / 100) closer than a quarter of an 8-bit grey level are
+# one colour: float rounding in the smoothing and k-means leaves an image of one colour 1e-4
+# apart, which Otsu would split into a blob (a blank crop became all cell).
+SAME_COLOUR = 1e-3
 
 
 def _smoothed(image: np.ndarray, kernel: int = 5) -> torch.Tensor:
@@ -216,6 +220,8 @@ class StainGrowMasker(PseudoMasker):
     def _nucleus(self, record: MapRecord, distance: torch.Tensor) -> torch.Tensor:
         """The Otsu-stained blob chosen by the maps (or the centre), lobes merged for the choice."""
         height, width = distance.shape
+        if float(distance.max() - distance.min()) < SAME_COLOUR:
+            return torch.zeros_like(distance, dtype=torch.bool)
         stained = distance >= otsu_threshold(distance.numpy())
         reach = max(3, round(min(height, width) / 30)) | 1
         merged = dilated(stained, reach)

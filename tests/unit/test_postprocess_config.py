@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -87,18 +89,49 @@ def test_the_methods_own_value_is_checked_where_a_tune_list_covers_it():
         check_postprocess_config(compose_config(named, "postprocess"))
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("pseudo.background.value=0.4x", "background.value must be null .* got '0.4x'"),
+        ("pseudo.background.value=39", r"background.value must be null .* in \[0, 1\]"),
+        ("pseudo.background.value=true", "background.value must be null"),
+    ],
+)
+def test_a_background_setting_is_checked_before_the_maps(override, expected):
+    # It failed at the pseudo-mask stage, after the maps and seeds, in a traceback.
+    named = ["checkpoint=x.pt", "hospital=hospital_a", "pseudo=psa", override]
+    with pytest.raises(JobError, match=expected):
+        check_postprocess_config(compose_config(named, "postprocess"))
+
+
+MODEL = Path("/runs/final_model.pt")
+
+
 def test_a_folder_of_the_users_own_is_not_replaced_by_name(tmp_path):
-    check_output_folder(tmp_path / "new")  # nothing there: nothing to replace
+    check_output_folder(tmp_path / "new", MODEL)  # nothing there: nothing to replace
     (tmp_path / "notes.txt").write_text("mine")
-    check_output_folder(tmp_path)  # no entry of the job's names
+    check_output_folder(tmp_path, MODEL)  # no entry of the job's names
     (tmp_path / "config.yaml").write_text("project: mine\n")
     (tmp_path / "maps").mkdir()
     with pytest.raises(JobError, match="holds config.yaml, maps, which no w3s-postprocess run"):
-        check_output_folder(tmp_path)
+        check_output_folder(tmp_path, MODEL)
     for other in (b": [\n", "project: ü\n".encode("utf-16")):  # no YAML, no UTF-8
         (tmp_path / "config.yaml").write_bytes(other)
         with pytest.raises(JobError, match="holds config.yaml, maps"):
-            check_output_folder(tmp_path)
+            check_output_folder(tmp_path, MODEL)
     # An earlier run's folder: its config.yaml names the checkpoint and hospital it ran with.
     (tmp_path / "config.yaml").write_text("checkpoint: /runs/final_model.pt\nhospital: a\n")
-    check_output_folder(tmp_path)
+    check_output_folder(tmp_path, MODEL)
+
+
+def test_the_model_the_run_reads_is_not_among_the_outputs_it_replaces(tmp_path):
+    # Another pseudo-mask method from an earlier run's kept fine-tune, into the same folder:
+    # the run replaced personalized_model.pt, and wrote none where the global model won.
+    (tmp_path / "config.yaml").write_text("checkpoint: /runs/final_model.pt\nhospital: a\n")
+    tuned = tmp_path / "personalized_model.pt"
+    tuned.write_bytes(b"model")
+    with pytest.raises(JobError, match="is this run's output personalized_model.pt in output_dir"):
+        check_output_folder(tmp_path, tuned)
+    with pytest.raises(JobError, match="is this run's output maps in output_dir"):
+        check_output_folder(tmp_path, tmp_path / "maps" / "model.pt")
+    check_output_folder(tmp_path / "postprocess" / "a", tuned)  # the default folder: beside it

@@ -275,6 +275,13 @@ def test_a_background_the_method_cannot_take_is_refused_when_it_is_built():
         create_masker({**walk, "background": {"kind": "powr"}})
 
 
+def test_a_power_background_needs_a_positive_exponent():
+    assert Background.from_config({"kind": "power", "alpha": 4}).alpha == 4
+    for alpha in (0, -1, float("nan"), "16", True):
+        with pytest.raises(ValueError, match="background.alpha must be a number > 0"):
+            Background.from_config({"kind": "power", "alpha": alpha})
+
+
 def _smear(size: int = 64, shift: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A pale background, a white cell (dark nucleus in a lilac ring) and a red cell."""
     ys, xs = np.mgrid[0:size, 0:size]
@@ -339,6 +346,21 @@ def test_stain_grow_falls_back_to_the_centre_only_where_the_maps_are_empty():
             assert not maps_only.nucleus(record).any()
             (scores,) = maps_only.propagate([record], [record.maps])
             assert scores.abs().max() == 0
+
+
+@pytest.mark.parametrize("grey", [128, 200, 230])
+def test_stain_grow_finds_no_cell_in_an_image_of_one_colour(grey):
+    # A blank or over-exposed crop: rounding left its colour distances 1e-4 apart, and Otsu
+    # split them into a blob that grew over the whole image (at grey 200, not 128).
+    image = np.full((120, 120, 3), grey, dtype=np.uint8)
+    record = MapRecord(image, 0, torch.ones(3, 120, 120), torch.zeros(1), (1, 1))
+    for masker in (
+        StainGrowMasker(background_seeds="border", pick="maps_else_centre"),
+        StainGrowMasker(background_seeds="maps", pick="maps", colour_space="lab"),
+    ):
+        assert not masker.cell(record).any()
+        (scores,) = masker.propagate([record], [record.maps])
+        assert scores.abs().max() == 0
 
 
 def test_stain_grow_region_reaches_the_cytoplasm_but_not_a_bridged_red_cell():
