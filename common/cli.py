@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.errors import HydraException, OverrideParseException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config import CONF_DIR, compose_config
@@ -48,6 +48,7 @@ OPEN_MAPPINGS = (
 )
 # Hydra's answer to a key the config lacks, which suggests adding it with "+".
 UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'.*To append to your config use", re.DOTALL)
+_ABSENT = object()  # OmegaConf.select's answer for a key the config lacks
 INPUT_ERROR = 2
 UNEXPECTED_ERROR = 70  # sysexits.h's EX_SOFTWARE
 INTERRUPTED = 130  # the shell's status for a job ended by Ctrl-C
@@ -204,7 +205,7 @@ def compose_checked(
     """
     try:
         cfg = compose_config(overrides, config_name=config_name, conf_dir=conf_dir)
-        check_added_keys(cfg, overrides)
+        check_added_keys(cfg, overrides, config_name, conf_dir)
         if check is not None:
             check(cfg)  # reading a missing mandatory key raises OmegaConf's error
     except OverrideParseException as error:
@@ -226,21 +227,30 @@ def compose_checked(
     return cfg
 
 
-def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+def check_added_keys(
+    cfg: DictConfig, overrides: Sequence[str], config_name: str, conf_dir: Path | None
+) -> None:
     """Refuse a ``+key=value`` that adds a key outside :data:`OPEN_MAPPINGS`: nothing reads it.
 
     Hydra itself suggests the ``+`` for a mistyped key (``+federation.round=5``), and the job
-    would then run with its default, the typo kept in ``config.yaml`` without a word.
+    would then run with its default, the typo kept in ``config.yaml`` without a word. A
+    ``++key=value`` sets the key where the config has it and adds it where not: refused then.
     """
     for override in overrides:
-        if not override.startswith("+") or override.startswith("++"):
+        if not override.startswith("+"):
             continue
         key = override_key(override)
         if any(key == open_ or key.startswith(f"{open_}.") for open_ in OPEN_MAPPINGS):
             continue
+        if override.startswith("++"):
+            others = [o for o in overrides if o is not override]
+            base = compose_config(others, config_name=config_name, conf_dir=conf_dir)
+            if OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
+                continue
         raise JobError(
-            f"+{key}: adds a setting that nothing reads{_did_you_mean(cfg, key)}; new keys "
-            f"go only under {', '.join(OPEN_MAPPINGS)} (docs/configuration.md)"
+            f"{override.split('=', 1)[0]}: adds a setting that nothing reads"
+            f"{_did_you_mean(cfg, key)}; new keys go only under {', '.join(OPEN_MAPPINGS)} "
+            "(docs/configuration.md)"
         )
 
 

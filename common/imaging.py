@@ -77,7 +77,7 @@ def load_checked(image: Image.Image) -> Image.Image:
     value. That is right for values that use 16 bits, but a 12-bit colour camera's 0..4095
     keep 0..15 of 255 and the image trains nearly black. The low bits cannot be had through
     Pillow, so a file whose brightest value fits 14 bits (what :func:`eight_bit` would scale up
-    were it grey) is refused by name.
+    were it grey) is refused by name; one of 8-bit values in 16-bit samples reads all black.
     """
     raw_modes = [
         tile.args if isinstance(tile.args, str) else str(tile.args[0] if tile.args else "")
@@ -89,11 +89,12 @@ def load_checked(image: Image.Image) -> Image.Image:
     if not wide:
         return image
     brightest = int(np.asarray(image)[..., :3].max(initial=0))  # an opaque alpha is 255
-    if 0 < brightest < 2 ** (14 - 8):
+    if brightest < 2 ** (14 - 8):
+        effect = "all black" if brightest == 0 else "at least 4 times too dark"
         raise ValueError(
             f"16 bits per colour channel, all values below {256 * (brightest + 1)} (a camera "
-            "of 14 bits or fewer): Pillow keeps the top 8 bits of each, so it would read at "
-            "least 4 times too dark; save it with 8 bits per channel"
+            f"of 14 bits or fewer): Pillow keeps the top 8 bits of each, so it would read "
+            f"{effect}; save it with 8 bits per channel"
         )
     return image
 

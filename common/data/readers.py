@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image, ImageFile
+from PIL.TiffImagePlugin import IMAGELENGTH, IMAGEWIDTH
 
 from common.data.synthetic import generate_hospital, synthetic_labels
 from common.data.types import (
@@ -41,7 +42,7 @@ from common.data.types import (
     ProblemKind,
 )
 from common.errors import JobError
-from common.imaging import eight_bit, exif_orientation, load_checked, turned
+from common.imaging import EXIF_ORIENTATION, eight_bit, load_checked, turned
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +284,11 @@ def hospital_key(data_cfg: Any, name: str) -> str:
     spec = _plain(hospitals[name]) if name in hospitals else None
     if isinstance(spec, dict):
         spec = {
-            key: _absolute(value) if key in ROOT_KEYS and value is not None else value
+            key: _absolute(value) if key in ROOT_KEYS and _is_path(value) else value
             for key, value in spec.items()
         }
+        if isinstance(spec.get("class_map"), dict):  # YAML keys may be numbers and names both
+            spec["class_map"] = {str(k): v for k, v in spec["class_map"].items()}
     classes = _plain(data_cfg.get("classes"))
     return json.dumps({"name": name, "spec": spec, "classes": classes}, sort_keys=True, default=str)
 
@@ -370,12 +373,26 @@ def _config_errors(spec: Any, classes: tuple[str, ...]) -> list[str]:
     errors = [f"missing key {key!r}" for key in reader.required if spec.get(key) is None]
     unknown = sorted(set(spec) - {"format", *reader.required, *reader.optional})
     errors += [f"unknown key {key!r} for format {spec['format']!r}" for key in unknown]
+    for key in ROOT_KEYS:
+        if key in spec and spec[key] is not None and not _is_path(spec[key]):
+            errors.append(f"{key} must be a folder path, got {spec[key]!r}")
+    extensions = spec.get("extensions")
+    if extensions is not None and not (
+        isinstance(extensions, str)
+        or (isinstance(extensions, list) and all(isinstance(e, str) for e in extensions))
+    ):
+        errors.append(f"extensions must be a suffix or a list of them, got {extensions!r}")
     class_map = spec.get("class_map")
     if isinstance(class_map, str) and class_map.casefold() not in NAMED_CLASS_MAPS:
         errors.append(f"unknown class_map {class_map!r}; built-in: {sorted(NAMED_CLASS_MAPS)}")
     elif class_map is not None and not isinstance(class_map, str | dict):
         errors.append(f"class_map must be a mapping or a built-in name, got {class_map!r}")
     return errors
+
+
+def _is_path(value: Any) -> bool:
+    """A folder path; an empty one would be the working folder, not a missing setting."""
+    return isinstance(value, str | os.PathLike) and bool(str(value).strip())
 
 
 def _plain(node: Any) -> Any:
@@ -458,6 +475,7 @@ def _list_zxaoyou(source: Source) -> Listing:
     labels = _read_label_file(source, label_file, folder, images, listing)
     if labels is None:
         return listing
+    masks = _files_by_stem(source, listing, folder, (".png",))  # 001.PNG beside 001.BMP too
     for image_id in sorted(images.keys() | labels.keys()):
         path = images.get(image_id, folder / f"{image_id:03d}.bmp")
         if image_id not in labels:
@@ -467,8 +485,7 @@ def _list_zxaoyou(source: Source) -> Listing:
             detail = f"listed in labels but file missing ({label_file.name})"
             listing.problems.append(source.problem("unreadable_image", path, detail))
         elif labels[image_id] is not None:
-            mask = path.with_suffix(".png")
-            _add_entry(source, listing, path, labels[image_id], mask if mask.is_file() else None)
+            _add_entry(source, listing, path, labels[image_id], masks.get(path.stem))
     _drop_repeated_files(source, listing, root)
     return listing
 
@@ -888,10 +905,10 @@ def _decode(
         raise _BadFile("empty file (0 bytes)", truncated=False)
     try:
         with Image.open(path) as picture:
-            load_checked(picture)
-            stored = StoredFrame(picture.size, exif_orientation(picture))
-            turn = stored.orientation
-            if turn == 1 and image is not None and picture.size == image.size:
+            tag, turned_on_load = _load_with_tag(picture)
+            stored = StoredFrame(_stored_size(picture), int(tag or 1))
+            turn = 1 if turned_on_load else stored.orientation
+            if tag is None and image is not None and stored.size == image.size:
                 turn = image.orientation
             array = np.asarray(eight_bit(turned(picture, turn)).convert(mode), dtype=np.uint8)
             return array, stored
@@ -900,6 +917,27 @@ def _decode(
     except Exception as error:
         detail = f"cannot decode: {type(error).__name__}: {error}"
         raise _BadFile(detail, truncated="truncat" in str(error).casefold()) from error
+
+
+def _load_with_tag(picture: Image.Image) -> tuple[int | None, bool]:
+    """Decode ``picture``: its EXIF orientation tag, and whether loading turned the pixels.
+
+    The tag is None where the file has none, unlike 1 (upright) written by a tool. Pillow's
+    TIFF loader turns the pixels by their tag as it loads them and drops the tag, so a TIFF's
+    is read before; a PNG's may follow its pixels (reading it loads them, before
+    :func:`load_checked` could see how they are stored), so the others' are read after.
+    """
+    early = picture.getexif().get(EXIF_ORIENTATION) if picture.format == "TIFF" else None
+    load_checked(picture)
+    late = picture.getexif().get(EXIF_ORIENTATION)
+    return (early, True) if early is not None and late is None else (late, False)
+
+
+def _stored_size(picture: Image.Image) -> tuple[int, int]:
+    """The (width, height) a file stores its pixels in; a TIFF's size is already turned."""
+    if picture.format == "TIFF":
+        return picture.tag_v2[IMAGEWIDTH], picture.tag_v2[IMAGELENGTH]
+    return picture.size
 
 
 class _NotGreyMask(Exception):

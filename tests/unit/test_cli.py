@@ -265,6 +265,7 @@ def test_a_stop_signal_runs_the_jobs_clean_up_and_exits_130(stop, capsys):
             "fedration.rounds=5: no such setting (did you mean federation.rounds?)",
         ),
         ("+federation.round=5", "+federation.round: adds a setting that nothing reads (did you "),
+        ("++federation.round=5", "++federation.round: adds a setting that nothing reads (did you"),
         (
             "+zzz=1",
             "+zzz: adds a setting that nothing reads; new keys go only under data.hospitals",
@@ -287,6 +288,13 @@ def test_keys_added_where_the_user_names_them_are_taken():
         "config",
     )
     assert cfg.train.per_hospital.hospital_a.local_epochs == 1 and "extra" in cfg.data.hospitals
+
+
+def test_a_key_set_with_plus_plus_where_the_config_has_it_is_taken():
+    cfg = compose_checked(
+        ["++federation.rounds=3", "++train.per_hospital.a.local_epochs=1"], "config"
+    )
+    assert cfg.federation.rounds == 3 and cfg.train.per_hospital.a.local_epochs == 1
 
 
 def test_ctrl_c_says_the_job_was_interrupted(capsys):

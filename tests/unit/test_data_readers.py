@@ -199,7 +199,7 @@ def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_refused_not_read_dark(t
 
 @pytest.mark.parametrize(
     ("name", "refused"),
-    [("rgba12.png", True), ("black48.png", False), ("dark565.bmp", False)],
+    [("rgba12.png", True), ("eight48.png", True), ("dark565.bmp", False)],
 )
 def test_the_16_bit_colour_check_reads_colours_of_16_bit_samples_only(name, refused, tmp_path):
     rng = np.random.default_rng(0)
@@ -207,13 +207,15 @@ def test_the_16_bit_colour_check_reads_colours_of_16_bit_samples_only(name, refu
     if name == "rgba12.png":  # a 12-bit camera's colours behind an opaque alpha of 65535
         camera = rng.integers(0, 4096, (8, 8, 3))
         write_rgb48_png(path, np.concatenate([camera, np.full((8, 8, 1), 65535)], axis=2))
-    elif name == "black48.png":  # nothing to read too dark
-        write_rgb48_png(path, np.zeros((8, 8, 3), np.uint16))
+    elif name == "eight48.png":  # 8-bit values in 16-bit samples: their top bytes are all 0
+        write_rgb48_png(path, rng.integers(0, 256, (8, 8, 3)).astype(np.uint16))
     else:  # 16 bits a pixel, 5-6-5: Pillow's raw mode "BGR;16" is 8 bits a sample
         write_rgb565_bmp(path, rng.integers(0, 4, (8, 8), dtype=np.uint16))
     with Image.open(path) as image:
         if refused:
-            with pytest.raises(ValueError, match="16 bits per colour channel"):
+            with pytest.raises(
+                ValueError, match="16 bits per colour channel.*read (all black|at least)"
+            ):
                 load_checked(image)
         else:
             assert load_checked(image).size == (8, 8)
@@ -231,8 +233,9 @@ def test_images_are_read_turned_as_their_exif_orientation_shows_them(tmp_path):
     assert {image.shape for image in data.images} == {(24, 20, 3)}
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])  # Pillow turns a TIFF itself as it loads
 @pytest.mark.parametrize("drawn_on", ["stored pixels", "image as shown"])
-def test_a_mask_without_a_tag_lies_on_its_turned_image(tmp_path, drawn_on):
+def test_a_mask_without_a_tag_lies_on_its_turned_image(tmp_path, drawn_on, suffix):
     """Turned with its image when stored as the image is; kept when drawn on the shown image."""
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 36 wide and 30 high, shown turned a quarter clockwise
@@ -242,17 +245,49 @@ def test_a_mask_without_a_tag_lies_on_its_turned_image(tmp_path, drawn_on):
     mask[:8, :6] = 255
     if drawn_on == "image as shown":
         mask = np.rot90(mask, -1)  # where a tool that shows the turned image drew it
-    for cls in FIVE:
-        for folder in ("images", "masks"):
-            (tmp_path / folder / cls).mkdir(parents=True)
-        Image.fromarray(stored).save(tmp_path / "images" / cls / "0.jpg", exif=exif, quality=100)
-        Image.fromarray(np.ascontiguousarray(mask)).save(tmp_path / "masks" / cls / "0.png")
-    spec = {"format": "class_folders", "root": str(tmp_path / "images")}
-    data = load_hospital(data_cfg({"h": {**spec, "mask_root": str(tmp_path / "masks")}}), "h")
+    data = _turned_image_with_mask(tmp_path, stored, exif, mask, Image.Exif(), suffix)
     image, truth = data.images[0], data.masks[0]
     assert image.shape[:2] == truth.shape == (36, 30)
     nucleus = image.mean(axis=2) < 200
     assert (truth[nucleus] > 0).mean() > 0.9 and (nucleus[truth > 0]).mean() > 0.9
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
+def test_a_mask_tagged_upright_is_not_turned_with_its_image(tmp_path, suffix):
+    # Exporters that turn the pixels write orientation 1: the mask is as its tag says, though
+    # it has the stored size of an image shown turned half a turn.
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    stored = np.full((30, 36, 3), 255, np.uint8)
+    stored[:8, :6] = (90, 40, 120)  # shown in the bottom-right corner
+    mask = np.zeros((30, 36), np.uint8)
+    mask[-8:, -6:] = 255  # drawn on the image as shown
+    upright = Image.Exif()
+    upright[0x0112] = 1
+    data = _turned_image_with_mask(tmp_path, stored, exif, mask, upright, suffix)
+    image, truth = data.images[0], data.masks[0]
+    nucleus = image.mean(axis=2) < 200
+    assert nucleus[-8:, -6:].all() and (truth > 0).sum() == nucleus.sum()
+    assert (truth[nucleus] > 0).all()
+
+
+def _turned_image_with_mask(
+    root: Path,
+    stored: np.ndarray,
+    exif: Image.Exif,
+    mask: np.ndarray,
+    mask_exif: Image.Exif,
+    suffix: str,
+):
+    for cls in FIVE:
+        for folder in ("images", "masks"):
+            (root / folder / cls).mkdir(parents=True)
+        Image.fromarray(stored).save(root / "images" / cls / f"0{suffix}", exif=exif, quality=100)
+        Image.fromarray(np.ascontiguousarray(mask)).save(
+            root / "masks" / cls / "0.png", exif=mask_exif
+        )
+    spec = {"format": "class_folders", "root": str(root / "images")}
+    return load_hospital(data_cfg({"h": {**spec, "mask_root": str(root / "masks")}}), "h")
 
 
 def test_class_folders_int20_nested_with_map_and_masks(tmp_path):
@@ -404,6 +439,22 @@ def _zxaoyou_with_masks(root: Path, masks: dict[int, Image.Image]) -> dict:
     rows = "".join(f"{image_id},1\n" for image_id in masks)
     (root / "Class Labels of Dataset 1.csv").write_text("image ID,class label\n" + rows)
     return {"format": "zxaoyou", "root": str(root), "subset": "Dataset 1"}
+
+
+def test_a_zxaoyou_folder_of_upper_case_extensions_has_its_masks(tmp_path):
+    # Exports from Windows and cameras: 001.BMP was listed, 001.PNG not found as its mask.
+    spec = _zxaoyou_with_masks(tmp_path, {i: Image.fromarray(grey_mask(20, 20)) for i in (1, 2)})
+    folder = tmp_path / "Dataset 1"
+    for path in sorted(folder.iterdir()):
+        path.rename(path.with_suffix(path.suffix.upper()))
+    assert verify_data(data_cfg({"site": spec})) == []
+    data = load_hospital(data_cfg({"site": spec}), "site")
+    assert data.masks is not None and all(
+        (mask == grey_mask(20, 20) // 100).all() for mask in data.masks
+    )
+    Image.fromarray(grey_mask(20, 20)).save(folder / "001.png")  # beside 001.PNG
+    [problem] = verify_data(data_cfg({"site": spec}))
+    assert problem.kind == "ambiguous_mask"
 
 
 def test_masks_in_colours_or_class_codes_are_refused_by_name_not_misread(tmp_path):

@@ -238,10 +238,20 @@ def test_config_problems_are_collected_not_raised(tmp_path):
                 "named": {"format": "class_folders", "root": str(tmp_path), "class_map": "matek"},
                 "synth": {"format": "synthetic", "domain": "q", "num_images": 4,
                           "image_size": 32, "seed": 0},
+                # These raised a traceback or read the working folder.
+                "count": {"format": "class_folders", "root": str(tmp_path), "extensions": 5},
+                "mixed": {"format": "class_folders", "root": str(tmp_path),
+                          "extensions": ["png", 5]},
+                "roots": {"format": "class_folders", "root": ["a", "b"]},
+                "blank": {"format": "class_folders", "root": str(tmp_path), "mask_root": ""},
             },
         }
     )  # fmt: skip
     by_hospital = {p.hospital: p for p in verify_data(cfg)}
+    assert "extensions must be a suffix or a list of them, got 5" in by_hospital["count"].detail
+    assert "got ['png', 5]" in by_hospital["mixed"].detail
+    assert "root must be a folder path, got ['a', 'b']" in by_hospital["roots"].detail
+    assert "mask_root must be a folder path, got ''" in by_hospital["blank"].detail
     assert by_hospital["gone"].kind == "missing_root"
     assert by_hospital["gone"].path == str(tmp_path / "nope")
     assert "mask_rot" in by_hospital["typo"].detail
@@ -249,6 +259,21 @@ def test_config_problems_are_collected_not_raised(tmp_path):
     assert "matek" in by_hospital["named"].detail
     assert "domain" in by_hospital["synth"].detail
     assert {p.kind for p in by_hospital.values()} - {"missing_root"} == {"bad_config"}
+
+
+def test_a_class_map_of_number_and_name_keys_reads(tmp_path):
+    # YAML reads `6:` as a number: the data's cache key sorted them with the names and raised.
+    image_folder = tmp_path / "B"
+    image_folder.mkdir()
+    Image.new("RGB", (8, 8), "white").save(image_folder / "a.png")
+    spec = {"format": "class_folders", "root": str(tmp_path)}
+    cfg = OmegaConf.create(
+        {
+            "classes": FIVE,
+            "hospitals": {"h": {**spec, "class_map": {6: "basophil", "B": "basophil"}}},
+        }
+    )
+    assert verify_data(cfg) == []
 
 
 @pytest.mark.parametrize("dataset", ["raabin", "matek19"])
