@@ -61,6 +61,13 @@ def in_process(
     torch.manual_seed(cfg.seed)
     model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
     global_arrays = to_array_record(initial if initial is not None else model.state_dict())
+    # Each hospital's own model, as its ClientApp builds it (model.per_hospital standardisation).
+    models = {
+        name: create_mct_model(
+            cfg.model, len(cfg.data.classes), hospital=name, load_pretrained=False
+        )
+        for name in names
+    }
     heads: dict[str, dict[str, torch.Tensor]] = {}
     timings = []
     for server_round in range(1, rounds + 1):
@@ -68,13 +75,14 @@ def in_process(
         replies = []
         train_seconds, train_images = 0.0, 0
         for index, name in enumerate(names):
+            model = models[name]
             model.load_state_dict(to_state_dict(global_arrays))
             data = split_tensors(cfg.data, name, "train", train_cache_size(cfg.model.img_size))
             where = {"server_round": server_round, "hospital_index": index, "device": device}
             if phase == "pretrain":
                 result, heads[name] = pretrain_round(model, data, cfg, heads.get(name), **where)
             else:
-                result = train_round(model, data, cfg, **where)
+                result = train_round(model, data, cfg, hospital=name, **where)
             train_seconds += result.seconds
             train_images += result.images
             replies.append(
@@ -87,10 +95,10 @@ def in_process(
             )
         global_arrays = weighted_average(replies, array_specs(global_arrays))
         if phase == "mct":
-            model.load_state_dict(to_state_dict(global_arrays))
             for name in names:
+                models[name].load_state_dict(to_state_dict(global_arrays))
                 val = split_tensors(cfg.data, name, "val", cfg.model.img_size)
-                evaluate_local(model, val, cfg.localization, device=device)
+                evaluate_local(models[name], val, cfg.localization, device=device)
         timings.append(RoundTiming(time.perf_counter() - started, train_seconds, train_images))
     return timings, to_state_dict(global_arrays)
 

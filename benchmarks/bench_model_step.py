@@ -66,12 +66,17 @@ def median_step_time(
     warmup: int,
     amp: bool,
 ) -> float:
-    """Median seconds of one training step; on CUDA each step waits for its kernels."""
+    """Median seconds of one training step; on CUDA each step waits for its kernels.
+
+    ``amp`` steps as ``common.training.train_local`` does on CUDA: fp16 autocast with its
+    gradient scaler (scaling, the unscale and the inf check are part of the step).
+    """
     model.to(images.device).train()
     sync = torch.cuda.synchronize if images.device.type == "cuda" else lambda: None
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05
     )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     times = []
     for step in range(warmup + steps):
         sync()
@@ -79,8 +84,9 @@ def median_step_time(
         with torch.autocast(images.device.type, enabled=amp):
             loss = loss_fn(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - start)
@@ -99,10 +105,12 @@ def main() -> None:
     parser.add_argument("--drop-path-rate", type=float, default=0.1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument(
-        "--amp", action="store_true", help="autocast as training uses it (fp16 on CUDA)"
+        "--amp", action="store_true", help="mixed precision as training uses it (CUDA only)"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.amp and device.type != "cuda":
+        parser.error(f"--amp: training runs mixed precision on CUDA only, not on {device.type}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

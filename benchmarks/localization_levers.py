@@ -9,8 +9,10 @@ ClientApp run every phase) with the given Hydra overrides and seed, then scores,
 - the validation accuracy of both classifiers (class tokens, patch-CAM head) after the last round;
 - ``val-loc-miou`` per round, from the run's ``metrics.jsonl``, and its trend after round 5.
 
-The scores come from the post-training code itself (``post_training.stages``), so they are the
-numbers ``w3s-postprocess`` would print. Test scores are printed only with ``--test``: levers
+The scores come from the post-training code itself (``post_training.stages``): the numbers
+``w3s-postprocess personalize.epochs=0`` would print. They score the federation's model, the
+one a lever trains, before any site's fine-tune (which the job keeps where its maps score
+better on validation). Test scores are printed only with ``--test``: levers
 are compared on validation, and the test split is looked at once, at the end.
 
 Run from the repository root, under ``nice`` on a shared machine::

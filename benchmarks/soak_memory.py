@@ -22,12 +22,14 @@ import argparse
 import json
 import shlex
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from common.config import compose_config
 from common.data import hospital_names
+from common.files import write_text_atomically
 from server_app.launch import APP_DIR
 from support.flower_processes import (
     BIN,
@@ -40,17 +42,14 @@ from support.flower_processes import (
 # Small hospitals and one local epoch: the soak measures memory over rounds, not training. The
 # MCT rounds only: a pretraining phase numbers its own rounds from 1, and its rows would not be
 # the rounds asked for (the run was refused after its 20 pretraining rounds and the rest).
-DEFAULT_OVERRIDES = [
-    "pretrain=none",
-    "train.local_epochs=1",
-    "data.hospitals.hospital_a.num_images=40",
-    "data.hospitals.hospital_b.num_images=40",
-    "data.hospitals.hospital_c.num_images=40",
-]
+DEFAULT_OVERRIDES = ["pretrain=none", "train.local_epochs=1"]
+# Images of each synthetic hospital (of whichever data config the overrides choose).
+SYNTHETIC_IMAGES = 40
 # Command-line markers of the long-lived Flower processes besides the ServerApp's; RSS of
 # several processes of one kind (the SuperNodes) is summed.
 PROCESSES = {"superlink": "flower-superlink", "supernodes": "flower-supernode"}
 CONNECTION = "loopback"
+LOG_TAIL = 20  # lines of the run's log shown when it ends early
 
 
 def rss_mb(pid: int) -> float:
@@ -112,8 +111,34 @@ def deployed_command(home: Path, env: dict[str, str], overrides: list[str]) -> l
     return [str(BIN / "flwr"), *run]
 
 
+class SoakStopped(RuntimeError):
+    """The run ended before its last round; ``rows`` holds the rounds it finished."""
+
+    def __init__(self, message: str, rows: list[dict]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
+def soak_overrides(overrides: list[str]) -> list[str]:
+    """The soak's defaults, small synthetic hospitals, then the user's overrides (they win)."""
+    cfg = compose_config([*DEFAULT_OVERRIDES, *overrides])
+    small = [
+        f"data.hospitals.{name}.num_images={SYNTHETIC_IMAGES}"
+        for name in hospital_names(cfg.data)
+        if cfg.data.hospitals[name].format == "synthetic"
+    ]
+    return [*DEFAULT_OVERRIDES, *small, *overrides]
+
+
 def soak(rounds: int, overrides: list[str], work: Path, deployed: bool) -> list[dict]:
-    """Run ``rounds`` rounds; return one row of RSS figures (MB) per round."""
+    """Run ``rounds`` rounds; return one row of RSS figures (MB) per round.
+
+    Raises
+    ------
+    SoakStopped
+        When the run ends early: with the rows of the rounds it finished and the tail of its
+        log, which tells why.
+    """
     home = work / "flwr_home"
     home.mkdir()
     run_dir = work / "run"
@@ -126,9 +151,11 @@ def soak(rounds: int, overrides: list[str], work: Path, deployed: bool) -> list[
             command = deployed_command(home, env, overrides)
         else:
             command = [str(BIN / "w3s-simulate"), *overrides]
-        process = subprocess.Popen(
-            command, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+        log = work / "run.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                command, env=env, cwd=work, stdout=output, stderr=subprocess.STDOUT
+            )
         while process.poll() is None or len(rows) < _count_rows(metrics):
             written = _count_rows(metrics)
             if written > len(rows):
@@ -147,7 +174,12 @@ def soak(rounds: int, overrides: list[str], work: Path, deployed: bool) -> list[
     finally:
         stop_processes(str(home))
     if len(rows) != rounds:
-        raise RuntimeError(f"{shlex.join(command)} ended after {len(rows)} of {rounds} rounds")
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL:]
+        raise SoakStopped(
+            f"{shlex.join(command)} ended after {len(rows)} of {rounds} rounds; its log ends:\n"
+            + "\n".join(tail),
+            rows,
+        )
     return rows
 
 
@@ -195,13 +227,20 @@ def main() -> None:
     parser.add_argument("--deployed", action="store_true", help="SuperLink + SuperNodes")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args, overrides = parser.parse_known_args()
+    stopped = None
     with tempfile.TemporaryDirectory(prefix="w3s-soak-") as tmp:
         started = time.perf_counter()
-        rows = soak(args.rounds, [*DEFAULT_OVERRIDES, *overrides], Path(tmp), args.deployed)
-        print(f"{args.rounds} rounds in {time.perf_counter() - started:.0f} s\n")
-    print(report(rows))
+        try:
+            rows = soak(args.rounds, soak_overrides(overrides), Path(tmp), args.deployed)
+        except SoakStopped as error:  # the rounds it finished are still measured
+            stopped, rows = error, error.rows
+        print(f"{len(rows)} rounds in {time.perf_counter() - started:.0f} s\n")
+    if rows:
+        print(report(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        write_text_atomically(args.json, json.dumps(rows, indent=1) + "\n")
+    if stopped is not None:
+        sys.exit(f"soak_memory: {stopped}")
 
 
 if __name__ == "__main__":
