@@ -48,7 +48,6 @@ OPEN_MAPPINGS = (
 )
 # Hydra's answer to a key the config lacks, which suggests adding it with "+".
 UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'.*To append to your config use", re.DOTALL)
-_ABSENT = object()  # OmegaConf.select's answer for a key the config lacks
 INPUT_ERROR = 2
 UNEXPECTED_ERROR = 70  # sysexits.h's EX_SOFTWARE
 INTERRUPTED = 130  # the shell's status for a job ended by Ctrl-C
@@ -236,6 +235,7 @@ def check_added_keys(
     would then run with its default, the typo kept in ``config.yaml`` without a word. A
     ``++key=value`` sets the key where the config has it and adds it where not: refused then.
     """
+    base = None  # the config without the ++ overrides: the keys it has
     for override in overrides:
         if not override.startswith("+"):
             continue
@@ -243,15 +243,24 @@ def check_added_keys(
         if any(key == open_ or key.startswith(f"{open_}.") for open_ in OPEN_MAPPINGS):
             continue
         if override.startswith("++"):
-            others = [o for o in overrides if o is not override]
-            base = compose_config(others, config_name=config_name, conf_dir=conf_dir)
-            if OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
+            if base is None:
+                kept = [o for o in overrides if not o.startswith("++")]
+                base = compose_config(kept, config_name=config_name, conf_dir=conf_dir)
+            if _has_key(base, key):
                 continue
         raise JobError(
             f"{override.split('=', 1)[0]}: adds a setting that nothing reads"
             f"{_did_you_mean(cfg, key)}; new keys go only under {', '.join(OPEN_MAPPINGS)} "
             "(docs/configuration.md)"
         )
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether ``cfg`` has the dotted ``key``, a mandatory one (``???``) included."""
+    parent_key, _, last = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    # `in` on a DictConfig is False for a mandatory key; its keys() holds it.
+    return isinstance(parent, DictConfig) and last in parent.keys()  # noqa: SIM118
 
 
 def override_key(override: str) -> str:

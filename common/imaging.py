@@ -7,7 +7,9 @@ scipy.ndimage (exact, and 60-160 times faster than the torch versions they repla
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +70,16 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 # Pillow's raw modes of 16-bit samples.
 WIDE_SAMPLES = (";16B", ";16L", ";16N")
+
+
+def open_from_memory(path: Path) -> Image.Image:
+    """``path`` opened from its bytes, not from the file itself.
+
+    Pillow maps an uncompressed TIFF's file and, turning it by its EXIF orientation as it loads
+    it, scrambled the pixels of grey, palette and RGBA files; read from memory they come out
+    turned right.
+    """
+    return Image.open(io.BytesIO(path.read_bytes()))
 
 
 def load_checked(image: Image.Image) -> Image.Image:

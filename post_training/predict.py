@@ -47,7 +47,7 @@ from PIL import Image
 from common.cli import Command
 from common.errors import JobError
 from common.files import write_text_atomically
-from common.imaging import load_checked
+from common.imaging import load_checked, open_from_memory
 from common.progress import Progress
 from common.segmenter import Decoding, load_segmenter, predict
 from common.training import check_device, resolve_device
@@ -188,6 +188,7 @@ def read_input(path: Path, max_side: int) -> np.ndarray | None:
                         max_side,
                     )
                     return None
+            with open_from_memory(path) as image:
                 return rgb_array(load_checked(image))
     # PIL reports corrupt data with many exception types; any makes the file unusable.
     except Exception as error:

@@ -42,7 +42,7 @@ from common.data.types import (
     ProblemKind,
 )
 from common.errors import JobError
-from common.imaging import EXIF_ORIENTATION, eight_bit, load_checked, turned
+from common.imaging import EXIF_ORIENTATION, eight_bit, load_checked, open_from_memory, turned
 
 log = logging.getLogger(__name__)
 
@@ -904,7 +904,7 @@ def _decode(
     if path.stat().st_size == 0:
         raise _BadFile("empty file (0 bytes)", truncated=False)
     try:
-        with Image.open(path) as picture:
+        with open_from_memory(path) as picture:
             tag, turned_on_load = _load_with_tag(picture)
             stored = StoredFrame(_stored_size(picture), int(tag or 1))
             turn = 1 if turned_on_load else stored.orientation

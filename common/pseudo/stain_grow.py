@@ -51,8 +51,9 @@ Pick = Literal["maps", "centre", "maps_else_centre"]
 Grow = Literal["radius", "region"]
 ColourSpace = Literal["rgb", "lab"]
 # Colour distances (RGB in [0, 1], Lab / 100) closer than a quarter of an 8-bit grey level are
-# one colour: float rounding in the smoothing and k-means leaves an image of one colour 1e-4
-# apart, which Otsu would split into a blob (a blank crop became all cell).
+# one colour: float rounding in the smoothing and k-means leaves an image of exactly one colour
+# 1e-4 apart, which Otsu split into a blob (it became all cell). Sensor noise of a blank crop
+# spreads further and is still split: a contrast floor would trade against faint cells.
 SAME_COLOUR = 1e-3
 
 

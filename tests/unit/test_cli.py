@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from common.cli import INPUT_ERROR, INTERRUPTED, UNEXPECTED_ERROR, Command, compose_checked
+from common.errors import JobError
 from tests.unit.conftest import CHECKPOINT_FAULTS, SEGMENTER_FAULTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -295,6 +296,16 @@ def test_a_key_set_with_plus_plus_where_the_config_has_it_is_taken():
         ["++federation.rounds=3", "++train.per_hospital.a.local_epochs=1"], "config"
     )
     assert cfg.federation.rounds == 3 and cfg.train.per_hospital.a.local_epochs == 1
+    # A mandatory key (???) is one the config has, as is one of a group another override picks.
+    named = ["++checkpoint=x.pt", "hospital=hospital_a", "pseudo=psa", "++pseudo.alpha_low=2"]
+    cfg = compose_checked(named, "postprocess")
+    assert cfg.checkpoint == "x.pt" and cfg.pseudo.alpha_low == 2
+
+
+def test_a_key_added_twice_with_plus_plus_is_still_refused():
+    # Each copy was checked against a config the other had added it to.
+    with pytest.raises(JobError, match=r"\+\+federation.round: adds a setting that nothing reads"):
+        compose_checked(["++federation.round=5", "++federation.round=6"], "config")
 
 
 def test_ctrl_c_says_the_job_was_interrupted(capsys):

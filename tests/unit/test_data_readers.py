@@ -271,6 +271,28 @@ def test_a_mask_tagged_upright_is_not_turned_with_its_image(tmp_path, suffix):
     assert (truth[nucleus] > 0).all()
 
 
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA"])
+def test_a_turned_tiff_mask_of_its_own_tag_lies_on_its_image(tmp_path, mode):
+    # A grey TIFF mask was refused (mask_size_mismatch): Pillow scrambled it, turning it as it
+    # loaded it from its mapped file; a grey TIFF image was trained on scrambled pixels.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.full((30, 36, 3), 255, np.uint8)
+    stored[:8, :6] = (90, 40, 120)
+    mask = np.zeros((30, 36), np.uint8)
+    mask[:8, :6] = 255
+    for cls in FIVE:
+        for folder in ("images", "masks"):
+            (tmp_path / folder / cls).mkdir(parents=True)
+        Image.fromarray(stored).convert(mode).save(tmp_path / "images" / cls / "0.tif", exif=exif)
+        Image.fromarray(mask).save(tmp_path / "masks" / cls / "0.tif", exif=exif)
+    spec = {"format": "class_folders", "root": str(tmp_path / "images")}
+    data = load_hospital(data_cfg({"h": {**spec, "mask_root": str(tmp_path / "masks")}}), "h")
+    shown = np.rot90(mask, -1) > 0
+    assert (data.masks[0] > 0).tolist() == shown.tolist()
+    assert ((data.images[0].mean(axis=2) < 200) == shown).all()
+
+
 def _turned_image_with_mask(
     root: Path,
     stored: np.ndarray,

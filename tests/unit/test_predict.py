@@ -291,6 +291,19 @@ def test_a_mask_lies_on_the_image_as_viewers_show_it(run, tmp_path):
         assert overlay.size == (30, 50)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_a_turned_tiff_is_read_as_viewers_show_it(mode, tmp_path):
+    # Pillow turned an uncompressed grey, palette or RGBA TIFF mapped from its file into
+    # scrambled pixels of the unturned size.
+    stored = np.zeros((30, 36), np.uint8)
+    stored[:8, :6] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).convert(mode).save(tmp_path / "cell.tif", exif=exif)
+    image = predict_module.read_input(tmp_path / "cell.tif", max_side=4096)
+    np.testing.assert_array_equal(image[..., 0] > 128, np.rot90(stored, -1) > 128)
+
+
 def test_help_documents_the_exit_statuses_and_the_new_keys():
     text = COMMAND.help_text()
     assert "Exit status: 0 every file was segmented and written" in " ".join(text.split())
