@@ -575,7 +575,7 @@ def write_experiment_file(path: Path, overrides: Sequence[str], cfg: DictConfig)
 
 def run_experiment(cfg: DictConfig, overrides: list[str]) -> int:
     """One regime, every fold and seed, end to end; runs finished by an earlier call are kept."""
-    typed = list(overrides)
+    typed = list(overrides)  # as the user gave them, before the paths are pinned
     overrides = [*overrides, *launch.absolute_path_overrides(cfg, Path.cwd())]
     if any(override_key(o) == "seed" for o in overrides):
         raise JobError("seed= is set per run by w3s-experiment: give the seeds as seeds=[...]")
