@@ -53,13 +53,14 @@ def magnitude_problem(augment: Mapping[str, Any]) -> str | None:
     )
 
 
-def rand_augment(ops: int, magnitude: float) -> v2.RandAugment:
-    """``ops`` RandAugment operations at ``magnitude`` out of :data:`RANDAUGMENT_LEVELS`."""
-    augment = {"randaugment_ops": ops, "randaugment_magnitude": magnitude}
+def rand_augment(augment: Mapping[str, Any]) -> v2.RandAugment:
+    """A ``train.augment`` node's RandAugment, its magnitude out of :data:`RANDAUGMENT_LEVELS`."""
     if problem := magnitude_problem(augment):
         raise ValueError(problem)
     return v2.RandAugment(
-        num_ops=ops, magnitude=int(magnitude), num_magnitude_bins=RANDAUGMENT_LEVELS + 1
+        num_ops=int(augment["randaugment_ops"]),
+        magnitude=int(augment["randaugment_magnitude"]),
+        num_magnitude_bins=RANDAUGMENT_LEVELS + 1,
     )
 
 
@@ -83,9 +84,7 @@ def build_train_transform(
     if augment["grayscale_p"] > 0:
         steps.append(v2.RandomGrayscale(p=augment["grayscale_p"]))
     if augment["randaugment_ops"] > 0:
-        steps.append(
-            rand_augment(int(augment["randaugment_ops"]), augment["randaugment_magnitude"])
-        )
+        steps.append(rand_augment(augment))
     pixel = v2.Compose(steps)
     # Per-pixel normal noise in the normalised image, as timm's erasing (mode "pixel").
     erase = (

@@ -8,7 +8,6 @@ preset, the class vocabulary and the composed config as YAML text.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.data.splits import SplitSpec
-from common.files import replaced_atomically
+from common.files import synced_replacement
 from common.localization import FOREGROUND_SOURCES
 from common.model import MCTFormerV2, create_mct_model
 from common.torch_files import CheckpointError, first_line, read_torch_file
@@ -30,10 +29,8 @@ log = logging.getLogger(__name__)
 
 def save_atomic(payload: Mapping[str, Any], path: Path) -> Path:
     """Write ``payload`` with torch.save to a temporary file beside ``path``, fsync, then rename."""
-    with replaced_atomically(path) as temporary, temporary.open("wb") as handle:
+    with synced_replacement(path, binary=True) as handle:
         torch.save(dict(payload), handle)
-        handle.flush()
-        os.fsync(handle.fileno())
     return path
 
 

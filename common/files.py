@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 @contextmanager
@@ -36,18 +36,30 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def synced_replacement(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
+    """An open file whose contents replace ``path`` once the block succeeds, on disk first.
+
+    For files a later run reads back (models, a resumed run's ledger and rows): the contents
+    reach the disk before the rename, or a power loss could keep the rename and not the
+    contents: an empty file in place of the old one.
+    """
+    with replaced_atomically(path) as temporary:
+        encoding = None if binary else "utf-8"
+        with temporary.open("wb" if binary else "w", encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """``path`` holds ``text`` whole, or what it held before: never a file cut short.
 
-    For files a later run reads back (a resumed run's ledger and rows): ``write_text`` empties
-    the file first, so a kill or a full disk in between leaves nothing to resume from. The
-    text reaches the disk before the rename, or a power loss could keep the rename and not the
-    text: an empty file in place of the old one.
+    ``write_text`` empties the file first, so a kill or a full disk in between would leave
+    nothing to resume from.
     """
-    with replaced_atomically(path) as temporary, temporary.open("w", encoding="utf-8") as handle:
+    with synced_replacement(path) as handle:
         handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def read_json(path: Path) -> Any:

@@ -375,6 +375,11 @@ def mct_loss(output: MCTOutput, targets: torch.Tensor) -> torch.Tensor:
     return class_loss + F.multilabel_soft_margin_loss(output.patch_logits, targets)
 
 
+def _prefix_tokens(state: Mapping[str, Any]) -> int:
+    """Tokens before the patch grid in a DeiT ``pos_embed``: the class token (and distillation)."""
+    return 2 if "dist_token" in state else 1
+
+
 def read_deit_state(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a DeiT release file, checked to hold one class token and a square grid.
 
@@ -394,7 +399,7 @@ def read_deit_state(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{where}: expected one DeiT class token, got cls_token {cls_token!r:.60}"
         )
-    num_prefix = 2 if "dist_token" in state else 1
+    num_prefix = _prefix_tokens(state)
     grid = pos.shape[1] - num_prefix if isinstance(pos, torch.Tensor) and pos.ndim == 3 else 0
     side = math.isqrt(max(grid, 0))
     if not side or side * side != grid:
@@ -428,7 +433,7 @@ def load_deit_weights(model: MCTFormerV2, path: str | Path) -> None:
     """
     path = Path(path)
     state = read_deit_state(path)
-    num_prefix = 2 if "dist_token" in state else 1
+    num_prefix = _prefix_tokens(state)
     skipped = sorted(k for k in state if k.startswith(_DROPPED_PREFIXES) or k == "dist_token")
     state = {k: v for k, v in state.items() if k not in skipped}
     cls_token, pos = state["cls_token"], state["pos_embed"]

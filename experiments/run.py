@@ -30,7 +30,7 @@ from common.cli import Command, compose_checked, override_key
 from common.config import compose_config, number_setting
 from common.data import DataVerificationError, hospital_names, verify_data
 from common.errors import JobError
-from common.files import replaced_atomically, write_text_atomically
+from common.files import write_text_atomically
 from experiments.regimes import fine_tune_at, train_rounds, training_tensors
 from experiments.supervised import score_segmenter, train_supervised_ceiling
 from post_training.postprocess import (
@@ -431,8 +431,7 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
         "config": run_config(run),
     }
-    with replaced_atomically(run.out / RESULTS) as temporary:
-        temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(run.out / RESULTS, json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -45,7 +45,7 @@ def test_train_transform_gives_normalised_model_sized_crops():
 
 def test_randaugment_magnitude_is_in_tenths_of_each_operations_maximum_as_timm_reads_it():
     # timm's rand-m9 (DeiT, MCT): 0.9 of 30 degrees, 0.3 shear and 0.9 enhancement.
-    augment = rand_augment(2, 9)
+    augment = rand_augment({"randaugment_ops": 2, "randaugment_magnitude": 9})
     space = augment._AUGMENTATION_SPACE
     level = {
         op: float(space[op][0](augment.num_magnitude_bins, 96, 96)[augment.magnitude])
@@ -55,7 +55,7 @@ def test_randaugment_magnitude_is_in_tenths_of_each_operations_maximum_as_timm_r
     assert level["ShearX"] == pytest.approx(0.27)
     assert level["Brightness"] == pytest.approx(0.81)
     with pytest.raises(ValueError, match="randaugment_magnitude=12: expected a whole number"):
-        rand_augment(2, 12)
+        rand_augment({"randaugment_ops": 2, "randaugment_magnitude": 12})
 
 
 def test_the_paper_transform_erases_with_noise_and_keeps_the_model_size():
