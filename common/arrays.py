@@ -15,6 +15,7 @@ Every reply is therefore checked here against the global model before it is aver
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 WEIGHT_KEY = "num-examples"
 # A training reply's fingerprint of the hospital's split (common.data.split_digest).
@@ -76,6 +78,29 @@ def pack(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({kind: Array(np.concatenate(flat)) for kind, flat in parts.items()})
 
 
+def _stored_shape(array: Array, kind: str) -> tuple[int, ...]:
+    """The shape an Array's bytes declare, read from the npy header before they are decoded.
+
+    The size cap counts the bytes sent, not the values they claim: a 200-byte header may
+    declare 10^12 floats, which ``np.load`` tries to allocate before it finds the data short.
+    """
+    if array.stype != SType.NUMPY:
+        raise ValueError(f"packed '{kind}' array is serialised as {array.stype!r}, not numpy")
+    stream = io.BytesIO(array.data)
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version not in readers:
+            raise ValueError(f"npy format version {version}")
+        shape, _, _ = readers[version](stream)
+    except ValueError as error:
+        raise ValueError(f"packed '{kind}' array is not a readable npy array: {error}") from None
+    return tuple(shape)
+
+
 def unpack(packed: ArrayRecord, layout: Mapping[str, ArraySpec]) -> ArrayRecord:
     """The per-tensor record of a :func:`pack`-ed one, cut by the receiver's own ``layout``.
 
@@ -88,13 +113,13 @@ def unpack(packed: ArrayRecord, layout: Mapping[str, ArraySpec]) -> ArrayRecord:
         sizes[kind] = sizes.get(kind, 0) + math.prod(spec.shape)
     if sorted(packed) != sorted(sizes):
         raise ValueError(f"packed arrays {sorted(packed)}, the global model has {sorted(sizes)}")
-    flat = {kind: packed[kind].numpy() for kind in sizes}
-    for kind, values in flat.items():
-        if values.shape != (sizes[kind],):
+    for kind, size in sizes.items():
+        shape = _stored_shape(packed[kind], kind)
+        if shape != (size,):
             raise ValueError(
-                f"packed '{kind}' array has shape {values.shape}, the global model has "
-                f"({sizes[kind]},)"
+                f"packed '{kind}' array has shape {shape}, the global model has ({size},)"
             )
+    flat = {kind: packed[kind].numpy() for kind in sizes}
     start = dict.fromkeys(sizes, 0)
     arrays = {}
     for key, spec in layout.items():
@@ -191,8 +216,9 @@ def _check_weight(metrics: MetricRecord) -> str | None:
     weight = metrics[WEIGHT_KEY]
     if not isinstance(weight, int | float):
         return f"'{WEIGHT_KEY}' is not a number: {weight!r}"
-    if not math.isfinite(weight) or weight <= 0:
-        return f"'{WEIGHT_KEY}' must be finite and positive, got {weight!r}"
+    # A count: a positive weight below 1 (5e-324) underflows to 0 as a share of the largest.
+    if not math.isfinite(weight) or weight < 1:
+        return f"'{WEIGHT_KEY}' must be a finite count of at least 1, got {weight!r}"
     return None
 
 

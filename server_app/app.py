@@ -32,7 +32,7 @@ from common.files import read_json
 from common.logs import setup_logging
 from common.model import create_mct_model
 from server_app.launch import check_training_config
-from server_app.privacy import with_privacy
+from server_app.privacy import PRIVACY_FILE, with_privacy
 from server_app.recorder import (
     DECLARED_FILE,
     METRICS_FILE,
@@ -192,7 +192,9 @@ def replace_earlier_run(run_dir: Path) -> None:
     A resume of the fresh run would otherwise start from the earlier run's newest checkpoint
     (of either phase) and cap its hospitals by the earlier declarations, a fresh run that fails
     would leave the earlier ``final_model.pt``, and the earlier rows of the phase the fresh run
-    has not reached would stay among its own.
+    has not reached would stay among its own. The earlier privacy ledger goes too: left until
+    the MCT rounds, it made a resume of a run stopped in pretraining refuse the run's own
+    privacy setting.
     """
     earlier = [
         path
@@ -201,8 +203,8 @@ def replace_earlier_run(run_dir: Path) -> None:
     ]
     earlier += [
         path
-        for path in (run_dir / FINAL_MODEL, run_dir / METRICS_FILE, run_dir / DECLARED_FILE)
-        if path.exists()
+        for name in (FINAL_MODEL, METRICS_FILE, DECLARED_FILE, PRIVACY_FILE)
+        if (path := run_dir / name).exists()
     ]
     if not earlier:
         return

@@ -306,8 +306,9 @@ def with_privacy(
         raise ValueError(f"privacy={settings['name']} needs strategy=fedavg, not {strategy.name}")
     # The noise is calibrated for equal weights; comparing a reply with the others would make
     # one hospital's inclusion depend on another's update, which the accounting does not cover.
+    # With equal weights a hospital's num-examples no longer moves the model: no cap either.
     strategy.uniform_weights = True
-    strategy.guards = replace(strategy.guards, max_update_norm_ratio=None)
+    strategy.guards = replace(strategy.guards, max_update_norm_ratio=None, max_examples_growth=None)
     ledger = PrivacyLedger(settings, path, earlier)
     log.info(
         "differential privacy: %s, noise multiplier %g, clipping norm %g, delta %g; updates "

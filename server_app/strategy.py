@@ -367,13 +367,21 @@ class GuardedFedAvg(FedAvg):
         )
 
     def _sort_replies(self, replies: Iterable[Message], check_arrays: bool) -> list[Message]:
+        failed = self.report.failed if check_arrays else self.report.evaluate_failed
+        stage = "training" if check_arrays else "evaluation"
+        replies = list(replies)
+        # The grid returns fewer replies, not error replies, for nodes past the round's
+        # timeout: without this a stalled hospital was named nowhere.
+        answered = {self._node_of(msg) for msg in replies}
+        for node in (m.metadata.dst_node_id for m in self._sent):
+            if node not in answered:
+                failed[node] = "no reply within federation.round_timeout_s"
+                log.warning("node %d failed in %s: %s", node, stage, failed[node])
         good = []
         for msg in replies:
             node = self._node_of(msg)
             if msg.has_error():
-                failed = self.report.failed if check_arrays else self.report.evaluate_failed
                 failed[node] = msg.error.reason
-                stage = "training" if check_arrays else "evaluation"
                 log.warning("node %d failed in %s: %s", node, stage, msg.error.reason)
                 continue
             size = record_bytes(msg.content)

@@ -17,8 +17,10 @@ GLOBAL = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})
 
 
 def instruction(node: int) -> Message:
-    """The server's ``train`` message to ``node``."""
-    return Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    """The server's ``train`` message to ``node``, with the id a grid gives it when sent."""
+    message = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    message.metadata.__dict__["_message_id"] = f"to-node-{node}"
+    return message
 
 
 def reply(node: int, value: float, weight, shape=(2, 2), index: int | None = None) -> Message:

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,32 @@ def test_a_packed_reply_that_does_not_fit_the_model_is_refused_by_name(reference
     assert reason in unpack_reply(content, reference)
 
 
+def _claiming(count: int) -> bytes:
+    """An npy header declaring ``count`` float32 values, followed by a few bytes of them."""
+    stream = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (count,)}
+    np.lib.format.write_array_header_1_0(stream, header)
+    return stream.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("stype", "data", "reason"),
+    [
+        ("torch.tensor", np.ones(9, np.float32).tobytes(), "serialised as 'torch.tensor'"),
+        ("numpy.ndarray", _claiming(10**12), "has shape (1000000000000,)"),
+        ("numpy.ndarray", b"\x93NUMPY" + b"x" * 10, "not a readable npy array"),
+        ("numpy.ndarray", _claiming(9)[:-40], "expected 36 bytes"),
+    ],
+)
+def test_a_packed_array_that_cannot_be_decoded_is_refused_before_it_is(
+    reference, stype, data, reason
+):
+    content = _reply(_good(), 10)
+    bad = Array(dtype="float32", shape=(9,), stype=stype, data=data)
+    content["arrays"] = ArrayRecord({"floating": bad, "integer": Array(np.ones(1, np.int64))})
+    assert reason in unpack_reply(content, reference)
+
+
 def test_sound_reply_passes(reference):
     assert check_update(_reply(_good(), 10), reference) is None
 
@@ -97,9 +125,10 @@ def test_sound_reply_passes(reference):
         (lambda a: a.update(w=np.ones((2, 3), np.float64)), 10, "dtype float64"),
         (lambda a: a.pop("b"), 10, "missing ['b']"),
         (lambda a: a.update(extra=np.ones(1, np.float32)), 10, "extra ['extra']"),
-        (lambda a: None, 0, "positive"),
-        (lambda a: None, -3, "positive"),
-        (lambda a: None, float("nan"), "positive"),
+        (lambda a: None, 0, "at least 1"),
+        (lambda a: None, -3, "at least 1"),
+        (lambda a: None, 5e-324, "at least 1"),
+        (lambda a: None, float("nan"), "at least 1"),
         (lambda a: None, [1, 2], "not a number"),
     ],
 )

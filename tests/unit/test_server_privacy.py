@@ -18,7 +18,7 @@ from server_app.privacy import (
     privacy_settings,
     with_privacy,
 )
-from server_app.strategy import GuardedFedAvg, GuardedFedMedian, TooFewRepliesError
+from server_app.strategy import GuardedFedAvg, GuardedFedMedian, Guards, TooFewRepliesError
 from tests.replies import GLOBAL, failed, instruction, prepare, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -289,6 +289,17 @@ def test_privacy_settings_are_written_and_validated(tmp_path):
     client = _config("client_clip", noise=1.0, clip=0.3)
     wrapped = with_privacy(GuardedFedAvg(num_hospitals=3, min_replies=3), client, 3, tmp_path)
     assert isinstance(wrapped, GuardedClientSideClipping)
+
+
+def test_privacy_averages_with_equal_weights_and_caps_no_num_examples(tmp_path):
+    inner = GuardedFedAvg(num_hospitals=2, min_replies=2, guards=Guards(max_examples_growth=1.0))
+    with_privacy(inner, _config("server_clip", 0.0, 1.0), 2, tmp_path)
+    prepare(inner)
+    inner.screen_train(1, [reply(1, 0.1, 10), reply(2, 0.1, 10)])
+    prepare(inner)
+    inner.screen_train(2, [reply(1, 0.1, 10), reply(2, 0.1, 12)])
+    assert inner.report.capped == {}
+    assert inner.uniform_weights
 
 
 def test_a_resume_refuses_a_damaged_ledger_naming_it_and_keeps_it(tmp_path):

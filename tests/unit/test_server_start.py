@@ -29,6 +29,7 @@ def _run_dir_with_an_earlier_run(tmp_path, cfg):
     rows += [{"phase": "mct", "round": r} for r in range(1, 8)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (run_dir / "declared_examples.json").write_text('{"hospital_a": 96, "hospital_b": 40}\n')
+    (run_dir / "privacy.json").write_text('{"privacy": "client_clip"}\n')
     return run_dir
 
 
@@ -39,7 +40,8 @@ def test_a_fresh_run_replaces_an_earlier_runs_model_files_and_says_so(tmp_path, 
         start = starting_point(cfg, run_dir)
     assert (start.phase, start.done) == ("pretrain", 0)
     assert not list((run_dir / "checkpoints").iterdir())
-    # Its rows of both phases and its hospitals' declarations go with its models.
+    # Its rows of both phases, its hospitals' declarations and its privacy ledger go with its
+    # models.
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
     assert "holds an earlier run" in caplog.text and "round_007.pt" in caplog.text
     assert start.declared == {}

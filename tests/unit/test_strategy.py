@@ -18,7 +18,7 @@ from server_app.strategy import (
     build_strategy,
     weighted_metrics,
 )
-from tests.replies import failed, prepare, reply
+from tests.replies import failed, instruction, prepare, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -307,3 +307,15 @@ def test_build_strategy_follows_the_strategy_group(name):
     assert strategy.name == name
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy(OmegaConf.create({"name": "krum"}), num_hospitals=3, min_replies=2)
+
+
+def test_a_node_that_never_answers_is_named_as_failed(caplog):
+    # Past federation.round_timeout_s the grid returns fewer replies, not an error reply.
+    strategy = _strategy(min_replies=3)
+    strategy._remember([instruction(node) for node in (1, 2, 3)])
+    with pytest.raises(TooFewRepliesError, match=r"failed nodes: \[3\]"):
+        strategy.aggregate_train(1, [reply(1, 1.0, 10), reply(2, 2.0, 10)])
+    assert strategy.report.failed == {3: "no reply within federation.round_timeout_s"}
+    assert "node 3 failed in training" in caplog.text
+    strategy.aggregate_evaluate(1, [reply(2, 2.0, 10)])
+    assert sorted(strategy.report.evaluate_failed) == [1, 3]
