@@ -288,7 +288,7 @@ class GuardedFedAvg(FedAvg):
         """Ask every online hospital to score the new global model (true round numbers)."""
         nodes = self._sample(server_round, grid, required=False)
         if not nodes:
-            return []
+            return self._remember([])  # Flower still aggregates the (no) replies
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
     def _remember(self, messages: Iterable[Message]) -> list[Message]:

@@ -265,6 +265,9 @@ def test_a_round_starts_on_every_online_node_and_evaluation_goes_on_with_fewer()
     evaluation = list(strategy.configure_evaluate(1, ONES, ConfigRecord(), _Grid([2])))
     assert [m.metadata.dst_node_id for m in evaluation] == [2]
     assert list(strategy.configure_evaluate(1, ONES, ConfigRecord(), _Grid([]))) == []
+    # No one asked, no one failed to answer.
+    assert strategy.aggregate_evaluate(1, []) is None
+    assert strategy.report.evaluate_failed == {}
 
 
 # --- robust aggregation (conf/strategy/) ----------------------------------------------------
