@@ -146,8 +146,12 @@ def oriented_foreground(mask: torch.Tensor, flip: bool | None = None) -> torch.T
 
 
 def larger_side_is_cell(areas: torch.Tensor) -> bool:
-    """Whether the median of the head's per-image areas is past half: then 1 - M is the cell."""
-    return bool(areas.median() > 0.5)
+    """Whether the median of the head's per-image areas is past half: then 1 - M is the cell.
+
+    The mean of the two middle areas for an even count: torch's ``median`` takes the lower,
+    which with the middle pair either side of 0.5 called neither M nor 1 - M flipped.
+    """
+    return bool(areas.float().quantile(0.5) > 0.5)
 
 
 @torch.no_grad()

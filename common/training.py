@@ -336,7 +336,9 @@ def evaluate_local(
         targets = one_hot(labels, model.num_classes)
         output = model(images, return_attention=data.masks is not None)
         losses.append(mct_loss(output, targets).item() * len(labels))
-        scores.append(torch.sigmoid(output.class_logits).cpu())
+        # Logits, not sigmoids: both metrics read only the ranking, and float32 sigmoids of
+        # logits past ~17 are all 1.0, a tie that argmax broke towards class 0.
+        scores.append(output.class_logits.float().cpu())
         cam_scores.append(output.patch_logits.cpu())
         if data.masks is not None:
             raw = fused_maps(

@@ -10,6 +10,7 @@ from common.localization import (
     batch_maps,
     fused_maps,
     generate_maps,
+    larger_side_is_cell,
     load_maps,
     normalise_maps,
     patch_affinity,
@@ -205,3 +206,10 @@ def test_maps_round_trip_through_npz_without_pickles(tmp_path):
         assert data["classes"].tolist() == [3]
         assert data["maps"].shape == (1, 6, 7)
     torch.testing.assert_close(load_maps(path), maps)
+
+
+@pytest.mark.parametrize("areas", [[0.42, 0.6], [0.2, 0.45, 0.6, 0.9], [0.3, 0.55, 0.7]])
+def test_the_head_and_its_negation_never_both_call_their_own_side_the_cell(areas):
+    # An even count's middle pair either side of 0.5 took the lower one for both.
+    areas = torch.tensor(areas)
+    assert larger_side_is_cell(areas) != larger_side_is_cell(1 - areas)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from common.augment import build_train_transform, rand_augment, train_cache_size
 from common.config import compose_config
-from common.data import split_tensors
+from common.data import SplitTensors, split_tensors
 from common.model import create_mct_model
 from common.training import evaluate_local, learning_rate, train_local, train_round
 
@@ -190,3 +190,24 @@ def test_paper_preset_takes_one_full_batch_step_at_224():
     assert math.isfinite(result.loss)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert "cls_token" in changed and "head.weight" in changed
+
+
+def test_accuracy_and_precision_read_the_logits_past_where_float32_sigmoids_saturate():
+    # Class token c gives every image a logit near 20 + 2c: class 4 wins everywhere, and every
+    # sigmoid is exactly 1.0 in float32.
+    cfg = compose_config([])
+    torch.manual_seed(0)
+    model = create_mct_model(cfg.model, 5)
+    with torch.no_grad():
+        logits = (20.0 + 2.0 * torch.arange(5.0))[None, :, None]
+        model.cls_token.copy_(logits.expand(1, 5, model.embed_dim))
+    images = torch.randint(0, 255, (10, 3, 96, 96), dtype=torch.uint8)
+    labels = torch.tensor([4] * 8 + [0] * 2)
+    with torch.no_grad():
+        predicted = model.eval()(images.float() / 255).class_logits.argmax(1)
+    expected = float((predicted == labels).float().mean())
+    metrics = evaluate_local(
+        model, SplitTensors(images, labels, None), cfg.localization, device=torch.device("cpu")
+    )
+    assert metrics["val-accuracy"] == pytest.approx(expected)
+    assert expected > 0.5  # the probe is only worth it where the logits pick class 4
