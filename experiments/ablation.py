@@ -151,7 +151,13 @@ def variant_configs(
         Naming the variant and what is wrong with it.
     """
     configs = {}
+    folders: dict[str, str] = {}
     for title, changes in variants.items():
+        if (other := folders.setdefault(slug(title), title)) != title:
+            raise JobError(
+                f"variants {other!r} and {title!r} would share the output folder "
+                f"{slug(title)}: titles must differ in more than case and punctuation"
+            )
         folder = f"output_dir={out.resolve() / slug(title)}"
         try:
             configs[title] = compose_checked(

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,18 +125,21 @@ class Dataset:
             if x["row"] == row and stage in x["cells"].get(column, {})
         ]
 
-    def baseline_values(self, column: str, stage: str, metric: str) -> list[float | None]:
+    def baseline_values(
+        self, column: str, stage: str, metric: str, folds: Collection[int] | None = None
+    ) -> list[float | None]:
         """A training-free baseline's score per test split, by fold (-1: the fixed split).
 
         It depends on the test images only, so it is the same in every row of a run, in every
         seed of a fold and in every label's run on that fold: counted once per split, or its SD
-        and count would grow with the number of seeds and labels.
+        and count would grow with the number of seeds and labels. ``folds`` keeps those a
+        row was scored on, to compare the row with the baseline on the same images.
         """
         by_split: dict[int, float | None] = {}
         for result in self.results:
             scored = [x for x in result["rows"] if stage in x["cells"].get(column, {})]
-            if scored:
-                fold = run_key(result)[0]
+            fold = run_key(result)[0]
+            if scored and (folds is None or fold in folds):
                 by_split.setdefault(fold, scored[0]["cells"][column][stage][metric])
         return list(by_split.values())
 
@@ -214,7 +217,13 @@ def load_dataset(runs_dir: Path) -> Dataset:
                 "images; report them from separate runs dirs"
             )
         for file in sorted(f for g in RUN_GLOBS for f in path.parent.glob(f"{g}/{RESULTS}")):
-            result = json.loads(file.read_text(encoding="utf-8"))
+            try:
+                result = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                log.warning(
+                    "%s: unreadable (%s); left out, as w3s-experiment redoes it", file, error
+                )
+                continue
             result["dir"] = str(file.parent)
             results.append(result)
     assert data is not None
@@ -227,6 +236,11 @@ def load_dataset(runs_dir: Path) -> Dataset:
     check_one_label_per_hospital_row(runs_dir, results)
     whole = [r for r in results if train_share(r) == 1.0]
     curve = [r for r in results if train_share(r) != 1.0]  # kept out of the matrix
+    if not whole:
+        raise JobError(
+            f"{runs_dir}: only learning-curve runs (data.split.train_share < 1); the tables "
+            "compare runs on the whole training split: add a label at train_share 1"
+        )
     pipelines = post_training_variants(runs_dir, postprocess)
     return Dataset(runs_dir, data, hospitals, commands, whole, pipelines, postprocess, curve)
 
@@ -429,12 +443,17 @@ def ceiling_line(ds: Dataset, row: str, column: str) -> str:
     A segmenter trained on true masks that loses to a centred disk measures its own training
     budget, not the weak labels' cost; the line says so instead of reporting gaps against it.
     """
+    folds = {
+        run_key(r)[0]
+        for r in ds.results
+        if any(x["row"] == row and column in x["cells"] for x in r["rows"])
+    }
     parts = []
     for metric in METRICS:
         top = _mean(ds, row, column, metric)
         beaten = []
         for key, title in BASELINE_TITLES.items():
-            base, _, n = mean_sd(ds.baseline_values(column, key, metric))
+            base, _, n = mean_sd(ds.baseline_values(column, key, metric, folds))
             if n:
                 word = "beats" if top > base else "does NOT beat"
                 beaten.append(f"{word} {title} ({100 * base:.1f})")
@@ -924,18 +943,17 @@ def write_report(runs_dirs: Sequence[Path], output: Path, figures: Path, notes: 
     """
     datasets = [load_dataset(d) for d in runs_dirs]
     names = [ds.name for ds in datasets]
+    # Two comparisons on one dataset (e.g. two post-training chains) keep their own figures,
+    # numbered where their runs dirs share a folder name too (old/runs, new/runs).
+    stems = [
+        ds.name if names.count(ds.name) == 1 else f"{ds.name}_{d.name}"
+        for ds, d in zip(datasets, runs_dirs, strict=True)
+    ]
+    stems = [stem if stems.count(stem) == 1 else f"{stem}_{i + 1}" for i, stem in enumerate(stems)]
     with staged_outputs(figures, owned=()) as staging:
         sections = [
-            # Two comparisons on one dataset (e.g. two post-training chains) keep their own
-            # figures.
-            dataset_section(
-                ds,
-                figures,
-                output,
-                ds.name if names.count(ds.name) == 1 else f"{ds.name}_{d.name}",
-                staging,
-            )
-            for ds, d in zip(datasets, runs_dirs, strict=True)
+            dataset_section(ds, figures, output, stem, staging)
+            for ds, stem in zip(datasets, stems, strict=True)
         ]
         text = report_text(runs_dirs, output, figures, notes, sections)
         write_text_atomically(output, text)

@@ -129,16 +129,22 @@ class SeedRun:
         """A final global model of this fold and seed under any label, trained with this config.
 
         The comparison covers every training setting but the output folder, so FedProx
-        (another ``train.proximal_mu``) or another recipe is never taken for FedAvg.
+        (another ``train.proximal_mu``) or another recipe is never taken for FedAvg. This
+        run's own kept training comes first; of another config it is removed: with another
+        label's model reused, its ``metrics.jsonl`` would be recorded as this run's training.
         """
         folder = run_folder(self.fold, self.seed) / "train" / "global"
-        for source in (label / folder for label in sorted(self.runs_dir.glob("*/"))):
+        own = self.out / "train" / "global"
+        others = (label / folder for label in sorted(self.runs_dir.glob("*/")))
+        for source in [own, *(other for other in others if other != own)]:
             if not (source / "final_model.pt").exists() or not (source / "config.yaml").exists():
                 continue
             trained = comparable(OmegaConf.load(source / "config.yaml"))
             if not config_changes(_flat(trained), _flat(comparable(self.cfg))):
                 return source / "final_model.pt"
             log.info("%s: %s was trained with another config, not reused", self.label, source)
+            if source == own:
+                shutil.rmtree(own)
         return None
 
 
@@ -436,8 +442,17 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
 
 
 def experiment_folds(cfg: DictConfig) -> list[int | None]:
-    """The folds to run: ``[None]`` (the fixed split) unless ``folds`` lists fold indices."""
-    if not cfg.folds:
+    """The folds to run: ``[None]`` (the fixed split) unless ``folds`` lists fold indices.
+
+    K-fold splits without ``folds`` are refused: the runs would be recorded as the fixed split
+    (``fold: null``), and w3s-report would pair runs of different test folds as one.
+    """
+    if cfg.folds is None or (OmegaConf.is_list(cfg.folds) and len(cfg.folds) == 0):
+        if cfg.data.split.get("folds") is not None:
+            raise JobError(
+                f"data.split.folds={cfg.data.split.folds} needs folds=[...], the folds to run "
+                "(each run sets its own data.split.fold), e.g. folds=[0,1,2]"
+            )
         return [None]
     folds = whole_numbers(cfg, "folds")
     if cfg.data.split.get("folds") is None:

@@ -107,3 +107,15 @@ def test_a_bad_variant_is_named_before_any_variant_runs(tmp_path, monkeypatch, c
         "pseudo.cell_fraction?)"
     )
     assert len(error.splitlines()) == 1
+
+
+def test_two_variants_of_one_output_folder_are_refused_before_any_runs(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(ablation, "run_postprocess", ran.append)
+    variants = {"Threshold 0.3": ["pseudo=threshold"], "threshold (0,3)": ["pseudo=threshold"]}
+    checkpoint = tmp_path / "final_model.pt"
+    checkpoint.write_bytes(b"")
+    overrides = [f"checkpoint={checkpoint}", "hospital=hospital_a"]
+    with pytest.raises(JobError, match="would share the output folder threshold_0_3"):
+        ablation.variant_configs(variants, overrides, tmp_path)
+    assert ran == []

@@ -167,6 +167,22 @@ def _result(label: str, regime: str, seed: int, rows: dict, fold: int | None = N
     }
 
 
+def test_the_ceiling_meets_the_baselines_on_the_folds_it_ran():
+    disk = {0: 0.5, 1: 0.5, 2: 0.9, 3: 0.9, 4: 0.9}  # two hard test folds, three easy
+    results = []
+    for fold, value in disk.items():
+        result = _result("fedavg", "fedavg", 0, {"fedavg": {"a": (0.6, 0.6)}}, fold)
+        result["rows"][0]["cells"]["a"]["disk"] = {"class_aware": value, "binary": value}
+        results.append(result)
+    for fold in (0, 1):  # stopped after the hard folds, 20 points above the disk on both
+        results.append(
+            _result("supervised", "supervised", 0, {"supervised (a)": {"a": (0.7, 0.7)}}, fold)
+        )
+    ds = Dataset(Path("."), OmegaConf.create({"name": "toy"}), ["a"], [], results)
+    line = next(line for line in verdicts(ds) if "Ceiling" in line)
+    assert "class-aware 70.0: beats centred disk (50.0)" in line
+
+
 def test_matrix_table_and_verdicts_from_seed_results():
     results = []
     for seed, shift in ((0, 0.0), (1, 0.1)):
@@ -282,6 +298,12 @@ def test_a_federated_model_is_reused_only_when_trained_with_the_same_config(tmp_
     two_hospitals = trained_model("fedavg_2h", "~data.hospitals.hospital_c")
     assert seed_run().same_training() == fedavg
     assert seed_run("~data.hospitals.hospital_c").same_training() == two_hospitals
+    # This run's own training, kept from a run stopped while scoring, comes first; of another
+    # config it goes, or its metrics.jsonl would pass for the reused model's training.
+    own_model = trained_model("personalized", "~data.hospitals.hospital_c")
+    assert seed_run("~data.hospitals.hospital_c").same_training() == own_model
+    assert seed_run().same_training() == fedavg
+    assert not own_model.parent.exists()
 
 
 def test_pooled_training_refuses_a_standardisation_per_hospital(tmp_path):
@@ -860,6 +882,9 @@ def test_post_training_settings_a_headless_model_cannot_serve_are_refused_before
         (["seeds=[a]"], "seeds=['a']: expected a list of whole numbers"),
         (["folds=[0]", "data.split.folds=abc"], "data.split.folds=abc: expected a whole number"),
         (["folds=[x]", "data.split.folds=5"], "folds=['x']: expected a list of whole numbers"),
+        (["folds=0"], "folds=0: expected a list of whole numbers"),
+        (["folds=false"], "folds=False: expected a list of whole numbers"),
+        (["folds=null", "data.split.fold=2"], "data.split.folds=3 needs folds=[...]"),
         (["label=fedavg/fp16"], "label=fedavg/fp16: expected a folder name"),
         (["label=.."], "label=..: expected a folder name"),
         (["label="], "label=: expected a folder name"),
@@ -881,3 +906,31 @@ def test_a_bad_training_setting_stops_the_experiment_before_any_run(tmp_path, ca
     assert status == 2
     assert "federation.rounds=abc: expected a whole number" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no run folder, nothing trained
+
+
+def test_a_report_of_learning_curve_runs_only_is_refused_in_one_line(tmp_path, fake_training):
+    half = ("label=local_only_half", "data.split.train_share=0.5")
+    assert _experiment(tmp_path, "local_only", *half) == 0
+    with pytest.raises(JobError, match="only learning-curve runs"):
+        write_report([tmp_path / "runs"], tmp_path / "E.md", tmp_path / "figures", None)
+
+
+def test_an_unreadable_run_is_left_out_of_the_report_by_name(tmp_path, fake_training, caplog):
+    assert _experiment(tmp_path, "local_only") == 0
+    broken = tmp_path / "runs" / "local_only" / "fold_2" / "seed_1" / "results.json"
+    broken.write_text('{"label": "local_only", "rows": [')
+    with caplog.at_level(logging.WARNING):
+        text = write_report([tmp_path / "runs"], tmp_path / "E.md", tmp_path / "figures", None)
+    assert f"{broken}: unreadable" in caplog.text
+    assert "Compute: 3 runs," in text
+
+
+def test_runs_dirs_of_one_folder_name_keep_their_own_figures(tmp_path, fake_training):
+    for parent in ("old", "new"):
+        overrides = [*TINY_EXPERIMENT, "regime=fedavg", f"runs_dir={tmp_path / parent / 'runs'}"]
+        assert runner.run_experiment(compose_config(overrides, "w3s_experiment"), overrides) == 0
+    runs = [tmp_path / parent / "runs" for parent in ("old", "new")]
+    text = write_report(runs, tmp_path / "E.md", tmp_path / "figures", None)
+    for number in (1, 2):
+        assert (tmp_path / "figures" / f"synthetic_runs_{number}_matrix.png").is_file()
+        assert f"(figures/synthetic_runs_{number}_matrix.png)" in text
