@@ -67,6 +67,16 @@ def number_setting(cfg: DictConfig, key: str, *, whole: bool = False) -> float:
     if not isinstance(value, bool):
         with contextlib.suppress(TypeError, ValueError):
             number = float(value)
-    if math.isnan(number) or (whole and not number.is_integer()):
+    # A whole number must be an int, not 1.0: the job passes it on as it is (range(1.0) fails).
+    if math.isnan(number) or (whole and not isinstance(value, int)):
         raise JobError(f"{key}={value}: expected {'a whole number' if whole else 'a number'}")
+    return number
+
+
+def number_at_least(cfg: DictConfig, key: str, least: float, *, whole: bool = False) -> float:
+    """:func:`number_setting`, refused below ``least`` in one line that names the key."""
+    number = number_setting(cfg, key, whole=whole)
+    if number < least:
+        kind = "a whole number" if whole else "a number"
+        raise JobError(f"{key}={OmegaConf.select(cfg, key)}: expected {kind} >= {least:g}")
     return number

@@ -269,8 +269,17 @@ class MapSettings:
     def __post_init__(self) -> None:
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"localization.scales must be positive and non-empty: {self.scales}")
-        if self.last_k_layers < 1:
-            raise ValueError(f"localization.last_k_layers must be >= 1, got {self.last_k_layers}")
+        layers = self.last_k_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"localization.last_k_layers={layers}: expected a whole number >= 1")
+        size = self.input_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(
+                f"localization.input_size={size}: expected null or a whole number >= 1"
+            )
+        for key in ("minmax_factors", "refine", "hflip", "vflip"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"localization.{key}={getattr(self, key)}: expected true or false")
         for key, allowed in (("source", MapSource), ("reduce", LayerReduce)):
             value = getattr(self, key)
             if value not in get_args(allowed):
@@ -282,7 +291,11 @@ class MapSettings:
     def from_config(cls, cfg: Mapping[str, Any]) -> MapSettings:
         """Build from the ``localization`` config node (its ``thresholds`` serve validation)."""
         values = {key: value for key, value in cfg.items() if key != "thresholds"}
-        values["scales"] = tuple(float(s) for s in values.get("scales", cls.scales))
+        scales = values.get("scales", cls.scales)
+        try:
+            values["scales"] = tuple(float(s) for s in scales)
+        except (TypeError, ValueError):
+            raise ValueError(f"localization.scales={scales}: expected a list of numbers") from None
         return cls(**values)
 
     def flips(self) -> list[tuple[int, ...]]:

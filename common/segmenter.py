@@ -242,6 +242,22 @@ def check_segmenter_settings(cfg: Mapping[str, Any]) -> None:
             f"segmenter.batch_size={batch}: expected a whole number >= 2 (batch normalisation "
             "needs two images a step)"
         )
+    for key in ("epochs", "min_steps"):
+        value = cfg.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"segmenter.{key}={value}: expected a whole number >= 0")
+    for key, valid, expected in (
+        ("lr", lambda v: v > 0, "a number > 0"),
+        ("warmup", lambda v: 0 <= v < 1, "a share in [0, 1)"),
+        ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ):
+        value = cfg.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
+            raise ValueError(f"segmenter.{key}={value}: expected {expected}")
+    weights = cfg.get("backbone_weights_file")
+    if weights is not None and not Path(str(weights)).expanduser().is_file():
+        raise ValueError(f"segmenter.backbone_weights_file={weights}: no such file")
 
 
 def _optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:

@@ -23,11 +23,17 @@ import time
 import uuid
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from common.augment import magnitude_problem
 from common.cli import Command
-from common.config import CONF_DIR, compose_config, number_setting, override_value
+from common.config import (
+    CONF_DIR,
+    compose_config,
+    number_at_least,
+    number_setting,
+    override_value,
+)
 from common.data import (
     ROOT_KEYS,
     DataVerificationError,
@@ -37,11 +43,16 @@ from common.data import (
 )
 from common.errors import JobError
 from common.levers import head_levers, paste_share, size_bounds
-from common.localization import FOREGROUND_SOURCES
-from common.model import hospital_standardisation, mct_presets, read_deit_state
+from common.localization import FOREGROUND_SOURCES, MapSettings
+from common.model import (
+    STANDARDISE_MODES,
+    hospital_standardisation,
+    mct_presets,
+    read_deit_state,
+)
 from common.network import free_port
 from common.pretrain import PRETRAIN_METHODS
-from common.training import hospital_train_config
+from common.training import check_device, hospital_train_config
 from server_app.privacy import privacy_settings
 from server_app.run_processes import RUN_MARKER, guarded_run, stop_marked_processes
 from server_app.strategy import STRATEGIES
@@ -178,11 +189,12 @@ def check_training_config(cfg: DictConfig) -> None:
         # Read here too: where the run starts (the ServerApp), a damaged file failed the run.
         read_deit_state(Path(str(pretrained)))
     number_setting(cfg, "seed", whole=True)
+    check_device(cfg)
+    if not isinstance(cfg.resume, bool):
+        raise JobError(f"resume={cfg.resume}: expected true or false")
     if cfg.resume and not cfg.output_dir:
         raise JobError("resume=true continues a run: give its folder as output_dir=<run dir>")
-    rounds = ("federation.rounds", "train.local_epochs")
-    if min(number_setting(cfg, key, whole=True) for key in rounds) < 1:
-        raise JobError("federation.rounds and train.local_epochs must be at least 1")
+    number_at_least(cfg, "federation.rounds", 1, whole=True)
     if (
         cfg.federation.min_replies is not None
         and not 1 <= number_setting(cfg, "federation.min_replies", whole=True) <= hospitals
@@ -230,6 +242,62 @@ def check_training_config(cfg: DictConfig) -> None:
         raise JobError("federation.round_wait_for_nodes_s must be >= 0")
     check_hospital_settings(cfg)
     check_foreground_settings(cfg)
+    check_training_numbers(cfg)
+    if (mode := str(cfg.model.standardise_input)) not in STANDARDISE_MODES:
+        raise JobError(f"model.standardise_input={mode}: expected one of {STANDARDISE_MODES}")
+    try:
+        MapSettings.from_config(OmegaConf.to_container(cfg.localization))
+        check_thresholds(cfg.localization.thresholds)
+    except ValueError as error:
+        raise JobError(str(error)) from None
+
+
+# Lower bounds of the local training and pretraining keys, and whether each is a whole number.
+LOCAL_NUMBERS = {
+    "local_epochs": (1, True),
+    "batch_size": (1, True),
+    "lr": (0, False),
+    "warmup_lr": (0, False),
+    "min_lr": (0, False),
+    "warmup_epochs": (0, False),
+    "weight_decay": (0, False),
+}
+
+
+def check_training_numbers(cfg: DictConfig) -> None:
+    """Refuse numbers that fail every ClientApp at its first step (``batch_size=0``, ``lr=abc``).
+
+    Each hospital's ``train.per_hospital`` values are checked as it will train with them.
+    """
+    own = {str(h): hospital_train_config(cfg, str(h)) for h in cfg.train.per_hospital or {}}
+    for where, train in [("", cfg.train), *((f"hospital {h}: ", t) for h, t in own.items())]:
+        node = OmegaConf.create({"train": OmegaConf.to_container(train)})
+        try:
+            for key, (least, whole) in {**LOCAL_NUMBERS, "proximal_mu": (0, False)}.items():
+                number_at_least(node, f"train.{key}", least, whole=whole)
+        except JobError as error:
+            raise JobError(f"{where}{error.brief()}") from None
+    if number_at_least(cfg, "pretrain.rounds", 0, whole=True) > 0:
+        for key, (least, whole) in LOCAL_NUMBERS.items():
+            number_at_least(cfg, f"pretrain.{key}", least, whole=whole)
+    number_at_least(cfg, "model.img_size", 1, whole=True)
+    if not number_setting(cfg, "federation.round_timeout_s") > 0:
+        raise JobError(f"federation.round_timeout_s={cfg.federation.round_timeout_s}: expected > 0")
+    number_at_least(cfg, "federation.client_cpus", 0)
+    number_at_least(cfg, "federation.client_gpus", 0)
+    if cfg.strategy.name == "fedtrimmedavg" and not 0 <= number_setting(cfg, "strategy.beta") < 0.5:
+        raise JobError(f"strategy.beta={cfg.strategy.beta}: expected a share in [0, 0.5)")
+
+
+def check_thresholds(thresholds: object) -> None:
+    """Validation's candidate foreground thresholds: a non-empty list of numbers in [0, 1]."""
+    values = list(thresholds) if OmegaConf.is_list(thresholds) else []
+    if not values or not all(
+        isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= 1 for t in values
+    ):
+        raise ValueError(
+            f"localization.thresholds={thresholds}: expected a list of numbers in [0, 1]"
+        )
 
 
 def check_hospital_settings(cfg: DictConfig) -> None:

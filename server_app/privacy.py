@@ -70,9 +70,13 @@ def privacy_settings(privacy: DictConfig, num_hospitals: int) -> dict[str, Any]:
         return {"name": "none"}
     if privacy.name not in OPTIONS:
         raise ValueError(f"unknown privacy option {privacy.name!r}; expected one of {OPTIONS}")
-    noise_multiplier = float(privacy.noise_multiplier)
-    clipping_norm = float(privacy.clipping_norm)
-    delta = float(privacy.delta)
+    values = {}
+    for key in ("noise_multiplier", "clipping_norm", "delta"):
+        try:
+            values[key] = float(privacy[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"privacy.{key}={privacy[key]}: expected a number") from None
+    noise_multiplier, clipping_norm, delta = values.values()
     if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     if clipping_norm <= 0 or not math.isfinite(clipping_norm):

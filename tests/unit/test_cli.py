@@ -112,6 +112,13 @@ def test_unknown_config_option_is_one_line_and_status_2(script, capsys):
     assert_one_line_error(script, status, err, "nonexistent")
 
 
+def test_an_unknown_experiment_preset_is_one_line_naming_the_presets(capsys):
+    # The group is optional by Hydra's rules only when absent: a misspelt preset ran the
+    # defaults in its place.
+    status, _, err = call("w3s-simulate", ["experiment=papr"], capsys)
+    assert_one_line_error("w3s-simulate", status, err, "experiment/papr", "paper")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_misspelled_key_is_one_line_and_status_2(script, capsys):
     override = MISSPELLED[script]

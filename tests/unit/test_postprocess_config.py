@@ -38,6 +38,15 @@ from post_training.postprocess import (
         "segmenter.optimizer=adam",
         "segmenter.schedule=cosine",
         "segmenter.arch=unet",
+        "segmenter.epochs=abc",
+        "segmenter.min_steps=-1",
+        "segmenter.lr=0",
+        "segmenter.warmup=1.5",
+        "segmenter.backbone_weights_file=/nowhere/mobilenet.pth",
+        "localization.input_size=abc",
+        "localization.last_k_layers=abc",
+        "localization.scales=abc",
+        "localization.refine=yes",
     ],
 )
 def test_a_bad_setting_is_named_before_the_checkpoint_is_looked_for(tmp_path, bad):
