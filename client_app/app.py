@@ -162,8 +162,9 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
             f"{error.redacted()}; run w3s-verify at this site for the list"
         ) from None
     if len(tensors.labels) == 0:
-        # A class of one or two images goes to training whole, so a small hospital can have
-        # no validation image at all; each round's evaluation failed on it without a word.
+        # A class of one image goes to training whole and one of two leaves its test split
+        # none, so a small hospital can have no validation or test image at all; each
+        # round's evaluation failed on it without a word.
         remedy = (
             "data.split.fractions"
             if cfg.data.split.get("folds") is None

@@ -296,6 +296,8 @@ def pretrain(
         num_rounds=rounds - start.done,
         timeout=cfg.federation.round_timeout_s,
         train_config=ConfigRecord({"phase": "pretrain"}),
+        # Read by a failing ClientApp's log line only, which otherwise said "mct round".
+        evaluate_config=ConfigRecord({"phase": "pretrain"}),
         evaluate_fn=recorder,
     )
     arrays = result.arrays if len(result.arrays) else start.arrays

@@ -97,12 +97,18 @@ def test_the_declarations_of_the_pretraining_rounds_cap_the_mct_rounds(tmp_path,
     hospitals = ["hospital_a", "hospital_b", "hospital_c"]
     model = ArrayRecord({"w": Array(np.ones((2, 2), np.float32))})
 
-    def pretraining_rounds(self, *, initial_arrays, evaluate_fn, **_):
+    configs = []
+
+    def pretraining_rounds(self, *, initial_arrays, evaluate_fn, **configs_sent):
         self.declared_examples.update({0: 96.0, 2: 32.0})  # what the replies declared
+        configs.append(configs_sent)
         return SimpleNamespace(arrays=initial_arrays)
 
     monkeypatch.setattr(GuardedFedAvg, "start", pretraining_rounds)
     start = pretrain(cfg, None, hospitals, tmp_path, StartingPoint("pretrain", 0, model))
+    # Both kinds of message say their phase: a failing site's log line names it.
+    assert configs[0]["train_config"]["phase"] == "pretrain"
+    assert configs[0]["evaluate_config"]["phase"] == "pretrain"
     assert (start.phase, start.done) == ("mct", 0)
     assert start.declared == {"hospital_a": 96.0, "hospital_c": 32.0}
     assert federation_strategy(cfg, hospitals, start).declared_examples == {0: 96.0, 2: 32.0}
