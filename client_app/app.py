@@ -35,7 +35,7 @@ from common.data import (
     split_digest,
     split_tensors,
 )
-from common.logs import setup_logging
+from common.logs import metrics_text, setup_logging
 from common.model import MCTFormerV2, create_mct_model
 from common.pretrain import pretrain_round
 from common.training import TrainResult, evaluate_local, resolve_device, train_round
@@ -274,6 +274,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = _tensors(cfg, name, "val", cfg.model.img_size)
     with torch.inference_mode():
         metrics = evaluate_local(model, data, cfg.localization, device=resolve_device(cfg.device))
-    log.info("hospital %s evaluate: %s", name, metrics)
+    log.info("hospital %s evaluate: %s", name, metrics_text(metrics))
     reply = MetricRecord({**metrics, WEIGHT_KEY: len(data.labels), "hospital-index": index})
     return Message(content=RecordDict({"metrics": reply}), reply_to=msg)

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 
 # "__main__": a module run with ``python -m`` logs under that name.
 PROJECT_LOGGERS = ("common", "server_app", "client_app", "post_training", "experiments", "__main__")
+
+
+def metrics_text(metrics: Mapping[str, float], keys: Collection[str] | None = None) -> str:
+    """``val-loss 1.3219 val-accuracy 0.1818``: scores for a log line, four decimals each.
+
+    ``keys`` picks which are shown (all by default); ``-`` when none are.
+    """
+    shown = [f"{k} {v:.4f}" for k, v in metrics.items() if keys is None or k in keys]
+    return " ".join(shown) or "-"
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from common.arrays import to_state_dict
 from common.checkpoint import prune_rounds, save_model
 from common.files import write_text_atomically
+from common.logs import metrics_text
 from server_app.strategy import GuardedFedAvg
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,6 @@ def phase_of(row: dict[str, Any]) -> str:
     Runs made before the pretraining phase existed wrote rows without one: all MCT rounds.
     """
     return str(row.get("phase", "mct"))
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    shown = [f"{k} {v:.4f}" for k, v in metrics.items() if k in LOGGED_METRICS]
-    return " ".join(shown) or "-"
 
 
 def _json_safe(value: Any) -> Any:
@@ -209,7 +205,8 @@ class RoundRecorder:
             len(self.hospitals),
             len(report.failed),
             len(report.rejected),
-            _fmt(report.train),
-            _fmt(report.evaluate) + _missing(report.evaluate_failed, report.evaluate_rejected),
+            metrics_text(report.train, LOGGED_METRICS),
+            metrics_text(report.evaluate, LOGGED_METRICS)
+            + _missing(report.evaluate_failed, report.evaluate_rejected),
             seconds,
         )

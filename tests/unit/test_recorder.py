@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 import server_app.recorder
 from common.config import compose_config
+from common.logs import metrics_text
 from server_app.recorder import RoundRecorder
 from server_app.strategy import GuardedFedAvg
 from tests.replies import failed, instruction, prepare, reply
@@ -94,3 +95,10 @@ def test_a_row_names_evaluation_failures_apart_and_holds_no_nan(tmp_path, caplog
     assert row["hospitals"]["hospital_b"]["val-loss"] == 0.5
     assert "replies 3/3 (failed 0, rejected 0)" in caplog.text
     assert "(failed 1, rejected 0) |" in caplog.text  # after the validation scores
+
+
+def test_scores_in_log_lines_have_four_decimals_and_only_the_keys_asked_for():
+    scores = {"val-loss": 1.3218678488875881, "val-accuracy": 0.18181818181818182}
+    assert metrics_text(scores) == "val-loss 1.3219 val-accuracy 0.1818"
+    assert metrics_text(scores, ["val-accuracy"]) == "val-accuracy 0.1818"
+    assert metrics_text(scores, ["train-loss"]) == "-"
