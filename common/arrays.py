@@ -82,7 +82,9 @@ def _stored_shape(array: Array, kind: str) -> tuple[int, ...]:
     """The shape an Array's bytes declare, read from the npy header before they are decoded.
 
     The size cap counts the bytes sent, not the values they claim: a 200-byte header may
-    declare 10^12 floats, which ``np.load`` tries to allocate before it finds the data short.
+    declare 10^12 floats, or the model's shape in 100-megabyte strings, which ``np.load``
+    tries to allocate before it finds the data short. The header's dtype must be of the
+    kind and its values must fill exactly the bytes sent.
     """
     if array.stype != SType.NUMPY:
         raise ValueError(f"packed '{kind}' array is serialised as {array.stype!r}, not numpy")
@@ -95,9 +97,17 @@ def _stored_shape(array: Array, kind: str) -> tuple[int, ...]:
         version = np.lib.format.read_magic(stream)
         if version not in readers:
             raise ValueError(f"npy format version {version}")
-        shape, _, _ = readers[version](stream)
+        shape, _, dtype = readers[version](stream)
     except ValueError as error:
         raise ValueError(f"packed '{kind}' array is not a readable npy array: {error}") from None
+    allowed = (np.floating,) if kind == "floating" else (np.integer, np.bool_)
+    if not any(np.issubdtype(dtype, general) for general in allowed):
+        raise ValueError(f"packed '{kind}' array holds {dtype}")
+    declared = math.prod(shape) * dtype.itemsize
+    if (sent := len(array.data) - stream.tell()) != declared:
+        raise ValueError(
+            f"packed '{kind}' array declares {declared} bytes of values, carries {sent}"
+        )
     return tuple(shape)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -291,6 +291,8 @@ class MapSettings:
     def from_config(cls, cfg: Mapping[str, Any]) -> MapSettings:
         """Build from the ``localization`` config node (its ``thresholds`` serve validation)."""
         values = {key: value for key, value in cfg.items() if key != "thresholds"}
+        if unknown := sorted(set(values) - {field.name for field in fields(cls)}):
+            raise ValueError(f"localization.{unknown[0]}: no such setting")
         scales = values.get("scales", cls.scales)
         try:
             values["scales"] = tuple(float(s) for s in scales)

@@ -151,7 +151,7 @@ def create_segmenter(
         weights=None, weights_backbone=None, num_classes=num_outputs, **extra
     )
     if cfg.get("backbone_weights_file"):
-        _load_backbone(model, Path(cfg["backbone_weights_file"]))
+        _load_backbone(model, Path(cfg["backbone_weights_file"]).expanduser())
     return model
 
 

@@ -38,24 +38,36 @@ def resolve_device(name: str) -> torch.device:
     Anything else, or CUDA where there is none, is refused in one line naming the value:
     torch's own errors came as tracebacks, some only once the job had begun writing.
     """
-    if name == "auto":
+    device = named_device(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={name}: expected auto, cpu, cuda or cuda:<index>")
     if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
         found = f"{count} CUDA device(s)" if count else "no CUDA device (device=auto or cpu)"
         raise ValueError(f"device={name}: this machine has {found}")
     return device
 
 
-def check_device(cfg: DictConfig) -> None:
-    """Refuse ``cfg.device`` before a job starts, with the reason :func:`resolve_device` gives."""
+def named_device(name: str) -> torch.device | None:
+    """The device ``name`` names, None for ``auto``; a ValueError for any other name."""
+    if name == "auto":
+        return None
     try:
-        resolve_device(str(cfg.device))
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name}: expected auto, cpu, cuda or cuda:<index>")
+    return device
+
+
+def check_device(cfg: DictConfig, *, here: bool = True) -> None:
+    """Refuse ``cfg.device`` before a job starts, with the reason :func:`resolve_device` gives.
+
+    ``here=False`` checks the name only: a deployed server sets the hospitals' device, which
+    its own machine (without a GPU, say) need not have.
+    """
+    try:
+        resolve_device(str(cfg.device)) if here else named_device(str(cfg.device))
     except ValueError as error:
         raise JobError(str(error)) from None
 

@@ -321,7 +321,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = compose_config(parse_overrides(str(context.run_config["overrides"])))
     # w3s-simulate checks these before Flower starts; a deployed or bare `flwr run` reaches
     # here unchecked, where a bad value would be silently ignored or fail the ClientApps.
-    check_training_config(cfg)
+    check_training_config(cfg, hospitals_here=False)
     run_dir = run_directory(cfg, context.run_id)
     log.info("run directory: %s", run_dir)
     hospitals = run_hospitals(cfg, grid)

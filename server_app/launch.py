@@ -179,8 +179,12 @@ def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     return (0 if status == "finished:completed" else 1), "".join(lines)
 
 
-def check_training_config(cfg: DictConfig) -> None:
-    """Refuse values that would otherwise fail inside the ServerApp, after Flower started."""
+def check_training_config(cfg: DictConfig, *, hospitals_here: bool = True) -> None:
+    """Refuse values that would otherwise fail inside the ServerApp, after Flower started.
+
+    ``hospitals_here=False`` (the deployed ServerApp) checks the device's name only: the
+    hospitals train on it, on their own machines.
+    """
     hospitals = len(hospital_names(cfg.data))
     check_split(cfg.data)
     if str(cfg.model.name) not in mct_presets():
@@ -189,7 +193,7 @@ def check_training_config(cfg: DictConfig) -> None:
         # Read here too: where the run starts (the ServerApp), a damaged file failed the run.
         read_deit_state(Path(str(pretrained)))
     number_setting(cfg, "seed", whole=True)
-    check_device(cfg)
+    check_device(cfg, here=hospitals_here)
     if not isinstance(cfg.resume, bool):
         raise JobError(f"resume={cfg.resume}: expected true or false")
     if cfg.resume and not cfg.output_dir:

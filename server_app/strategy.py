@@ -269,8 +269,7 @@ class GuardedFedAvg(FedAvg):
         config["server-round"] = server_round + self.round_offset
         record = RecordDict({self.arrayrecord_key: pack(arrays), self.configrecord_key: config})
         kind = "train" if message_type == MessageType.TRAIN else "evaluate"
-        # The round's line (recorder) says how many replied; fewer online is a warning above.
-        log.debug("configure_%s: sampled %d nodes (every online node)", kind, len(nodes))
+        log.info("configure_%s: sampled %d nodes (every online node)", kind, len(nodes))
         return self._remember(self._construct_messages(record, nodes, message_type))
 
     def configure_train(

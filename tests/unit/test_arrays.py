@@ -85,10 +85,10 @@ def test_a_packed_reply_that_does_not_fit_the_model_is_refused_by_name(reference
     assert reason in unpack_reply(content, reference)
 
 
-def _claiming(count: int) -> bytes:
-    """An npy header declaring ``count`` float32 values, followed by a few bytes of them."""
+def _claiming(count: int, dtype: str = "<f4") -> bytes:
+    """An npy header declaring ``count`` values of ``dtype``, followed by 64 bytes of them."""
     stream = io.BytesIO()
-    header = {"descr": "<f4", "fortran_order": False, "shape": (count,)}
+    header = {"descr": dtype, "fortran_order": False, "shape": (count,)}
     np.lib.format.write_array_header_1_0(stream, header)
     return stream.getvalue() + bytes(64)
 
@@ -97,9 +97,10 @@ def _claiming(count: int) -> bytes:
     ("stype", "data", "reason"),
     [
         ("torch.tensor", np.ones(9, np.float32).tobytes(), "serialised as 'torch.tensor'"),
-        ("numpy.ndarray", _claiming(10**12), "has shape (1000000000000,)"),
+        ("numpy.ndarray", _claiming(10**12), "declares 4000000000000 bytes of values, carries 64"),
         ("numpy.ndarray", b"\x93NUMPY" + b"x" * 10, "not a readable npy array"),
-        ("numpy.ndarray", _claiming(9)[:-40], "expected 36 bytes"),
+        ("numpy.ndarray", _claiming(9)[:-40], "declares 36 bytes of values, carries 24"),
+        ("numpy.ndarray", _claiming(9, "<U100000000"), "holds <U100000000"),
     ],
 )
 def test_a_packed_array_that_cannot_be_decoded_is_refused_before_it_is(

@@ -106,6 +106,8 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
         (["federation.rounds=abc"], "federation.rounds=abc: expected a whole number"),
         (["federation.rounds=1.0"], r"federation.rounds=1.0: expected a whole number"),
         (["device=gpu"], "device=gpu: expected"),
+        (["device=cuda:64"], "device=cuda:64: this machine has"),
+        (["+localization.note=mine"], "localization.note: no such setting"),
         (["resume=no"], "resume=no: expected true or false"),
         (["train.batch_size=0"], "train.batch_size=0: expected a whole number >= 1"),
         (["train.lr=abc"], "train.lr=abc: expected a number"),
@@ -165,6 +167,10 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
     check_training_config(compose_config(["train.per_hospital=null"]))
     check_training_config(compose_config(["privacy=client_clip"]))
     check_training_config(compose_config(["experiment=paper"]))
+    # The deployed server sets the hospitals' device, which its own machine need not have.
+    check_training_config(compose_config(["device=cuda:64"]), hospitals_here=False)
+    with pytest.raises(JobError, match="device=gpu: expected"):
+        check_training_config(compose_config(["device=gpu"]), hospitals_here=False)
     check_training_config(compose_config(["+train.per_hospital.hospital_a.augment.hflip=false"]))
     check_training_config(
         compose_config(["+train.per_hospital.hospital_a.levers.foreground.size_bounds=[0.25,0.5]"])

@@ -84,13 +84,13 @@ def test_a_seeded_segmenter_starts_from_the_same_weights_whatever_ran_before():
     assert not all(torch.equal(first[key], other[key]) for key in first)
 
 
-def test_factory_loads_a_local_backbone_file(tmp_path):
+def test_factory_loads_a_local_backbone_file(tmp_path, monkeypatch):
     from torchvision.models import mobilenet_v3_large
 
     classifier = mobilenet_v3_large(weights=None)
-    path = tmp_path / "mobilenet.pth"
-    torch.save(classifier.state_dict(), path)
-    model = create_segmenter({**TINY, "backbone_weights_file": str(path)}, 3)
+    torch.save(classifier.state_dict(), tmp_path / "mobilenet.pth")
+    monkeypatch.setenv("HOME", str(tmp_path))  # given from home, as the check reads it
+    model = create_segmenter({**TINY, "backbone_weights_file": "~/mobilenet.pth"}, 3)
     torch.testing.assert_close(
         model.backbone.state_dict()["0.0.weight"], classifier.state_dict()["features.0.0.weight"]
     )
