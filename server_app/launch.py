@@ -273,8 +273,7 @@ def check_training_numbers(cfg: DictConfig) -> None:
 
     Each hospital's ``train.per_hospital`` values are checked as it will train with them.
     """
-    own = {str(h): hospital_train_config(cfg, str(h)) for h in cfg.train.per_hospital or {}}
-    for where, train in [("", cfg.train), *((f"hospital {h}: ", t) for h, t in own.items())]:
+    for where, train in hospital_trainings(cfg):
         node = OmegaConf.create({"train": OmegaConf.to_container(train)})
         try:
             for key, (least, whole) in {**LOCAL_NUMBERS, "proximal_mu": (0, False)}.items():
@@ -304,6 +303,19 @@ def check_thresholds(thresholds: object) -> None:
         )
 
 
+def hospital_trainings(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """The shared ``train`` settings, then each ``train.per_hospital`` hospital's own merge.
+
+    Each with the prefix that names it in an error (``hospital <name>: ``), so that every check
+    reads a hospital's settings as its ClientApp will train with them.
+    """
+    own = [
+        (f"hospital {h}: ", hospital_train_config(cfg, str(h)))
+        for h in cfg.train.per_hospital or {}
+    ]
+    return [("", cfg.train), *own]
+
+
 def check_hospital_settings(cfg: DictConfig) -> None:
     """Every ``train.per_hospital`` and ``model.per_hospital`` entry fits a configured hospital.
 
@@ -327,7 +339,7 @@ def check_hospital_settings(cfg: DictConfig) -> None:
             except ValueError as error:
                 raise JobError(str(error)) from None
     # Each hospital's augmentation as its ClientApp will build it.
-    for train in [cfg.train, *(hospital_train_config(cfg, h) for h in names)]:
+    for _, train in hospital_trainings(cfg):
         if problem := magnitude_problem(train["augment"]):
             raise JobError(problem)
 
@@ -340,17 +352,16 @@ def check_foreground_settings(cfg: DictConfig) -> None:
     the head's training and maps are on by default, so ``model.foreground_head=false`` alone
     would otherwise fail at the first training step or evaluation, after any pretraining.
     """
-    own = {str(h): hospital_train_config(cfg, str(h)) for h in cfg.train.per_hospital or {}}
-    for where, train in [("", cfg.train), *((f"hospital {h}: ", t) for h, t in own.items())]:
+    trainings = hospital_trainings(cfg)
+    for where, train in trainings:
         try:
             size_bounds(train.levers.foreground.size_bounds)
             paste_share(train.levers.copy_paste)
         except ValueError as error:
             raise JobError(f"{where}{error}") from None
-    trains = [cfg.train, *own.values()]
     if cfg.model.get("foreground_head"):
         return
-    levers = {k: v for train in trains for k, v in head_levers(train.levers).items()}
+    levers = {k: v for _, train in trainings for k, v in head_levers(train.levers).items()}
     source = str(cfg.localization.source)
     if levers or source in FOREGROUND_SOURCES:
         raise JobError(
