@@ -212,7 +212,7 @@ class MCTFormerV2(nn.Module):
     ) -> None:
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.embed_dim = embed_dim

@@ -46,6 +46,7 @@ from common.levers import head_levers, paste_share, size_bounds
 from common.localization import FOREGROUND_SOURCES, MapSettings
 from common.model import (
     STANDARDISE_MODES,
+    create_mct_model,
     hospital_standardisation,
     mct_presets,
     read_deit_state,
@@ -254,6 +255,11 @@ def check_training_config(cfg: DictConfig, *, hospitals_here: bool = True) -> No
         check_thresholds(cfg.localization.thresholds)
     except ValueError as error:
         raise JobError(str(error)) from None
+    try:
+        # The preset's own shape checks (an image side of whole patches), before Flower starts.
+        create_mct_model(cfg.model, num_classes=len(cfg.data.classes), load_pretrained=False)
+    except ValueError as error:
+        raise JobError(f"model={cfg.model.name}: {error}") from None
 
 
 # Lower bounds of the local training and pretraining keys, and whether each is a whole number.

@@ -116,6 +116,7 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
         (["pretrain.batch_size=0"], "pretrain.batch_size=0: expected a whole number >= 1"),
         (["pretrain.rounds=-1"], "pretrain.rounds=-1: expected a whole number >= 0"),
         (["model.img_size=abc"], "model.img_size=abc: expected a whole number"),
+        (["model.img_size=100"], "model=mct_tiny_patch8_96: img_size=100 is not divisible by"),
         (["federation.round_timeout_s=abc"], "federation.round_timeout_s=abc: expected a number"),
         (["strategy=fedtrimmedavg", "strategy.beta=0.9"], r"strategy.beta=0.9: expected a share"),
         (["model.standardise_input=bogus"], "model.standardise_input=bogus: expected one of"),
