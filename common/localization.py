@@ -428,6 +428,36 @@ def _to_image_size(
     return out
 
 
+def _image_batches(
+    images: Sequence[np.ndarray], side: int, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images), batch_size):
+        yield normalise(resize_images(images[start : start + batch_size], side)).to(device)
+
+
+def maps_orientation(
+    model: MCTFormerV2,
+    images: Sequence[np.ndarray],
+    settings: MapSettings,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+) -> bool | None:
+    """The foreground head's orientation for a model's maps, decided once on ``images``.
+
+    Decided on the training split and passed to every split's :func:`generate_maps`: each
+    split deciding alone turned the test maps inside out against the validation maps that
+    chose every threshold (reproduced with a split whose typical head area lay past half),
+    let a one-image split decide alone, and let the test images set a choice. None where the
+    maps do not come from the head.
+    """
+    if settings.source not in FOREGROUND_SOURCES:
+        return None
+    model.to(device).eval()
+    side = settings.side(model, 1.0)
+    return foreground_flip(model, _image_batches(images, side, batch_size, device))
+
+
 def generate_maps(
     model: MCTFormerV2,
     images: Sequence[np.ndarray],
@@ -436,6 +466,7 @@ def generate_maps(
     *,
     device: torch.device,
     batch_size: int = 32,
+    flip: bool | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int]]:
     """Maps of every image of a split, in batches, with a progress log.
 
@@ -453,25 +484,25 @@ def generate_maps(
         Where the model runs.
     batch_size
         Images per forward pass (times the flip passes and the number of scales).
+    flip
+        The foreground head's orientation, from :func:`maps_orientation` on the training
+        split, so that every split of a model is oriented alike; None decides on ``images``.
 
     Returns
     -------
     tuple
         Per-image (C, H, W) maps, per-image (N, N) patch affinities, and the patch grid.
     """
+    if flip is None:
+        flip = maps_orientation(model, images, settings, device=device, batch_size=batch_size)
     model.to(device).eval()
     side = settings.side(model, 1.0)
-
-    def batches() -> Iterator[torch.Tensor]:
-        for start in range(0, len(images), batch_size):
-            yield normalise(resize_images(images[start : start + batch_size], side)).to(device)
-
-    flip = foreground_flip(model, batches()) if settings.source in FOREGROUND_SOURCES else None
     all_maps: list[torch.Tensor] = []
     affinities: list[torch.Tensor] = []
     grid = (0, 0)
     progress = Progress("maps", len(images), log)
-    for start, batch in zip(range(0, len(images), batch_size), batches(), strict=True):
+    batches = _image_batches(images, side, batch_size, device)
+    for start, batch in zip(range(0, len(images), batch_size), batches, strict=True):
         chunk = images[start : start + batch_size]
         classes = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
         present = F.one_hot(classes, model.num_classes).float()

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.checkpoint import save_atomic
 from common.data import HospitalData, hospital_split
 from common.data.splits import SPLITS
-from common.localization import MapSettings, generate_maps, save_maps
+from common.localization import MapSettings, generate_maps, maps_orientation, save_maps
 from common.metrics import (
     IGNORE_INDEX,
     AbsentPolicy,
@@ -201,14 +201,27 @@ class Evaluation:
 def make_maps(
     model: MCTFormerV2, cfg: DictConfig, hospital: str, device: torch.device
 ) -> dict[str, Split]:
-    """Maps of every split (written by :func:`save_split_maps` once the model is chosen)."""
+    """Maps of every split (written by :func:`save_split_maps` once the model is chosen).
+
+    The foreground head's orientation is decided on the training split, for all three.
+    """
     settings = MapSettings.from_config(OmegaConf.to_container(cfg.localization))
+    parts = {split: hospital_split(cfg.data, hospital, split) for split in SPLITS}
+    batch_size = int(cfg.batch_size)
+    flip = maps_orientation(
+        model, parts["train"].images, settings, device=device, batch_size=batch_size
+    )
     splits = {}
-    for split in SPLITS:
-        data = hospital_split(cfg.data, hospital, split)
+    for split, data in parts.items():
         log.info("%s split: %d images", split, len(data))
         maps, affinities, grid = generate_maps(
-            model, data.images, data.labels, settings, device=device, batch_size=cfg.batch_size
+            model,
+            data.images,
+            data.labels,
+            settings,
+            device=device,
+            batch_size=batch_size,
+            flip=flip,
         )
         stems = sample_stems(data.sample_ids)
         truth = None if data.masks is None else class_aware_truths(data.masks, data.labels)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import timm
@@ -12,6 +14,7 @@ from common.localization import (
     generate_maps,
     larger_side_is_cell,
     load_maps,
+    maps_orientation,
     normalise_maps,
     patch_affinity,
     refine_maps,
@@ -175,6 +178,29 @@ def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
 
     for alone, together in zip(maps(1), maps(5), strict=True):
         torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
+
+
+def test_an_orientation_decided_on_other_images_holds_for_a_split_that_would_decide_alone():
+    """w3s-postprocess orients the validation and test maps by the training split's decision."""
+    model = model_with_head()
+    rng = np.random.default_rng(0)
+    train = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+    batch = normalise(resize_images(train, 32))
+    with torch.no_grad():
+        logits = model(batch).foreground.flatten(1).mean(1) - model.fg_head.bias
+        # Areas past half at one image, below it at the other four.
+        model.fg_head.bias.fill_(-float(logits.sort().values[-2:].mean()))
+    areas = torch.sigmoid(model(batch).foreground.detach()).mean(dim=(1, 2, 3))
+    lone = int(areas.argmax())
+    cpu = torch.device("cpu")
+    flip = maps_orientation(model, train, FOREGROUND_MAPS, device=cpu)
+    assert flip is False
+    assert maps_orientation(model, [train[lone]], FOREGROUND_MAPS, device=cpu) is True
+    test_split = generate_maps(model, [train[lone]], [0], FOREGROUND_MAPS, device=cpu, flip=flip)
+    with_train = generate_maps(model, train, [0] * 5, FOREGROUND_MAPS, device=cpu)
+    torch.testing.assert_close(test_split[0][0], with_train[0][lone], atol=1e-5, rtol=1e-4)
+    patch_cam = replace(FOREGROUND_MAPS, source="patch_cam")
+    assert maps_orientation(model, train, patch_cam, device=cpu) is None
 
 
 def test_the_split_wide_orientation_keeps_no_autograd_graph():

@@ -2,8 +2,14 @@
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-from post_training.stages import Evaluation, Split, option_grid, tuned_options
+from common.config import compose_config
+from common.data import hospital_split
+from common.localization import MapSettings, generate_maps, maps_orientation
+from common.model import create_mct_model
+from post_training.stages import Evaluation, Split, make_maps, option_grid, tuned_options
 
 
 def val_evaluation(truth: list[np.ndarray] | None) -> Evaluation:
@@ -65,3 +71,37 @@ def test_an_option_read_by_some_candidates_is_tuned_in_those():
         {"grow": "region", "cell_fraction": 0.15},
         {"grow": "region", "cell_fraction": 0.3},
     ]
+
+
+def test_every_splits_maps_take_the_training_splits_orientation_of_the_head():
+    """A test split that would decide alone the other way is oriented as training decided."""
+    cfg = compose_config(
+        [
+            "data.hospitals.hospital_a.num_images=16",
+            "data.hospitals.hospital_a.image_size=32",
+            "checkpoint=/x/final_model.pt",
+            "hospital=hospital_a",
+        ],
+        config_name="postprocess",
+    )
+    torch.manual_seed(0)
+    model_cfg = compose_config(["model.img_size=32"]).model
+    model = create_mct_model(model_cfg, num_classes=len(cfg.data.classes)).eval()
+    settings = MapSettings.from_config(OmegaConf.to_container(cfg.localization))
+    train, test = (hospital_split(cfg.data, "hospital_a", s).images for s in ("train", "test"))
+    cpu = torch.device("cpu")
+
+    def decisions(bias: float) -> tuple[bool | None, bool | None]:
+        model.fg_head.bias.fill_(bias)
+        return tuple(maps_orientation(model, s, settings, device=cpu) for s in (train, test))
+
+    with torch.no_grad():
+        bias = next(b / 20 for b in range(-200, 200) if len(set(decisions(b / 20))) == 2)
+        train_flip, test_alone = decisions(bias)
+    test_maps = make_maps(model, cfg, "hospital_a", cpu)["test"].records
+    oriented = generate_maps(model, test, [0] * len(test), settings, device=cpu, flip=train_flip)
+    alone = generate_maps(model, test, [0] * len(test), settings, device=cpu, flip=test_alone)
+    for record, by_train, by_test in zip(test_maps, oriented[0], alone[0], strict=True):
+        label = record.label
+        torch.testing.assert_close(record.maps[label], by_train[0])
+        assert not torch.allclose(record.maps[label], by_test[0])
