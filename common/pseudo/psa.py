@@ -260,7 +260,10 @@ class PSAMasker(PseudoMasker):
         self.alpha_low, self.alpha_high = float(cfg["alpha_low"]), float(cfg["alpha_high"])
         self.beta, self.logt = float(cfg["beta"]), int(cfg["logt"])
         self.train_cfg = dict(cfg["train"])
-        self.network = AffinityNet(cfg["network"]["backbone"], cfg["network"]["weights_file"])
+        # Built here to check the backbone and its file before any work; fit builds it again
+        # from its seed.
+        self.network_args = (cfg["network"]["backbone"], cfg["network"]["weights_file"])
+        self.network = AffinityNet(*self.network_args)
         self.device = torch.device("cpu")
 
     @classmethod
@@ -273,10 +276,15 @@ class PSAMasker(PseudoMasker):
         return side, side
 
     def fit(self, records: Sequence[MapRecord], *, device: torch.device, seed: int) -> None:
-        """Train AffinityNet on the confident labels of the training split's maps."""
+        """Train AffinityNet on the confident labels of the training split's maps.
+
+        Its starting weights come from ``seed``, not from however many random numbers the job
+        drew before (the site's fine-tune, earlier ``pseudo.tune`` candidates).
+        """
         if not records:
             raise ValueError("psa needs at least one training image")
         torch.manual_seed(seed)
+        self.network = AffinityNet(*self.network_args)
         generator = torch.Generator().manual_seed(seed)
         cfg = self.train_cfg
         grid = self._grid()

@@ -236,7 +236,8 @@ def test_psa_fits_and_walks_on_tiny_images():
     records = [record(rng, i % 3) for i in range(4)]
     masker = create_masker(tiny_psa_config())
     assert isinstance(masker, PSAMasker)
-    before = [p.clone() for p in masker.network.parameters()]
+    torch.manual_seed(0)
+    before = list(AffinityNet("resnet18").parameters())  # where fit(seed=0) starts
     masker.fit(records, device=torch.device("cpu"), seed=0)
     assert any(
         not torch.equal(a, b) for a, b in zip(before, masker.network.parameters(), strict=True)
@@ -249,6 +250,22 @@ def test_psa_fits_and_walks_on_tiny_images():
     for score, transition, w in zip(scores, transitions, walked, strict=True):
         torch.testing.assert_close(w, walk_on_grid(score, transition, (4, 4), (32, 32)))
         assert not torch.allclose(w, score, atol=1e-3)
+
+
+def test_psa_masks_depend_on_the_seed_not_on_earlier_random_draws():
+    rng = np.random.default_rng(0)
+    records = [record(rng, i % 3) for i in range(4)]
+    scores = [stack_background(r.maps, Background("power", alpha=16)) for r in records]
+
+    def walked(draws_before: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        torch.rand(draws_before)  # the job's earlier work: the fine-tune, other candidates
+        masker = create_masker(tiny_psa_config())
+        masker.fit(records, device=torch.device("cpu"), seed=0)
+        return masker.propagate(records, scores)
+
+    for a, b in zip(walked(0), walked(1), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_psa_rejects_an_input_size_off_the_stride():
