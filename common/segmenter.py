@@ -187,20 +187,22 @@ def check_not_ground_truth(
     Raises
     ------
     GroundTruthLeakError
-        When more than half of the masks match the ground-truth cell area pixel for pixel.
+        When more than half of the masks whose truth holds a cell match it pixel for pixel.
+        A truth without a cell has nothing to leak: an empty pseudo-mask equals it honestly.
     """
     if ground_truth is None or not masks:
         return
     if len(ground_truth) != len(masks):
         raise ValueError(f"{len(masks)} masks but {len(ground_truth)} ground-truth masks")
+    pairs = [(m, t) for m, t in zip(masks, ground_truth, strict=True) if t.any()]
     identical = sum(
         mask.shape == truth.shape
         and np.array_equal((mask != 0) & (mask != IGNORE_INDEX), truth > 0)
-        for mask, truth in zip(masks, ground_truth, strict=True)
+        for mask, truth in pairs
     )
-    if identical > GROUND_TRUTH_SHARE_LIMIT * len(masks):
+    if pairs and identical > GROUND_TRUTH_SHARE_LIMIT * len(pairs):
         raise GroundTruthLeakError(
-            f"{identical} of {len(masks)} training masks equal the ground truth pixel for pixel: "
+            f"{identical} of {len(pairs)} training masks equal the ground truth pixel for pixel: "
             "the segmenter must learn from pseudo-masks, not from the evaluation masks"
         )
 

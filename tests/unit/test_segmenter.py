@@ -211,6 +211,11 @@ def test_ground_truth_guard():
         m[m.shape[0] // 2] = 0  # a weak mask is never pixel-exact
     check_not_ground_truth(shrunk, truth)
     check_not_ground_truth(masks, None)
+    # Crops without a cell: their empty pseudo-masks leak nothing, and are not counted.
+    empty = [np.zeros_like(t) for t in truth]
+    check_not_ground_truth([*empty[:3], shrunk[3]], [*empty[:3], truth[3]])
+    with pytest.raises(GroundTruthLeakError, match="1 of 1"):
+        check_not_ground_truth([*empty[:3], masks[3]], [*empty[:3], truth[3]])
 
 
 def test_load_segmenter_errors_are_checkpoint_errors_naming_the_file(tmp_path):
