@@ -124,12 +124,23 @@ def weights_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, A
     not_tensors = [
         key for key in given if key in expected and not isinstance(given[key], torch.Tensor)
     ]
+    # A damaged file's NaN weights gave NaN maps that the pseudo-mask methods turned into an
+    # all-cell guess or an all-background mask without a word.
+    not_finite = [
+        key
+        for key, value in given.items()
+        if key in expected
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
     parts = []
     for label, keys in (
         ("missing", missing),
         ("unexpected", unexpected),
         ("of another shape (file vs model)", shapes),
         ("not tensors", not_tensors),
+        ("not finite (NaN or infinite values)", not_finite),
     ):
         if keys:
             parts.append(f"{len(keys)} {label}, e.g. {keys[0]}")

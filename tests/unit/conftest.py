@@ -33,6 +33,7 @@ CHECKPOINT_FAULTS = {
     "config_a_list": "its training config cannot be read: it holds a ListConfig",
     "config_seed_from_env": "its training config cannot be read: seed must be a whole number",
     "huge_image": "img_size=4800 and 5 classes make 360005 tokens, the weights hold 21",
+    "nan_weights": "1 not finite (NaN or infinite values), e.g. head.weight",
 }
 SEGMENTER_FAULTS = {
     "missing": "file not found",
@@ -47,6 +48,7 @@ SEGMENTER_FAULTS = {
     "mct_file": "MCT model file",
     "input_size_zero": "segmenter.input_size=0: expected a whole number in 16..4096",
     "members_not_in_weights": "its settings name 100000 ensemble members, its weights hold 1",
+    "nan_weights": "not finite (NaN or infinite values)",
 }
 TINY_SEGMENTER = {"arch": "lraspp_mobilenet_v3_large", "input_size": 32}
 
@@ -121,6 +123,12 @@ def model_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
             "mct_config_seed_from_env", payload_with(config=OmegaConf.to_yaml(seed_from_env))
         ),
         "huge_image": write("mct_huge_image", huge),
+        "nan_weights": save_model(
+            {**mct.state_dict(), "head.weight": torch.full_like(mct.head.weight, torch.nan)},
+            cfg,
+            1,
+            folder / "mct_nan_weights.pt",
+        ),
     }
     wider = create_segmenter(TINY_SEGMENTER, len(classes) + 3)
     unknown_arch = segmenter_payload(segmenter, {**TINY_SEGMENTER, "arch": "unet"}, classes)
@@ -140,6 +148,16 @@ def model_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
             {
                 **segmenter_payload(segmenter, TINY_SEGMENTER, classes),
                 "segmenter": {**TINY_SEGMENTER, "members": 100000},
+            },
+        ),
+        "nan_weights": write(
+            "seg_nan_weights",
+            {
+                **segmenter_payload(segmenter, TINY_SEGMENTER, classes),
+                "state_dict": {
+                    key: torch.full_like(value, torch.inf) if value.is_floating_point() else value
+                    for key, value in segmenter.state_dict().items()
+                },
             },
         ),
     }
