@@ -57,16 +57,23 @@ def inspect_project(docker: str, project: str, services: Sequence[str] = ()) -> 
     return json.loads(out.stdout)
 
 
+def _raise(error: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list ends the walk instead of being skipped."""
+    raise error
+
+
 def holds_ca_key(source: str) -> bool | None:
-    """Whether a mount's host path is or contains a file named ca.key; None: not readable."""
+    """Whether a mount's host path is or contains a file named ca.key; None: not all readable.
+
+    A folder that cannot be listed may hold the key, so its error ends the walk with None
+    (Path.rglob skipped such folders silently and passed them as holding no key).
+    """
     path = Path(source)
     try:
         if path.is_file():
             return path.name == "ca.key"
-        if not os.access(path, os.R_OK | os.X_OK):
-            return None
-        return any(path.rglob("ca.key"))
-    except PermissionError:
+        return any("ca.key" in files for _, _, files in os.walk(path, onerror=_raise))
+    except OSError:
         return None
 
 
@@ -100,7 +107,9 @@ def check(container: dict, allow_caps: set[str], public: set[str]) -> list[tuple
         ok = bool(health.get("Test")) and (not state.get("Running") or status == "healthy")
         results.append(("healthcheck", ok, f"State.Health={status}"))
     user = config.get("User") or ""
-    results.append(("not root", user not in ("", "root", "0", "0:0"), f"User={user or 'root'}"))
+    # USER:GROUP; the group does not matter, a root user does ("0:49999" runs as root).
+    root = user.partition(":")[0] in ("", "root", "0")
+    results.append(("not root", not root, f"User={user or 'root'}"))
     bindings = [
         (b.get("HostIp") or "0.0.0.0", b.get("HostPort"), port)
         for port, binds in (host.get("PortBindings") or {}).items()

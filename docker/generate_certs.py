@@ -2,7 +2,8 @@
 """Make the federation's TLS certificates, SuperNode keys and SuperExec secrets.
 
 Only what is missing is made (and a SuperLink certificate that lacks a requested name or comes
-from an older CA, or expires within RENEW_DAYS days, or whose key is missing), so running it
+from an older CA, or expires within RENEW_DAYS days, or whose key is missing; and a hospital's
+runtime certificate that expires within RENEW_DAYS days or whose key is missing), so running it
 again is safe; the rotation steps of docker/README.md say which files to delete to renew.
 
   server                 the federation CA (its key and certificate -> CA_DIR, default OUT/ca/),
@@ -22,7 +23,8 @@ with the command that moves it.
 
 Needs only ``cryptography``, which every Flower install brings. The SuperLink certificate always
 names ``superlink`` (the compose service), ``localhost`` and ``127.0.0.1``; add with --san every
-name or address the hospitals dial.
+name or address the hospitals dial. A re-issued certificate keeps the names of the one it
+replaces, so a renewal without --san still serves them; the names are printed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ SUPERLINK_SANS = ("superlink", *DEFAULT_SANS)
 # The ClientApp SuperExec dials its SuperNode by this name on the hospital's own network.
 RUNTIME_SANS = ("supernode", *DEFAULT_SANS)
 CA_DAYS = 3650
-# A SuperLink certificate this close to its end is re-issued when the script runs again.
+# A SuperLink or runtime certificate this close to its end is re-issued when the script runs again.
 RENEW_DAYS = 30
 
 
@@ -76,6 +78,18 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _canonical(name: str) -> str:
+    """An IP address as a certificate stores it (2001:0db8::1 -> 2001:db8::1); a DNS name as is.
+
+    Compared as typed, a requested address in another spelling is never found in the
+    certificate, which would then be re-issued (a new key) on every run.
+    """
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
 
 
 def _general_name(name: str) -> x509.GeneralName:
@@ -142,24 +156,37 @@ def make_server_cert(
     return key, cert
 
 
-def cert_is_current(path: Path, ca_cert: x509.Certificate, names: Iterable[str]) -> bool:
-    """Whether ``path`` exists, was signed by ``ca_cert`` and is valid for every name.
+def load_cert(path: Path) -> x509.Certificate | None:
+    """The certificate in ``path``; None if the file is missing or does not parse (re-issue it)."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def cert_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses ``cert`` is valid for, IPs in canonical form."""
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [
+        *sans.get_values_for_type(x509.DNSName),
+        *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)),
+    ]
+
+
+def cert_is_current(
+    cert: x509.Certificate | None, ca_cert: x509.Certificate, names: Iterable[str]
+) -> bool:
+    """Whether ``cert`` exists, was signed by ``ca_cert`` and is valid for every name.
 
     It must also stay valid RENEW_DAYS more days, so a run before the expiry renews it.
     """
-    if not path.exists():
-        return False
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    if cert.not_valid_after_utc < _now() + datetime.timedelta(days=RENEW_DAYS):
+    if cert is None or cert.not_valid_after_utc < _now() + datetime.timedelta(days=RENEW_DAYS):
         return False
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
         return False
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    valid_for = {str(n) for n in sans.get_values_for_type(x509.DNSName)}
-    valid_for |= {str(n) for n in sans.get_values_for_type(x509.IPAddress)}
-    return set(names) <= valid_for
+    return set(names) <= set(cert_names(cert))
 
 
 def _unique(names: Iterable[str]) -> list[str]:
@@ -176,8 +203,11 @@ def server(out: Path, ca_dir: Path, extra_sans: Sequence[str], days: int) -> Non
     """CA in ``ca_dir``; SuperLink certificate, ca.crt and ServerApp SuperExec secret in ``out``.
 
     The CA is kept once made: hospitals trust its ca.crt. The SuperLink certificate is
-    re-issued when it lacks a requested name or was signed by another (an older) CA; only then
-    is the CA key read.
+    re-issued when it lacks a requested name, was signed by another (an older) CA, ends within
+    RENEW_DAYS days or has lost its key; only then is the CA key read. The new one keeps the
+    names of the old one: hospitals dial what it was first made for, and a renewal without the
+    original --san must not drop it. A deleted certificate leaves nothing to keep, hence the
+    printed list.
     """
     stray = out / "ca.key"
     if stray.exists():
@@ -198,13 +228,16 @@ def server(out: Path, ca_dir: Path, extra_sans: Sequence[str], days: int) -> Non
     if not (out / "ca.crt").exists() or (out / "ca.crt").read_bytes() != ca_pem:
         _write(out / "ca.crt", ca_pem, private=False)
 
-    sans = _unique([*SUPERLINK_SANS, *extra_sans])
+    sans = _unique([*SUPERLINK_SANS, *map(_canonical, extra_sans)])
     cert_file = out / "superlink.crt"
-    if not (out / "superlink.key").exists() or not cert_is_current(cert_file, ca_cert, sans):
+    previous = load_cert(cert_file)
+    if not (out / "superlink.key").exists() or not cert_is_current(previous, ca_cert, sans):
+        sans = _unique([*sans, *(cert_names(previous) if previous else [])])
         ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
         key, cert = make_server_cert(ca_key, ca_cert, sans, days)
         _write(out / "superlink.key", _pem_key(key), private=True)
         _write(cert_file, _pem_cert(cert), private=False)
+        print(f"{cert_file} is valid for: {', '.join(sans)} (add what hospitals dial with --san)")
     _secret(out / "superexec.secret")
 
 
@@ -214,7 +247,8 @@ def hospital(out: Path, name: str, days: int) -> None:
     The auth key is an OpenSSH EC P-384 key: ``flwr supernode register`` reads the .pub,
     ``flower-supernode --auth-supernode-private-key`` the private half. The Runtime API
     certificate is signed by a throwaway CA whose key is never written: the link stays on
-    the hospital's machine, and renewing it means deleting runtime-ca.crt and running again.
+    the hospital's machine, so CA, key and certificate are made anew together, when one is
+    missing or the certificate ends within RENEW_DAYS days (deleting runtime-ca.crt forces it).
     """
     if not (out / "supernode.key").exists():
         key = ec.generate_private_key(ec.SECP384R1())
@@ -228,7 +262,12 @@ def hospital(out: Path, name: str, days: int) -> None:
         )
         _write(out / "supernode.key", private, private=True)
         _write(out / "supernode.pub", public + f" {name}\n".encode(), private=False)
-    if not (out / "runtime-ca.crt").exists():
+    runtime_ca = load_cert(out / "runtime-ca.crt")
+    if (
+        runtime_ca is None
+        or not (out / "runtime.key").exists()
+        or not cert_is_current(load_cert(out / "runtime.crt"), runtime_ca, RUNTIME_SANS)
+    ):
         ca_key, ca_cert = make_ca(f"FL-W3S {name} runtime CA")
         key, cert = make_server_cert(ca_key, ca_cert, RUNTIME_SANS, days)
         _write(out / "runtime.key", _pem_key(key), private=True)

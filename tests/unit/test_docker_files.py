@@ -8,6 +8,7 @@ docker/generate_certs.py makes.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
 from pathlib import Path, PurePosixPath
@@ -118,12 +119,22 @@ def host_path(compose_file: Path, service: dict, container_path: str) -> Path:
     raise AssertionError(f"{container_path} is not inside any bind mount of {service}")
 
 
-@pytest.fixture(scope="module")
-def generate_certs():
-    spec = importlib.util.spec_from_file_location("generate_certs", DOCKER / "generate_certs.py")
+def script(name: str):
+    """A docker/ script as a module: they are run by path, not installed."""
+    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+@pytest.fixture(scope="module")
+def generate_certs():
+    return script("generate_certs").main
+
+
+@pytest.fixture(scope="module")
+def check_containers():
+    return script("check_containers")
 
 
 @pytest.mark.parametrize("path", PRODUCTION, ids=lambda p: str(p.relative_to(DOCKER)))
@@ -442,3 +453,66 @@ def test_every_certificate_path_is_a_file_that_setup_makes(path, generate_certs,
                 assert relative.parts[0] != "ca", (name, arg)
                 checked += 1
     assert checked >= 4
+
+
+def inspected(user: str = "app", mounts: list[dict] | None = None) -> dict:
+    """The part of a ``docker inspect`` record that check_containers.check reads."""
+    return {
+        "HostConfig": {},
+        "Config": {"User": user, "Healthcheck": {"Test": ["NONE"]}},
+        "State": {},
+        "Mounts": mounts or [],
+    }
+
+
+def outcome(check_containers, container: dict, what: str) -> tuple[bool, str]:
+    """(passed, what was seen) of one check of check_containers.check."""
+    (result,) = [r[1:] for r in check_containers.check(container, set(), set()) if r[0] == what]
+    return result
+
+
+@pytest.mark.parametrize(
+    ("user", "root"),
+    [
+        ("", True),
+        ("root", True),
+        ("0", True),
+        ("root:root", True),
+        ("0:49999", True),
+        ("root:app", True),
+        ("app", False),
+        ("49999:49999", False),
+        ("app:0", False),
+    ],
+)
+def test_check_containers_fails_a_root_user_whatever_its_group(check_containers, user, root):
+    assert outcome(check_containers, inspected(user), "not root")[0] is not root
+
+
+def test_check_containers_fails_a_mount_with_a_folder_it_cannot_list(
+    check_containers, tmp_path, monkeypatch
+):
+    certs, sealed = tmp_path / "certs", tmp_path / "certs" / "sealed"
+    (sealed / "old").mkdir(parents=True)
+    (certs / "ca.crt").touch()
+    holds = check_containers.holds_ca_key
+    assert holds(str(certs)) is False
+    assert holds(str(certs / "ca.crt")) is False
+    assert holds(str(tmp_path / "gone")) is None
+    (sealed / "old" / "ca.key").touch()
+    assert holds(str(certs)) is True
+    assert holds(str(sealed / "old" / "ca.key")) is True
+
+    # Tests run as root, whom chmod 000 does not stop: fail the listing as it fails for others.
+    scandir = os.scandir
+
+    def denied(path):
+        if Path(path) == sealed:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    assert holds(str(certs)) is None
+    mount = {"Type": "bind", "Source": str(certs), "Destination": "/app/certs"}
+    passed, seen = outcome(check_containers, inspected(mounts=[mount]), "no CA key")
+    assert not passed and "cannot read ['/app/certs']" in seen

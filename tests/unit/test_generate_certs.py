@@ -138,6 +138,60 @@ def test_a_missing_key_or_a_certificate_near_its_end_reissues_the_superlink_pair
     assert cert(server / "superlink.crt").not_valid_after_utc > short.not_valid_after_utc
 
 
+def test_a_reissued_superlink_certificate_keeps_the_names_of_the_one_it_replaces(
+    generate, federation, capsys
+):
+    """The README's renewal and CA rotation rerun `server` without the --san hospitals dial."""
+    server, ca = federation / "server", federation / "ca"
+    dialled = {"superlink", "localhost", "127.0.0.1", "fl.org"}
+    (server / "superlink.key").unlink()  # a renewal before the certificate's end
+    generate(["server", f"--out={federation}"])
+    assert names(cert(server / "superlink.crt")) == dialled
+
+    (ca / "ca.crt").unlink()
+    (ca / "ca.key").unlink()
+    generate(["server", f"--out={federation}"])
+    assert names(cert(server / "superlink.crt")) == dialled
+
+    generate(["server", f"--out={federation}", "--san=10.0.0.7", "--days=10"])
+    short = cert(server / "superlink.crt")
+    generate(["server", f"--out={federation}"])  # 10 days left: renewed
+    renewed = cert(server / "superlink.crt")
+    assert renewed.not_valid_after_utc > short.not_valid_after_utc
+    assert names(renewed) == dialled | {"10.0.0.7"}
+
+    (server / "superlink.crt").unlink()  # nothing left to keep: the printed list shows it
+    capsys.readouterr()
+    generate(["server", f"--out={federation}"])
+    printed = capsys.readouterr().out
+    assert "superlink.crt is valid for: superlink, localhost, 127.0.0.1 (" in printed
+
+
+def test_a_requested_address_in_another_spelling_reissues_nothing(generate, tmp_path):
+    """The certificate stores 2001:db8::1; compared as typed, every run made a new key."""
+    generate(["server", f"--out={tmp_path}", "--san=2001:0DB8::1"])
+    assert "2001:db8::1" in names(cert(tmp_path / "server/superlink.crt"))
+    before = snapshot(tmp_path)
+    generate(["server", f"--out={tmp_path}", "--san=2001:0DB8::1"])
+    assert snapshot(tmp_path) == before
+
+
+def test_runtime_tls_is_made_anew_near_its_end_or_when_a_file_is_lost(generate, tmp_path):
+    """The SuperNode <-> ClientApp link must not expire because nobody deleted runtime-ca.crt."""
+    folder = tmp_path / "hospitals" / "a"
+    generate(["hospital", "a", f"--out={tmp_path}", "--days=10"])
+    short = cert(folder / "runtime.crt")
+    generate(["hospital", "a", f"--out={tmp_path}"])  # 10 days left: renewed
+    assert cert(folder / "runtime.crt").not_valid_after_utc > short.not_valid_after_utc
+    for lost in ("runtime.key", "runtime.crt"):
+        (folder / lost).unlink()
+        generate(["hospital", "a", f"--out={tmp_path}"])
+        runtime = cert(folder / "runtime.crt")
+        runtime.verify_directly_issued_by(cert(folder / "runtime-ca.crt"))
+        key = load_pem_private_key((folder / "runtime.key").read_bytes(), password=None)
+        assert key.public_key() == runtime.public_key()
+
+
 def test_a_ca_without_its_key_is_refused(generate, federation):
     (federation / "ca/ca.key").unlink()
     with pytest.raises(SystemExit, match="both exist or both be absent"):
