@@ -27,6 +27,7 @@ from common.arrays import (
     unpack,
 )
 from common.augment import train_cache_size
+from common.checkpoint import weights_mismatch
 from common.config import compose_config, override_value, parse_overrides
 from common.data import (
     DataVerificationError,
@@ -115,6 +116,11 @@ def _hospital(context: Context, cfg: DictConfig) -> tuple[int, str]:
         if name not in names:
             raise ValueError(f"node config names hospital '{name}', not one of {names}")
         return names.index(name), name
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "this SuperNode's node config names no hospital: start it with "
+            f'--node-config \'hospital="<name>" data-root="<folder>"\' (one of {names})'
+        )
     partition = int(node_config["partition-id"])
     federated = federated_hospitals(cfg.data, int(node_config.get("num-partitions", len(names))))
     return partition, federated[partition]
@@ -137,7 +143,11 @@ def _setup(msg: Message, context: Context) -> tuple[DictConfig, int, str, MCTFor
         cfg = _config(f"{overrides} {shlex.quote(pinned)}")
     model = create_mct_model(cfg.model, len(cfg.data.classes), hospital=name, load_pretrained=False)
     layout = tensor_specs(model.state_dict())
-    model.load_state_dict(to_state_dict(unpack(msg.content["arrays"], layout)))
+    state = to_state_dict(unpack(msg.content["arrays"], layout))
+    # NaN weights evaluated to believable accuracies beside a NaN loss: refused by name.
+    if problem := weights_mismatch(model.state_dict(), state):
+        raise ValueError(f"the global model received: {problem}")
+    model.load_state_dict(state)
     return cfg, index, name, model
 
 

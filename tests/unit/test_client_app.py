@@ -1,6 +1,7 @@
 """client_app/app: site_private keeps file paths and patient ids out of the server's error."""
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import HospitalDataError, SiteFailure, evaluate, site_private
@@ -25,17 +26,19 @@ def test_site_private_keeps_paths_and_ids_out_of_the_error(caplog):
     assert "patient_JaneRoe_77.bmp" in caplog.text  # the full story stays in the site's log
 
 
-def _evaluate_message(overrides: str, server_round: int) -> tuple[Message, Context]:
+def _evaluate_message(
+    overrides: str, server_round: int, node: dict | None = None, weights: dict | None = None
+) -> tuple[Message, Context]:
     cfg = compose_config(parse_overrides(overrides))
     built = create_mct_model(cfg.model, len(cfg.data.classes), load_pretrained=False)
-    model = to_array_record(built.state_dict())
+    model = to_array_record({**built.state_dict(), **(weights or {})})
     config = ConfigRecord({"server-round": server_round})
     message = Message(
         content=RecordDict({"arrays": pack(model), "config": config}),
         dst_node_id=1,
         message_type="evaluate",
     )
-    node = {"partition-id": 1, "num-partitions": 3}
+    node = {"partition-id": 1, "num-partitions": 3} if node is None else node
     context = Context(1, 1, node, RecordDict(), {"overrides": overrides})
     return message, context
 
@@ -74,3 +77,19 @@ def test_a_failure_at_a_site_names_the_hospital_phase_and_round_in_its_log(caplo
     with pytest.raises(SiteFailure):
         evaluate(message, context)
     assert "evaluate failed at this site (hospital hospital_b, mct round 4)" in caplog.text
+
+
+def test_a_global_model_with_nan_weights_is_refused_not_evaluated(caplog):
+    # Evaluated, it gave believable accuracies beside a NaN loss.
+    weights = {"head.weight": torch.full((5, 96, 3, 3), torch.nan)}
+    message, context = _evaluate_message("model.img_size=32", 2, weights=weights)
+    with pytest.raises(SiteFailure, match="evaluate failed with ValueError"):
+        evaluate(message, context)
+    assert "the global model received: 1 not finite (NaN or infinite values)" in caplog.text
+
+
+def test_a_supernode_whose_node_config_names_no_hospital_is_told_how_to_start(caplog):
+    message, context = _evaluate_message("model.img_size=32", 2, node={"data-root": "/data"})
+    with pytest.raises(SiteFailure):
+        evaluate(message, context)
+    assert "node config names no hospital: start it with --node-config 'hospital=" in caplog.text
