@@ -33,6 +33,7 @@ from post_training.postprocess import (
     check_hospital,
     check_postprocess_config,
     resolve_output_dir,
+    stage_grid_name,
 )
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def write_stage_grid(cfg: DictConfig) -> Path:
     for title, folder in LABEL_COLUMNS:
         columns[title] = _label_column(out / folder / split, stems, images)
     rows = [[column[i] for column in columns.values()] for i in range(count)]
-    path = Path(str(cfg.grid.output)) if cfg.grid.output else out / f"stages_{split}.png"
+    path = Path(str(cfg.grid.output)) if cfg.grid.output else out / stage_grid_name(split)
     save_grid(path, rows, list(columns))
     log.info("stage grid of %d %s images: %s", count, split, path)
     return path

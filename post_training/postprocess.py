@@ -52,7 +52,14 @@ from post_training.stages import (
 
 log = logging.getLogger(__name__)
 
-# Everything the job writes under its output folder; a rerun replaces all of them.
+
+def stage_grid_name(split: str) -> str:
+    """The picture ``w3s-stages`` draws of a split's outputs into the job's folder."""
+    return f"stages_{split}.png"
+
+
+# Everything the job writes under its output folder; a rerun replaces all of them. The stage
+# grids are drawn from these outputs afterwards: a rerun removes them, as they show the last.
 OUTPUTS = (
     "config.yaml",
     PERSONALIZED_MODEL,
@@ -63,6 +70,7 @@ OUTPUTS = (
     "figure.png",
     "metrics.json",
     "metrics.md",
+    *map(stage_grid_name, SPLITS),
 )
 
 

@@ -9,12 +9,15 @@ from PIL import Image
 
 from common.config import compose_config
 from common.errors import JobError
+from common.files import staged_outputs
 from common.model import create_mct_model
 from post_training.postprocess import (
+    OUTPUTS,
     check_layers,
     check_output_folder,
     check_postprocess_config,
     check_split_sizes,
+    stage_grid_name,
 )
 
 
@@ -144,3 +147,13 @@ def test_the_model_the_run_reads_is_not_among_the_outputs_it_replaces(tmp_path):
     with pytest.raises(JobError, match="is this run's output maps in output_dir"):
         check_output_folder(tmp_path, tmp_path / "maps" / "model.pt")
     check_output_folder(tmp_path / "postprocess" / "a", tuned)  # the default folder: beside it
+
+
+def test_a_rerun_removes_the_stage_grids_drawn_of_the_earlier_outputs(tmp_path):
+    # w3s-stages draws into the job's folder; kept, its picture showed the earlier run's masks.
+    earlier = [tmp_path / stage_grid_name(split) for split in ("val", "test")]
+    for picture in earlier:
+        picture.touch()
+    with staged_outputs(tmp_path, OUTPUTS) as staging:
+        (staging / "metrics.md").touch()
+    assert not any(picture.exists() for picture in earlier)
