@@ -11,6 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+_TEMPORARY = ".tmp"
+# What the name of replaced_atomically's temporary file adds to the name it replaces: "." before
+# it; ".", mkstemp's 8 random characters and _TEMPORARY after it.
+_TEMPORARY_EXTRA = 1 + 1 + 8 + len(_TEMPORARY)
+# The usual longest file name in bytes (Linux, macOS, Windows), for a file system that won't say.
+_NAME_MAX = 255
+
 
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
@@ -21,7 +28,7 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     The rename stays on one file system because the temporary file sits in the same folder.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY)
     os.close(handle)
     temporary = Path(name)
     # mkstemp makes the file its owner's alone (0600); the result should be readable as any
@@ -34,6 +41,22 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def longest_replaceable_name(folder: Path) -> int:
+    """The longest file name, in bytes, that :func:`replaced_atomically` can write in ``folder``.
+
+    Its temporary file's name is longer than the file's, so a name the file system takes can
+    still fail there: a job that writes many files checks their names against this up front
+    rather than failing after some were written. A folder not made yet is asked of the nearest
+    folder above it, the file system it would be made on.
+    """
+    existing = next(path for path in (folder, *folder.parents) if path.is_dir())
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")  # -1: no limit given
+    except (AttributeError, OSError):  # no pathconf (Windows), or the file system does not say
+        limit = -1
+    return (limit if limit > 0 else _NAME_MAX) - _TEMPORARY_EXTRA
 
 
 @contextmanager

@@ -6,8 +6,11 @@ input name is kept (``a.bmp`` -> ``a.bmp.png``), so two inputs never share an ou
 
 Nothing is destroyed: an ``output`` that is ``input``, lies inside it or contains it is
 refused, and so is one that already holds a file this run would write, unless
-``overwrite=true``. ``output`` is created and a probe file written and removed before any image
-is read, so an unwritable folder stops the job at once.
+``overwrite=true``. With it, ``output`` keeps this run's masks and overlays only: an earlier
+run's that this run does not write again (of images since gone, maybe of other classes than
+``classes.json`` now says) are removed, and nothing else: each run records its outputs in
+``.w3s-predict-outputs.json``. ``output`` is created and a probe file written and removed
+before any image is read, so an unwritable folder stops the job at once.
 
 Images are decoded, segmented and written a few at a time (``batch_size`` images, at most 16M
 decoded pixels). The segmenter sees every image at its input size (128 px by default) and its
@@ -20,8 +23,9 @@ refusing it bounds the memory (about 0.8 GB at 8192 x 8192).
 Exit status: 0 every file was segmented and written; 1 some input files were skipped (each is
 named in the log: undecodable, larger than max_side or not written), the others were written;
 2 nothing ran (a bad command line, a missing or unreadable segmenter file, a missing or empty
-input folder, an output folder that is unwritable, overlaps input or holds earlier outputs, a
-device the machine lacks); 70 an unexpected error, printed with its traceback.
+input folder, an input name too long for its output names, an output folder that is
+unwritable, overlaps input or holds earlier outputs, a device the machine lacks); 70 an
+unexpected error, printed with its traceback.
 
 The key ``segmenter`` names a file here, while ``w3s-postprocess`` uses a config group of that
 name, so this command's config lives in Hydra's config store instead of ``conf/``.
@@ -46,7 +50,7 @@ from PIL import Image
 
 from common.cli import Command
 from common.errors import JobError
-from common.files import write_text_atomically
+from common.files import longest_replaceable_name, write_text_atomically
 from common.imaging import load_checked, open_from_memory
 from common.progress import Progress
 from common.segmenter import Decoding, load_segmenter, predict
@@ -62,6 +66,9 @@ BATCH_PIXELS = 1 << 24
 OVERLAYS = "overlays"
 # What each value of the masks means and its colour in the overlays, beside the masks.
 LEGEND = "classes.json"
+# Every mask and overlay the runs into a folder wrote, so that ``overwrite=true`` removes an
+# earlier run's outputs it does not replace, and never a file of the user's.
+RECORD = ".w3s-predict-outputs.json"
 
 ConfigStore.instance().store(
     name="w3s_predict",
@@ -79,10 +86,18 @@ ConfigStore.instance().store(
 
 
 def list_inputs(folder: Path) -> list[Path]:
-    """Visible regular files directly in ``folder``, sorted; a clear error if it is missing."""
+    """Visible files directly in ``folder``, sorted; a clear error if it is missing.
+
+    A link to nothing (a share not mounted) is listed too: reading it fails by name and the
+    status says files were skipped, where passing over it would say every file was segmented.
+    """
     if not folder.is_dir():
         raise JobError(f"input={folder}: folder not found")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+    )
     if not files:
         raise JobError(f"input={folder}: no files to segment")
     return files
@@ -114,6 +129,30 @@ def planned_files(out: Path, names: Sequence[str], overlays: bool) -> list[Path]
     return files
 
 
+def check_name_lengths(
+    out: Path, paths: Sequence[Path], names: Sequence[str], overlays: bool
+) -> None:
+    """Refuse input files whose output names ``output`` cannot hold, before any file is written.
+
+    An output name adds ``.png`` to a name the input folder holds, and it is written through a
+    longer temporary name: near the file system's limit (255 bytes) the input name is legal
+    where its outputs are not, and the run would stop at them with some files written.
+    """
+    folders = [out, out / OVERLAYS] if overlays else [out]
+    longest = min(longest_replaceable_name(folder) for folder in folders)
+    too_long = [
+        path.name
+        for path, name in zip(paths, names, strict=True)
+        if len(os.fsencode(name)) > longest
+    ]
+    if too_long:
+        raise JobError(
+            f"input={paths[0].parent}: the output names of {len(too_long)} file(s) would be "
+            f"longer than the {longest} bytes a file written in output={out} may have; rename "
+            f"them: {', '.join(too_long)}"
+        )
+
+
 def check_no_overwrite(out: Path, files: Sequence[Path]) -> None:
     """Refuse to replace files that exist already (``overwrite=true`` allows it)."""
     existing = [path for path in files if path.exists() or path.is_symlink()]
@@ -123,6 +162,27 @@ def check_no_overwrite(out: Path, files: Sequence[Path]) -> None:
             f"would write (first: {existing[0].relative_to(out)}); choose another folder or "
             "pass overwrite=true to replace them"
         )
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The masks and overlays that earlier runs recorded writing in ``out`` (none unrecorded).
+
+    Only a ``.png`` in ``out`` or its overlays folder counts: a record that was edited or
+    damaged never names another file to remove.
+    """
+    try:
+        recorded = json.loads((out / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or unreadable: nothing is known to be this tool's
+        return []
+    if not isinstance(recorded, list):
+        return []
+    paths = [out / name for name in recorded if isinstance(name, str)]
+    return [p for p in paths if p.parent in (out, out / OVERLAYS) and p.suffix == ".png"]
+
+
+def record_text(out: Path, files: Sequence[Path]) -> str:
+    """The record of ``files``, each relative to ``out`` (see earlier_outputs)."""
+    return json.dumps(sorted({path.relative_to(out).as_posix() for path in files})) + "\n"
 
 
 def legend_text(classes: Sequence[str]) -> str:
@@ -263,7 +323,7 @@ class _Writer:
                     partial.unlink()
                 self.skip(path, [mask, overlay])
                 continue
-            self.remove_earlier(path, [mask, overlay][len(written) :])
+            self.remove_earlier([mask, overlay][len(written) :], f"written for {path}")
             self.written += 1
 
     def outputs(self, name: str) -> tuple[Path, Path]:
@@ -273,22 +333,23 @@ class _Writer:
     def skip(self, path: Path, unwritten: Sequence[Path]) -> None:
         """Count ``path`` as skipped; an earlier run's files for it go (see remove_earlier)."""
         self.failed.append(path)
-        self.remove_earlier(path, unwritten)
+        self.remove_earlier(unwritten, f"written for {path}")
 
-    def remove_earlier(self, path: Path, unwritten: Sequence[Path]) -> None:
-        """Remove the files an earlier run wrote for ``path`` that this run did not replace.
+    def remove_earlier(self, unwritten: Sequence[Path], what: str) -> None:
+        """Remove files an earlier run wrote that this run did not replace; ``what`` is logged.
 
         Only with ``overwrite=true``; without it they are refused before any work, or are the
         user's to keep. There, an earlier mask of an image that has since changed or cannot be
-        read, or the overlay of an earlier mask (a rerun with ``overlays=false``), would pass
-        for this run's.
+        read, the overlay of an earlier mask (a rerun with ``overlays=false``), or the mask of
+        an image not in this run, made by a segmenter of other classes than ``classes.json``
+        now names, would pass for this run's.
         """
         if not self.overwrite:
             return
         for earlier in unwritten:
             if earlier.exists():
                 earlier.unlink()
-                log.warning("removed %s: written for %s by an earlier run", earlier, path)
+                log.warning("removed %s: %s by an earlier run", earlier, what)
 
 
 def run_predict(cfg: DictConfig) -> int:
@@ -311,12 +372,20 @@ def run_predict(cfg: DictConfig) -> int:
         )
     paths = list_inputs(source)
     names = output_names(paths)
+    check_name_lengths(out, paths, names, bool(cfg.overlays))
     writer = _Writer(cfg, model, out, len(paths))
     legend = legend_text(writer.classes)
+    planned = planned_files(out, names, bool(cfg.overlays))
     if not cfg.overwrite:
-        check_no_overwrite(out, planned_files(out, names, bool(cfg.overlays)))
+        check_no_overwrite(out, planned)
         check_legend(out, legend)
     prepare_output(out, bool(cfg.overlays))
+    earlier = earlier_outputs(out)
+    if cfg.overwrite:  # this run's outputs replace all earlier ones
+        gone = sorted(set(earlier) - set(planned))
+        writer.remove_earlier(gone, "written for a file not in this run")
+        earlier = []
+    write_text_atomically(out / RECORD, record_text(out, [*earlier, *planned]))
     write_text_atomically(out / LEGEND, legend)
     log.info(
         "segmenting %d files with %s (classes %s) into %s",
@@ -360,7 +429,7 @@ COMMAND = Command(
         "device": "auto (CUDA when present), cpu or cuda",
         "batch_size": "images per forward pass",
         "overlays": "also write colour overlays (true/false)",
-        "overwrite": "replace files of an earlier run in output (default false: refuse)",
+        "overwrite": "replace an earlier run's outputs, remove the rest (default false: refuse)",
         "max_side": "longest image side in px; larger images are skipped (default 8192)",
     },
     examples=["w3s-predict segmenter=<out>/segmenter.pt input=new_images output=masks"],

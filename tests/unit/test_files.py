@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 
 from common import files
-from common.files import read_json, staged_outputs, write_text_atomically
+from common.files import (
+    longest_replaceable_name,
+    read_json,
+    staged_outputs,
+    write_text_atomically,
+)
 
 OWNED = ("metrics.json", "masks", "personalized_model.pt")
 
@@ -82,6 +87,17 @@ def test_a_file_written_whole_reaches_the_disk_before_it_replaces_the_old(tmp_pa
     monkeypatch.setattr(files.os, "replace", replace)
     write_text_atomically(path, '{"round": 1}\n')
     assert steps == [("fsync", '{"round": 1}\n'), ("replace", "metrics.jsonl")]
+
+
+def test_the_longest_replaceable_name_is_written_and_one_byte_more_is_not(tmp_path):
+    # The file system takes the longer name; only the temporary file's name is too long.
+    folder = tmp_path / "not made yet"
+    longest = longest_replaceable_name(folder)
+    write_text_atomically(folder / ("a" * longest), "fits\n")
+    assert (folder / ("a" * longest)).read_text() == "fits\n"
+    (folder / ("b" * (longest + 1))).write_text("a plain write fits\n")
+    with pytest.raises(OSError, match="File name too long"):
+        write_text_atomically(folder / ("c" * (longest + 1)), "does not fit\n")
 
 
 def test_a_json_file_that_does_not_parse_is_named(tmp_path):

@@ -21,11 +21,12 @@ from PIL import Image
 
 from common.checkpoint import save_atomic
 from common.cli import INPUT_ERROR
+from common.files import longest_replaceable_name
 from common.logs import PROJECT_LOGGERS, setup_logging
 from common.segmenter import create_segmenter, segmenter_payload
 from post_training import predict as predict_module
 from post_training.artifacts import read_label_png
-from post_training.predict import COMMAND, main, output_names
+from post_training.predict import COMMAND, RECORD, main, output_names
 from tests.image_files import write_rgb48_png
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +39,14 @@ def segmenter_file(tmp_path_factory) -> Path:
     model = create_segmenter(TINY, 3)
     folder = tmp_path_factory.mktemp("segmenter")
     return save_atomic(segmenter_payload(model, TINY, ["a", "b"]), folder / "segmenter.pt")
+
+
+@pytest.fixture(scope="module")
+def other_segmenter_file(tmp_path_factory) -> Path:
+    """A segmenter of other classes than ``segmenter_file``'s."""
+    model = create_segmenter(TINY, 4)
+    folder = tmp_path_factory.mktemp("other")
+    return save_atomic(segmenter_payload(model, TINY, ["x", "y", "z"]), folder / "segmenter.pt")
 
 
 @pytest.fixture
@@ -147,7 +156,7 @@ def test_a_rerun_with_overwrite_leaves_no_earlier_file_that_passes_for_its_own(r
     assert status == 1, err
     # b's mask and overlay were made from the image it no longer is; a's and c's overlays
     # show the earlier masks, not the ones written now.
-    assert sorted(snapshot(out)) == ["a.png.png", "c.png.png", "classes.json"]
+    assert sorted(snapshot(out)) == [RECORD, "a.png.png", "c.png.png", "classes.json"]
     assert "removed " + str(out / "b.png.png") in "\n".join(err)
 
 
@@ -167,7 +176,50 @@ def test_a_rerun_whose_write_fails_leaves_no_earlier_file_of_that_image(
 
     monkeypatch.setattr(predict_module, failing, disk_full_for_b)
     assert run(source, out, "overwrite=true")[0] == 1
-    assert sorted(snapshot(out)) == ["a.png.png", "classes.json", "overlays/a.png.png"]
+    assert sorted(snapshot(out)) == [RECORD, "a.png.png", "classes.json", "overlays/a.png.png"]
+
+
+def test_a_rerun_with_overwrite_removes_earlier_outputs_it_does_not_replace_and_nothing_else(
+    run, other_segmenter_file, tmp_path, capsys
+):
+    # The first run's mask of b.png holds its class numbers, which the new classes.json would
+    # name wrongly.
+    source, out = tmp_path / "images", tmp_path / "masks"
+    write_images(source, ["a.png", "b.png"])
+    assert run(source, out)[0] == 0
+    (out / "notes.png").write_bytes(b"the user's own")
+    (out / "overlays" / "b.png.jpg.png").write_bytes(b"the user's own")
+    (source / "b.png").unlink()
+    arguments = [f"input={source}", f"output={out}", "overwrite=true"]
+    assert main([f"segmenter={other_segmenter_file}", *arguments]) == 0, capsys.readouterr().err
+    assert sorted(snapshot(out)) == [
+        RECORD,
+        "a.png.png",
+        "classes.json",
+        "notes.png",
+        "overlays/a.png.png",
+        "overlays/b.png.jpg.png",
+    ]
+    assert json.loads((out / "classes.json").read_text())["mask values"]["3"] == "z"
+
+
+def test_an_edited_record_of_earlier_outputs_removes_no_other_file(run, tmp_path):
+    source, out = tmp_path / "images", tmp_path / "masks"
+    write_images(source, ["a.png"])
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "notes.txt").write_text("the user's own")
+    (out / "old.png.png").write_bytes(b"an earlier mask")
+    others = ["../images/a.png", str(source / "a.png"), "overlays/notes.txt"]
+    (out / RECORD).write_text(json.dumps(["old.png.png", *others]))
+    assert run(source, out, "overwrite=true")[0] == 0
+    assert sorted(snapshot(tmp_path)) == [
+        "images/a.png",
+        f"masks/{RECORD}",
+        "masks/a.png.png",
+        "masks/classes.json",
+        "masks/overlays/a.png.png",
+        "masks/overlays/notes.txt",
+    ]
 
 
 def test_an_existing_overlay_alone_blocks_the_run(run, tmp_path):
@@ -211,6 +263,47 @@ def test_an_output_that_refuses_writes_is_one_line_before_any_image_is_read(
     assert_refused(status, err, f"output={tmp_path / 'masks'} is not writable", "Read-only")
 
 
+def test_an_input_name_too_long_for_its_outputs_is_refused_before_any_work(
+    run, tmp_path, monkeypatch
+):
+    # Legal input names: the longest whose outputs' temporary names fit, one byte more, and the
+    # longest of all, whose output name alone is too long (Path.exists raises on it).
+    source, out = tmp_path / "images", tmp_path / "masks"
+    longest = longest_replaceable_name(out)
+    fits = "f" * (longest - 8) + ".png"
+    too_long = [
+        "t" * (longest - 7) + ".png",
+        "u" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".png",
+    ]
+    write_images(source, ["a.png", fits])
+    assert run(source, out)[0] == 0
+    assert read_label_png(out / f"{fits}.png").shape == (40, 50)
+    write_images(source, too_long)
+    before = snapshot(out)
+    no_image_read(monkeypatch)
+    for more in ([], ["overwrite=true"]):
+        status, err = run(source, out, *more)
+        assert_refused(status, err, f"input={source}", "2 file(s)", *too_long)
+        assert fits not in err[0]
+        assert snapshot(out) == before
+    assert_refused(*run(source, tmp_path / "new"), *too_long)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_link_to_nothing_is_named_and_the_status_is_1(run, tmp_path):
+    # An image on a share that is not mounted: passing over it would report every file written.
+    source = tmp_path / "images"
+    write_images(source, ["a.png"])
+    (source / "cell.png").symlink_to(tmp_path / "unmounted" / "cell.png")
+    (source / "folder").symlink_to(source)  # a link to a folder is no file to segment
+    status, err = run(source, tmp_path / "masks")
+    assert status == 1, err
+    log = "\n".join(err)
+    assert f"skipping {source / 'cell.png'}" in log
+    assert "1 file(s) skipped: cell.png" in log
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == ["a.png.png"]
+
+
 def test_skipped_files_are_named_and_the_status_is_1(run, tmp_path):
     source = tmp_path / "images"
     write_images(source, ["good.png", "wide.png"])
@@ -228,7 +321,7 @@ def test_skipped_files_are_named_and_the_status_is_1(run, tmp_path):
     assert written == ["good.png.png", "wide.png.png"]
 
 
-def test_the_masks_come_with_their_classes_and_colours(run, tmp_path, capsys):
+def test_the_masks_come_with_their_classes_and_colours(run, other_segmenter_file, tmp_path, capsys):
     write_images(tmp_path / "first", ["a.png"])
     assert run(tmp_path / "first", tmp_path / "masks")[0] == 0
     legend = json.loads((tmp_path / "masks" / "classes.json").read_text())
@@ -236,12 +329,10 @@ def test_the_masks_come_with_their_classes_and_colours(run, tmp_path, capsys):
     assert set(legend["overlay colours"]) == {"a", "b"}
     write_images(tmp_path / "second", ["b.png"])  # more masks of the same classes may join
     assert run(tmp_path / "second", tmp_path / "masks")[0] == 0
-    other = create_segmenter(TINY, 4)
-    others = save_atomic(segmenter_payload(other, TINY, ["x", "y", "z"]), tmp_path / "other.pt")
     write_images(tmp_path / "third", ["c.png"])
     capsys.readouterr()
     arguments = [f"input={tmp_path / 'third'}", f"output={tmp_path / 'masks'}"]
-    assert main([f"segmenter={others}", *arguments]) == INPUT_ERROR
+    assert main([f"segmenter={other_segmenter_file}", *arguments]) == INPUT_ERROR
     assert "another class list (classes.json differs)" in capsys.readouterr().err
     assert not (tmp_path / "masks" / "c.png.png").exists()
 
