@@ -31,6 +31,7 @@ from common.checkpoint import weights_mismatch
 from common.config import compose_config, override_value, parse_overrides
 from common.data import (
     DataVerificationError,
+    empty_split_detail,
     federated_hospitals,
     hospital_names,
     split_digest,
@@ -175,15 +176,7 @@ def _tensors(cfg: DictConfig, name: str, split: str, size: int):
         # A class of one image goes to training whole and one of two leaves its test split
         # none, so a small hospital can have no validation or test image at all; each
         # round's evaluation failed on it without a word.
-        remedy = (
-            "data.split.fractions"
-            if cfg.data.split.get("folds") is None
-            else "fewer data.split.folds"
-        )
-        raise HospitalDataError(
-            f"hospital {name}: its {split} split holds no image (too few images per class; "
-            f"add images, or set {remedy})"
-        )
+        raise HospitalDataError(f"hospital {name}: {empty_split_detail(cfg.data, split)}")
     return tensors
 
 

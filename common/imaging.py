@@ -72,18 +72,22 @@ def eight_bit(image: Image.Image) -> Image.Image:
 WIDE_SAMPLES = (";16B", ";16L", ";16N")
 
 
-def open_from_memory(path: Path) -> Image.Image:
-    """``path`` opened from its bytes, not from the file itself.
+def open_from_memory(source: Path | bytes) -> Image.Image:
+    """A file opened from its bytes (read from ``source``, or given), not from the file itself.
 
     Pillow maps an uncompressed TIFF's file and, turning it by its EXIF orientation as it loads
     it, scrambled the pixels of grey, palette and RGBA files; read from memory they come out
     turned right.
     """
-    return Image.open(io.BytesIO(path.read_bytes()))
+    return Image.open(io.BytesIO(source if isinstance(source, bytes) else source.read_bytes()))
 
 
 def load_checked(image: Image.Image) -> Image.Image:
-    """Decode ``image`` (opened, not loaded), refusing a colour file Pillow would read too dark.
+    """Decode ``image`` (opened, not loaded), refusing a file Pillow would read wrongly.
+
+    A file of several frames (a multi-page TIFF, an animated PNG) would be read as its first,
+    the others dropped without a word: refused naming their count. A camera's JPEG with
+    previews beside its picture (MPO) is that picture, its first frame.
 
     Pillow decodes 16 bits per colour channel (48-bit PNG and TIFF) to the top 8 bits of each
     value. That is right for values that use 16 bits, but a 12-bit colour camera's 0..4095
@@ -91,6 +95,11 @@ def load_checked(image: Image.Image) -> Image.Image:
     Pillow, so a file whose brightest value fits 14 bits (what :func:`eight_bit` would scale up
     were it grey) is refused by name; one of 8-bit values in 16-bit samples reads all black.
     """
+    if image.format != "MPO" and getattr(image, "is_animated", False):
+        raise ValueError(
+            f"{image.n_frames} frames in one file (a multi-page TIFF?); only the first would be "
+            "read: save each image in a file of its own"
+        )
     raw_modes = [
         tile.args if isinstance(tile.args, str) else str(tile.args[0] if tile.args else "")
         for tile in image.tile

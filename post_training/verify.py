@@ -11,7 +11,7 @@ from collections import Counter
 from omegaconf import DictConfig
 
 from common.cli import Command
-from common.data.readers import ReadResult, read_hospitals
+from common.data.readers import ReadResult, read_hospitals, split_problems
 from common.data.splits import check_split
 from common.data.types import format_problems
 
@@ -47,8 +47,15 @@ def check_verify_config(cfg: DictConfig) -> None:
 
 
 def verify_hospitals(cfg: DictConfig, _: list[str] | None = None) -> int:
-    """Read every hospital without keeping arrays and print the report; 1 if any problem."""
+    """Read every hospital without keeping arrays and print the report; 1 if any problem.
+
+    A hospital that reads cleanly also has its splits drawn as training draws them: one left
+    without an image (too few images per class) would fail that hospital every round.
+    """
     results = read_hospitals(cfg.data, keep_arrays=False)
+    for result in results:
+        if not result.problems:
+            result.problems = split_problems(cfg.data, result)
     print(f"data: {cfg.data.get('name', '?')}, {len(results)} hospital(s)")
     for result in results:
         print("\n".join(summarize(result)))

@@ -6,9 +6,11 @@ Everything a hospital holds stays on its machine; only the code in here touches 
 from common.data.readers import (
     FORMATS,
     ROOT_KEYS,
+    empty_split_detail,
     federated_hospitals,
     hospital_names,
     load_hospital,
+    split_problems,
     verify_data,
 )
 from common.data.splits import SplitSpec, check_split, fold_indices, split_indices
@@ -36,6 +38,7 @@ __all__ = [
     "SplitSpec",
     "SplitTensors",
     "check_split",
+    "empty_split_detail",
     "generate_hospital",
     "federated_hospitals",
     "fold_indices",
@@ -45,6 +48,7 @@ __all__ = [
     "load_hospital",
     "split_digest",
     "split_indices",
+    "split_problems",
     "split_tensors",
     "verify_data",
 ]

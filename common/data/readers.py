@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -31,6 +32,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageFile
 from PIL.TiffImagePlugin import IMAGELENGTH, IMAGEWIDTH
 
+from common.data.splits import SPLITS, SplitSpec
 from common.data.synthetic import generate_hospital, synthetic_labels
 from common.data.types import (
     BACKGROUND,
@@ -236,6 +238,44 @@ def verify_data(data_cfg: Any, hospitals: Sequence[str] | None = None) -> list[D
         for result in read_hospitals(data_cfg, hospitals, keep_arrays=False)
         for problem in result.problems
     ]
+
+
+def split_problems(data_cfg: Any, result: ReadResult) -> list[DataProblem]:
+    """The splits of a cleanly read hospital that training would draw without any image.
+
+    Reading checks files one by one; a hospital of a few images per class reads cleanly and
+    yet leaves a split empty (one of two images goes to validation, none to test; a k-fold
+    split of more folds than images), and training then refuses it every round. The splits
+    are drawn as training draws them (:meth:`SplitSpec.indices` over the same labels).
+
+    Parameters
+    ----------
+    data_cfg
+        The ``cfg.data`` node; its ``split`` must be valid (:func:`check_split`).
+    result
+        The hospital as read by :func:`read_hospitals`, without problems.
+
+    Returns
+    -------
+    list[DataProblem]
+        One ``empty_split`` per empty split, with what to change.
+    """
+    parts = SplitSpec.of(data_cfg).indices(np.asarray(result.labels, dtype=np.int64))
+    return [
+        DataProblem(result.hospital, "", "empty_split", empty_split_detail(data_cfg, split))
+        for split in SPLITS
+        if not len(parts[split])
+    ]
+
+
+def empty_split_detail(data_cfg: Any, split: str) -> str:
+    """Why a hospital's ``split`` holds no image and what to change: one text for every check."""
+    remedy = (
+        "data.split.fractions" if data_cfg.split.get("folds") is None else "fewer data.split.folds"
+    )
+    return (
+        f"its {split} split holds no image (too few images per class; add images, or set {remedy})"
+    )
 
 
 def load_hospital(data_cfg: Any, name: str) -> HospitalData:
@@ -826,21 +866,36 @@ def _read_files(lister: Callable[[Source], Listing]) -> Callable[[Source], ReadR
         listing = lister(source)
         result = ReadResult(source.hospital, source.classes, listing.has_masks)
         result.problems = listing.problems
+        first_of: dict[bytes, Entry] = {}  # digest of an image's bytes -> the entry read first
         with _strict_decoding():
             for entry in listing.entries:
-                _decode_entry(source, listing, entry, result)
+                _decode_entry(source, listing, entry, result, first_of)
         return result
 
     return read
 
 
-def _decode_entry(source: Source, listing: Listing, entry: Entry, result: ReadResult) -> None:
-    """Decode one sample's image and mask, check they agree, and add it to ``result`` if usable."""
+def _decode_entry(
+    source: Source,
+    listing: Listing,
+    entry: Entry,
+    result: ReadResult,
+    first_of: dict[bytes, Entry],
+) -> None:
+    """Decode one sample's image and mask, check they agree, and add it to ``result`` if usable.
+
+    ``first_of`` holds the digests of the hospital's images decoded so far, so that a copy of
+    one is reported (:func:`_copy_problem`) instead of read a second time.
+    """
     try:
         image, stored = _decode(entry.image, "RGB")
     except _BadFile as error:
         kind: ProblemKind = "truncated_image" if error.truncated else "unreadable_image"
         result.problems.append(source.problem(kind, entry.image, str(error)))
+        return
+    first = first_of.setdefault(stored.digest, entry)
+    if first is not entry:
+        result.problems.append(_copy_problem(source, entry, first))
         return
     mask = None
     if entry.mask is not None:
@@ -875,18 +930,40 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def _copy_problem(source: Source, copy: Entry, first: Entry) -> DataProblem:
+    """Report an image whose bytes are those of one listed before it, which is kept.
+
+    A copy is no link (:func:`_drop_repeated_files`): a download saved twice lands in train
+    and in test, a leak the scores would not show; one image filed under two classes trains
+    with two labels.
+    """
+    detail = f"a byte-identical copy of {first.image}"
+    if copy.label == first.label:
+        return source.problem("repeated_image", copy.image, f"{detail}; delete one of them")
+    classes = source.classes
+    detail += (
+        f", filed as {classes[first.label]} there and as {classes[copy.label]} here; "
+        "keep it under its own class only"
+    )
+    return source.problem("conflicting_label", copy.image, detail)
+
+
 @dataclass(frozen=True)
 class StoredFrame:
-    """How a file stores its pixels: its (width, height) and its EXIF orientation (1: upright)."""
+    """How a file stores its pixels: its (width, height) and its EXIF orientation (1: upright).
+
+    ``digest`` is a hash of the file's bytes: byte-identical copies of an image share it.
+    """
 
     size: tuple[int, int]
     orientation: int
+    digest: bytes
 
 
 def _decode(
     path: Path, mode: str, image: StoredFrame | None = None
 ) -> tuple[np.ndarray, StoredFrame]:
-    """Fully decode an image file into a uint8 array in ``mode`` (RGBA drops alpha, as Matek's).
+    """Fully decode an image file into a uint8 array in ``mode`` (RGB drops alpha, as Matek's).
 
     The array is the file as viewers show it, turned as its EXIF orientation says, as
     ``w3s-predict`` reads new images. A mask without a tag of its own, given its ``image``'s
@@ -894,19 +971,23 @@ def _decode(
     tool that ignored the tag drew it on the stored pixels. One already of the turned size was
     drawn on the image as shown and stays. (A square mask drawn on the shown image of a turned
     square image cannot be told apart, and is taken as stored.) Returns the file's stored frame
-    too.
+    too, with a digest of the very bytes decoded (read once, hashed, not kept).
+
+    A file of several frames is refused naming their count (:func:`load_checked`).
 
     Raises
     ------
     _BadFile
-        For empty, unidentifiable, truncated or otherwise corrupt files.
+        For empty, unidentifiable, truncated, multi-frame or otherwise corrupt files.
     """
     if path.stat().st_size == 0:
         raise _BadFile("empty file (0 bytes)", truncated=False)
     try:
-        with open_from_memory(path) as picture:
+        content = path.read_bytes()
+        with open_from_memory(content) as picture:
             tag, turned_on_load = _load_with_tag(picture)
-            stored = StoredFrame(_stored_size(picture), int(tag or 1))
+            digest = hashlib.blake2b(content, digest_size=16).digest()
+            stored = StoredFrame(_stored_size(picture), int(tag or 1), digest)
             turn = 1 if turned_on_load else stored.orientation
             if tag is None and image is not None and stored.size == image.size:
                 turn = image.orientation
@@ -952,15 +1033,27 @@ def _grey_mask(path: Path, image: StoredFrame) -> np.ndarray:
 
     The grey levels are the classes, so a mask in colours (a red nucleus and a green cytoplasm
     have about one brightness) or in class codes (0, 1, 2: all below the cytoplasm's level)
-    would be read as the wrong classes, silently; each is refused by name instead.
+    would be read as the wrong classes, silently; each is refused by name instead. So is a
+    mask with transparent pixels: their hidden colour would be read (a transparent white
+    background as nucleus), and one that marks no cell pixel, since every image is a crop
+    around a cell: an annotation never drawn would teach that the cell is background.
     """
-    colour = _decode(path, "RGB", image)[0]
+    pixels = _decode(path, "RGBA", image)[0]
+    if transparent := int((pixels[..., 3] < 255).sum()):
+        raise _NotGreyMask(
+            f"{transparent} of its {pixels[..., 3].size} pixels are transparent, and a "
+            f"transparent pixel's hidden grey would be read as its class; save it without "
+            f"alpha: {MASK_FORM}"
+        )
+    colour = pixels[..., :3]
     spread = colour.max(axis=2).astype(np.int16) - colour.min(axis=2)
     coloured = float((spread > MAX_GREY_SPREAD).mean())
     if coloured > MAX_COLOURED_SHARE:
         raise _NotGreyMask(f"a colour mask ({coloured:.0%} of its pixels coloured); {MASK_FORM}")
     grey = np.asarray(Image.fromarray(colour).convert("L"))
-    if 0 < int(grey.max()) < CYTOPLASM_MIN_GREY:
+    if int(grey.max()) == 0:
+        raise _NotGreyMask(f"all background: it marks no cell (never drawn?); {MASK_FORM}")
+    if int(grey.max()) < CYTOPLASM_MIN_GREY:
         raise _NotGreyMask(
             f"its values run 0..{int(grey.max())}, all below the cytoplasm's grey (a mask of "
             f"class codes or of 0 and 1?); {MASK_FORM}"

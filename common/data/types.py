@@ -26,9 +26,11 @@ ProblemKind = Literal[
     "unreadable_folder",
     "bad_link",
     "repeated_image",
+    "conflicting_label",
     "ambiguous_mask",
     "bad_mask",
     "bad_config",
+    "empty_split",
 ]
 
 

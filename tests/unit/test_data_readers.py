@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from tests.image_files import write_rgb48_png, write_rgb565_bmp
 
 REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
 FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+IMAGE_DESCRIPTION = 0x010E  # an EXIF (and TIFF) tag
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +69,23 @@ def grey_mask(height: int, width: int) -> np.ndarray:
 
 
 def write_image(path: Path, height: int, width: int, mode: str = "RGB", seed: int = 0) -> None:
+    """Random pixels, drawn from ``seed`` and the path: two files are two images, not copies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     channels = len(mode)
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), np.uint8)
+    rng = np.random.default_rng([seed, zlib.crc32(os.fsencode(path))])
+    pixels = rng.integers(0, 256, (height, width, channels), np.uint8)
     Image.fromarray(pixels, mode).save(path)
+
+
+def own_exif(exif: Image.Exif, number: int) -> Image.Exif:
+    """``exif`` with ``number`` as the image's description, so files of one picture differ.
+
+    A byte-identical copy of an image is refused (``repeated_image``); the pixels stay alike.
+    """
+    own = Image.Exif()
+    own.update(exif)
+    own[IMAGE_DESCRIPTION] = str(number)
+    return own
 
 
 # ---- zxaoyou, on the real data ----
@@ -163,10 +178,11 @@ def test_class_folders_matek_rgba_tiff(tmp_path):
 
 def test_sixteen_bit_images_are_scaled_not_clipped_and_float_images_refused(tmp_path):
     ramp = np.linspace(0, 65535, 20 * 24).reshape(20, 24).astype(np.uint16)
-    for cls in FIVE:
+    for c, cls in enumerate(FIVE):
         (tmp_path / "h" / cls).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(ramp).save(tmp_path / "h" / cls / f"{i}.png")
+            path = tmp_path / "h" / cls / f"{i}.png"
+            Image.fromarray(ramp).save(path, exif=own_exif(Image.Exif(), 3 * c + i))
     shutil.copytree(tmp_path / "h", tmp_path / "f")
     Image.fromarray(ramp.astype(np.float32) / 7).save(tmp_path / "f" / "monocyte" / "f.tif")
 
@@ -183,18 +199,20 @@ def test_sixteen_bit_images_are_scaled_not_clipped_and_float_images_refused(tmp_
 
 def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_refused_not_read_dark(tmp_path):
     rng = np.random.default_rng(0)
-    eight = rng.integers(0, 256, (20, 24, 3)).astype(np.uint16)
+    eight = {}
     for cls in FIVE:
         for i in range(3):
-            write_rgb48_png(tmp_path / "h" / cls / f"{i}.png", eight * 257)  # all 16 bits
-    write_rgb48_png(tmp_path / "h" / "monocyte" / "cam12.png", eight * 16)  # 0..4080
+            eight[cls, i] = rng.integers(0, 256, (20, 24, 3)).astype(np.uint16)
+            write_rgb48_png(tmp_path / "h" / cls / f"{i}.png", eight[cls, i] * 257)  # all 16 bits
+    write_rgb48_png(tmp_path / "h" / "monocyte" / "cam12.png", eight["monocyte", 0] * 16)
     spec = {"format": "class_folders", "root": str(tmp_path / "h")}
     [problem] = verify_data(data_cfg({"h": spec}))
     assert problem.kind == "unreadable_image" and problem.path.endswith("cam12.png")
     assert "16 bits per colour channel, all values below 4096" in problem.detail
     (tmp_path / "h" / "monocyte" / "cam12.png").unlink()
     data = load_hospital(data_cfg({"h": spec}), "h")
-    np.testing.assert_array_equal(data.images[0], eight)  # the top bytes of full 16 bits
+    # basophil/0.png, the first listed: the top bytes of full 16 bits
+    np.testing.assert_array_equal(data.images[0], eight["basophil", 0])
 
 
 @pytest.mark.parametrize(
@@ -224,10 +242,11 @@ def test_the_16_bit_colour_check_reads_colours_of_16_bit_samples_only(name, refu
 def test_images_are_read_turned_as_their_exif_orientation_shows_them(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 8  # shown turned a quarter anticlockwise
-    for cls in FIVE:
+    for c, cls in enumerate(FIVE):
         (tmp_path / "h" / cls).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (24, 20), "white").save(tmp_path / "h" / cls / f"{i}.jpg", exif=exif)
+            image = Image.new("RGB", (24, 20), "white")
+            image.save(tmp_path / "h" / cls / f"{i}.jpg", exif=own_exif(exif, 3 * c + i))
     spec = {"format": "class_folders", "root": str(tmp_path / "h")}
     data = load_hospital(data_cfg({"h": spec}), "h")
     assert {image.shape for image in data.images} == {(24, 20, 3)}
@@ -281,10 +300,11 @@ def test_a_turned_tiff_mask_of_its_own_tag_lies_on_its_image(tmp_path, mode):
     stored[:8, :6] = (90, 40, 120)
     mask = np.zeros((30, 36), np.uint8)
     mask[:8, :6] = 255
-    for cls in FIVE:
+    for c, cls in enumerate(FIVE):
         for folder in ("images", "masks"):
             (tmp_path / folder / cls).mkdir(parents=True)
-        Image.fromarray(stored).convert(mode).save(tmp_path / "images" / cls / "0.tif", exif=exif)
+        image = Image.fromarray(stored).convert(mode)
+        image.save(tmp_path / "images" / cls / "0.tif", exif=own_exif(exif, c))
         Image.fromarray(mask).save(tmp_path / "masks" / cls / "0.tif", exif=exif)
     spec = {"format": "class_folders", "root": str(tmp_path / "images")}
     data = load_hospital(data_cfg({"h": {**spec, "mask_root": str(tmp_path / "masks")}}), "h")
@@ -301,10 +321,11 @@ def _turned_image_with_mask(
     mask_exif: Image.Exif,
     suffix: str,
 ):
-    for cls in FIVE:
+    for c, cls in enumerate(FIVE):
         for folder in ("images", "masks"):
             (root / folder / cls).mkdir(parents=True)
-        Image.fromarray(stored).save(root / "images" / cls / f"0{suffix}", exif=exif, quality=100)
+        image = Image.fromarray(stored)
+        image.save(root / "images" / cls / f"0{suffix}", exif=own_exif(exif, c), quality=100)
         Image.fromarray(np.ascontiguousarray(mask)).save(
             root / "masks" / cls / "0.png", exif=mask_exif
         )
@@ -419,6 +440,57 @@ def test_a_hard_link_is_the_same_file_under_another_name(tmp_path):
     assert str(images / "lymphocyte" / "scan.png") in problem.detail
 
 
+def test_a_copy_of_an_image_is_named_in_its_own_class_and_under_another(tmp_path):
+    # Not a link: a download saved twice would be trained and tested as two images, and one
+    # filed under two classes trained with two labels.
+    images = tmp_path / "images"
+    for cls in ("neutrophil", "lymphocyte"):
+        for i in range(3):
+            write_image(images / cls / f"{i}.png", 20, 20, seed=i)
+    shutil.copy(images / "neutrophil" / "0.png", images / "neutrophil" / "copy_of_0.png")
+    shutil.copy(images / "neutrophil" / "1.png", images / "lymphocyte" / "n1.png")  # read first
+    spec = {"format": "class_folders", "root": str(images)}
+    problems = verify_data(data_cfg({"site": spec}))
+    assert [(p.kind, Path(p.path).relative_to(images).as_posix(), p.detail) for p in problems] == [
+        (
+            "conflicting_label",
+            "neutrophil/1.png",
+            f"a byte-identical copy of {images / 'lymphocyte' / 'n1.png'}, filed as lymphocyte "
+            "there and as neutrophil here; keep it under its own class only",
+        ),
+        (
+            "repeated_image",
+            "neutrophil/copy_of_0.png",
+            f"a byte-identical copy of {images / 'neutrophil' / '0.png'}; delete one of them",
+        ),
+    ]
+
+
+def test_an_image_or_mask_of_several_frames_is_refused_naming_their_count(tmp_path):
+    # Read as its first frame, a multi-page TIFF's other pages were dropped without a word.
+    images, masks = tmp_path / "images" / "neutrophil", tmp_path / "masks" / "neutrophil"
+    masks.mkdir(parents=True)
+    for i in range(3):
+        write_image(images / f"{i}.tif", 20, 20, seed=i)
+        Image.fromarray(grey_mask(20, 20)).save(masks / f"{i}.tif")
+    for path, count in ((images / "1.tif", 2), (masks / "2.tif", 3)):
+        with Image.open(path) as page:
+            page.save(path, save_all=True, append_images=[page.copy()] * (count - 1))
+    # A camera's JPEG with a preview beside its picture (MPO) is that picture.
+    picture = Image.fromarray(np.full((20, 20, 3), 90, np.uint8))
+    preview = picture.resize((10, 10))
+    picture.save(images / "3.jpg", "MPO", save_all=True, append_images=[preview])
+    Image.fromarray(grey_mask(20, 20)).save(masks / "3.tif")
+    spec = {"format": "class_folders", "root": str(images.parent), "mask_root": str(masks.parent)}
+    problems = verify_data(data_cfg({"site": spec}))
+    assert [(p.kind, Path(p.path).relative_to(tmp_path).as_posix()) for p in problems] == [
+        ("unreadable_image", "images/neutrophil/1.tif"),
+        ("unreadable_mask", "masks/neutrophil/2.tif"),
+    ]
+    assert "ValueError: 2 frames in one file (a multi-page TIFF?)" in problems[0].detail
+    assert "ValueError: 3 frames in one file" in problems[1].detail
+
+
 def test_a_share_that_reports_inode_0_for_every_file_keeps_its_images(tmp_path, monkeypatch):
     images = tmp_path / "images"
     for i in range(3):
@@ -479,7 +551,7 @@ def test_a_zxaoyou_folder_of_upper_case_extensions_has_its_masks(tmp_path):
     assert problem.kind == "ambiguous_mask"
 
 
-def test_masks_in_colours_or_class_codes_are_refused_by_name_not_misread(tmp_path):
+def test_masks_in_colours_class_codes_alpha_or_of_no_cell_are_refused_not_misread(tmp_path):
     grey = grey_mask(20, 20)
     codes = grey // 100  # 0, 1, 2
     colours = np.zeros((20, 20, 3), np.uint8)
@@ -489,6 +561,9 @@ def test_masks_in_colours_or_class_codes_are_refused_by_name_not_misread(tmp_pat
     palette.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0])  # VOC's first colours
     grey_palette = Image.fromarray(codes, "P")
     grey_palette.putpalette([0, 0, 0, 128, 128, 128, 255, 255, 255])
+    # A cell on a transparent white background (an image editor's export): read without its
+    # alpha, the background was nucleus.
+    see_through = np.dstack([np.where(grey > 0, grey, 255), np.where(grey > 0, 255, 0)])
     masks = {
         1: Image.fromarray(grey),
         2: Image.fromarray(codes),
@@ -498,6 +573,8 @@ def test_masks_in_colours_or_class_codes_are_refused_by_name_not_misread(tmp_pat
         6: grey_palette,  # a palette of greys is a grey mask
         7: Image.fromarray(np.zeros((20, 20), np.uint8)),  # no cell drawn: all background
         8: Image.fromarray(np.repeat(grey[..., None], 3, axis=2)),  # grey saved as RGB
+        9: Image.fromarray(see_through.astype(np.uint8), "LA"),
+        10: Image.fromarray(grey).convert("RGBA"),  # an opaque alpha hides nothing
     }
     spec = _zxaoyou_with_masks(tmp_path, masks)
     problems = verify_data(data_cfg({"site": spec}))
@@ -506,9 +583,14 @@ def test_masks_in_colours_or_class_codes_are_refused_by_name_not_misread(tmp_pat
         ("bad_mask", "003.png"),
         ("bad_mask", "004.png"),
         ("bad_mask", "005.png"),
+        ("bad_mask", "007.png"),
+        ("bad_mask", "009.png"),
     }
     details = {Path(p.path).name: p.detail for p in problems}
     assert "values run 0..2" in details["002.png"] and "colour mask" in details["004.png"]
+    assert details["007.png"].startswith("all background: it marks no cell")
+    transparent = f"{int((grey == 0).sum())} of its 400 pixels are transparent"
+    assert details["009.png"].startswith(transparent)
     assert all("0 background, 128 cytoplasm, 255 nucleus" in d for d in details.values())
 
 

@@ -75,8 +75,9 @@ def test_a_hospital_too_small_for_the_job_is_named_with_its_split_sizes(tmp_path
         check_split_sizes(six.data, "hospital_a")
     # Three images of one cell type: one training image.
     (tmp_path / "neutrophil").mkdir()
-    for name in ("a", "b", "c"):
-        Image.new("RGB", (20, 20), "white").save(tmp_path / "neutrophil" / f"{name}.png")
+    for shade, name in enumerate(("a", "b", "c")):  # three images, not copies of one
+        picture = Image.new("RGB", (20, 20), (255, 255, 250 + shade))
+        picture.save(tmp_path / "neutrophil" / f"{name}.png")
     site = f"+data.hospitals.site={{format:class_folders,root:'{tmp_path}'}}"
     three = compose_config(["checkpoint=x.pt", "hospital=site", site], "postprocess")
     with pytest.raises(JobError, match="site: its train / val / test splits hold 1 / 1 / 1"):

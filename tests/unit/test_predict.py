@@ -349,6 +349,18 @@ def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_skipped_not_read_dark(r
     )
 
 
+def test_a_multi_page_tiff_is_skipped_naming_its_pages_not_read_as_its_first(run, tmp_path):
+    source = tmp_path / "images"
+    write_images(source, ["good.png", "stack.tif"])
+    with Image.open(source / "stack.tif") as page:
+        page.save(source / "stack.tif", save_all=True, append_images=[page.copy()])
+    status, err = run(source, tmp_path / "masks")
+    assert status == 1, err
+    assert "stack.tif: cannot decode it as an image (ValueError: 2 frames in one file" in "\n".join(
+        err
+    )
+
+
 @pytest.mark.parametrize(
     "override", ["batch_size=0", "max_side=big", "overwrite=maybe", "overlays=2", "max_side=-1"]
 )

@@ -1,4 +1,8 @@
-"""Post-training refuses a hospital whose images no longer fall into the splits they trained in."""
+"""Splits a hospital cannot use are refused before any job runs on them.
+
+Post-training refuses a hospital whose images no longer fall into the splits they trained in;
+``w3s-verify`` one whose data leaves a split empty, which training would fail every round.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from omegaconf import OmegaConf
 from common.data import split_digest
 from common.errors import JobError
 from post_training.postprocess import check_same_split
+from post_training.verify import verify_hospitals
 from tests.unit.test_data_readers import FIVE, data_cfg, write_image
 
 CHECKPOINT = Path("/runs/r/final_model.pt")
@@ -58,3 +63,26 @@ def test_a_model_file_without_this_hospitals_fingerprint_is_taken_as_it_is(hospi
     (root / "monocyte" / "1.png").unlink()
     check_same_split(trained_on(data, {"other": [1]}), data, CHECKPOINT, "h")
     check_same_split(trained_on(data, {}) | {"splits": None}, data, CHECKPOINT, "h")
+
+
+def test_w3s_verify_names_a_split_that_training_would_draw_without_an_image(tmp_path, capsys):
+    # Two images of one class: one trains, one validates, none is left to test. The data read
+    # cleanly, so w3s-verify passed it and training refused the hospital every round.
+    for i in range(2):
+        write_image(tmp_path / "neutrophil" / f"{i}.png", 20, 24, seed=i)
+    data = data_cfg({"h": {"format": "class_folders", "root": str(tmp_path)}})
+    folds = OmegaConf.merge(data, {"split": {"folds": 5, "fold": 3}})
+    assert verify_hospitals(OmegaConf.create({"data": data})) == 1
+    assert verify_hospitals(OmegaConf.create({"data": folds})) == 1
+    fixed, cross = capsys.readouterr().out.split("data: ?")[1:]
+    empty = "split holds no image (too few images per class; add images, or set"
+    assert "h: 2 usable images, masks: no, 1 problem(s)" in fixed
+    assert f"h: 1 problem(s)\n  [empty_split] its test {empty} data.split.fractions)" in fixed
+    for split in ("val", "test"):
+        assert f"[empty_split] its {split} {empty} fewer data.split.folds)" in cross
+
+
+def test_w3s_verify_passes_a_hospital_whose_splits_all_hold_images(hospital, capsys):
+    _, data = hospital
+    assert verify_hospitals(OmegaConf.create({"data": data})) == 0
+    assert capsys.readouterr().out.endswith("all data verified: no problems\n")
