@@ -51,7 +51,7 @@ from common.model import (
     mct_presets,
     read_deit_state,
 )
-from common.network import free_port
+from common.network import LOCAL_SUPERLINK_PORTS, free_ports
 from common.pretrain import PRETRAIN_METHODS
 from common.training import check_device, hospital_train_config
 from server_app.privacy import privacy_settings
@@ -407,8 +407,8 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     # flwr run reuses any local SuperLink that answers on its default ports, so two runs on one
     # machine would share one, and the first to end would stop it under the other: each run
     # starts its own on free ports, unless the user chose them.
-    for port in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
-        env.setdefault(port, str(free_port()))
+    unset = [port for port in LOCAL_SUPERLINK_PORTS if port not in env]
+    env.update(zip(unset, map(str, free_ports(len(unset))), strict=True))
     # That SuperLink keeps its state in $FLWR_HOME/local-superlink/state.db; two SuperLinks on
     # one database fail each other's runs, so each run gets its own Flower home under the
     # user's, kept when the run did not complete (the SuperLink's log is in it).

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common.network import free_port
+from common.network import LOCAL_SUPERLINK_PORTS, free_port, free_ports
 
 BIN = Path(sys.executable).parent
 
@@ -25,8 +25,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     """
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
-    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    env.update(zip(LOCAL_SUPERLINK_PORTS, map(str, free_ports(2)), strict=True))
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_DEDUP_LOGS"] = "0"

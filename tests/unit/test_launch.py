@@ -1,17 +1,19 @@
 """server_app/launch (w3s-simulate): relative paths pinned, one SuperNode per hospital."""
 
+import contextlib
+import socket
+
 import pytest
 
 from common.config import CONF_DIR, compose_config
 from common.errors import JobError
+from common.network import LOCAL_SUPERLINK_PORTS, free_ports
 from server_app.launch import (
     absolute_path_overrides,
     check_training_config,
     flwr_command,
     simulate,
 )
-
-PORTS = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
 
 
 def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeypatch):
@@ -184,18 +186,36 @@ def test_training_config_refuses_bad_strategy_privacy_and_guard_values(overrides
 def test_each_run_gets_its_own_local_superlink_ports_unless_the_user_chose_them(monkeypatch):
     # flwr run reuses a SuperLink on its default ports, and the first run to end stops it.
     seen = []
+    with contextlib.ExitStack() as superlinks:
+
+        def run_and_check(command, env):
+            seen.append(env)
+            for port in LOCAL_SUPERLINK_PORTS:  # the run's SuperLink listens on its ports
+                listener = superlinks.enter_context(socket.socket())
+                listener.bind(("127.0.0.1", int(env[port])))
+                listener.listen()
+            return 0, ""
+
+        monkeypatch.setattr("server_app.launch.run_and_check", run_and_check)
+        cfg = compose_config([])
+        for port in LOCAL_SUPERLINK_PORTS:
+            monkeypatch.delenv(port, raising=False)
+        assert simulate(cfg, []) == 0 and simulate(cfg, []) == 0
+    first, second = ([env[port] for port in LOCAL_SUPERLINK_PORTS] for env in seen)
+    assert len({*first, *second}) == 4
+    monkeypatch.setenv(LOCAL_SUPERLINK_PORTS[0], "47001")
     monkeypatch.setattr(
         "server_app.launch.run_and_check", lambda command, env: (seen.append(env), (0, ""))[1]
     )
-    cfg = compose_config([])
-    for port in PORTS:
-        monkeypatch.delenv(port, raising=False)
-    assert simulate(cfg, []) == 0 and simulate(cfg, []) == 0
-    first, second = ([env[port] for port in PORTS] for env in seen)
-    assert len({*first, *second}) == 4
-    monkeypatch.setenv(PORTS[0], "47001")
     simulate(cfg, [])
-    assert seen[-1][PORTS[0]] == "47001"
+    assert seen[-1][LOCAL_SUPERLINK_PORTS[0]] == "47001"
+
+
+def test_ports_chosen_together_are_distinct():
+    # Probed one at a time, the kernel may hand a released port out again, and a SuperLink
+    # given one port for both of its APIs fails to start.
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(0 < port < 65536 for port in ports)
 
 
 def test_flower_contacts_no_one_unless_the_user_turned_it_back_on(monkeypatch):
