@@ -123,6 +123,23 @@ def test_select_on_validation_picks_the_best_and_keeps_the_first_of_ties():
         select_on_validation(["a"], lambda k: predictions[k], truths, 2, select_by="f1")
 
 
+def test_binary_and_class_aware_selection_choose_differently_where_the_class_is_wrong():
+    truths = [np.array([0, 0, 1, 1, 1, 1])]
+    predictions = {
+        "whole cell, wrong class": [np.array([0, 0, 2, 2, 2, 2])],  # binary 1.0, aware 1/3
+        "right class, too large": [np.array([0, 1, 1, 1, 1, 1])],  # binary 0.65, aware 0.65
+    }
+
+    def best(select_by: str) -> str:
+        chosen, _ = select_on_validation(
+            list(predictions), predictions.get, truths, 3, select_by=select_by
+        )
+        return chosen
+
+    assert best("binary") == "whole cell, wrong class"
+    assert best("class_aware") == "right class, too large"
+
+
 # Hand-computed cases for the scores used during federated evaluation.
 
 

@@ -211,6 +211,14 @@ def test_ground_truth_guard():
         m[m.shape[0] // 2] = 0  # a weak mask is never pixel-exact
     check_not_ground_truth(shrunk, truth)
     check_not_ground_truth(masks, None)
+    # More than half: 3 of 4 leaked masks are refused, 2 of 4 are not.
+    with pytest.raises(GroundTruthLeakError, match="3 of 4"):
+        check_not_ground_truth([*masks[:3], shrunk[3]], truth)
+    check_not_ground_truth([*masks[:2], *shrunk[2:]], truth)
+    # A leaked mask whose background is marked ignore still reproduces the cell.
+    ignoring = [np.where(m > 0, m, IGNORE_INDEX).astype(np.uint8) for m in masks]
+    with pytest.raises(GroundTruthLeakError, match="4 of 4"):
+        check_not_ground_truth(ignoring, truth)
     # Crops without a cell: their empty pseudo-masks leak nothing, and are not counted.
     empty = [np.zeros_like(t) for t in truth]
     check_not_ground_truth([*empty[:3], shrunk[3]], [*empty[:3], truth[3]])

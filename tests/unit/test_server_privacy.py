@@ -302,6 +302,21 @@ def test_privacy_averages_with_equal_weights_and_caps_no_num_examples(tmp_path):
     assert inner.uniform_weights
 
 
+def test_privacy_clips_an_update_out_of_line_with_the_others_instead_of_rejecting_it(tmp_path):
+    # Rejected by the peer-norm guard, one hospital's inclusion would hang on the others'
+    # updates, which the accounting does not cover.
+    def replies() -> list[Message]:
+        return [reply(1, 0.1, 10), reply(2, 0.1, 10), reply(3, 3.0, 10)]  # 30 x the median
+
+    plain = GuardedFedAvg(num_hospitals=3, min_replies=2, guards=Guards(max_update_norm_ratio=10.0))
+    prepare(plain)
+    assert len(plain.screen_train(1, replies())) == 2 and set(plain.report.rejected) == {3}
+    inner = GuardedFedAvg(num_hospitals=3, min_replies=2, guards=Guards(max_update_norm_ratio=10.0))
+    with_privacy(inner, _config("server_clip", 0.0, 1.0), 3, tmp_path)
+    prepare(inner)
+    assert len(inner.screen_train(1, replies())) == 3 and inner.report.rejected == {}
+
+
 def test_a_resume_refuses_a_damaged_ledger_naming_it_and_keeps_it(tmp_path):
     (tmp_path / "privacy.json").write_text('{"name": "server_clip", "rounds": [{"round": 1')
     with pytest.raises(ValueError, match="privacy.json is not valid JSON"):
