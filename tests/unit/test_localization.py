@@ -84,6 +84,9 @@ def test_normalise_maps_zeroes_absent_and_minmaxes_present():
     assert out.shape == (1, 2, 2, 4)
     assert out[0, 1].abs().max() == 0
     assert out[0, 0].min() == 0 and out[0, 0].max() == pytest.approx(1.0)
+    # Over the whole map, not per row: a row of weak values stays weak.
+    square = normalise_maps(torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]]), (2, 2), torch.ones(1, 1))
+    torch.testing.assert_close(square[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +132,21 @@ def test_four_flip_passes_make_maps_equivariant_to_both_flips(tiny_model, dims):
         assert not torch.allclose(flipped, plain.flip(dims), atol=2e-4, rtol=1e-3)
 
 
+def test_the_affinity_is_the_unflipped_passs_and_the_scales_sum_in_any_order(tiny_model):
+    images = torch.randn(2, 3, 32, 32)
+    present = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+
+    def batch(**settings: object):
+        return batch_maps(tiny_model, images, present, [(32, 32)] * 2, MapSettings(**settings))
+
+    # attn_rw walks the unflipped maps on this affinity: a mirrored one would misplace them.
+    flipped, plain = batch(last_k_layers=2, hflip=True), batch(last_k_layers=2, hflip=False)
+    torch.testing.assert_close(flipped.affinity, plain.affinity)
+    both = batch(last_k_layers=2, scales=(1.0, 0.5)).maps[0]
+    torch.testing.assert_close(both, batch(last_k_layers=2, scales=(0.5, 1.0)).maps[0])
+    assert not torch.allclose(both, batch(last_k_layers=2, scales=(1.0,)).maps[0], atol=1e-3)
+
+
 def test_generate_maps_does_not_depend_on_batching(tiny_model):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (h, h, 3), dtype=np.uint8) for h in (30, 44, 30, 52)]
@@ -156,18 +174,25 @@ def model_with_head() -> torch.nn.Module:
     ).eval()
 
 
-def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
-    """The head's sign is decided over the whole split, not per chunk of ``batch_size``."""
+def straddling_head(above: int) -> tuple[torch.nn.Module, list[np.ndarray], torch.Tensor]:
+    """A head whose bias puts ``above`` of five random images' areas past one half.
+
+    Returns the model, the images and the head's area on each.
+    """
     model = model_with_head()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
     batch = normalise(resize_images(images, 32))
     with torch.no_grad():
-        logits = model(batch).foreground.flatten(1) - model.fg_head.bias
-        # A bias that puts the images' head areas on both sides of one half: 2 above, 3 below.
-        middle = (logits.mean(1).sort().values[2] + logits.mean(1).sort().values[3]) / 2
-        model.fg_head.bias.fill_(-float(middle))
-    areas = torch.sigmoid(model(batch).foreground.detach()).mean(dim=(1, 2, 3))
+        logits = (model(batch).foreground.flatten(1) - model.fg_head.bias).mean(1).sort().values
+        model.fg_head.bias.fill_(-float(logits[4 - above : 6 - above].mean()))
+        areas = torch.sigmoid(model(batch).foreground).mean(dim=(1, 2, 3))
+    return model, images, areas
+
+
+def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
+    """The head's sign is decided over the whole split, not per chunk of ``batch_size``."""
+    model, images, areas = straddling_head(above=2)
     assert 0 < int((areas > 0.5).sum()) < 5
 
     def maps(batch_size: int) -> list[torch.Tensor]:
@@ -182,15 +207,7 @@ def test_an_images_foreground_map_does_not_depend_on_the_images_beside_it():
 
 def test_an_orientation_decided_on_other_images_holds_for_a_split_that_would_decide_alone():
     """w3s-postprocess orients the validation and test maps by the training split's decision."""
-    model = model_with_head()
-    rng = np.random.default_rng(0)
-    train = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
-    batch = normalise(resize_images(train, 32))
-    with torch.no_grad():
-        logits = model(batch).foreground.flatten(1).mean(1) - model.fg_head.bias
-        # Areas past half at one image, below it at the other four.
-        model.fg_head.bias.fill_(-float(logits.sort().values[-2:].mean()))
-    areas = torch.sigmoid(model(batch).foreground.detach()).mean(dim=(1, 2, 3))
+    model, train, areas = straddling_head(above=1)
     lone = int(areas.argmax())
     cpu = torch.device("cpu")
     flip = maps_orientation(model, train, FOREGROUND_MAPS, device=cpu)

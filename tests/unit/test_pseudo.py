@@ -365,6 +365,49 @@ def test_stain_grow_falls_back_to_the_centre_only_where_the_maps_are_empty():
             assert scores.abs().max() == 0
 
 
+def _two_blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two nuclei on a pale background: one at the centre, a smaller one aside."""
+    ys, xs = np.mgrid[0:64, 0:64]
+    image = np.full((64, 64, 3), (240, 225, 180), dtype=np.uint8)
+    central = (ys - 32) ** 2 + (xs - 32) ** 2 <= 7**2
+    aside = (ys - 32) ** 2 + (xs - 52) ** 2 <= 5**2
+    image[central | aside] = (70, 30, 110)
+    return image, central, aside
+
+
+def test_stain_grow_centre_pick_ignores_the_maps_and_maps_pick_ignores_the_background():
+    image, central, aside = _two_blobs()
+    pointing_aside = torch.zeros(3, 64, 64)
+    pointing_aside[0] = torch.as_tensor(aside.astype(np.float32))
+    record = MapRecord(image, 0, pointing_aside, torch.zeros(1), (1, 1))
+    centre = StainGrowMasker(background_seeds="border", pick="centre").nucleus(record)
+    assert _iou(centre.numpy(), central) > 0.7
+    # Diffuse maps (a weak classifier's) give the large background the most mass: not a blob.
+    diffuse = pointing_aside.clone()
+    diffuse[0] = diffuse[0].clamp(min=0.2)
+    record = MapRecord(image, 0, diffuse, torch.zeros(1), (1, 1))
+    found = StainGrowMasker(background_seeds="border", pick="maps").nucleus(record)
+    assert _iou(found.numpy(), aside) > 0.7
+
+
+def test_stain_grow_options_tried_on_one_record_do_not_share_their_colour_distance():
+    # pseudo.tune tries options on the same validation records, one after another.
+    image, _, aside = _two_blobs()
+    maps = torch.zeros(3, 64, 64)
+    maps[0] = torch.as_tensor(aside.astype(np.float32))
+    shared = MapRecord(image, 0, maps, torch.zeros(1), (1, 1))
+    StainGrowMasker(background_seeds="border").nucleus(shared)
+    for options in (
+        {"background_seeds": "maps"},
+        {"background_seeds": "maps", "colour_space": "lab"},
+    ):
+        masker = StainGrowMasker(**options)
+        fresh = MapRecord(image, 0, maps, torch.zeros(1), (1, 1))
+        torch.testing.assert_close(
+            masker._background_distance(shared), masker._background_distance(fresh)
+        )
+
+
 @pytest.mark.parametrize("grey", [128, 200, 230])
 def test_stain_grow_finds_no_cell_in_an_image_of_one_colour(grey):
     # A blank or over-exposed crop: rounding left its colour distances 1e-4 apart, and Otsu

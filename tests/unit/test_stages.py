@@ -1,5 +1,7 @@
 """post_training/stages: options of the pseudo-mask method tuned on the validation split."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,17 @@ from common.config import compose_config
 from common.data import hospital_split
 from common.localization import MapSettings, generate_maps, maps_orientation
 from common.model import create_mct_model
-from post_training.stages import Evaluation, Split, make_maps, option_grid, tuned_options
+from common.pseudo import MapRecord
+from post_training.baselines import disk_mask, label_cells
+from post_training.stages import (
+    Evaluation,
+    Split,
+    disk_stage,
+    make_maps,
+    option_grid,
+    seeds_stage,
+    tuned_options,
+)
 
 
 def val_evaluation(truth: list[np.ndarray] | None) -> Evaluation:
@@ -105,3 +117,61 @@ def test_every_splits_maps_take_the_training_splits_orientation_of_the_head():
         label = record.label
         torch.testing.assert_close(record.maps[label], by_train[0])
         assert not torch.allclose(record.maps[label], by_test[0])
+
+
+def _split(truth: list[np.ndarray], records: list[MapRecord] = (), images=()) -> Split:
+    """A split of the given truths, map records and images (of class 0), without files."""
+    data = SimpleNamespace(images=list(images), labels=np.zeros(len(images), np.int64))
+    return Split(data=data, stems=[], truth=truth, records=list(records))  # type: ignore[arg-type]
+
+
+EVALUATION = {
+    "absent": "skip",
+    "select_by": "binary",
+    "thresholds": [0.2, 0.5, 0.8],
+    "disk_radii": [0.5, 1.0],
+}
+
+
+def test_the_maps_background_is_chosen_on_validation_and_only_scored_on_test():
+    def record(*row: float) -> MapRecord:  # one class, one row of four pixels
+        image = np.zeros((1, 4, 3), np.uint8)
+        return MapRecord(image, 0, torch.tensor([[row]]), torch.zeros(1, 1), (1, 1))
+
+    splits = {  # only 0.5 reproduces the validation truth; on test every constant ties
+        "val": _split([np.array([[1, 1, 0, 0]])], [record(0.9, 0.6, 0.3, 0.1)]),
+        "test": _split([np.array([[1, 0, 0, 0]])], [record(0.95, 0.9, 0.85, 0.1)]),
+    }
+    stage, labels = seeds_stage(splits, Evaluation(splits, 2, EVALUATION), chunk=4)
+    assert stage.choice == {"background": 0.5}
+    np.testing.assert_array_equal(labels["test"][0], [[1, 1, 1, 0]])
+    assert stage.scores["test"].binary_miou < 1.0 == stage.scores["val"].binary_miou
+
+
+def test_a_baselines_setting_is_chosen_on_validation_and_only_scored_on_test():
+    sides = {"val": 20, "test": 40}
+    truth = {"val": [disk_mask(20, 20, 0.5)], "test": [disk_mask(40, 40, 1.0)]}
+    splits = {
+        name: _split(label_cells(truth[name], [0]), images=[np.zeros((side, side, 3), np.uint8)])
+        for name, side in sides.items()
+    }
+    stage = disk_stage(splits, Evaluation(splits, 2, EVALUATION))
+    assert stage.choice == {"radius": 0.5}
+    assert stage.scores["test"].binary_miou < 1.0 == stage.scores["val"].binary_miou
+
+
+def test_the_evaluation_scores_and_chooses_by_its_configured_policies():
+    truth = [np.array([0, 0, 1, 1, 1, 1])]
+    splits = {name: _split(truth) for name in ("val", "test")}
+    right = {name: truth for name in ("val", "test")}
+    # Class 2 absent from truth and prediction: skipped, or scored as 0 ('zero').
+    skip = Evaluation(splits, 3, {**EVALUATION, "select_by": "class_aware"})
+    zero = Evaluation(splits, 3, {**EVALUATION, "absent": "zero"})
+    assert skip.score(right)["test"].class_aware_miou == 1.0
+    assert zero.score(right)["test"].class_aware_miou == pytest.approx(2 / 3)
+    candidates = {
+        "whole cell, wrong class": [np.array([0, 0, 2, 2, 2, 2])],
+        "right class, too large": [np.array([0, 1, 1, 1, 1, 1])],
+    }
+    assert zero.select(list(candidates), candidates.get) == "whole cell, wrong class"
+    assert skip.select(list(candidates), candidates.get) == "right class, too large"
