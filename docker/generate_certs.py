@@ -165,8 +165,14 @@ def load_cert(path: Path) -> x509.Certificate | None:
 
 
 def cert_names(cert: x509.Certificate) -> list[str]:
-    """The DNS names and IP addresses ``cert`` is valid for, IPs in canonical form."""
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    """The DNS names and IP addresses ``cert`` is valid for, IPs in canonical form.
+
+    None without a SAN extension: a certificate made elsewhere, which is then re-issued.
+    """
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
     return [
         *sans.get_values_for_type(x509.DNSName),
         *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)),

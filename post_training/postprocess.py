@@ -58,8 +58,10 @@ def stage_grid_name(split: str) -> str:
     return f"stages_{split}.png"
 
 
-# Everything the job writes under its output folder; a rerun replaces all of them. The stage
-# grids are drawn from these outputs afterwards: a rerun removes them, as they show the last.
+# w3s-stages' pictures of a job's folder, drawn after a job or before any ran there: a rerun
+# removes them (they show the last outputs), and they never make the folder someone else's.
+STAGE_GRIDS = tuple(map(stage_grid_name, SPLITS))
+# Everything the job writes under its output folder; a rerun replaces all of them.
 OUTPUTS = (
     "config.yaml",
     PERSONALIZED_MODEL,
@@ -70,7 +72,7 @@ OUTPUTS = (
     "figure.png",
     "metrics.json",
     "metrics.md",
-    *map(stage_grid_name, SPLITS),
+    *STAGE_GRIDS,
 )
 
 
@@ -104,7 +106,11 @@ def check_output_folder(out: Path, checkpoint: Path) -> None:
                 f"checkpoint={checkpoint} is this run's output {name} in output_dir={out}, "
                 "which the run replaces; copy it out of the folder or choose another output_dir"
             )
-    taken = [name for name in OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    taken = [
+        name
+        for name in OUTPUTS
+        if name not in STAGE_GRIDS and ((out / name).exists() or (out / name).is_symlink())
+    ]
     if not taken:
         return
     try:

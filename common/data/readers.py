@@ -245,8 +245,9 @@ def split_problems(data_cfg: Any, result: ReadResult) -> list[DataProblem]:
 
     Reading checks files one by one; a hospital of a few images per class reads cleanly and
     yet leaves a split empty (one of two images goes to validation, none to test; a k-fold
-    split of more folds than images), and training then refuses it every round. The splits
-    are drawn as training draws them (:meth:`SplitSpec.indices` over the same labels).
+    split of more folds than images): training refuses an empty training or validation split
+    every round, post-training an empty test split. A test fraction of 0 asks for none. The
+    splits are drawn as training draws them (:meth:`SplitSpec.indices` over the same labels).
 
     Parameters
     ----------
@@ -260,11 +261,13 @@ def split_problems(data_cfg: Any, result: ReadResult) -> list[DataProblem]:
     list[DataProblem]
         One ``empty_split`` per empty split, with what to change.
     """
-    parts = SplitSpec.of(data_cfg).indices(np.asarray(result.labels, dtype=np.int64))
+    spec = SplitSpec.of(data_cfg)
+    parts = spec.indices(np.asarray(result.labels, dtype=np.int64))
+    wanted = [s for s, share in zip(SPLITS, spec.fractions, strict=True) if share > 0 or spec.folds]
     return [
         DataProblem(result.hospital, "", "empty_split", empty_split_detail(data_cfg, split))
         for split in SPLITS
-        if not len(parts[split])
+        if split in wanted and not len(parts[split])
     ]
 
 
@@ -1039,11 +1042,13 @@ def _grey_mask(path: Path, image: StoredFrame) -> np.ndarray:
     around a cell: an annotation never drawn would teach that the cell is background.
     """
     pixels = _decode(path, "RGBA", image)[0]
-    if transparent := int((pixels[..., 3] < 255).sum()):
+    # Transparent black (a common export's background) is background as read; another hidden
+    # colour would be read as a class.
+    hidden = (pixels[..., 3] < 255) & (pixels[..., :3].max(axis=2) > 0)
+    if transparent := int(hidden.sum()):
         raise _NotGreyMask(
-            f"{transparent} of its {pixels[..., 3].size} pixels are transparent, and a "
-            f"transparent pixel's hidden grey would be read as its class; save it without "
-            f"alpha: {MASK_FORM}"
+            f"{transparent} of its {hidden.size} pixels are transparent with a colour that "
+            f"would be read as their class; save it without alpha: {MASK_FORM}"
         )
     colour = pixels[..., :3]
     spread = colour.max(axis=2).astype(np.int16) - colour.min(axis=2)

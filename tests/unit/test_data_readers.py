@@ -575,6 +575,8 @@ def test_masks_in_colours_class_codes_alpha_or_of_no_cell_are_refused_not_misrea
         8: Image.fromarray(np.repeat(grey[..., None], 3, axis=2)),  # grey saved as RGB
         9: Image.fromarray(see_through.astype(np.uint8), "LA"),
         10: Image.fromarray(grey).convert("RGBA"),  # an opaque alpha hides nothing
+        # A transparent black background (an annotation tool's export) is background as read.
+        11: Image.fromarray(np.dstack([grey, np.where(grey > 0, 255, 0)]).astype(np.uint8), "LA"),
     }
     spec = _zxaoyou_with_masks(tmp_path, masks)
     problems = verify_data(data_cfg({"site": spec}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import ipaddress
 import re
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
     load_ssh_private_key,
 )
+from cryptography.x509.oid import NameOID
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
@@ -165,6 +169,31 @@ def test_a_reissued_superlink_certificate_keeps_the_names_of_the_one_it_replaces
     generate(["server", f"--out={federation}"])
     printed = capsys.readouterr().out
     assert "superlink.crt is valid for: superlink, localhost, 127.0.0.1 (" in printed
+
+
+def test_a_superlink_certificate_made_elsewhere_without_names_is_reissued(generate, federation):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")])
+    now = datetime.datetime.now(datetime.UTC)
+    plain = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=400))
+        .sign(key, hashes.SHA256())
+    )
+    (federation / "server" / "superlink.crt").write_bytes(
+        plain.public_bytes(serialization.Encoding.PEM)
+    )
+    generate(["server", f"--out={federation}"])
+    assert names(cert(federation / "server" / "superlink.crt")) == {
+        "superlink",
+        "localhost",
+        "127.0.0.1",
+    }
 
 
 def test_a_requested_address_in_another_spelling_reissues_nothing(generate, tmp_path):

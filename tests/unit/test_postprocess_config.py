@@ -150,6 +150,15 @@ def test_the_model_the_run_reads_is_not_among_the_outputs_it_replaces(tmp_path):
     check_output_folder(tmp_path / "postprocess" / "a", tuned)  # the default folder: beside it
 
 
+def test_a_stage_grid_drawn_before_any_job_does_not_make_the_folder_someone_elses(tmp_path):
+    # w3s-stages draws from the checkpoint alone, into the folder a job will use.
+    (tmp_path / stage_grid_name("test")).touch()
+    check_output_folder(tmp_path, tmp_path.parent / "final_model.pt")
+    (tmp_path / "metrics.md").touch()  # a file of the user's of a job's name still is
+    with pytest.raises(JobError, match="holds metrics.md, which no w3s-postprocess run wrote"):
+        check_output_folder(tmp_path, tmp_path.parent / "final_model.pt")
+
+
 def test_a_rerun_removes_the_stage_grids_drawn_of_the_earlier_outputs(tmp_path):
     # w3s-stages draws into the job's folder; kept, its picture showed the earlier run's masks.
     earlier = [tmp_path / stage_grid_name(split) for split in ("val", "test")]

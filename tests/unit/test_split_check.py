@@ -80,6 +80,9 @@ def test_w3s_verify_names_a_split_that_training_would_draw_without_an_image(tmp_
     assert f"h: 1 problem(s)\n  [empty_split] its test {empty} data.split.fractions)" in fixed
     for split in ("val", "test"):
         assert f"[empty_split] its {split} {empty} fewer data.split.folds)" in cross
+    # A test fraction of 0 asks for no test split: training needs none.
+    no_test = OmegaConf.merge(data, {"split": {"fractions": [0.5, 0.5, 0.0]}})
+    assert verify_hospitals(OmegaConf.create({"data": no_test})) == 0
 
 
 def test_w3s_verify_passes_a_hospital_whose_splits_all_hold_images(hospital, capsys):
