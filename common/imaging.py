@@ -70,6 +70,9 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 # Pillow's raw modes of 16-bit samples.
 WIDE_SAMPLES = (";16B", ";16L", ";16N")
+# A TIFF page's NewSubfileType tag, and its bit for a reduced-resolution copy of another page.
+NEW_SUBFILE_TYPE = 254
+REDUCED_RESOLUTION = 1
 
 
 def open_from_memory(source: Path | bytes) -> Image.Image:
@@ -82,12 +85,33 @@ def open_from_memory(source: Path | bytes) -> Image.Image:
     return Image.open(io.BytesIO(source if isinstance(source, bytes) else source.read_bytes()))
 
 
+def picture_frames(image: Image.Image) -> list[int]:
+    """The frames of ``image`` that are pictures of their own, not previews of another.
+
+    A camera's JPEG with previews beside its picture (MPO) is that picture, its first frame. A
+    scanner's TIFF may carry reduced-resolution pages (thumbnails, pyramid levels) beside its
+    picture, before or after it; only their NewSubfileType tag tells them apart.
+    """
+    if image.format == "MPO":
+        return [0]
+    frames = list(range(getattr(image, "n_frames", 1)))
+    if image.format != "TIFF" or len(frames) == 1:
+        return frames
+    full = []
+    for index in frames:
+        image.seek(index)
+        if not int(image.tag_v2.get(NEW_SUBFILE_TYPE, 0)) & REDUCED_RESOLUTION:
+            full.append(index)
+    image.seek(0)
+    return full or frames
+
+
 def load_checked(image: Image.Image) -> Image.Image:
     """Decode ``image`` (opened, not loaded), refusing a file Pillow would read wrongly.
 
-    A file of several frames (a multi-page TIFF, an animated PNG) would be read as its first,
-    the others dropped without a word: refused naming their count. A camera's JPEG with
-    previews beside its picture (MPO) is that picture, its first frame.
+    A file of several pictures (a multi-page TIFF, an animated PNG) would be read as its first,
+    the others dropped without a word: refused naming their count. One picture with previews
+    (:func:`picture_frames`) is read as that picture.
 
     Pillow decodes 16 bits per colour channel (48-bit PNG and TIFF) to the top 8 bits of each
     value. That is right for values that use 16 bits, but a 12-bit colour camera's 0..4095
@@ -95,11 +119,13 @@ def load_checked(image: Image.Image) -> Image.Image:
     Pillow, so a file whose brightest value fits 14 bits (what :func:`eight_bit` would scale up
     were it grey) is refused by name; one of 8-bit values in 16-bit samples reads all black.
     """
-    if image.format != "MPO" and getattr(image, "is_animated", False):
+    pictures = picture_frames(image)
+    if len(pictures) > 1:
         raise ValueError(
-            f"{image.n_frames} frames in one file (a multi-page TIFF?); only the first would be "
+            f"{len(pictures)} frames in one file (a multi-page TIFF?); only the first would be "
             "read: save each image in a file of its own"
         )
+    image.seek(pictures[0])
     raw_modes = [
         tile.args if isinstance(tile.args, str) else str(tile.args[0] if tile.args else "")
         for tile in image.tile

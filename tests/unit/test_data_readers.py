@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from common.config import compose_config
 from common.data import (
@@ -489,6 +489,30 @@ def test_an_image_or_mask_of_several_frames_is_refused_naming_their_count(tmp_pa
     ]
     assert "ValueError: 2 frames in one file (a multi-page TIFF?)" in problems[0].detail
     assert "ValueError: 3 frames in one file" in problems[1].detail
+
+
+def test_a_tiff_with_reduced_resolution_previews_is_read_as_its_picture(tmp_path):
+    # A scanner's TIFF: a thumbnail page (NewSubfileType 1) before the picture, a pyramid
+    # level after it. Counted as three frames, the picture was refused.
+    picture = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    path = tmp_path / "scan.tif"
+    with path.open("w+b") as file, TiffImagePlugin.AppendingTiffWriter(file, new=True) as tiff:
+        for page, kind in (
+            (picture.resize((8, 6)), 1),
+            (picture, 0),
+            (picture.resize((20, 15)), 1),
+        ):
+            page.save(tiff, format="TIFF", tiffinfo={254: kind})
+            tiff.newFrame()
+    with Image.open(path) as image:
+        assert np.array_equal(np.asarray(load_checked(image)), np.asarray(picture))
+    # Two pictures among the previews are still two frames.
+    with path.open("w+b") as file, TiffImagePlugin.AppendingTiffWriter(file, new=True) as tiff:
+        for page, kind in ((picture, 0), (picture.resize((8, 6)), 1), (picture, 0)):
+            page.save(tiff, format="TIFF", tiffinfo={254: kind})
+            tiff.newFrame()
+    with Image.open(path) as image, pytest.raises(ValueError, match="^2 frames in one file"):
+        load_checked(image)
 
 
 def test_a_share_that_reports_inode_0_for_every_file_keeps_its_images(tmp_path, monkeypatch):
