@@ -29,7 +29,7 @@ from common.config import compose_config, parse_overrides
 from common.data import federated_hospitals, hospital_names
 from common.errors import JobError
 from common.files import read_json
-from common.logs import setup_logging
+from common.logs import flower_warnings_only, setup_logging
 from common.model import create_mct_model
 from server_app.launch import check_training_config
 from server_app.privacy import PRIVACY_FILE, with_privacy
@@ -305,10 +305,15 @@ def pretrain(
 
 
 @contextmanager
-def stop_logged(phase: str) -> Iterator[None]:
-    """One ``run stopped:`` line for a phase the strategy stops (too few replies or nodes)."""
+def strategy_rounds(phase: str) -> Iterator[None]:
+    """Around a strategy's rounds: Flower's lines per round muted, a stop logged in one line.
+
+    The recorder logs one line a round; a phase the strategy stops (too few replies or nodes)
+    gets one ``run stopped:`` line.
+    """
     try:
-        yield
+        with flower_warnings_only():
+            yield
     except RunStoppedError as error:
         log.error("run stopped: %s%s", phase, error)
         raise
@@ -338,7 +343,7 @@ def main(grid: Grid, context: Context) -> None:
 
     start = starting_point(cfg, run_dir)
     if start.phase == "pretrain":
-        with stop_logged("pretraining "):
+        with strategy_rounds("pretraining "):
             start = pretrain(cfg, grid, hospitals, run_dir, start)
     done = start.done
     strategy = federation_strategy(cfg, hospitals, start)
@@ -357,7 +362,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.guards,
     )
     federation = with_privacy(strategy, cfg.privacy, len(hospitals), run_dir, bool(cfg.resume))
-    with stop_logged(""):
+    with strategy_rounds(""):
         result = federation.start(
             grid=grid,
             initial_arrays=start.arrays,

@@ -65,6 +65,8 @@ def test_pretraining_phase_then_mct_rounds_with_foreground_levers(flwr_home, tmp
     ]
     assert "pretrain round 2/2" in log and "mct round 1/1" in log
     assert "pretrain round 2: loss" in log  # a ClientApp ran the pretraining objective
+    # One line a round from the recorder, none of Flower's (nor its table of every round).
+    assert "[ROUND" not in log and "Aggregated MetricRecord" not in log
     model, payload = load_model(run_dir / "final_model.pt")
     assert payload["round"] == 1 and model.fg_head is not None
     assert model.standardise_input == "channels"
