@@ -167,7 +167,7 @@ def load_cert(path: Path) -> x509.Certificate | None:
 def cert_names(cert: x509.Certificate) -> list[str]:
     """The DNS names and IP addresses ``cert`` is valid for, IPs in canonical form.
 
-    None without a SAN extension: a certificate made elsewhere, which is then re-issued.
+    An empty list without a SAN extension: a certificate made elsewhere, then re-issued.
     """
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
