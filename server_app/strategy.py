@@ -268,8 +268,17 @@ class GuardedFedAvg(FedAvg):
     ) -> list[Message]:
         config["server-round"] = server_round + self.round_offset
         record = RecordDict({self.arrayrecord_key: pack(arrays), self.configrecord_key: config})
-        kind = "train" if message_type == MessageType.TRAIN else "evaluate"
-        log.info("configure_%s: sampled %d nodes (every online node)", kind, len(nodes))
+        # One line when a round starts (a deployed round can take minutes before the
+        # recorder's line closes it); its evaluation's start only at DEBUG.
+        level, stage = (
+            (logging.INFO, "training")
+            if message_type == MessageType.TRAIN
+            else (logging.DEBUG, "evaluating")
+        )
+        phase = f"{config['phase']} " if "phase" in config else ""  # the MCT rounds name none
+        log.log(
+            level, "%sround %d: %s on %d nodes", phase, config["server-round"], stage, len(nodes)
+        )
         return self._remember(self._construct_messages(record, nodes, message_type))
 
     def configure_train(

@@ -339,7 +339,7 @@ def test_supernode_killed_mid_round_is_reported_and_trains_again_after_a_restart
         f"output_dir={run_dir}",
     ]
     flwr_run = start_run(federation, overrides, output)
-    wait_for(lambda: "configure_train" in output.read_text(), 300, "round 1 training started")
+    wait_for(lambda: "round 1: training on" in output.read_text(), 300, "round 1 training started")
     victim = SYNTHETIC
     os.kill(federation.supernodes[victim].pid, signal.SIGKILL)
 

@@ -1,5 +1,7 @@
 """server_app/strategy: GuardedFedAvg drops failed and bad replies, guards, waits, aggregators."""
 
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -255,7 +257,8 @@ def test_a_round_short_of_nodes_stops_after_the_wait_instead_of_hanging(monkeypa
     assert "resume=true" in str(error.value)
 
 
-def test_a_round_starts_on_every_online_node_and_evaluation_goes_on_with_fewer():
+def test_a_round_starts_on_every_online_node_and_evaluation_goes_on_with_fewer(caplog):
+    caplog.set_level(logging.INFO, logger="server_app.strategy")
     strategy = GuardedFedAvg(
         num_hospitals=3, min_replies=2, round_offset=4, round_wait_for_nodes_s=0.2
     )
@@ -264,6 +267,12 @@ def test_a_round_starts_on_every_online_node_and_evaluation_goes_on_with_fewer()
     assert messages[0].content["config"]["server-round"] == 5
     evaluation = list(strategy.configure_evaluate(1, ONES, ConfigRecord(), _Grid([2])))
     assert [m.metadata.dst_node_id for m in evaluation] == [2]
+    # One line as a round starts, with its true number; its evaluation's start only at DEBUG.
+    starts = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert starts == ["round 5: training on 3 nodes"]
+    pretraining = ConfigRecord({"phase": "pretrain"})
+    list(strategy.configure_train(2, ONES, pretraining, _Grid([3, 1, 2])))
+    assert caplog.records[-1].getMessage() == "pretrain round 6: training on 3 nodes"
     assert list(strategy.configure_evaluate(1, ONES, ConfigRecord(), _Grid([]))) == []
     # No one asked, no one failed to answer.
     assert strategy.aggregate_evaluate(1, []) is None
