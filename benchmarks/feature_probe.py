@@ -15,7 +15,8 @@ the cell's appearance carries at this site's size, with perfect localization and
 and where every hospital has masks, the same probe fitted on all hospitals' training images
 together says whether pooling them, as a federation could, helps a small hospital.
 
-Run from the repository root, on a run of ``benchmarks.localization_levers``::
+Run from the repository root, on a run of ``benchmarks.localization_levers`` (or on one model
+file, such as the model a hospital's post-training job fine-tuned)::
 
     .venv/bin/python -m benchmarks.feature_probe outputs/levers/runs/contrast_s0
         -- data=wbc_zxaoyou
@@ -238,7 +239,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     an option would be refused as unrecognised.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a training run folder with final_model.pt")
+    parser.add_argument(
+        "run",
+        type=Path,
+        help="a training run folder with final_model.pt, or a model file (a post-training "
+        "job's personalized_model.pt)",
+    )
     parser.add_argument("--test", action="store_true", help="also score the test split")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run's data")
     return parser.parse_intermixed_args(argv)
@@ -251,8 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes = list(cfg.data.classes)
     splits = ["train", "val", "test"] if args.test else ["train", "val"]
     rows, sites = {}, {}
+    checkpoint = args.run if args.run.is_file() else args.run / "final_model.pt"
     for hospital in hospital_names(cfg.data):
-        model, _ = load_model(args.run / "final_model.pt", classes, "foreground", hospital)
+        model, _ = load_model(checkpoint, classes, "foreground", hospital)
         read = {s: split_tensors(cfg.data, hospital, s, model.img_size) for s in splits}
         train, evaluated = read.pop("train"), read
         rows[hospital] = {"run": str(args.run), "hospital": hospital}

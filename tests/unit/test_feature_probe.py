@@ -1,5 +1,7 @@
 """The feature probe: a balanced linear probe per pool, scored beside the model's own heads."""
 
+import json
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from benchmarks.feature_probe import (
     MORPHOLOGY,
     PROBED,
     linear_probe,
+    main,
     morphology_features,
     parse_arguments,
     pixel_features,
@@ -14,6 +17,7 @@ from benchmarks.feature_probe import (
     probe_hospital,
 )
 from benchmarks.head_refit import parse_arguments as head_refit_arguments
+from common.checkpoint import save_model
 from common.config import compose_config
 from common.data import SplitTensors, split_tensors
 from common.model import create_mct_model
@@ -127,3 +131,18 @@ def test_a_pooled_morphology_probe_compares_sites_on_their_own_scales():
 def test_overrides_may_follow_an_option(parse, argv):
     args = parse(argv)
     assert args.test and args.overrides == ["data=wbc_zxaoyou"]
+
+
+def test_a_model_file_is_probed_as_a_run_folder_is(tmp_path, capsys):
+    overrides = [
+        "data.hospitals.hospital_a.num_images=40",
+        "~data.hospitals.hospital_b",
+        "~data.hospitals.hospital_c",
+    ]
+    cfg = compose_config(overrides)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    fine_tuned = save_model(model.state_dict(), cfg, 1, tmp_path / "personalized_model.pt")
+    assert main([str(fine_tuned), "--", *overrides]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(row["run"], row["hospital"]) for row in rows] == [(str(fine_tuned), "hospital_a")]
+    assert 0.0 <= rows[0]["cam_val"] <= 1.0
