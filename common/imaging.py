@@ -70,6 +70,9 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 # Pillow's raw modes of 16-bit samples.
 WIDE_SAMPLES = (";16B", ";16L", ";16N")
+# A TIFF's BitsPerSample tag, and its PlanarConfiguration tag's value for one plane per colour.
+BITS_PER_SAMPLE = 258
+PLANAR_CONFIGURATION, SEPARATE_PLANES = 284, 2
 # A TIFF page's NewSubfileType tag, and its bit for a reduced-resolution copy of another page.
 NEW_SUBFILE_TYPE = 254
 REDUCED_RESOLUTION = 1
@@ -118,6 +121,8 @@ def load_checked(image: Image.Image) -> Image.Image:
     keep 0..15 of 255 and the image trains nearly black. The low bits cannot be had through
     Pillow, so a file whose brightest value fits 14 bits (what :func:`eight_bit` would scale up
     were it grey) is refused by name; one of 8-bit values in 16-bit samples reads all black.
+    A TIFF of 16-bit colours in separate planes Pillow reads as 8-bit samples, the pixels
+    scrambled: refused.
     """
     pictures = picture_frames(image)
     if len(pictures) > 1:
@@ -132,6 +137,14 @@ def load_checked(image: Image.Image) -> Image.Image:
     ]
     # 16 bits per sample, big- or little-endian or native (a 5-6-5 BMP is "BGR;16": 8 bits).
     wide = image.mode in ("RGB", "RGBA") and any(raw.endswith(WIDE_SAMPLES) for raw in raw_modes)
+    bits = tiff_bits_per_sample(image)
+    if image.mode in ("RGB", "RGBA") and bits > 8 and not wide:
+        separate = image.tag_v2.get(PLANAR_CONFIGURATION) == SEPARATE_PLANES
+        layout = "in separate colour planes" if separate else "in a layout"
+        raise ValueError(
+            f"{bits} bits per colour channel {layout} that Pillow reads as 8 bits, which "
+            "scrambles the pixels; save it with interleaved colours or 8 bits per channel"
+        )
     image.load()
     if not wide:
         return image
@@ -144,6 +157,14 @@ def load_checked(image: Image.Image) -> Image.Image:
             f"{effect}; save it with 8 bits per channel"
         )
     return image
+
+
+def tiff_bits_per_sample(image: Image.Image) -> int:
+    """The widest sample a TIFF declares (its BitsPerSample tag); 8 for any other file."""
+    if image.format != "TIFF":
+        return 8
+    declared = image.tag_v2.get(BITS_PER_SAMPLE, 8)
+    return int(max(declared) if isinstance(declared, tuple) else declared)
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -34,7 +34,7 @@ from common.data import (
 from common.data.readers import MATEK19_CLASSES
 from common.errors import JobError
 from common.imaging import load_checked
-from tests.image_files import write_rgb48_png, write_rgb565_bmp
+from tests.image_files import write_rgb48_png, write_rgb565_bmp, write_rgb_tiff
 
 REAL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/segmentation_WBC-dev"
 FIVE = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
@@ -213,6 +213,22 @@ def test_a_colour_image_of_a_narrow_camera_in_16_bits_is_refused_not_read_dark(t
     data = load_hospital(data_cfg({"h": spec}), "h")
     # basophil/0.png, the first listed: the top bytes of full 16 bits
     np.testing.assert_array_equal(data.images[0], eight["basophil", 0])
+
+
+@pytest.mark.parametrize(
+    ("bits", "planar"), [(16, True), (16, False), (8, True)], ids=["16planar", "16", "8planar"]
+)
+def test_a_tiff_of_16_bit_colour_planes_is_refused_not_read_scrambled(bits, planar, tmp_path):
+    values = np.random.default_rng(0).integers(0, 2**bits, (6, 5, 3)).astype(f"uint{bits}")
+    path = tmp_path / "cell.tif"
+    write_rgb_tiff(path, values, planar=planar)
+    with Image.open(path) as image:
+        if bits == 16 and planar:  # Pillow reads each plane's bytes as 8-bit samples
+            with pytest.raises(ValueError, match="16 bits per colour channel in separate colour"):
+                load_checked(image)
+        else:
+            top_bytes = values >> 8 if bits == 16 else values
+            np.testing.assert_array_equal(np.asarray(load_checked(image)), top_bytes)
 
 
 @pytest.mark.parametrize(
