@@ -135,10 +135,11 @@ def load_checked(image: Image.Image) -> Image.Image:
         tile.args if isinstance(tile.args, str) else str(tile.args[0] if tile.args else "")
         for tile in image.tile
     ]
+    colour = image.mode in ("RGB", "RGBA")
     # 16 bits per sample, big- or little-endian or native (a 5-6-5 BMP is "BGR;16": 8 bits).
-    wide = image.mode in ("RGB", "RGBA") and any(raw.endswith(WIDE_SAMPLES) for raw in raw_modes)
+    wide = colour and any(raw.endswith(WIDE_SAMPLES) for raw in raw_modes)
     bits = tiff_bits_per_sample(image)
-    if image.mode in ("RGB", "RGBA") and bits > 8 and not wide:
+    if colour and bits > 8 and not wide:
         separate = image.tag_v2.get(PLANAR_CONFIGURATION) == SEPARATE_PLANES
         layout = "in separate colour planes" if separate else "in a layout"
         raise ValueError(
