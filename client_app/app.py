@@ -244,13 +244,14 @@ def train(msg: Message, context: Context) -> Message:
     else:
         raise ValueError(f"unknown training phase {phase!r}")
     log.info(
-        "hospital %s %s round %d: loss %.4f on %d images in %.1fs",
+        "hospital %s %s round %d: loss %.4f on %d images in %.1fs on %s",
         name,
         phase,
         server_round,
         result.loss,
         result.num_examples,
         result.seconds,
+        device,
     )
     metrics = MetricRecord(
         {

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -62,6 +63,10 @@ APP_DIR = CONF_DIR.parent
 TRANSPORT_DTYPES = ("float32", "float16")
 # Flower's telemetry and update check off (docker/ sets the same in every container).
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# Ray sets CUDA_VISIBLE_DEVICES="" in every ClientApp given no GPU share (client_gpus=0, the
+# default), so device=auto trained on the CPU of a GPU machine. Off (Ray's coming default), a
+# ClientApp sees the GPUs this process sees; a share above 0 still pins each to its own.
+RAY_KEEPS_GPUS = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 # What a Flower app needs at run time: the two apps, the library they share, the configs.
 APP_PACKAGES = ("common", "server_app", "client_app", "conf")
 # A regular (non-editable) install ships the project's pyproject.toml here, for flower_app_dir.
@@ -387,6 +392,15 @@ RESUME_HINT = (
 )
 
 
+def flower_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with the settings ``flwr run`` needs here; a variable the user set is kept."""
+    # Installing the app's dependencies per run (Flower's default) would re-download torch.
+    # Flower reports usage to flower.ai and asks it for updates by default; a run on hospital
+    # data contacts no one (the user may set them back).
+    settings = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **QUIET, **RAY_KEEPS_GPUS}
+    return {**settings, **base}
+
+
 def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     """Run the federated simulation; the exit status is 0 only when the run completed."""
     overrides = [*overrides, *absolute_path_overrides(cfg, Path.cwd())]
@@ -395,12 +409,7 @@ def simulate(cfg: DictConfig, overrides: list[str]) -> int:
     if problems := verify_data(cfg.data):
         raise DataVerificationError(problems)
     joined = " ".join(shlex.quote(o) for o in overrides)
-    env = dict(os.environ)
-    # Installing the app's dependencies per run (Flower's default) would re-download torch.
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    # Flower reports usage to flower.ai and asks it for updates by default; a run on hospital
-    # data contacts no one (the user may set them back).
-    env.update({key: value for key, value in QUIET.items() if key not in env})
+    env = flower_environment(os.environ)
     # flwr starts flower-superlink by name: find this environment's even when not activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env[RUN_MARKER] = marker = uuid.uuid4().hex

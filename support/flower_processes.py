@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.network import LOCAL_SUPERLINK_PORTS, free_port, free_ports
+from server_app.launch import flower_environment
 
 BIN = Path(sys.executable).parent
 
@@ -23,7 +24,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     ``flwr run`` reuses any local SuperLink answering on its fixed default port, whatever
     FLWR_HOME says, so each test also gets its own ports.
     """
-    env = dict(os.environ)
+    env = flower_environment(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
     env.update(zip(LOCAL_SUPERLINK_PORTS, map(str, free_ports(2)), strict=True))
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"

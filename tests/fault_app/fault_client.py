@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -166,6 +167,8 @@ def train(msg: Message, context: Context) -> Message:
         {
             "state_dict": to_state_dict(unpack(reply.content["arrays"], layout)),
             "num-examples": reply.content["metrics"]["num-examples"],
+            # What Ray left of the GPUs this ClientApp may use (None: as its parent process).
+            "cuda-visible-devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         },
         dump_dir / f"round{server_round}_partition{partition}.pt",
     )

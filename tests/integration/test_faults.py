@@ -1,8 +1,12 @@
-"""Fault injection in real ``flwr run`` simulations: crashing hospitals, total failure, resume."""
+"""Fault injection in real ``flwr run`` simulations: crashing hospitals, total failure, resume.
+
+And what Ray leaves a ClientApp of the machine: its GPUs.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -105,6 +109,19 @@ def test_all_hospitals_failing_stops_the_run_and_keeps_the_last_checkpoint(flwr_
         torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
     assert not (run_dir / "checkpoints" / "round_002.pt").exists()
     assert not (run_dir / "final_model.pt").exists()
+
+
+def test_a_clientapp_given_no_gpu_share_sees_the_gpus_of_the_machine(flwr_home, tmp_path):
+    # Unless told otherwise, Ray sets CUDA_VISIBLE_DEVICES="" in a ClientApp given no GPU share
+    # (client_gpus=0, the default), so device=auto trained on the CPU of a GPU machine. It does
+    # so on a machine without a GPU as well, which is what makes this checkable here.
+    run_dir = tmp_path / "run"
+    result = _run_fault_app(flwr_home, tmp_path, [*TINY, f"output_dir={run_dir}"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    dumps = sorted((tmp_path / "dumps").glob("round*_partition*.pt"))
+    assert len(dumps) == 6
+    seen = {torch.load(p, weights_only=True)["cuda-visible-devices"] for p in dumps}
+    assert seen == {os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def test_bad_updates_are_rejected_by_name_and_cannot_take_the_model_over(flwr_home, tmp_path):

@@ -231,3 +231,17 @@ def test_flower_contacts_no_one_unless_the_user_turned_it_back_on(monkeypatch):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
     simulate(compose_config([]), [])
     assert seen[-1]["FLWR_TELEMETRY_ENABLED"] == "1"
+
+
+def test_clientapps_keep_the_machines_gpus_unless_the_user_set_ray_otherwise(monkeypatch):
+    # Ray blanks CUDA_VISIBLE_DEVICES in a ClientApp given no GPU share unless this is "0".
+    seen = []
+    monkeypatch.setattr(
+        "server_app.launch.run_and_check", lambda command, env: (seen.append(env), (0, ""))[1]
+    )
+    monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
+    simulate(compose_config([]), [])
+    assert seen[-1]["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "0"
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+    simulate(compose_config([]), [])
+    assert seen[-1]["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "1"
