@@ -119,12 +119,42 @@ def absolute_path_overrides(cfg: DictConfig, cwd: Path) -> list[str]:
     return pinned
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 quota (``--cpus``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, min(cores or 1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores or 1
+
+
+def client_cpus(cfg: DictConfig) -> float | int:
+    """Each simulated ClientApp's CPUs (``federation.client_cpus``; ``auto`` shares the cores).
+
+    Ray runs as many ClientApps at once as the CPUs allow and sets each one's OMP_NUM_THREADS to
+    its share, so this is also how many threads a hospital trains with: 1 each left the cores
+    of a machine with more cores than hospitals idle. ``auto`` divides the usable cores among
+    the hospitals (at least 1 each), so all train at once and none shares a core.
+    """
+    value = cfg.federation.client_cpus
+    if value == "auto":
+        return max(1, usable_cores() // max(1, len(hospital_names(cfg.data))))
+    try:
+        number_at_least(cfg, "federation.client_cpus", 0)
+    except JobError:
+        raise JobError(f"federation.client_cpus={value}: expected a number >= 0 or auto") from None
+    return value
+
+
 def flwr_command(app_dir: Path, cfg: DictConfig, run_config_file: Path) -> list[str]:
     """The ``flwr run`` call: one simulated SuperNode per configured hospital."""
     flwr = Path(sys.executable).with_name("flwr")
     federation = (
         f"num-supernodes={len(hospital_names(cfg.data))} "
-        f"client-resources-num-cpus={cfg.federation.client_cpus} "
+        f"client-resources-num-cpus={client_cpus(cfg)} "
         f"client-resources-num-gpus={cfg.federation.client_gpus}"
     )
     return [
@@ -297,7 +327,7 @@ def check_training_numbers(cfg: DictConfig) -> None:
     number_at_least(cfg, "model.img_size", 1, whole=True)
     if not number_setting(cfg, "federation.round_timeout_s") > 0:
         raise JobError(f"federation.round_timeout_s={cfg.federation.round_timeout_s}: expected > 0")
-    number_at_least(cfg, "federation.client_cpus", 0)
+    client_cpus(cfg)
     number_at_least(cfg, "federation.client_gpus", 0)
     if cfg.strategy.name == "fedtrimmedavg" and not 0 <= number_setting(cfg, "strategy.beta") < 0.5:
         raise JobError(f"strategy.beta={cfg.strategy.beta}: expected a share in [0, 0.5)")

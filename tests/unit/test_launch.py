@@ -38,12 +38,27 @@ def test_launcher_pins_relative_paths_and_sizes_the_federation(tmp_path, monkeyp
     assert "num-supernodes=1" in command[command.index("--federation-config") + 1]
 
 
+def test_auto_client_cpus_share_the_usable_cores_among_the_hospitals(monkeypatch, tmp_path):
+    # Ray gives each ClientApp as many threads as CPUs: 1 each left most of a larger machine idle.
+    def resources(overrides: list[str]) -> str:
+        command = flwr_command(CONF_DIR.parent, compose_config(overrides), tmp_path / "rc.toml")
+        return command[command.index("--federation-config") + 1]
+
+    monkeypatch.setattr("server_app.launch.usable_cores", lambda: 16)
+    assert "client-resources-num-cpus=5 " in resources([])  # 3 hospitals
+    assert "client-resources-num-cpus=8 " in resources(["data=wbc_zxaoyou"])
+    assert "client-resources-num-cpus=1.5 " in resources(["federation.client_cpus=1.5"])
+    monkeypatch.setattr("server_app.launch.usable_cores", lambda: 2)
+    assert "client-resources-num-cpus=1 " in resources([])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["privacy=server_clip", "strategy=fedmedian"], "needs strategy=fedavg"),
         (["federation.guards.max_update_norm_ratio=0"], "federation.guards.max_update_norm_ratio"),
         (["federation.round_wait_for_nodes_s=-1"], "round_wait_for_nodes_s"),
+        (["federation.client_cpus=all"], "client_cpus=all: expected a number >= 0 or auto"),
         (["resume=true"], "resume=true continues a run: give its folder as output_dir"),
         (
             ["train.augment.randaugment_ops=2", "train.augment.randaugment_magnitude=15"],
