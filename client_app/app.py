@@ -251,7 +251,8 @@ def train(msg: Message, context: Context) -> Message:
         result.loss,
         result.num_examples,
         result.seconds,
-        device,
+        # On a CPU the threads set the speed: federation.client_cpus in simulation.
+        f"cpu (threads: {torch.get_num_threads()})" if device.type == "cpu" else device,
     )
     metrics = MetricRecord(
         {
