@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.augment import magnitude_problem
@@ -149,6 +150,24 @@ def client_cpus(cfg: DictConfig) -> float | int:
     return value
 
 
+def check_client_resources(cfg: DictConfig) -> None:
+    """Refuse a ClientApp share larger than this machine: Ray would start no ClientApp at all.
+
+    Flower ends such a run with three tracebacks, after the SuperLink and the ServerApp started.
+    """
+    if (cpus := client_cpus(cfg)) > (cores := usable_cores()):
+        raise JobError(
+            f"federation.client_cpus={cpus}: this machine lets the run use {cores} cores "
+            "(auto shares them among the hospitals)"
+        )
+    gpus = number_at_least(cfg, "federation.client_gpus", 0)
+    if gpus > (count := torch.cuda.device_count()):
+        raise JobError(
+            f"federation.client_gpus={cfg.federation.client_gpus}: this machine has {count} "
+            "CUDA device(s) (0 lets every ClientApp use them)"
+        )
+
+
 def flwr_command(app_dir: Path, cfg: DictConfig, run_config_file: Path) -> list[str]:
     """The ``flwr run`` call: one simulated SuperNode per configured hospital."""
     flwr = Path(sys.executable).with_name("flwr")
@@ -230,6 +249,8 @@ def check_training_config(cfg: DictConfig, *, hospitals_here: bool = True) -> No
         read_deit_state(Path(str(pretrained)))
     number_setting(cfg, "seed", whole=True)
     check_device(cfg, here=hospitals_here)
+    if hospitals_here:
+        check_client_resources(cfg)
     if not isinstance(cfg.resume, bool):
         raise JobError(f"resume={cfg.resume}: expected true or false")
     if cfg.resume and not cfg.output_dir:

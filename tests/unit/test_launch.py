@@ -226,6 +226,19 @@ def test_each_run_gets_its_own_local_superlink_ports_unless_the_user_chose_them(
     assert seen[-1][LOCAL_SUPERLINK_PORTS[0]] == "47001"
 
 
+def test_a_clientapp_share_larger_than_the_machine_is_refused_before_flower_starts(monkeypatch):
+    # Ray would start no ClientApp, and Flower ended the run in tracebacks.
+    monkeypatch.setattr("server_app.launch.usable_cores", lambda: 2)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(JobError, match=r"client_cpus=4: this machine lets the run use 2 cores"):
+        check_training_config(compose_config(["federation.client_cpus=4"]))
+    with pytest.raises(JobError, match=r"client_gpus=0.5: this machine has 0 CUDA device"):
+        check_training_config(compose_config(["federation.client_gpus=0.5"]))
+    check_training_config(compose_config(["federation.client_cpus=2"]))
+    # The deployed ServerApp's machine runs no ClientApp.
+    check_training_config(compose_config(["federation.client_cpus=4"]), hospitals_here=False)
+
+
 def test_ports_chosen_together_are_distinct():
     # Probed one at a time, the kernel may hand a released port out again, and a SuperLink
     # given one port for both of its APIs fails to start.
