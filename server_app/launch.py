@@ -68,6 +68,10 @@ QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 # default), so device=auto trained on the CPU of a GPU machine. Off (Ray's coming default), a
 # ClientApp sees the GPUs this process sees; a share above 0 still pins each to its own.
 RAY_KEEPS_GPUS = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+# Ray prints one of several ClientApps' log lines that match once their words with digits are
+# dropped, and later at most "[repeated 3x across cluster]": the round lines of "dataset1" and
+# "dataset2" (or hospital_01..10) are such lines, so most of a hospital's were never shown.
+RAY_PRINTS_EVERY_LINE = {"RAY_DEDUP_LOGS": "0"}
 # What a Flower app needs at run time: the two apps, the library they share, the configs.
 APP_PACKAGES = ("common", "server_app", "client_app", "conf")
 # A regular (non-editable) install ships the project's pyproject.toml here, for flower_app_dir.
@@ -448,7 +452,12 @@ def flower_environment(base: Mapping[str, str]) -> dict[str, str]:
     # Installing the app's dependencies per run (Flower's default) would re-download torch.
     # Flower reports usage to flower.ai and asks it for updates by default; a run on hospital
     # data contacts no one (the user may set them back).
-    settings = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **QUIET, **RAY_KEEPS_GPUS}
+    settings = {
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        **QUIET,
+        **RAY_KEEPS_GPUS,
+        **RAY_PRINTS_EVERY_LINE,
+    }
     return {**settings, **base}
 
 

@@ -261,15 +261,21 @@ def test_flower_contacts_no_one_unless_the_user_turned_it_back_on(monkeypatch):
     assert seen[-1]["FLWR_TELEMETRY_ENABLED"] == "1"
 
 
-def test_clientapps_keep_the_machines_gpus_unless_the_user_set_ray_otherwise(monkeypatch):
-    # Ray blanks CUDA_VISIBLE_DEVICES in a ClientApp given no GPU share unless this is "0".
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",  # else a ClientApp with no GPU share sees no GPU
+        "RAY_DEDUP_LOGS",  # else "dataset1" and "dataset2" lines are printed as one
+    ],
+)
+def test_ray_settings_for_clientapps_hold_unless_the_user_set_them(monkeypatch, variable):
     seen = []
     monkeypatch.setattr(
         "server_app.launch.run_and_check", lambda command, env: (seen.append(env), (0, ""))[1]
     )
-    monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
+    monkeypatch.delenv(variable, raising=False)
     simulate(compose_config([]), [])
-    assert seen[-1]["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "0"
-    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+    assert seen[-1][variable] == "0"
+    monkeypatch.setenv(variable, "1")
     simulate(compose_config([]), [])
-    assert seen[-1]["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "1"
+    assert seen[-1][variable] == "1"
