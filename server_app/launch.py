@@ -72,6 +72,8 @@ RAY_KEEPS_GPUS = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 # dropped, and later at most "[repeated 3x across cluster]": the round lines of "dataset1" and
 # "dataset2" (or hospital_01..10) are such lines, so most of a hospital's were never shown.
 RAY_PRINTS_EVERY_LINE = {"RAY_DEDUP_LOGS": "0"}
+# A container's CPU quota (docker --cpus), as "<quota> <period>" microseconds or "max <period>".
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # What a Flower app needs at run time: the two apps, the library they share, the configs.
 APP_PACKAGES = ("common", "server_app", "client_app", "conf")
 # A regular (non-editable) install ships the project's pyproject.toml here, for flower_app_dir.
@@ -124,11 +126,11 @@ def absolute_path_overrides(cfg: DictConfig, cwd: Path) -> list[str]:
     return pinned
 
 
-def usable_cores() -> int:
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     """Cores this process may run on: its CPU affinity, capped by a cgroup v2 quota (``--cpus``)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
         if quota != "max":
             return max(1, min(cores or 1, int(quota) // int(period)))
     except (OSError, ValueError):

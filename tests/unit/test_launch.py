@@ -1,6 +1,7 @@
 """server_app/launch (w3s-simulate): relative paths pinned, one SuperNode per hospital."""
 
 import contextlib
+import os
 import socket
 
 import pytest
@@ -13,6 +14,7 @@ from server_app.launch import (
     check_training_config,
     flwr_command,
     simulate,
+    usable_cores,
 )
 
 
@@ -50,6 +52,18 @@ def test_auto_client_cpus_share_the_usable_cores_among_the_hospitals(monkeypatch
     assert "client-resources-num-cpus=1.5 " in resources(["federation.client_cpus=1.5"])
     monkeypatch.setattr("server_app.launch.usable_cores", lambda: 2)
     assert "client-resources-num-cpus=1 " in resources([])
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cap"),
+    [("max 100000\n", None), ("150000 100000\n", 1), ("50000 100000\n", 1), ("", None)],
+)
+def test_usable_cores_are_capped_by_a_containers_quota(tmp_path, cpu_max, cap):
+    affinity = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    expected = affinity if cap is None else min(affinity, cap)
+    assert usable_cores(tmp_path / "cpu.max") == expected
+    assert usable_cores(tmp_path / "absent") == affinity  # no cgroup v2 file: affinity only
 
 
 @pytest.mark.parametrize(
