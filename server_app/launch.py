@@ -195,6 +195,13 @@ def flwr_command(app_dir: Path, cfg: DictConfig, run_config_file: Path) -> list[
 
 
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+# Flower's simulation prints these on every run, whatever num-supernodes it was given. The
+# federation here is sized from the data config, so its hint to resize it does not apply.
+FLOWER_SIZE_HINTS = (
+    "default simulated SuperNodes changed",
+    "To change federation size",
+    "flwr federation simulation-config",
+)
 
 
 def run_status(flwr: str, run_id: str, env: dict[str, str], wait_s: float = 30.0) -> str:
@@ -220,7 +227,8 @@ def run_status(flwr: str, run_id: str, env: dict[str, str], wait_s: float = 30.0
 def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Stream a ``flwr run --stream`` command, then exit non-zero unless the run completed.
 
-    ``flwr run`` itself exits 0 when the ServerApp fails (a run with too few good replies,
+    Flower's hints to resize the federation are left out of what is shown, not of the output
+    returned. ``flwr run`` itself exits 0 when the ServerApp fails (a run with too few good replies,
     say), so the run's final status is asked of the SuperLink. Returns (exit code, output).
     """
     lines = []
@@ -229,8 +237,9 @@ def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
-            sys.stdout.write(line)
             lines.append(line)
+            if not any(hint in line for hint in FLOWER_SIZE_HINTS):
+                sys.stdout.write(line)
     started = next((m.group(1) for m in map(RUN_STARTED.search, lines) if m), None)
     if process.returncode != 0 or started is None:
         return process.returncode or 1, "".join(lines)

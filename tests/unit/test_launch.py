@@ -3,6 +3,7 @@
 import contextlib
 import os
 import socket
+import sys
 
 import pytest
 
@@ -13,6 +14,7 @@ from server_app.launch import (
     absolute_path_overrides,
     check_training_config,
     flwr_command,
+    run_and_check,
     simulate,
     usable_cores,
 )
@@ -293,3 +295,21 @@ def test_ray_settings_for_clientapps_hold_unless_the_user_set_them(monkeypatch, 
     monkeypatch.setenv(variable, "1")
     simulate(compose_config([]), [])
     assert seen[-1][variable] == "1"
+
+
+def test_flowers_hint_to_resize_the_federation_is_not_shown(capsys):
+    # The launcher sizes the federation from the data config; Flower prints the hint regardless.
+    printed = [
+        "WARNING :   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",
+        "INFO :      Federation `@none/default` (3 simulated SuperNodes)",
+        "INFO :      To change federation size, use the following command:",
+        "INFO :      \tflwr federation simulation-config @none/default <superlink> ...",
+    ]
+    script = "; ".join(f"print({line!r})" for line in printed)
+    code, output = run_and_check([sys.executable, "-c", script], dict(os.environ))
+    shown = capsys.readouterr().out
+    assert code == 1  # no run started
+    assert "(3 simulated SuperNodes)" in shown
+    assert "changed from 10 to 2" not in shown and "federation size" not in shown
+    assert "simulation-config" not in shown
+    assert output.count("\n") == 4  # the returned output keeps every line
