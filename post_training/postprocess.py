@@ -8,6 +8,8 @@ same evaluation code as the weakly supervised stages. Outputs stay under ``outpu
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +341,19 @@ def foreground_head_settings(cfg: DictConfig) -> list[str]:
     return needs
 
 
+def split_overrides(spec: SplitSpec, keys: Sequence[str]) -> str:
+    """``spec``'s ``keys`` as the overrides that set them (``data.split.folds=5``)."""
+
+    def written(value: object) -> str:
+        if value is None:
+            return "null"
+        if isinstance(value, tuple):
+            return "[" + ",".join(map(written, value)) + "]"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return " ".join(f"data.split.{key}={written(getattr(spec, key))}" for key in keys)
+
+
 def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path, hospital: str) -> None:
     """Refuse a split other than the training run's: its test images could be training images.
 
@@ -354,9 +369,13 @@ def check_same_split(payload: dict, data_cfg: DictConfig, checkpoint: Path, hosp
     trained = SplitSpec.of(run.data)
     used = check_split(data_cfg)
     if trained != used:
+        keys = [
+            f.name for f in fields(SplitSpec) if getattr(trained, f.name) != getattr(used, f.name)
+        ]
         raise JobError(
-            f"checkpoint={checkpoint} was trained with data.split {trained}, this job has "
-            f"{used}: its test images could be training images; use the training run's split"
+            f"checkpoint={checkpoint} was trained with {split_overrides(trained, keys)}, this "
+            f"job has {split_overrides(used, keys)}: its test images could be training images; "
+            "pass the training run's values"
         )
     recorded = list((payload.get("splits") or {}).get(hospital) or [])
     if not recorded:

@@ -6,6 +6,7 @@ Post-training refuses a hospital whose images no longer fall into the splits the
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,29 @@ def trained_on(data, splits):
 def test_the_images_the_model_trained_on_pass(hospital):
     _, data = hospital
     check_same_split(trained_on(data, {"h": [split_digest(data, "h")]}), data, CHECKPOINT, "h")
+
+
+@pytest.mark.parametrize(
+    ("split", "said"),
+    [
+        (
+            {"folds": 5, "fold": 2},
+            "with data.split.folds=null data.split.fold=0, this job has "
+            "data.split.folds=5 data.split.fold=2",
+        ),
+        (
+            {"fractions": [0.7, 0.15, 0.15]},
+            "with data.split.fractions=[0.6,0.2,0.2], this job "
+            "has data.split.fractions=[0.7,0.15,0.15]",
+        ),
+    ],
+)
+def test_another_split_is_refused_naming_the_settings_to_pass(hospital, split, said):
+    _, data = hospital
+    payload = trained_on(data, {"h": [split_digest(data, "h")]})
+    other = OmegaConf.merge(data, {"split": split})
+    with pytest.raises(JobError, match=re.escape(f"{CHECKPOINT} was trained {said}:")):
+        check_same_split(payload, other, CHECKPOINT, "h")
 
 
 def test_an_image_removed_since_training_is_refused_naming_the_hospital(hospital, tmp_path):
