@@ -150,10 +150,10 @@ def client_cpus(cfg: DictConfig) -> float | int:
     if value == "auto":
         return max(1, usable_cores() // max(1, len(hospital_names(cfg.data))))
     try:
-        number_at_least(cfg, "federation.client_cpus", 0)
+        cpus = number_at_least(cfg, "federation.client_cpus", 0)
     except JobError:
         raise JobError(f"federation.client_cpus={value}: expected a number >= 0 or auto") from None
-    return value
+    return int(cpus) if cpus.is_integer() else cpus
 
 
 def check_client_resources(cfg: DictConfig) -> None:

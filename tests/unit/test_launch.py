@@ -52,6 +52,7 @@ def test_auto_client_cpus_share_the_usable_cores_among_the_hospitals(monkeypatch
     assert "client-resources-num-cpus=5 " in resources([])  # 3 hospitals
     assert "client-resources-num-cpus=8 " in resources(["data=wbc_zxaoyou"])
     assert "client-resources-num-cpus=1.5 " in resources(["federation.client_cpus=1.5"])
+    assert "client-resources-num-cpus=2 " in resources(["federation.client_cpus='2'"])
     monkeypatch.setattr("server_app.launch.usable_cores", lambda: 2)
     assert "client-resources-num-cpus=1 " in resources([])
 
@@ -251,6 +252,8 @@ def test_a_clientapp_share_larger_than_the_machine_is_refused_before_flower_star
     with pytest.raises(JobError, match=r"client_gpus=0.5: this machine has 0 CUDA device"):
         check_training_config(compose_config(["federation.client_gpus=0.5"]))
     check_training_config(compose_config(["federation.client_cpus=2"]))
+    with pytest.raises(JobError, match=r"client_cpus=3: this machine"):  # a quoted number too
+        check_training_config(compose_config(["federation.client_cpus='3'"]))
     # The deployed ServerApp's machine runs no ClientApp.
     check_training_config(compose_config(["federation.client_cpus=4"]), hospitals_here=False)
 
