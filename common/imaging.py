@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from PIL.TiffImagePlugin import BITSPERSAMPLE, PLANAR_CONFIGURATION
 from scipy import ndimage
 from torchvision.transforms.v2 import functional as tvf
 
@@ -70,9 +71,8 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 # Pillow's raw modes of 16-bit samples.
 WIDE_SAMPLES = (";16B", ";16L", ";16N")
-# A TIFF's BitsPerSample tag, and its PlanarConfiguration tag's value for one plane per colour.
-BITS_PER_SAMPLE = 258
-PLANAR_CONFIGURATION, SEPARATE_PLANES = 284, 2
+# A TIFF's PlanarConfiguration tag's value for one plane per colour.
+SEPARATE_PLANES = 2
 # A TIFF page's NewSubfileType tag, and its bit for a reduced-resolution copy of another page.
 NEW_SUBFILE_TYPE = 254
 REDUCED_RESOLUTION = 1
@@ -164,7 +164,7 @@ def tiff_bits_per_sample(image: Image.Image) -> int:
     """The widest sample a TIFF declares (its BitsPerSample tag); 8 for any other file."""
     if image.format != "TIFF":
         return 8
-    declared = image.tag_v2.get(BITS_PER_SAMPLE, 8)
+    declared = image.tag_v2.get(BITSPERSAMPLE, 8)
     return int(max(declared) if isinstance(declared, tuple) else declared)
 
 
