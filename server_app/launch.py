@@ -156,17 +156,22 @@ def client_cpus(cfg: DictConfig) -> float | int:
     return int(cpus) if cpus.is_integer() else cpus
 
 
-def check_client_resources(cfg: DictConfig) -> None:
-    """Refuse a ClientApp share larger than this machine: Ray would start no ClientApp at all.
+def check_client_resources(cfg: DictConfig, *, here: bool = True) -> None:
+    """Refuse ClientApp shares that are no number, and, ``here``, one larger than this machine.
 
-    Flower ends such a run with three tracebacks, after the SuperLink and the ServerApp started.
+    With a share larger than the machine Ray starts no ClientApp at all, and Flower ends the
+    run with three tracebacks, after the SuperLink and the ServerApp started. ``here=False``
+    (the deployed ServerApp's machine, which runs no ClientApp) checks the values only.
     """
-    if (cpus := client_cpus(cfg)) > (cores := usable_cores()):
+    cpus = client_cpus(cfg)
+    gpus = number_at_least(cfg, "federation.client_gpus", 0)
+    if not here:
+        return
+    if cpus > (cores := usable_cores()):
         raise JobError(
             f"federation.client_cpus={cpus}: this machine lets the run use {cores} cores "
             "(auto shares them among the hospitals)"
         )
-    gpus = number_at_least(cfg, "federation.client_gpus", 0)
     if gpus > (count := torch.cuda.device_count()):
         raise JobError(
             f"federation.client_gpus={cfg.federation.client_gpus}: this machine has {count} "
@@ -264,8 +269,7 @@ def check_training_config(cfg: DictConfig, *, hospitals_here: bool = True) -> No
         read_deit_state(Path(str(pretrained)))
     number_setting(cfg, "seed", whole=True)
     check_device(cfg, here=hospitals_here)
-    if hospitals_here:
-        check_client_resources(cfg)
+    check_client_resources(cfg, here=hospitals_here)
     if not isinstance(cfg.resume, bool):
         raise JobError(f"resume={cfg.resume}: expected true or false")
     if cfg.resume and not cfg.output_dir:
@@ -363,8 +367,6 @@ def check_training_numbers(cfg: DictConfig) -> None:
     number_at_least(cfg, "model.img_size", 1, whole=True)
     if not number_setting(cfg, "federation.round_timeout_s") > 0:
         raise JobError(f"federation.round_timeout_s={cfg.federation.round_timeout_s}: expected > 0")
-    client_cpus(cfg)
-    number_at_least(cfg, "federation.client_gpus", 0)
     if cfg.strategy.name == "fedtrimmedavg" and not 0 <= number_setting(cfg, "strategy.beta") < 0.5:
         raise JobError(f"strategy.beta={cfg.strategy.beta}: expected a share in [0, 0.5)")
 
