@@ -10,6 +10,7 @@ hospital on raw input (``model.per_hospital``). A second run exercises ``pretrai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,10 @@ def test_masked_pretraining_phase_keeps_its_decoder_at_each_hospital(flwr_home, 
 
     pretrain_then_mct_rows(run_dir)
     assert "pretraining: masked, 2 rounds" in log and "pretrain round 2: loss" in log
+    # Each hospital's round line names where it trained, and on a CPU with how many threads.
+    for hospital in ("hospital_a", "hospital_b", "hospital_c"):
+        line = rf"hospital {hospital} pretrain round 2: loss \S+ on \d+ images in \S+s on "
+        assert re.search(line + r"(cpu \(threads: \d+\)|cuda)", log), hospital
     # The MCT rounds start from the pretrained backbone, not from the seeded initialisation.
     checkpoints = run_dir / "checkpoints"
     start, pretrained = (
