@@ -48,7 +48,9 @@ def leave_one_out_accuracy(
     everyone = torch.arange(len(labels))
     for held_out in range(len(labels)):
         others = everyone != held_out
-        probe = linear_probe(features[others], labels[others], num_classes, standardise=standardise)
+        probe = linear_probe(
+            features[others], labels[others], num_classes, standardise=standardise, steps=steps
+        )
         right += int(probe(features[held_out : held_out + 1]).argmax(1).item() == labels[held_out])
     return round(right / len(labels), 3)
 
@@ -65,8 +67,8 @@ def all_images(data_cfg: Any, hospital: str, size: int) -> SplitTensors | None:
     )
 
 
-def ceiling_row(data: SplitTensors, num_classes: int) -> dict[str, float]:
-    """Leave-one-out accuracy of the morphology and colour-histogram probes, and the majority's."""
+def ceiling_row(data: SplitTensors, num_classes: int) -> dict[str, int | float]:
+    """Leave-one-out accuracy of the morphology and histogram probes; the majority's share."""
     morphology = morphology_features(data.images, data.masks)
     histogram = pixel_features(data.images)["histogram"]
     commonest = torch.bincount(data.labels, minlength=num_classes).max()
