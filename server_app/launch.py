@@ -207,6 +207,9 @@ FLOWER_SIZE_HINTS = (
     "To change federation size",
     "flwr federation simulation-config",
 )
+# Flower colours its level names and Ray a ClientApp's "(ClientAppActor pid=...)" prefix
+# whether or not they reach a terminal: a run's output saved to a file held escape codes.
+COLOUR_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def run_status(flwr: str, run_id: str, env: dict[str, str], wait_s: float = 30.0) -> str:
@@ -232,11 +235,13 @@ def run_status(flwr: str, run_id: str, env: dict[str, str], wait_s: float = 30.0
 def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Stream a ``flwr run --stream`` command, then exit non-zero unless the run completed.
 
-    Flower's hints to resize the federation are left out of what is shown, not of the output
-    returned. ``flwr run`` itself exits 0 when the ServerApp fails (a run with too few good replies,
-    say), so the run's final status is asked of the SuperLink. Returns (exit code, output).
+    Flower's hints to resize the federation are left out of what is shown, and so are colour
+    codes where it goes to no terminal; the output returned keeps both. ``flwr run`` itself
+    exits 0 when the ServerApp fails (a run with too few good replies, say), so the run's
+    final status is asked of the SuperLink. Returns (exit code, output).
     """
     lines = []
+    plain = not sys.stdout.isatty()
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as process:
@@ -244,7 +249,7 @@ def run_and_check(command: list[str], env: dict[str, str]) -> tuple[int, str]:
         for line in process.stdout:
             lines.append(line)
             if not any(hint in line for hint in FLOWER_SIZE_HINTS):
-                sys.stdout.write(line)
+                sys.stdout.write(COLOUR_CODE.sub("", line) if plain else line)
     started = next((m.group(1) for m in map(RUN_STARTED.search, lines) if m), None)
     if process.returncode != 0 or started is None:
         return process.returncode or 1, "".join(lines)

@@ -300,6 +300,23 @@ def test_ray_settings_for_clientapps_hold_unless_the_user_set_them(monkeypatch, 
     assert seen[-1][variable] == "1"
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_colour_codes_are_shown_only_on_a_terminal(capsys, monkeypatch, terminal):
+    printed = [
+        "\x1b[92mINFO \x1b[0m:      Starting Flower Simulation",
+        "\x1b[36m(ClientAppActor pid=7)\x1b[0m x",
+    ]
+    script = "; ".join(f"print({line!r})" for line in printed)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+    _, output = run_and_check([sys.executable, "-c", script], dict(os.environ))
+    shown = capsys.readouterr().out
+    assert output == "".join(f"{line}\n" for line in printed)  # the returned output keeps them
+    if terminal:
+        assert shown == output
+    else:
+        assert shown == "INFO :      Starting Flower Simulation\n(ClientAppActor pid=7) x\n"
+
+
 def test_flowers_hint_to_resize_the_federation_is_not_shown(capsys):
     # The launcher sizes the federation from the data config; Flower prints the hint regardless.
     printed = [
