@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from common.augment import normalise
-from common.checkpoint import load_model
+from common.checkpoint import load_model, run_config
 from common.config import compose_config
 from common.data import SplitTensors, hospital_names, split_tensors
 from common.imaging import connected_components
 from common.levers import pooled
 from common.localization import oriented_foreground
 from common.model import MCTFormerV2
+from common.training import shifted, site_label_shift
 
 POOLS = ("all", "cell", "background")
 PROBED = (*POOLS, "pixels", "histogram")
@@ -103,16 +104,22 @@ def morphology_features(images: torch.Tensor, masks: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def read_split(
-    model: MCTFormerV2, data: SplitTensors, batch_size: int = 64
+    model: MCTFormerV2,
+    data: SplitTensors,
+    batch_size: int = 64,
+    shift: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Features (B, D) per probed kind and both heads' predicted classes (B,) of one split.
+
+    ``shift`` is the hospital's label shift (``common.training.site_label_shift``), added to
+    both heads' logits as the hospital's validation does.
 
     The morphology features are there only for a split with masks.
 
     The cell side is oriented over the whole split at once, as one batch of maps would be.
     """
     model.eval()
-    outputs = [model(normalise(chunk)) for chunk in data.images.split(batch_size)]
+    outputs = [shifted(model(normalise(chunk)), shift) for chunk in data.images.split(batch_size)]
     if any(o.foreground is None or o.patch_features is None for o in outputs):
         raise ValueError("the probe needs a model with a foreground head")
     features = torch.cat([o.patch_features for o in outputs])
@@ -178,13 +185,16 @@ def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def probe_hospital(
-    model: MCTFormerV2, train: SplitTensors, evaluated: dict[str, SplitTensors]
+    model: MCTFormerV2,
+    train: SplitTensors,
+    evaluated: dict[str, SplitTensors],
+    shift: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Accuracies per evaluated split: majority class, both heads and the five probes.
 
-    With masks in every split, the morphology probe too.
+    With masks in every split, the morphology probe too. ``shift``: as :func:`read_split`.
     """
-    fitted = read_split(model, train)
+    fitted = read_split(model, train, shift=shift)
     probes = {p: linear_probe(fitted[p], train.labels, model.num_classes) for p in PROBED}
     if all(data.masks is not None for data in (train, *evaluated.values())):
         probes[MORPHOLOGY] = linear_probe(
@@ -193,7 +203,7 @@ def probe_hospital(
     majority = torch.bincount(train.labels, minlength=model.num_classes).argmax()
     row: dict[str, float] = {}
     for split, data in evaluated.items():
-        read = read_split(model, data)
+        read = read_split(model, data, shift=shift)
         row[f"majority_{split}"] = accuracy(majority.expand_as(data.labels), data.labels)
         row[f"tokens_{split}"] = accuracy(read["tokens"], data.labels)
         row[f"cam_{split}"] = accuracy(read["cam"], data.labels)
@@ -259,11 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, sites = {}, {}
     checkpoint = args.run if args.run.is_file() else args.run / "final_model.pt"
     for hospital in hospital_names(cfg.data):
-        model, _ = load_model(checkpoint, classes, "foreground", hospital)
+        model, payload = load_model(checkpoint, classes, "foreground", hospital)
         read = {s: split_tensors(cfg.data, hospital, s, model.img_size) for s in splits}
         train, evaluated = read.pop("train"), read
+        trained = run_config(payload, checkpoint)
+        shift = site_label_shift(trained, hospital, train.labels, model.num_classes)
         rows[hospital] = {"run": str(args.run), "hospital": hospital}
-        rows[hospital].update(probe_hospital(model, train, evaluated))
+        rows[hospital].update(probe_hospital(model, train, evaluated, shift))
         sites[hospital] = {"train": train, **evaluated}
     if all(d.masks is not None for splits in sites.values() for d in splits.values()):
         for hospital, scores in pooled_morphology_probe(sites, len(classes)).items():

@@ -34,13 +34,20 @@ from common.data import (
     empty_split_detail,
     federated_hospitals,
     hospital_names,
+    hospital_split,
     split_digest,
     split_tensors,
 )
 from common.logs import metrics_text, setup_logging
 from common.model import MCTFormerV2, create_mct_model
 from common.pretrain import pretrain_round
-from common.training import TrainResult, evaluate_local, resolve_device, train_round
+from common.training import (
+    TrainResult,
+    evaluate_local,
+    resolve_device,
+    site_label_shift,
+    train_round,
+)
 
 log = logging.getLogger(__name__)
 # Node-state key of this hospital's private pretraining head (an instance head has one output
@@ -277,8 +284,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this hospital's validation split."""
     cfg, index, name, model = _setup(msg, context)
     data = _tensors(cfg, name, "val", cfg.model.img_size)
+    labels = hospital_split(cfg.data, name, "train").labels
+    shift = site_label_shift(cfg, name, labels, model.num_classes)
     with torch.inference_mode():
-        metrics = evaluate_local(model, data, cfg.localization, device=resolve_device(cfg.device))
+        metrics = evaluate_local(
+            model, data, cfg.localization, device=resolve_device(cfg.device), shift=shift
+        )
     log.info("hospital %s evaluate: %s", name, metrics_text(metrics))
     reply = MetricRecord({**metrics, WEIGHT_KEY: len(data.labels), "hospital-index": index})
     return Message(content=RecordDict({"metrics": reply}), reply_to=msg)

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from common.localization import (
     oriented_foreground,
 )
 from common.metrics import average_precision, binary_miou_sweep
-from common.model import MCTFormerV2, mct_loss
+from common.model import MCTFormerV2, MCTOutput, mct_loss
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,57 @@ class TrainResult:
 Objective = Callable[[MCTFormerV2, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def mct_objective(levers: Mapping[str, Any]) -> Objective:
+def label_shift(labels: torch.Tensor, num_classes: int, strength: float) -> torch.Tensor | None:
+    """``strength`` x each class's log-odds among ``labels`` (add-one smoothed); None at 0.
+
+    Hospitals see different mixes of cell types, and FedAvg's logits learn the mix of the sites
+    with most images: a small site's cells get the large site's commonest class. Each hospital
+    trains on its logits plus this shift (logit adjustment; Menon et al., ICLR 2021; FedLC,
+    Zhang et al., ICML 2022), so the shared logits hold what the image shows, not how common
+    its class is where it was trained; a hospital's scores add its own shift back
+    (:func:`site_label_shift`). Log-odds, not log-priors: each logit is a sigmoid's.
+    """
+    if strength == 0:
+        return None
+    counts = torch.bincount(labels.long().cpu(), minlength=num_classes).double() + 1.0
+    prior = counts / counts.sum()
+    return (strength * torch.log(prior / (1.0 - prior))).float()
+
+
+def site_label_shift(
+    cfg: Any | None, hospital: str, labels: torch.Tensor | np.ndarray, num_classes: int
+) -> torch.Tensor | None:
+    """:func:`label_shift` of ``hospital``'s training ``labels`` at its ``logit_adjustment``.
+
+    ``cfg`` is the config the model was trained with; None (a model file without one) or a
+    strength of 0 gives no shift.
+    """
+    if cfg is None:
+        return None
+    strength = float(hospital_train_config(cfg, hospital).get("logit_adjustment", 0.0))
+    return label_shift(torch.as_tensor(labels), num_classes, strength)
+
+
+def shifted(output: MCTOutput, shift: torch.Tensor | None) -> MCTOutput:
+    """``output`` with ``shift`` (C,) added to both classifiers' logits; itself for None."""
+    if shift is None:
+        return output
+    shift = shift.to(output.class_logits.device)
+    return replace(
+        output,
+        class_logits=output.class_logits + shift,
+        patch_logits=output.patch_logits + shift,
+    )
+
+
+def mct_objective(levers: Mapping[str, Any], shift: torch.Tensor | None = None) -> Objective:
     """The MCT loss of the weak labels plus the foreground levers that ``levers`` switches on.
 
     With ``levers['copy_paste']`` > 0 a first pass without gradients reads the cells from the
     model's own foreground head, and the step trains on the batch with cells moved between
     images (:func:`common.levers.paste_cells`). That pass runs in eval mode: with dropout and
     stochastic depth on, the cells would be those of one random subnetwork, not the model's.
+    ``shift`` moves the class logits of the MCT loss only (:func:`label_shift`).
     """
     share = float(levers["copy_paste"])
 
@@ -126,7 +170,7 @@ def mct_objective(levers: Mapping[str, Any]) -> Objective:
             cell = oriented_foreground(torch.sigmoid(foreground.float()))
             images, targets = paste_cells(images, targets, cell, share)
         output = model(images)
-        loss = mct_loss(output, targets)
+        loss = mct_loss(shifted(output, shift), targets)
         extra = foreground_loss(output, targets, model.head, levers["foreground"])
         return loss if extra is None else loss + extra
 
@@ -181,7 +225,9 @@ def train_local(
         raise ValueError("the training split is empty")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    objective = objective or mct_objective(cfg["levers"])
+    if objective is None:
+        shift = label_shift(data.labels, model.num_classes, float(cfg.get("logit_adjustment", 0)))
+        objective = mct_objective(cfg["levers"], shift)
     transform = build_train_transform(cfg["augment"], model.img_size)
     batches = BatchBuilder(
         data, num_targets or model.num_classes, transform, cfg["levers"], generator
@@ -322,6 +368,7 @@ def evaluate_local(
     *,
     device: torch.device,
     batch_size: int = 32,
+    shift: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Validation loss, accuracy and mAP; where masks exist, cell-vs-background mIoU of the maps.
 
@@ -330,6 +377,7 @@ def evaluate_local(
     scratch on the real data it was the better one (docs/localization.md).
     The maps use each image's own label (as the post-training job does), and the foreground
     threshold is the best of ``localization['thresholds']`` on this split; both are reported.
+    ``shift`` is the hospital's own :func:`site_label_shift`, for a model trained with one.
     """
     model.to(device).eval()
     n = len(data.labels)
@@ -346,7 +394,7 @@ def evaluate_local(
     for start, images in zip(range(0, n, batch_size), batches(), strict=True):
         labels = data.labels[start : start + batch_size].to(device)
         targets = one_hot(labels, model.num_classes)
-        output = model(images, return_attention=data.masks is not None)
+        output = shifted(model(images, return_attention=data.masks is not None), shift)
         losses.append(mct_loss(output, targets).item() * len(labels))
         # Logits, not sigmoids: both metrics read only the ranking, and float32 sigmoids of
         # logits past ~17 are all 1.0, a tie that argmax broke towards class 0.

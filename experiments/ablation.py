@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.checkpoint import load_model
+from common.checkpoint import load_model, run_config
 from common.cli import Command, compose_checked
 from common.config import CONF_DIR, compose_config
-from common.data import split_tensors
+from common.data import hospital_split, split_tensors
 from common.errors import JobError
 from common.files import write_text_atomically
-from common.training import evaluate_local, resolve_device
+from common.training import evaluate_local, resolve_device, site_label_shift
 from post_training.postprocess import SITE_KEYS, check_postprocess_config, run_postprocess
 from post_training.stages import BASELINES, MAPS, PSEUDO_MASKS, SEGMENTER
 
@@ -59,14 +59,17 @@ def slug(title: str) -> str:
 def classification_accuracy(cfg: Any) -> dict[str, float]:
     """Top-1 accuracy of the checkpoint's classifier on the hospital's val and test splits."""
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
-    model, _ = load_model(checkpoint, list(cfg.data.classes), hospital=str(cfg.hospital))
+    hospital = str(cfg.hospital)
+    model, payload = load_model(checkpoint, list(cfg.data.classes), hospital=hospital)
     device = resolve_device(str(cfg.device))
+    labels = hospital_split(cfg.data, hospital, "train").labels
+    shift = site_label_shift(run_config(payload, checkpoint), hospital, labels, model.num_classes)
     scores = {}
     for split in ("val", "test"):
-        data = split_tensors(cfg.data, str(cfg.hospital), split, model.img_size)
+        data = split_tensors(cfg.data, hospital, split, model.img_size)
         with torch.inference_mode():
             metrics = evaluate_local(
-                model, data, {"last_k_layers": 1, "thresholds": [0.5]}, device=device
+                model, data, {"last_k_layers": 1, "thresholds": [0.5]}, device=device, shift=shift
             )
         scores[split] = metrics["val-accuracy"]
     return scores

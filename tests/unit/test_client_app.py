@@ -1,5 +1,6 @@
 """client_app/app: site_private keeps file paths and patient ids out of the server's error."""
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -7,6 +8,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client_app.app import HospitalDataError, SiteFailure, evaluate, site_private
 from common.arrays import pack, to_array_record
 from common.config import compose_config, parse_overrides
+from common.data import hospital_split
 from common.model import create_mct_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -86,6 +88,18 @@ def test_a_global_model_with_nan_weights_is_refused_not_evaluated(caplog):
     with pytest.raises(SiteFailure, match="evaluate failed with ValueError"):
         evaluate(message, context)
     assert "the global model received: 1 not finite (NaN or infinite values)" in caplog.text
+
+
+def test_a_hospital_scores_with_the_label_shift_of_its_own_training_labels():
+    # A patch-CAM head that favours no class: the shift alone names the site's commonest class.
+    zero = {"head.weight": torch.zeros(5, 96, 3, 3), "head.bias": torch.zeros(5)}
+    overrides = "model.img_size=32 train.logit_adjustment=1"
+    message, context = _evaluate_message(overrides, 2, weights=zero)
+    metrics = evaluate(message, context).content["metrics"]
+    cfg = compose_config(parse_overrides(overrides))
+    commonest = int(np.bincount(hospital_split(cfg.data, "hospital_b", "train").labels).argmax())
+    val = hospital_split(cfg.data, "hospital_b", "val").labels
+    assert metrics["val-cam-accuracy"] == pytest.approx(float(np.mean(val == commonest)))
 
 
 def test_a_supernode_whose_node_config_names_no_hospital_is_told_how_to_start(caplog):

@@ -9,8 +9,17 @@ from omegaconf import OmegaConf
 from common.augment import build_train_transform, rand_augment, train_cache_size
 from common.config import compose_config
 from common.data import SplitTensors, split_tensors
-from common.model import create_mct_model
-from common.training import evaluate_local, learning_rate, train_local, train_round
+from common.model import create_mct_model, mct_loss
+from common.training import (
+    evaluate_local,
+    label_shift,
+    learning_rate,
+    mct_objective,
+    shifted,
+    site_label_shift,
+    train_local,
+    train_round,
+)
 
 SMALL = [f"data.hospitals.hospital_{h}.num_images=40" for h in "abc"]
 
@@ -211,3 +220,50 @@ def test_accuracy_and_precision_read_the_logits_past_where_float32_sigmoids_satu
     )
     assert metrics["val-accuracy"] == pytest.approx(expected)
     assert expected > 0.5  # the probe is only worth it where the logits pick class 4
+
+
+def test_the_label_shift_is_each_classes_smoothed_log_odds_at_the_site():
+    shift = label_shift(torch.tensor([0, 0, 0, 1]), 3, 0.5)
+    prior = torch.tensor([4.0, 2.0, 1.0]) / 7  # counts plus one
+    assert torch.allclose(shift, 0.5 * torch.log(prior / (1 - prior)))
+    assert label_shift(torch.tensor([0, 1]), 3, 0.0) is None
+
+
+def test_each_hospital_shifts_by_its_own_labels_at_its_own_strength():
+    cfg = compose_config(
+        ["train.logit_adjustment=1", "+train.per_hospital.hospital_a.logit_adjustment=0"]
+    )
+    labels = torch.tensor([2, 2, 1])
+    assert site_label_shift(cfg, "hospital_a", labels, 5) is None
+    assert torch.equal(site_label_shift(cfg, "hospital_b", labels, 5), label_shift(labels, 5, 1.0))
+    assert site_label_shift(None, "hospital_b", labels, 5) is None  # a file without its config
+
+
+def test_the_adjusted_objective_trains_both_classifiers_on_the_shifted_logits():
+    cfg = compose_config(SMALL)
+    torch.manual_seed(0)
+    model = create_mct_model(cfg.model, num_classes=5).eval()
+    images = torch.rand(4, 3, cfg.model.img_size, cfg.model.img_size)
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 5).float()
+    shift = label_shift(torch.tensor([0, 0, 0, 1, 3]), 5, 1.0)
+    with torch.no_grad():
+        output = model(images)
+        adjusted = mct_objective(cfg.train.levers, shift)(model, images, targets)
+        plain = mct_objective(cfg.train.levers)(model, images, targets)
+    # The foreground levers' terms are the same in both: only the MCT loss reads the shift.
+    moved = mct_loss(shifted(output, shift), targets) - mct_loss(output, targets)
+    assert float(adjusted - plain) == pytest.approx(float(moved), abs=1e-5)
+    assert abs(float(moved)) > 0.01
+
+
+def test_a_site_scores_with_its_own_label_shift_added_back():
+    cfg = compose_config(SMALL)
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    val = split_tensors(cfg.data, "hospital_a", "val", cfg.model.img_size)
+    with torch.no_grad():  # the patch-CAM head now favours no class
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    rare = int(torch.bincount(val.labels, minlength=5).argmin())
+    shift = label_shift(torch.full((9,), rare), 5, 1.0)  # a site whose cells are all "rare"
+    metrics = evaluate_local(model, val, cfg.localization, device=torch.device("cpu"), shift=shift)
+    assert metrics["val-cam-accuracy"] == pytest.approx(float((val.labels == rare).float().mean()))
