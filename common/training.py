@@ -124,10 +124,10 @@ def site_label_shift(
 ) -> torch.Tensor | None:
     """:func:`label_shift` of ``hospital``'s training ``labels`` at its ``logit_adjustment``.
 
-    ``cfg`` is the config the model was trained with; None (a model file without one) or a
-    strength of 0 gives no shift.
+    ``cfg`` is the config the model was trained with; None or one without training settings
+    (a model file of an early version) or a strength of 0 gives no shift.
     """
-    if cfg is None:
+    if cfg is None or cfg.get("train") is None:
         return None
     strength = float(hospital_train_config(cfg, hospital).get("logit_adjustment", 0.0))
     return label_shift(torch.as_tensor(labels), num_classes, strength)

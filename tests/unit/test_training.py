@@ -237,6 +237,7 @@ def test_each_hospital_shifts_by_its_own_labels_at_its_own_strength():
     assert site_label_shift(cfg, "hospital_a", labels, 5) is None
     assert torch.equal(site_label_shift(cfg, "hospital_b", labels, 5), label_shift(labels, 5, 1.0))
     assert site_label_shift(None, "hospital_b", labels, 5) is None  # a file without its config
+    assert site_label_shift(OmegaConf.create({"seed": 0}), "hospital_b", labels, 5) is None
 
 
 def test_the_adjusted_objective_trains_both_classifiers_on_the_shifted_logits():
