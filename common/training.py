@@ -105,12 +105,14 @@ Objective = Callable[[MCTFormerV2, torch.Tensor, torch.Tensor], torch.Tensor]
 def label_shift(labels: torch.Tensor, num_classes: int, strength: float) -> torch.Tensor | None:
     """``strength`` x each class's log-odds among ``labels`` (add-one smoothed); None at 0.
 
-    Hospitals see different mixes of cell types, and FedAvg's logits learn the mix of the sites
-    with most images: a small site's cells get the large site's commonest class. Each hospital
-    trains on its logits plus this shift (logit adjustment; Menon et al., ICLR 2021; FedLC,
-    Zhang et al., ICML 2022), so the shared logits hold what the image shows, not how common
-    its class is where it was trained; a hospital's scores add its own shift back
-    (:func:`site_label_shift`). Log-odds, not log-priors: each logit is a sigmoid's.
+    The lever is for hospitals that see different mixes of cell types, where FedAvg's logits can
+    learn the mix of the sites with most images and give a small site's cells the large site's
+    commonest class. Each hospital trains on its logits plus this shift (logit adjustment; Menon
+    et al., ICLR 2021; FedLC, Zhang et al., ICML 2022), so the shared logits hold what the image
+    shows, not how common its class is where it was trained; a hospital's scores add its own
+    shift back (:func:`site_label_shift`). Log-odds, not log-priors: each logit is a sigmoid's.
+    Off by default: on the real data the class mix is not what fails at Dataset 2
+    (docs/experiments.md).
     """
     if strength == 0:
         return None

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from common.network import LOCAL_SUPERLINK_PORTS, free_port, free_ports
@@ -68,27 +67,6 @@ def run(
     return subprocess.run(
         command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False
     )
-
-
-def kill_when(
-    condition: Callable[[], bool], command: list[str], env: dict[str, str], cwd: Path
-) -> None:
-    """Start ``command``; once ``condition()`` holds, kill it and every process of its FLWR_HOME.
-
-    What the command wrote stays as a crash at that moment would leave it.
-    """
-    process = subprocess.Popen(
-        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while not condition():
-            assert process.poll() is None, f"{command[0]} ended before it was to be killed"
-            assert time.monotonic() < deadline, "the condition to kill was not met in 600 s"
-            time.sleep(0.2)
-    finally:
-        stop_processes(env["FLWR_HOME"])
-        process.wait(timeout=30)
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:

@@ -22,7 +22,6 @@ from server_app.launch import run_and_check
 from support.flower_processes import (
     BIN,
     flower_env,
-    kill_when,
     metrics_rows,
     pids_mentioning,
     run,
@@ -235,33 +234,64 @@ def simulate_in_home(arguments: list[str], home: Path, cwd: Path) -> str:
     return log
 
 
-def killed_resumed_and_compared(
-    tmp_path: Path, overrides: list[str], kill: Callable[[Path], bool]
+def stopped_resumed_and_compared(
+    tmp_path: Path, overrides: list[str], stop: signal.Signals, when: Callable[[Path], bool]
 ) -> tuple[Path, str]:
-    """Run ``overrides`` whole; run them again, killed once ``kill(run_dir)`` holds, then resumed.
+    """Run ``overrides`` whole; again, sent ``stop`` once ``when(run_dir)`` holds, then resumed.
 
-    Checks that the resumed run finished with the uninterrupted run's final model; returns its
-    run directory and output.
+    A scheduler's time limit or `docker stop` sends SIGTERM to w3s-simulate alone: the
+    SuperLink, the simulation and its Ray workers are in sessions of their own. SIGKILL (the
+    out-of-memory killer, `docker kill`, a crash) leaves it no clean-up: its guard process does
+    it. Either way nothing of the run may go on, and the resumed run must end where the
+    uninterrupted one does. Returns the resumed run's directory and output.
     """
     simulate_in_home(
         [*overrides, f"output_dir={tmp_path / 'whole'}"], tmp_path / "home_whole", tmp_path
     )
-    resumed_dir = tmp_path / "resumed"
-    killed_home = tmp_path / "home_killed"
-    killed_home.mkdir()
-    kill_when(
-        lambda: kill(resumed_dir),
-        [str(BIN / "w3s-simulate"), *overrides, f"output_dir={resumed_dir}"],
-        one_thread_env(killed_home),
-        tmp_path,
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    process = subprocess.Popen(
+        [str(BIN / "w3s-simulate"), *overrides, f"output_dir={run_dir}"],
+        env=one_thread_env(home),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    assert not (resumed_dir / "final_model.pt").exists()
+    try:
+        deadline = time.monotonic() + 600
+        while not when(run_dir):
+            assert process.poll() is None, process.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "the moment to stop did not come in 600 s"
+            time.sleep(0.2)
+        process.send_signal(stop)
+        # Its output closes when the last process sharing it, the guard included, has ended.
+        output = process.communicate(timeout=60)[0]
+        if stop == signal.SIGTERM:
+            assert process.returncode == 130, output[-4000:]
+            assert "stopped (SIGTERM)" in output
+        else:
+            assert process.returncode == -signal.SIGKILL, output[-4000:]
+            assert "its guard stopped the run's" in output, output[-4000:]
+        assert "resume=true" in output, output[-4000:]
+        # Nothing of the run goes on: no process, no round after the stop, no staging files.
+        left = pids_mentioning(str(home))
+        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
+        rounds = [(r["phase"], r["round"]) for r in metrics_rows(run_dir)]
+        time.sleep(5)
+        assert [(r["phase"], r["round"]) for r in metrics_rows(run_dir)] == rounds
+        assert not (run_dir / "final_model.pt").exists()
+        staged = re.search(r"--run-config (\S+)", output)
+        assert staged and not Path(staged.group(1)).exists(), "its staging files stayed"
+    finally:
+        stop_processes(str(home))
+        process.kill()
     log = simulate_in_home(
-        [*overrides, f"output_dir={resumed_dir}", "resume=true"], tmp_path / "home_again", tmp_path
+        [*overrides, f"output_dir={run_dir}", "resume=true"], tmp_path / "home_again", tmp_path
     )
     assert "resuming from" in log, "\n".join(x for x in log.splitlines() if "server_app" in x)
-    assert_same_final_model(tmp_path / "whole", resumed_dir)
-    return resumed_dir, log
+    assert_same_final_model(tmp_path / "whole", run_dir)
+    return run_dir, log
 
 
 def assert_same_final_model(whole_dir: Path, resumed_dir: Path) -> None:
@@ -291,7 +321,9 @@ def test_a_run_killed_in_its_pretraining_resumes_there_and_matches_an_uninterrup
         metrics = run_dir / "metrics.jsonl"
         return metrics.is_file() and metrics.read_text().endswith("\n")
 
-    resumed_dir, log = killed_resumed_and_compared(tmp_path, overrides, between_pretraining_rounds)
+    resumed_dir, log = stopped_resumed_and_compared(
+        tmp_path, overrides, signal.SIGKILL, between_pretraining_rounds
+    )
     assert "(pretrain round 1)" in log or "(pretrain round 2)" in log
     # The kept rounds are not trained again; each hospital's private decoder comes off its disk.
     assert "pretrain round 1: loss" not in log
@@ -302,67 +334,10 @@ def test_a_run_killed_in_its_pretraining_resumes_there_and_matches_an_uninterrup
     assert not list(site.rglob("*.pt"))
 
 
-STOPPED_RUN = [*TINY, "federation.rounds=3"]
+def test_a_stopped_w3s_simulate_stops_its_whole_flower_run_and_resumes_to_the_same_model(tmp_path):
+    def after_round_1(run_dir: Path) -> bool:
+        return (run_dir / "checkpoints" / "round_001.pt").exists()
 
-
-@pytest.fixture(scope="module")
-def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``STOPPED_RUN`` trained whole: what both stopped-and-resumed runs must end with."""
-    cwd = tmp_path_factory.mktemp("uninterrupted")
-    simulate_in_home([*STOPPED_RUN, f"output_dir={cwd / 'whole'}"], cwd / "home", cwd)
-    return cwd / "whole"
-
-
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_stopped_w3s_simulate_stops_its_whole_flower_run_and_resumes_to_the_same_model(
-    tmp_path, stop, uninterrupted_run
-):
-    # A scheduler's time limit or `docker stop` sends SIGTERM to w3s-simulate alone: the
-    # SuperLink, the simulation and its Ray workers are in sessions of their own. SIGKILL (the
-    # out-of-memory killer, `docker kill`, a crash) leaves it no clean-up: its guard process
-    # does it. Either way the resumed run must end where an uninterrupted one does.
-    home, run_dir = tmp_path / "home", tmp_path / "run"
-    home.mkdir()
-    overrides = STOPPED_RUN
-    process = subprocess.Popen(
-        [str(BIN / "w3s-simulate"), *overrides, f"output_dir={run_dir}"],
-        env=one_thread_env(home),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while not (run_dir / "checkpoints" / "round_001.pt").exists():
-            assert process.poll() is None, process.communicate()[0][-4000:]
-            assert time.monotonic() < deadline, "no round 1 checkpoint in 600 s"
-            time.sleep(0.2)
-        process.send_signal(stop)
-        # Its output closes when the last process sharing it, the guard included, has ended.
-        output = process.communicate(timeout=60)[0]
-        if stop == signal.SIGTERM:
-            assert process.returncode == 130, output[-4000:]
-            assert "stopped (SIGTERM)" in output
-        else:
-            assert process.returncode == -signal.SIGKILL, output[-4000:]
-            assert "its guard stopped the run's" in output, output[-4000:]
-        assert "resume=true" in output, output[-4000:]
-        # Nothing of the run goes on: no process, no round after the stop, no staging files.
-        left = pids_mentioning(str(home))
-        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]
-        rounds = [r["round"] for r in metrics_rows(run_dir)]
-        time.sleep(5)
-        assert [r["round"] for r in metrics_rows(run_dir)] == rounds
-        assert not (run_dir / "final_model.pt").exists()
-        staged = re.search(r"--run-config (\S+)", output)
-        assert staged and not Path(staged.group(1)).exists(), "its staging files stayed"
-    finally:
-        stop_processes(str(home))
-        process.kill()
-    log = simulate_in_home(
-        [*overrides, f"output_dir={run_dir}", "resume=true"], tmp_path / "home_again", tmp_path
-    )
-    assert "resuming from" in log
+    overrides = [*TINY, "federation.rounds=3"]
+    run_dir, _ = stopped_resumed_and_compared(tmp_path, overrides, signal.SIGTERM, after_round_1)
     assert [r["round"] for r in metrics_rows(run_dir)] == [1, 2, 3]
-    assert_same_final_model(uninterrupted_run, run_dir)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from common.checkpoint import save_model
 from common.config import compose_config
+from common.data import hospital_split
 from common.errors import JobError
+from common.model import create_mct_model
 from experiments import ablation
 from experiments.ablation import _stage_scores, ablation_table, load_variants, slug
 
@@ -119,3 +123,17 @@ def test_two_variants_of_one_output_folder_are_refused_before_any_runs(tmp_path,
     with pytest.raises(JobError, match="would share the output folder threshold_0_3"):
         ablation.variant_configs(variants, overrides, tmp_path)
     assert ran == []
+
+
+def test_the_classifier_is_scored_with_the_label_shift_it_was_trained_with(tmp_path) -> None:
+    # At this strength the site's shift outweighs an untrained model's logits: the class
+    # tokens name hospital_a's commonest training class for every cell.
+    data = [f"data.hospitals.hospital_{h}.num_images=40" for h in "abc"]
+    cfg = compose_config([*data, "train.logit_adjustment=100"])
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    checkpoint = save_model(model.state_dict(), cfg, 1, tmp_path / "final_model.pt")
+    job = compose_config([*data, f"checkpoint={checkpoint}", "hospital=hospital_a"], "postprocess")
+    labels = {s: hospital_split(cfg.data, "hospital_a", s).labels for s in ("train", "val", "test")}
+    common = int(np.bincount(labels["train"]).argmax())
+    expected = {s: float(np.mean(np.asarray(labels[s]) == common)) for s in ("val", "test")}
+    assert ablation.classification_accuracy(job) == pytest.approx(expected)

@@ -146,3 +146,22 @@ def test_a_model_file_is_probed_as_a_run_folder_is(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(row["run"], row["hospital"]) for row in rows] == [(str(fine_tuned), "hospital_a")]
     assert 0.0 <= rows[0]["cam_val"] <= 1.0
+
+
+def test_both_heads_are_read_with_the_label_shift_the_model_was_trained_with(tmp_path, capsys):
+    # At this strength the site's shift outweighs an untrained model's logits: both heads
+    # name its commonest training class for every cell.
+    overrides = [
+        "data.hospitals.hospital_a.num_images=40",
+        "~data.hospitals.hospital_b",
+        "~data.hospitals.hospital_c",
+    ]
+    cfg = compose_config([*overrides, "train.logit_adjustment=100"])
+    model = create_mct_model(cfg.model, num_classes=len(cfg.data.classes))
+    adjusted = save_model(model.state_dict(), cfg, 1, tmp_path / "final_model.pt")
+    assert main([str(adjusted), "--", *overrides]) == 0
+    row = json.loads(capsys.readouterr().out)
+    common = int(torch.bincount(split_tensors(cfg.data, "hospital_a", "train", 16).labels).argmax())
+    val = split_tensors(cfg.data, "hospital_a", "val", 16).labels
+    share = float((val == common).float().mean())
+    assert row["cam_val"] == row["tokens_val"] == pytest.approx(share, abs=1e-3)

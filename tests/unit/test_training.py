@@ -268,3 +268,20 @@ def test_a_site_scores_with_its_own_label_shift_added_back():
     shift = label_shift(torch.full((9,), rare), 5, 1.0)  # a site whose cells are all "rare"
     metrics = evaluate_local(model, val, cfg.localization, device=torch.device("cpu"), shift=shift)
     assert metrics["val-cam-accuracy"] == pytest.approx(float((val.labels == rare).float().mean()))
+
+
+def test_local_training_reads_the_sites_logit_adjustment():
+    cfg = compose_config([*SMALL, "train.local_epochs=1"])
+    train = split_tensors(cfg.data, "hospital_a", "train", train_cache_size(cfg.model.img_size))
+
+    def trained_head(strength: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = create_mct_model(cfg.model, num_classes=5)
+        settings = OmegaConf.merge(cfg.train, {"logit_adjustment": strength})
+        kwargs = {"start_epoch": 0, "total_epochs": 1, "device": torch.device("cpu"), "seed": 0}
+        train_local(model, train, settings, **kwargs)
+        return model.head.weight.detach().clone()
+
+    plain = trained_head(0.0)
+    assert torch.equal(trained_head(0.0), plain)  # the step is deterministic, so a change is
+    assert not torch.allclose(trained_head(1.0), plain)  # the shift's
