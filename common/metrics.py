@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -180,12 +180,16 @@ class SegmentationScores:
         Per-label IoU of the class-aware matrix (NaN: skipped absent label).
     absent
         The absent-class policy used for the class-aware mean.
+    cell_type_accuracy
+        Share of the images whose commonest predicted cell label is their own
+        (:func:`cell_type_accuracy`); None where the predictions were given the image's label.
     """
 
     class_aware_miou: float
     binary_miou: float
     class_iou: tuple[float, ...]
     absent: AbsentPolicy
+    cell_type_accuracy: float | None = None
 
     @classmethod
     def from_confusion(cls, matrix: np.ndarray, absent: AbsentPolicy) -> SegmentationScores:
@@ -199,12 +203,37 @@ class SegmentationScores:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (NaN becomes None, which JSON can hold)."""
-        return {
+        scores = {
             "class_aware_miou": _finite_or_none(self.class_aware_miou),
             "binary_miou": _finite_or_none(self.binary_miou),
             "class_iou": [_finite_or_none(v) for v in self.class_iou],
             "absent": self.absent,
         }
+        if self.cell_type_accuracy is not None:
+            scores["cell_type_accuracy"] = _finite_or_none(self.cell_type_accuracy)
+        return scores
+
+
+def cell_type_accuracy(predictions: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> float:
+    """Share of the images whose commonest predicted cell label is the true cell's label.
+
+    A single-cell image has one type, and the class-aware mIoU cannot say how many images a
+    segmenter names rightly: it weighs pixels, so one large cell of the wrong type costs more
+    than two small ones. An image with no predicted cell pixel names no type and counts as
+    wrong; one whose truth holds no cell is left out (NaN when no image has one).
+    """
+    right = counted = 0
+    for pred, true in zip(predictions, truths, strict=True):
+        true = np.asarray(true)
+        cell = true[(true > 0) & (true != IGNORE_INDEX)]
+        if cell.size == 0:
+            continue
+        pred = np.asarray(pred)
+        named = np.bincount(pred[(pred > 0) & (pred != IGNORE_INDEX)].ravel())
+        counted += 1
+        if named.any() and int(named.argmax()) == int(np.bincount(cell).argmax()):
+            right += 1
+    return right / counted if counted else float("nan")
 
 
 def score_label_maps(
@@ -212,6 +241,7 @@ def score_label_maps(
     truths: Sequence[np.ndarray],
     num_labels: int,
     absent: AbsentPolicy = "skip",
+    cell_types: bool = False,
 ) -> SegmentationScores:
     """Score predicted label maps against truth over a whole split (one summed matrix).
 
@@ -223,18 +253,24 @@ def score_label_maps(
         Background + C.
     absent
         Absent-class policy of the class-aware mean.
+    cell_types
+        Also score :func:`cell_type_accuracy`: for predictions that name the cell type
+        themselves, not those given the image's label.
 
     Returns
     -------
     SegmentationScores
-        Class-aware and binary mIoU.
+        Class-aware and binary mIoU (and the cell-type accuracy).
     """
     if len(predictions) != len(truths):
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} truths")
     matrix = np.zeros((num_labels, num_labels), dtype=np.int64)
     for pred, true in zip(predictions, truths, strict=True):
         matrix += confusion_matrix(pred, true, num_labels)
-    return SegmentationScores.from_confusion(matrix, absent)
+    scores = SegmentationScores.from_confusion(matrix, absent)
+    if not cell_types:
+        return scores
+    return replace(scores, cell_type_accuracy=cell_type_accuracy(predictions, truths))
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -173,13 +173,23 @@ class Evaluation:
         """Whether the hospital has ground-truth masks (else nothing is scored)."""
         return self.splits["val"].truth is not None
 
-    def score(self, labels: Mapping[str, Sequence[np.ndarray]]) -> dict[str, SegmentationScores]:
-        """Class-aware and binary mIoU of label maps on every evaluated split."""
+    def score(
+        self, labels: Mapping[str, Sequence[np.ndarray]], cell_types: bool = False
+    ) -> dict[str, SegmentationScores]:
+        """Class-aware and binary mIoU of label maps on every evaluated split.
+
+        ``cell_types``: the maps name each cell's type themselves (the segmenter's), so their
+        cell-type accuracy is scored too; the other stages copy the image's label.
+        """
         if not self.has_truth:
             return {}
         return {
             split: score_label_maps(
-                labels[split], self.splits[split].truth or [], self.num_labels, self.absent
+                labels[split],
+                self.splits[split].truth or [],
+                self.num_labels,
+                self.absent,
+                cell_types=cell_types,
             )
             for split in EVALUATED
         }
@@ -504,7 +514,7 @@ def segmenter_stage(
         SEGMENTER,
         f"segmenter ({seg_cfg['arch']})",
         choice,
-        evaluation.score(labels),
+        evaluation.score(labels, cell_types=True),
         time.perf_counter() - started,
         parts=profile.seconds,
     )

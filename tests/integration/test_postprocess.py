@@ -153,6 +153,10 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
         for split in ("val", "test"):
             assert 0 <= stage[split]["binary_miou"] <= 1
             assert 0 <= stage[split]["class_aware_miou"] <= 1
+            # Only the segmenter names the cell types; the other stages copy the image's label.
+            named = stage[split].get("cell_type_accuracy")
+            assert (named is not None) == (stage["key"] == "segmenter"), stage["key"]
+            assert named is None or 0 <= named <= 1
     seeds = metrics["stages"][0]
     assert seeds["choice"]["background"] in (0.2, 0.4, 0.6)
     # the site fine-tuned the global model and kept whichever made the better validation maps

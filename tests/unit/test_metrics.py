@@ -11,6 +11,7 @@ from common.metrics import (
     average_precision,
     binary_confusion,
     binary_miou_sweep,
+    cell_type_accuracy,
     class_aware_truth,
     class_aware_truths,
     class_iou,
@@ -89,6 +90,30 @@ def test_scores_are_dataset_level_not_mean_of_images():
     # summed: bg TP 4, truth-bg 4, pred-bg 5 -> 4/5; cell TP 7, truth 8, pred 7 -> 7/8
     assert scores.class_aware_miou == pytest.approx((4 / 5 + 7 / 8) / 2)
     assert scores.to_dict()["class_iou"] == pytest.approx([4 / 5, 7 / 8])
+
+
+def test_an_image_names_the_type_of_most_of_its_predicted_cell_pixels():
+    truths = [np.array([0, 2, 2, 2]), np.array([0, 3, 3, 255]), np.array([0, 1, 1, 1])]
+    preds = [
+        np.array([1, 2, 2, 2]),  # mostly the right type: right, though not every pixel is
+        np.array([0, 2, 2, 3]),  # mostly another type: wrong
+        np.array([0, 0, 0, 0]),  # no cell found: names no type, wrong
+    ]
+    assert cell_type_accuracy(preds, truths) == pytest.approx(1 / 3)
+    # An image whose truth holds no cell has no type to name and is left out.
+    assert cell_type_accuracy([*preds, np.array([0, 1])], [*truths, np.array([0, 0])]) == (
+        pytest.approx(1 / 3)
+    )
+    assert math.isnan(cell_type_accuracy([np.array([1])], [np.array([0])]))
+
+
+def test_only_predictions_that_name_the_type_themselves_report_a_cell_type_accuracy():
+    truths, preds = [np.array([0, 1, 1, 1])], [np.array([0, 1, 1, 2])]
+    assert "cell_type_accuracy" not in score_label_maps(preds, truths, 3).to_dict()
+    named = score_label_maps(preds, truths, 3, cell_types=True)
+    assert named.to_dict()["cell_type_accuracy"] == 1.0
+    # Pixels weigh the class-aware mIoU; the image's type is still right.
+    assert named.class_aware_miou < 1.0
 
 
 def test_to_dict_turns_nan_into_none():
