@@ -271,7 +271,8 @@ def test_a_site_scores_with_its_own_label_shift_added_back():
 
 
 def test_local_training_reads_the_sites_logit_adjustment():
-    cfg = compose_config([*SMALL, "train.local_epochs=1"])
+    # Past the warm-up, so that an epoch moves the weights by about the learning rate.
+    cfg = compose_config([*SMALL, "train.local_epochs=1", "train.lr=1e-3", "train.warmup_epochs=0"])
     train = split_tensors(cfg.data, "hospital_a", "train", train_cache_size(cfg.model.img_size))
 
     def trained_head(strength: float) -> torch.Tensor:
@@ -284,4 +285,4 @@ def test_local_training_reads_the_sites_logit_adjustment():
 
     plain = trained_head(0.0)
     assert torch.equal(trained_head(0.0), plain)  # the step is deterministic, so a change is
-    assert not torch.allclose(trained_head(1.0), plain)  # the shift's
+    assert not torch.allclose(trained_head(1.0), plain, rtol=0, atol=1e-4)  # the shift's
