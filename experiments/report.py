@@ -332,18 +332,22 @@ def post_training_variants(runs_dir: Path, postprocess: dict[str, list[str]]) ->
     return max((chains.count(chain) for chain in chains), default=1)
 
 
-def matrix_table(ds: Dataset, stage: str, with_baselines: bool) -> str:
-    """Markdown matrix: one row per regime row, ``class-aware / binary`` mIoU per test split."""
+def matrix_table(
+    ds: Dataset, stage: str, with_baselines: bool, metrics: Sequence[str] = METRICS
+) -> str:
+    """Markdown matrix: one row per regime row, the ``metrics`` joined by ``/`` per test split.
+
+    A row with no score is left out, and ``runs`` counts the scores the means stand on: runs
+    made before a stage recorded a metric have none of it.
+    """
     head = "| trained as \\ test split | " + " | ".join(ds.hospitals) + " | runs |"
     lines = [head, "|---" * (len(ds.hospitals) + 2) + "|"]
     for row in ds.rows():
-        cells = [
-            " / ".join(fmt_percent(ds.values(row, h, stage, m)) for m in METRICS)
-            for h in ds.hospitals
-        ]
-        if all(c == "- / -" for c in cells):
+        scored = [[ds.values(row, h, stage, m) for m in metrics] for h in ds.hospitals]
+        runs = max(mean_sd(values)[2] for by_metric in scored for values in by_metric)
+        if runs == 0:
             continue
-        runs = max(len(ds.values(row, h, stage, "binary")) for h in ds.hospitals)
+        cells = [" / ".join(map(fmt_percent, by_metric)) for by_metric in scored]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {runs} |")
     if with_baselines:
         for key, title in BASELINE_TITLES.items():
@@ -353,6 +357,22 @@ def matrix_table(ds: Dataset, stage: str, with_baselines: bool) -> str:
             ]
             lines.append(f"| baseline: {title} (no training) | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
+
+
+def cell_type_parts(ds: Dataset) -> list[str]:
+    """The segmenter's cell-type matrix, when any run recorded it (older runs did not).
+
+    Only the segmenter names each cell's type itself; the other stages and the baselines are
+    given each image's label, so they have no row of their own here.
+    """
+    table = matrix_table(ds, SEGMENTER, with_baselines=False, metrics=("cell_type",))
+    if len(table.splitlines()) == 2:
+        return []
+    return [
+        "### Cell types: segmenter (share of the test cells whose type most of its cell pixels "
+        "name rightly, %, mean ± SD)",
+        table,
+    ]
 
 
 def _mean(ds: Dataset, row: str, column: str, metric: str, stage: str = SEGMENTER) -> float:
@@ -915,6 +935,7 @@ def dataset_section(ds: Dataset, figures: Path, output: Path, stem: str, staging
         "### Matrix: segmenter (class-aware / binary mIoU on each test split, %, mean ± SD)",
         matrix_table(ds, SEGMENTER, with_baselines=True),
         f"![segmenter matrix]({rel / matrix_png.name})",
+        *cell_type_parts(ds),
         "### Matrix: pseudo-masks (class-aware / binary mIoU, %, mean ± SD)",
         matrix_table(ds, PSEUDO_MASKS, with_baselines=False),
     ]

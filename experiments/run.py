@@ -169,7 +169,8 @@ def row_folder(row: str) -> str:
 def cell_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """Test-split class-aware and binary mIoU of every stage of a post-training report, by key.
 
-    Keys, not titles, so that rows stay comparable when the job's default methods change.
+    Keys, not titles, so that rows stay comparable when the job's default methods change. The
+    stage that names each cell's type itself (the segmenter) also brings that accuracy.
     """
     cells = {}
     for stage in metrics["stages"]:
@@ -179,6 +180,8 @@ def cell_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
                 "class_aware": test["class_aware_miou"],
                 "binary": test["binary_miou"],
             }
+            if "cell_type_accuracy" in test:
+                cells[stage["key"]]["cell_type"] = test["cell_type_accuracy"]
     return cells
 
 

@@ -76,12 +76,14 @@ def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> tuple
 
 
 def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path) -> dict:
-    """Test-split mIoU of a segmenter at ``hospital``; label maps saved for the overlay grid.
+    """Test-split scores of a segmenter at ``hospital``; label maps saved for the overlay grid.
 
     Returns
     -------
     dict
-        ``{"segmenter": {"class_aware": x, "binary": y}}``, the cell format of the matrix.
+        ``{"segmenter": {"class_aware": x, "binary": y, "cell_type": z}}``, the cell format of
+        the matrix; ``z`` is the share of the cells whose type it names rightly, what the
+        weak pipeline's segmenter could name with true masks.
     """
     test = hospital_split(cfg.data, hospital, "test")
     predicted = predict(
@@ -95,6 +97,16 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
     for stem, labels in zip(sample_stems(test.sample_ids), predicted, strict=True):
         save_label_png(out / "predictions" / "test" / f"{stem}.png", labels)
     scores = score_label_maps(
-        predicted, true_labels(test), len(cfg.data.classes) + 1, cfg.evaluation.absent
+        predicted,
+        true_labels(test),
+        len(cfg.data.classes) + 1,
+        cfg.evaluation.absent,
+        cell_types=True,
     )
-    return {SEGMENTER: {"class_aware": scores.class_aware_miou, "binary": scores.binary_miou}}
+    return {
+        SEGMENTER: {
+            "class_aware": scores.class_aware_miou,
+            "binary": scores.binary_miou,
+            "cell_type": scores.cell_type_accuracy,
+        }
+    }

@@ -52,6 +52,8 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
     fed = json.loads((runs / "fedavg_fp16" / "seed_0" / "results.json").read_text())
     assert fed["hospitals"] == ["hospital_a", "hospital_b"]
     assert set(fed["rows"][0]["cells"]["hospital_b"]) >= {"segmenter", "pseudo_masks"}
+    assert 0 <= fed["rows"][0]["cells"]["hospital_b"]["segmenter"]["cell_type"] <= 1
+    assert "cell_type" not in fed["rows"][0]["cells"]["hospital_b"]["pseudo_masks"]
     rows = [
         json.loads(line)
         for line in (runs / "fedavg_fp16" / "seed_0" / fed["metrics_jsonl"])
@@ -104,6 +106,10 @@ def test_experiments_and_report_end_to_end(flwr_home, tmp_path):
         "| fedavg_fp16 | hospital_a |",
     ):
         assert expected in text
+    cell_types = text.split("### Cell types: segmenter")[1].split("###")[0]
+    for row in ("| local_only (hospital_a) |", "| fedavg_fp16 |", "| supervised (hospital_b) |"):
+        assert row in cell_types
+    assert "baseline" not in cell_types
     for kind in ("matrix", "convergence", "overlays"):
         png = figures / f"synthetic_{kind}.png"
         assert f"]({os.path.relpath(png, tmp_path)})" in text

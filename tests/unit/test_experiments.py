@@ -26,6 +26,7 @@ from experiments import run as runner
 from experiments.regimes import initial_model, train_rounds
 from experiments.report import (
     Dataset,
+    cell_type_parts,
     communication_table,
     convergence_figure,
     fmt_percent,
@@ -237,6 +238,22 @@ def test_matrix_table_and_verdicts_from_seed_results():
     ) in lines
 
 
+def test_the_cell_type_matrix_counts_only_the_runs_that_recorded_it():
+    results = [
+        _result("fedavg", "fedavg", seed, {"fedavg": {"a": (0.4, 0.6), "b": (0.5, 0.7)}})
+        for seed in (0, 1, 2)
+    ]
+    ds = Dataset(Path("."), OmegaConf.create({"name": "toy"}), ["a", "b"], [], results)
+    assert cell_type_parts(ds) == []  # runs made before the segmenter recorded cell types
+    for seed, accuracy in ((1, 0.6), (2, 0.8)):
+        results[seed]["rows"][0]["cells"]["a"]["segmenter"]["cell_type"] = accuracy
+    title, table = cell_type_parts(ds)
+    assert title.startswith("### Cell types: segmenter")
+    assert table.splitlines()[2] == "| fedavg | 70.0 ± 14.1 | - | 2 |"
+    mious = matrix_table(ds, "segmenter", with_baselines=False).splitlines()
+    assert mious[2] == "| fedavg | 40.0 ± 0.0 / 60.0 ± 0.0 | 50.0 ± 0.0 / 70.0 ± 0.0 | 3 |"
+
+
 def test_a_baseline_counts_once_per_test_split_whatever_the_seeds_and_labels_that_scored_it():
     results = []
     for fold, disk in ((0, 0.6), (1, 0.8)):
@@ -255,12 +272,20 @@ def test_cell_scores_and_names():
             {
                 "key": "segmenter",
                 "title": "segmenter (lraspp)",
-                "test": {"class_aware_miou": 0.3, "binary_miou": 0.6},
+                "test": {"class_aware_miou": 0.3, "binary_miou": 0.6, "cell_type_accuracy": 0.8},
             },
             {"key": "maps", "title": "maps (seeds)", "val": {}},
+            {
+                "key": "disk",
+                "title": "centred disk",
+                "test": {"class_aware_miou": 0.2, "binary_miou": 0.5},
+            },
         ]
     }
-    assert cell_scores(metrics) == {"segmenter": {"class_aware": 0.3, "binary": 0.6}}
+    assert cell_scores(metrics) == {
+        "segmenter": {"class_aware": 0.3, "binary": 0.6, "cell_type": 0.8},
+        "disk": {"class_aware": 0.2, "binary": 0.5},
+    }
     assert row_folder("local_only (hospital_a)") == "local_only_hospital_a"
     assert override_key("+data.root=/x=y") == "data.root"
 
