@@ -180,16 +180,23 @@ class SegmentationScores:
         Per-label IoU of the class-aware matrix (NaN: skipped absent label).
     absent
         The absent-class policy used for the class-aware mean.
-    cell_type_accuracy
-        Share of the images whose commonest predicted cell label is their own
-        (:func:`cell_type_accuracy`); None where the predictions were given the image's label.
+    cell_types
+        Images by true and named cell type (:func:`cell_type_confusion`); None where the
+        predictions were given the image's label, so they name no type of their own.
     """
 
     class_aware_miou: float
     binary_miou: float
     class_iou: tuple[float, ...]
     absent: AbsentPolicy
-    cell_type_accuracy: float | None = None
+    cell_types: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def cell_type_accuracy(self) -> float | None:
+        """Share of the images whose type is named rightly; None without :attr:`cell_types`."""
+        if self.cell_types is None:
+            return None
+        return cell_type_accuracy(np.asarray(self.cell_types))
 
     @classmethod
     def from_confusion(cls, matrix: np.ndarray, absent: AbsentPolicy) -> SegmentationScores:
@@ -209,20 +216,25 @@ class SegmentationScores:
             "class_iou": [_finite_or_none(v) for v in self.class_iou],
             "absent": self.absent,
         }
-        if self.cell_type_accuracy is not None:
+        if self.cell_types is not None:
             scores["cell_type_accuracy"] = _finite_or_none(self.cell_type_accuracy)
+            scores["cell_type_confusion"] = [list(row) for row in self.cell_types]
         return scores
 
 
-def cell_type_accuracy(predictions: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> float:
-    """Share of the images whose commonest predicted cell label is the true cell's label.
+def cell_type_confusion(
+    predictions: Sequence[np.ndarray], truths: Sequence[np.ndarray], num_labels: int
+) -> np.ndarray:
+    """How many images of each true cell type were named as each type, by most cell pixels.
 
     A single-cell image has one type, and the class-aware mIoU cannot say how many images a
-    segmenter names rightly: it weighs pixels, so one large cell of the wrong type costs more
-    than two small ones. An image with no predicted cell pixel names no type and counts as
-    wrong; one whose truth holds no cell is left out (NaN when no image has one).
+    segmenter names rightly, nor which types it mistakes for which: it weighs pixels, so one
+    large cell of the wrong type costs more than two small ones. Rows are the true cell labels
+    1 .. ``num_labels`` - 1; column 0 counts the images with no predicted cell pixel (no type
+    named), column k the images named label k. An image whose truth holds no cell has no type
+    and is left out.
     """
-    right = counted = 0
+    matrix = np.zeros((num_labels - 1, num_labels), dtype=np.int64)
     for pred, true in zip(predictions, truths, strict=True):
         true = np.asarray(true)
         cell = true[(true > 0) & (true != IGNORE_INDEX)]
@@ -230,10 +242,14 @@ def cell_type_accuracy(predictions: Sequence[np.ndarray], truths: Sequence[np.nd
             continue
         pred = np.asarray(pred)
         named = np.bincount(pred[(pred > 0) & (pred != IGNORE_INDEX)].ravel())
-        counted += 1
-        if named.any() and int(named.argmax()) == int(np.bincount(cell).argmax()):
-            right += 1
-    return right / counted if counted else float("nan")
+        matrix[int(np.bincount(cell).argmax()) - 1, int(named.argmax()) if named.any() else 0] += 1
+    return matrix
+
+
+def cell_type_accuracy(confusion: np.ndarray) -> float:
+    """Share of the images of a :func:`cell_type_confusion` named rightly (NaN when none)."""
+    counted = int(confusion.sum())
+    return float(np.trace(confusion[:, 1:])) / counted if counted else float("nan")
 
 
 def score_label_maps(
@@ -254,13 +270,13 @@ def score_label_maps(
     absent
         Absent-class policy of the class-aware mean.
     cell_types
-        Also score :func:`cell_type_accuracy`: for predictions that name the cell type
+        Also count :func:`cell_type_confusion`: for predictions that name the cell type
         themselves, not those given the image's label.
 
     Returns
     -------
     SegmentationScores
-        Class-aware and binary mIoU (and the cell-type accuracy).
+        Class-aware and binary mIoU (and the cell types named).
     """
     if len(predictions) != len(truths):
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} truths")
@@ -270,7 +286,8 @@ def score_label_maps(
     scores = SegmentationScores.from_confusion(matrix, absent)
     if not cell_types:
         return scores
-    return replace(scores, cell_type_accuracy=cell_type_accuracy(predictions, truths))
+    confusion = cell_type_confusion(predictions, truths, num_labels)
+    return replace(scores, cell_types=tuple(tuple(int(n) for n in row) for row in confusion))
 
 
 def _finite_or_none(value: float) -> float | None:

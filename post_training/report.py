@@ -94,22 +94,39 @@ def write_report(out: Path, summary: dict[str, Any], stages: Sequence[Stage]) ->
         f"{choices}.\n\n"
     )
     table = markdown_table(stages, tuned=scored)
-    (out / "metrics.md").write_text(header + table + "\n" + cell_types(stages), encoding="utf-8")
+    text = header + table + "\n" + cell_types(stages, summary["classes"])
+    (out / "metrics.md").write_text(text, encoding="utf-8")
     return metrics
 
 
-def cell_types(stages: Sequence[Stage]) -> str:
-    """A line per stage that names the cell types itself: the share of images it names rightly.
+def cell_types(stages: Sequence[Stage], classes: Sequence[str]) -> str:
+    """Per stage that names the cell types itself: how often it is right, and in which way not.
 
-    The other stages draw each image's cell with the image's own label.
+    The confusion is of the test images. The other stages draw each image's cell with the
+    image's own label.
     """
+    parts = []
+    for stage in stages:
+        test, val = stage.scores.get("test"), stage.scores.get("val")
+        if test is None or val is None or test.cell_types is None:
+            continue
+        parts.append(
+            f"\n{stage.title} names the cell type of {_percent(test, 'cell_type_accuracy')} % of "
+            f"the test images ({_percent(val, 'cell_type_accuracy')} % of val) by the type of "
+            "most of its cell pixels; the other stages are given each image's label. Test "
+            "images by true type (rows) and the type it names (columns):\n\n"
+            + confusion_table(test.cell_types, classes)
+            + "\n"
+        )
+    return "".join(parts)
+
+
+def confusion_table(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
+    """Markdown of a cell-type confusion; its column 0, no type named, goes last."""
     lines = [
-        f"\n{stage.title} names the cell type of {_percent(test, 'cell_type_accuracy')} % of "
-        f"the test images ({_percent(val, 'cell_type_accuracy')} % of val) by the type of most "
-        "of its cell pixels; the other stages are given each image's label.\n"
-        for stage in stages
-        if (test := stage.scores.get("test")) is not None
-        and (val := stage.scores.get("val")) is not None
-        and test.cell_type_accuracy is not None
+        "| true \\ named | " + " | ".join(classes) + " | no cell |",
+        "|---" * (len(classes) + 2) + "|",
     ]
-    return "".join(lines)
+    for name, row in zip(classes, confusion, strict=True):
+        lines.append(f"| {name} | " + " | ".join(map(str, [*row[1:], row[0]])) + " |")
+    return "\n".join(lines) + "\n"

@@ -157,6 +157,10 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
             named = stage[split].get("cell_type_accuracy")
             assert (named is not None) == (stage["key"] == "segmenter"), stage["key"]
             assert named is None or 0 <= named <= 1
+            if named is not None:  # every image of the split is counted once, by its true type
+                confusion = np.array(stage[split]["cell_type_confusion"])
+                assert confusion.shape == (5, 6) and confusion.sum() == images[split]
+                assert np.trace(confusion[:, 1:]) / images[split] == pytest.approx(named)
     seeds = metrics["stages"][0]
     assert seeds["choice"]["background"] in (0.2, 0.4, 0.6)
     # the site fine-tuned the global model and kept whichever made the better validation maps
@@ -176,8 +180,11 @@ def check_outputs(out: Path, total: int, log: str) -> dict:
         assert list(splits) == [metrics["hospital"]] and len(splits[metrics["hospital"]]) == 1
     pseudo = metrics["stages"][1]  # the shipped pseudo.tune list, chosen on validation
     assert pseudo["choice"]["cell_fraction"] in (0.15, 0.2, 0.25, 0.3)
-    table = (out / "metrics.md").read_text()
-    assert table.count("\n| ") == 1 + len(STAGES)
+    text = (out / "metrics.md").read_text()
+    stages_table, cell_types = text.split("\n\n")[2], text.split("(columns):\n\n")[1]
+    assert stages_table.count("\n| ") == len(STAGES)  # a row per stage under the header
+    assert cell_types.startswith("| true \\ named | neutrophil |")
+    assert cell_types.count("\n| ") == 5  # a row per class
     assert "metrics of" in log
     return metrics
 

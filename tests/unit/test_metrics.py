@@ -12,6 +12,7 @@ from common.metrics import (
     binary_confusion,
     binary_miou_sweep,
     cell_type_accuracy,
+    cell_type_confusion,
     class_aware_truth,
     class_aware_truths,
     class_iou,
@@ -99,12 +100,14 @@ def test_an_image_names_the_type_of_most_of_its_predicted_cell_pixels():
         np.array([0, 2, 2, 3]),  # mostly another type: wrong
         np.array([0, 0, 0, 0]),  # no cell found: names no type, wrong
     ]
-    assert cell_type_accuracy(preds, truths) == pytest.approx(1 / 3)
+    confusion = cell_type_confusion(preds, truths, num_labels=4)
+    # rows: true types 1..3; columns: no cell, then named types 1..3
+    assert confusion.tolist() == [[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]]
+    assert cell_type_accuracy(confusion) == pytest.approx(1 / 3)
     # An image whose truth holds no cell has no type to name and is left out.
-    assert cell_type_accuracy([*preds, np.array([0, 1])], [*truths, np.array([0, 0])]) == (
-        pytest.approx(1 / 3)
-    )
-    assert math.isnan(cell_type_accuracy([np.array([1])], [np.array([0])]))
+    more = cell_type_confusion([*preds, np.array([0, 1])], [*truths, np.array([0, 0])], 4)
+    assert (more == confusion).all()
+    assert math.isnan(cell_type_accuracy(cell_type_confusion([np.array([1])], [np.array([0])], 2)))
 
 
 def test_only_predictions_that_name_the_type_themselves_report_a_cell_type_accuracy():
@@ -112,6 +115,7 @@ def test_only_predictions_that_name_the_type_themselves_report_a_cell_type_accur
     assert "cell_type_accuracy" not in score_label_maps(preds, truths, 3).to_dict()
     named = score_label_maps(preds, truths, 3, cell_types=True)
     assert named.to_dict()["cell_type_accuracy"] == 1.0
+    assert named.to_dict()["cell_type_confusion"] == [[0, 1, 0], [0, 0, 0]]
     # Pixels weigh the class-aware mIoU; the image's type is still right.
     assert named.class_aware_miou < 1.0
 

@@ -48,3 +48,6 @@ def test_the_report_says_how_many_images_the_segmenter_names_rightly(tmp_path):
         in text
     )
     assert "baseline: centred disk names" not in text
+    # test: the b cell was named a; no image went without a type
+    rows = ["| true \\ named | a | b | no cell |", "|---|---|---|---|", "| a | 1 | 0 | 0 |"]
+    assert "\n".join([*rows, "| b | 1 | 0 | 0 |"]) in text
