@@ -4,8 +4,9 @@
 to a list of Hydra overrides of ``conf/postprocess.yaml`` (a training lever is a variant with
 its own ``checkpoint=``). Every other argument is an override applied to all variants. Each
 variant runs the whole post-training job into ``<output_dir>/<slug>/``; the table in
-``<output_dir>/ablation.md`` gives, per variant, the MCT's classification accuracy and the
-binary and class-aware mIoU of maps, pseudo-masks and segmenter. The winner is the variant with
+``<output_dir>/ablation.md`` gives, per variant, the MCT's classification accuracy, the
+segmenter's cell-type accuracy and the binary and class-aware mIoU of maps, pseudo-masks and
+segmenter. The winner is the variant with
 the best validation segmenter score; test numbers are reported, never used to choose.
 """
 
@@ -29,7 +30,7 @@ from common.errors import JobError
 from common.files import write_text_atomically
 from common.training import evaluate_local, resolve_device, site_label_shift
 from post_training.postprocess import SITE_KEYS, check_postprocess_config, run_postprocess
-from post_training.stages import BASELINES, MAPS, PSEUDO_MASKS, SEGMENTER
+from post_training.stages import BASELINES, MAPS, PSEUDO_MASKS, SEGMENTER, headline_scores
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,11 @@ def classification_accuracy(cfg: Any) -> dict[str, float]:
 
 
 def _stage_scores(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{stage key: {"title": title, split: {binary, class_aware}}} from a metrics.json."""
+    """{stage key: {"title": title, split: headline scores}} from a metrics.json."""
     return {
         stage["key"]: {
             "title": stage["title"],
-            **{
-                split: {k: stage[split][f"{k}_miou"] for k in ("binary", "class_aware")}
-                for split in ("val", "test")
-                if split in stage
-            },
+            **{split: headline_scores(stage[split]) for split in ("val", "test") if split in stage},
         }
         for stage in metrics["stages"]
     }
@@ -95,6 +92,15 @@ def _cell(scores: Mapping[str, Any], stage: str, split: str) -> str:
     if not values:
         return "–"
     return f"{100 * values['binary']:.1f} / {100 * values['class_aware']:.1f}"
+
+
+def _cell_types(scores: Mapping[str, Any]) -> str:
+    values = [
+        scores.get(SEGMENTER, {}).get(split, {}).get("cell_type") for split in ("val", "test")
+    ]
+    if all(v is None for v in values):
+        return "–"
+    return " / ".join("–" if v is None else f"{100 * v:.1f}" for v in values)
 
 
 def ablation_table(rows: Sequence[Mapping[str, Any]], planned: int) -> str:
@@ -112,25 +118,28 @@ def ablation_table(rows: Sequence[Mapping[str, Any]], planned: int) -> str:
         else None
     )
     lines = [
-        "| variant | accuracy val / test | maps val | pseudo val | segmenter val "
-        "| maps test | pseudo test | segmenter test |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | accuracy val / test | segmenter cell types val / test | maps val "
+        "| pseudo val | segmenter val | maps test | pseudo test | segmenter test |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         title = f"**{row['title']}**" if row["title"] == best else row["title"]
         accuracy = f"{row['accuracy']['val']:.2f} / {row['accuracy']['test']:.2f}"
         cells = [_cell(row["scores"], s, sp) for sp in ("val", "test") for s in STAGES]
-        lines.append(f"| {title} | {accuracy} | " + " | ".join(cells) + " |")
+        types = _cell_types(row["scores"])
+        lines.append(f"| {title} | {accuracy} | {types} | " + " | ".join(cells) + " |")
     for key in BASELINES:
         if key not in rows[0]["scores"]:
             continue
         title = rows[0]["scores"][key]["title"]
         cells = [_cell(rows[0]["scores"], key, sp) for sp in ("val", "test")]
-        lines.append(f"| {title} | – | – | – | {cells[0]} | – | – | {cells[1]} |")
+        lines.append(f"| {title} | – | – | – | – | {cells[0]} | – | – | {cells[1]} |")
     lines.append("")
     lines.append(
-        "Cells: binary / class-aware mIoU %. Bold: best validation segmenter binary mIoU "
-        "(the choice); test numbers are reported only."
+        "Cells: binary / class-aware mIoU %. Accuracy: the MCT classifier's; cell types: the "
+        "share of the images whose type most of the segmenter's cell pixels name rightly, %. "
+        "Bold: best validation segmenter binary mIoU (the choice); test numbers are reported "
+        "only."
     )
     if not complete:
         lines.append(

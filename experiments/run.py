@@ -38,6 +38,7 @@ from post_training.postprocess import (
     foreground_head_settings,
     run_postprocess,
 )
+from post_training.stages import headline_scores
 from server_app import launch
 
 log = logging.getLogger(__name__)
@@ -167,22 +168,15 @@ def row_folder(row: str) -> str:
 
 
 def cell_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """Test-split class-aware and binary mIoU of every stage of a post-training report, by key.
+    """Test-split :func:`headline_scores` of every stage of a post-training report, by key.
 
-    Keys, not titles, so that rows stay comparable when the job's default methods change. The
-    stage that names each cell's type itself (the segmenter) also brings that accuracy.
+    Keys, not titles, so that rows stay comparable when the job's default methods change.
     """
-    cells = {}
-    for stage in metrics["stages"]:
-        test = stage.get("test")
-        if test:
-            cells[stage["key"]] = {
-                "class_aware": test["class_aware_miou"],
-                "binary": test["binary_miou"],
-            }
-            if "cell_type_accuracy" in test:
-                cells[stage["key"]]["cell_type"] = test["cell_type_accuracy"]
-    return cells
+    return {
+        stage["key"]: headline_scores(stage["test"])
+        for stage in metrics["stages"]
+        if stage.get("test")
+    }
 
 
 def models_of(run: SeedRun) -> dict[str, dict[str, Path]]:

@@ -112,6 +112,18 @@ class Stage:
         }
 
 
+def headline_scores(split: Mapping[str, Any]) -> dict[str, float | None]:
+    """One split of a stage in ``metrics.json``, under the short keys the experiment tables use.
+
+    ``class_aware`` and ``binary`` mIoU, and ``cell_type`` where the stage names the cell
+    types itself (the segmenter): the other keys stay in ``metrics.json``.
+    """
+    scores = {"class_aware": split["class_aware_miou"], "binary": split["binary_miou"]}
+    if "cell_type_accuracy" in split:
+        scores["cell_type"] = split["cell_type_accuracy"]
+    return scores
+
+
 def check_evaluation_settings(cfg: Mapping[str, Any]) -> None:
     """Refuse ``evaluation`` values the scoring would fail on, naming the key and value.
 

@@ -24,11 +24,13 @@ def _stage(key: str, title: str, val: float, test: float) -> dict:
 
 
 def _metrics(seg_val: float, seg_test: float) -> dict:
+    segmenter = _stage("segmenter", "segmenter (deeplabv3_mobilenet_v3_large)", seg_val, seg_test)
+    segmenter["val"]["cell_type_accuracy"], segmenter["test"]["cell_type_accuracy"] = 0.75, 0.5
     return {
         "stages": [
             _stage("maps", "maps (seeds)", 0.5, 0.4),
             _stage("pseudo_masks", "pseudo-masks (attn_rw)", 0.6, 0.5),
-            _stage("segmenter", "segmenter (deeplabv3_mobilenet_v3_large)", seg_val, seg_test),
+            segmenter,
             _stage("disk", "baseline: centred disk", 0.8, 0.7),
         ]
     }
@@ -53,7 +55,9 @@ def test_the_winner_is_chosen_on_validation_not_test() -> None:
     assert "Partial" not in table
     # segmenter test cell of the second row: binary / class-aware in percent
     assert "10.0 / 5.0" in table.splitlines()[3]
-    assert "baseline: centred disk" in table
+    # the MCT's accuracy, then the share of the cell types the segmenter names, val / test
+    assert table.splitlines()[3].startswith("| **good on val** | 0.50 / 0.50 | 75.0 / 50.0 |")
+    assert "| baseline: centred disk | – | – | – | – | 80.0 / 40.0 |" in table
 
 
 def test_every_shipped_variant_file_parses() -> None:
@@ -82,7 +86,7 @@ def test_a_hospital_without_masks_gets_a_table_without_a_winner() -> None:
         for t in ("a", "b")
     ]
     table = ablation_table(rows, 2)
-    assert "**" not in table and "| a | 0.50 / 0.50 | – |" in table
+    assert "**" not in table and "| a | 0.50 / 0.50 | – | – |" in table
 
 
 def test_a_table_of_an_ablation_stopped_part_way_says_so_and_chooses_nothing() -> None:
