@@ -6,8 +6,8 @@ its own ``checkpoint=``). Every other argument is an override applied to all var
 variant runs the whole post-training job into ``<output_dir>/<slug>/``; the table in
 ``<output_dir>/ablation.md`` gives, per variant, the MCT's classification accuracy, the
 segmenter's cell-type accuracy and the binary and class-aware mIoU of maps, pseudo-masks and
-segmenter. The winner is the variant with
-the best validation segmenter score; test numbers are reported, never used to choose.
+segmenter. The winner is the variant with the best validation segmenter score; test numbers
+are reported, never used to choose.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from common.segmenter import (
 )
 from common.training import resolve_device
 from post_training.artifacts import sample_stems, save_label_png
-from post_training.stages import SEGMENTER
+from post_training.stages import SEGMENTER, headline_scores
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
     Returns
     -------
     dict
-        ``{"segmenter": {"class_aware": x, "binary": y, "cell_type": z}}``, the cell format of
-        the matrix; ``z`` is the share of the cells whose type it names rightly, what the
-        weak pipeline's segmenter could name with true masks.
+        ``{"segmenter": headline scores}``, the cell format of the matrix, with the share of
+        the cells whose type it names rightly: what the weak pipeline's segmenter could name
+        with true masks.
     """
     test = hospital_split(cfg.data, hospital, "test")
     predicted = predict(
@@ -103,10 +103,4 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
         cfg.evaluation.absent,
         cell_types=True,
     )
-    return {
-        SEGMENTER: {
-            "class_aware": scores.class_aware_miou,
-            "binary": scores.binary_miou,
-            "cell_type": scores.cell_type_accuracy,
-        }
-    }
+    return {SEGMENTER: headline_scores(scores.to_dict())}
