@@ -236,14 +236,18 @@ def cell_type_confusion(
     """
     matrix = np.zeros((num_labels - 1, num_labels), dtype=np.int64)
     for pred, true in zip(predictions, truths, strict=True):
-        true = np.asarray(true)
-        cell = true[(true > 0) & (true != IGNORE_INDEX)]
+        cell = _cell_labels(true)
         if cell.size == 0:
             continue
-        pred = np.asarray(pred)
-        named = np.bincount(pred[(pred > 0) & (pred != IGNORE_INDEX)].ravel())
+        named = np.bincount(_cell_labels(pred))
         matrix[int(np.bincount(cell).argmax()) - 1, int(named.argmax()) if named.any() else 0] += 1
     return matrix
+
+
+def _cell_labels(label_map: np.ndarray) -> np.ndarray:
+    """The labels of a map's cell pixels, flat: neither background nor ignored."""
+    labels = np.asarray(label_map).ravel()
+    return labels[(labels > 0) & (labels != IGNORE_INDEX)]
 
 
 def cell_type_accuracy(confusion: np.ndarray) -> float:
