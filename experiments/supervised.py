@@ -9,6 +9,7 @@ path calls it without ``ground_truth=``; nothing here feeds any other regime.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 
 from common.checkpoint import save_atomic
 from common.data import HospitalData, hospital_split
-from common.metrics import class_aware_truths, score_label_maps
+from common.metrics import SegmentationScores, class_aware_truths, score_label_maps
 from common.segmenter import (
     Decoding,
     create_segmenter,
@@ -39,18 +40,11 @@ def true_labels(data: HospitalData) -> list[np.ndarray]:
     return class_aware_truths(data.masks, data.labels)
 
 
-def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> tuple[nn.Module, float]:
-    """Train the configured segmenter on ``hospital``'s training split with its true masks.
+def train_on_true_masks(cfg: DictConfig, hospitals: Sequence[str]) -> tuple[nn.Module, float]:
+    """Train the configured segmenter on the training splits of ``hospitals`` with true masks.
 
-    Parameters
-    ----------
-    cfg
-        A composed post-training config (``conf/postprocess.yaml``): the segmenter, its
-        training settings and the data are the weak pipeline's own, so only the labels differ.
-    hospital
-        Whose training split to use.
-    out
-        ``segmenter.pt`` is written here.
+    Several hospitals pool their images in one training set: what a segmenter shared between
+    the sites could at best learn, had every site's expert masks been in one place.
 
     Returns
     -------
@@ -58,21 +52,61 @@ def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> tuple
         The trained segmenter and its last epoch's mean training loss: a ceiling that did not
         fit its true masks is no ceiling.
     """
-    train = hospital_split(cfg.data, hospital, "train")
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for hospital in hospitals:
+        train = hospital_split(cfg.data, hospital, "train")
+        images += list(train.images)
+        labels += true_labels(train)
     seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
-    classes = list(cfg.data.classes)
-    model = create_segmenter(seg_cfg, len(classes) + 1, seed=int(cfg.seed))
+    model = create_segmenter(seg_cfg, len(cfg.data.classes) + 1, seed=int(cfg.seed))
     losses = train_segmenter(
         model,
-        train.images,
-        true_labels(train),
+        images,
+        labels,
         seg_cfg,
         device=resolve_device(str(cfg.device)),
         seed=int(cfg.seed),
     )
-    log.info("supervised ceiling at %s: final training loss %.4f", hospital, losses[-1])
-    save_atomic(segmenter_payload(model, seg_cfg, classes), out / "segmenter.pt")
+    log.info(
+        "true-mask segmenter on %s: final training loss %.4f", ", ".join(hospitals), losses[-1]
+    )
     return model, losses[-1]
+
+
+def train_supervised_ceiling(cfg: DictConfig, hospital: str, out: Path) -> tuple[nn.Module, float]:
+    """Train the ceiling at ``hospital`` (:func:`train_on_true_masks`); write ``segmenter.pt``.
+
+    ``cfg`` is a composed post-training config (``conf/postprocess.yaml``): the segmenter, its
+    training settings and the data are the weak pipeline's own, so only the labels differ.
+    """
+    model, loss = train_on_true_masks(cfg, [hospital])
+    seg_cfg = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    save_atomic(segmenter_payload(model, seg_cfg, list(cfg.data.classes)), out / "segmenter.pt")
+    return model, loss
+
+
+def predict_and_score(
+    model: nn.Module, cfg: DictConfig, hospital: str, split: str
+) -> tuple[HospitalData, list[np.ndarray], SegmentationScores]:
+    """A segmenter's label maps on one split of ``hospital`` and their scores with cell types."""
+    data = hospital_split(cfg.data, hospital, split)
+    predicted = predict(
+        model,
+        data.images,
+        int(cfg.segmenter.input_size),
+        device=resolve_device(str(cfg.device)),
+        batch_size=int(cfg.batch_size),
+        decoding=Decoding.of(cfg.segmenter),
+    )
+    scores = score_label_maps(
+        predicted,
+        true_labels(data),
+        len(cfg.data.classes) + 1,
+        cfg.evaluation.absent,
+        cell_types=True,
+    )
+    return data, predicted, scores
 
 
 def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path) -> dict:
@@ -85,22 +119,7 @@ def score_segmenter(model: nn.Module, cfg: DictConfig, hospital: str, out: Path)
         the cells whose type it names rightly: what the weak pipeline's segmenter could name
         with true masks.
     """
-    test = hospital_split(cfg.data, hospital, "test")
-    predicted = predict(
-        model,
-        test.images,
-        int(cfg.segmenter.input_size),
-        device=resolve_device(str(cfg.device)),
-        batch_size=int(cfg.batch_size),
-        decoding=Decoding.of(cfg.segmenter),
-    )
+    test, predicted, scores = predict_and_score(model, cfg, hospital, "test")
     for stem, labels in zip(sample_stems(test.sample_ids), predicted, strict=True):
         save_label_png(out / "predictions" / "test" / f"{stem}.png", labels)
-    scores = score_label_maps(
-        predicted,
-        true_labels(test),
-        len(cfg.data.classes) + 1,
-        cfg.evaluation.absent,
-        cell_types=True,
-    )
     return {SEGMENTER: headline_scores(scores.to_dict())}
