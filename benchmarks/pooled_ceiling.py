@@ -29,6 +29,7 @@ import numpy as np
 
 from common.config import compose_config
 from common.data import hospital_names
+from common.metrics import cells_named_rightly
 from experiments.supervised import predict_and_score, train_on_true_masks
 
 SPLITS = ("val", "test")
@@ -63,7 +64,7 @@ def pooled_and_local_rows(
                 _, _, scores = predict_and_score(model, cfg, hospital, split)
                 confusion = np.asarray(scores.cell_types)
                 row["scores"][f"{hospital}_{split}"] = {
-                    "right": int(np.trace(confusion[:, 1:])),
+                    "right": cells_named_rightly(confusion),
                     "cells": int(confusion.sum()),
                     "binary_miou": round(100 * scores.binary_miou, 2),
                 }

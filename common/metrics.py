@@ -250,10 +250,15 @@ def _cell_labels(label_map: np.ndarray) -> np.ndarray:
     return labels[(labels > 0) & (labels != IGNORE_INDEX)]
 
 
+def cells_named_rightly(confusion: np.ndarray) -> int:
+    """How many images of a :func:`cell_type_confusion` were named their true type."""
+    return int(np.trace(confusion[:, 1:]))
+
+
 def cell_type_accuracy(confusion: np.ndarray) -> float:
     """Share of the images of a :func:`cell_type_confusion` named rightly (NaN when none)."""
     counted = int(confusion.sum())
-    return float(np.trace(confusion[:, 1:])) / counted if counted else float("nan")
+    return cells_named_rightly(confusion) / counted if counted else float("nan")
 
 
 def score_label_maps(
